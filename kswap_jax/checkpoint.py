@@ -1,0 +1,198 @@
+"""Checkpoints: the orbax manager for resumable runs, vit_jax `.npz` import and export.
+
+A run checkpoint holds the whole train state (trainable tree, optimizer state, step, RNG)
+plus JSON metadata (stage index, steps done in the stage, data-stream positions, results
+of the stages already finished). Orbax writes each checkpoint to a temporary directory and
+renames it when complete, so a run killed mid-save restarts from the previous one.
+
+`.npz` files use the vit_jax / AugReg layout: one array per "/"-joined parameter name
+(`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kswap_jax import lora as lora_lib
+from kswap_jax.errors import ConfigError
+
+log = logging.getLogger("kswap_jax")
+
+
+class Checkpointer:
+  """An orbax `CheckpointManager` over `<workdir>/checkpoints` with state + JSON meta items."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True))
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves asynchronously; a checkpoint already at `step` is replaced."""
+    if step in self.manager.all_steps():
+      self.manager.wait_until_finished()
+      self.manager.delete(step)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    """(state, meta) from the newest complete checkpoint, or None when there is none.
+
+    Raises:
+      ConfigError: the saved shapes do not fit `abstract_state` (a different model or
+        LoRA config was used in this workdir).
+    """
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except (ValueError, TypeError, KeyError) as e:
+      raise ConfigError(
+          f"{self.directory}/{step}: checkpoint does not fit the model/LoRA of this config "
+          f"({str(e).splitlines()[0][:200]}); use a new --workdir") from None
+    _check_shapes(restored["state"], abstract_state, f"{self.directory}/{step}")
+    return restored["state"], dict(restored["meta"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _check_shapes(tree, abstract, where: str) -> None:
+  got = jax.tree_util.tree_flatten_with_path(tree)[0]
+  want = jax.tree_util.tree_leaves(abstract)
+  for (path, x), w in zip(got, want):
+    if tuple(np.shape(x)) != tuple(np.shape(w)):
+      raise ConfigError(f"{where}: {jax.tree_util.keystr(path)} has shape {np.shape(x)} but "
+                        f"the model expects {np.shape(w)}; use a new --workdir")
+
+
+# ----------------------------------------------------------------------------------------------
+# vit_jax .npz import / export.
+
+def flatten(params: dict) -> dict[str, np.ndarray]:
+  """{"a/b/c": array} in the vit_jax npz naming."""
+  return {name: np.asarray(x) for name, x in lora_lib.named_leaves(params)}
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for name, x in flat.items():
+    lora_lib._set(tree, name.split("/"), x)
+  return tree
+
+
+def save_npz(params: dict, path: str) -> None:
+  """Writes params as a vit_jax-layout `.npz`, atomically (tmp file + rename)."""
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **flatten(params))
+  os.replace(tmp, path)
+
+
+def _resize_posemb(posemb: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+  """Bilinear resize of the position-embedding grid, keeping the CLS token (vit_jax recipe)."""
+  cls, grid = posemb[:, :1], posemb[0, 1:]
+  g_old, g_new = math.isqrt(grid.shape[0]), math.isqrt(target_shape[1] - 1)
+  if g_old ** 2 != grid.shape[0] or g_new ** 2 != target_shape[1] - 1:
+    raise ValueError("not a square grid")
+  grid = grid.reshape(g_old, g_old, -1)
+  grid = np.asarray(jax.image.resize(jnp.asarray(grid), (g_new, g_new, grid.shape[-1]),
+                                     "bilinear"))
+  log.info("resized position embeddings from %dx%d to %dx%d", g_old, g_old, g_new, g_new)
+  return np.concatenate([cls, grid.reshape(1, g_new * g_new, -1)], axis=1)
+
+
+def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
+             rng: jax.Array | None = None, field: str = "init.checkpoint") -> dict:
+  """Loads base parameters from a vit_jax `.npz`, adapting head and resolution.
+
+  Args:
+    path: the `.npz` file.
+    abstract_params: the model's params (or `jax.eval_shape` of them) to fill.
+    head: what to do when the checkpoint head has a different number of classes:
+      "extend": keep the checkpoint rows as rows 0..k-1 and fill the rest with
+        xavier-uniform computed on the checkpoint head's (width, k) shape, bias 0
+        (Knowledge Swapping, spec §2.3); "replace": a zero head (vit_jax fine-tuning);
+      "keep": the head must match exactly.
+    rng: PRNG key for the "extend" rows.
+    field: config field named in error messages.
+
+  Returns:
+    A params tree with the structure and shapes of `abstract_params`.
+
+  Raises:
+    ConfigError: missing file, missing parameters, or shapes that do not fit.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}: file {path!r} does not exist (expected a vit_jax .npz)")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      flat = {k: f[k] for k in f.files}
+  except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+    raise ConfigError(f"{field}: cannot read {path!r} as .npz ({e})") from None
+  shapes = {n: tuple(x.shape) for n, x in lora_lib.named_leaves(abstract_params)}
+  missing = [n for n in shapes if n not in flat]
+  if missing:
+    raise ConfigError(f"{field}: {path} lacks {len(missing)} parameter(s) of the model, e.g. "
+                      f"{missing[0]!r} (is it a checkpoint of this architecture?)")
+  extra = sorted(set(flat) - set(shapes))
+  if extra:
+    log.warning("%s: ignoring %d checkpoint parameter(s) the model does not have, e.g. %s",
+                path, len(extra), extra[0])
+  out = {}
+  for name, shape in shapes.items():
+    x = flat[name]
+    if name == "Transformer/posembed_input/pos_embedding" and x.shape != shape:
+      try:
+        x = _resize_posemb(x, shape)
+      except ValueError:
+        pass
+    if name.startswith("head/") and x.shape != shape and head != "keep":
+      x = _adapt_head(name, x, shape, head, flat["head/kernel"].shape, rng)
+    if tuple(x.shape) != shape:
+      raise ConfigError(f"{field}: {path}: {name} has shape {tuple(x.shape)} but the model "
+                        f"expects {shape}")
+    out[name] = x.astype(np.float32)
+  return unflatten(out)
+
+
+def _adapt_head(name, x, shape, mode, ckpt_kernel_shape, rng):
+  if x.shape[:-1] != shape[:-1] and name.endswith("kernel"):
+    return x  # width mismatch: reported by the caller's shape check
+  k = x.shape[-1]
+  if mode == "replace":
+    return np.zeros(shape, np.float32)
+  if mode != "extend":
+    raise ConfigError(f"init.head: unknown mode {mode!r} (expected extend, replace or keep)")
+  if k > shape[-1]:
+    raise ConfigError(f"init.head: the checkpoint head has {k} classes, more than "
+                      f"model.num_classes = {shape[-1]}; use init.head='replace'")
+  new = np.zeros(shape, np.float32)
+  new[..., :k] = x
+  if name.endswith("kernel"):
+    width, k_old = ckpt_kernel_shape
+    bound = math.sqrt(6.0 / (width + k_old))  # xavier on the checkpoint head's shape
+    key = rng if rng is not None else jax.random.key(0)
+    new[:, k:] = np.asarray(jax.random.uniform(key, (width, shape[-1] - k), jnp.float32,
+                                               -bound, bound))
+  return new
+
+
+def export_merged(base: dict, lora: dict | None, scale: float, path: str) -> None:
+  """Writes base + s·a·b (LoRA folded into the kernels) as a vit_jax `.npz`."""
+  params = lora_lib.merge(base, lora, scale) if lora else base
+  save_npz(jax.device_get(params), path)

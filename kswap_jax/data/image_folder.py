@@ -1,0 +1,302 @@
+"""Turn image folders into a tfds dataset stored as array_record, without TensorFlow.
+
+    python -m kswap_jax.data.image_folder --root DIR [--root DIR2 ...] --name NAME \\
+        --data_dir OUT [--label_rule sorted_rank|imagenet_prefix] [--image_size N]
+
+Layouts: `root/<split>/<class>/<image>` (the splits are the subfolders, e.g. train/test)
+or `root/<class>/<image>` (one split, "train"). Several roots are merged split by split,
+e.g. the reference's separate retain and forget folders into one ImageNet-100 dataset.
+
+Labels (spec §1.2):
+  sorted_rank      rank of the class folder among all class folders, sorted by name;
+  imagenet_prefix  int(folder[:-10]): `17_n01530575` -> 17 (ImageNet-100 index + wnid).
+
+Files are read in sorted order and written unshuffled, so record i of a split is the i-th
+sorted file and subsets (stored as record indices) are reproducible on any machine.
+
+How it works without TF: a `tfds.core.GeneratorBasedBuilder` prepared with
+`file_format="array_record"` serialises examples with tfds' own copy of the tf.Example
+proto, and `tfds.features.Image` encodes PIL images with PIL. (Encoding numpy images would
+need TF, and so does `tfds.dataset_builders.store_as_tfds_dataset`, which probes for
+`tf.data.Dataset`.) Images are stored as they are on disk when no conversion is needed,
+else re-encoded (PNG by default, lossless).
+
+The result reads back with `tfds.data_source(NAME, data_dir=OUT)`, hence with
+`kswap_jax.data.sources.TfdsSource` and a config `data.<old|new>.kind = "tfds"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pathlib
+import re
+import shutil
+import sys
+import types
+from typing import Iterator, Sequence
+
+from PIL import Image
+
+from kswap_jax.errors import ConfigError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
+                            ".tiff", ".ppm", ".pgm"})
+LABEL_RULES = ("sorted_rank", "imagenet_prefix")
+VERSION = "1.0.0"
+# Formats whose on-disk bytes tfds can store as is (PIL decodes them back).
+_PASSTHROUGH = {"JPEG", "PNG"}
+
+
+def _subdirs(path: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(path: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(".")
+                and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pathlib.Path]]]:
+  """{split: {class folder name: sorted image paths}} over one or more roots.
+
+  Args:
+    roots: folders in either layout (all roots must use the same one).
+
+  Returns:
+    Splits in sorted order, each mapping class folder names (sorted) to image files.
+  """
+  layout = {}
+  split_layouts = set()
+  for root in roots:
+    root = pathlib.Path(root)
+    if not root.is_dir():
+      raise ConfigError(f"--root: {str(root)!r} is not a directory")
+    top = _subdirs(root)
+    if not top:
+      raise ConfigError(f"--root: no class folders in {str(root)!r} (expected "
+                        "root/<class>/<image> or root/<split>/<class>/<image>)")
+    # A split folder holds only class folders; a class folder holds the images.
+    nested = [bool(_subdirs(d)) and not _images(d) for d in top]
+    if all(nested):
+      layout[root] = {d.name: d for d in top}
+    elif not any(nested):
+      layout[root] = {"train": root}
+    else:
+      mixed = [d.name for d, n in zip(top, nested) if n]
+      raise ConfigError(f"--root: {str(root)!r} mixes split folders ({', '.join(mixed)}) "
+                        "with class folders holding images")
+    split_layouts.add(all(nested))
+  if len(split_layouts) > 1:
+    raise ConfigError(f"--root: the roots {[str(r) for r in layout]} mix the "
+                      "root/<split>/<class> and root/<class> layouts")
+  merged: dict[str, dict[str, list[pathlib.Path]]] = {}
+  for splits in layout.values():
+    for split, split_dir in splits.items():
+      classes = merged.setdefault(split, {})
+      for class_dir in _subdirs(split_dir):
+        if class_dir.name in classes:
+          raise ConfigError(f"--root: class folder {class_dir.name!r} of split {split!r} "
+                            f"appears in more than one root ({str(class_dir)!r})")
+        files = _images(class_dir)
+        if not files:
+          raise ConfigError(f"--root: class folder {str(class_dir)!r} holds no images "
+                            f"(suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        classes[class_dir.name] = files
+  return {split: dict(sorted(merged[split].items())) for split in sorted(merged)}
+
+
+def class_labels(class_names: Sequence[str], rule: str) -> dict[str, int]:
+  """Label of every class folder name under a labelling rule.
+
+  Args:
+    class_names: class folder names over all splits.
+    rule: "sorted_rank" or "imagenet_prefix".
+
+  Returns:
+    {folder name: int label}.
+  """
+  names = sorted(set(class_names))
+  if rule == "sorted_rank":
+    return {name: rank for rank, name in enumerate(names)}
+  if rule != "imagenet_prefix":
+    raise ConfigError(f"--label_rule: unknown rule {rule!r} (expected one of: "
+                      f"{', '.join(LABEL_RULES)})")
+  labels = {}
+  for name in names:
+    prefix = name[:-10]
+    if len(name) <= 10 or not re.fullmatch(r"\d+", prefix):
+      raise ConfigError(f"--label_rule: class folder {name!r} is not '<index>' + 10 "
+                        "characters (like '17_n01530575'), as imagenet_prefix expects")
+    labels[name] = int(prefix)
+  by_label = {}
+  for name, label in labels.items():
+    if label in by_label:
+      raise ConfigError(f"--label_rule: class folders {by_label[label]!r} and {name!r} both "
+                        f"map to label {label}")
+    by_label[label] = name
+  return labels
+
+
+def _load(path: pathlib.Path, mode: str, image_size: int | None,
+          encoding: str) -> bytes | Image.Image:
+  """What tfds should store for one file: its own bytes, or a converted PIL image."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if (image.format in _PASSTHROUGH and image.mode == mode
+          and (image_size is None or image.size == (image_size, image_size))):
+        return path.read_bytes()
+      image = image.convert(mode)
+      if image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+  except OSError as e:
+    raise ConfigError(f"--root: cannot read image {str(path)!r} ({e})") from None
+  if encoding == "jpeg":
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+  return image
+
+
+def build(roots: Sequence[str | os.PathLike[str]], name: str,
+          data_dir: str | os.PathLike[str], *, label_rule: str = "sorted_rank",
+          image_size: int | None = None, channels: int = 3, num_classes: int | None = None,
+          encoding: str = "png", overwrite: bool = False) -> pathlib.Path:
+  """Writes the image folders as tfds dataset NAME (version 1.0.0) under data_dir.
+
+  Args:
+    roots: one or more image folders (see the module docstring for layouts).
+    name: tfds dataset name (lower-case letters, digits, underscores).
+    data_dir: tfds data_dir to write into.
+    label_rule: "sorted_rank" or "imagenet_prefix".
+    image_size: resize every image to (image_size, image_size) with PIL bilinear; None
+      keeps the original sizes.
+    channels: 3 (RGB) or 1 (grayscale); images are converted with PIL.
+    num_classes: size of the label space; default max label + 1.
+    encoding: "png" (lossless) or "jpeg" for images that have to be re-encoded.
+    overwrite: replace an existing dataset of the same name and version.
+
+  Returns:
+    The dataset's version folder.
+
+  Example:
+    >>> build(["imagenet100_retain", "imagenet100_forget"], "imagenet100_swap", "~/tfds",
+    ...       label_rule="imagenet_prefix", image_size=224, num_classes=100)
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ConfigError(f"--name: {name!r} is not a valid tfds name (lower-case letters, "
+                      "digits and underscores, starting with a letter)")
+  if name in tfds.list_builders(with_community_datasets=False):
+    # tfds would resolve the name to its own builder, not to the files written here.
+    raise ConfigError(f"--name: {name!r} is already a tfds catalog dataset; pick another "
+                      "name")
+  if channels not in (1, 3):
+    raise ConfigError(f"--channels: expected 1 or 3, got {channels}")
+  if image_size is not None and image_size < 1:
+    raise ConfigError(f"--image_size: expected a positive int, got {image_size}")
+  if encoding not in ("png", "jpeg"):
+    raise ConfigError(f"--encoding: expected png or jpeg, got {encoding!r}")
+  layout = scan(roots)
+  labels = class_labels([c for classes in layout.values() for c in classes], label_rule)
+  needed = max(labels.values()) + 1
+  if num_classes is None:
+    num_classes = needed
+  elif num_classes < needed:
+    raise ConfigError(f"--num_classes: {num_classes} is too small for label "
+                      f"{needed - 1} ({label_rule})")
+  names = [f"unused_{i}" for i in range(num_classes)]
+  for folder, label in labels.items():
+    names[label] = folder
+
+  version_dir = pathlib.Path(data_dir).expanduser() / name / VERSION
+  if version_dir.exists():
+    if not overwrite:
+      raise ConfigError(f"--name: {str(version_dir)!r} already exists (pass --overwrite to "
+                        "replace it)")
+    shutil.rmtree(version_dir)
+
+  mode = "RGB" if channels == 3 else "L"
+  shape = (image_size, image_size, channels) if image_size else (None, None, channels)
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=shape, encoding_format=encoding),
+      "label": tfds.features.ClassLabel(names=names),
+  })
+
+  def examples(classes: dict[str, list[pathlib.Path]]) -> Iterator[tuple[str, dict]]:
+    for folder, files in classes.items():
+      for path in files:
+        yield f"{folder}/{path.name}", {
+            "image": _load(path, mode, image_size, encoding), "label": labels[folder]}
+
+  description = (f"Image folders {[os.fspath(r) for r in roots]} converted by "
+                 f"kswap_jax.data.image_folder (label_rule={label_rule}, "
+                 f"image_size={image_size}, channels={channels}).")
+
+  def info(self):
+    # Unshuffled, so record order is the sorted file order.
+    return tfds.core.DatasetInfo(builder=self, description=description, features=features,
+                                 disable_shuffling=True)
+
+  def split_generators(self, dl_manager):
+    del self, dl_manager  # Everything is local.
+    return {split: examples(classes) for split, classes in layout.items()}
+
+  def generate_examples(self):
+    raise NotImplementedError  # `split_generators` hands tfds the generators directly.
+
+  # One builder class per call: tfds reads the dataset name from the class.
+  builder_cls = types.new_class(
+      "ImageFolderBuilder", (tfds.core.GeneratorBasedBuilder,), {"skip_registration": True},
+      lambda ns: ns.update(name=name, VERSION=tfds.core.Version(VERSION), _info=info,
+                           _split_generators=split_generators,
+                           _generate_examples=generate_examples))
+  builder = builder_cls(data_dir=os.fspath(pathlib.Path(data_dir).expanduser()),
+                        file_format="array_record")
+  try:
+    builder.download_and_prepare()
+  except ConfigError:
+    # tfds already removed its incomplete folder; drop the empty dataset folder too.
+    if version_dir.parent.is_dir() and not any(version_dir.parent.iterdir()):
+      version_dir.parent.rmdir()
+    raise
+  return version_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; a `ConfigError` becomes one line on stderr and exit 2."""
+  parser = argparse.ArgumentParser(
+      prog="python -m kswap_jax.data.image_folder",
+      description="Convert image folders to a tfds array_record dataset (no TensorFlow).")
+  parser.add_argument("--root", action="append", required=True,
+                      help="image folder; repeat to merge several (e.g. retain + forget)")
+  parser.add_argument("--name", required=True, help="tfds dataset name to write")
+  parser.add_argument("--data_dir", required=True, help="tfds data_dir to write into")
+  parser.add_argument("--label_rule", choices=LABEL_RULES, default="sorted_rank")
+  parser.add_argument("--image_size", type=int, default=None,
+                      help="resize to N x N (PIL bilinear); default keeps sizes")
+  parser.add_argument("--channels", type=int, choices=(1, 3), default=3)
+  parser.add_argument("--num_classes", type=int, default=None,
+                      help="label space size; default max label + 1")
+  parser.add_argument("--encoding", choices=("png", "jpeg"), default="png",
+                      help="format of re-encoded images (originals are kept when possible)")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    path = build(args.root, args.name, args.data_dir, label_rule=args.label_rule,
+                 image_size=args.image_size, channels=args.channels,
+                 num_classes=args.num_classes, encoding=args.encoding,
+                 overwrite=args.overwrite)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,275 @@
+"""Forget / retain / learn splits as seeded, sorted index lists over sources.
+
+A `Subset` is a source plus the record indices it keeps and the map from source labels to
+model labels. Knowledge Swapping's label convention (spec §1.2): retain and forget classes
+keep their pretrained ids 0..num_old-1; learn class c of the new source becomes
+
+    num_old_classes + rank of c in sorted(learn_classes).
+
+Sub-sampling is reproducible on any machine (spec §7 item 5): candidates are sorted record
+ids, and the only randomness is `np.random.default_rng` with explicit seeds.
+
+References: Xing et al., arXiv 2502.08075 (Knowledge Swapping).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from kswap_jax.errors import ConfigError
+
+SPLIT_NAMES = ("retain_train", "forget_train", "learn_train",
+               "retain_test", "forget_test", "learn_test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Subset:
+  """Records of one source that form one split, with their model labels.
+
+  Attributes:
+    name: split name, e.g. "forget_train".
+    source: the random-access source the indices point into.
+    indices: int64 sorted record indices into `source`.
+    label_map: source label -> model label, for every class in the subset.
+  """
+
+  name: str
+  source: Any
+  indices: np.ndarray
+  label_map: Mapping[int, int]
+
+  def __len__(self) -> int:
+    return int(self.indices.shape[0])
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """int64 model labels of the subset's records, in index order."""
+    return map_labels(self.source.labels[self.indices], self.label_map)
+
+  @property
+  def classes(self) -> tuple[int, ...]:
+    """Sorted source classes the subset draws from."""
+    return tuple(sorted(self.label_map))
+
+  def __repr__(self) -> str:
+    return (f"Subset(name={self.name!r}, source={self.source.name!r}, n={len(self)}, "
+            f"classes={list(self.classes)})")
+
+
+def map_labels(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
+  """Vectorised `label_map[l]` for every l in `labels` (all must be keys)."""
+  labels = np.asarray(labels, dtype=np.int64)
+  if labels.size == 0:
+    return labels.copy()
+  table = np.full(max(max(label_map), int(labels.max())) + 1, -1, dtype=np.int64)
+  for source_label, model_label in label_map.items():
+    table[source_label] = model_label
+  mapped = table[labels]
+  if (mapped < 0).any():
+    missing = sorted(set(labels[mapped < 0].tolist()))
+    raise ValueError(f"labels {missing} are not in the label map")
+  return mapped
+
+
+def select(source: Any, classes: Iterable[int], *, name: str, label_map: Mapping[int, int],
+           ratio: float = 1.0, n_per_class: int = 0, seed: int = 0,
+           field: str = "") -> Subset:
+  """Records of `source` whose label is in `classes`, optionally sub-sampled.
+
+  Sub-sampling, applied to the sorted candidate record ids:
+    - few-shot (`n_per_class > 0`): for each class c, the first `n_per_class` ids of
+      `default_rng([seed, c]).permutation(ids of c)`;
+    - otherwise, ratio < 1: the first int(ratio * n) ids of
+      `default_rng(seed).permutation(candidates)` (spec §4.2, "first int(0.1·len) indices
+      of a permutation, drawn once").
+
+  Args:
+    source: random-access source with a `labels` array.
+    classes: source labels to keep.
+    name: split name stored on the subset.
+    label_map: source label -> model label; must cover `classes`.
+    ratio: kept share of the candidates, in (0, 1]; ignored when n_per_class > 0.
+    n_per_class: exact number of records per class (0 = off).
+    seed: sub-sampling seed.
+    field: config field named in error messages (e.g. "swap.forget_classes").
+
+  Returns:
+    A `Subset` with sorted int64 indices.
+
+  Example:
+    >>> forget = select(old_train, (3, 7), name="forget_train", label_map={3: 3, 7: 7},
+    ...                 ratio=0.1, seed=0, field="swap.forget_classes")
+  """
+  field = field or name
+  classes = sorted({int(c) for c in classes})
+  missing = [c for c in classes if c not in label_map]
+  if missing:
+    raise ValueError(f"{name}: label_map lacks classes {missing}")
+  if not 0.0 < ratio <= 1.0:
+    raise ConfigError(f"{field}: ratio for split {name!r} must be in (0, 1], got {ratio}")
+  if n_per_class < 0:
+    raise ConfigError(f"{field}: shots for split {name!r} must be >= 0, got {n_per_class}")
+  labels = np.asarray(source.labels)
+  candidates = np.flatnonzero(np.isin(labels, classes)).astype(np.int64)
+  if n_per_class > 0:
+    chosen = []
+    for c in classes:
+      ids = candidates[labels[candidates] == c]
+      if ids.size < n_per_class:
+        raise ConfigError(f"{field}: class {c} has {ids.size} records in source "
+                          f"{source.name!r}, fewer than the {n_per_class} shots requested "
+                          f"for split {name!r}")
+      chosen.append(np.random.default_rng([seed, c]).permutation(ids)[:n_per_class])
+    indices = np.concatenate(chosen) if chosen else candidates[:0]
+  elif ratio < 1.0:
+    perm = np.random.default_rng(seed).permutation(candidates.size)
+    indices = candidates[perm[:int(ratio * candidates.size)]]
+  else:
+    indices = candidates
+  if indices.size == 0:
+    raise ConfigError(f"{field}: split {name!r} is empty (classes {classes} have "
+                      f"{candidates.size} records in source {source.name!r}, ratio {ratio}, "
+                      f"shots {n_per_class})")
+  return Subset(name=name, source=source, indices=np.sort(indices).astype(np.int64),
+                label_map={int(c): int(label_map[c]) for c in classes})
+
+
+def same_data(a: Any, b: Any) -> bool:
+  """Whether two sources hold the same underlying data (same name and same labels)."""
+  return (a is b or (a.name == b.name and len(a) == len(b)
+                     and np.array_equal(np.asarray(a.labels), np.asarray(b.labels))))
+
+
+def _class_ids(cfg: Any, key: str) -> tuple[int, ...]:
+  """A tuple of ints from cfg.swap.<key> (None or missing -> empty)."""
+  value = cfg[key] if key in cfg else None
+  if value is None:
+    return ()
+  if isinstance(value, (int, np.integer)):
+    value = (value,)
+  try:
+    ids = tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"swap.{key}: expected a tuple of int class ids, got {value!r}"
+                      ) from None
+  duplicates = sorted(c for c, n in collections.Counter(ids).items() if n > 1)
+  if duplicates:
+    raise ConfigError(f"swap.{key}: duplicate class ids {duplicates}")
+  return ids
+
+
+def _check_range(ids: tuple[int, ...], key: str, upper: int, what: str) -> None:
+  bad = sorted(c for c in ids if not 0 <= c < upper)
+  if bad:
+    raise ConfigError(f"swap.{key}: class ids {bad} are outside [0, {upper}) ({what})")
+
+
+def _check_present(ids: tuple[int, ...], key: str, sources: Iterable[Any]) -> None:
+  """Every class must have records in every source (train and test)."""
+  for source in sources:
+    absent = sorted(set(ids) - set(np.unique(source.labels).tolist()))
+    if absent:
+      raise ConfigError(f"swap.{key}: class ids {absent} have no records in source "
+                        f"{source.name!r} ({len(source)} records)")
+
+
+def _ratio(cfg: Any, key: str) -> float:
+  value = float(cfg[key]) if key in cfg and cfg[key] is not None else 1.0
+  if not 0.0 < value <= 1.0:
+    raise ConfigError(f"swap.{key}: expected a float in (0, 1], got {value}")
+  return value
+
+
+def _shots(cfg: Any, key: str) -> int:
+  value = cfg[key] if key in cfg and cfg[key] is not None else 0
+  if isinstance(value, bool) or int(value) != value or value < 0:
+    raise ConfigError(f"swap.{key}: expected an int >= 0 (0 = off), got {value!r}")
+  return int(value)
+
+
+def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_test: Any,
+                          cfg: Any) -> dict[str, Subset]:
+  """The six Knowledge Swapping splits, validated against the config.
+
+  Retain and forget come from the old (pretraining) source and keep their ids; learn comes
+  from the new source and maps to num_old_classes + rank. Train splits are sub-sampled by
+  ratio or shots (shots win when both are set), each drawn once with `swap.seed` (spec
+  §4.2); test splits keep every test record of their classes. When old and new are the
+  same dataset (same name and labels, as in the digits demo), learn classes must not be
+  old classes.
+
+  Args:
+    old_train: old source, train split.
+    old_test: old source, test split.
+    new_train: new source, train split.
+    new_test: new source, test split.
+    cfg: the `swap` ConfigDict (or mapping): num_old_classes, forget_classes,
+      retain_classes (empty/None = every old id not forgotten), learn_classes,
+      {retain,forget,learn}_ratio, {retain,forget,learn}_shots, seed.
+
+  Returns:
+    dict with keys retain_train, forget_train, learn_train, retain_test, forget_test,
+    learn_test, each a `Subset`.
+
+  Example:
+    >>> splits = knowledge_swap_splits(old_tr, old_te, new_tr, new_te, config.swap)
+    >>> len(splits["forget_train"])
+  """
+  num_old = cfg["num_old_classes"] if "num_old_classes" in cfg else None
+  if isinstance(num_old, bool) or not isinstance(num_old, (int, np.integer)) or num_old < 1:
+    raise ConfigError(f"swap.num_old_classes: expected a positive int, got {num_old!r}")
+  num_old = int(num_old)
+  forget = _class_ids(cfg, "forget_classes")
+  retain = _class_ids(cfg, "retain_classes")
+  learn = _class_ids(cfg, "learn_classes")
+  for key, ids in (("forget_classes", forget), ("learn_classes", learn)):
+    if not ids:
+      raise ConfigError(f"swap.{key}: expected at least one class id")
+  _check_range(forget, "forget_classes", num_old, f"swap.num_old_classes = {num_old}")
+  _check_range(retain, "retain_classes", num_old, f"swap.num_old_classes = {num_old}")
+  _check_range(learn, "learn_classes", new_train.num_classes,
+               f"classes of the new source {new_train.name!r}")
+  overlap = sorted(set(forget) & set(retain))
+  if overlap:
+    raise ConfigError(f"swap.retain_classes: class ids {overlap} are also in "
+                      "swap.forget_classes")
+  if not retain:
+    retain = tuple(c for c in range(num_old) if c not in set(forget))
+    if not retain:
+      raise ConfigError("swap.retain_classes: every old class is forgotten, nothing to "
+                        "retain")
+  if same_data(old_train, new_train):
+    # One dataset serves both roles (the digits demo): a class cannot be old and new.
+    clash = sorted(set(learn) & (set(forget) | set(retain)))
+    if clash:
+      raise ConfigError(f"swap.learn_classes: class ids {clash} are also old classes of the "
+                        f"same dataset {new_train.name!r} (forget or retain)")
+  _check_present(forget, "forget_classes", (old_train, old_test))
+  _check_present(retain, "retain_classes", (old_train, old_test))
+  _check_present(learn, "learn_classes", (new_train, new_test))
+
+  seed = int(cfg["seed"]) if "seed" in cfg and cfg["seed"] is not None else 0
+  old_map = {c: c for c in forget + retain}
+  learn_map = {c: num_old + rank for rank, c in enumerate(sorted(learn))}
+  plan = {
+      "retain": (old_train, old_test, retain, old_map),
+      "forget": (old_train, old_test, forget, old_map),
+      "learn": (new_train, new_test, learn, learn_map),
+  }
+  splits = {}
+  for role, (train, test, ids, label_map) in plan.items():
+    field = f"swap.{role}_classes"
+    label_map = {c: label_map[c] for c in ids}
+    ratio, shots = _ratio(cfg, f"{role}_ratio"), _shots(cfg, f"{role}_shots")
+    # With shots on, the only way selection fails is too few records for the shots.
+    splits[f"{role}_train"] = select(
+        train, ids, name=f"{role}_train", label_map=label_map, ratio=ratio,
+        n_per_class=shots, seed=seed, field=f"swap.{role}_shots" if shots else field)
+    splits[f"{role}_test"] = select(test, ids, name=f"{role}_test", label_map=label_map,
+                                    seed=seed, field=field)
+  return {name: splits[name] for name in SPLIT_NAMES}

@@ -1,0 +1,319 @@
+"""LoRA as a separate parameter tree beside untouched base parameters.
+
+For a target kernel W (Flax layout, inputs first) LoRA adds a low-rank update
+
+    y = x W + b + s (x a) b_lora,    a: (in, r),  b_lora: (r, out),  s = alpha / r,
+
+so the effective kernel is W + s a b_lora (reshaped to W's shape for DenseGeneral kernels,
+e.g. attention q/k/v (width, heads, head_dim) and out (heads, head_dim, width)).
+
+The LoRA tree mirrors the base tree but holds only the targeted modules, each with
+leaves `a` and `b`:
+
+    {"Transformer": {"encoderblock_0": {"MlpBlock_3": {"Dense_0": {"a": ..., "b": ...}, ...}}}}
+
+Targets are chosen by a regex matched (`re.fullmatch`) against the "/"-joined names of the
+base kernels, e.g. `Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`.
+
+All functions are pure: `apply` (the unmerged forward), `merge`, `unmerge`, `split`/`join`.
+Gradients and optimizer state exist only for the LoRA tree.
+
+References: Hu et al., arXiv 2106.09685; loralib 0.1.x (kaiming-uniform `a`, zero `b`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kswap_jax.errors import ConfigError
+
+Tree = dict[str, Any]
+
+FFN_TARGETS = r"Transformer/encoderblock_\d+/MlpBlock_3/Dense_[01]/kernel"
+ATTENTION_TARGETS = (
+    r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/(query|key|value|out)/kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Which kernels get LoRA and how it is sized and initialised.
+
+  Attributes:
+    targets: regex over "/"-joined kernel names (`re.fullmatch`).
+    rank: r > 0.
+    alpha: scaling numerator; the update is scaled by alpha / rank.
+    init_slope: negative slope `a` of the kaiming-uniform init of the `a` leaves:
+      bound = sqrt(2 / (1 + slope^2)) * sqrt(3 / fan_in). loralib uses sqrt(5);
+      Knowledge Swapping re-initialises with sqrt(50) (spec §2.2).
+  """
+  targets: str = FFN_TARGETS
+  rank: int = 8
+  alpha: float = 1.0
+  init_slope: float = math.sqrt(50.0)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "LoraSpec":
+    """Reads `lora.{targets, rank, alpha, init_slope}`; raises ConfigError on bad values."""
+    spec = cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
+               init_slope=float(cfg.init_slope))
+    if spec.rank <= 0:
+      raise ConfigError(f"lora.rank: expected a positive integer, got {spec.rank}")
+    try:
+      re.compile(spec.targets)
+    except re.error as e:
+      raise ConfigError(f"lora.targets: invalid regex {spec.targets!r} ({e})") from None
+    return spec
+
+
+def _name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def named_leaves(tree: Tree) -> list[tuple[str, Any]]:
+  """[("a/b/c", leaf), ...] in the tree's canonical (sorted-key) order."""
+  return [(_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _get(tree: Tree, names: Iterable[str]):
+  for n in names:
+    if not isinstance(tree, dict) or n not in tree:
+      return None
+    tree = tree[n]
+  return tree
+
+
+def _set(tree: Tree, names: list[str], value) -> None:
+  for n in names[:-1]:
+    tree = tree.setdefault(n, {})
+  tree[names[-1]] = value
+
+
+def _in_axes(kernel_name: str, ndim: int) -> int:
+  """How many leading kernel axes are inputs: all but the last for attention `out`."""
+  return ndim - 1 if kernel_name.endswith("/out/kernel") else 1
+
+
+def target_kernels(base: Tree, spec: LoraSpec) -> list[tuple[str, Any]]:
+  """The (name, kernel) pairs of `base` that `spec.targets` selects; ConfigError if none."""
+  pattern = re.compile(spec.targets)
+  found = [(n, x) for n, x in named_leaves(base)
+           if n.endswith("/kernel") and pattern.fullmatch(n)]
+  if not found:
+    raise ConfigError(
+        f"lora.targets: regex {spec.targets!r} matches no kernel of the model "
+        f"(kernel names look like 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel')")
+  return found
+
+
+def init(base: Tree, spec: LoraSpec, rng: jax.Array) -> Tree:
+  """A fresh LoRA tree for `base`: `a` kaiming-uniform (spec.init_slope), `b` = 0.
+
+  Args:
+    base: base parameters (or their `jax.ShapeDtypeStruct`s).
+    spec: targets, rank and init.
+    rng: PRNG key; each target gets `fold_in(rng, index)` in name order.
+
+  Returns:
+    The LoRA tree; at init the LoRA forward equals the base forward exactly.
+  """
+  tree: Tree = {}
+  gain = math.sqrt(2.0 / (1.0 + spec.init_slope ** 2))
+  for i, (name, kernel) in enumerate(target_kernels(base, spec)):
+    k = _in_axes(name, kernel.ndim)
+    fan_in = math.prod(kernel.shape[:k])
+    fan_out = math.prod(kernel.shape[k:])
+    bound = gain * math.sqrt(3.0 / fan_in)
+    a = jax.random.uniform(jax.random.fold_in(rng, i), (fan_in, spec.rank), jnp.float32,
+                           -bound, bound)
+    _set(tree, name.split("/")[:-1], {"a": a, "b": jnp.zeros((spec.rank, fan_out), jnp.float32)})
+  return tree
+
+
+def delta(module_lora: Tree, kernel_shape: tuple[int, ...], scale: float) -> jax.Array:
+  """s * a @ b reshaped to the kernel's shape: the merged-in weight update."""
+  return (scale * (module_lora["a"] @ module_lora["b"])).reshape(kernel_shape)
+
+
+def _module_leaves(lora: Tree) -> list[tuple[list[str], Tree]]:
+  """[(module path, {"a", "b"}), ...] for every LoRA module in the tree."""
+  out = []
+  def walk(node, path):
+    if set(node) == {"a", "b"} and not isinstance(node["a"], dict):
+      out.append((path, node))
+      return
+    for k in sorted(node):
+      walk(node[k], path + [k])
+  walk(lora, [])
+  return out
+
+
+def _add(base: Tree, lora: Tree, scale: float, sign: float) -> Tree:
+  merged = jax.tree_util.tree_map(lambda x: x, base)  # a structural copy; leaves are shared
+  for path, leaf in _module_leaves(lora):
+    module = _get(merged, path)
+    if module is None or "kernel" not in module:
+      raise ConfigError(f"lora: module {'/'.join(path)} has no kernel in the base parameters")
+    kernel = module["kernel"]
+    module["kernel"] = kernel + sign * delta(leaf, kernel.shape, scale).astype(kernel.dtype)
+  return merged
+
+
+def merge(base: Tree, lora: Tree, scale: float) -> Tree:
+  """Base params with s·a·b folded into each target kernel (for export and GS-LoRA tasks)."""
+  return _add(base, lora, scale, +1.0)
+
+
+def unmerge(merged: Tree, lora: Tree, scale: float) -> Tree:
+  """Inverse of `merge`: subtracts s·a·b from each target kernel."""
+  return _add(merged, lora, scale, -1.0)
+
+
+def split(params: Tree) -> tuple[Tree, Tree]:
+  """Separates a combined tree whose modules hold `lora_a`/`lora_b` beside `kernel`.
+
+  This is the layout of checkpoints that store base and LoRA together (as loralib
+  state dicts do). Returns (base, lora) with the LoRA leaves renamed `a`/`b`.
+  """
+  base: Tree = {}
+  lora: Tree = {}
+  for name, x in named_leaves(params):
+    *path, leaf = name.split("/")
+    if leaf in ("lora_a", "lora_b"):
+      _set(lora, path + [leaf[-1]], x)
+    else:
+      _set(base, path + [leaf], x)
+  return base, lora
+
+
+def join(base: Tree, lora: Tree) -> Tree:
+  """Inverse of `split`: one tree with `lora_a`/`lora_b` beside each target kernel."""
+  params: Tree = jax.tree_util.tree_map(lambda x: x, base)
+  for path, leaf in _module_leaves(lora):
+    _set(params, path + ["lora_a"], leaf["a"])
+    _set(params, path + ["lora_b"], leaf["b"])
+  return params
+
+
+def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale: float,
+          train: bool = False, rngs: dict[str, jax.Array] | None = None, **kwargs) -> jax.Array:
+  """The unmerged LoRA forward: `model` on `base` with y += s·(x a) b at every target.
+
+  The base tree is never modified (no merge/unmerge drift, spec §7 item 9).
+
+  Args:
+    model: a linen module whose targets are `nn.Dense`/`nn.DenseGeneral` calls.
+    base: frozen base parameters (the `params` collection).
+    lora: LoRA tree from `init` (an empty dict gives the plain base forward).
+    images: model input.
+    scale: alpha / rank.
+    train: passed to the model (dropout on).
+    rngs: e.g. {"dropout": key} when training.
+    **kwargs: forwarded to `model.apply` (e.g. `features=True`).
+
+  Returns:
+    The model output.
+
+  Example:
+    >>> logits = lora.apply(model, base, lora_tree, images, scale=spec.scale)
+  """
+  def interceptor(next_fun, args, call_kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+      return next_fun(*args, **call_kwargs)
+    leaf = _get(lora, module.path)
+    if leaf is None:
+      return next_fun(*args, **call_kwargs)
+    y = next_fun(*args, **call_kwargs)
+    x = args[0]
+    fan_in = leaf["a"].shape[0]
+    n_in = 1
+    while math.prod(x.shape[x.ndim - n_in:]) != fan_in:  # DenseGeneral contracting axes
+      n_in += 1
+      if n_in > x.ndim:
+        raise ValueError(f"lora: input {x.shape} does not fit {'/'.join(module.path)}")
+    x = x.reshape(x.shape[:x.ndim - n_in] + (fan_in,))
+    update = ((x @ leaf["a"].astype(x.dtype)) @ leaf["b"].astype(x.dtype)) * scale
+    return y + update.reshape(y.shape).astype(y.dtype)
+
+  with nn.intercept_methods(interceptor):
+    return model.apply({"params": base}, images, train=train, rngs=rngs, **kwargs)
+
+
+def count(tree: Tree) -> int:
+  """Number of scalar parameters in a tree."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Group structure (one group per transformer block by default) and per-block norms.
+
+GROUPINGS = {
+    # group key = the block prefix ("Transformer/encoderblock_3"): Knowledge Swapping, GS-LoRA.
+    "block": re.compile(r"(.*?encoderblock_\d+)/"),
+    # group key = the module ("…/MlpBlock_3/Dense_0"): GS-LoRA's `lora` ablation.
+    "module": re.compile(r"(.*)/[ab]$"),
+    # one group per leaf: GS-LoRA's `matrix` ablation.
+    "leaf": re.compile(r"(.*)$"),
+}
+
+
+def groups(lora: Tree, grouping: str = "block") -> dict[str, list[str]]:
+  """Group name -> names of the LoRA leaves in it, in tree order.
+
+  Args:
+    lora: the LoRA tree.
+    grouping: "block" (all leaves of one transformer block), "module" (a and b of one
+      target) or "leaf" (every matrix alone).
+
+  Returns:
+    An insertion-ordered dict sorted by block index for "block".
+  """
+  if grouping not in GROUPINGS:
+    raise ConfigError(
+        f"group_lasso.grouping: unknown grouping {grouping!r} (expected one of "
+        f"{', '.join(GROUPINGS)})")
+  pattern = GROUPINGS[grouping]
+  out: dict[str, list[str]] = {}
+  for name, _ in named_leaves(lora):
+    m = pattern.search(name)
+    if m is None:
+      raise ConfigError(f"group_lasso.grouping: LoRA leaf {name} belongs to no {grouping} group")
+    out.setdefault(m.group(1), []).append(name)
+  key = lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)]
+  return dict(sorted(out.items(), key=lambda kv: key(kv[0])))
+
+
+def leaf_by_name(tree: Tree, name: str):
+  return _get(tree, name.split("/"))
+
+
+def block_norms(lora: Tree, scale: float) -> dict[str, dict[str, float]]:
+  """Per-block norms of the knock-on analysis (spec §6), as host floats.
+
+  Returns:
+    {"sum_frobenius": {block: n_l}, "delta_w": {block: ||ΔW_l||}} where
+    n_l = sum of the Frobenius norms of the block's LoRA leaves (the reference
+    `cal_norm.py` quantity) and ||ΔW_l|| = sum over the block's targets of s·||a b||_F,
+    which is 0 at init and so free of the random-`a` baseline.
+  """
+  sum_fro, delta_w = {}, {}
+  for block, names in groups(lora, "block").items():
+    leaves = [leaf_by_name(lora, n) for n in names]
+    sum_fro[block] = float(sum(jnp.linalg.norm(x) for x in leaves))
+    modules = sorted({n.rsplit("/", 1)[0] for n in names})
+    delta_w[block] = float(sum(
+        scale * jnp.linalg.norm(leaf_by_name(lora, m + "/a") @ leaf_by_name(lora, m + "/b"))
+        for m in modules))
+  return {"sum_frobenius": sum_fro, "delta_w": delta_w}

@@ -1,0 +1,127 @@
+"""Tests for kswap_jax.data.image_folder: folders -> tfds array_record -> TfdsSource."""
+
+import pathlib
+import re
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from kswap_jax.data import image_folder
+from kswap_jax.data import sources
+from kswap_jax.errors import ConfigError
+
+CLASSES = ("3_n01440764", "17_n01530575", "42_n01601694")
+
+
+def _write(folder: pathlib.Path, rng, count=2, size=(6, 7), mode="RGB", fmt="png"):
+  """Writes `count` random images into folder; returns them in sorted file order."""
+  folder.mkdir(parents=True, exist_ok=True)
+  shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+  arrays = []
+  for k in range(count):
+    array = rng.integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(array, mode).save(folder / f"img{k}.{fmt}")
+    arrays.append(array)
+  return arrays
+
+
+@pytest.fixture(name="split_root")
+def fixture_split_root(tmp_path):
+  """root/<split>/<class>/<image> with three ImageNet-style class folders."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / "root"
+  expected = {}
+  for split in ("train", "test"):
+    for cls in sorted(CLASSES):  # the record order: folders sorted by name, then files
+      for array in _write(root / split / cls, rng, count=2 if split == "train" else 1):
+        expected.setdefault(split, []).append((cls, array))
+  return root, expected
+
+
+def test_split_layout_imagenet_prefix_roundtrip(split_root, tmp_path):
+  root, expected = split_root
+  out = tmp_path / "tfds"
+  path = image_folder.build([root], "toy_swap", out, label_rule="imagenet_prefix",
+                            num_classes=100)
+  assert path == out / "toy_swap" / "1.0.0"
+  for split in ("train", "test"):
+    source = sources.TfdsSource("toy_swap", split, str(out))
+    assert source.num_classes == 100 and len(source) == len(expected[split])
+    np.testing.assert_array_equal(source.labels,
+                                  [int(cls.split("_")[0]) for cls, _ in expected[split]])
+    for i, (_, array) in enumerate(expected[split]):
+      np.testing.assert_array_equal(source[i]["image"], array)
+  with pytest.raises(ConfigError, match=r"^data\.old\.test_split: unknown split 'val' .*"
+                                        r"\(available: test, train\)$"):
+    sources.load_source(dict(kind="tfds", name="toy_swap", data_dir=str(out),
+                             test_split="val"), "test", field="data.old")
+
+
+def test_flat_layout_sorted_rank_grayscale_resized(tmp_path):
+  rng = np.random.default_rng(1)
+  root = tmp_path / "flat"
+  for cls in ("zebra", "ant", "moose"):
+    _write(root / cls, rng, mode="L", size=(9, 5), fmt="jpg")
+  out = tmp_path / "tfds"
+  image_folder.build([root], "toy_flat", out, channels=1, image_size=4)
+  source = sources.TfdsSource("toy_flat", "train", str(out))
+  assert source.num_classes == 3 and len(source) == 6
+  np.testing.assert_array_equal(source.labels, [0, 0, 1, 1, 2, 2])  # ant, moose, zebra
+  for i, cls in enumerate(["ant", "ant", "moose", "moose", "zebra", "zebra"]):
+    with Image.open(root / cls / f"img{i % 2}.jpg") as original:
+      resized = np.asarray(original.convert("L").resize((4, 4), Image.BILINEAR))
+    image = source[i]["image"]
+    assert image.shape == (4, 4, 1) and image.dtype == np.uint8
+    # JPEG is lossy: compare with the decoded file, converted as the tool does.
+    np.testing.assert_array_equal(image[..., 0], resized)
+
+
+def test_jpeg_bytes_are_kept_when_no_conversion_is_needed(tmp_path):
+  rng = np.random.default_rng(2)
+  _write(tmp_path / "root" / "cat", rng, count=1, fmt="jpg")
+  image_folder.build([tmp_path / "root"], "toy_jpeg", tmp_path / "tfds")
+  source = sources.TfdsSource("toy_jpeg", "train", str(tmp_path / "tfds"))
+  with Image.open(tmp_path / "root" / "cat" / "img0.jpg") as original:
+    np.testing.assert_array_equal(source[0]["image"], np.asarray(original))
+
+
+def test_two_roots_are_merged(split_root, tmp_path):
+  root, _ = split_root
+  rng = np.random.default_rng(3)
+  other = tmp_path / "forget"
+  for split in ("train", "test"):
+    _write(other / split / "7_n01518878", rng, count=1)
+  image_folder.build([root, other], "toy_merged", tmp_path / "tfds",
+                     label_rule="imagenet_prefix")
+  source = sources.TfdsSource("toy_merged", "test", str(tmp_path / "tfds"))
+  assert source.num_classes == 43
+  np.testing.assert_array_equal(source.labels, [17, 3, 42, 7])
+
+
+def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
+  root, _ = split_root
+  out = str(tmp_path / "tfds")
+  assert image_folder.main(["--root", str(tmp_path / "missing"), "--name", "x",
+                            "--data_dir", out]) == 2
+  assert f"{tmp_path / 'missing'}" in capsys.readouterr().err
+  assert image_folder.main(["--root", str(root), "--name", "toy_cli", "--data_dir", out,
+                            "--label_rule", "sorted_rank"]) == 0
+  assert sources.TfdsSource("toy_cli", "train", out).labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ConfigError, match="no class folders in"):
+    image_folder.build([empty], "toy_empty", out)
+  with pytest.raises(ConfigError, match="already exists"):
+    image_folder.build([root], "toy_cli", out)
+  with pytest.raises(ConfigError, match="already a tfds catalog dataset"):
+    image_folder.build([root], "mnist", out)
+  with pytest.raises(ConfigError, match="^--label_rule: class folder 'ant'"):
+    _write(tmp_path / "plain" / "ant", np.random.default_rng(0), count=1)
+    image_folder.build([tmp_path / "plain"], "toy_plain", out, label_rule="imagenet_prefix")
+  bad = root / "test" / CLASSES[0] / "broken.png"
+  bad.write_bytes(b"not an image")
+  with pytest.raises(ConfigError, match=re.escape(f"cannot read image '{bad}'")):
+    image_folder.build([root], "toy_broken", out)
+  assert not (pathlib.Path(out) / "toy_broken").exists()
