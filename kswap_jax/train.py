@@ -101,7 +101,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     opt_state = _set_hparams(state.opt_state, hparams)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    measurements = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng)), measurements
 
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -126,7 +126,14 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree: Tree, mesh: Mesh) -> Tree:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """A replicated copy on the mesh; never aliases `tree`, so donating it is safe.
+
+  (`device_put(..., may_alias=False)` alone still let a multi-device replica share the
+  source buffer on jax 0.10, and a donated step then deleted the caller's array.)
+  """
+  copied = jax.tree_util.tree_map(lambda x: np.array(x) if isinstance(x, np.ndarray)
+                                  else jnp.array(x, copy=True), tree)
+  return jax.device_put(copied, NamedSharding(mesh, P()), may_alias=False)
 
 
 def evaluate(eval_step: Callable, params: Tree, frozen: Tree, batches: Iterator[dict],

@@ -1,0 +1,97 @@
+"""vit_jax .npz import/export: round trip, head extension, position-embedding resize, errors."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_model_config
+from kswap_jax import checkpoint, lora
+from kswap_jax.errors import ConfigError
+from kswap_jax.models import vit
+
+
+def _abstract(cfg):
+  model = vit.build(cfg)
+  return model, jax.eval_shape(lambda: vit.init_params(model, cfg, jax.random.key(0)))
+
+
+def test_npz_round_trip_uses_vit_jax_names(tiny, tmp_path):
+  cfg, model, params = tiny
+  path = str(tmp_path / "p.npz")
+  checkpoint.save_npz(params, path)
+  with np.load(path) as f:
+    assert "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel" in f.files
+    assert "Transformer/posembed_input/pos_embedding" in f.files
+  loaded = checkpoint.load_npz(path, _abstract(cfg)[1], head="keep")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_head_extend_keeps_old_rows_and_adds_xavier_rows(tiny, tmp_path):
+  cfg, model, params = tiny  # 10 classes, width 64
+  path = str(tmp_path / "p.npz")
+  params = jax.tree_util.tree_map(np.asarray, params)
+  params["head"]["kernel"] = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+  params["head"]["bias"] = np.arange(10, dtype=np.float32)
+  checkpoint.save_npz(params, path)
+  big = tiny_model_config(num_classes=20)
+  loaded = checkpoint.load_npz(path, _abstract(big)[1], head="extend", rng=jax.random.key(3))
+  k, b = np.asarray(loaded["head"]["kernel"]), np.asarray(loaded["head"]["bias"])
+  np.testing.assert_array_equal(k[:, :10], params["head"]["kernel"])
+  np.testing.assert_array_equal(b[:10], params["head"]["bias"])
+  np.testing.assert_array_equal(b[10:], 0.0)
+  bound = math.sqrt(6 / (64 + 10))   # xavier on the checkpoint head's (width, 10) slice
+  assert np.abs(k[:, 10:]).max() <= bound and np.abs(k[:, 10:]).max() > 0.9 * bound
+  replaced = checkpoint.load_npz(path, _abstract(big)[1], head="replace")
+  np.testing.assert_array_equal(replaced["head"]["kernel"], 0.0)
+  with pytest.raises(ConfigError, match="head/(kernel|bias)"):
+    checkpoint.load_npz(path, _abstract(big)[1], head="keep")
+
+
+def test_position_embeddings_are_resized_for_another_resolution(tiny, tmp_path):
+  cfg, model, params = tiny  # 16x16 images, patch 4: 4x4 grid
+  path = str(tmp_path / "p.npz")
+  checkpoint.save_npz(params, path)
+  big = tiny_model_config(image_size=32)  # 8x8 grid
+  loaded = checkpoint.load_npz(path, _abstract(big)[1], head="keep")
+  pe = np.asarray(loaded["Transformer"]["posembed_input"]["pos_embedding"])
+  old = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+  assert pe.shape == (1, 65, 64)
+  np.testing.assert_array_equal(pe[:, 0], old[:, 0])  # the CLS embedding is kept
+  # Bilinear upsampling preserves the mean of the grid closely.
+  assert abs(pe[0, 1:].mean() - old[0, 1:].mean()) < 0.02
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  _abstract(big)[0].apply({"params": loaded}, x)  # and the model runs with it
+
+
+def test_mismatched_and_missing_checkpoints_raise_config_errors(tiny, tmp_path):
+  cfg, model, params = tiny
+  path = str(tmp_path / "p.npz")
+  checkpoint.save_npz(params, path)
+  wide = tiny_model_config()
+  wide.width, wide.num_heads = 96, 2
+  with pytest.raises(ConfigError, match=r"p\.npz.*shape"):
+    checkpoint.load_npz(path, _abstract(wide)[1], head="keep")
+  deep = tiny_model_config()
+  deep.depth = 3
+  with pytest.raises(ConfigError, match="encoderblock_2"):
+    checkpoint.load_npz(path, _abstract(deep)[1], head="keep")
+  with pytest.raises(ConfigError, match="does not exist"):
+    checkpoint.load_npz(str(tmp_path / "missing.npz"), _abstract(cfg)[1])
+  (tmp_path / "junk.npz").write_text("not a zip")
+  with pytest.raises(ConfigError, match="cannot read"):
+    checkpoint.load_npz(str(tmp_path / "junk.npz"), _abstract(cfg)[1])
+
+
+def test_export_merged_folds_lora_into_kernels(tiny, tmp_path):
+  cfg, model, params = tiny
+  spec = lora.LoraSpec(rank=2)
+  tree = jax.tree_util.tree_map(lambda a: a + 0.1, lora.init(params, spec, jax.random.key(1)))
+  path = str(tmp_path / "merged.npz")
+  checkpoint.export_merged(params, tree, spec.scale, path)
+  merged = checkpoint.load_npz(path, _abstract(cfg)[1], head="keep")
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(model.apply({"params": merged}, x, features=True),
+                             lora.apply(model, params, tree, x, scale=spec.scale, features=True),
+                             atol=1e-5)

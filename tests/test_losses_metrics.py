@@ -1,0 +1,75 @@
+"""Losses, metrics and the LR schedule against hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kswap_jax import losses, metrics
+from kswap_jax.optim import schedules
+
+
+def test_cross_entropy_masks_padded_slots():
+  logits = jnp.array([[2.0, 0.0], [0.0, 0.0], [50.0, -50.0]])
+  labels = jnp.array([0, 1, 1])
+  mask = jnp.array([1.0, 1.0, 0.0])
+  want = (math.log(1 + math.exp(-2.0)) + math.log(2.0)) / 2
+  assert float(losses.cross_entropy(logits, labels, mask)) == pytest.approx(want, rel=1e-6)
+  # Unmasked, the third (huge-loss) sample dominates.
+  assert float(losses.cross_entropy(logits, labels)) > 30
+
+
+def test_bounded_forgetting_value_and_gradient():
+  bound = 105.0
+  f = lambda ce: 0.2 * losses.bounded_forgetting(ce, bound)
+  assert float(f(5.0)) == pytest.approx(20.0)
+  assert float(jax.grad(f)(5.0)) == pytest.approx(-0.2)   # ascent on CE_f below the bound
+  assert float(jax.grad(f)(110.0)) == 0.0                  # no gradient once above it
+  assert float(f(110.0)) == 0.0
+
+
+def test_bounded_forgetting_acts_on_the_batch_mean():
+  logits = jnp.array([[0.0, 9.0], [0.0, 0.0]])
+  labels = jnp.array([0, 0])
+
+  def loss(z):
+    return losses.bounded_forgetting(losses.cross_entropy(z, labels), 5.0)
+  ce = [math.log(1 + math.exp(9.0)), math.log(2.0)]  # 9.0001, 0.693: mean 4.85 < 5
+  assert float(loss(logits)) == pytest.approx(5.0 - sum(ce) / 2, rel=1e-5)
+  g = jax.grad(loss)(logits)
+  # Gradient is -∇ mean CE: both samples receive gradient though one is above the bound.
+  assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) > 0
+
+
+def test_accuracy_counts_argmax_over_all_rows():
+  logits = jnp.array([[0.1, 0.9, 0.0, 5.0], [3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+  out = losses.accuracy_counts(logits, jnp.array([1, 0, 1]), jnp.array([1.0, 1.0, 0.0]))
+  # Row 3 (an unused "random" head row) wins for sample 0, as in the reference's arg-max.
+  assert float(out["correct"]) == 1.0 and float(out["count"]) == 2.0
+
+
+@pytest.mark.parametrize("before,after,retain,want", [
+    (70.88, 0.00, 71.16, 71.02), (87.40, 0.10, 85.00, 86.13), (72.74, 0.00, 70.81, 71.76),
+    (74.65, 0.00, 74.16, 74.40), (73.86, 0.00, 73.56, 73.71)])
+def test_h_mean_reproduces_gs_lora_table_entries(before, after, retain, want):
+  assert round(metrics.h_mean(before, after, retain), 2) == want
+
+
+def test_accuracy_of_empty_split_is_nan_not_zero():
+  assert math.isnan(metrics.accuracy(0, 0))
+  assert metrics.accuracy(3, 4) == 75.0
+
+
+def test_epoch_cosine_matches_spec_per_epoch_values():
+  got = [schedules.epoch_cosine(e, base=1e-2, minimum=1e-5, epochs=5) for e in range(5)]
+  np.testing.assert_allclose(got, [1.0000e-2, 9.0460e-3, 6.5485e-3, 3.4615e-3, 9.640e-4],
+                             rtol=2e-4)
+
+
+def test_warmup_then_cosine():
+  lrs = [schedules.warmup_epoch_cosine(e, base=1.0, minimum=0.0, epochs=6, warmup_epochs=2)
+         for e in range(6)]
+  assert lrs[:3] == [0.5, 1.0, 1.0]
+  assert lrs[3] < lrs[2] and lrs[5] < lrs[4]
