@@ -1,12 +1,14 @@
 """Bad input through `run.py`: exit code 2, one `error:` line on stderr, no result written.
 
 Every case runs the real command line in a subprocess with the `:runlocal` demo (the
-`test/4` ViT on bundled digits). One valid run (the positive control) pretrains once; the
-cases that get past data validation reuse its `pretrain/params.npz` so that they do not
-pretrain again. The bad-input runs are independent, so they run two at a time.
+`test/4` ViT on bundled digits). One valid run, the positive control, pretrains once;
+cases that get past data validation reuse its `pretrain/params.npz` instead of
+pretraining again. Commands run two at a time: the cases that do not need the control's
+output share the second core with it.
 """
 
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -57,37 +59,9 @@ def _assert_clean_failure(proc, workdir, *names):
 
 
 # ----------------------------------------------------------------------------------------------
-# The positive control: valid input runs to the end.
-
-@pytest.fixture(scope="module")
-def control(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("control") / "run"
-  return workdir, _run(workdir)
-
-
-@pytest.fixture(scope="module")
-def params_npz(control):
-  workdir, proc = control
-  path = workdir / "pretrain" / "params.npz"
-  if proc.returncode != 0 or not path.is_file():
-    pytest.fail(f"positive control failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-  return path
-
-
-def test_valid_input_exits_zero_and_writes_results(control):
-  workdir, proc = control
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "error:" not in proc.stderr
-  with open(workdir / "results.json") as f:
-    results = json.load(f)
-  assert results["method"] == "lbf"
-  assert [s["name"] for s in results["stages"]] == ["before", "learn", "forget"]
-  assert set(results["final"]) >= {"acc_r", "acc_f", "acc_n", "h_mean"}
-  assert (workdir / "pretrain" / "params.npz").is_file()
-
-
-# ----------------------------------------------------------------------------------------------
-# Single-command cases: (flags, strings the error line must contain, needs pretrained params).
+# Single-command cases: flags, strings the error line must contain, and whether the case
+# needs the control's output (pretrained params, or a file made from them). "{tmp}" is the
+# directory that holds the workdirs and input files.
 
 _CASES = {
     "retain_overlaps_forget": (
@@ -105,9 +79,9 @@ _CASES = {
     "lora_rank_zero": (["--config.lora.rank=0"], ["lora.rank"], True),
     "lora_targets_match_nothing": (
         ["--config.lora.targets=nothing_matches"], ["lora.targets"], True),
-    "lora_rank_not_an_int": (["--config.lora.rank=abc"], ["lora.rank"], False),
     "unknown_data_kind": (["--config.data.old.kind=nope"], ["data.old.kind", "nope"], False),
-    "tfds_kind_without_name": (["--config.data.old.kind=tfds"], ["data.old.name"], False),
+    "tfds_dataset_not_prepared": (
+        ["--config={tmp}/tfds_config.py:runlocal"], ["data.old.name", "tfds build"], False),
     "unknown_model_variant": (["--config.model.variant=Q/16"], ["model.variant", "Q/16"], False),
     "unknown_method_override": (["--config.method=nope"], ["method", "nope"], False),
     "unknown_method_config_arg": (
@@ -119,29 +93,30 @@ _CASES = {
     "missing_npz_checkpoint": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/missing.npz"],
         ["init.checkpoint", "{tmp}/missing.npz"], False),
-    "npz_checkpoint_not_an_npz": (
-        ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/garbage.npz"],
-        ["init.checkpoint", "{tmp}/garbage.npz"], False),
     "npz_checkpoint_wrong_shape": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/wrong_shape.npz"],
-        ["init.checkpoint", _MLP_KERNEL], False),
-    "tfds_dataset_not_prepared": (
-        ["--config={tmp}/tfds_config.py:runlocal"], ["data.old.name", "tfds build"], False),
+        ["init.checkpoint", _MLP_KERNEL], True),
 }
 
 
-def _write_inputs(tmp, params_npz):
-  """The bad files the cases point at."""
-  (tmp / "garbage.npz").write_text("not an npz archive\n")
-  with np.load(params_npz) as f:
-    params = {k: f[k] for k in f.files}
-  assert params[_MLP_KERNEL].shape[-1] != 7
-  params[_MLP_KERNEL] = np.zeros(params[_MLP_KERNEL].shape[:-1] + (7,), np.float32)
-  np.savez(tmp / "wrong_shape.npz", **params)
+def _single_case(name, tmp, params_npz):
+  flags, _, needs_control = _CASES[name]
+  workdir = tmp / name
+  if needs_control:
+    _copy_pretrain(workdir, params_npz)
+  flags = [f.format(tmp=tmp) for f in flags]
+  config = [f for f in flags if f.startswith("--config=")] or [_RUNLOCAL]
+  flags = [f for f in flags if not f.startswith("--config=")]
+  return {name: (workdir, [_run(workdir, *flags, config=config[0])])}
+
+
+def _write_tfds_config(tmp):
+  """A config file: the demo with data.old an unprepared tfds dataset."""
+  demo = str(_REPO / "configs" / "demo.py")
   (tmp / "tfds_config.py").write_text(
       "import importlib.util\n\n\n"
       "def get_config(arg=None):\n"
-      f"  spec = importlib.util.spec_from_file_location('demo', {str(_REPO / 'configs' / 'demo.py')!r})\n"
+      f"  spec = importlib.util.spec_from_file_location('demo', {demo!r})\n"
       "  demo = importlib.util.module_from_spec(spec)\n"
       "  spec.loader.exec_module(demo)\n"
       "  c = demo.get_config(arg)\n"
@@ -150,128 +125,148 @@ def _write_inputs(tmp, params_npz):
       "  return c\n")
 
 
-def _single_case(name, tmp, params_npz):
-  flags, names, needs_pretrain = _CASES[name]
-  workdir = tmp / name
-  if needs_pretrain:
-    _copy_pretrain(workdir, params_npz)
-  flags = [f.format(tmp=tmp) for f in flags]
-  config = [f for f in flags if f.startswith("--config=")]
-  flags = [f for f in flags if not f.startswith("--config=")]
-  proc = _run(workdir, *flags, config=config[0] if config else _RUNLOCAL)
-  return workdir, [proc]
+def _write_wrong_shape_npz(tmp, params_npz):
+  """The pretrained params with one FFN kernel 7 wide instead of the model's mlp_dim."""
+  with np.load(params_npz) as f:
+    params = {k: f[k] for k in f.files}
+  assert params[_MLP_KERNEL].shape[-1] != 7
+  params[_MLP_KERNEL] = np.zeros(params[_MLP_KERNEL].shape[:-1] + (7,), np.float32)
+  np.savez(tmp / "wrong_shape.npz", **params)
 
 
 # ----------------------------------------------------------------------------------------------
-# Multi-command cases.
+# Multi-command cases; each returns {case: (workdir, [CompletedProcess, ...])}.
 
 def _resume_with_other_lora_rank(tmp, params_npz):
-  """Interrupted run (checkpoint at step 3), then the same workdir with lora.rank=4."""
+  """An interrupted run (checkpoint at step 3), then reruns of it with lora.rank=4.
+
+  In "resume_other_rank" the workdir's config record catches the change; in a copy of the
+  workdir without config.json ("orbax_other_rank") the checkpoint restore itself must.
+  """
   workdir = tmp / "resume_other_rank"
   _copy_pretrain(workdir, params_npz)
-  first = _run(workdir, "--config.debug.interrupt_at_step=3",
-               "--config.train.checkpoint_every_steps=1")
-  second = _run(workdir, "--config.lora.rank=4")
-  return workdir, [first, second]
-
-
-def _orbax_checkpoint_of_other_rank(tmp, params_npz):
-  """As above, but config.json is gone: the orbax restore itself must catch the shapes."""
-  workdir = tmp / "orbax_other_rank"
-  _copy_pretrain(workdir, params_npz)
-  first = _run(workdir, "--config.debug.interrupt_at_step=3",
-               "--config.train.checkpoint_every_steps=1")
-  os.remove(workdir / "config.json")
-  second = _run(workdir, "--config.lora.rank=4")
-  return workdir, [first, second]
+  interrupted = _run(workdir, "--config.debug.interrupt_at_step=3",
+                     "--config.train.checkpoint_every_steps=1")
+  copy = tmp / "orbax_other_rank"
+  shutil.copytree(workdir, copy)
+  orbax_runs = []
+  for _ in range(2):  # whether the restore leaks output depends on timing: try twice
+    (copy / "config.json").unlink(missing_ok=True)
+    orbax_runs.append(_run(copy, "--config.lora.rank=4"))
+  return {"resume_other_rank": (workdir, [interrupted, _run(workdir, "--config.lora.rank=4")]),
+          "orbax_other_rank": (copy, [interrupted, *orbax_runs])}
 
 
 def _rerun_after_bad_input(tmp, params_npz):
-  """A failed run must not lock its workdir to the bad config."""
-  del params_npz
-  workdir = tmp / "rerun_after_bad_input"
-  first = _run(workdir, "--config.swap.retain_classes=(1,2,3)")
+  """A bad-input run, then a different bad input in the same workdir."""
+  out = _single_case("retain_overlaps_forget", tmp, params_npz)
+  workdir, (first,) = out["retain_overlaps_forget"]
   second = _run(workdir, "--config.swap.learn_classes=(7,8)")
-  return workdir, [first, second]
+  return {**out, "rerun_after_bad_input": (workdir, [first, second])}
 
 
 def _lora_rank_zero_fresh_workdir(tmp, params_npz):
   """No pretrained params yet: the bad LoRA config must be caught before pretraining."""
   del params_npz
   workdir = tmp / "lora_rank_zero_fresh"
-  return workdir, [_run(workdir, "--config.lora.rank=0")]
+  return {"lora_rank_zero_fresh": (workdir, [_run(workdir, "--config.lora.rank=0")])}
 
 
 def _unwritable_workdir(tmp, params_npz):
   del params_npz
   (tmp / "afile").write_text("a regular file, not a directory\n")
   workdir = tmp / "afile" / "sub"
-  return workdir, [_run(workdir)]
+  return {"unwritable_workdir": (workdir, [_run(workdir)])}
 
 
-_JOBS = {
-    "resume_other_rank": _resume_with_other_lora_rank,
-    "orbax_other_rank": _orbax_checkpoint_of_other_rank,
-    "rerun_after_bad_input": _rerun_after_bad_input,
-    "lora_rank_zero_fresh": _lora_rank_zero_fresh_workdir,
-    "unwritable_workdir": _unwritable_workdir,
-}
+# Longest first within each group.
+_INDEPENDENT_JOBS = [_lora_rank_zero_fresh_workdir, _rerun_after_bad_input,
+                     _unwritable_workdir] + [
+                         functools.partial(_single_case, name)
+                         for name, (_, _, needs_control) in _CASES.items()
+                         if not needs_control and name != "retain_overlaps_forget"]
+_DEPENDENT_JOBS = [_resume_with_other_lora_rank] + [
+    functools.partial(_single_case, name)
+    for name, (_, _, needs_control) in _CASES.items() if needs_control]
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory, params_npz):
-  """{case: (workdir, [CompletedProcess, ...])} for every case, run two at a time."""
-  tmp = tmp_path_factory.mktemp("bad")
-  _write_inputs(tmp, params_npz)
-  import time
-  def timed(n, f):
-    t = time.time(); r = f(); print(f"TIME {n} {time.time()-t:.1f}", flush=True); return r
-  jobs = {name: (lambda n=name: _single_case(n, tmp, params_npz)) for name in _CASES}
-  jobs.update({name: (lambda f=fn: f(tmp, params_npz)) for name, fn in _JOBS.items()})
-  # Long jobs first so that they overlap with the many short ones.
-  order = list(_JOBS) + list(_CASES)
+def runs(tmp_path_factory):
+  """{case: (workdir, [CompletedProcess, ...])}; "control" is the valid run."""
+  tmp = tmp_path_factory.mktemp("runs")
+  _write_tfds_config(tmp)
+  control_dir = tmp / "control"
+  params_npz = control_dir / "pretrain" / "params.npz"
+  out = {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    t0=time.time(); futures = {name: pool.submit(timed, name, jobs[name]) for name in order}
-    out = {name: future.result() for name, future in futures.items()}
-  print('POOL', time.time()-t0); return out
+    control = pool.submit(_run, control_dir)
+    futures = [pool.submit(job, tmp, params_npz) for job in _INDEPENDENT_JOBS]
+    out["control"] = (control_dir, [control.result()])
+    if params_npz.is_file():
+      _write_wrong_shape_npz(tmp, params_npz)
+      futures += [pool.submit(job, tmp, params_npz) for job in _DEPENDENT_JOBS]
+    for future in futures:
+      out.update(future.result())
+  return out
+
+
+def _get(runs, case):
+  if case not in runs:
+    pytest.fail(f"not run: the positive control failed:\n{runs['control'][1][0].stderr[-3000:]}")
+  return runs[case]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests.
+
+def test_valid_input_exits_zero_and_writes_results(runs):
+  workdir, (proc,) = runs["control"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "error:" not in proc.stderr
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert results["method"] == "lbf"
+  assert [s["name"] for s in results["stages"]] == ["before", "learn", "forget"]
+  assert set(results["final"]) >= {"acc_r", "acc_f", "acc_n", "h_mean"}
+  assert (workdir / "pretrain" / "params.npz").is_file()
 
 
 @pytest.mark.parametrize("case", sorted(_CASES))
-def test_bad_input_exits_2_with_one_line(bad_runs, case):
-  workdir, (proc,) = bad_runs[case]
-  tmp = workdir.parent
-  names = [n.format(tmp=tmp) for n in _CASES[case][1]]
+def test_bad_input_exits_2_with_one_line(runs, case):
+  workdir, (proc,) = _get(runs, case)
+  names = [n.format(tmp=workdir.parent) for n in _CASES[case][1]]
   _assert_clean_failure(proc, workdir, *names)
 
 
-def test_resume_with_different_lora_rank_names_the_field(bad_runs):
-  workdir, (first, second) = bad_runs["resume_other_rank"]
-  assert first.returncode not in (0, 2), first.stderr[-3000:]
+def test_resume_with_different_lora_rank_names_the_field(runs):
+  workdir, (interrupted, rerun) = _get(runs, "resume_other_rank")
+  assert interrupted.returncode not in (0, 2), interrupted.stderr[-3000:]
   assert (workdir / "checkpoints" / "3").is_dir(), os.listdir(workdir / "checkpoints")
-  _assert_clean_failure(second, workdir, "lora.rank", "--workdir")
+  _assert_clean_failure(rerun, workdir, "--workdir", "lora.rank")
 
 
-def test_orbax_checkpoint_with_other_shapes_exits_2_with_one_line(bad_runs):
-  workdir, (first, second) = bad_runs["orbax_other_rank"]
-  assert first.returncode not in (0, 2), first.stderr[-3000:]
-  _assert_clean_failure(second, workdir, "checkpoints")
+def test_orbax_checkpoint_with_other_shapes_exits_2_with_one_line(runs):
+  workdir, (interrupted, *reruns) = _get(runs, "orbax_other_rank")
+  assert interrupted.returncode not in (0, 2), interrupted.stderr[-3000:]
+  for rerun in reruns:
+    _assert_clean_failure(rerun, workdir, str(workdir / "checkpoints"))
 
 
-def test_failed_run_does_not_lock_its_workdir(bad_runs):
-  workdir, (first, second) = bad_runs["rerun_after_bad_input"]
+def test_failed_run_does_not_lock_its_workdir(runs):
+  workdir, (first, second) = runs["rerun_after_bad_input"]
   _assert_clean_failure(first, workdir, "swap.retain_classes")
   # The second bad input is reported as itself, not as a change of the workdir's config.
   _assert_clean_failure(second, workdir, "swap.learn_classes")
   assert second.stderr.startswith("error: swap.learn_classes"), second.stderr
 
 
-def test_bad_lora_config_fails_before_pretraining(bad_runs):
-  workdir, (proc,) = bad_runs["lora_rank_zero_fresh"]
+def test_bad_lora_config_fails_before_pretraining(runs):
+  workdir, (proc,) = runs["lora_rank_zero_fresh"]
   _assert_clean_failure(proc, workdir, "lora.rank")
   assert not (workdir / "pretrain" / "params.npz").exists()
 
 
-def test_unwritable_workdir(bad_runs):
-  workdir, (proc,) = bad_runs["unwritable_workdir"]
+def test_unwritable_workdir(runs):
+  workdir, (proc,) = runs["unwritable_workdir"]
   _assert_clean_failure(proc, workdir, "--workdir", str(workdir))
   assert workdir.parent.is_file()

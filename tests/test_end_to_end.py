@@ -1,0 +1,118 @@
+"""End-to-end runs of every method on tiny configs, and the kill-and-resume guarantee."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from kswap_jax import cli
+
+pytestmark = pytest.mark.slow
+
+
+def _config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def lbf_run(tmp_path_factory):
+  """An uninterrupted runlocal LBF run of the demo config (pretrain + learn + forget)."""
+  workdir = str(tmp_path_factory.mktemp("lbf"))
+  config = _config("demo", "runlocal")
+  config.train.checkpoint_every_steps = 4
+  results = cli.dispatch(config, workdir)
+  return workdir, results
+
+
+def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
+  workdir, results = lbf_run
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert on_disk["method"] == "lbf" and on_disk["final"] == results["final"]
+  assert [s["name"] for s in on_disk["stages"]] == ["before", "learn", "forget"]
+  assert set(on_disk["final"]) == {"acc_r", "acc_f", "acc_n", "h_mean"}
+  assert on_disk["config"]["swap"]["learn_classes"] == [8, 9]
+  # Before the swap the learn rows are random: Acc_n is ~0 (here: exactly what chance gives).
+  assert on_disk["stages"][0]["acc_n"] < 50
+  lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {x["stage"] for x in lines} == {"learn", "forget"}
+  steps = [x["step"] for x in lines]
+  assert steps == sorted(steps) and len(set(steps)) == len(steps)
+  assert all(len(x["group_norms"]) == 2 and "learning_rate" in x for x in lines)
+  for name in ("lora_norms.png", "lora_learn.npz", "lora_forget.npz", "merged_params.npz",
+               "config.json", "pretrain/params.npz", "pretrain/results.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  # LoRA moved during the run; the learn-stage norms differ from the forget-stage ones.
+  norms = on_disk["block_norms"]
+  assert norms["learn"]["delta_w"] != norms["forget"]["delta_w"]
+  assert all(v > 0 for v in norms["forget"]["delta_w"].values())
+
+
+def test_kill_and_rerun_resumes_to_identical_final_metrics(lbf_run, tmp_path):
+  reference = lbf_run[1]
+  workdir = str(tmp_path / "resumed")
+  config = _config("demo", "runlocal")
+  config.train.checkpoint_every_steps = 4
+  # Killed in the pretraining run (step 10), then in the swap's forget stage (step 30 of 52):
+  # each rerun of the same command resumes from the newest checkpoint.
+  for interrupt in (10, 30):
+    config.debug.interrupt_at_step = interrupt
+    with pytest.raises(SystemExit, match="interrupt_at_step"):
+      cli.dispatch(_copy(config), workdir)
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+  config.debug.interrupt_at_step = 0
+  resumed = cli.dispatch(_copy(config), workdir)
+  assert resumed["final"] == reference["final"]
+  assert resumed["stages"] == reference["stages"]
+  lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [x["step"] for x in lines]
+  assert steps == sorted(steps) and len(set(steps)) == len(steps)  # nothing logged twice
+  ref = np.load(os.path.join(lbf_run[0], "lora_forget.npz"))
+  got = np.load(os.path.join(workdir, "lora_forget.npz"))
+  for k in ref.files:
+    np.testing.assert_array_equal(got[k], ref[k])
+
+
+def _copy(config):
+  return type(config)(config.to_dict())
+
+
+def test_laf_runs_forget_then_learn(lbf_run, tmp_path):
+  workdir = str(tmp_path / "laf")
+  shutil.copytree(os.path.join(lbf_run[0], "pretrain"), os.path.join(workdir, "pretrain"))
+  results = cli.dispatch(_config("demo", "runlocal,method=laf"), workdir)
+  assert [s["name"] for s in results["stages"]] == ["before", "forget", "learn"]
+  # Same pretrained model and seed: the before-swap evaluation is identical to LBF's.
+  assert results["stages"][0] == lbf_run[1]["stages"][0]
+
+
+def test_pretrain_method(tmp_path):
+  results = cli.dispatch(_config("demo", "runlocal,method=pretrain"), str(tmp_path))
+  assert results["method"] == "pretrain" and 0 <= results["final"]["acc"] <= 100
+  with np.load(tmp_path / "params.npz") as f:
+    assert f["head/kernel"].shape == (64, 8)  # the old classes only
+
+
+def test_paper_config_runlocal_on_synthetic_data(tmp_path):
+  results = cli.dispatch(_config("ks_imagenet100", "runlocal"), str(tmp_path))
+  assert results["final"]["acc_r"] >= 0 and len(results["stages"]) == 3
+  assert results["prediction_rule"] == "argmax over all 40 head rows"
+
+
+def test_proximal_group_lasso_mode_runs(lbf_run, tmp_path):
+  workdir = str(tmp_path / "prox")
+  shutil.copytree(os.path.join(lbf_run[0], "pretrain"), os.path.join(workdir, "pretrain"))
+  config = _config("demo", "runlocal")
+  config.group_lasso.mode = "proximal"
+  config.group_lasso.alpha = 100.0  # threshold lr*alpha = 1 per step: groups hit exactly 0
+  results = cli.dispatch(config, workdir)
+  lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert min(min(x["group_norms"]) for x in lines) == 0.0
+  assert len(results["stages"]) == 3
