@@ -33,7 +33,9 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "meta"),
+        self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              cleanup_tmp_directories=True))
 
@@ -55,6 +57,17 @@ class Checkpointer:
     step = self.manager.latest_step()
     if step is None:
       return None
+    # Compare shapes from the metadata first, so a mismatch is reported before any read.
+    saved = {_path_name(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(
+        self.manager.item_metadata(step)["state"])[0]}
+    for path, want in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      name = _path_name(path)
+      if name not in saved:
+        raise ConfigError(f"{self.directory}/{step}: checkpoint has no {name} (it belongs to "
+                          f"another model/LoRA config); use a new --workdir")
+      if tuple(saved[name]) != tuple(np.shape(want)):
+        raise ConfigError(f"{self.directory}/{step}: {name} has shape {tuple(saved[name])} but "
+                          f"the model expects {tuple(np.shape(want))}; use a new --workdir")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -70,6 +83,12 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _path_name(path) -> str:
+  return "/".join(str(next(v for v in (getattr(k, "key", None), getattr(k, "name", None),
+                                       getattr(k, "idx", None)) if v is not None))
+                  for k in path)
 
 
 def _check_shapes(tree, abstract, where: str) -> None:

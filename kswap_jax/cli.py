@@ -16,11 +16,17 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "configs", "demo.py")
 METHODS = ("pretrain", "lbf", "laf")
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file[:arg].",
-                                lock_config=True, flag_values=FLAGS)
-flags.DEFINE_string("workdir", None, "Output directory (default ./workdir/<config-name>).",
-                    flag_values=FLAGS)
+
+
+def _define_flags() -> flags.FlagValues:
+  # Defined per call: config_flags scans sys.argv for overrides when the flag is defined,
+  # so this must run inside the error handling of `load_config`.
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file[:arg].",
+                                  lock_config=True, flag_values=values)
+  flags.DEFINE_string("workdir", None, "Output directory (default ./workdir/<config-name>).",
+                      flag_values=values)
+  return values
 
 
 def default_workdir(config_spec: str) -> str:
@@ -53,24 +59,57 @@ def _config_spec(argv) -> str:
   return DEFAULT_CONFIG
 
 
+def load_config(argv):
+  """Parses flags and returns (config, workdir); every failure becomes a one-line ConfigError."""
+  try:
+    values = _define_flags()
+    values(argv)
+    config = values.config
+    config.method  # pylint: disable=pointless-statement  # forces the lazy file load
+  except Exception as e:  # noqa: BLE001 - config files and overrides are user input
+    raise _as_config_error(e, argv) from None
+  return config, values.workdir or default_workdir(_config_spec(argv))
+
+
+def _as_config_error(error: BaseException, argv) -> ConfigError:
+  chain, e = [], error
+  while e is not None and len(chain) < 20:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  # Our own ConfigError raised inside a config file: ml_collections wraps it in a copy whose
+  # message is a traceback, so take the innermost one.
+  ours = [x for x in chain if isinstance(x, ConfigError) and "Traceback" not in str(x)]
+  if ours:
+    return ours[-1]
+  bad_field = None
+  if isinstance(error, flags.UnrecognizedFlagError):
+    bad_field = str(error.flagname)
+  elif any(isinstance(x, KeyError) for x in chain):
+    key = str(next(x for x in chain if isinstance(x, KeyError)).args[0]).strip("'\"")
+    bad_field = next((a[2:].split("=", 1)[0] for a in argv[1:]
+                      if a.startswith("--config.") and a.split("=", 1)[0].endswith("." + key)),
+                     None)
+  if bad_field and bad_field.startswith("config."):
+    value = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{bad_field}=")), None)
+    return ConfigError(f"--{bad_field}: unknown config field or a value of the wrong type "
+                       f"({value!r}); fields, types and defaults are in kswap_jax/config.py")
+  for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
+    if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
+      return ConfigError(f"--{flag}: cannot use {value!r} ({str(chain[-1]).splitlines()[0]})")
+  if any(isinstance(x, OSError) for x in chain):
+    return ConfigError(f"--config: cannot load config file {_config_spec(argv).split(':')[0]!r} "
+                       f"(expected a Python file with get_config(arg=None))")
+  msg = str(chain[-1]).strip().splitlines()
+  return ConfigError(f"--config: {msg[-1] if msg else type(chain[-1]).__name__}")
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                       stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    try:
-      FLAGS(argv)
-      config = FLAGS.config
-    except ConfigError:
-      raise
-    except (flags.Error, Exception) as e:  # noqa: BLE001 - config files/overrides are user input
-      cause = e.__cause__ or e.__context__
-      if isinstance(cause, ConfigError):
-        raise cause from None
-      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise ConfigError(f"--config: {msg}") from None
-    workdir = FLAGS.workdir or default_workdir(_config_spec(argv))
+    config, workdir = load_config(argv)
     dispatch(config, workdir)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

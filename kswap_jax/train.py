@@ -229,6 +229,7 @@ class Run:
   # -- config record --------------------------------------------------------------------------
   def _check_config(self) -> None:
     path = os.path.join(self.workdir, "config.json")
+    self._pending_config = None
     record = json.loads(self.config.to_json_best_effort())
     ignore = {"debug", "train"}  # may change between a run and its resumption
     if os.path.exists(path):
@@ -240,8 +241,9 @@ class Run:
         raise ConfigError(
             f"--workdir {self.workdir}: holds a run with a different config ({diff}); "
             f"use a new --workdir or delete this one")
-    elif self.is_main:
-      write_json(path, record)
+    else:
+      # Written with the first checkpoint, so a run that fails validation locks nothing.
+      self._pending_config = (path, record)
 
   # -- checkpoints ----------------------------------------------------------------------------
   def restore(self, state: TrainState) -> TrainState:
@@ -259,6 +261,9 @@ class Run:
     return state
 
   def save(self, state: TrainState) -> None:
+    if self._pending_config is not None and self.is_main:
+      write_json(*self._pending_config)
+      self._pending_config = None
     self.checkpointer.save(int(jax.device_get(state.step)), state, self.meta)
 
   def _truncate_metrics(self, step: int) -> None:

@@ -269,7 +269,9 @@ def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_tes
     # With shots on, the only way selection fails is too few records for the shots.
     splits[f"{role}_train"] = select(
         train, ids, name=f"{role}_train", label_map=label_map, ratio=ratio,
-        n_per_class=shots, seed=seed, field=f"swap.{role}_shots" if shots else field)
+        n_per_class=shots, seed=seed,
+        field=(f"swap.{role}_shots" if shots else
+               f"swap.{role}_ratio" if ratio < 1 else field))
     splits[f"{role}_test"] = select(test, ids, name=f"{role}_test", label_map=label_map,
                                     seed=seed, field=field)
   return {name: splits[name] for name in SPLIT_NAMES}

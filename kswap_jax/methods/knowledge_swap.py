@@ -78,8 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"method: {method!r} is not a Knowledge Swapping order (lbf, laf)")
   ks, ocfg = config.ks, config.optim
   mesh = train.make_mesh()
-  run_ = train.Run(workdir, config, method=method)
 
+  # Everything is validated before the workdir is touched or a pretraining run starts.
   # Data: class splits with the spec's label convention, then streams.
   src = common.load_sources(config.data)
   subsets = splits.knowledge_swap_splits(src["old_train"], src["old_test"], src["new_train"],
@@ -89,8 +89,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"model.num_classes: head size {config.model.num_classes} cannot hold "
                       f"{config.swap.num_old_classes} old + {len(config.swap.learn_classes)} "
                       f"new classes")
-  for name, subset in subsets.items():
-    log.info("split %-12s %6d images", name, len(subset))
   seed = int(config.seed)
   bs = int(ks.batch_size)
   mk = lambda subs, cycle, s: common.make_stream(config, subs, batch_size=bs,
@@ -101,23 +99,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    if method == "lbf" else retain_stream)
   learn_stream = mk([subsets["learn_train"]], True, seed + 1)
   forget_stream = mk([subsets["forget_train"]], True, seed + 2)
+  common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
-  # Model: frozen base (backbone + extended head) and the trainable LoRA tree.
+  # Model and LoRA spec (checked on shapes only; no parameters yet).
   model_cfg = common.model_config(config)
   model = vit.build(model_cfg)
+  spec = lora.LoraSpec.from_config(config.lora)
+  abstract_base = jax.eval_shape(lambda: vit.init_params(model, model_cfg, jax.random.key(0)))
+  grouping = config.group_lasso.grouping
+  lora.groups(jax.eval_shape(lambda: lora.init(abstract_base, spec, jax.random.key(0))),
+              grouping)
+  if config.group_lasso.mode not in ("penalty", "proximal"):
+    raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
+                      f"proximal)")
+
+  run_ = train.Run(workdir, config, method=method)
+  for name, subset in subsets.items():
+    log.info("split %-12s %6d images", name, len(subset))
+
+  # Frozen base (backbone + extended head) and the trainable LoRA tree.
   k_head, k_lora = jax.random.split(jax.random.key(seed))
   base = common.load_base(config, model_cfg, model, k_head)
-  spec = lora.LoraSpec.from_config(config.lora)
   lora_tree = lora.init(base, spec, k_lora)
   log.info("LoRA: %d trainable parameters in %d target kernels (%d frozen)",
            lora.count(lora_tree), len(lora.target_kernels(base, spec)), lora.count(base))
 
   # Optimizer: AdamW; the group lasso either as a loss term (reference) or a prox step.
-  grouping = config.group_lasso.grouping
   alpha = float(config.group_lasso.alpha)
-  if config.group_lasso.mode not in ("penalty", "proximal"):
-    raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
-                      f"proximal)")
   proximal = config.group_lasso.mode == "proximal"
   tx = common.adamw(ocfg, extra=(lambda lr: [group_lasso.group_lasso_prox(alpha, lr, grouping)])
                     if proximal else None)

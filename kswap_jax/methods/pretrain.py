@@ -32,7 +32,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pcfg = config.pretrain
   num_classes = int(config.swap.num_old_classes)
   mesh = train.make_mesh()
-  run_ = train.Run(workdir, config, method="pretrain")
 
   src = common.load_sources(config.data, roles=("old",))
   classes = tuple(range(num_classes))
@@ -42,9 +41,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_set = splits.select(src["old_test"], classes, name="pretrain_test", label_map=identity,
                            field="swap.num_old_classes")
 
+  stream = common.make_stream(config, [train_set], batch_size=int(pcfg.batch_size),
+                              field="pretrain.batch_size", seed=int(config.seed), cycle=False,
+                              mesh=mesh)
+  common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
   model_cfg = common.model_config(config, num_classes)
   model = vit.build(model_cfg)
   params = vit.init_params(model, model_cfg, jax.random.key(int(config.seed)))
+  run_ = train.Run(workdir, config, method="pretrain")
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   tx = common.adamw(pcfg.optim, mask=decay_mask)
 
@@ -60,9 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   stage = train.Stage(
       name="pretrain", step_fn=train.make_train_step(loss_fn, tx, mesh),
-      streams={"train": common.make_stream(
-          config, [train_set], batch_size=int(pcfg.batch_size), field="pretrain.batch_size",
-          seed=int(config.seed), cycle=False, mesh=mesh)},
+      streams={"train": stream},
       epoch_stream="train", epochs=int(pcfg.epochs),
       hparams_fn=lambda e: {"learning_rate": schedules.warmup_epoch_cosine(
           e, base=float(pcfg.optim.lr), minimum=float(pcfg.optim.min_lr),
