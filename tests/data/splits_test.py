@@ -96,7 +96,7 @@ def test_same_dataset_for_old_and_new():
     (dict(learn_classes=(6,)), "swap.learn_classes"),
     (dict(forget_classes=()), "swap.forget_classes"),
     (dict(forget_classes=(9,)), "swap.forget_classes"),  # absent from the old source
-    (dict(forget_ratio=0.01), "swap.forget_classes"),    # int(0.01 * 40) = 0 records
+    (dict(forget_ratio=0.01), "swap.forget_ratio"),      # int(0.01 * 40) = 0 records
     (dict(retain_ratio=0.0), "swap.retain_ratio"),
     (dict(learn_ratio=1.5), "swap.learn_ratio"),
     (dict(learn_shots=-1), "swap.learn_shots"),
