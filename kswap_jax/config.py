@@ -103,7 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_threads=0,         # grain read threads; 0 reads in the main thread
   ))
 
-  c.eval = ml_collections.ConfigDict(dict(batch_size=80))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=80,
+      every_steps=0,         # >0: also evaluate every N steps of a stage (the reference: 5)
+  ))
 
   c.init = ml_collections.ConfigDict(dict(
       kind="npz",            # npz | pretrain | random

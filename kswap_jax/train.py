@@ -31,8 +31,9 @@ from kswap_jax.errors import ConfigError, NonFiniteLossError
 log = logging.getLogger("kswap_jax")
 
 Tree = Any
-# loss_fn(trainable, frozen, batch, rng) -> (scalar loss, {name: scalar})
-LossFn = Callable[[Tree, Tree, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(trainable, frozen, batch, rng) -> (scalar loss, {name: scalar}); with
+# `mutable=True` also model_state in and (aux, new_model_state) out (e.g. BatchNorm stats).
+LossFn = Callable[..., tuple[jax.Array, Any]]
 # logits_fn(trainable, frozen, images) -> logits (evaluation mode)
 LogitsFn = Callable[[Tree, Tree, jax.Array], jax.Array]
 
@@ -45,16 +46,21 @@ class TrainState(NamedTuple):
     params: the trainable tree (the LoRA tree, or the full model when pretraining).
     opt_state: optimizer state of `params` only.
     rng: uint32[2] key data; split once per step for dropout.
+    model_state: non-trainable state the forward pass updates (e.g. BatchNorm
+      `batch_stats`); an empty dict for the ViT methods.
   """
   step: jax.Array
   params: Tree
   opt_state: Tree
   rng: jax.Array
+  model_state: Tree = {}
 
 
-def create_state(params: Tree, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create_state(params: Tree, tx: optax.GradientTransformation, seed: int,
+                 model_state: Tree | None = None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    model_state={} if model_state is None else model_state)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -78,7 +84,8 @@ def _set_hparams(opt_state, hparams: dict):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
-                    *, donate: bool = True) -> Callable:
+                    *, donate: bool = True, mutable: bool = False,
+                    update_kwargs: dict | None = None) -> Callable:
   """The pure train step, jitted with explicit shardings.
 
   `step(state, frozen, batch, hparams) -> (state, measurements)`: state and frozen tree are
@@ -90,19 +97,29 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     tx: optimizer over the trainable tree only.
     mesh: from `make_mesh`.
     donate: donate the incoming state buffers.
+    mutable: the loss takes `state.model_state` as a fifth argument and returns
+      (loss, (aux, new_model_state)), e.g. for BatchNorm statistics.
+    update_kwargs: static keyword arguments for `tx.update` (an optax
+      `GradientTransformationExtraArgs`), e.g. a fast/slow phase; one step per value.
 
   Returns:
     The jitted step; measurements hold "loss", the aux entries and "grad_norm".
   """
   def step(state: TrainState, frozen: Tree, batch: dict, hparams: dict):
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, frozen, batch, key)
+    if mutable:
+      (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, frozen, batch, key, state.model_state)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, frozen, batch, key)
+      model_state = state.model_state
     opt_state = _set_hparams(state.opt_state, hparams)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
+    updates, opt_state = tx.update(grads, opt_state, state.params, **(update_kwargs or {}))
     params = optax.apply_updates(state.params, updates)
     measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng)), measurements
+    return (TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng), model_state),
+            measurements)
 
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return jax.jit(step, in_shardings=(replicated, replicated, data, replicated),
@@ -287,7 +304,9 @@ class Run:
     return self.meta["stage_index"] > index
 
   def run_stage(self, index: int, stage: Stage, state: TrainState, frozen: Tree, mesh: Mesh,
-                extra_log: Callable[[TrainState], dict] | None = None) -> TrainState:
+                extra_log: Callable[[TrainState], dict] | None = None,
+                eval_fn: Callable[[TrainState], dict] | None = None,
+                eval_every: int = 0) -> TrainState:
     """Trains `stage` from where the checkpoint left it; saves every N steps and at the end.
 
     Args:
@@ -297,6 +316,8 @@ class Run:
       frozen: the frozen tree (replicated).
       mesh: the data mesh.
       extra_log: state -> extra host measurements for logged steps (e.g. group norms).
+      eval_fn: state -> {metric: value}, logged as an "eval" record every `eval_every`
+        steps of the stage (the reference evaluates every 5 steps); 0 disables it.
 
     Returns:
       The state after the stage; the checkpoint written at its end records
@@ -337,6 +358,9 @@ class Run:
                  epoch + 1, stage.epochs, s + 1, total, float(measurements["loss"]),
                  float(hparams.get("learning_rate", float("nan"))), rate)
         t0, done_since = time.time(), 0
+      if eval_fn is not None and eval_every and (s + 1) % eval_every == 0:
+        self.log_metrics({"step": step, "stage": stage.name, "epoch": epoch + 1,
+                          "eval": eval_fn(state)})
       if s + 1 < total and self.checkpoint_every and step % self.checkpoint_every == 0:
         self.save(state)
       if self.interrupt_at_step and step >= self.interrupt_at_step:

@@ -80,3 +80,37 @@ def test_non_finite_loss_stops_with_stage_and_step(tmp_path):
     run.run_stage(0, stage, state, {}, mesh)
   run.close()
   assert not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
+def test_step_carries_mutable_model_state_and_passes_update_kwargs():
+  """The hooks GS-LoRA/UG-CLU need: BatchNorm-like state and a static optimizer phase."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  seen = []
+
+  def phased(scale_by):
+    def init(params):
+      return optax.EmptyState()
+
+    def update(updates, state, params=None, *, phase):
+      seen.append(phase)  # traced once per compiled phase
+      return jax.tree_util.tree_map(lambda g: -scale_by[phase] * g, updates), state
+    return optax.GradientTransformationExtraArgs(init, update)
+
+  tx = phased({"fast": 1.0, "slow": 0.1})
+
+  def loss_fn(params, frozen, batch, rng, model_state):
+    x = batch["d"]["x"]
+    new_state = {"count": model_state["count"] + 1, "mean": jnp.mean(x)}
+    return jnp.sum(params["w"]) * jnp.mean(x), ({}, new_state)
+
+  steps = {p: train.make_train_step(loss_fn, tx, mesh, mutable=True, update_kwargs={"phase": p})
+           for p in ("fast", "slow")}
+  state = train.replicate(train.create_state(
+      {"w": jnp.ones(2)}, tx, 0, model_state={"count": jnp.zeros((), jnp.int32),
+                                              "mean": jnp.zeros(())}), mesh)
+  batch = train.to_global({"d": {"x": np.full((2,), 2.0, np.float32)}}, mesh)
+  state, _ = steps["fast"](state, {}, batch, {})
+  state, _ = steps["slow"](state, {}, batch, {})
+  np.testing.assert_allclose(state.params["w"], 1 - 2.0 - 0.2, rtol=1e-6)
+  assert int(state.model_state["count"]) == 2 and float(state.model_state["mean"]) == 2.0
+  assert sorted(set(seen)) == ["fast", "slow"]

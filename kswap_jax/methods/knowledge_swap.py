@@ -172,7 +172,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     starting_fresh = run_.meta["stage_index"] == i and run_.meta["stage_step"] == 0
     if i > 0 and ks.reset_optimizer_between_stages and starting_fresh:
       state = state._replace(opt_state=train.replicate(tx.init(state.params), mesh))
-    state = run_.run_stage(i, stages[name], state, frozen, mesh, extra_log=group_norm_log)
+    state = run_.run_stage(i, stages[name], state, frozen, mesh, extra_log=group_norm_log,
+                           eval_fn=evaluate, eval_every=int(config.eval.every_steps))
     if name not in results:
       accs = evaluate(state)
       norms = lora.block_norms(jax.device_get(state.params), spec.scale)
