@@ -27,7 +27,7 @@ from kswap_jax.models import vit
 def _model_config(args) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       variant=args.variant, num_classes=200, image_size=args.image_size, channels=3,
-      dropout=0.1, attention_dropout=0.0, representation_size=0, width=0, depth=0, mlp_dim=0,
+      dropout=0.1, attention_dropout=0.0, attention_output_dropout=0.0, representation_size=0, width=0, depth=0, mlp_dim=0,
       num_heads=0))
 
 

@@ -144,7 +144,7 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
     abstract_params: the model's params (or `jax.eval_shape` of them) to fill.
     head: what to do when the checkpoint head has a different number of classes:
       "extend": keep the checkpoint rows as rows 0..k-1 and fill the rest with
-        xavier-uniform computed on the checkpoint head's (width, k) shape, bias 0
+        xavier-uniform computed on the new rows' own (width, n − k) slice, bias 0
         (Knowledge Swapping, spec §2.3); "replace": a zero head (vit_jax fine-tuning);
       "keep": the head must match exactly.
     rng: PRNG key for the "extend" rows.
@@ -203,11 +203,13 @@ def _adapt_head(name, x, shape, mode, ckpt_kernel_shape, rng):
   new = np.zeros(shape, np.float32)
   new[..., :k] = x
   if name.endswith("kernel"):
-    width, k_old = ckpt_kernel_shape
-    bound = math.sqrt(6.0 / (width + k_old))  # xavier on the checkpoint head's shape
-    key = rng if rng is not None else jax.random.key(0)
-    new[:, k:] = np.asarray(jax.random.uniform(key, (width, shape[-1] - k), jnp.float32,
-                                               -bound, bound))
+    if rng is None:
+      raise ValueError("load_npz(head='extend') needs an rng for the new head rows")
+    width, n_new = ckpt_kernel_shape[0], shape[-1] - k
+    # torch's xavier_uniform_(w[k:, :]) on the new rows: fan_in = width, fan_out = n − k
+    # (0.083141 for ViT-B/16's 100 new rows, spec §2.3).
+    bound = math.sqrt(6.0 / (width + n_new))
+    new[:, k:] = np.asarray(jax.random.uniform(rng, (width, n_new), jnp.float32, -bound, bound))
   return new
 
 

@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=224,
       channels=3,
       dropout=0.1,           # embedding + MLP dropout (spec §2.1)
-      attention_dropout=0.0,
+      attention_dropout=0.0,  # on the attention probabilities
+      attention_output_dropout=0.0,  # after the attention projection: 0 in the reference
+                             # (jeonsworld proj_dropout); vit_jax uses `dropout` there
       representation_size=0,  # >0 adds vit_jax's tanh `pre_logits` layer
       width=0, depth=0, mlp_dim=0, num_heads=0,  # >0 overrides the variant
   ))

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +25,20 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax import losses
+from kswap_jax import losses, metrics
 from kswap_jax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger("kswap_jax")
 
 Tree = Any
-# loss_fn(trainable, frozen, batch, rng) -> (scalar loss, {name: scalar}); with
-# `mutable=True` also model_state in and (aux, new_model_state) out (e.g. BatchNorm stats).
+# loss_fn(trainable, frozen, batch, rng) -> (scalar loss, {name: scalar}). Optional extras:
+# with `make_train_step(mutable=True)` a fifth argument `model_state` and the return value
+# (loss, (aux, new_model_state)); host hyper-parameters that the optimizer does not have
+# arrive as the keyword argument `hparams` (e.g. an epoch-gated loss weight).
 LossFn = Callable[..., tuple[jax.Array, Any]]
-# logits_fn(trainable, frozen, images) -> logits (evaluation mode)
-LogitsFn = Callable[[Tree, Tree, jax.Array], jax.Array]
+# logits_fn(trainable, model_state, frozen, batch) -> logits, in evaluation mode; it sees the
+# whole batch, so a margin on the true class (GS-LoRA's CosFace evaluation) is possible.
+LogitsFn = Callable[[Tree, Tree, Tree, dict], jax.Array]
 
 
 class TrainState(NamedTuple):
@@ -53,7 +56,7 @@ class TrainState(NamedTuple):
   params: Tree
   opt_state: Tree
   rng: jax.Array
-  model_state: Tree = {}
+  model_state: Tree
 
 
 def create_state(params: Tree, tx: optax.GradientTransformation, seed: int,
@@ -69,18 +72,18 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 
 
-def _set_hparams(opt_state, hparams: dict):
-  """Writes host-computed hyper-parameters (e.g. the epoch LR) into an injected state."""
-  if not hparams:
-    return opt_state
-  if not hasattr(opt_state, "hyperparams"):
-    raise ValueError("hparams given but the optimizer is not wrapped in optax.inject_hyperparams")
-  hp = dict(opt_state.hyperparams)
+def _split_hparams(opt_state, hparams: dict) -> tuple[Any, dict]:
+  """Writes the optimizer's injectable hyper-parameters (e.g. the epoch LR) into its state;
+  returns (opt_state, the remaining hyper-parameters, which go to the loss)."""
+  injectable = getattr(opt_state, "hyperparams", {})
+  rest = {k: v for k, v in hparams.items() if k not in injectable}
+  if len(rest) == len(hparams):
+    return opt_state, rest
+  hp = dict(injectable)
   for k, v in hparams.items():
-    if k not in hp:
-      raise KeyError(f"optimizer has no injectable hyper-parameter {k!r}")
-    hp[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
-  return opt_state._replace(hyperparams=hp)
+    if k in hp:
+      hp[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
+  return opt_state._replace(hyperparams=hp), rest
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
@@ -89,11 +92,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
   """The pure train step, jitted with explicit shardings.
 
   `step(state, frozen, batch, hparams) -> (state, measurements)`: state and frozen tree are
-  replicated, every batch leaf is split along axis 0 over the "data" mesh axis, `hparams`
-  (host scalars such as {"learning_rate": 1e-2}) are injected into the optimizer state.
+  replicated, every batch leaf is split along axis 0 over the "data" mesh axis. `hparams`
+  are host scalars: those the optimizer was `optax.inject_hyperparams`-ed with (e.g.
+  {"learning_rate": 1e-2}) go into its state, the others to `loss_fn(..., hparams=...)`.
 
   Args:
-    loss_fn: (trainable, frozen, batch, rng) -> (loss, aux measurements).
+    loss_fn: (trainable, frozen, batch, rng) -> (loss, aux measurements); see `LossFn`.
     tx: optimizer over the trainable tree only.
     mesh: from `make_mesh`.
     donate: donate the incoming state buffers.
@@ -107,14 +111,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
   """
   def step(state: TrainState, frozen: Tree, batch: dict, hparams: dict):
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    opt_state, loss_hparams = _split_hparams(state.opt_state, hparams)
+    kwargs = {"hparams": loss_hparams} if loss_hparams else {}
     if mutable:
       (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, frozen, batch, key, state.model_state)
+          state.params, frozen, batch, key, state.model_state, **kwargs)
     else:
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, frozen, batch, key)
+          state.params, frozen, batch, key, **kwargs)
       model_state = state.model_state
-    opt_state = _set_hparams(state.opt_state, hparams)
     updates, opt_state = tx.update(grads, opt_state, state.params, **(update_kwargs or {}))
     params = optax.apply_updates(state.params, updates)
     measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
@@ -127,9 +132,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
 
 
 def make_eval_step(logits_fn: LogitsFn, mesh: Mesh) -> Callable:
-  """`eval_step(trainable, frozen, batch) -> {"correct", "count"}` (arg-max over all logits)."""
-  def step(params, frozen, batch):
-    logits = logits_fn(params, frozen, batch["image"])
+  """`eval_step(state, frozen, batch) -> {"correct", "count"}` (arg-max over all logits)."""
+  def step(state: TrainState, frozen, batch):
+    logits = logits_fn(state.params, state.model_state, frozen, batch)
     return losses.accuracy_counts(logits, batch["label"], batch["mask"])
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return jax.jit(step, in_shardings=(replicated, replicated, data), out_shardings=replicated)
@@ -153,47 +158,74 @@ def replicate(tree: Tree, mesh: Mesh) -> Tree:
   return jax.device_put(copied, NamedSharding(mesh, P()), may_alias=False)
 
 
-def evaluate(eval_step: Callable, params: Tree, frozen: Tree, batches: Iterator[dict],
+def evaluate(eval_step: Callable, state: TrainState, frozen: Tree, batches: Iterator[dict],
              mesh: Mesh) -> float:
-  """Top-1 accuracy (%) over one pass of padded eval batches."""
+  """Top-1 accuracy (%) over one pass of padded eval batches; NaN for an empty split."""
   correct = count = 0.0
   for batch in batches:
-    out = jax.device_get(eval_step(params, frozen, to_global(batch, mesh)))
+    out = jax.device_get(eval_step(state, frozen, to_global(batch, mesh)))
     correct += float(out["correct"])
     count += float(out["count"])
-  return 100.0 * correct / count if count else float("nan")
+  return metrics.accuracy(correct, count)
 
 
 # ----------------------------------------------------------------------------------------------
 # The host loop: one `Run` per workdir, a list of `Stage`s, resumable at any step.
 
+# One sub-step of an iteration: (label, jitted step, the streams whose next batch it takes).
+SubStep = tuple[str, Callable, tuple[str, ...]]
+
+
 @dataclasses.dataclass
 class Stage:
-  """One training stage: `epochs` passes over `streams[epoch_stream]`.
+  """One training stage: `epochs` passes over `streams[epoch_stream]`, or `iterations`.
+
+  By default every iteration is one step on the next batch of every stream. A `plan`
+  changes that per iteration, e.g. UG-CLU's FAST step on a forget batch every N_f
+  iterations followed by a SLOW step on a remain batch; each stream then advances only
+  when a sub-step takes a batch from it (and resumes from its own position).
 
   Attributes:
     name: stage name used in logs, checkpoints and results ("learn", "forget", ...).
-    step_fn: a jitted step from `make_train_step`.
-    streams: batch key -> stream (see `kswap_jax.data.streams`); the step receives
-      {key: batch}. `epoch_stream` is not cycled and defines the epoch; the others cycle.
-    epoch_stream: the key of the stream that defines the epoch.
-    epochs: number of epochs.
-    hparams_fn: epoch -> {"learning_rate": ...} injected into the optimizer.
+    step_fn: a jitted step from `make_train_step` (the default plan).
+    streams: batch key -> stream (see `kswap_jax.data.streams`); a step receives
+      {key: batch} for the keys it consumes.
+    epoch_stream: the non-cycled stream whose pass defines the epoch (None: `iterations`).
+    epochs: number of epochs when `epoch_stream` is set.
+    hparams_fn: (epoch, iteration) -> host hyper-parameters for that iteration, e.g.
+      {"learning_rate": ...} (see `make_train_step`).
+    iterations: the stage length when there is no epoch stream.
+    plan: iteration -> [(label, step_fn, stream keys), ...]; measurements of a labelled
+      sub-step are logged as "<label>/<name>".
+    on_start: (state, frozen, fresh) -> (state, frozen), called when the stage starts or
+      resumes (`fresh` is False when resuming mid-stage), e.g. to reset an optimizer,
+      merge LoRA into the base or compute a saliency mask.
   """
   name: str
-  step_fn: Callable
+  step_fn: Callable | None
   streams: dict[str, Any]
-  epoch_stream: str
-  epochs: int
-  hparams_fn: Callable[[int], dict]
+  epoch_stream: str | None = None
+  epochs: int = 1
+  hparams_fn: Callable[[int, int], dict] = lambda epoch, iteration: {}
+  iterations: int = 0
+  plan: Callable[[int], Sequence[SubStep]] | None = None
+  on_start: Callable[[TrainState, Tree, bool], tuple[TrainState, Tree]] | None = None
 
   @property
   def steps_per_epoch(self) -> int:
+    if self.epoch_stream is None:
+      return self.iterations
     return self.streams[self.epoch_stream].steps_per_epoch
 
   @property
   def num_steps(self) -> int:
-    return self.epochs * self.steps_per_epoch
+    """Iterations in the stage (an iteration may hold several sub-steps)."""
+    return self.iterations if self.epoch_stream is None else self.epochs * self.steps_per_epoch
+
+  def substeps(self, iteration: int) -> Sequence[SubStep]:
+    if self.plan is not None:
+      return self.plan(iteration)
+    return [("", self.step_fn, tuple(self.streams))]
 
 
 def _jsonable(x):
@@ -265,9 +297,11 @@ class Run:
   # -- checkpoints ----------------------------------------------------------------------------
   def restore(self, state: TrainState) -> TrainState:
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), state)
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
+                                       sharding=getattr(x, "sharding", None)), state)
     restored = self.checkpointer.restore_latest(abstract)
     if restored is None:
+      self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
       return state
     state, self.meta = restored
     step = int(state.step)
@@ -288,10 +322,16 @@ class Run:
     path = os.path.join(self.workdir, "metrics.jsonl")
     if not (self.is_main and os.path.exists(path)):
       return
+    kept = []
     with open(path) as f:
-      lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+      for line in f:
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            kept.append(line)
+        except json.JSONDecodeError:
+          pass  # a line torn by the kill
     with open(path, "w") as f:
-      f.writelines(lines)
+      f.writelines(kept)
 
   # -- logging --------------------------------------------------------------------------------
   def log_metrics(self, record: dict) -> None:
@@ -306,7 +346,7 @@ class Run:
   def run_stage(self, index: int, stage: Stage, state: TrainState, frozen: Tree, mesh: Mesh,
                 extra_log: Callable[[TrainState], dict] | None = None,
                 eval_fn: Callable[[TrainState], dict] | None = None,
-                eval_every: int = 0) -> TrainState:
+                eval_every: int = 0) -> tuple[TrainState, Tree]:
     """Trains `stage` from where the checkpoint left it; saves every N steps and at the end.
 
     Args:
@@ -315,59 +355,74 @@ class Run:
       state: current train state (already restored).
       frozen: the frozen tree (replicated).
       mesh: the data mesh.
-      extra_log: state -> extra host measurements for logged steps (e.g. group norms).
+      extra_log: state -> extra host measurements for logged iterations (e.g. group norms).
       eval_fn: state -> {metric: value}, logged as an "eval" record every `eval_every`
-        steps of the stage (the reference evaluates every 5 steps); 0 disables it.
+        iterations of the stage (the reference evaluates every 5 steps); 0 disables it.
 
     Returns:
-      The state after the stage; the checkpoint written at its end records
+      (state, frozen) after the stage; the checkpoint written at its end records
       stage_index = index + 1.
     """
     if self.stage_done(index):
-      return state
-    start = self.meta["stage_step"] if self.meta["stage_index"] == index else 0
-    total, spe = stage.num_steps, stage.steps_per_epoch
-    log.info("[%s] %d epochs x %d steps (global batch %s)%s", stage.name, stage.epochs, spe,
-             {k: s.batch_size for k, s in stage.streams.items()},
-             f", resuming at step {start}" if start else "")
-    iters = {k: s.iterate(start) for k, s in stage.streams.items()}
+      return state, frozen
+    resuming = self.meta["stage_index"] == index and self.meta["stage_step"] > 0
+    start = self.meta["stage_step"] if resuming else 0
+    positions = {k: int(self.meta["streams"].get(k, 0)) if resuming else 0
+                 for k in stage.streams}
+    if stage.on_start is not None:
+      state, frozen = stage.on_start(state, frozen, not resuming)
+    total, spe = stage.num_steps, max(1, stage.steps_per_epoch)
+    epochs = stage.epochs if stage.epoch_stream is not None else 1
+    log.info("[%s] %d epoch(s) x %d iterations (global batch %s)%s", stage.name, epochs, spe,
+             {k: st.batch_size for k, st in stage.streams.items()},
+             f", resuming at iteration {start}" if start else "")
+    iters = {k: st.iterate(positions[k]) for k, st in stage.streams.items()}
     t0, done_since = time.time(), 0
     for s in range(start, total):
       epoch = s // spe
-      hparams = stage.hparams_fn(epoch)
-      batch = to_global({k: next(it) for k, it in iters.items()}, mesh)
-      state, measurements = stage.step_fn(state, frozen, batch, hparams)
-      measurements = jax.device_get(measurements)  # blocks: also fail fast on NaN
+      hparams = stage.hparams_fn(epoch, s)
+      before = int(jax.device_get(state.step))
+      measurements = {}
+      for label, step_fn, keys in stage.substeps(s):
+        batch = to_global({k: next(iters[k]) for k in keys}, mesh)
+        for k in keys:
+          positions[k] += 1
+        state, m = step_fn(state, frozen, batch, hparams)
+        m = jax.device_get(m)  # blocks: also fail fast on NaN
+        if not math.isfinite(float(m["loss"])):
+          raise NonFiniteLossError(
+              f"stage '{stage.name}', step {int(jax.device_get(state.step))} (epoch "
+              f"{epoch + 1}, iteration {s % spe + 1} of {spe}{', ' + label if label else ''}): "
+              f"loss is {float(m['loss'])}; nothing was saved for this step (lower the "
+              f"learning rate or check the data)")
+        measurements.update({(f"{label}/{k}" if label else k): float(v) for k, v in m.items()})
       step = int(jax.device_get(state.step))
-      if not math.isfinite(float(measurements["loss"])):
-        raise NonFiniteLossError(
-            f"stage '{stage.name}', step {step} (epoch {epoch + 1}, step {s % spe + 1} of "
-            f"{spe}): loss is {float(measurements['loss'])}; nothing was saved for this step "
-            f"(lower the learning rate or check the data)")
       done_since += 1
-      self.meta.update(stage_index=index, stage_step=s + 1,
-                       streams={k: s + 1 for k in stage.streams})
+      self.meta.update(stage_index=index, stage_step=s + 1, streams=dict(positions))
       if (s + 1) % self.log_every == 0 or s + 1 == total:
-        record = {"step": step, "stage": stage.name, "epoch": epoch + 1,
-                  **{k: float(v) for k, v in measurements.items()}, **hparams}
+        record = {"step": step, "stage": stage.name, "epoch": epoch + 1, **measurements,
+                  **hparams}
         if extra_log is not None:
           record.update(extra_log(state))
         self.log_metrics(record)
-        rate = done_since / max(1e-9, time.time() - t0)
-        log.info("[%s] epoch %d/%d step %d/%d loss %.4f lr %.3g (%.1f steps/s)", stage.name,
-                 epoch + 1, stage.epochs, s + 1, total, float(measurements["loss"]),
-                 float(hparams.get("learning_rate", float("nan"))), rate)
+        loss = measurements.get("loss", next(
+            (v for k, v in measurements.items() if k.endswith("/loss")), float("nan")))
+        log.info("[%s] epoch %d/%d iteration %d/%d loss %.4f lr %.3g (%.1f it/s)", stage.name,
+                 epoch + 1, epochs, s + 1, total, loss,
+                 float(hparams.get("learning_rate", float("nan"))),
+                 done_since / max(1e-9, time.time() - t0))
         t0, done_since = time.time(), 0
       if eval_fn is not None and eval_every and (s + 1) % eval_every == 0:
         self.log_metrics({"step": step, "stage": stage.name, "epoch": epoch + 1,
                           "eval": eval_fn(state)})
-      if s + 1 < total and self.checkpoint_every and step % self.checkpoint_every == 0:
+      if (s + 1 < total and self.checkpoint_every
+          and step // self.checkpoint_every > before // self.checkpoint_every):
         self.save(state)
       if self.interrupt_at_step and step >= self.interrupt_at_step:
         self.checkpointer.wait()
         raise SystemExit(f"debug.interrupt_at_step: stopped at step {step} as requested")
     self.meta.update(stage_index=index + 1, stage_step=0, streams={})
-    return state
+    return state, frozen
 
   def finish_stage(self, state: TrainState, name: str, results: dict) -> None:
     """Records a finished stage's evaluation and checkpoints it (the resume point)."""

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_model_config(num_classes=10, image_size=16, channels=3, variant="test/4"):
   return ml_collections.ConfigDict(dict(
       variant=variant, num_classes=num_classes, image_size=image_size, channels=channels,
-      dropout=0.0, attention_dropout=0.0, representation_size=0, width=0, depth=0,
+      dropout=0.0, attention_dropout=0.0, attention_output_dropout=0.0, representation_size=0, width=0, depth=0,
       mlp_dim=0, num_heads=0))
 
 

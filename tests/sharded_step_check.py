@@ -58,8 +58,8 @@ def main():
       state, m = step(state, frozen, train.to_global(batch, mesh), {"learning_rate": 1e-2})
       jax.block_until_ready(state)
     eval_step = train.make_eval_step(
-        lambda p, f, x: lora.apply(model, f, p, x, scale=spec.scale), mesh)
-    counts = eval_step(state.params, frozen, train.to_global(batch["retain"], mesh))
+        lambda p, _, f, b: lora.apply(model, f, p, b["image"], scale=spec.scale), mesh)
+    counts = eval_step(state, frozen, train.to_global(batch["retain"], mesh))
     sharding = state.params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["a"].sharding
     out[n] = (jax.device_get(state.params), float(m["loss"]), jax.device_get(counts),
               len(sharding.device_set))

@@ -55,7 +55,7 @@ def _run(tmp_path, value, **train_cfg):
     return jnp.sum(params["w"] * jnp.mean(batch["d"]["x"])), {}
   stage = train.Stage(name="toy", step_fn=train.make_train_step(loss_fn, tx, mesh),
                       streams={"d": _Stream(value)}, epoch_stream="d", epochs=2,
-                      hparams_fn=lambda e: {"learning_rate": 0.1 / (e + 1)})
+                      hparams_fn=lambda e, _: {"learning_rate": 0.1 / (e + 1)})
   run = train.Run(str(tmp_path), config, method="toy")
   state = run.restore(train.replicate(train.create_state({"w": jnp.ones(3)}, tx, 0), mesh))
   return run, stage, state, mesh
@@ -63,7 +63,7 @@ def _run(tmp_path, value, **train_cfg):
 
 def test_stage_loop_logs_schedules_and_checkpoints(tmp_path):
   run, stage, state, mesh = _run(tmp_path, 1.0)
-  state = run.run_stage(0, stage, state, {}, mesh)
+  state, _ = run.run_stage(0, stage, state, {}, mesh)
   run.close()
   # 6 steps: lr 0.1 for epoch 1, 0.05 for epoch 2; d loss / d w = 1.
   np.testing.assert_allclose(state.params["w"], 1 - 3 * 0.1 - 3 * 0.05, rtol=1e-6)
@@ -114,3 +114,54 @@ def test_step_carries_mutable_model_state_and_passes_update_kwargs():
   np.testing.assert_allclose(state.params["w"], 1 - 2.0 - 0.2, rtol=1e-6)
   assert int(state.model_state["count"]) == 2 and float(state.model_state["mean"]) == 2.0
   assert sorted(set(seen)) == ["fast", "slow"]
+
+
+class _Counter:
+  """A cycled stream whose batch i holds the value i (to see which batches were consumed)."""
+  steps_per_epoch = 1
+  batch_size = 2
+
+  def iterate(self, start=0):
+    i = start
+    while True:
+      yield {"x": np.full((2,), float(i), np.float32)}
+      i += 1
+
+
+def test_plan_runs_fast_every_n_iterations_and_resumes_each_stream(tmp_path):
+  """UG-CLU's shape: FAST (forget batch) every 3rd iteration, SLOW (remain batch) always."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = optax.sgd(1.0)
+
+  def loss_fn(params, frozen, batch, rng):
+    (key,) = batch
+    return jnp.sum(params[key] * jnp.mean(batch[key]["x"])), {}
+  step = train.make_train_step(loss_fn, tx, mesh)
+
+  def make(interrupt):
+    config = ml_collections.ConfigDict(dict(
+        train=dict(log_every_steps=1, checkpoint_every_steps=1, max_checkpoints_to_keep=2),
+        debug=dict(interrupt_at_step=interrupt)))
+    run = train.Run(str(tmp_path), config, method="toy")
+    stage = train.Stage(
+        name="clu", step_fn=None, streams={"forget": _Counter(), "remain": _Counter()},
+        iterations=7, plan=lambda t: ([("fast", step, ("forget",))] if t % 3 == 0 else [])
+        + [("slow", step, ("remain",))])
+    state = run.restore(train.replicate(train.create_state(
+        {"forget": jnp.zeros(()), "remain": jnp.zeros(())}, tx, 0), mesh))
+    return run, stage, state
+
+  run, stage, state = make(interrupt=5)  # killed after iteration 3 (steps: F S S S F S)
+  with pytest.raises(SystemExit):
+    run.run_stage(0, stage, state, {}, mesh)
+  run.close()
+  run, stage, state = make(interrupt=0)
+  state, _ = run.run_stage(0, stage, state, {}, mesh)
+  run.close()
+  # FAST at t = 0, 3, 6 took forget batches 0, 1, 2; SLOW took remain batches 0..6.
+  assert float(state.params["forget"]) == -(0 + 1 + 2)
+  assert float(state.params["remain"]) == -sum(range(7))
+  assert int(state.step) == 10
+  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert [x["step"] for x in lines] == [2, 3, 4, 6, 7, 8, 10]
+  assert "fast/loss" in lines[0] and "fast/loss" not in lines[1] and "slow/loss" in lines[1]

@@ -57,11 +57,11 @@ def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycl
       num_threads=int(config.data.num_threads), **stream_kwargs(config))
 
 
-def eval_accuracies(config, eval_step, params, frozen, subsets: dict, mesh) -> dict[str, float]:
+def eval_accuracies(config, eval_step, state, frozen, subsets: dict, mesh) -> dict[str, float]:
   """{name: accuracy %} of each subset under the arg-max over all head rows."""
   bs = check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
   return {name: train.evaluate(
-      eval_step, params, frozen,
+      eval_step, state, frozen,
       streams.eval_batches(subset, batch_size=bs, **stream_kwargs(config)), mesh)
           for name, subset in subsets.items()}
 

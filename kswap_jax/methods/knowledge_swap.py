@@ -37,6 +37,11 @@ log = logging.getLogger("kswap_jax")
 STAGE_ORDER = {"lbf": ("learn", "forget"), "laf": ("forget", "learn")}
 # results key -> test split
 TEST_SPLITS = {"acc_r": "retain_test", "acc_f": "forget_test", "acc_n": "learn_test"}
+# The reference's pretrained baseline also covers the training subsets (spec §1.3).
+TRAIN_SPLITS = {"acc_r_train": "retain_train", "acc_f_train": "forget_train",
+                "acc_n_train": "learn_train"}
+# Each stream draws its shuffles from `config.seed + offset`, so no two share an order.
+STREAM_SEEDS = {"retain_stage1": 0, "learn": 1, "forget": 2, "retain_stage2": 3}
 
 
 def learn_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
@@ -94,11 +99,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mk = lambda subs, cycle, s: common.make_stream(config, subs, batch_size=bs,
                                                  field="ks.batch_size", seed=s, cycle=cycle,
                                                  mesh=mesh)
-  retain_stream = mk([subsets["retain_train"]], False, seed)
-  stage2_retain = (mk([subsets["retain_train"], subsets["learn_train"]], False, seed + 3)
-                   if method == "lbf" else retain_stream)
-  learn_stream = mk([subsets["learn_train"]], True, seed + 1)
-  forget_stream = mk([subsets["forget_train"]], True, seed + 2)
+  # Stage-2 retain stream: D_r^sub ∪ D_n^train in LBF, D_r^sub alone in LAF (spec §4.4),
+  # reshuffled with its own seed either way (the reference builds new loaders).
+  stage2 = [subsets["retain_train"]] + ([subsets["learn_train"]] if method == "lbf" else [])
+  retain_stream = mk([subsets["retain_train"]], False, seed + STREAM_SEEDS["retain_stage1"])
+  stage2_retain = mk(stage2, False, seed + STREAM_SEEDS["retain_stage2"])
+  learn_stream = mk([subsets["learn_train"]], True, seed + STREAM_SEEDS["learn"])
+  forget_stream = mk([subsets["forget_train"]], True, seed + STREAM_SEEDS["forget"])
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
   # Model and LoRA spec (checked on shapes only; no parameters yet).
@@ -132,8 +139,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   alpha_penalty = 0.0 if proximal else alpha
 
   def lr_fn(epochs):
-    return lambda e: {"learning_rate": schedules.epoch_cosine(
+    return lambda e, _: {"learning_rate": schedules.epoch_cosine(
         e, base=float(ocfg.lr), minimum=float(ocfg.min_lr), epochs=epochs)}
+
+  def reset_optimizer(state, frozen, fresh):
+    # Ablation only: the reference carries the AdamW state into stage 2 (spec §7 item 6).
+    if fresh and ks.reset_optimizer_between_stages:
+      state = state._replace(opt_state=train.replicate(tx.init(state.params), mesh))
+    return state, frozen
 
   stages = {
       "learn": train.Stage(
@@ -141,24 +154,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               learn_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh),
           streams={"retain": retain_stream, "learn": learn_stream},
           epoch_stream="retain", epochs=int(ks.learn_epochs),
-          hparams_fn=lr_fn(int(ks.learn_epochs))),
+          hparams_fn=lr_fn(int(ks.learn_epochs)),
+          on_start=reset_optimizer if method == "laf" else None),
       "forget": train.Stage(
           name="forget", step_fn=train.make_train_step(
               forget_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh),
           streams={"retain": stage2_retain, "forget": forget_stream},
           epoch_stream="retain", epochs=int(ks.forget_epochs),
-          hparams_fn=lr_fn(int(ks.forget_epochs))),
+          hparams_fn=lr_fn(int(ks.forget_epochs)),
+          on_start=reset_optimizer if method == "lbf" else None),
   }
 
   frozen = train.replicate(base, mesh)
   state = train.replicate(train.create_state(lora_tree, tx, seed), mesh)
   state = run_.restore(state)
   eval_step = train.make_eval_step(
-      lambda p, f, x: lora.apply(model, f, p, x, scale=spec.scale), mesh)
-  test_sets = {k: subsets[v] for k, v in TEST_SPLITS.items()}
+      lambda p, _, f, b: lora.apply(model, f, p, b["image"], scale=spec.scale), mesh)
 
-  def evaluate(state):
-    return common.eval_accuracies(config, eval_step, state.params, frozen, test_sets, mesh)
+  def evaluate(state, splits_=TEST_SPLITS):
+    return common.eval_accuracies(config, eval_step, state, frozen,
+                                  {k: subsets[v] for k, v in splits_.items()}, mesh)
 
   def group_norm_log(state):
     norms = group_lasso.group_norms(jax.device_get(state.params), grouping)
@@ -166,21 +181,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = run_.meta["results"]
   if "before" not in results:
-    results["before"] = evaluate(state)
+    results["before"] = {**evaluate(state), **evaluate(state, TRAIN_SPLITS)}
     log.info("[before] %s", _fmt(results["before"]))
   for i, name in enumerate(STAGE_ORDER[method]):
-    starting_fresh = run_.meta["stage_index"] == i and run_.meta["stage_step"] == 0
-    if i > 0 and ks.reset_optimizer_between_stages and starting_fresh:
-      state = state._replace(opt_state=train.replicate(tx.init(state.params), mesh))
-    state = run_.run_stage(i, stages[name], state, frozen, mesh, extra_log=group_norm_log,
-                           eval_fn=evaluate, eval_every=int(config.eval.every_steps))
+    state, frozen = run_.run_stage(i, stages[name], state, frozen, mesh,
+                                   extra_log=group_norm_log, eval_fn=evaluate,
+                                   eval_every=int(config.eval.every_steps))
     if name not in results:
       accs = evaluate(state)
       norms = lora.block_norms(jax.device_get(state.params), spec.scale)
-      run_.finish_stage(state, name, {**accs, "block_norms": norms})
-      if run_.is_main:
+      if run_.is_main:  # before the stage checkpoint, so a resumed run always has it
         ckpt_lib.save_npz(jax.device_get(lora.join({}, state.params)),
                           os.path.join(run_.workdir, f"lora_{name}.npz"))
+      run_.finish_stage(state, name, {**accs, "block_norms": norms})
       log.info("[%s] %s", name, _fmt(accs))
 
   last = results[STAGE_ORDER[method][-1]]
@@ -192,6 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "prediction_rule": f"argmax over all {config.model.num_classes} head rows",
       "stages": [{"name": n, **{k: results[n][k] for k in TEST_SPLITS}}
                  for n in ("before",) + STAGE_ORDER[method]],
+      "before_train_subsets": {k: results["before"][k] for k in TRAIN_SPLITS},
       "final": final,
       "block_norms": {n: results[n]["block_norms"] for n in STAGE_ORDER[method]},
       "num_trainable": lora.count(lora_tree),

@@ -58,24 +58,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logits = model.apply({"params": params}, b["image"], train=True, rngs={"dropout": rng})
     return losses.cross_entropy(logits, b["label"], b["mask"]), {}
 
-  def logits_fn(params, frozen, images):
-    del frozen
-    return model.apply({"params": params}, images)
+  def logits_fn(params, model_state, frozen, batch):
+    del model_state, frozen
+    return model.apply({"params": params}, batch["image"])
 
   stage = train.Stage(
       name="pretrain", step_fn=train.make_train_step(loss_fn, tx, mesh),
       streams={"train": stream},
       epoch_stream="train", epochs=int(pcfg.epochs),
-      hparams_fn=lambda e: {"learning_rate": schedules.warmup_epoch_cosine(
+      hparams_fn=lambda e, _: {"learning_rate": schedules.warmup_epoch_cosine(
           e, base=float(pcfg.optim.lr), minimum=float(pcfg.optim.min_lr),
           epochs=int(pcfg.epochs), warmup_epochs=int(pcfg.warmup_epochs))})
 
   state = train.replicate(train.create_state(params, tx, int(config.seed)), mesh)
   state = run_.restore(state)
-  state = run_.run_stage(0, stage, state, {}, mesh)
+  state, _ = run_.run_stage(0, stage, state, {}, mesh)
   if "pretrain" not in run_.meta["results"]:
     eval_step = train.make_eval_step(logits_fn, mesh)
-    acc = common.eval_accuracies(config, eval_step, state.params, {}, {"test": test_set}, mesh)
+    acc = common.eval_accuracies(config, eval_step, state, {}, {"test": test_set}, mesh)
     run_.finish_stage(state, "pretrain", {"acc": acc["test"]})
   acc = run_.meta["results"]["pretrain"]["acc"]
   log.info("[pretrain] test accuracy on %d classes: %.2f%%", num_classes, acc)

@@ -46,6 +46,7 @@ class ViTConfig:
   num_classes: int
   dropout: float = 0.0
   attention_dropout: float = 0.0
+  attention_output_dropout: float = 0.0
   representation_size: int | None = None
   layer_norm_eps: float = 1e-6
 
@@ -69,6 +70,7 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
       num_heads=get("num_heads", num_heads), patch_size=int(patch),
       num_classes=int(model_cfg.num_classes), dropout=float(model_cfg.get("dropout", 0.0)),
       attention_dropout=float(model_cfg.get("attention_dropout", 0.0)),
+      attention_output_dropout=float(model_cfg.get("attention_output_dropout", 0.0)),
       representation_size=model_cfg.get("representation_size", None) or None)
   if cfg.width % cfg.num_heads:
     raise ConfigError(f"model.num_heads: width {cfg.width} is not divisible by {cfg.num_heads} heads")
@@ -110,7 +112,7 @@ class Encoder1DBlock(nn.Module):
         num_heads=self.cfg.num_heads, kernel_init=nn.initializers.xavier_uniform(),
         broadcast_dropout=False, dropout_rate=self.cfg.attention_dropout,
         name="MultiHeadDotProductAttention_1")(y, y, deterministic=deterministic)
-    x = x + nn.Dropout(self.cfg.dropout)(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.cfg.attention_output_dropout)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=eps, name="LayerNorm_2")(x)
     return x + MlpBlock(self.cfg.mlp_dim, self.cfg.dropout, name="MlpBlock_3")(
         y, deterministic=deterministic)

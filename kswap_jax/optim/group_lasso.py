@@ -13,7 +13,7 @@ Xing et al., arXiv 2502.08075 (Knowledge Swapping).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import chex
 import jax
@@ -60,9 +60,8 @@ class GroupLassoProxState(NamedTuple):
   """No state is needed; kept as a NamedTuple for checkpoint round-trips."""
 
 
-def group_lasso_prox(strength: float, learning_rate: optax.ScalarOrSchedule | jax.Array,
-                     grouping: str = "block", count_fn: Callable | None = None
-                     ) -> optax.GradientTransformation:
+def group_lasso_prox(strength: float, learning_rate: float | jax.Array,
+                     grouping: str = "block") -> optax.GradientTransformation:
   """Exact group-lasso proximal step applied after the optimizer's update.
 
   With θ⁺ = θ + u (u the incoming update), returns u' such that θ + u' = prox(θ⁺):
@@ -71,10 +70,9 @@ def group_lasso_prox(strength: float, learning_rate: optax.ScalarOrSchedule | ja
 
   Args:
     strength: λ ≥ 0 (the α of the papers).
-    learning_rate: η: a float, a traced scalar (e.g. injected by
-      `optax.inject_hyperparams`), or a schedule of `count_fn(state)`.
+    learning_rate: η: a float or a traced scalar, e.g. the one `optax.inject_hyperparams`
+      passes to the whole chain, so the threshold follows the optimizer's schedule.
     grouping: "block", "module" or "leaf".
-    count_fn: only for schedules; returns the step count the schedule reads.
 
   Returns:
     An `optax.GradientTransformation`; place it last in `optax.chain`.
@@ -93,10 +91,10 @@ def group_lasso_prox(strength: float, learning_rate: optax.ScalarOrSchedule | ja
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("group_lasso_prox needs params: call tx.update(grads, state, params)")
-    lr = learning_rate(count_fn(state)) if callable(learning_rate) else learning_rate
     new = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
     norms = group_norms(new, grouping)
-    shrink = jnp.maximum(0.0, 1.0 - lr * strength / jnp.maximum(norms, 1e-30))
+    # max(norm, tiny) only avoids 0/0 for an all-zero group, which stays exactly zero.
+    shrink = jnp.maximum(0.0, 1.0 - learning_rate * strength / jnp.maximum(norms, 1e-30))
     factor = {}
     for i, names in enumerate(lora_lib.groups(new, grouping).values()):
       for n in names:
