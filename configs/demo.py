@@ -1,9 +1,20 @@
 r"""The default run: Knowledge Swapping on scikit-learn's bundled 8x8 digits.
 
 A small ViT is pretrained on digits 0-7 (the "old" classes), then swapped with Learning
-Before Forgetting: forget digits 2 and 5, retain 0, 1, 3, 4, 6, 7, learn the held-out
+Before Forgetting: forget digits 4 and 6, retain 0, 1, 2, 3, 5, 7, learn the held-out
 digits 8 and 9 (they become head rows 8 and 9 of a 16-row frozen head, the others random,
 as the reference's 200-row head). Images are upsampled to 16x16, 4x4 patches.
+
+The method and its weights are the reference's (beta 0.2, alpha 0.005, AdamW 1e-2 / wd
+0.05, per-epoch cosine restarting at stage 2, LoRA r8 on FFN, frozen head). Three choices
+are the demo's, because the data is ~100x smaller than ImageNet-100 (see
+docs/knowledge_swapping.md for the measurements behind them):
+  - 20 learning / 10 forgetting epochs instead of 5 / 5 (one epoch is only 24 steps);
+  - ks.bound = 8 instead of 105: chance-level CE over 16 rows is ln 16 = 2.8, and with
+    BND 105 the ascent never stops, which keeps dragging the shared features around;
+  - forget 4 and 6, not digits that resemble the new 8 and 9: the ascent pushes forgotten
+    samples onto the highest-norm head rows (the new and random ones), and a forgotten 2
+    or 5 lands on 8 or 9, costing Acc_n.
 
     python run.py                                    # = --config=configs/demo.py
     python run.py --config=configs/demo.py:method=laf --workdir=workdir/demo_laf
@@ -11,7 +22,7 @@ as the reference's 200-row head). Images are upsampled to 16x16, 4x4 patches.
     python run.py --config=configs/demo.py:runlocal  # a few-second smoke run
 
 Expect (2 CPU cores, ~2-3 minutes in total): before the swap Acc_n = 0; after it
-Acc_f <= 15 %, Acc_n >= 80 %, Acc_r within a few points of its value before.
+Acc_f = 0 %, Acc_n ~ 85 %, Acc_r within ~2 points of its value before.
 """
 
 from kswap_jax.config import base_config, parse_arg
@@ -33,13 +44,16 @@ def get_config(arg=None):
   c.model.channels = 1
 
   c.swap.num_old_classes = 8
-  c.swap.forget_classes = (2, 5)
-  c.swap.retain_classes = ()   # 0, 1, 3, 4, 6, 7
+  c.swap.forget_classes = (4, 6)
+  c.swap.retain_classes = ()   # 0, 1, 2, 3, 5, 7
   c.swap.learn_classes = (8, 9)
   c.swap.retain_ratio = c.swap.forget_ratio = c.swap.learn_ratio = 1.0  # digits are small
   c.swap.seed = 0
 
   c.ks.batch_size = 32
+  c.ks.learn_epochs = 20
+  c.ks.forget_epochs = 10
+  c.ks.bound = 8.0
   c.eval.batch_size = 128
 
   c.init.kind = "pretrain"     # pretrain into <workdir>/pretrain first, then load params.npz

@@ -64,8 +64,8 @@ def _assert_clean_failure(proc, workdir, *names):
 # directory that holds the workdirs and input files.
 
 _CASES = {
-    "retain_overlaps_forget": (
-        ["--config.swap.retain_classes=(1,2,3)"], ["swap.retain_classes"], False),
+    "retain_overlaps_forget": (  # the demo forgets 4 and 6
+        ["--config.swap.retain_classes=(1,4,3)"], ["swap.retain_classes"], False),
     "learn_overlaps_old_classes": (
         ["--config.swap.learn_classes=(7,8)"], ["swap.learn_classes", "7"], False),
     "forget_id_outside_old_label_space": (
