@@ -13,7 +13,9 @@ leaves `a` and `b`:
     {"Transformer": {"encoderblock_0": {"MlpBlock_3": {"Dense_0": {"a": ..., "b": ...}, ...}}}}
 
 Targets are chosen by a regex matched (`re.fullmatch`) against the "/"-joined names of the
-base kernels, e.g. `Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`.
+base kernels, e.g. `Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`. A kernel's
+leading axis is its input, except for kernels named `.../out/kernel` (flax attention's
+output projection, (heads, head_dim, width)), whose first two axes are.
 
 All functions are pure: `apply` (the unmerged forward), `merge`, `unmerge`, `split`/`join`.
 Gradients and optimizer state exist only for the LoRA tree.

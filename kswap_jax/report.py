@@ -46,6 +46,7 @@ def plot_block_norms(block_norms: dict, path: str, title: str = "") -> None:
       blocks = sorted(norms[key], key=_block_index)
       ax.plot([_block_index(b) for b in blocks], [norms[key][b] for b in blocks], marker="o",
               label=f"after {stage}")
+    ax.set_xticks(sorted({_block_index(b) for n in block_norms.values() for b in n[key]}))
     ax.set_xlabel("transformer block")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
