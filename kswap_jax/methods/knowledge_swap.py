@@ -44,14 +44,23 @@ TRAIN_SPLITS = {"acc_r_train": "retain_train", "acc_f_train": "forget_train",
 STREAM_SEEDS = {"retain_stage1": 0, "learn": 1, "forget": 2, "retain_stage2": 3}
 
 
+def _stage_terms(model, scale, grouping, aux: str):
+  """(CE on the `aux` batch, CE on the retain batch, Ω): the terms both stages combine."""
+  def terms(params, base, batch, rng):
+    k_aux, k_r = jax.random.split(rng)
+    ce_aux = _ce(model, base, params, batch[aux], scale, k_aux)
+    ce_r = _ce(model, base, params, batch["retain"], scale, k_r)
+    return ce_aux, ce_r, group_lasso.group_lasso_penalty(params, grouping)
+  return terms
+
+
 def learn_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
                grouping: str):
   """L_learn = CE(b_n) + β·CE(b_r) + α·Ω over batches {"learn", "retain"}."""
+  terms = _stage_terms(model, scale, grouping, "learn")
+
   def loss_fn(params, base, batch, rng):
-    k_n, k_r = jax.random.split(rng)
-    ce_n = _ce(model, base, params, batch["learn"], scale, k_n)
-    ce_r = _ce(model, base, params, batch["retain"], scale, k_r)
-    omega = group_lasso.group_lasso_penalty(params, grouping)
+    ce_n, ce_r, omega = terms(params, base, batch, rng)
     loss = ce_n + ks.beta * ce_r + alpha_penalty * omega
     return loss, {"ce_learn": ce_n, "ce_retain": ce_r, "omega": omega}
   return loss_fn
@@ -60,11 +69,10 @@ def learn_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty
 def forget_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
                 grouping: str):
   """L_forget = CE(b_r) + β·ReLU(BND − CE(b_f)) + α·Ω over batches {"forget", "retain"}."""
+  terms = _stage_terms(model, scale, grouping, "forget")
+
   def loss_fn(params, base, batch, rng):
-    k_f, k_r = jax.random.split(rng)
-    ce_f = _ce(model, base, params, batch["forget"], scale, k_f)
-    ce_r = _ce(model, base, params, batch["retain"], scale, k_r)
-    omega = group_lasso.group_lasso_penalty(params, grouping)
+    ce_f, ce_r, omega = terms(params, base, batch, rng)
     loss = ce_r + ks.beta * losses.bounded_forgetting(ce_f, ks.bound) + alpha_penalty * omega
     return loss, {"ce_forget": ce_f, "ce_retain": ce_r, "omega": omega}
   return loss_fn
