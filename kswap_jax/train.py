@@ -378,10 +378,11 @@ class Run:
              f", resuming at iteration {start}" if start else "")
     iters = {k: st.iterate(positions[k]) for k, st in stage.streams.items()}
     t0, done_since = time.time(), 0
+    step = int(jax.device_get(state.step))
     for s in range(start, total):
       epoch = s // spe
       hparams = stage.hparams_fn(epoch, s)
-      before = int(jax.device_get(state.step))
+      before = step
       measurements = {}
       for label, step_fn, keys in stage.substeps(s):
         batch = to_global({k: next(iters[k]) for k in keys}, mesh)
