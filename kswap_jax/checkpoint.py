@@ -75,7 +75,6 @@ class Checkpointer:
       raise ConfigError(
           f"{self.directory}/{step}: checkpoint does not fit the model/LoRA of this config "
           f"({str(e).splitlines()[0][:200]}); use a new --workdir") from None
-    _check_shapes(restored["state"], abstract_state, f"{self.directory}/{step}")
     return restored["state"], dict(restored["meta"])
 
   def wait(self) -> None:
@@ -91,15 +90,6 @@ def _path_name(path) -> str:
                   for k in path)
 
 
-def _check_shapes(tree, abstract, where: str) -> None:
-  got = jax.tree_util.tree_flatten_with_path(tree)[0]
-  want = jax.tree_util.tree_leaves(abstract)
-  for (path, x), w in zip(got, want):
-    if tuple(np.shape(x)) != tuple(np.shape(w)):
-      raise ConfigError(f"{where}: {jax.tree_util.keystr(path)} has shape {np.shape(x)} but "
-                        f"the model expects {np.shape(w)}; use a new --workdir")
-
-
 # ----------------------------------------------------------------------------------------------
 # vit_jax .npz import / export.
 
@@ -111,7 +101,7 @@ def flatten(params: dict) -> dict[str, np.ndarray]:
 def unflatten(flat: dict[str, Any]) -> dict:
   tree: dict = {}
   for name, x in flat.items():
-    lora_lib._set(tree, name.split("/"), x)
+    lora_lib.set_by_name(tree, name.split("/"), x)
   return tree
 
 

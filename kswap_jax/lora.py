@@ -96,7 +96,8 @@ def _get(tree: Tree, names: Iterable[str]):
   return tree
 
 
-def _set(tree: Tree, names: list[str], value) -> None:
+def set_by_name(tree: Tree, names: list[str], value) -> None:
+  """Sets tree[n0][n1]...[nk] = value, creating the intermediate dicts."""
   for n in names[:-1]:
     tree = tree.setdefault(n, {})
   tree[names[-1]] = value
@@ -139,7 +140,7 @@ def init(base: Tree, spec: LoraSpec, rng: jax.Array) -> Tree:
     bound = gain * math.sqrt(3.0 / fan_in)
     a = jax.random.uniform(jax.random.fold_in(rng, i), (fan_in, spec.rank), jnp.float32,
                            -bound, bound)
-    _set(tree, name.split("/")[:-1], {"a": a, "b": jnp.zeros((spec.rank, fan_out), jnp.float32)})
+    set_by_name(tree, name.split("/")[:-1], {"a": a, "b": jnp.zeros((spec.rank, fan_out), jnp.float32)})
   return tree
 
 
@@ -193,9 +194,9 @@ def split(params: Tree) -> tuple[Tree, Tree]:
   for name, x in named_leaves(params):
     *path, leaf = name.split("/")
     if leaf in ("lora_a", "lora_b"):
-      _set(lora, path + [leaf[-1]], x)
+      set_by_name(lora, path + [leaf[-1]], x)
     else:
-      _set(base, path + [leaf], x)
+      set_by_name(base, path + [leaf], x)
   return base, lora
 
 
@@ -203,8 +204,8 @@ def join(base: Tree, lora: Tree) -> Tree:
   """Inverse of `split`: one tree with `lora_a`/`lora_b` beside each target kernel."""
   params: Tree = jax.tree_util.tree_map(lambda x: x, base)
   for path, leaf in _module_leaves(lora):
-    _set(params, path + ["lora_a"], leaf["a"])
-    _set(params, path + ["lora_b"], leaf["b"])
+    set_by_name(params, path + ["lora_a"], leaf["a"])
+    set_by_name(params, path + ["lora_b"], leaf["b"])
   return params
 
 

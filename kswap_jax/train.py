@@ -257,10 +257,9 @@ class Run:
   with the same final metrics.
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, method: str):
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.workdir = os.path.abspath(workdir)
     self.config = config
-    self.method = method
     self.is_main = jax.process_index() == 0
     _prepare_workdir(self.workdir)
     self._check_config()

@@ -56,7 +56,7 @@ def _run(tmp_path, value, **train_cfg):
   stage = train.Stage(name="toy", step_fn=train.make_train_step(loss_fn, tx, mesh),
                       streams={"d": _Stream(value)}, epoch_stream="d", epochs=2,
                       hparams_fn=lambda e, _: {"learning_rate": 0.1 / (e + 1)})
-  run = train.Run(str(tmp_path), config, method="toy")
+  run = train.Run(str(tmp_path), config)
   state = run.restore(train.replicate(train.create_state({"w": jnp.ones(3)}, tx, 0), mesh))
   return run, stage, state, mesh
 
@@ -142,7 +142,7 @@ def test_plan_runs_fast_every_n_iterations_and_resumes_each_stream(tmp_path):
     config = ml_collections.ConfigDict(dict(
         train=dict(log_every_steps=1, checkpoint_every_steps=1, max_checkpoints_to_keep=2),
         debug=dict(interrupt_at_step=interrupt)))
-    run = train.Run(str(tmp_path), config, method="toy")
+    run = train.Run(str(tmp_path), config)
     stage = train.Stage(
         name="clu", step_fn=None, streams={"forget": _Counter(), "remain": _Counter()},
         iterations=7, plan=lambda t: ([("fast", step, ("forget",))] if t % 3 == 0 else [])

@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
                       f"proximal)")
 
-  run_ = train.Run(workdir, config, method=method)
+  run_ = train.Run(workdir, config)
   for name, subset in subsets.items():
     log.info("split %-12s %6d images", name, len(subset))
 

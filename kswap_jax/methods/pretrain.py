@@ -48,7 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_cfg = common.model_config(config, num_classes)
   model = vit.build(model_cfg)
   params = vit.init_params(model, model_cfg, jax.random.key(int(config.seed)))
-  run_ = train.Run(workdir, config, method="pretrain")
+  run_ = train.Run(workdir, config)
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   tx = common.adamw(pcfg.optim, mask=decay_mask)
 

@@ -102,7 +102,7 @@ def group_lasso_prox(strength: float, learning_rate: float | jax.Array,
     out = {}
     for name, value in lora_lib.named_leaves(new):
       p = lora_lib.leaf_by_name(params, name)
-      lora_lib._set(out, name.split("/"), (factor[name] * value - p).astype(p.dtype))
+      lora_lib.set_by_name(out, name.split("/"), (factor[name] * value - p).astype(p.dtype))
     chex.assert_trees_all_equal_structs(out, updates)
     return out, state
 
