@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from kswap_jax import models
 from kswap_jax.errors import ConfigError
 from kswap_jax.lora import FFN_TARGETS
 
@@ -48,18 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "lbf"          # pretrain | lbf | laf
   c.seed = 1337             # the reference's torch.manual_seed(1337)
 
-  c.model = ml_collections.ConfigDict(dict(
-      variant="B/16",        # "<Ti|S|B|L|demo|test>/<patch>"
-      num_classes=200,       # head rows: a fixed upper bound, old classes + room for new ones
-      image_size=224,
-      channels=3,
-      dropout=0.1,           # embedding + MLP dropout (spec §2.1)
-      attention_dropout=0.0,  # on the attention probabilities
-      attention_output_dropout=0.0,  # after the attention projection: 0 in the reference
-                             # (jeonsworld proj_dropout); vit_jax uses `dropout` there
-      representation_size=0,  # >0 adds vit_jax's tanh `pre_logits` layer
-      width=0, depth=0, mlp_dim=0, num_heads=0,  # >0 overrides the variant
-  ))
+  # Architecture fields and defaults belong to the model (kswap_jax/models/vit.py DEFAULTS).
+  c.model = models.default_config("vit")
 
   c.lora = ml_collections.ConfigDict(dict(
       targets=FFN_TARGETS,   # regex over "/"-joined kernel names; FFN fc1/fc2 of every block
