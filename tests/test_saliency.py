@@ -34,7 +34,6 @@ class TinyBN(nn.Module):
 
 def test_balanced_mask_covers_every_leaf_including_batchnorm_affine():
   model = TinyBN()
-  r = np.random.RandomState(0)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
   params, stats = variables["params"], variables["batch_stats"]
 
@@ -64,7 +63,6 @@ def test_balanced_mask_covers_every_leaf_including_batchnorm_affine():
     assert set(np.unique(np.asarray(m))) <= {0.0, 1.0}
   kept = saliency.mask_sparsity(mask)["kept"]
   assert 0 < kept < sum(p.size for p in jax.tree_util.tree_leaves(params))
-  del r
 
 
 def test_ratio_rule_with_ties_and_zeros():

@@ -29,6 +29,9 @@ def test_adaptive_weights_sum_to_one_and_favour_low_loss():
   # λ = 0: 1/B over the valid samples.
   w0 = losses.adaptive_ascent_weights(ell, mask, lambd=0.0)
   np.testing.assert_allclose(np.asarray(w0), [1 / 3, 1 / 3, 1 / 3, 0.0], rtol=1e-6)
+  # λ < 0 turns the rule around (up-weights high-loss samples, e.g. for new data).
+  wn = losses.adaptive_ascent_weights(ell, mask, lambd=-0.5)
+  assert float(wn[2]) > float(wn[1]) > float(wn[0])
   # A zero loss is finite (ε in the reciprocal) and takes all the weight.
   wz = losses.adaptive_ascent_weights(jnp.array([0.0, 1.0]), lambd=0.5)
   assert float(wz[0]) == pytest.approx(1.0) and bool(jnp.all(jnp.isfinite(wz)))
@@ -44,14 +47,16 @@ def test_adaptive_loss_value_and_gradient_through_the_losses_only():
   assert float(loss) == pytest.approx(float(jnp.sum(w * ell)), rel=1e-6)
   # Gradient = Σ w_i ∇ℓ_i with w held fixed (stop-gradient on the weights).
   g = jax.grad(lambda z: losses.adaptive_ascent_loss(z, labels, mask, 0.5))(logits)
-  g_fixed = jax.grad(lambda z: jnp.sum(w * losses.per_sample_cross_entropy(z, labels, mask)))(logits)
+  g_fixed = jax.grad(
+      lambda z: jnp.sum(w * losses.per_sample_cross_entropy(z, labels, mask)))(logits)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_fixed), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.asarray(g[3]), 0.0)   # padded slot
   g_w = jax.grad(lambda e: jnp.sum(losses.adaptive_ascent_weights(e, mask, 0.5)))(ell + 0.1)
   np.testing.assert_array_equal(np.asarray(g_w), 0.0)
   # λ = 0 and plain GA are the mean CE.
   ce = losses.cross_entropy(logits, labels, mask)
-  assert float(losses.adaptive_ascent_loss(logits, labels, mask, 0.0)) == pytest.approx(float(ce), rel=1e-6)
+  ga = losses.adaptive_ascent_loss(logits, labels, mask, 0.0)
+  assert float(ga) == pytest.approx(float(ce), rel=1e-6)
   assert float(losses.gradient_ascent_loss(logits, labels, mask)) == pytest.approx(float(ce))
 
 
