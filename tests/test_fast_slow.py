@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from kswap_jax import losses, train
+from kswap_jax import checkpoint, lora, losses, models, train
 from kswap_jax.optim import fast_slow as fs
 from kswap_jax.optim.fast_slow import FAST, SLOW
 
@@ -118,6 +118,11 @@ def test_reproduces_sfron_update_sequence(base, lr0, alpha, wd):
 
   tx = fs.fast_slow(lr0, T, forget_alpha=alpha, base=base, weight_decay=wd, max_norm=max_norm)
   mesh = train.make_mesh(jax.devices()[:1])
+  with jax.default_matmul_precision("highest"):   # no TF32 on GPUs: fp32 parity
+    _run_and_compare(tx, mesh, params, mask, fb, rb, want, T, nf)
+
+
+def _run_and_compare(tx, mesh, params, mask, fb, rb, want, T, nf):
   fast = train.make_train_step(forget_loss, tx, mesh, update_kwargs={"phase": FAST})
   slow = train.make_train_step(remain_loss, tx, mesh, update_kwargs={"phase": SLOW})
   state = train.create_state(jax.tree_util.tree_map(jnp.asarray, params), tx, seed=0)
@@ -303,3 +308,81 @@ def test_bfloat16_params_keep_their_dtype():
   u, state = tx.update({"w": jnp.ones(3, jnp.bfloat16)}, tx.init(params), params, phase=FAST)
   assert u["w"].dtype == jnp.bfloat16
   assert int(state.outer_count) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Any parameter tree: a BatchNorm ResNet through the mutable train step, a LoRA tree; and the
+# state (mask included) survives a checkpoint.
+
+def test_resnet_with_batchnorm_state_and_checkpoint(tmp_path):
+  cfg = models.default_config("resnet18_cifar")
+  cfg.width, cfg.stage_blocks, cfg.image_size, cfg.num_classes = 4, (1,), 8, 3
+  model = models.build(cfg)
+  variables = models.init_variables(model, cfg, jax.random.key(0))
+
+  def make_loss(stream, adaptive):
+    def loss_fn(p, frozen, batch, rng, model_state):
+      del frozen, rng
+      b = batch[stream]
+      logits, new = model.apply({"params": p, **model_state}, b["image"], train=True,
+                                mask=b["mask"], mutable=["batch_stats"])
+      if adaptive:
+        loss = losses.adaptive_ascent_loss(logits, b["label"], b["mask"])
+      else:
+        loss = losses.cross_entropy(logits, b["label"], b["mask"])
+      return loss, ({}, new)
+    return loss_fn
+
+  tx = fs.fast_slow(0.01, 4, forget_alpha=25.0)
+  mesh = train.make_mesh(jax.devices()[:1])
+  fast = train.make_train_step(make_loss("forget", True), tx, mesh, mutable=True,
+                               update_kwargs={"phase": FAST})
+  slow = train.make_train_step(make_loss("remain", False), tx, mesh, mutable=True,
+                               update_kwargs={"phase": SLOW})
+  state = train.create_state(variables["params"], tx, seed=0,
+                             model_state={"batch_stats": variables["batch_stats"]})
+  mask = jax.tree_util.tree_map(lambda p: (jnp.arange(p.size).reshape(p.shape) % 2)
+                                .astype(jnp.float32), variables["params"])
+  assert "scale" in mask["bn1"] and "bias" in mask["bn1"]
+  state = state._replace(opt_state=fs.set_mask(state.opt_state, mask))
+  r = np.random.RandomState(0)
+  batch = lambda: {"image": r.randn(4, 8, 8, 3).astype(np.float32),
+                   "label": r.randint(0, 3, 4).astype(np.int32),
+                   "mask": np.array([1, 1, 1, 0], np.float32)}
+  before = np.array(state.model_state["batch_stats"]["bn1"]["mean"])
+  state, m = fast(state, {}, {"forget": batch()}, {})
+  # The FAST step runs in train mode: forget batches update the running statistics.
+  assert not np.allclose(np.asarray(state.model_state["batch_stats"]["bn1"]["mean"]), before)
+  state, _ = slow(state, {}, {"remain": batch()}, {})
+  assert np.isfinite(m["loss"]) and int(fs.get_state(state.opt_state).outer_count) == 1
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(2, state, {"note": "fast-slow"})
+  ckpt.wait()
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), state)
+  restored, meta = ckpt.restore_latest(abstract)
+  ckpt.close()
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(fs.get_state(restored.opt_state).mask["bn1"]["scale"]),
+                                np.asarray(mask["bn1"]["scale"]))
+
+
+def test_works_on_a_lora_tree(tiny):
+  cfg, model, params = tiny
+  spec = lora.LoraSpec(rank=2)
+  tree = lora.init(params, spec, jax.random.key(1))
+  tx = fs.fast_slow(0.01, 10, forget_alpha=5.0, base="adamw", weight_decay=0.05)
+  state = fs.set_mask(tx.init(tree), jax.tree_util.tree_map(jnp.zeros_like, tree))
+  images = jnp.ones((2, cfg.image_size, cfg.image_size, cfg.channels))
+
+  def loss(t):
+    logits = lora.apply(model, params, t, images, scale=spec.scale)
+    return losses.adaptive_ascent_loss(logits, jnp.array([0, 1]))
+  g = jax.jit(jax.grad(loss))(tree)
+  u, state = jax.jit(lambda g, s, p: tx.update(g, s, p, phase=FAST))(g, state, tree)
+  # All-zero mask: the AdamW step of a zero gradient is the decoupled weight decay alone.
+  want = jax.tree_util.tree_map(lambda p: -0.01 * 0.05 * p, tree)
+  for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)

@@ -289,8 +289,9 @@ def set_mask(opt_state: Any, mask: Tree) -> Any:
     for a, b in zip(jax.tree_util.tree_leaves(state.mask), jax.tree_util.tree_leaves(mask)):
       if jnp.shape(a) != jnp.shape(b):
         raise ValueError(f"mask: a leaf has shape {jnp.shape(b)}, its parameter {jnp.shape(a)}")
+    # A fresh copy: the caller's arrays must not alias a state that a step may donate.
     new = jax.tree_util.tree_map(
-        lambda m, old: jnp.asarray(m, jnp.float32).astype(old.dtype), mask, state.mask)
+        lambda m, old: jnp.array(m, dtype=old.dtype, copy=True), mask, state.mask)
     sharding = lambda x: getattr(x, "sharding", None)
     new = jax.tree_util.tree_map(
         lambda m, old: jax.device_put(m, sharding(old)) if sharding(old) is not None else m,
