@@ -118,3 +118,95 @@ def test_bad_fields():
   cfg.stage_blocks = (2, 0)
   with pytest.raises(ConfigError, match="model.stage_blocks"):
     models.build(cfg)
+
+
+def torch_layout_state_dict(width, stage_blocks, num_classes, seed=0):
+  """A random state dict with the names and shapes of the PyTorch CIFAR ResNet."""
+  r = np.random.RandomState(seed)
+  sd = {}
+
+  def bn(name, c):
+    sd[f"{name}.weight"] = r.uniform(0.5, 1.5, c).astype(np.float32)
+    sd[f"{name}.bias"] = r.randn(c).astype(np.float32) * 0.1
+    sd[f"{name}.running_mean"] = r.randn(c).astype(np.float32) * 0.1
+    sd[f"{name}.running_var"] = r.uniform(0.5, 2.0, c).astype(np.float32)
+    sd[f"{name}.num_batches_tracked"] = np.array(7)
+
+  def conv(name, o, i, k):
+    sd[f"{name}.weight"] = (r.randn(o, i, k, k) * np.sqrt(2.0 / (i * k * k))).astype(np.float32)
+
+  conv("conv1", width, 3, 3)
+  bn("bn1", width)
+  in_planes = width
+  for s, blocks in enumerate(stage_blocks):
+    planes = width * 2 ** s
+    for b in range(blocks):
+      stride = 2 if (s > 0 and b == 0) else 1
+      p = f"layer{s + 1}.{b}"
+      conv(f"{p}.conv1", planes, in_planes, 3)
+      bn(f"{p}.bn1", planes)
+      conv(f"{p}.conv2", planes, planes, 3)
+      bn(f"{p}.bn2", planes)
+      if stride != 1 or in_planes != planes:
+        conv(f"{p}.shortcut.0", planes, in_planes, 1)
+        bn(f"{p}.shortcut.1", planes)
+      in_planes = planes
+  sd["linear.weight"] = r.randn(num_classes, in_planes).astype(np.float32) * 0.1
+  sd["linear.bias"] = r.randn(num_classes).astype(np.float32) * 0.1
+  return sd
+
+
+def torch_forward(sd, x_nchw, stage_blocks):
+  """Eval-mode forward written in PyTorch's NCHW/OIHW layout (the reference ResNet)."""
+  def conv(name, x, stride, pad):
+    return jax.lax.conv_general_dilated(x, sd[f"{name}.weight"], (stride, stride),
+                                        ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+  def bn(name, x):
+    c = lambda k: sd[f"{name}.{k}"][None, :, None, None]
+    return (x - c("running_mean")) / jnp.sqrt(c("running_var") + 1e-5) * c("weight") + c("bias")
+
+  out = jax.nn.relu(bn("bn1", conv("conv1", x_nchw, 1, 1)))
+  for s, blocks in enumerate(stage_blocks):
+    for b in range(blocks):
+      stride = 2 if (s > 0 and b == 0) else 1
+      p = f"layer{s + 1}.{b}"
+      y = jax.nn.relu(bn(f"{p}.bn1", conv(f"{p}.conv1", out, stride, 1)))
+      y = bn(f"{p}.bn2", conv(f"{p}.conv2", y, 1, 1))
+      short = (bn(f"{p}.shortcut.1", conv(f"{p}.shortcut.0", out, stride, 0))
+               if f"{p}.shortcut.0.weight" in sd else out)
+      out = jax.nn.relu(y + short)
+  feats = jnp.mean(out, axis=(2, 3))
+  return feats @ sd["linear.weight"].T + sd["linear.bias"]
+
+
+def test_torch_state_dict_import_matches_the_reference_forward():
+  cfg = tiny_cfg()
+  cfg.num_classes = 3
+  model = models.build(cfg)
+  sd = torch_layout_state_dict(cfg.width, cfg.stage_blocks, 3)
+  variables = resnet.from_torch_state_dict({"module." + k: v for k, v in sd.items()},
+                                           prefix="module.")
+  ours = jax.eval_shape(lambda k: models.init_variables(model, cfg, k), jax.random.key(0))
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(ours)
+  x = np.random.RandomState(5).randn(2, 3, 8, 8).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    want = torch_forward({k: jnp.asarray(v) for k, v in sd.items()}, x, cfg.stage_blocks)
+    got = model.apply(variables, x.transpose(0, 2, 3, 1), train=False)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="normalize.mean"):
+    resnet.from_torch_state_dict({**sd, "normalize.mean": np.zeros(3)})
+
+
+def test_torch_state_dict_of_full_resnet18_has_our_shapes():
+  cfg = models.default_config("resnet18_cifar")
+  sd = torch_layout_state_dict(64, (2, 2, 2, 2), 10)
+  assert sum(v.size for k, v in sd.items()
+             if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+             ) == 11_173_962
+  variables = resnet.from_torch_state_dict(sd)
+  ours = jax.eval_shape(lambda k: models.init_variables(models.build(cfg), cfg, k),
+                        jax.random.key(0))
+  assert (jax.tree_util.tree_map(np.shape, variables)
+          == jax.tree_util.tree_map(lambda x: x.shape, ours))

@@ -29,12 +29,14 @@ References: He et al., arXiv 1512.03385; the CIFAR layout of Fan et al., arXiv 2
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from kswap_jax.errors import ConfigError
 
@@ -190,3 +192,56 @@ def init_variables(model: ResNetCifar, model_cfg, rng) -> dict[str, Any]:
   """{"params", "batch_stats"}: random weights, running mean 0 and variance 1."""
   variables = model.init(rng, jnp.zeros(input_shape(model_cfg), jnp.float32), train=False)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+_TORCH_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+             "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"params", "batch_stats"} from a PyTorch CIFAR ResNet `state_dict` (numpy arrays).
+
+  Maps `conv1`, `bn1`, `layer{s}.{b}.{conv1,bn1,conv2,bn2}`, `layer{s}.{b}.shortcut.{0,1}`
+  and `linear` to this module's names; convolution kernels go from (O, I, H, W) to
+  (H, W, I, O) and the linear weight is transposed. `num_batches_tracked` is dropped.
+
+  Args:
+    state_dict: name -> array (e.g. `{k: v.numpy() for k, v in torch_sd.items()}`).
+    prefix: stripped from every key first (e.g. "module." of a DataParallel checkpoint).
+
+  Returns:
+    Variables for `ResNetCifar.apply`.
+
+  Raises:
+    ValueError: a key that is not part of the architecture (named in the message).
+  """
+  out: dict[str, Any] = {"params": {}, "batch_stats": {}}
+
+  def put(collection, path, value):
+    node = out[collection]
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.asarray(value, np.float32)
+
+  for key, value in state_dict.items():
+    name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    value = np.asarray(value)
+    m = re.fullmatch(r"(?:layer(\d+)\.(\d+)\.)?(conv1|conv2|bn1|bn2|shortcut\.0|shortcut\.1|"
+                     r"linear)\.(weight|bias|running_mean|running_var|num_batches_tracked)",
+                     name)
+    if m is None:
+      raise ValueError(f"state_dict: unexpected key {key!r} for a CIFAR ResNet")
+    stage, block, module, field = m.groups()
+    if field == "num_batches_tracked":
+      continue
+    scope = [f"layer{stage}_{block}"] if stage else []
+    module = {"shortcut.0": "shortcut_conv", "shortcut.1": "shortcut_bn"}.get(module, module)
+    if module == "linear":
+      put("params", ["linear", "kernel" if field == "weight" else "bias"],
+          value.T if field == "weight" else value)
+    elif module.startswith("conv") or module == "shortcut_conv":
+      put("params", scope + [module, "kernel"], value.transpose(2, 3, 1, 0))
+    else:
+      collection, leaf = _TORCH_BN[field]
+      put(collection, scope + [module, leaf], value)
+  return out
