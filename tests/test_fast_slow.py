@@ -403,3 +403,14 @@ def test_four_device_fast_slow_equals_single_device():
   assert out["param_diff"] < 1e-4 * out["moved"]
   assert out["stats_diff"] < 1e-5 and out["opt_diff"] < 1e-4
   assert out["loss_1"] == pytest.approx(out["loss_4"], rel=1e-5)
+
+
+def test_adamw_count_advances_on_both_phases():
+  tx = fs.fast_slow(0.1, 10, forget_alpha=1.0, base="adamw")
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  _, state = tx.update(params, state, params, phase=FAST)
+  _, state = tx.update(params, state, params, phase=SLOW)
+  _, state = tx.update(params, state, params, phase=SLOW)
+  adam = state.inner_state[0]
+  assert int(adam.count) == 3 and int(state.outer_count) == 2
