@@ -312,6 +312,13 @@ def test_bfloat16_params_keep_their_dtype():
   u, state = tx.update({"w": jnp.ones(3, jnp.bfloat16)}, tx.init(params), params, phase=FAST)
   assert u["w"].dtype == jnp.bfloat16
   assert int(state.outer_count) == 0
+  # With Lookahead the state keeps its dtypes across a SLOW step (no retracing, same checkpoint).
+  tx = fs.fast_slow(0.1, 10, forget_alpha=1.0, beta=0.5)
+  s0 = tx.init(params)
+  u, s1 = tx.update({"w": jnp.ones(3, jnp.bfloat16)}, s0, params, phase=SLOW)
+  assert u["w"].dtype == jnp.bfloat16
+  assert (jax.tree_util.tree_map(lambda x: x.dtype, s0)
+          == jax.tree_util.tree_map(lambda x: x.dtype, s1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,8 +73,8 @@ class FastSlowState(NamedTuple):
       shared by both phases.
     mask: float32 {0, 1} tree with the params' structure, applied to FAST gradients;
       all ones until `set_mask` installs a saliency mask.
-    anchor: the weights at the end of the previous iteration (Lookahead), only when
-      β < 1; otherwise `optax.EmptyState()`.
+    anchor: the weights at the end of the previous iteration (Lookahead, float32), only
+      when β < 1; otherwise `optax.EmptyState()`.
   """
   outer_count: jax.Array
   inner_state: Any
@@ -223,9 +223,12 @@ def fast_slow(learning_rate: float | None, total_iterations: int, *, forget_alph
 
   def init_fn(params):
     mask = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), jnp.float32), params)
-    anchor = (jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
-              if use_anchor else optax.EmptyState())
-    return FastSlowState(outer_count=jnp.zeros((), jnp.int32), inner_state=inner.init(params),
+    # float32 whatever the params' dtype, so the state's dtypes never change across steps.
+    anchor = (jax.tree_util.tree_map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True),
+                                     params) if use_anchor else optax.EmptyState())
+    # The base optimizer runs in float32 (its moments too), whatever the params' dtype.
+    inner_state = inner.init(jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params))
+    return FastSlowState(outer_count=jnp.zeros((), jnp.int32), inner_state=inner_state,
                          mask=mask, anchor=anchor)
 
   def update_fn(updates, state, params=None, *, phase=None, **extra_args):
