@@ -70,6 +70,13 @@ def ta(test_logits, test_labels) -> float:
   return top1(test_logits, test_labels)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Row-wise softmax in float64 (e.g. of `train.predict` logits, for the MIA and JS/KL)."""
+  z = np.asarray(logits, np.float64)
+  z = np.exp(z - np.max(z, axis=-1, keepdims=True))
+  return z / np.sum(z, axis=-1, keepdims=True)
+
+
 def prediction_entropy(probs: np.ndarray) -> np.ndarray:
   """H(p) = −Σ_c p_c ln p_c per row, with 0·ln 0 = 0 (uniform over 10 classes: ln 10)."""
   p = np.asarray(probs, np.float64)

@@ -74,6 +74,11 @@ def _probs(conf, labels, k=10):
   return p
 
 
+def test_softmax_rows():
+  p = metrics.softmax(np.array([[0.0, 0.0], [1000.0, 0.0], [np.log(3.0), 0.0]]))
+  np.testing.assert_allclose(p, [[0.5, 0.5], [1.0, 0.0], [0.75, 0.25]], atol=1e-12)
+
+
 def test_entropy_of_uniform():
   assert metrics.prediction_entropy(np.full((1, 10), 0.1))[0] == pytest.approx(2.302585, abs=1e-6)
   assert metrics.prediction_entropy(np.eye(3))[0] == 0.0
