@@ -90,6 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
       max_checkpoints_to_keep=2,
   ))
 
+  c.distributed = ml_collections.ConfigDict(dict(
+      # Several processes (hosts) train one model together (see docs/scaling.md). Empty
+      # fields fall back to the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+      # JAX_PROCESS_ID; with none set the run is a single process.
+      coordinator_address="",  # host:port of process 0
+      num_processes=0,
+      process_id=-1,
+      auto=False,              # jax.distributed.initialize() with cluster auto-detection
+                               # (Cloud TPU pods, SLURM, Open MPI)
+      cpu_collectives="gloo",  # collectives of CPU-only multi-process runs
+  ))
+
   c.export = ml_collections.ConfigDict(dict(merged_npz=True))
   c.debug = ml_collections.ConfigDict(dict(interrupt_at_step=0))  # simulate a kill (tests)
   return c
