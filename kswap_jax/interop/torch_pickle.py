@@ -135,6 +135,12 @@ class Inert:
     return f"Inert({self.qualname})"
 
 
+def _msg(e: BaseException) -> str:
+  """One line of at most 160 characters: the exception type and its message."""
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
 def _int(x, what: str) -> int:
   if isinstance(x, bool) or not isinstance(x, int):
     raise TorchFileError(f"tensor {what} holds {type(x).__name__}, not an int")
@@ -283,8 +289,8 @@ def _storage_array(raw: bytes, storage: _Storage, big_endian: bool) -> np.ndarra
 def _load_zip(path: str, inert: Iterable[str]) -> Any:
   try:
     archive = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
-    raise TorchFileError(f"not a readable torch zip archive ({e})") from None
+  except Exception as e:  # noqa: BLE001 - BadZipFile, NotImplementedError, ... on bad bytes
+    raise TorchFileError(f"not a readable torch zip archive ({_msg(e)})") from None
   with archive:
     names = archive.namelist()
     pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
@@ -302,9 +308,10 @@ def _load_zip(path: str, inert: Iterable[str]) -> Any:
         if record not in names:
           raise TorchFileError(f"storage record {record} is missing (truncated file)")
         storage.array = _storage_array(archive.read(record), storage, big_endian)
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, struct.error,
-            zipfile.LargeZipFile) as e:
-      raise TorchFileError(f"corrupt torch zip archive ({e})") from None
+    except (UnsafePickleError, TorchFileError):
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure to parse hostile bytes is a bad file
+      raise TorchFileError(f"corrupt torch zip archive ({_msg(e)})") from None
   return obj
 
 
@@ -329,8 +336,10 @@ def _load_legacy(path: str, inert: Iterable[str]) -> Any:
       raise TorchFileError("big-endian legacy torch files are not supported")
     unpickler, obj = next_pickle()
     _, keys = next_pickle()
-  except (EOFError, pickle.UnpicklingError, struct.error, IndexError, TypeError) as e:
-    raise TorchFileError(f"truncated or corrupt legacy torch file ({e})") from None
+  except (UnsafePickleError, TorchFileError):
+    raise
+  except Exception as e:  # noqa: BLE001 - any failure to parse hostile bytes is a bad file
+    raise TorchFileError(f"truncated or corrupt legacy torch file ({_msg(e)})") from None
   if not isinstance(keys, list):
     raise TorchFileError("legacy torch file without its list of storage keys")
   for key in keys:
@@ -376,4 +385,9 @@ def load(path: str, *, inert: Iterable[str] = ()) -> Any:
     obj = _load_legacy(path, inert)
   else:
     raise TorchFileError("neither a torch zip archive nor a legacy torch pickle")
-  return _materialize(obj)
+  try:
+    return _materialize(obj)
+  except TorchFileError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise TorchFileError(f"corrupt tensor description ({_msg(e)})") from None
