@@ -46,16 +46,16 @@ def parser() -> argparse.ArgumentParser:
                  help="whether the stored weights include the LoRA update: separate (no: "
                       "keep A/B), merged (yes: drop A/B; gslora_face default), unmerge (yes: "
                       "subtract, keep A/B), merge (no: fold A/B in)")
-  p.add_argument("--lora_alpha", type=float, default=1.0, help="loralib alpha (default 1)")
+  p.add_argument("--lora_alpha", type=float, help="loralib alpha (default 1, as in loralib)")
   p.add_argument("--lora_file", help="our OUT.lora.npz to merge (with --layout vit_jax)")
   p.add_argument("--pool", choices=("tok", "gap"), help="big_vision pooling (inferred if cls)")
-  p.add_argument("--posemb", default="learn", choices=("learn", "sincos2d"),
-                 help="big_vision position embedding")
+  p.add_argument("--posemb", choices=("learn", "sincos2d"),
+                 help="big_vision position embedding (default learn)")
   p.add_argument("--image_size", type=int, help="input size (big_vision --posemb sincos2d)")
   p.add_argument("--num_classes", type=int, help="zero head size for a big_vision file without one")
-  p.add_argument("--face_head", default="cosface", choices=layouts.FACE_HEADS,
-                 help="gslora_face head type (loss.weight): cosface or softmax")
-  p.add_argument("--channels", type=int, default=3, help="image channels (gslora_face)")
+  p.add_argument("--face_head", choices=layouts.FACE_HEADS,
+                 help="gslora_face head type of loss.weight (default cosface)")
+  p.add_argument("--channels", type=int, help="image channels (gslora_face; default 3)")
   p.add_argument("--prefix", help="key prefix of the state dict in the file (e.g. 'module.'); "
                                   "found automatically when unique")
   p.add_argument("--inert", action="append", default=[], metavar="MODULE.NAME",
@@ -92,6 +92,8 @@ def run(argv: list[str] | None = None) -> int:
   options = dict(num_heads=args.num_heads, lora=args.lora, lora_alpha=args.lora_alpha,
                  pool=args.pool, posemb=args.posemb, image_size=args.image_size,
                  num_classes=args.num_classes, face_head=args.face_head, channels=args.channels)
+  if args.lora_file:
+    options.pop("lora_alpha")  # it scales the tree of --lora_file, not one in SRC
   conv = interop.convert(args.src, args.layout, prefix=args.prefix, inert=args.inert, **options)
   if args.lora_file:
     if conv.lora:
@@ -101,7 +103,7 @@ def run(argv: list[str] | None = None) -> int:
     missing = [k[:-2] for k in lora if k.endswith("/a") and k[:-2] + "/kernel" not in conv.params]
     if missing:
       raise ValueError(f"lora_file: {args.lora_file}: module {missing[0]} has no kernel in {args.src}")
-    conv = conv._replace(lora=lora, lora_alpha=args.lora_alpha,
+    conv = conv._replace(lora=lora, lora_alpha=args.lora_alpha or 1.0,
                          notes=conv.notes + [f"LoRA from {args.lora_file}"])
   if args.to == "ours":
     written = interop.save(conv, args.out)

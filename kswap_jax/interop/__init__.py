@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import struct
@@ -132,8 +133,9 @@ def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterabl
     prefix: the key prefix of the state dict inside the file ("module.", "model.", ...);
       found from the layout's patch-embedding key when None.
     inert: see `read`.
-    **options: the layout's arguments: num_heads, lora (one of `LORA_MODES`), lora_alpha,
-      pool, posemb, image_size, num_classes, face_head, channels (see `layouts`).
+    **options: the layout's own arguments (see `layouts`): num_heads, and per layout lora
+      (one of `LORA_MODES`), lora_alpha, pool, posemb, image_size, num_classes, face_head,
+      channels. None means "not given"; an option the layout does not take is an error.
 
   Returns:
     A `Converted`; `ignored` also lists the keys outside the prefix and non-tensor entries.
@@ -147,6 +149,11 @@ def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterabl
   if not tensors:
     raise ValueError(f"{path}: no tensors under prefix {prefix!r}")
   options = {k: v for k, v in options.items() if v is not None}
+  accepted = inspect.signature(LAYOUTS[layout]).parameters
+  for name in options:
+    if name not in accepted:
+      takes = ", ".join(n for n in accepted if n != "tensors")
+      raise ValueError(f"{name}: the {layout} layout takes no {name} option (it takes: {takes})")
   try:
     conv = LAYOUTS[layout](tensors, **options)
   except ValueError as e:

@@ -257,9 +257,8 @@ ATTN = "MultiHeadDotProductAttention_1"
 # ----------------------------------------------------------------------------------------------
 # vit_jax / AugReg.
 
-def vit_jax(tensors: dict[str, Any], *, num_heads: int | None = None, **unused) -> Converted:
+def vit_jax(tensors: dict[str, Any], *, num_heads: int | None = None) -> Converted:
   """vit_jax / AugReg `.npz`: names are ours; checks shapes and reports extra keys."""
-  del unused
   src = _Source(tensors, "vit_jax")
   kernel = src.take("embedding/kernel")
   if kernel.ndim != 4:
@@ -341,7 +340,7 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
 
 def big_vision(tensors: dict[str, Any], *, num_heads: int | None = None, pool: str | None = None,
                posemb: str = "learn", image_size: int | None = None,
-               num_classes: int | None = None, **unused) -> Converted:
+               num_classes: int | None = None) -> Converted:
   """big_vision ViT `.npz` (learned or sincos2d posemb; tok or gap pooling; scanned or not).
 
   Args:
@@ -354,7 +353,6 @@ def big_vision(tensors: dict[str, Any], *, num_heads: int | None = None, pool: s
     image_size: the input resolution, needed only with posemb="sincos2d".
     num_classes: only for checkpoints without a `head`: a zero head of this many classes.
   """
-  del unused
   src = _Source(tensors, "big_vision")
   if any(k.startswith("MAPHead_0/") for k in tensors):
     raise ValueError("pool: the checkpoint has a MAPHead (attention pooling), which our ViT "
@@ -382,7 +380,6 @@ def big_vision(tensors: dict[str, Any], *, num_heads: int | None = None, pool: s
     stacked = {k[len("Transformer/encoderblock/"):]: src.take(k) for k in tensors
                if k.startswith("Transformer/encoderblock/")}
     depth = stacked["LayerNorm_0/scale"].shape[0] if "LayerNorm_0/scale" in stacked else 0
-    blocks = []
     for rest, x in stacked.items():
       if x.ndim == 0 or x.shape[0] != depth:
         raise ValueError(f"source: Transformer/encoderblock/{rest} has shape {x.shape}, expected "
@@ -407,7 +404,13 @@ def big_vision(tensors: dict[str, Any], *, num_heads: int | None = None, pool: s
   qkv_bias = f"{_block(0)}/{ATTN}/query/bias" in params
   if posemb == "learn":
     pe = src.take("pos_embedding")
-    grid = _grid(pe.shape[1], "pos_embedding")
+    tokens = pe.shape[1]
+    if pool == "tok" and math.isqrt(tokens - 1) ** 2 == tokens - 1:
+      # Pre-2022 big_vision: cls concatenated first, posemb with a cls slot, as ours.
+      grid = _grid(tokens - 1, "pos_embedding")
+      notes.append("pos_embedding already has a cls slot (old big_vision layout)")
+    else:
+      grid = _grid(tokens, "pos_embedding")
   elif posemb == "sincos2d":
     if not image_size:
       raise ValueError("image_size: posemb=sincos2d needs the input resolution (--image_size)")
@@ -420,8 +423,9 @@ def big_vision(tensors: dict[str, Any], *, num_heads: int | None = None, pool: s
     raise ValueError(f"posemb: {posemb!r} (expected learn or sincos2d)")
   if pool == "tok":
     params["cls"] = src.take("cls", (1, 1, width))
-    # big_vision adds the posemb before prepending cls: a zero posemb slot for cls is the same.
-    pe = np.concatenate([np.zeros((1, 1, width), np.float32), pe], axis=1)
+    if pe.shape[1] == grid * grid:
+      # big_vision adds the posemb before prepending cls: a zero posemb slot for cls is the same.
+      pe = np.concatenate([np.zeros((1, 1, width), np.float32), pe], axis=1)
   params["Transformer/posembed_input/pos_embedding"] = pe
   params["Transformer/encoder_norm/scale"] = src.take("Transformer/encoder_norm/scale", (width,))
   params["Transformer/encoder_norm/bias"] = src.take("Transformer/encoder_norm/bias", (width,))
@@ -473,7 +477,7 @@ _TIMM_UNSUPPORTED = {
 
 
 def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | None = None,
-         lora_alpha: float = 1.0, **unused) -> Converted:
+         lora_alpha: float = 1.0) -> Converted:
   """timm `VisionTransformer` state dict (class token, learned posemb, token pooling).
 
   Args:
@@ -482,7 +486,6 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
     lora: what to do with loralib A/B if present (see `LORA_MODES`); required when present.
     lora_alpha: loralib alpha (scale = alpha / r), default 1 as in loralib.
   """
-  del unused
   src = _Source(tensors, "timm")
   for pattern, what in _TIMM_UNSUPPORTED.items():
     hit = next((k for k in tensors if re.fullmatch(pattern, k)), None)
@@ -565,7 +568,7 @@ def _merged_linear_lora(src: _Source, lr: _Lora, key: str, block: str, width: in
 # Knowledge Swapping (ViT-pytorch layout).
 
 def ks_vit(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | None = None,
-           lora_alpha: float = 1.0, **unused) -> Converted:
+           lora_alpha: float = 1.0) -> Converted:
   """The ViT-pytorch (jeonsworld) layout used by the Knowledge Swapping release.
 
   Keys: `transformer.embeddings.{patch_embeddings, position_embeddings, cls_token}`,
@@ -579,7 +582,6 @@ def ks_vit(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str |
     lora: what to do with A/B if present (see `LORA_MODES`); required when present.
     lora_alpha: loralib alpha, 1 in the release (scale 1/8 at r = 8).
   """
-  del unused
   src = _Source(tensors, "ks_vit")
   e = "transformer.embeddings"
   conv = src.take(f"{e}.patch_embeddings.weight")
@@ -634,7 +636,7 @@ FACE_HEADS = ("cosface", "softmax")
 
 def gslora_face(tensors: dict[str, Any], *, num_heads: int | None = None,
                 lora: str | None = "merged", lora_alpha: float = 1.0, face_head: str = "cosface",
-                channels: int = 3, **unused) -> Converted:
+                channels: int = 3) -> Converted:
   """GS-LoRA's `ViT_face` (lucidrains-style blocks, fused bias-free qkv, CosFace `loss`).
 
   Keys: `patch_to_embedding` (Linear on (p1, p2, c)-ordered patches), `cls_token`,
@@ -655,7 +657,6 @@ def gslora_face(tensors: dict[str, Any], *, num_heads: int | None = None,
       and cannot be told from CosFace by shapes, hence the argument.
     channels: image channels, to split the patch Linear's input p·p·c (3 for RGB).
   """
-  del unused
   if face_head not in FACE_HEADS:
     raise ValueError(f"face_head: {face_head!r} (expected one of {', '.join(FACE_HEADS)})")
   src = _Source(tensors, "gslora_face")

@@ -173,3 +173,11 @@ def _face_file(tmp_path):
   path = tmp_path / "face.pth"
   tw.save_zip(tw.state_dict(S.face_state()), path)
   return path
+
+
+def test_options_a_layout_does_not_take_are_errors(tmp_path, capsys):
+  timm = _timm_file(tmp_path)
+  err = _bad(tmp_path, capsys, timm, "--layout", "timm", "--num_heads", 4, "--pool", "gap")
+  assert "pool: the timm layout takes no pool option" in err
+  with pytest.raises(ValueError, match="face_head: the ks_vit layout takes no face_head"):
+    interop.convert(str(timm), "ks_vit", num_heads=4, face_head="cosface")

@@ -211,3 +211,16 @@ def test_torch_forward_matches_when_torch_is_installed(tmp_path):
   x = F.layer_norm(x, (S.WIDTH,), t["norm.weight"], t["norm.bias"], 1e-6)[:, 0]
   want = F.linear(x, t["head.weight"], t["head.bias"]).numpy()
   _close(_ours(conv, tmp_path / "o.npz", images), want)
+
+
+def test_big_vision_pre_2022_posemb_with_cls_slot(tmp_path):
+  p = S.big_vision_params(pool="tok")
+  np.savez(tmp_path / "new.npz", **p)
+  old = dict(p, pos_embedding=np.concatenate([np.zeros((1, 1, S.WIDTH), np.float32),
+                                              p["pos_embedding"]], axis=1))
+  np.savez(tmp_path / "old.npz", **old)
+  a = interop.convert(str(tmp_path / "new.npz"), "big_vision")
+  b = interop.convert(str(tmp_path / "old.npz"), "big_vision")
+  for k in a.params:
+    np.testing.assert_array_equal(a.params[k], b.params[k])
+  assert any("cls slot" in n for n in b.notes)
