@@ -503,7 +503,7 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
   flat: dict[str, np.ndarray] = {}
   _put(flat, "embedding", {"kernel": conv.transpose(2, 3, 1, 0),
                            "bias": src.take("patch_embed.proj.bias", (width,))})
-  _put(flat, "", {"cls": src.take("cls_token", (1, 1, width))})
+  flat["cls"] = src.take("cls_token", (1, 1, width))
   pos = src.take("pos_embed")
   if pos.ndim != 3 or pos.shape[2] != width:
     raise ValueError(f"source: pos_embed has shape {pos.shape}, expected (1, tokens, {width})")
@@ -538,7 +538,6 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
     _put(flat, "pre_logits", _dense(src, "pre_logits.fc", width, rep))
   num_classes = src.take("head.weight").shape[0]
   _put(flat, "head", _dense(src, "head", rep or width, num_classes))
-  flat = {k.lstrip("/"): v for k, v in flat.items()}
   lora_tree = lr.resolve(flat, notes)
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,

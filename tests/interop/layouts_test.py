@@ -224,3 +224,15 @@ def test_big_vision_pre_2022_posemb_with_cls_slot(tmp_path):
   for k in a.params:
     np.testing.assert_array_equal(a.params[k], b.params[k])
   assert any("cls slot" in n for n in b.notes)
+
+
+def test_half_and_bfloat16_checkpoints_convert_to_float32(tmp_path):
+  import ml_dtypes
+  for dtype in (np.float16, ml_dtypes.bfloat16):
+    sd = collections.OrderedDict((k, v.astype(dtype)) for k, v in S.ks_vit_state().items())
+    tw.save_zip(tw.state_dict(sd), tmp_path / "m.pth")
+    conv = interop.convert(str(tmp_path / "m.pth"), "ks_vit", num_heads=S.HEADS)
+    k = conv.params["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
+    assert k.dtype == np.float32
+    np.testing.assert_array_equal(k, sd["transformer.encoder.layer.0.ffn.fc1.weight"].astype(
+        np.float32).T)
