@@ -1,6 +1,6 @@
 """Convert a checkpoint from another code base to ours (or export ours back), without torch.
 
-    python -m kswap_jax.convert SRC --layout {vit_jax,big_vision,timm,ks_vit,gslora_face} \\
+    python -m kswap_jax.convert SRC --layout {vit_jax,big_vision,timm,ks_vit,gslora_face,torchvision} \\
         --out OUT.npz [--num_heads N] [--lora MODE] [...]
 
 writes OUT.npz in our (vit_jax-named) layout, and OUT.lora.npz when the source holds a

@@ -19,6 +19,8 @@ Layouts (`LAYOUTS`):
                (`transformer.encoder.layer.{i}...`), with loralib A/B on any Linear.
   gslora_face  GS-LoRA's Face Transformer `ViT_face` (`transformer.layers.{i}.{0,1}.fn...`),
                its CosFace `loss.weight`, loralib A/B on the FFN (and on qkv in the ablation).
+  torchvision  torchvision's `VisionTransformer` (`vit_b_16`: `encoder.layers.encoder_layer_{i}`,
+               fused `in_proj_weight`), GS-LoRA's ImageNet backbone, loralib A/B on the MLP.
 
 PyTorch Linear weights (out, in) become kernels (in, out); attention projections are
 reshaped to flax's (width, heads, head_dim) and (heads, head_dim, width); convolutions
@@ -713,16 +715,87 @@ def gslora_face(tensors: dict[str, Any], *, num_heads: int | None = None,
   return src.finish(flat, lora_tree, model, lora_alpha, notes)
 
 
+# ----------------------------------------------------------------------------------------------
+# torchvision VisionTransformer (GS-LoRA's ImageNet-100 ViT-B/16).
+
+def torchvision(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | None = None,
+                lora_alpha: float = 1.0) -> Converted:
+  """torchvision `vit_b_16`-style state dict (GS-LoRA's ImageNet ViT-B/16 backbone).
+
+  Keys: `conv_proj`, `class_token`, `encoder.pos_embedding`,
+  `encoder.layers.encoder_layer_{i}.{ln_1, self_attention.{in_proj_weight, in_proj_bias,
+  out_proj}, ln_2, mlp.{0,3}}` (older files: `mlp.linear_1/linear_2`), `encoder.ln`,
+  `heads.head` (and `heads.pre_logits` with a tanh representation layer); loralib A/B on
+  the MLP Linears as GS-LoRA's `replace_ffn_with_lora` puts them.
+
+  Args:
+    tensors: flat "."-joined state-dict keys.
+    num_heads: attention heads (required; 12 for ViT-B/16).
+    lora: what to do with A/B if present (see `LORA_MODES`); required when present.
+    lora_alpha: loralib alpha (1 in GS-LoRA).
+  """
+  src = _Source(tensors, "torchvision")
+  conv = src.take("conv_proj.weight")
+  if conv.ndim != 4:
+    raise ValueError(f"source: conv_proj.weight has shape {conv.shape}, expected OIHW")
+  width, channels, patch, _ = conv.shape
+  heads = _heads(num_heads, width, "torchvision")
+  layer = "encoder.layers.encoder_layer_"
+  depth = len(src.indices(r"encoder\.layers\.encoder_layer_(\d+)\..*"))
+  fc = ("mlp.0", "mlp.3") if src.has(f"{layer}0.mlp.0.weight") else ("mlp.linear_1", "mlp.linear_2")
+  mlp_dim = src.take(f"{layer}0.{fc[0]}.weight").shape[0]
+  lr = _Lora(src, lora, lora_alpha, None)
+  flat: dict[str, np.ndarray] = {}
+  _put(flat, "embedding", {"kernel": conv.transpose(2, 3, 1, 0),
+                           "bias": src.take("conv_proj.bias", (width,))})
+  flat["cls"] = src.take("class_token", (1, 1, width))
+  pos = src.take("encoder.pos_embedding")
+  grid = _grid(pos.shape[1] - 1, "encoder.pos_embedding")
+  flat["Transformer/posembed_input/pos_embedding"] = src.take(
+      "encoder.pos_embedding", (1, grid * grid + 1, width))
+  for i in range(depth):
+    t, b = f"{layer}{i}", _block(i)
+    _put(flat, f"{b}/LayerNorm_0", _norm(src, f"{t}.ln_1", width))
+    qkv = src.take(f"{t}.self_attention.in_proj_weight", (3 * width, width))
+    bias = src.take(f"{t}.self_attention.in_proj_bias", (3 * width,))
+    for j, m in enumerate(("query", "key", "value")):
+      rows = slice(j * width, (j + 1) * width)
+      _put(flat, f"{b}/{ATTN}/{m}", _attn_in(qkv[rows], bias[rows], heads))
+    _put(flat, f"{b}/{ATTN}/out", _attn_out(
+        src.take(f"{t}.self_attention.out_proj.weight", (width, width)),
+        src.take(f"{t}.self_attention.out_proj.bias", (width,)), heads))
+    _put(flat, f"{b}/LayerNorm_2", _norm(src, f"{t}.ln_2", width))
+    _put(flat, f"{b}/MlpBlock_3/Dense_0", _dense(src, f"{t}.{fc[0]}", width, mlp_dim))
+    lr.find(f"{t}.{fc[0]}", f"{b}/MlpBlock_3/Dense_0")
+    _put(flat, f"{b}/MlpBlock_3/Dense_1", _dense(src, f"{t}.{fc[1]}", mlp_dim, width))
+    lr.find(f"{t}.{fc[1]}", f"{b}/MlpBlock_3/Dense_1")
+  _put(flat, "Transformer/encoder_norm", _norm(src, "encoder.ln", width))
+  rep = 0
+  if src.has("heads.pre_logits.weight"):
+    rep = src.take("heads.pre_logits.weight").shape[0]
+    _put(flat, "pre_logits", _dense(src, "heads.pre_logits", width, rep))
+  num_classes = src.take("heads.head.weight").shape[0]
+  _put(flat, "head", _dense(src, "heads.head", rep or width, num_classes))
+  notes: list[str] = []
+  lora_tree = lr.resolve(flat, notes)
+  model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+                       patch=patch, num_classes=num_classes, image_size=grid * patch,
+                       channels=channels, representation_size=rep, qkv_bias=True,
+                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu_approximate=False,
+                       pool="cls", head="linear")
+  return src.finish(flat, lora_tree, model, lora_alpha, notes)
+
+
 LAYOUTS: dict[str, Callable[..., Converted]] = {
     "vit_jax": vit_jax, "big_vision": big_vision, "timm": timm, "ks_vit": ks_vit,
-    "gslora_face": gslora_face,
+    "gslora_face": gslora_face, "torchvision": torchvision,
 }
 
 # A key each torch-style layout must have, to find the state dict inside a larger checkpoint.
 ANCHORS = {
     "vit_jax": "embedding/kernel", "big_vision": "embedding/kernel",
     "timm": "patch_embed.proj.weight", "ks_vit": "transformer.embeddings.patch_embeddings.weight",
-    "gslora_face": "patch_to_embedding.weight",
+    "gslora_face": "patch_to_embedding.weight", "torchvision": "conv_proj.weight",
 }
 
 

@@ -199,3 +199,23 @@ def big_vision_forward(params, images, pool):
   x = layer_norm(x, g("Transformer/encoder_norm/scale"), g("Transformer/encoder_norm/bias"), 1e-6)
   x = x[:, 0] if pool == "tok" else x.mean(1)
   return x @ g("head/kernel") + g("head/bias")
+
+
+def torchvision_forward(sd, images, heads, alpha=1.0):
+  """torchvision VisionTransformer: cls concatenated, then `encoder.pos_embedding` added;
+  nn.MultiheadAttention with in_proj rows [q; k; v]; LayerNorm eps 1e-6; exact GELU."""
+  x = conv_patches(images, _f(sd, "conv_proj.weight"), _f(sd, "conv_proj.bias"))
+  n, _, w = x.shape
+  x = np.concatenate([np.broadcast_to(_f(sd, "class_token"), (n, 1, w)), x], 1)
+  x = x + _f(sd, "encoder.pos_embedding")
+  layers = {k.split(".")[2] for k in sd if k.startswith("encoder.layers.")}
+  for i in range(len(layers)):
+    t = f"encoder.layers.encoder_layer_{i}"
+    y = layer_norm(x, _f(sd, f"{t}.ln_1.weight"), _f(sd, f"{t}.ln_1.bias"), 1e-6)
+    qkv = y @ _f(sd, f"{t}.self_attention.in_proj_weight").T + _f(sd, f"{t}.self_attention.in_proj_bias")
+    q, k, v = np.split(qkv, 3, axis=-1)
+    x = x + linear(attention(q, k, v, heads, (w // heads) ** -0.5), sd, f"{t}.self_attention.out_proj")
+    y = layer_norm(x, _f(sd, f"{t}.ln_2.weight"), _f(sd, f"{t}.ln_2.bias"), 1e-6)
+    x = x + lora_linear(gelu(lora_linear(y, sd, f"{t}.mlp.0", alpha)), sd, f"{t}.mlp.3", alpha)
+  x = layer_norm(x, _f(sd, "encoder.ln.weight"), _f(sd, "encoder.ln.bias"), 1e-6)[:, 0]
+  return linear(x, sd, "heads.head")

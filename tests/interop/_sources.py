@@ -164,3 +164,28 @@ def unscan(params):
     else:
       out[k] = v
   return out
+
+
+def torchvision_state(seed=5, lora=False):
+  r = _Rng(seed)
+  layer = "encoder.layers.encoder_layer_"
+  sd = collections.OrderedDict()
+  sd["class_token"] = r.w(1, 1, WIDTH, scale=0.5)
+  sd["conv_proj.weight"] = r.w(WIDTH, 3, PATCH, PATCH, scale=0.2)
+  sd["conv_proj.bias"] = r.w(WIDTH, scale=0.1)
+  sd["encoder.pos_embedding"] = r.w(1, TOKENS + 1, WIDTH, scale=0.5)
+  for i in range(DEPTH):
+    t = f"{layer}{i}"
+    sd[f"{t}.ln_1.weight"], sd[f"{t}.ln_1.bias"] = r.ln(WIDTH)
+    sd[f"{t}.self_attention.in_proj_weight"] = r.w(3 * WIDTH, WIDTH)
+    sd[f"{t}.self_attention.in_proj_bias"] = r.w(3 * WIDTH, scale=0.1)
+    sd[f"{t}.self_attention.out_proj.weight"] = r.w(WIDTH, WIDTH)
+    sd[f"{t}.self_attention.out_proj.bias"] = r.w(WIDTH, scale=0.1)
+    sd[f"{t}.ln_2.weight"], sd[f"{t}.ln_2.bias"] = r.ln(WIDTH)
+    for fc, (n_in, n_out) in (("mlp.0", (WIDTH, MLP)), ("mlp.3", (MLP, WIDTH))):
+      sd[f"{t}.{fc}.weight"], sd[f"{t}.{fc}.bias"] = r.w(n_out, n_in), r.w(n_out, scale=0.1)
+      if lora:
+        sd[f"{t}.{fc}.lora_A"], sd[f"{t}.{fc}.lora_B"] = r.w(RANK, n_in), r.w(n_out, RANK, scale=0.5)
+  sd["encoder.ln.weight"], sd["encoder.ln.bias"] = r.ln(WIDTH)
+  sd["heads.head.weight"], sd["heads.head.bias"] = r.w(CLASSES, WIDTH), r.w(CLASSES, scale=0.1)
+  return sd

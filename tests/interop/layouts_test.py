@@ -236,3 +236,14 @@ def test_half_and_bfloat16_checkpoints_convert_to_float32(tmp_path):
     assert k.dtype == np.float32
     np.testing.assert_array_equal(k, sd["transformer.encoder.layer.0.ffn.fc1.weight"].astype(
         np.float32).T)
+
+
+@pytest.mark.parametrize("mode", ["separate", "merge"])
+def test_torchvision_vit_with_gslora_ffn_lora(tmp_path, mode):
+  sd = S.torchvision_state(lora=True)
+  src = tmp_path / "vit_b16.pth"
+  tw.save_zip(tw.state_dict(sd), src)
+  conv = interop.convert(str(src), "torchvision", num_heads=S.HEADS, lora=mode)
+  assert not conv.ignored and bool(conv.lora) == (mode == "separate")
+  images = _images()
+  _close(_ours(conv, tmp_path / "o.npz", images), ref.torchvision_forward(sd, images, S.HEADS))
