@@ -99,7 +99,7 @@ def read(path: str, *, inert: Iterable[str] = ()) -> dict[str, Any]:
 
 
 def _select(tensors: dict[str, Any], layout: str, prefix: str | None
-            ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+            ) -> tuple[dict[str, Any], dict[str, str], list[str], str]:
   """Keeps the keys under `prefix` (found from the layout's anchor key when None)."""
   notes = []
   if prefix is None:
@@ -120,7 +120,16 @@ def _select(tensors: dict[str, Any], layout: str, prefix: str | None
       ignored[k] = f"not a tensor ({type(v).__name__})"
     else:
       kept[k[len(prefix):]] = v
-  return kept, ignored, notes
+  return kept, ignored, notes, prefix
+
+
+def _guess(tensors: dict[str, Any], layout: str) -> str:
+  """' (its keys look like the X layout)' when another layout's anchor key is present."""
+  others = [name for name, anchor in layouts.ANCHORS.items()
+            if name != layout and any(k.endswith(anchor) for k in tensors)]
+  if not others or set(others) == {"vit_jax", "big_vision"} and layout in others:
+    return ""
+  return f" (its keys look like the {' or '.join(others)} layout)"
 
 
 def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterable[str] = (),
@@ -145,7 +154,8 @@ def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterabl
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout: unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
-  tensors, ignored, notes = _select(read(path, inert=inert), layout, prefix)
+  everything = read(path, inert=inert)
+  tensors, ignored, notes, prefix = _select(everything, layout, prefix)
   if not tensors:
     raise ValueError(f"{path}: no tensors under prefix {prefix!r}")
   options = {k: v for k, v in options.items() if v is not None}
@@ -157,8 +167,13 @@ def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterabl
   try:
     conv = LAYOUTS[layout](tensors, **options)
   except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
-  return conv._replace(ignored={**ignored, **conv.ignored}, notes=notes + conv.notes)
+    hint = _guess(everything, layout) if "not a" in str(e) else ""
+    raise ValueError(f"{path}: {e}{hint}") from None
+  # Report the file's own key names (with the prefix) for everything used or ignored.
+  return conv._replace(
+      used=[prefix + k for k in conv.used],
+      ignored={**ignored, **{prefix + k: why for k, why in conv.ignored.items()}},
+      notes=notes + conv.notes)
 
 
 def lora_path(out: str) -> str:

@@ -115,11 +115,15 @@ class _Source:
         self.ignored.items())), notes)
 
 
+_HEADS_EXAMPLE = {"gslora_face": "8 for GS-LoRA's Face Transformer",
+                  "timm": "6 for ViT-S, 12 for ViT-B"}
+
+
 def _heads(num_heads: int | None, width: int, layout: str) -> int:
   if num_heads is None:
     raise ValueError(f"num_heads: the {layout} layout stores attention as square or fused "
                      f"matrices, so the number of heads cannot be read from shapes; pass it "
-                     f"(e.g. --num_heads 12 for ViT-B)")
+                     f"(e.g. --num_heads {_HEADS_EXAMPLE.get(layout, '12 for ViT-B')})")
   if num_heads <= 0 or width % num_heads:
     raise ValueError(f"num_heads: {num_heads} does not divide the width {width}")
   return int(num_heads)

@@ -69,7 +69,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
   assert "num_heads" in err and "cannot be read from shapes" in err
   assert "does not divide" in _bad(tmp_path, capsys, timm, "--layout", "timm", "--num_heads", 5)
   err = _bad(tmp_path, capsys, timm, "--layout", "ks_vit", "--num_heads", 4)
-  assert "not a ks_vit checkpoint" in err
+  assert "not a ks_vit checkpoint" in err and "its keys look like the timm layout" in err
   err = _bad(tmp_path, capsys, timm, "--layout", "gslora_face", "--num_heads", 4)
   assert "not a gslora_face checkpoint" in err
   # Shape mismatch: one block's fc2 has the wrong input size.
