@@ -1,7 +1,7 @@
 """Convert a checkpoint from another code base to ours (or export ours back), without torch.
 
-    python -m kswap_jax.convert SRC --layout {vit_jax,big_vision,timm,ks_vit,gslora_face,torchvision} \\
-        --out OUT.npz [--num_heads N] [--lora MODE] [...]
+    python -m kswap_jax.convert SRC --out OUT.npz [--num_heads N] [--lora MODE] [...] \\
+        --layout {vit_jax,big_vision,timm,ks_vit,gslora_face,torchvision}
 
 writes OUT.npz in our (vit_jax-named) layout, and OUT.lora.npz when the source holds a
 LoRA that is kept, then prints a summary: parameter counts, the LoRA found and what was
@@ -102,7 +102,8 @@ def run(argv: list[str] | None = None) -> int:
       lora = {k: np.asarray(f[k], np.float32) for k in f.files}
     missing = [k[:-2] for k in lora if k.endswith("/a") and k[:-2] + "/kernel" not in conv.params]
     if missing:
-      raise ValueError(f"lora_file: {args.lora_file}: module {missing[0]} has no kernel in {args.src}")
+      raise ValueError(f"lora_file: {args.lora_file}: module {missing[0]} has no kernel in "
+                       f"{args.src}")
     conv = conv._replace(lora=lora, lora_alpha=args.lora_alpha or 1.0,
                          notes=conv.notes + [f"LoRA from {args.lora_file}"])
   if args.to == "ours":

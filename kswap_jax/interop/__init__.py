@@ -95,7 +95,8 @@ def read(path: str, *, inert: Iterable[str] = ()) -> dict[str, Any]:
           safetensors_file.SafetensorsError) as e:
     raise type(e)(f"{path}: {e}") from None
   except (ValueError, OSError, EOFError, zipfile.BadZipFile, struct.error) as e:
-    raise ValueError(f"{path}: cannot read as {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    why = " ".join(str(e).split())[:160] or type(e).__name__
+    raise ValueError(f"{path}: cannot read as {kind} ({why})") from None
 
 
 def _select(tensors: dict[str, Any], layout: str, prefix: str | None

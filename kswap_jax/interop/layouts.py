@@ -834,11 +834,13 @@ def to_timm(params: dict[str, np.ndarray], model: dict[str, Any] | None = None
          "patch_embed.proj.bias": p["embedding/bias"],
          "norm.weight": p["Transformer/encoder_norm/scale"],
          "norm.bias": p["Transformer/encoder_norm/bias"]}
-  depth = len({int(m.group(1)) for k in p if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
+  block = re.compile(r"Transformer/encoderblock_(\d+)/")
+  depth = len({int(m.group(1)) for k in p if (m := block.match(k))})
   for i in range(depth):
     b, t = _block(i), f"blocks.{i}"
-    out[f"{t}.norm1.weight"], out[f"{t}.norm1.bias"] = p[f"{b}/LayerNorm_0/scale"], p[f"{b}/LayerNorm_0/bias"]
-    out[f"{t}.norm2.weight"], out[f"{t}.norm2.bias"] = p[f"{b}/LayerNorm_2/scale"], p[f"{b}/LayerNorm_2/bias"]
+    for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+      out[f"{t}.{norm}.weight"] = p[f"{b}/{ln}/scale"]
+      out[f"{t}.{norm}.bias"] = p[f"{b}/{ln}/bias"]
     qkv = [p[f"{b}/{ATTN}/{m}/kernel"] for m in ("query", "key", "value")]
     width = qkv[0].shape[0]
     out[f"{t}.attn.qkv.weight"] = np.concatenate([k.reshape(width, -1).T for k in qkv])
@@ -852,6 +854,7 @@ def to_timm(params: dict[str, np.ndarray], model: dict[str, Any] | None = None
       out[f"{t}.mlp.{fc}.weight"] = p[f"{b}/MlpBlock_3/Dense_{j}/kernel"].T
       out[f"{t}.mlp.{fc}.bias"] = p[f"{b}/MlpBlock_3/Dense_{j}/bias"]
   if "pre_logits/kernel" in p:
-    out["pre_logits.fc.weight"], out["pre_logits.fc.bias"] = p["pre_logits/kernel"].T, p["pre_logits/bias"]
+    out["pre_logits.fc.weight"] = p["pre_logits/kernel"].T
+    out["pre_logits.fc.bias"] = p["pre_logits/bias"]
   out["head.weight"], out["head.bias"] = p["head/kernel"].T, p["head/bias"]
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}

@@ -6,7 +6,7 @@ arbitrary commands. This reader uses a `pickle.Unpickler` whose `find_class` adm
 handful of globals a state dict needs and maps each to an inert numpy stand-in:
 
     collections.OrderedDict                      -> OrderedDict (plain container)
-    torch._utils._rebuild_tensor_v2              -> a view description (storage, offset, size, stride)
+    torch._utils._rebuild_tensor_v2              -> a view (storage, offset, size, stride)
     torch._utils._rebuild_parameter[_with_state] -> the same tensor
     torch._tensor._rebuild_from_type_v2          -> the tensor (subclass type ignored)
     torch.{Float,Double,Half,BFloat16,Long,Int,Short,Char,Byte,Bool}Storage, torch.UntypedStorage
