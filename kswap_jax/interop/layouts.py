@@ -31,6 +31,16 @@ What shapes cannot tell (the number of heads of a fused or square projection, wh
 stored weights already include the LoRA update, big_vision's pooling when there is no CLS
 token, the face head's margin type) is an argument; a missing or inconsistent one raises
 `ValueError` naming it.
+
+Example:
+  >>> conv = layouts.timm(interop.read("vit_small.safetensors"), num_heads=6)
+  >>> conv.params["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape
+  (384, 6, 64)
+
+References: Dosovitskiy et al., arXiv 2010.11929 (ViT); Steiner et al., arXiv 2106.10270
+(AugReg); Hu et al., arXiv 2106.09685 (LoRA, loralib); Xing et al., arXiv 2502.08075
+(Knowledge Swapping); Zhao et al., arXiv 2403.11530 (GS-LoRA); Zhong & Deng, arXiv
+2103.14803 (Face Transformer).
 """
 
 from __future__ import annotations
