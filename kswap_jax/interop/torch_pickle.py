@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -65,6 +66,9 @@ STORAGE_DTYPES = {
 }
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# A tensor may hold more elements than its storage only through zero strides (an expanded
+# view); beyond this many elements that is treated as a memory bomb.
+MAX_EXPANDED = 2 ** 27
 LEGACY_PROTOCOL = 1001
 
 
@@ -248,6 +252,11 @@ def _view(t: _TensorRef, name: str) -> np.ndarray:
     raise TorchFileError(
         f"{name}: tensor of size {t.size}, stride {t.stride} at offset {t.offset} reads past "
         f"its storage of {data.size} elements (truncated or corrupt file)")
+  numel = math.prod(t.size)
+  if numel > max(data.size, MAX_EXPANDED):
+    # Zero strides may legally repeat elements, but not into a memory bomb.
+    raise TorchFileError(f"{name}: a tensor of {numel} elements from a storage of {data.size} "
+                         f"(refusing to expand beyond {MAX_EXPANDED} elements)")
   item = data.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(
       data[base + t.offset:], shape=t.size, strides=tuple(s * item for s in t.stride),
@@ -307,6 +316,10 @@ def _load_zip(path: str, inert: Iterable[str]) -> Any:
         record = f"{prefix}data/{key}"
         if record not in names:
           raise TorchFileError(f"storage record {record} is missing (truncated file)")
+        nbytes = storage.numel * storage.dtype.itemsize
+        if archive.getinfo(record).file_size != nbytes:
+          raise TorchFileError(f"storage record {record} holds {archive.getinfo(record).file_size} "
+                               f"bytes, expected {nbytes} (truncated or corrupt file)")
         storage.array = _storage_array(archive.read(record), storage, big_endian)
     except (UnsafePickleError, TorchFileError):
       raise

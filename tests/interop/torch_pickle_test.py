@@ -186,3 +186,13 @@ def test_random_corruption_only_ever_raises_our_errors(tmp_path, save):
       torch_pickle.load(str(bad))
     except (torch_pickle.TorchFileError, torch_pickle.UnsafePickleError) as e:
       assert "\n" not in str(e)
+
+
+def test_expanded_views_are_read_but_memory_bombs_refused(tmp_path):
+  s = tw.Storage(np.arange(3, dtype=np.float32))
+  tw.save_zip({"w": tw.Tensor(s, 0, (4, 3), (0, 1))}, tmp_path / "expand.pth")  # x.expand(4, 3)
+  np.testing.assert_array_equal(torch_pickle.load(str(tmp_path / "expand.pth"))["w"],
+                                np.tile(np.arange(3), (4, 1)))
+  tw.save_zip({"w": tw.Tensor(s, 0, (2 ** 20, 2 ** 20), (0, 0))}, tmp_path / "bomb.pth")
+  with pytest.raises(torch_pickle.TorchFileError, match="refusing to expand"):
+    torch_pickle.load(str(tmp_path / "bomb.pth"))
