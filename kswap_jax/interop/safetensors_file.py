@@ -87,7 +87,7 @@ def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | N
   header: dict = {}
   chunks, offset = [], 0
   for name in sorted(tensors):
-    x = np.ascontiguousarray(tensors[name])
+    x = np.asarray(tensors[name])  # tobytes() below is C-ordered; keeps 0-d shapes
     key = _NAMES.get(x.dtype.newbyteorder("<") if x.dtype.itemsize > 1 else x.dtype)
     if key is None:
       raise ValueError(f"tensors[{name!r}]: dtype {x.dtype} has no safetensors name")
