@@ -32,8 +32,15 @@ from kswap_jax.interop import layouts
 MAX_LISTED = 20
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is the same single `error: ...` line (exit 2) as bad input."""
+
+  def error(self, message):
+    self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m kswap_jax.convert", description=__doc__.split(
+  p = _Parser(prog="python -m kswap_jax.convert", description=__doc__.split(
       "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="checkpoint: .pth/.pt/.bin (torch.save), .safetensors or .npz")
   p.add_argument("--layout", required=True, choices=sorted(interop.LAYOUTS))

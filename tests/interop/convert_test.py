@@ -96,9 +96,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
   _timm_file(tmp_path, lora=True)
   err = _bad(tmp_path, capsys, timm, "--layout", "timm", "--num_heads", 4)
   assert "--lora separate" in err
-  with pytest.raises(SystemExit) as e:
-    convert.main([str(timm), "--layout", "nope", "--out", str(tmp_path / "x.npz")])
-  assert e.value.code == 2
+  for argv in (["--layout", "nope"], ["--num_heads", "four", "--layout", "timm"], []):
+    with pytest.raises(SystemExit) as e:
+      convert.main([str(timm), *argv, "--out", str(tmp_path / "x.npz")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 class _Hostile:
