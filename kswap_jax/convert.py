@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--to", default="ours", choices=("ours", "vit_jax", "timm"),
                  help="ours: base + LoRA tree as converted (default); vit_jax / timm: "
                       "LoRA merged into the weights")
-  p.add_argument("--num_heads", type=int, help="attention heads (timm, ks_vit, gslora_face, torchvision)")
+  p.add_argument("--num_heads", type=int,
+                 help="attention heads (timm, ks_vit, gslora_face, torchvision)")
   p.add_argument("--lora", choices=interop.LORA_MODES,
                  help="whether the stored weights include the LoRA update: separate (no: "
                       "keep A/B), merged (yes: drop A/B; gslora_face default), unmerge (yes: "
