@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint="",         # the vit_jax-layout .npz for kind=npz
       head="extend",         # extend | replace | keep (see checkpoint.load_npz)
       pretrain_workdir="",   # kind=pretrain: default <workdir>/pretrain
+      lora_checkpoint="",    # start from this LoRA tree (an OUT.lora.npz of
+                             # `python -m kswap_jax.convert`) instead of a fresh init
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(

@@ -113,3 +113,23 @@ def test_gap_model_position_embeddings_resize_without_a_cls_slot(tmp_path):
   assert pe.shape == (1, 64, 64)
   # Corner tokens of the 4x4 grid stay near the corners of the 8x8 grid (no cls shift).
   assert np.abs(pe[0, 0] - old[0, 0]).max() < np.abs(pe[0, 0] - old[0, 15]).max()
+
+
+def test_initial_lora_from_a_converted_file_or_a_config_error(tiny, tmp_path):
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  _, _, base = tiny
+  spec = lora.LoraSpec(rank=4)
+  tree = lora.init(base, spec, jax.random.key(3))
+  path = str(tmp_path / "run.lora.npz")
+  checkpoint.save_npz(jax.device_get(tree), path)
+  config = methods.default_config("lbf")
+  config.init.lora_checkpoint = path
+  got = common.initial_lora(config, base, spec, jax.random.key(1))
+  for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ConfigError, match="init.lora_checkpoint"):
+    common.initial_lora(config, base, lora.LoraSpec(rank=8), jax.random.key(1))
+  config.init.lora_checkpoint = str(tmp_path / "missing.npz")
+  with pytest.raises(ConfigError, match="init.lora_checkpoint"):
+    common.initial_lora(config, base, spec, jax.random.key(1))
