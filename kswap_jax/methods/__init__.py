@@ -27,6 +27,19 @@ METHODS = {
     "laf": "kswap_jax.methods.knowledge_swap",
 }
 
+# Methods measured against each other (`python -m kswap_jax.compare`), and the headline
+# metrics of each family's leaderboard (keys of a results envelope's "final").
+FAMILIES = {
+    "knowledge_swap": ("lbf", "laf"),
+    "continual_forgetting": ("gs_lora", "gs_lora_pp"),
+    "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain"),
+}
+HEADLINES = {
+    "knowledge_swap": ("acc_r", "acc_f", "acc_n", "h_mean"),
+    "continual_forgetting": ("h_mean", "acc_r", "acc_f", "acc_o"),
+    "unlearning": ("ua", "ra", "ta", "mia_efficacy", "avg_gap"),
+}
+
 
 def get(name: str):
   """The module implementing method `name`; ConfigError lists the known ones."""
