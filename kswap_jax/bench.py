@@ -163,7 +163,8 @@ def _cost(compiled) -> dict:
 
 def model_config(args) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(vit.DEFAULTS)
-  cfg.update(variant=args.variant, num_classes=NUM_CLASSES, image_size=args.image_size,
+  cfg.update(variant=args.variant, depth=args.depth, num_classes=NUM_CLASSES,
+             image_size=args.image_size,
              dropout=args.dropout, gelu=args.gelu, dropout_mask=args.dropout_mask,
              dropout_rng=args.dropout_rng, dtype=args.dtype, remat=args.remat,
              remat_policy=args.remat_policy, scan=args.scan)
@@ -198,16 +199,18 @@ def setup(args) -> dict[str, Any]:
   mk = lambda: {"image": rng.normal(size=shape).astype(np.float32),
                 "label": rng.integers(0, NUM_CLASSES, b).astype(np.int32),
                 "mask": np.ones(b, np.float32)}
-  batch = train.to_global({name: mk() for name in stream_names}, mesh)
+  host_batch = {name: mk() for name in stream_names}
+  batch = train.to_global(host_batch, mesh)
   return dict(model=model, model_cfg=model_cfg, base=base, tree=tree, spec=spec, tx=tx,
-              mesh=mesh, step=step, batch=batch, images=b * len(stream_names),
-              loss_fn=loss_fn)
+              mesh=mesh, step=step, batch=batch, host_batch=host_batch,
+              images=b * len(stream_names), loss_fn=loss_fn, lora_tree_unscanned=tree)
 
 
-def bench_step(args, timed_other: Callable[[], float] | None = None) -> dict:
-  """Compiles and times the step; `timed_other()` (if given) runs after every jax step
-  (e.g. the PyTorch step), so both see the same machine state."""
-  s = setup(args)
+def bench_step(args, s: dict | None = None,
+               timed_other: Callable[[], float] | None = None) -> dict:
+  """Compiles and times the step of `setup(args)`; `timed_other()` (if given) runs after
+  every timed jax step (the PyTorch step), so both see the same machine state."""
+  s = s or setup(args)
   mesh = s["mesh"]
   state = train.replicate(train.create_state(s["tree"], s["tx"], args.seed), mesh)
   frozen = train.replicate(vit.scan_params(s["base"]) if args.scan else s["base"], mesh)
@@ -298,7 +301,8 @@ def report(res: dict) -> None:
     mc = st["model"]
     opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng", "dtype",
                                               "remat", "scan"))
-    print(f"model {mc['variant']} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
+    depth = f" depth {mc['depth']}" if mc["depth"] else ""
+    print(f"model {mc['variant']}{depth} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
     print(f"step {st['step']}: batch {st['batch_size_per_stream']} per stream "
           f"({st['images_per_step']} images), LoRA r{st['lora_rank']} "
           f"({st['trainable_parameters']:,} trainable)")
@@ -338,6 +342,9 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("\n", 2)[2])
   p.add_argument("--variant", default="B/16", help="ViT variant '<name>/<patch>' (vit.VARIANTS)")
+  p.add_argument("--depth", type=int, default=0,
+                 help="number of encoder blocks; 0 = the variant's (a shallower model of the "
+                      "same width compiles and runs faster for A/B comparisons)")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--step", default="forget", choices=sorted(STEPS))
   p.add_argument("--batch_size", type=int, default=0,
@@ -375,22 +382,24 @@ def main(argv=None) -> int:
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
   if not args.pipeline_only:
+    try:
+      s = setup(args)
+    except NotAvailable as e:
+      print(e, file=sys.stderr)
+      return 2
     torch_bench = None
     if args.compare_torch:
       from kswap_jax import bench_torch  # pylint: disable=import-outside-toplevel
       try:
-        torch_bench = bench_torch.TorchStep(args)
+        torch_bench = bench_torch.TorchStep(args, s)
       except bench_torch.TorchMissing as e:
         print(e, file=sys.stderr)
         return 2
-    dtype = args.dtype if not on_cpu() else "float32"
-    peak_before = matmul_peak(dtype)
-    try:
-      st = bench_step(args, timed_other=torch_bench.time_step if torch_bench else None)
-    except NotAvailable as e:
-      print(e, file=sys.stderr)
-      return 2
-    peak_after = matmul_peak(dtype)
+      for _ in range(args.warmup + 1):  # torch's first steps allocate and tune
+        torch_bench.time_step()
+    peak_before = matmul_peak(args.dtype)
+    st = bench_step(args, s, timed_other=torch_bench.time_step if torch_bench else None)
+    peak_after = matmul_peak(args.dtype)
     best = max(peak_before, peak_after, key=lambda d: d["flops_per_s"])
     res["matmul_peak"] = dict(best, before=peak_before["flops_per_s"],
                               after=peak_after["flops_per_s"])
