@@ -110,8 +110,8 @@ def test_gap_pool_has_no_cls_and_averages_the_normed_tokens():
   np.testing.assert_allclose(got, tokens[0].mean(axis=1), rtol=1e-6, atol=1e-6)
 
 
-def test_gelu_approximate_switches_to_the_tanh_form():
-  block = vit.MlpBlock(mlp_dim=8, dropout=0.0, approximate=True)
+def test_gelu_tanh_switches_to_the_tanh_form():
+  block = vit.MlpBlock(mlp_dim=8, dropout=0.0, gelu="tanh")
   x = jax.random.normal(jax.random.key(0), (3, 4)) * 3
   p = block.init(jax.random.key(1), x, deterministic=True)["params"]
   h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]

@@ -63,7 +63,7 @@ class Converted(NamedTuple):
     params: {our "/"-joined name: float32 array}, the base parameters (vit_jax names).
     lora: {".../<module>/a" or "/b": float32 array}; empty when none is kept.
     model: `model` config fields describing the source architecture (name, variant, widths,
-      num_heads, qkv_bias, attention_scale, layer_norm_eps, gelu_approximate, pool, head, ...).
+      num_heads, qkv_bias, attention_scale, layer_norm_eps, gelu, pool, head, ...).
     lora_alpha: the alpha the LoRA tree is meant to be scaled with (scale = alpha / rank).
     used: source keys that went into `params` or `lora`.
     ignored: {source key: why it was not used}.
@@ -306,7 +306,7 @@ def vit_jax(tensors: dict[str, Any], *, num_heads: int | None = None) -> Convert
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,
                        channels=channels, representation_size=rep, qkv_bias=qkv_bias,
-                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu_approximate=True,
+                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu="tanh",
                        pool="cls", head="linear")
   return src.finish(params, {}, model, 1.0, [])
 
@@ -472,7 +472,7 @@ def big_vision(tensors: dict[str, Any], *, num_heads: int | None = None, pool: s
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=n_cls, image_size=grid * patch, channels=channels,
                        representation_size=rep, qkv_bias=qkv_bias, attention_scale="head_dim",
-                       layer_norm_eps=1e-6, gelu_approximate=True,
+                       layer_norm_eps=1e-6, gelu="tanh",
                        pool="cls" if pool == "tok" else "gap", head="linear")
   params = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
   return src.finish(params, {}, model, 1.0, notes)
@@ -558,7 +558,7 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,
                        channels=channels, representation_size=rep, qkv_bias=qkv_bias,
-                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu_approximate=False,
+                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu="erf",
                        pool="cls", head="linear")
   return src.finish(flat, lora_tree, model, lora_alpha, notes)
 
@@ -638,7 +638,7 @@ def ks_vit(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str |
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,
                        channels=channels, representation_size=0, qkv_bias=True,
-                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu_approximate=False,
+                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu="erf",
                        pool="cls", head="linear")
   return src.finish(flat, lora_tree, model, lora_alpha, notes)
 
@@ -724,7 +724,7 @@ def gslora_face(tensors: dict[str, Any], *, num_heads: int | None = None,
   model = model_fields("vit_face", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,
                        channels=channels, representation_size=0, qkv_bias=False,
-                       attention_scale="width", layer_norm_eps=1e-5, gelu_approximate=False,
+                       attention_scale="width", layer_norm_eps=1e-5, gelu="erf",
                        pool="cls", head=head)
   return src.finish(flat, lora_tree, model, lora_alpha, notes)
 
@@ -795,7 +795,7 @@ def torchvision(tensors: dict[str, Any], *, num_heads: int | None = None, lora: 
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,
                        channels=channels, representation_size=rep, qkv_bias=True,
-                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu_approximate=False,
+                       attention_scale="head_dim", layer_norm_eps=1e-6, gelu="erf",
                        pool="cls", head="linear")
   return src.finish(flat, lora_tree, model, lora_alpha, notes)
 

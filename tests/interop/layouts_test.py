@@ -142,7 +142,7 @@ def test_vit_jax_npz(tmp_path):
   np.savez(src, **p, **{"optimizer/step": np.zeros(())})
   conv = interop.convert(str(src), "vit_jax")
   assert conv.ignored == {"optimizer/step": "not part of the vit_jax layout"}
-  assert conv.model["gelu_approximate"] is True and conv.model["num_heads"] == S.HEADS
+  assert conv.model["gelu"] == "tanh" and conv.model["num_heads"] == S.HEADS
   images = _images()
   _close(_ours(conv, tmp_path / "o.npz", images), ref.vit_jax_forward(p, images))
 
