@@ -1,0 +1,513 @@
+"""GS-LoRA and GS-LoRA++: continual forgetting with one group-sparse LoRA per task.
+
+Tasks T_1..T_N (`kswap_jax.data.tasks`) arrive in sequence. For task t, with B_r / B_f a
+retain and a forget batch (two forward passes, dropout on), z the model's logits (CosFace
+with the margin on the given label for the face model), e the embedding the head sees:
+
+    L = CE(z(B_r)) + β_t·ReLU(BND − CE(z(B_f))) + α(e)·Σ_g ‖θ_g‖₂
+        [+ λ_f,t·ReLU(BND_pro − KL(p ‖ e(B_f))) + λ_r·KL(p ‖ e(B_r))]      (GS-LoRA++)
+
+θ is a fresh LoRA tree on the FFN kernels (b = 0, `a` kaiming-uniform with slope √5 on task
+1 and √50 afterwards), trained with a fresh AdamW and a per-epoch cosine LR over epochs of
+the retain subset (the forget subset cycles). After the task the LoRA is folded into the
+kernels, W_t = W_{t−1} + s·a·b, and the next task starts from there (the last-epoch model).
+The group lasso is either the reference's penalty (`group_lasso.mode = "penalty"`) or the
+exact proximal step (`"proximal"`), both on the α schedule.
+
+Resumption: the per-task LoRA trees live stacked in the checkpointed cross-stage state
+(`TrainState.carry["loras"]`, (num_tasks, ...) per leaf, zeros for tasks not done), and every
+task's base is rebuilt from the pretrained base and that stack at the task's start, on a
+fresh run and on a resumed one alike.
+
+References: Zhao et al., arXiv 2403.11530 (GS-LoRA); arXiv 2501.09705 (GS-LoRA++).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from kswap_jax import lora, losses, metrics, models, train
+from kswap_jax.data import streams
+from kswap_jax.data import tasks as tasks_lib
+from kswap_jax.methods import common
+from kswap_jax.errors import ConfigError
+from kswap_jax.models import vit
+from kswap_jax.optim import group_lasso, schedules
+
+log = logging.getLogger("kswap_jax")
+
+METHODS = ("gs_lora", "gs_lora_pp")
+# Accuracy name -> the task's test split it is measured on.
+TEST_SPLITS = {"acc_r": "retain_test", "acc_f": "forget_test", "acc_o": "old_test",
+               "acc_m": "missing_test"}
+EPOCH_STREAMS = ("retain", "longer")
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  """The method's own config sections with their defaults (the continual CASIA scripts)."""
+  return {
+      "tasks": ml_collections.ConfigDict(dict(
+          num_classes=100,       # head rows; classes are 0..num_classes-1
+          num_tasks=4,
+          per_task=20,           # K classes forgotten per task (order-based tasks)
+          order_seed=1337,       # Python random shuffle of 0..N-1; None = identity order
+          order=(),              # explicit class order (overrides order_seed)
+          forget_classes=(),     # explicit per-task tuples (override per_task)
+          num_missing=0,         # M retained classes without training data (Acc_m)
+          missing_classes=(),    # explicit missing classes (override num_missing)
+          data_ratio=0.1,        # share of the training images of each class kept per task
+          shots=0,               # >0: exactly this many images per class (few-shot)
+          seed=0,                # subset draw [inferred]: torch's randperm cannot be matched
+      )),
+      "gs_lora": ml_collections.ConfigDict(dict(
+          batch_size=48,         # per stream: a step sees a retain and a forget batch
+          epochs=100,            # per task
+          bound=105.0,           # BND (single-step scripts: 110)
+          beta=0.2,              # β: a number or one value per task
+          alpha_epoch=0,         # α = 0 before this epoch (single-step: 20)
+          warmup_alpha=False,    # after alpha_epoch use big_alpha instead of group_lasso.alpha
+          big_alpha=0.0,
+          reinit_slope=math.sqrt(50.0),  # A-init slope for tasks >= 2 (task 1: lora.init_slope)
+          eval_margin=True,      # reported accuracy = arg-max of the margin logits (reference)
+          epoch_stream="retain",  # retain | longer (the single-step few-shot exception)
+          prototype=dict(        # GS-LoRA++ only
+              forget_weight=0.01,  # λ_f: a number or one value per task
+              retain_weight=0.0,   # λ_r (0 in every shipped reference run)
+              bound=18.0,          # BND_pro (few-shot continual: 50)
+          ),
+      )),
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces: head, losses, merged base, metrics.
+
+def head_logits(model: vit.VisionTransformer, base: lora.Tree, embedding: jax.Array,
+                labels: jax.Array | None) -> jax.Array:
+  """The model's head on `embedding` (what `features=True` returns).
+
+  CosFace heads subtract the margin from the class in `labels` (None: plain scaled cosines);
+  linear heads ignore `labels`.
+  """
+  cfg = model.cfg
+  head = base["head"]
+  if cfg.head == "cosface":
+    return vit.cosface_logits(embedding, head["kernel"], labels, scale=cfg.cosface_scale,
+                              margin=cfg.cosface_margin)
+  return embedding.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"]
+
+
+def make_loss(model, scale: float, grouping: str, *, bound: float, penalty: bool,
+              prototype: ml_collections.ConfigDict | None):
+  """loss_fn(lora, frozen, batch, rng, hparams) over batches {"retain", "forget"}.
+
+  `frozen` = {"base": this task's merged base, "prototypes": (classes, dim)}; `hparams`
+  carries the per-task and per-epoch weights "beta", "alpha" (penalty mode) and
+  "pro_forget_weight" (GS-LoRA++), so one compiled step serves every task.
+  """
+  def loss_fn(params, frozen, batch, rng, hparams):
+    base = frozen["base"]
+    k_r, k_f = jax.random.split(rng)
+    r, f = batch["retain"], batch["forget"]
+    embed = lambda b, k: lora.apply(model, base, params, b["image"], scale=scale, train=True,
+                                    rngs={"dropout": k}, features=True)
+    e_r, e_f = embed(r, k_r), embed(f, k_f)
+    ce_r = losses.cross_entropy(head_logits(model, base, e_r, r["label"]), r["label"], r["mask"])
+    ce_f = losses.cross_entropy(head_logits(model, base, e_f, f["label"]), f["label"], f["mask"])
+    omega = group_lasso.group_lasso_penalty(params, grouping)
+    loss = ce_r + hparams["beta"] * losses.bounded_forgetting(ce_f, bound)
+    if penalty:
+      loss = loss + hparams["alpha"] * omega
+    aux = {"ce_retain": ce_r, "ce_forget": ce_f, "omega": omega}
+    if prototype is not None:
+      protos = frozen["prototypes"]
+      kl_f = losses.prototype_kl(e_f, protos[f["label"]], f["mask"])
+      kl_r = losses.prototype_kl(e_r, protos[r["label"]], r["mask"])
+      loss = loss + losses.prototype_loss(
+          kl_f, kl_r, bound=float(prototype.bound), forget_weight=hparams["pro_forget_weight"],
+          retain_weight=float(prototype.retain_weight))
+      aux.update(kl_forget=kl_f, kl_retain=kl_r)
+    return loss, aux
+  return loss_fn
+
+
+def make_optimizer(ocfg: ml_collections.ConfigDict, *, proximal: bool, grouping: str
+                   ) -> optax.GradientTransformation:
+  """AdamW with an injectable epoch LR; in proximal mode also the group-lasso prox step with
+  an injectable strength `alpha` (the α schedule), after the AdamW update."""
+  def adamw(learning_rate):
+    return optax.adamw(learning_rate, b1=float(ocfg.b1), b2=float(ocfg.b2),
+                       eps=float(ocfg.eps), weight_decay=float(ocfg.weight_decay))
+  if not proximal:
+    return optax.inject_hyperparams(adamw)(learning_rate=float(ocfg.lr))
+
+  def make(learning_rate, alpha):
+    return optax.chain(adamw(learning_rate),
+                       group_lasso.group_lasso_prox(alpha, learning_rate, grouping))
+  return optax.inject_hyperparams(make)(learning_rate=float(ocfg.lr), alpha=0.0)
+
+
+def stack_zeros(tree: lora.Tree, num_tasks: int) -> lora.Tree:
+  """A (num_tasks, ...) zero stack of `tree`'s leaves: the per-task LoRA record."""
+  return jax.tree_util.tree_map(lambda x: jnp.zeros((num_tasks,) + x.shape, x.dtype), tree)
+
+
+def record_task(stacked: lora.Tree, tree: lora.Tree, index: int) -> lora.Tree:
+  """`stacked` with slot `index` set to `tree`."""
+  return jax.tree_util.tree_map(lambda s, x: jnp.asarray(s).at[index].set(jnp.asarray(x, s.dtype)), stacked, tree)
+
+
+def task_base(base: lora.Tree, stacked: lora.Tree, num_done: int, scale: float) -> lora.Tree:
+  """W_t = W_0 + Σ_{s < num_done} s·a_s·b_s, folded in task order (the base of task num_done)."""
+  for s in range(num_done):
+    base = lora.merge(base, jax.tree_util.tree_map(lambda x: x[s], stacked), scale)
+  return base
+
+
+def sparsity(tree: lora.Tree, grouping: str) -> dict[str, Any]:
+  """Groups at exactly zero, the non-zero share of the LoRA scalars, and every group norm."""
+  norms = np.asarray(jax.device_get(group_lasso.group_norms(tree, grouping)))
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+  nonzero = sum(int(np.count_nonzero(x)) for x in leaves)
+  total = sum(x.size for x in leaves)
+  return {"zero_groups": int(np.sum(norms == 0.0)), "num_groups": int(norms.size),
+          "nonzero_lora_fraction": nonzero / max(1, total),
+          "group_norms": [float(x) for x in norms]}
+
+
+def accuracies(counts: dict[str, dict[str, float]], margin: bool) -> dict[str, float]:
+  """{acc_r, acc_f, acc_o, acc_m and their `_nomargin` twins} from per-split counts.
+
+  `acc_*` uses the configured rule (`margin`: the reference's arg-max of the margin logits);
+  `acc_*_margin` / `acc_*_nomargin` always name the rule. Splits a task lacks are left out.
+  """
+  out = {}
+  for name, split in TEST_SPLITS.items():
+    if split not in counts:
+      continue
+    c = counts[split]
+    with_m = metrics.accuracy(c["correct_margin"], c["count"])
+    plain = metrics.accuracy(c["correct_nomargin"], c["count"])
+    out[name] = with_m if margin else plain
+    out[f"{name}_margin"] = with_m
+    out[f"{name}_nomargin"] = plain
+  return out
+
+
+def make_count_step(model, scale: float):
+  """count(lora, frozen, batch) -> correct with and without the margin, and valid count."""
+  @jax.jit
+  def count(params, frozen, batch):
+    base = frozen["base"]
+    e = lora.apply(model, base, params, batch["image"], scale=scale, features=True)
+    y, m = batch["label"], batch["mask"]
+    hit = lambda z: jnp.sum((jnp.argmax(z, -1) == y).astype(jnp.float32) * m)
+    return {"correct_margin": hit(head_logits(model, base, e, y)),
+            "correct_nomargin": hit(head_logits(model, base, e, None)), "count": jnp.sum(m)}
+  return count
+
+
+def make_embed_sums(model, scale: float, num_classes: int):
+  """sums(lora, frozen, batch) -> per-class embedding sums and counts (eval mode)."""
+  @jax.jit
+  def sums(params, frozen, batch):
+    e = lora.apply(model, frozen["base"], params, batch["image"], scale=scale, features=True)
+    return losses.class_sums(e, batch["label"], batch["mask"], num_classes)
+  return sums
+
+
+def table(results: dict) -> str:
+  """Plain-text per-task table: H, Acc_r, Acc_f, Acc_o, Acc_m, zero groups, seconds."""
+  rows = [f"{results['method']} ({results.get('prediction_rule', '')}), test accuracy [%]",
+          f"{'stage':<12}{'H ↑':>8}{'Acc_r ↑':>9}{'Acc_f ↓':>9}{'Acc_o ↓':>9}{'Acc_m ↑':>9}"
+          f"{'zero grp':>10}{'nz LoRA':>9}{'sec':>7}"]
+  fmt = lambda v, w=9: f"{v:>{w}.2f}" if isinstance(v, (int, float)) and v == v else f"{'–':>{w}}"
+  for s in results["stages"]:
+    zero = (f"{s['zero_groups']}/{s['num_groups']}" if "zero_groups" in s else "–")
+    nz = f"{s['nonzero_lora_fraction']:.3f}" if "nonzero_lora_fraction" in s else "–"
+    rows.append(f"{s['name']:<12}{fmt(s.get('h_mean'), 8)}{fmt(s.get('acc_r'))}"
+                f"{fmt(s.get('acc_f'))}{fmt(s.get('acc_o'))}{fmt(s.get('acc_m'))}"
+                f"{zero:>10}{nz:>9}{fmt(s.get('seconds'), 7)}")
+  return "\n".join(rows)
+
+
+def plot(results: dict, path: str) -> None:
+  """Per-task accuracies (left) and per-group LoRA norms after each task (right)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  stages = [s for s in results["stages"] if s["name"] != "pretrained"]
+  fig, (ax_a, ax_n) = plt.subplots(1, 2, figsize=(11, 4))
+  xs = list(range(1, len(stages) + 1))
+  for key, label in (("acc_r", "Acc_r ↑"), ("acc_f", "Acc_f ↓"), ("acc_o", "Acc_o ↓"),
+                     ("acc_m", "Acc_m ↑"), ("h_mean", "H-Mean ↑")):
+    ys = [s.get(key, float("nan")) for s in stages]
+    if any(y == y for y in ys):
+      ax_a.plot(xs, ys, marker="o", label=label)
+  ax_a.set_xticks(xs)
+  ax_a.set_xlabel("task")
+  ax_a.set_ylabel("accuracy [%]")
+  ax_a.grid(alpha=0.3)
+  ax_a.legend()
+  for s in stages:
+    norms = s.get("group_norms", [])
+    ax_n.plot(range(len(norms)), norms, marker="o", label=s["name"])
+  ax_n.set_xlabel("group (transformer block for grouping=block)")
+  ax_n.set_ylabel("‖θ_g‖₂ at the end of the task")
+  ax_n.grid(alpha=0.3)
+  ax_n.legend()
+  fig.suptitle(f"{results['method']}: per-task accuracies and LoRA group norms")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: one stage per task.
+
+def _check(config) -> None:
+  g = config.gs_lora
+  if config.method not in METHODS:
+    raise ConfigError(f"method: {config.method!r} is not a GS-LoRA method ({', '.join(METHODS)})")
+  if config.group_lasso.mode not in ("penalty", "proximal"):
+    raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
+                      f"proximal)")
+  if g.epoch_stream not in EPOCH_STREAMS:
+    raise ConfigError(f"gs_lora.epoch_stream: {g.epoch_stream!r} (expected one of "
+                      f"{', '.join(EPOCH_STREAMS)})")
+  if int(g.epochs) < 1:
+    raise ConfigError(f"gs_lora.epochs: expected an int >= 1, got {g.epochs!r}")
+  for field in ("bound", "reinit_slope", "alpha_epoch", "big_alpha"):
+    if float(g[field]) < 0:
+      raise ConfigError(f"gs_lora.{field}: expected a value >= 0, got {g[field]!r}")
+  if float(config.group_lasso.alpha) < 0:
+    raise ConfigError(f"group_lasso.alpha: expected a value >= 0, got {config.group_lasso.alpha}")
+
+
+def _sum_counts(step, params, frozen, subsets: dict, config, mesh) -> dict[str, dict]:
+  bs = common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
+  out = {}
+  for name, subset in subsets.items():
+    total = {"correct_margin": 0.0, "correct_nomargin": 0.0, "count": 0.0}
+    for b in streams.eval_batches(subset, batch_size=bs, **common.stream_kwargs(config)):
+      got = jax.device_get(step(params, frozen, train.to_global(b, mesh)))
+      for k in total:
+        total[k] += float(got[k])
+    out[name] = total
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns results."""
+  _check(config)
+  g, ocfg = config.gs_lora, config.optim
+  use_prototypes = config.method == "gs_lora_pp"
+  margin = bool(g.eval_margin)
+  mesh = train.make_mesh()
+  seed = int(config.seed)
+
+  # Everything is validated before the workdir is touched.
+  task_list = tasks_lib.tasks_from_config(config.tasks)
+  num_tasks = len(task_list)
+  betas = tasks_lib.per_task(g.beta, num_tasks, "gs_lora.beta")
+  pro_weights = tasks_lib.per_task(g.prototype.forget_weight, num_tasks,
+                                   "gs_lora.prototype.forget_weight")
+  num_classes = int(config.tasks.num_classes)
+  if num_classes > int(config.model.num_classes):
+    raise ConfigError(f"tasks.num_classes: {num_classes} classes do not fit the "
+                      f"{config.model.num_classes}-row head (model.num_classes)")
+  src = common.load_sources(config.data, roles=("old",))
+  train_src, test_src = src["old_train"], src["old_test"]
+  for s in (train_src, test_src):
+    if s.num_classes > num_classes:
+      raise ConfigError(f"tasks.num_classes: {num_classes}, but source {s.name!r} has "
+                        f"{s.num_classes} classes")
+  subsets = [tasks_lib.task_splits(train_src, test_src, t, data_ratio=float(config.tasks.data_ratio),
+                                   shots=int(config.tasks.shots), seed=int(config.tasks.seed))
+             for t in task_list]
+  bs = int(g.batch_size)
+  task_streams = []
+  for t, sub in enumerate(subsets):
+    retain_first = True
+    mk = lambda name, cycle, offset: common.make_stream(
+        config, [sub[name]], batch_size=bs, field="gs_lora.batch_size",
+        seed=seed + 10 * t + offset, cycle=cycle, mesh=mesh)
+    retain = mk("retain_train", False, 0)
+    forget = mk("forget_train", True, 1)
+    if g.epoch_stream == "longer":
+      probe = mk("forget_train", False, 1)
+      if probe.steps_per_epoch > retain.steps_per_epoch:
+        retain_first = False
+        retain, forget = mk("retain_train", True, 0), probe
+    task_streams.append(({"retain": retain, "forget": forget},
+                         "retain" if retain_first else "forget"))
+  common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
+
+  model_cfg = common.model_config(config)
+  model = models.build(model_cfg)
+  spec = lora.LoraSpec.from_config(config.lora)
+  later_spec = lora.LoraSpec(targets=spec.targets, rank=spec.rank, alpha=spec.alpha,
+                             init_slope=float(g.reinit_slope))
+  grouping = config.group_lasso.grouping
+  abstract = jax.eval_shape(lambda: models.init_variables(model, model_cfg,
+                                                          jax.random.key(0)))["params"]
+  lora.groups(jax.eval_shape(lambda: lora.init(abstract, spec, jax.random.key(0))), grouping)
+  proximal = config.group_lasso.mode == "proximal"
+
+  run_ = train.Run(workdir, config)
+  for t, sub in enumerate(subsets):
+    log.info("task %d: forget %s; %s", t + 1, list(task_list[t].forget),
+             ", ".join(f"{k} {len(v)}" for k, v in sub.items()))
+
+  k_head, k_lora = jax.random.split(jax.random.key(seed))
+  base0 = common.load_base(config, model_cfg, model, k_head)
+  first_lora = lora.init(base0, spec, jax.random.fold_in(k_lora, 0))
+  log.info("LoRA: %d trainable parameters in %d tensors; base %d", lora.count(first_lora),
+           len(jax.tree_util.tree_leaves(first_lora)), lora.count(base0))
+  tx = make_optimizer(ocfg, proximal=proximal, grouping=grouping)
+  loss_fn = make_loss(model, spec.scale, grouping, bound=float(g.bound), penalty=not proximal,
+                      prototype=g.prototype if use_prototypes else None)
+  step_fn = train.make_train_step(loss_fn, tx, mesh)
+  count_step = make_count_step(model, spec.scale)
+  sums_step = make_embed_sums(model, spec.scale, int(config.model.num_classes))
+
+  carry = {"loras": stack_zeros(first_lora, num_tasks)}
+  state = train.replicate(train.create_state(first_lora, tx, seed, model_state=carry), mesh)
+  state = run_.restore(state)
+  results = run_.meta["results"]
+  current: dict[str, Any] = {}
+
+  def counts(params, frozen, sub):
+    return _sum_counts(count_step, params, frozen,
+                       {v: sub[v] for v in TEST_SPLITS.values() if v in sub}, config, mesh)
+
+  def prototypes(frozen, sub):
+    total_s = total_c = None
+    for name in ("retain_train", "forget_train"):
+      for b in streams.eval_batches(sub[name], batch_size=int(config.eval.batch_size),
+                                    **common.stream_kwargs(config)):
+        s, c = jax.device_get(sums_step({}, frozen, train.to_global(b, mesh)))
+        total_s = s if total_s is None else total_s + s
+        total_c = c if total_c is None else total_c + c
+    return losses.class_means(jnp.asarray(total_s), jnp.asarray(total_c))
+
+  def make_on_start(t: int):
+    def on_start(state, frozen, fresh):
+      del frozen
+      base_t = task_base(base0, state.model_state["loras"], t, spec.scale)
+      frozen = {"base": base_t, "prototypes": jnp.zeros((1, 1), jnp.float32)}
+      if use_prototypes:
+        frozen["prototypes"] = prototypes(frozen, subsets[t])
+      frozen = train.replicate(frozen, mesh)
+      if fresh:
+        fresh_lora = lora.init(base0, spec if t == 0 else later_spec,
+                               jax.random.fold_in(k_lora, t))
+        state = state._replace(params=train.replicate(fresh_lora, mesh),
+                               opt_state=train.replicate(tx.init(fresh_lora), mesh))
+      name = task_list[t].name
+      if f"{name}_before" not in results:
+        results[f"{name}_before"] = accuracies(counts({}, frozen, subsets[t]), margin)
+        log.info("[%s] before: %s", name, _fmt(results[f"{name}_before"]))
+      current.update(frozen=frozen, t0=time.time())
+      return state, frozen
+    return on_start
+
+  def hparams_fn(t: int):
+    def fn(epoch, _):
+      hp = {"learning_rate": schedules.epoch_cosine(
+                epoch, base=float(ocfg.lr), minimum=float(ocfg.min_lr), epochs=int(g.epochs)),
+            "alpha": schedules.structure_alpha(
+                epoch, alpha=float(config.group_lasso.alpha), alpha_epoch=int(g.alpha_epoch),
+                warmup_alpha=bool(g.warmup_alpha), big_alpha=float(g.big_alpha)),
+            "beta": betas[t]}
+      if use_prototypes:
+        hp["pro_forget_weight"] = pro_weights[t]
+      return hp
+    return fn
+
+  def periodic_eval(t: int):
+    def fn(state):
+      name = task_list[t].name
+      sub = {k: v for k, v in subsets[t].items() if k in ("retain_test", "forget_test")}
+      acc = accuracies(counts(state.params, current["frozen"], sub), margin)
+      h = metrics.h_mean(results[f"{name}_before"]["acc_f"], acc["acc_f"], acc["acc_r"])
+      best = results.get(f"{name}_best")
+      if best is None or h > best["h_mean"]:
+        results[f"{name}_best"] = {"h_mean": h, "acc_r": acc["acc_r"], "acc_f": acc["acc_f"],
+                                   "step": int(jax.device_get(state.step))}
+      return {"acc_r": acc["acc_r"], "acc_f": acc["acc_f"], "h_mean": h}
+    return fn
+
+  def norm_log(state):
+    return {"group_norms": [round(float(x), 6) for x in
+                            group_lasso.group_norms(jax.device_get(state.params), grouping)]}
+
+  for t, task in enumerate(task_list):
+    stream_map, epoch_stream = task_streams[t]
+    stage = train.Stage(name=task.name, step_fn=step_fn, streams=stream_map,
+                        epoch_stream=epoch_stream, epochs=int(g.epochs),
+                        hparams_fn=hparams_fn(t), on_start=make_on_start(t))
+    state, _ = run_.run_stage(t, stage, state, None, mesh, extra_log=norm_log,
+                              eval_fn=periodic_eval(t),
+                              eval_every=int(config.eval.every_steps))
+    if task.name in results:
+      continue
+    params = jax.device_get(state.params)
+    loras = record_task(jax.device_get(state.model_state["loras"]), params, t)
+    state = state._replace(model_state=train.replicate({"loras": loras}, mesh))
+    merged = train.replicate({"base": task_base(base0, loras, t + 1, spec.scale)}, mesh)
+    acc = accuracies(counts({}, merged, subsets[t]), margin)
+    before = results[f"{task.name}_before"]
+    record = {
+        **acc,
+        "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"]),
+        "h_mean_nomargin": metrics.h_mean(before["acc_f_nomargin"], acc["acc_f_nomargin"],
+                                          acc["acc_r_nomargin"]),
+        "acc_f_before": before["acc_f"], "acc_r_before": before["acc_r"],
+        **sparsity(params, grouping),
+        "seconds": time.time() - current.get("t0", time.time()),
+    }
+    run_.finish_stage(state, task.name, record)
+    log.info("[%s] %s", task.name, _fmt(record))
+
+  out = _results(config, task_list, results, margin)
+  if run_.is_main:
+    plot(out, os.path.join(run_.workdir, "gs_lora.png"))
+  path = run_.write_results(out)
+  print(table(out), flush=True)
+  log.info("results written to %s", path)
+  run_.close()
+  return out
+
+
+def _results(config, task_list, results: dict, margin: bool) -> dict:
+  first = results[f"{task_list[0].name}_before"]
+  stages = [{"name": "pretrained", **first}]
+  for task in task_list:
+    r = results[task.name]
+    stage = {"name": task.name, "forget_classes": list(task.forget), **r}
+    if f"{task.name}_best" in results:
+      stage["best_h"] = results[f"{task.name}_best"]
+    stages.append(stage)
+  last = stages[-1]
+  final = {k: last[k] for k in ("acc_r", "acc_f", "acc_o", "acc_m", "h_mean") if k in last}
+  final["mean_h_mean"] = float(np.mean([s["h_mean"] for s in stages[1:]]))
+  rule = "argmax of CosFace logits with the margin on the true class" if margin and \
+      config.model.head == "cosface" else "argmax over all head rows"
+  return {"method": config.method, "config": config.to_dict(), "prediction_rule": rule,
+          "stages": stages, "final": final}
+
+
+def _fmt(accs: dict) -> str:
+  return " ".join(f"{k} {v:.2f}" for k, v in accs.items()
+                  if isinstance(v, float) and not k.endswith(("_margin",)))
