@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   c.tasks.update(dict(num_classes=10, num_tasks=3, per_task=2, order_seed=0, data_ratio=1.0,
                       shots=0, seed=0))
-  c.gs_lora.update(dict(batch_size=32, epochs=8, bound=30.0, beta=0.2))
+  c.gs_lora.update(dict(batch_size=32, epochs=8, bound=30.0, beta=(0.2,)))
   c.group_lasso.alpha = 1e-3
   c.eval.batch_size = 128
   c.eval.every_steps = 0

@@ -235,7 +235,8 @@ def tasks_from_config(cfg: Any, field: str = "tasks") -> list[ForgetTask]:
 
 
 def per_task(values: Any, num_tasks: int, field: str) -> tuple[float, ...]:
-  """One value per task from a scalar (repeated) or a list of at least `num_tasks`.
+  """One value per task from a number or a one-value tuple (the same for every task), or a
+  tuple of at least `num_tasks` values.
 
   The reference's per-task lists (`cl_beta_list`, `cl_prof_list`) may be longer than the
   number of tasks (the extra entries are unused); shorter lists are an error here instead
@@ -244,17 +245,21 @@ def per_task(values: Any, num_tasks: int, field: str) -> tuple[float, ...]:
   Example:
     >>> per_task((0.2, 0.25, 0.25, 0.2), 4, "gs_lora.beta")
     (0.2, 0.25, 0.25, 0.2)
+    >>> per_task((0.2,), 3, "gs_lora.beta")
+    (0.2, 0.2, 0.2)
   """
   if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
-    return (float(values),) * num_tasks
+    values = (values,)
   try:
     out = tuple(float(v) for v in values)
   except (TypeError, ValueError):
     raise ConfigError(f"{field}: expected a number or a tuple of numbers, got {values!r}"
                       ) from None
+  if len(out) == 1:
+    return out * num_tasks
   if len(out) < num_tasks:
-    raise ConfigError(f"{field}: expected one value per task ({num_tasks} tasks), got "
-                      f"{len(out)}: {list(out)}")
+    raise ConfigError(f"{field}: expected one value for every task or one per task "
+                      f"({num_tasks} tasks), got {len(out)}: {list(out)}")
   return out[:num_tasks]
 
 

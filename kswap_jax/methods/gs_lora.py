@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import lora, losses, metrics, models, train
 from kswap_jax.data import streams
 from kswap_jax.data import tasks as tasks_lib
@@ -73,7 +74,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           batch_size=48,         # per stream: a step sees a retain and a forget batch
           epochs=100,            # per task
           bound=105.0,           # BND (single-step scripts: 110)
-          beta=0.2,              # β: a number or one value per task
+          beta=(0.2,),           # β: one value for every task, or one per task
           alpha_epoch=0,         # α = 0 before this epoch (single-step: 20)
           warmup_alpha=False,    # after alpha_epoch use big_alpha instead of group_lasso.alpha
           big_alpha=0.0,
@@ -81,7 +82,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           eval_margin=True,      # reported accuracy = arg-max of the margin logits (reference)
           epoch_stream="retain",  # retain | longer (the single-step few-shot exception)
           prototype=dict(        # GS-LoRA++ only
-              forget_weight=0.01,  # λ_f: a number or one value per task
+              forget_weight=(0.01,),  # λ_f: one value for every task, or one per task
               retain_weight=0.0,   # λ_r (0 in every shipped reference run)
               bound=18.0,          # BND_pro (few-shot continual: 50)
           ),
@@ -483,6 +484,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = _results(config, task_list, results, margin)
   if run_.is_main:
     plot(out, os.path.join(run_.workdir, "gs_lora.png"))
+    if config.export.merged_npz:  # the base after the last task, every LoRA folded in
+      final_base = task_base(base0, jax.device_get(state.model_state["loras"]), num_tasks,
+                             spec.scale)
+      ckpt_lib.save_npz(jax.device_get(final_base),
+                        os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
   print(table(out), flush=True)
   log.info("results written to %s", path)

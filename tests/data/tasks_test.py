@@ -94,7 +94,9 @@ def test_tasks_from_config_reads_the_section():
 def test_per_task_lists():
   assert tasks.per_task(0.2, 3, "gs_lora.beta") == (0.2, 0.2, 0.2)
   assert tasks.per_task((1, 2, 3, 4, 5), 4, "gs_lora.beta") == (1.0, 2.0, 3.0, 4.0)
-  with pytest.raises(ConfigError, match=r"^gs_lora.beta: expected one value per task \(4"):
+  assert tasks.per_task((0.3,), 2, "gs_lora.beta") == (0.3, 0.3)
+  with pytest.raises(ConfigError, match=r"^gs_lora.beta: expected one value for every task or "
+                     r"one per task \(4 tasks\), got 2"):
     tasks.per_task((0.3, 0.4), 4, "gs_lora.beta")
   with pytest.raises(ConfigError, match="^gs_lora.beta:"):
     tasks.per_task("abc", 2, "gs_lora.beta")
