@@ -25,12 +25,13 @@ Expect (2 CPU cores, ~2-3 minutes in total): before the swap Acc_n = 0; after it
 Acc_f = 0 %, Acc_n ~ 85 %, Acc_r within ~2 points of its value before.
 """
 
-from kswap_jax.config import base_config, parse_arg
+from kswap_jax import methods
+from kswap_jax.config import parse_arg
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="lbf", runlocal=False)
-  c = base_config()
+  c = methods.default_config("lbf")  # Knowledge Swapping's sections; pretrain shares them
   c.method = a.method
   c.seed = 0
 
@@ -57,6 +58,7 @@ def get_config(arg=None):
   c.eval.batch_size = 128
 
   c.init.kind = "pretrain"     # pretrain into <workdir>/pretrain first, then load params.npz
+  c.pretrain.num_classes = 8   # the old classes
   c.pretrain.epochs = 30
   c.pretrain.batch_size = 64
 

@@ -51,9 +51,9 @@ and λ_f to reproduce Table 3):
 
 import math
 
-from kswap_jax.config import base_config, parse_arg
+from kswap_jax import methods
+from kswap_jax.config import parse_arg
 from kswap_jax.errors import ConfigError
-from kswap_jax.methods import gs_lora
 
 SETTINGS = ("single", "single_fewshot", "continual", "continual_fewshot", "missing")
 
@@ -63,10 +63,9 @@ def get_config(arg=None):
   if a.setting not in SETTINGS:
     raise ConfigError(f"--config arg: setting={a.setting!r} (expected one of "
                       f"{', '.join(SETTINGS)})")
-  c = base_config()
-  for name, section in gs_lora.sections().items():
-    c[name] = section
-  c.method = a.method
+  if a.method not in ("gs_lora", "gs_lora_pp"):
+    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
+  c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
   c.seed = 1337
 
   c.data.old.update(kind="tfds", name="casia100", train_split="train", test_split="test")
@@ -138,7 +137,6 @@ def get_config(arg=None):
     g.batch_size = 8
     if g.alpha_epoch:
       g.alpha_epoch = 1
-    c.swap.num_old_classes = 10
     c.init.kind = "pretrain"
     c.pretrain.epochs = 1
     c.pretrain.batch_size = 16

@@ -17,16 +17,16 @@ task's digits, Acc_o <= 10 on the digits forgotten before, Acc_r within 5 points
 pretrained model's; with group_lasso.mode=proximal some groups end exactly at zero.
 """
 
-from kswap_jax.config import base_config, parse_arg
-from kswap_jax.methods import gs_lora
+from kswap_jax import methods
+from kswap_jax.config import parse_arg
+from kswap_jax.errors import ConfigError
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="gs_lora", runlocal=False)
-  c = base_config()
-  for name, section in gs_lora.sections().items():
-    c[name] = section
-  c.method = a.method
+  if a.method not in ("gs_lora", "gs_lora_pp"):
+    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
+  c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
   c.seed = 0
 
   c.data.old = dict(kind="digits", seed=0, test_fraction=0.3)
@@ -36,7 +36,6 @@ def get_config(arg=None):
   c.model.update(dict(name="vit_face", variant="demo/4", num_classes=10, image_size=16,
                       channels=1, qkv_bias=False, attention_scale="width",
                       layer_norm_eps=1e-5, head="cosface", attention_output_dropout=0.1))
-  c.lora.init_slope = 5 ** 0.5         # task 1: loralib's kaiming slope
 
   c.tasks.update(dict(num_classes=10, num_tasks=3, per_task=2, order_seed=0, data_ratio=1.0,
                       shots=0, seed=0))
@@ -45,7 +44,6 @@ def get_config(arg=None):
   c.eval.batch_size = 128
   c.eval.every_steps = 0
 
-  c.swap.num_old_classes = 10          # the pretrain method trains on classes 0..9
   c.init.kind = "pretrain"
   c.init.head = "keep"
   c.pretrain.epochs = 30

@@ -28,16 +28,16 @@ Expect (paper, T-PAMI Table 4; H / Acc_r / Acc_f [/ Acc_o]; pretrained Acc_r / A
 
 import math
 
-from kswap_jax.config import base_config, parse_arg
-from kswap_jax.methods import gs_lora
+from kswap_jax import methods
+from kswap_jax.config import parse_arg
+from kswap_jax.errors import ConfigError
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="gs_lora", runlocal=False)
-  c = base_config()
-  for name, section in gs_lora.sections().items():
-    c[name] = section
-  c.method = a.method
+  if a.method not in ("gs_lora", "gs_lora_pp"):
+    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
+  c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
   c.seed = 1337
 
   c.data.old.update(kind="tfds", name="imagenet100", train_split="train", test_split="test")
@@ -69,7 +69,6 @@ def get_config(arg=None):
     c.model.update(dict(variant="test/4", image_size=16, num_classes=10))
     c.tasks.update(dict(num_classes=10, per_task=2, data_ratio=0.5))
     c.gs_lora.update(dict(epochs=1, batch_size=8))
-    c.swap.num_old_classes = 10
     c.init.kind = "pretrain"
     c.pretrain.epochs = 1
     c.pretrain.batch_size = 16

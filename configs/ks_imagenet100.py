@@ -1,4 +1,4 @@
-r"""Knowledge Swapping, the paper's classification setting (spec §1, §4-§5).
+r"""Knowledge Swapping, the paper's classification setting (docs/knowledge_swapping.md).
 
 ViT-B/16 fine-tuned on ImageNet-100, 200-row head (rows 100..199 fixed random), LoRA rank 8
 on FFN fc1/fc2, retain 95 / forget 5 ImageNet-100 classes, learn 5 or 10 classes of CUB-200,
@@ -25,7 +25,8 @@ Expect (paper, qualitative): after LBF, Acc_f drops sharply and Acc_n rises whil
 close to the pretrained baseline; before the swap Acc_n ≈ 0 (the learn rows are random).
 """
 
-from kswap_jax.config import base_config, parse_arg
+from kswap_jax import methods
+from kswap_jax.config import parse_arg
 
 LEARN_SETS = {
     # arg -> (tfds name, train split, test split)
@@ -38,7 +39,7 @@ LEARN_SETS = {
 
 def get_config(arg=None):
   a = parse_arg(arg, method="lbf", learn="cub", n_learn=5, runlocal=False)
-  c = base_config()
+  c = methods.default_config("lbf")  # Knowledge Swapping's sections; pretrain shares them
   c.method = a.method
   if a.learn not in LEARN_SETS:
     from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
@@ -67,6 +68,7 @@ def get_config(arg=None):
     c.swap.num_old_classes = 20
     c.swap.retain_ratio = c.swap.forget_ratio = 1.0
     c.init.kind = "pretrain"
+    c.pretrain.num_classes = 20
     c.pretrain.epochs = 2
     c.ks.learn_epochs = c.ks.forget_epochs = 1
     c.ks.batch_size = c.eval.batch_size = 16

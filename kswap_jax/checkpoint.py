@@ -11,6 +11,7 @@ renames it when complete, so a run killed mid-save restarts from the previous on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,25 +28,58 @@ from kswap_jax.errors import ConfigError
 log = logging.getLogger("kswap_jax")
 
 
-class Checkpointer:
-  """An orbax `CheckpointManager` over `<workdir>/checkpoints` with state + JSON meta items."""
+@dataclasses.dataclass
+class CrossedIntervalPolicy:
+  """Saves when the step count has crossed a multiple of `interval` since the last save.
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  orbax's `FixedIntervalPolicy` needs `step % interval == 0`; a stage whose iterations take
+  several optimizer steps (UG-CLU's FAST + SLOW) can jump over that multiple.
+  """
+  interval: int
+
+  def should_save(self, step, previous_steps, *, context) -> bool:
+    del context
+    if self.interval <= 0:
+      return False
+    last = previous_steps[-1].step if previous_steps else 0
+    return step.step // self.interval > last // self.interval
+
+
+class Checkpointer:
+  """An orbax `CheckpointManager` over `<workdir>/checkpoints` with state + JSON meta items.
+
+  Periodic saves follow orbax's save-decision policies: every `every_steps` optimizer
+  steps (`CrossedIntervalPolicy`) and whenever a preemption signal is received.
+  """
+
+  def __init__(self, directory: str, max_to_keep: int = 2, every_steps: int = 0):
     self.directory = os.path.abspath(directory)
+    policy = ocp.checkpoint_managers.AnySavePolicy([
+        CrossedIntervalPolicy(int(every_steps)),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             cleanup_tmp_directories=True))
+                                             cleanup_tmp_directories=True,
+                                             save_decision_policy=policy))
+
+  def should_save(self, step: int) -> bool:
+    """Whether the periodic policy asks for a checkpoint at `step`."""
+    return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves asynchronously; a checkpoint already at `step` is replaced."""
+    """Saves asynchronously, whatever the policy says; a checkpoint at `step` is replaced.
+
+    `meta` must not be mutated afterwards (orbax serialises it in the background): pass
+    a snapshot.
+    """
     if step in self.manager.all_steps():
       self.manager.wait_until_finished()
       self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
     """(state, meta) from the newest complete checkpoint, or None when there is none.
@@ -85,9 +119,7 @@ class Checkpointer:
 
 
 def _path_name(path) -> str:
-  return "/".join(str(next(v for v in (getattr(k, "key", None), getattr(k, "name", None),
-                                       getattr(k, "idx", None)) if v is not None))
-                  for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +167,7 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
     head: what to do when the checkpoint head has a different number of classes:
       "extend": keep the checkpoint rows as rows 0..k-1 and fill the rest with
         xavier-uniform computed on the new rows' own (width, n − k) slice, bias 0
-        (Knowledge Swapping, spec §2.3); "replace": a zero head (vit_jax fine-tuning);
+        (Knowledge Swapping); "replace": a zero head (vit_jax fine-tuning);
       "keep": the head must match exactly.
     rng: PRNG key for the "extend" rows.
     field: config field named in error messages.
@@ -197,7 +229,7 @@ def _adapt_head(name, x, shape, mode, ckpt_kernel_shape, rng):
       raise ValueError("load_npz(head='extend') needs an rng for the new head rows")
     width, n_new = ckpt_kernel_shape[0], shape[-1] - k
     # torch's xavier_uniform_(w[k:, :]) on the new rows: fan_in = width, fan_out = n − k
-    # (0.083141 for ViT-B/16's 100 new rows, spec §2.3).
+    # (0.083141 for ViT-B/16's 100 new rows).
     bound = math.sqrt(6.0 / (width + n_new))
     new[:, k:] = np.asarray(jax.random.uniform(rng, (width, n_new), jnp.float32, -bound, bound))
   return new

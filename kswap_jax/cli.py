@@ -12,10 +12,20 @@ from ml_collections import config_flags
 
 from kswap_jax.errors import ConfigError, NonFiniteLossError
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "demo.py")
-METHODS = ("pretrain", "lbf", "laf")
+from kswap_jax import methods
 
+
+def _packaged_configs() -> str:
+  """The folder of the shipped configs: `configs/` of a checkout, or the copy installed as
+  `kswap_jax/configs` by `pip install .` (pyproject maps one onto the other)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(here, "configs")
+  if os.path.isfile(os.path.join(installed, "demo.py")):
+    return installed
+  return os.path.join(os.path.dirname(here), "configs")
+
+
+DEFAULT_CONFIG = os.path.join(_packaged_configs(), "demo.py")
 
 
 def _define_flags() -> flags.FlagValues:
@@ -39,17 +49,7 @@ def default_workdir(config_spec: str) -> str:
 
 def dispatch(config, workdir: str) -> dict:
   """Runs `config.method` in `workdir`; the functional entry point for user code."""
-  method = config.method
-  if method not in METHODS:
-    raise ConfigError(f"method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
-  if method == "pretrain":
-    from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
-    return pretrain.run(config, workdir)
-  from kswap_jax.methods import knowledge_swap  # pylint: disable=import-outside-toplevel
-  with config.unlocked():
-    if config.init.kind == "pretrain" and not config.init.pretrain_workdir:
-      config.init.pretrain_workdir = os.path.join(workdir, "pretrain")
-  return knowledge_swap.run(config, workdir)
+  return methods.run(config, workdir)
 
 
 def _config_spec(argv) -> str:
@@ -59,8 +59,25 @@ def _config_spec(argv) -> str:
   return DEFAULT_CONFIG
 
 
+def _resolve_shipped(argv) -> list[str]:
+  """`--config=gs_lora_digits.py[:arg]` (or without `.py`) names a shipped config when no
+  such file exists relative to the working directory, so installed users need no checkout."""
+  out = []
+  for a in argv:
+    if a.startswith("--config="):
+      path, sep, arg = a[len("--config="):].partition(":")
+      if not os.path.exists(path):
+        name = path if path.endswith(".py") else path + ".py"
+        shipped = os.path.join(_packaged_configs(), os.path.basename(name))
+        if os.path.isfile(shipped) and os.path.dirname(path) in ("", "configs"):
+          a = f"--config={shipped}{sep}{arg}"
+    out.append(a)
+  return out
+
+
 def load_config(argv):
   """Parses flags and returns (config, workdir); every failure becomes a one-line ConfigError."""
+  argv = _resolve_shipped(argv)
   try:
     values = _define_flags()
     values(argv)
@@ -92,7 +109,8 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
   if bad_field and bad_field.startswith("config."):
     value = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{bad_field}=")), None)
     return ConfigError(f"--{bad_field}: unknown config field or a value of the wrong type "
-                       f"({value!r}); fields, types and defaults are in kswap_jax/config.py")
+                       f"({value!r}); list the fields and defaults with: "
+                       f"python -m kswap_jax.config METHOD")
   for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
       return ConfigError(f"--{flag}: cannot use {value!r} ({str(chain[-1]).splitlines()[0]})")
@@ -105,9 +123,11 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
 
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                      stream=sys.stdout, force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  # Our progress at INFO; libraries only from WARNING (jax reports the TPU backend it did
+  # not find at INFO, which is normal on CPU and GPU machines).
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  logging.getLogger("kswap_jax").setLevel(logging.INFO)
   try:
     config, workdir = load_config(argv)
     dispatch(config, workdir)

@@ -1,8 +1,9 @@
-"""Default config fields shared by every run, and the `arg` string parser for configs.
+"""Config fields shared by every method, section builders, and the `arg` string parser.
 
-Every field a user may override (`--config.<field>=value`) is here with its default.
-Defaults follow the Knowledge Swapping reference code (spec `knowledge_swapping.md`);
-fields for reconstructed choices say so in their comment.
+Every field a user may override (`--config.<field>=value`) has a default: the shared ones
+here, a method's own sections in its module's `sections()` (e.g.
+`kswap_jax/methods/knowledge_swap.py`), the model's in its module's `DEFAULTS`.
+Fields for reconstructed choices say so in their comment.
 """
 
 from __future__ import annotations
@@ -44,76 +45,46 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All fields with reference defaults; a config file then sets data, model and classes."""
+  """The fields every method uses. A method adds its own sections (`methods.default_config`),
+  then a config file sets data, model and classes."""
   c = ml_collections.ConfigDict()
-  c.method = "lbf"          # pretrain | lbf | laf
-  c.seed = 1337             # the reference's torch.manual_seed(1337)
+  c.method = "lbf"          # a name in kswap_jax.methods.METHODS
+  c.seed = 1337             # the references' torch.manual_seed(1337)
 
   # Architecture fields and defaults belong to the model (kswap_jax/models/vit.py DEFAULTS).
   c.model = models.default_config("vit")
 
-  c.lora = ml_collections.ConfigDict(dict(
-      targets=FFN_TARGETS,   # regex over "/"-joined kernel names; FFN fc1/fc2 of every block
-      rank=8,
-      alpha=1.0,             # scale = alpha / rank = 1/8 (loralib default alpha 1)
-      init_slope=math.sqrt(50.0),  # kaiming-uniform slope of A: the reference's sqrt(50)
-  ))
-
-  c.group_lasso = ml_collections.ConfigDict(dict(
-      mode="penalty",        # penalty: α·Ω in the loss (reference); proximal: exact prox step
-      alpha=0.005,
-      grouping="block",      # block | module | leaf
-  ))
-
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-2, min_lr=1e-5, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8))
-
-  c.ks = ml_collections.ConfigDict(dict(
-      beta=0.2,              # retain weight when learning, forget weight when forgetting
-      bound=105.0,           # BND of ReLU(BND − CE_f)
-      learn_epochs=5,
-      forget_epochs=5,
-      batch_size=80,         # global batch of every stream
-      reset_optimizer_between_stages=False,  # ablation; the reference carries the state over
-  ))
-
-  c.swap = ml_collections.ConfigDict(dict(
-      num_old_classes=100,   # pretrained label space [0, num_old_classes)
-      forget_classes=(0, 1, 2, 3, 4),  # [unknown] in the paper: the authors' folders fix them
-      retain_classes=(),     # empty = every old class not forgotten
-      learn_classes=(0, 1, 2, 3, 4),   # ids of data.new; become num_old + rank
-      retain_ratio=0.1, forget_ratio=0.1, learn_ratio=1.0,
-      retain_shots=0, forget_shots=0, learn_shots=0,   # >0: exactly n per class
-      seed=1337,             # subset draw (numpy default_rng over sorted ids)
-  ))
-
   c.data = ml_collections.ConfigDict(dict(
+      # old: the dataset the model was pretrained on; new: a second source of classes to
+      # learn (Knowledge Swapping), may equal old.
       old=dict(kind="tfds", name="", data_dir="", train_split="train", test_split="test",
                image_key="image", label_key="label"),
       new=dict(kind="tfds", name="", data_dir="", train_split="train", test_split="test",
                image_key="image", label_key="label"),
-      mean=0.5, std=0.5,     # (x/255 − 0.5)/0.5 as the reference
+      mean=0.5, std=0.5,     # (x/255 − 0.5)/0.5 as the Knowledge Swapping reference
       num_threads=0,         # grain read threads; 0 reads in the main thread
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=80,
-      every_steps=0,         # >0: also evaluate every N steps of a stage (the reference: 5)
+      every_steps=0,         # >0: also evaluate every N iterations of a stage
   ))
 
   c.init = ml_collections.ConfigDict(dict(
       kind="npz",            # npz | pretrain | random
-      checkpoint="",         # the vit_jax .npz for kind=npz
+      checkpoint="",         # the vit_jax-layout .npz for kind=npz
       head="extend",         # extend | replace | keep (see checkpoint.load_npz)
       pretrain_workdir="",   # kind=pretrain: default <workdir>/pretrain
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
+      num_classes=0,         # train on classes [0, n) of data.old; 0 = model.num_classes
       epochs=30, warmup_epochs=2, batch_size=64,
-      optim=dict(lr=1e-3, min_lr=1e-5, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8),
+      optim=adamw_section(lr=1e-3),
   ))
 
   c.train = ml_collections.ConfigDict(dict(
+      num_devices=0,         # data-parallel over the first n devices; 0 = all of them
       log_every_steps=10,
       checkpoint_every_steps=100,
       max_checkpoints_to_keep=2,
@@ -122,3 +93,66 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict(dict(merged_npz=True))
   c.debug = ml_collections.ConfigDict(dict(interrupt_at_step=0))  # simulate a kill (tests)
   return c
+
+
+# Section builders: methods that share a section's shape (LoRA, group lasso, AdamW) own
+# their defaults by passing overrides.
+
+def lora_section(**overrides) -> ml_collections.ConfigDict:
+  """`lora`: which kernels get LoRA, rank, scale and init (see `lora.LoraSpec`)."""
+  return ml_collections.ConfigDict(dict(dict(
+      targets=FFN_TARGETS,   # regex over "/"-joined kernel names; FFN fc1/fc2 of every block
+      rank=8,
+      alpha=1.0,             # scale = alpha / rank = 1/8 (loralib default alpha 1)
+      init_slope=math.sqrt(50.0),  # kaiming-uniform slope of A (loralib: sqrt(5))
+  ), **overrides))
+
+
+def group_lasso_section(**overrides) -> ml_collections.ConfigDict:
+  """`group_lasso`: the group-sparse term over LoRA groups (see `optim.group_lasso`)."""
+  return ml_collections.ConfigDict(dict(dict(
+      mode="penalty",        # penalty: α·Ω in the loss (references); proximal: exact prox step
+      alpha=0.005,
+      grouping="block",      # block | module | leaf
+  ), **overrides))
+
+
+def adamw_section(**overrides) -> ml_collections.ConfigDict:
+  """AdamW with a per-epoch cosine learning rate from `lr` down to `min_lr`."""
+  return ml_collections.ConfigDict(dict(dict(
+      lr=1e-2, min_lr=1e-5, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8), **overrides))
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, object]]:
+  """[("model.variant", "B/16"), ...]: every overridable field with its value."""
+  out = []
+  for key in sorted(config.keys()):
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out += flatten(value, f"{prefix}{key}.")
+    else:
+      out.append((f"{prefix}{key}", value))
+  return out
+
+
+def main(argv=None) -> int:
+  """`python -m kswap_jax.config [METHOD ...]`: every config field of a method and its
+  default (all methods when none is named)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  names = list(sys.argv[1:] if argv is None else argv) or sorted(methods.METHODS)
+  try:
+    for name in names:
+      config = methods.default_config(name)
+      print(f"# method={name}: --config.<field>=<value> overrides any of these")
+      for field, value in flatten(config):
+        print(f"{field} = {value!r}")
+      print()
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -54,7 +54,7 @@ class LoraSpec:
     alpha: scaling numerator; the update is scaled by alpha / rank.
     init_slope: negative slope `a` of the kaiming-uniform init of the `a` leaves:
       bound = sqrt(2 / (1 + slope^2)) * sqrt(3 / fan_in). loralib uses sqrt(5);
-      Knowledge Swapping re-initialises with sqrt(50) (spec §2.2).
+      Knowledge Swapping re-initialises with sqrt(50) (docs/knowledge_swapping.md).
   """
   targets: str = FFN_TARGETS
   rank: int = 8
@@ -80,7 +80,7 @@ class LoraSpec:
 
 
 def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def named_leaves(tree: Tree) -> list[tuple[str, Any]]:
@@ -213,7 +213,7 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
           train: bool = False, rngs: dict[str, jax.Array] | None = None, **kwargs) -> jax.Array:
   """The unmerged LoRA forward: `model` on `base` with y += s·(x a) b at every target.
 
-  The base tree is never modified (no merge/unmerge drift, spec §7 item 9).
+  The base tree is never modified (no merge/unmerge drift).
 
   Args:
     model: a linen module whose targets are `nn.Dense`/`nn.DenseGeneral` calls.
@@ -303,7 +303,7 @@ def leaf_by_name(tree: Tree, name: str):
 
 
 def block_norms(lora: Tree, scale: float) -> dict[str, dict[str, float]]:
-  """Per-block norms of the knock-on analysis (spec §6), as host floats.
+  """Per-block norms of the knock-on analysis (docs/knowledge_swapping.md), as host floats.
 
   Returns:
     {"sum_frobenius": {block: n_l}, "delta_w": {block: ||ΔW_l||}} where

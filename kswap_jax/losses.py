@@ -27,16 +27,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
 def bounded_forgetting(forget_ce: jax.Array, bound: float) -> jax.Array:
   """ReLU(BND − CE_f) on the batch-mean forget CE: gradient ascent until CE_f exceeds BND.
 
-  The gradient is −∇CE_f while CE_f < BND and exactly 0 once CE_f > BND (spec §3).
+  The gradient is −∇CE_f while CE_f < BND and exactly 0 once CE_f > BND (docs/knowledge_swapping.md).
   """
   return jax.nn.relu(bound - forget_ce)
-
-
-def accuracy_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array
-                    ) -> dict[str, jax.Array]:
-  """{"correct", "count"} under the arg-max over all logits (the KS/GS-LoRA ViT rule)."""
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * mask
-  return {"correct": jnp.sum(correct), "count": jnp.sum(mask)}
 
 
 def prototype_kl(embeddings: jax.Array, prototypes: jax.Array, mask: jax.Array | None = None

@@ -1,8 +1,10 @@
-"""Metric definitions (shared spec: `metrics.md`). Accuracies are top-1, in percent,
+"""Metric definitions (docs/metrics.md). Accuracies are top-1, in percent,
 sample-weighted (correct / total, no per-class averaging).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 
 def accuracy(correct: float, count: float) -> float:
@@ -27,3 +29,17 @@ def h_mean_learn(acc_n_before: float, acc_n: float, acc_r: float, eps: float = 1
   """Learn-side analogue [inferred, metrics.md §2]: the gain Acc_n − Acc_n^before in place of D."""
   gain = acc_n - acc_n_before
   return 2.0 * gain * acc_r / (gain + acc_r + eps)
+
+
+def top1(logits, labels) -> float:
+  """Top-1 accuracy (%) under the arg-max over all logits; NaN for an empty split.
+
+  Args:
+    logits: (n, classes) outputs of `train.predict` (padded slots already dropped).
+    labels: (n,) integer labels.
+  """
+  labels = np.asarray(labels)
+  if labels.size == 0:
+    return accuracy(0, 0)
+  correct = int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
+  return accuracy(correct, labels.size)

@@ -1,28 +1,93 @@
-"""Human-facing output: the before/after table and the knock-on norm plot."""
+r"""Human-facing output: one table and one plot for every method's results envelope.
+
+Every method writes `results.json` as
+
+    {"method": ..., "config": {...}, "stages": [{"name": ..., <metric>: value, ...}, ...],
+     "final": {<metric>: value, ...}, ...method-specific keys}
+
+with metrics named as in `METRICS` (accuracies in %). `stage_table` prints it,
+`plot_stages` draws each metric across the stages; `python -m kswap_jax.report WORKDIR`
+does both for a finished run. Plots use `matplotlib.figure.Figure` directly, so importing
+this module never changes matplotlib's backend for the process.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
 import re
+import sys
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
+# name -> (column label, better: "up" | "down" | "" when judged by the gap to an oracle)
+METRICS = {
+    "acc": ("Acc", "up"),
+    "acc_r": ("Acc_r", "up"),
+    "acc_f": ("Acc_f", "down"),
+    "acc_n": ("Acc_n", "up"),
+    "acc_o": ("Acc_o", "down"),
+    "acc_m": ("Acc_m", "up"),
+    "h_mean": ("H-Mean", "up"),
+    "ua": ("UA", ""),
+    "ra": ("RA", ""),
+    "ta": ("TA", ""),
+    "mia_efficacy": ("MIA", ""),
+    "avg_gap": ("Avg.Gap", "down"),
+}
+_ARROWS = {"up": " ↑", "down": " ↓", "": ""}
 
 
-def swap_table(results: dict) -> str:
-  """A plain-text table of Acc_r / Acc_f / Acc_n per stage plus the final H-Mean."""
-  rows = [f"Knowledge Swapping ({results['method']}), test accuracy [%] "
-          f"({results.get('prediction_rule', '')})",
-          f"{'stage':<10}{'Acc_r ↑':>10}{'Acc_f ↓':>10}{'Acc_n ↑':>10}"]
-  for s in results["stages"]:
-    rows.append(f"{s['name']:<10}{s['acc_r']:>10.2f}{s['acc_f']:>10.2f}{s['acc_n']:>10.2f}")
-  f = results["final"]
-  before = results["stages"][0]
-  rows.append(f"Acc_r change {f['acc_r'] - before['acc_r']:+.2f}, Acc_f change "
-              f"{f['acc_f'] - before['acc_f']:+.2f}, Acc_n change "
-              f"{f['acc_n'] - before['acc_n']:+.2f}; H-Mean {f['h_mean']:.2f}")
+def _label(name: str) -> str:
+  label, better = METRICS[name]
+  return label + _ARROWS[better]
+
+
+def _fmt(value) -> str:
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return "nan" if math.isnan(value) else f"{value:.2f}"
+  return str(value)
+
+
+def stage_table(results: dict) -> str:
+  """A plain-text table: one row per stage, one column per known metric it reports."""
+  stages = results["stages"]
+  columns = [m for m in METRICS if any(m in s for s in stages)]
+  width = max([10] + [len(s["name"]) + 2 for s in stages])
+  title = f"{results['method']}: per-stage metrics [%]"
+  if results.get("prediction_rule"):
+    title += f" ({results['prediction_rule']})"
+  rows = [title, f"{'stage':<{width}}" + "".join(f"{_label(c):>10}" for c in columns)]
+  for s in stages:
+    rows.append(f"{s['name']:<{width}}" + "".join(
+        f"{_fmt(s[c]) if c in s else '-':>10}" for c in columns))
+  final = results.get("final", {})
+  if final:
+    rows.append("final: " + ", ".join(
+        f"{METRICS[k][0] if k in METRICS else k} {_fmt(v)}" for k, v in final.items()))
   return "\n".join(rows)
+
+
+def plot_stages(results: dict, path: str) -> None:
+  """One panel per metric (accuracies and H-Mean) against the stages, written as a PNG."""
+  stages = results["stages"]
+  columns = [m for m in METRICS if any(isinstance(s.get(m), (int, float)) for s in stages)]
+  if not columns:
+    return
+  fig = Figure(figsize=(max(5, 1.2 * len(stages) + 3), 4))
+  ax = fig.add_subplot(1, 1, 1)
+  x = list(range(len(stages)))
+  for c in columns:
+    ax.plot(x, [s.get(c, float("nan")) for s in stages], marker="o", label=_label(c))
+  ax.set_xticks(x, [s["name"] for s in stages], rotation=30, ha="right")
+  ax.set_ylabel("%")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(f"{results['method']}: metrics per stage")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
 
 
 def _block_index(name: str) -> int:
@@ -39,7 +104,8 @@ def plot_block_norms(block_norms: dict, path: str, title: str = "") -> None:
     path: PNG to write.
     title: figure title.
   """
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = Figure(figsize=(10, 4))
+  axes = fig.subplots(1, 2)
   for ax, key, label in ((axes[0], "sum_frobenius", "n_l = Σ ||A||_F + ||B||_F"),
                          (axes[1], "delta_w", "||ΔW_l||_F = Σ s·||A B||_F")):
     for stage, norms in block_norms.items():
@@ -54,4 +120,25 @@ def plot_block_norms(block_norms: dict, path: str, title: str = "") -> None:
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  """`python -m kswap_jax.report WORKDIR`: prints the table, writes WORKDIR/stages.png."""
+  parser = argparse.ArgumentParser(prog="python -m kswap_jax.report", description=main.__doc__)
+  parser.add_argument("workdir")
+  args = parser.parse_args(argv)
+  path = os.path.join(args.workdir, "results.json")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    table = stage_table(results)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    print(f"error: {path}: not a finished run's results envelope ({e})", file=sys.stderr)
+    return 2
+  print(table)
+  plot_stages(results, os.path.join(args.workdir, "stages.png"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax import losses, metrics
 from kswap_jax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger("kswap_jax")
@@ -51,19 +51,27 @@ class TrainState(NamedTuple):
     rng: uint32[2] key data; split once per step for dropout.
     model_state: non-trainable state the forward pass updates (e.g. BatchNorm
       `batch_stats`); an empty dict for the ViT methods.
+    carry: method state carried across stages, with a structure fixed when the state is
+      created (e.g. GS-LoRA's per-task LoRA trees stacked on a leading task axis, EWC's
+      importances). It is checkpointed with everything else; the train step passes it
+      through untouched. Rule: a stage's `on_start` derives all it needs (a merged base,
+      a fresh LoRA, a saliency mask) from the restored state alone, never from an earlier
+      stage's `on_start` having run in this process.
   """
   step: jax.Array
   params: Tree
   opt_state: Tree
   rng: jax.Array
   model_state: Tree
+  carry: Tree = {}
 
 
 def create_state(params: Tree, tx: optax.GradientTransformation, seed: int,
-                 model_state: Tree | None = None) -> TrainState:
+                 model_state: Tree | None = None, carry: Tree | None = None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.key(seed)),
-                    model_state={} if model_state is None else model_state)
+                    model_state={} if model_state is None else model_state,
+                    carry={} if carry is None else carry)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -72,18 +80,36 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 
 
+def mesh_for(config: ml_collections.ConfigDict) -> Mesh:
+  """The run's mesh: every device, or the first `train.num_devices` (> 0) of them."""
+  n = int(config.train.get("num_devices", 0) or 0)
+  devices = jax.devices()
+  if n < 0 or n > len(devices):
+    raise ConfigError(f"train.num_devices: {n} (this process sees {len(devices)} device(s); "
+                      f"0 uses all)")
+  return make_mesh(devices[:n] if n else devices)
+
+
 def _split_hparams(opt_state, hparams: dict) -> tuple[Any, dict]:
-  """Writes the optimizer's injectable hyper-parameters (e.g. the epoch LR) into its state;
-  returns (opt_state, the remaining hyper-parameters, which go to the loss)."""
-  injectable = getattr(opt_state, "hyperparams", {})
-  rest = {k: v for k, v in hparams.items() if k not in injectable}
-  if len(rest) == len(hparams):
-    return opt_state, rest
-  hp = dict(injectable)
+  """Writes the optimizer's injectable hyper-parameters (e.g. the epoch LR) into its state,
+  wherever an `optax.inject_hyperparams` state sits in it (also inside a wrapping
+  transform such as `fast_slow`); returns (opt_state, the rest, which go to the loss)."""
+  injectable, rest = {}, {}
   for k, v in hparams.items():
-    if k in hp:
-      hp[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
-  return opt_state._replace(hyperparams=hp), rest
+    found = optax.tree.get_all_with_path(
+        opt_state, k, filtering=lambda path, _: _in_hyperparams(path))
+    if found:
+      injectable[k] = jnp.asarray(v, dtype=jnp.asarray(found[0][1]).dtype)
+    else:
+      rest[k] = v
+  if injectable:
+    opt_state = optax.tree.set(opt_state, lambda path, _: _in_hyperparams(path), **injectable)
+  return opt_state, rest
+
+
+def _in_hyperparams(path) -> bool:
+  """Whether a key path ends in `....hyperparams[<name>]` (an inject_hyperparams state)."""
+  return len(path) >= 2 and getattr(path[-2], "name", None) == "hyperparams"
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
@@ -123,21 +149,27 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     updates, opt_state = tx.update(grads, opt_state, state.params, **(update_kwargs or {}))
     params = optax.apply_updates(state.params, updates)
     measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return (TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng), model_state),
-            measurements)
+    return (TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng), model_state,
+                       state.carry), measurements)
 
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return jax.jit(step, in_shardings=(replicated, replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(logits_fn: LogitsFn, mesh: Mesh) -> Callable:
-  """`eval_step(state, frozen, batch) -> {"correct", "count"}` (arg-max over all logits)."""
+def make_predict_step(logits_fn: LogitsFn, mesh: Mesh) -> Callable:
+  """`predict_step(state, frozen, batch) -> {"logits", "label", "mask"}`, per sample.
+
+  Evaluation keeps the model's raw outputs (float32 logits) so that every metric — top-1
+  accuracies, the continual-learning accuracy matrix, membership inference, divergences to
+  an oracle — is computed on the host from one pass (see `predict` and `metrics`).
+  """
   def step(state: TrainState, frozen, batch):
     logits = logits_fn(state.params, state.model_state, frozen, batch)
-    return losses.accuracy_counts(logits, batch["label"], batch["mask"])
+    return {"logits": logits.astype(jnp.float32), "label": batch["label"],
+            "mask": batch["mask"]}
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(step, in_shardings=(replicated, replicated, data), out_shardings=replicated)
+  return jax.jit(step, in_shardings=(replicated, replicated, data), out_shardings=data)
 
 
 def to_global(batch: dict, mesh: Mesh) -> dict:
@@ -158,15 +190,28 @@ def replicate(tree: Tree, mesh: Mesh) -> Tree:
   return jax.device_put(copied, NamedSharding(mesh, P()), may_alias=False)
 
 
-def evaluate(eval_step: Callable, state: TrainState, frozen: Tree, batches: Iterator[dict],
-             mesh: Mesh) -> float:
-  """Top-1 accuracy (%) over one pass of padded eval batches; NaN for an empty split."""
-  correct = count = 0.0
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def predict(predict_step: Callable, state: TrainState, frozen: Tree, batches: Iterator[dict],
+            mesh: Mesh) -> dict[str, np.ndarray]:
+  """{"logits": (n, classes), "label": (n,)} over one pass of padded eval batches.
+
+  Padded slots are dropped, so row i is the i-th real example of the split in order.
+  Every process receives all rows.
+  """
+  logits, labels = [], []
   for batch in batches:
-    out = jax.device_get(eval_step(state, frozen, to_global(batch, mesh)))
-    correct += float(out["correct"])
-    count += float(out["count"])
-  return metrics.accuracy(correct, count)
+    out = predict_step(state, frozen, to_global(batch, mesh))
+    valid = _to_host(out["mask"]) > 0
+    logits.append(_to_host(out["logits"])[valid])
+    labels.append(_to_host(out["label"])[valid])
+  if not logits:
+    return {"logits": np.zeros((0, 0), np.float32), "label": np.zeros((0,), np.int64)}
+  return {"logits": np.concatenate(logits), "label": np.concatenate(labels)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +227,7 @@ class Stage:
 
   By default every iteration is one step on the next batch of every stream. A `plan`
   changes that per iteration, e.g. UG-CLU's FAST step on a forget batch every N_f
-  iterations followed by a SLOW step on a remain batch; each stream then advances only
+  iterations followed by a SLOW step on a retain batch; each stream then advances only
   when a sub-step takes a batch from it (and resumes from its own position).
 
   Attributes:
@@ -252,9 +297,14 @@ class Run:
 
   Resuming: `restore(state)` returns the newest checkpoint's state and meta; `meta` holds
   "stage_index" (stages finished), "stage_step" (steps done in the current stage),
-  "streams" (batches consumed per stream) and "results" (per-stage evaluations).
-  A rerun of the same command therefore continues where the previous one stopped and ends
-  with the same final metrics.
+  "streams" (batches consumed per stream), "results" (per-stage evaluations) and "evals"
+  (periodic in-stage evaluations per stage). A rerun of the same command therefore
+  continues where the previous one stopped and ends with the same final metrics.
+
+  Guarantees of the stage loop (`run_stage`): the host never waits for the device between
+  steps, except at log steps and checkpoints; every step's loss is checked for finiteness
+  at the next log step and before the next checkpoint, so a non-finite loss stops the run
+  (exit 1, naming the first bad step) before anything computed after it is saved.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
@@ -265,11 +315,12 @@ class Run:
     self._check_config()
     tcfg = config.train
     self.log_every = int(tcfg.log_every_steps)
-    self.checkpoint_every = int(tcfg.checkpoint_every_steps)
     self.interrupt_at_step = int(config.get("debug", {}).get("interrupt_at_step", 0) or 0)
-    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                              max_to_keep=int(tcfg.max_checkpoints_to_keep))
-    self.meta: dict = {"stage_index": 0, "stage_step": 0, "streams": {}, "results": {}}
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), max_to_keep=int(tcfg.max_checkpoints_to_keep),
+        every_steps=int(tcfg.checkpoint_every_steps))
+    self.meta: dict = {"stage_index": 0, "stage_step": 0, "streams": {}, "results": {},
+                       "evals": {}}
     results = os.path.join(self.workdir, "results.json")
     if self.is_main and os.path.exists(results):
       os.remove(results)  # only a finished run (re)writes it
@@ -302,7 +353,8 @@ class Run:
     if restored is None:
       self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
       return state
-    state, self.meta = restored
+    state, meta = restored
+    self.meta = {"evals": {}, **meta}
     step = int(state.step)
     log.info("resumed from %s at step %d (stage %d, %d steps into it)",
              self.checkpointer.directory, step, self.meta["stage_index"],
@@ -310,11 +362,14 @@ class Run:
     self._truncate_metrics(step)
     return state
 
-  def save(self, state: TrainState) -> None:
+  def save(self, state: TrainState, step: int | None = None) -> None:
+    """Checkpoints `state` with a snapshot of `meta` (orbax writes asynchronously, so the
+    dict the loop keeps updating must not be handed over by reference)."""
     if self._pending_config is not None and self.is_main:
       write_json(*self._pending_config)
       self._pending_config = None
-    self.checkpointer.save(int(jax.device_get(state.step)), state, self.meta)
+    step = int(jax.device_get(state.step)) if step is None else step
+    self.checkpointer.save(step, state, json.loads(json.dumps(_jsonable(self.meta))))
 
   def _truncate_metrics(self, step: int) -> None:
     """Drops metric lines logged after the checkpoint we resume from (they will be redone)."""
@@ -344,7 +399,7 @@ class Run:
 
   def run_stage(self, index: int, stage: Stage, state: TrainState, frozen: Tree, mesh: Mesh,
                 extra_log: Callable[[TrainState], dict] | None = None,
-                eval_fn: Callable[[TrainState], dict] | None = None,
+                eval_fn: Callable[[TrainState, Tree], dict] | None = None,
                 eval_every: int = 0) -> tuple[TrainState, Tree]:
     """Trains `stage` from where the checkpoint left it; saves every N steps and at the end.
 
@@ -355,8 +410,10 @@ class Run:
       frozen: the frozen tree (replicated).
       mesh: the data mesh.
       extra_log: state -> extra host measurements for logged iterations (e.g. group norms).
-      eval_fn: state -> {metric: value}, logged as an "eval" record every `eval_every`
-        iterations of the stage (the reference evaluates every 5 steps); 0 disables it.
+      eval_fn: (state, frozen) -> {metric: value}, run every `eval_every` iterations of
+        the stage (the GS-LoRA reference evaluates every 100 steps), logged as an "eval"
+        record and kept in `meta["evals"][stage.name]` (checkpointed), so a method can act
+        on them after the stage (e.g. keep the best-H record); 0 disables it.
 
     Returns:
       (state, frozen) after the stage; the checkpoint written at its end records
@@ -368,6 +425,8 @@ class Run:
     start = self.meta["stage_step"] if resuming else 0
     positions = {k: int(self.meta["streams"].get(k, 0)) if resuming else 0
                  for k in stage.streams}
+    if not resuming:
+      self.meta["evals"].pop(stage.name, None)
     if stage.on_start is not None:
       state, frozen = stage.on_start(state, frozen, not resuming)
     total, spe = stage.num_steps, max(1, stage.steps_per_epoch)
@@ -377,52 +436,69 @@ class Run:
              f", resuming at iteration {start}" if start else "")
     iters = {k: st.iterate(positions[k]) for k, st in stage.streams.items()}
     t0, done_since = time.time(), 0
-    step = int(jax.device_get(state.step))
+    step = int(jax.device_get(state.step))  # from here on counted on the host
+    unchecked: list[tuple] = []  # (step, epoch, iteration, label, device loss)
     for s in range(start, total):
       epoch = s // spe
       hparams = stage.hparams_fn(epoch, s)
-      before = step
       measurements = {}
       for label, step_fn, keys in stage.substeps(s):
         batch = to_global({k: next(iters[k]) for k in keys}, mesh)
         for k in keys:
           positions[k] += 1
         state, m = step_fn(state, frozen, batch, hparams)
-        m = jax.device_get(m)  # blocks: also fail fast on NaN
-        if not math.isfinite(float(m["loss"])):
-          raise NonFiniteLossError(
-              f"stage '{stage.name}', step {int(jax.device_get(state.step))} (epoch "
-              f"{epoch + 1}, iteration {s % spe + 1} of {spe}{', ' + label if label else ''}): "
-              f"loss is {float(m['loss'])}; nothing was saved for this step (lower the "
-              f"learning rate or check the data)")
-        measurements.update({(f"{label}/{k}" if label else k): float(v) for k, v in m.items()})
-      step = int(jax.device_get(state.step))
+        step += 1
+        unchecked.append((step, epoch, s, label, m["loss"]))
+        measurements[label] = m
       done_since += 1
       self.meta.update(stage_index=index, stage_step=s + 1, streams=dict(positions))
-      if (s + 1) % self.log_every == 0 or s + 1 == total:
-        record = {"step": step, "stage": stage.name, "epoch": epoch + 1, **measurements,
-                  **hparams}
+      last = s + 1 == total
+      log_now = (s + 1) % self.log_every == 0 or last
+      save_now = not last and self.checkpointer.should_save(step)
+      if log_now or save_now:
+        self._check_finite(unchecked, stage.name, spe)
+        unchecked = []
+      if log_now:
+        flat = {(f"{label}/{k}" if label else k): float(v)
+                for label, m in jax.device_get(measurements).items() for k, v in m.items()}
+        record = {"step": step, "stage": stage.name, "epoch": epoch + 1, **flat, **hparams}
         if extra_log is not None:
           record.update(extra_log(state))
         self.log_metrics(record)
-        loss = measurements.get("loss", next(
-            (v for k, v in measurements.items() if k.endswith("/loss")), float("nan")))
+        loss = flat.get("loss", next(
+            (v for k, v in flat.items() if k.endswith("/loss")), float("nan")))
         log.info("[%s] epoch %d/%d iteration %d/%d loss %.4f lr %.3g (%.1f it/s)", stage.name,
                  epoch + 1, epochs, s + 1, total, loss,
                  float(hparams.get("learning_rate", float("nan"))),
                  done_since / max(1e-9, time.time() - t0))
         t0, done_since = time.time(), 0
       if eval_fn is not None and eval_every and (s + 1) % eval_every == 0:
+        result = _jsonable(eval_fn(state, frozen))
+        self.meta["evals"].setdefault(stage.name, []).append({"step": step, **result})
         self.log_metrics({"step": step, "stage": stage.name, "epoch": epoch + 1,
-                          "eval": eval_fn(state)})
-      if (s + 1 < total and self.checkpoint_every
-          and step // self.checkpoint_every > before // self.checkpoint_every):
-        self.save(state)
+                          "eval": result})
+      if save_now:
+        self.save(state, step)
       if self.interrupt_at_step and step >= self.interrupt_at_step:
         self.checkpointer.wait()
         raise SystemExit(f"debug.interrupt_at_step: stopped at step {step} as requested")
+    self._check_finite(unchecked, stage.name, spe)
     self.meta.update(stage_index=index + 1, stage_step=0, streams={})
     return state, frozen
+
+  @staticmethod
+  def _check_finite(unchecked: list[tuple], stage: str, steps_per_epoch: int) -> None:
+    """Raises NonFiniteLossError naming the first step whose loss was not finite."""
+    if not unchecked:
+      return
+    values = jax.device_get([u[-1] for u in unchecked])
+    for (step, epoch, s, label, _), value in zip(unchecked, values):
+      if not math.isfinite(float(value)):
+        raise NonFiniteLossError(
+            f"stage '{stage}', step {step} (epoch {epoch + 1}, iteration "
+            f"{s % steps_per_epoch + 1} of {steps_per_epoch}{', ' + label if label else ''}): "
+            f"loss is {float(value)}; nothing after the last good checkpoint was saved "
+            f"(lower the learning rate or check the data)")
 
   def finish_stage(self, state: TrainState, name: str, results: dict) -> None:
     """Records a finished stage's evaluation and checkpoints it (the resume point)."""
@@ -431,6 +507,10 @@ class Run:
     self.checkpointer.wait()
 
   def write_results(self, results: dict) -> str:
+    """Writes the results envelope atomically as `results.json` (a finished run only)."""
+    missing = [k for k in ("method", "config", "stages", "final") if k not in results]
+    if missing or not all("name" in s for s in results["stages"]):
+      raise ValueError(f"results envelope lacks {missing or 'a stage name'}")
     path = os.path.join(self.workdir, "results.json")
     self.checkpointer.wait()
     if self.is_main:

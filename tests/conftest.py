@@ -27,3 +27,28 @@ def tiny():
   model = vit.build(cfg)
   params = vit.init_params(model, cfg, jax.random.key(0))
   return cfg, model, params
+
+
+def load_config(name, arg=None):
+  """`get_config(arg)` of configs/<name>.py."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+_METHOD_RUNS = {}
+
+
+def method_run(tmp_path_factory, config_name, arg):
+  """(workdir, results) of one uninterrupted run of configs/<config_name>.py:<arg>, made
+  once per test session and shared by the tests that inspect it."""
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  key = (config_name, arg)
+  if key not in _METHOD_RUNS:
+    workdir = str(tmp_path_factory.mktemp(f"{config_name}_{arg}".replace(",", "_")
+                                          .replace("=", "-")))
+    _METHOD_RUNS[key] = (workdir, methods.run(load_config(config_name, arg), workdir))
+  return _METHOD_RUNS[key]

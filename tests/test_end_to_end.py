@@ -1,6 +1,5 @@
 """End-to-end runs of every method on tiny configs, and the kill-and-resume guarantee."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -8,27 +7,18 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_config as _config
+from conftest import method_run
 from kswap_jax import cli
 
 pytestmark = pytest.mark.slow
 
 
-def _config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.fixture(scope="module")
 def lbf_run(tmp_path_factory):
-  """An uninterrupted runlocal LBF run of the demo config (pretrain + learn + forget)."""
-  workdir = str(tmp_path_factory.mktemp("lbf"))
-  config = _config("demo", "runlocal")
-  config.train.checkpoint_every_steps = 4
-  results = cli.dispatch(config, workdir)
-  return workdir, results
+  """The uninterrupted runlocal LBF run of the demo config (pretrain + learn + forget),
+  shared with the conformance suite."""
+  return method_run(tmp_path_factory, "demo", "runlocal")
 
 
 def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
@@ -55,20 +45,19 @@ def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
   assert all(v > 0 for v in norms["forget"]["delta_w"].values())
 
 
-def test_kill_and_rerun_resumes_to_identical_final_metrics(lbf_run, tmp_path):
+def test_kill_in_pretraining_then_in_the_swap_resumes_to_identical_results(lbf_run, tmp_path):
   reference = lbf_run[1]
   workdir = str(tmp_path / "resumed")
-  config = _config("demo", "runlocal")
-  config.train.checkpoint_every_steps = 4
-  # Killed in the pretraining run (step 10), then in the swap's forget stage (step 30 of 52):
-  # each rerun of the same command resumes from the newest checkpoint.
-  for interrupt in (10, 30):
+  # Killed in the pretraining run (step 10 of 32), then in the swap's forget stage (step 40
+  # of 56): each rerun of the same command resumes from the newest checkpoint.
+  for interrupt in (10, 40):
+    config = _config("demo", "runlocal")
+    config.train.checkpoint_every_steps = 4
     config.debug.interrupt_at_step = interrupt
     with pytest.raises(SystemExit, match="interrupt_at_step"):
-      cli.dispatch(_copy(config), workdir)
+      cli.dispatch(config, workdir)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
-  config.debug.interrupt_at_step = 0
-  resumed = cli.dispatch(_copy(config), workdir)
+  resumed = cli.dispatch(_config("demo", "runlocal"), workdir)
   assert resumed["final"] == reference["final"]
   assert resumed["stages"] == reference["stages"]
   lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -78,10 +67,6 @@ def test_kill_and_rerun_resumes_to_identical_final_metrics(lbf_run, tmp_path):
   got = np.load(os.path.join(workdir, "lora_forget.npz"))
   for k in ref.files:
     np.testing.assert_array_equal(got[k], ref[k])
-
-
-def _copy(config):
-  return type(config)(config.to_dict())
 
 
 def test_laf_runs_forget_then_learn(lbf_run, tmp_path):

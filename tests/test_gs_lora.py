@@ -1,7 +1,6 @@
 """GS-LoRA / GS-LoRA++: the method's pieces on small literal trees, and tiny end-to-end runs
 (continual, with a kill in the middle of task 2 and a rerun), frozen leaves, bad input."""
 
-import importlib.util
 import json
 import os
 
@@ -11,18 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
-from kswap_jax import lora, losses
+from conftest import load_config, method_run
+from kswap_jax import lora, losses, methods
 from kswap_jax.errors import ConfigError
-from kswap_jax.methods import gs_lora
+from kswap_jax.methods import continual, gs_lora
 from kswap_jax.optim import group_lasso
-
-
-def _config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _tree(scale=1.0):
@@ -43,9 +35,9 @@ def _base():
 
 def test_task_base_folds_the_recorded_tasks_in_order():
   base, t1, t2 = _base(), _tree(), _tree(2.0)
-  stack = gs_lora.stack_zeros(t1, 3)
-  stack = gs_lora.record_task(stack, t1, 0)
-  stack = gs_lora.record_task(stack, t2, 1)
+  stack = continual.stack_zeros(t1, 3)
+  stack = continual.stack_set(stack, 0, t1)
+  stack = continual.stack_set(stack, 1, t2)
   got = gs_lora.task_base(base, stack, 2, 0.125)
   want = lora.merge(lora.merge(base, t1, 0.125), t2, 0.125)
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
@@ -87,13 +79,17 @@ def test_proximal_optimizer_zeroes_groups_and_follows_injected_alpha():
                      .init(params).hyperparams, "alpha")
 
 
-def test_accuracies_name_both_prediction_rules():
-  counts = {"retain_test": {"correct_margin": 3.0, "correct_nomargin": 4.0, "count": 4.0},
-            "forget_test": {"correct_margin": 0.0, "correct_nomargin": 1.0, "count": 2.0}}
-  acc = gs_lora.accuracies(counts, margin=True)
-  assert acc["acc_r"] == 75.0 and acc["acc_r_nomargin"] == 100.0 and acc["acc_f"] == 0.0
+def test_accuracies_apply_the_margin_on_the_host():
+  # CosFace plain logits 64·cos; the margin rule subtracts 64·0.35 = 22.4 from the true class.
+  logits = np.array([[64 * 0.8, 64 * 0.6], [64 * 0.95, 64 * 0.3], [0.0, 64 * 0.9]])
+  preds = {"retain_test": {"logits": logits, "label": np.array([0, 0, 1])},
+           "forget_test": {"logits": logits[:1], "label": np.array([1])}}
+  acc = gs_lora.accuracies(preds, margin=22.4, use_margin=True)
+  assert acc["acc_r"] == pytest.approx(200 / 3) and acc["acc_r_nomargin"] == 100.0
+  assert acc["acc_f"] == 0.0 and acc["acc_f_margin"] == 0.0
   assert "acc_o" not in acc and "acc_m" not in acc
-  assert gs_lora.accuracies(counts, margin=False)["acc_f"] == 50.0
+  assert gs_lora.accuracies(preds, margin=22.4, use_margin=False)["acc_r"] == 100.0
+  np.testing.assert_array_equal(preds["retain_test"]["logits"], logits)  # not modified
 
 
 @pytest.fixture(scope="module")
@@ -146,31 +142,19 @@ def test_loss_is_the_sum_of_its_terms(tiny_face):
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end (slow): a tiny continual run, its resumption, frozen leaves.
+# End to end (slow): the conformance suite's tiny continual run (4 tasks x 2 classes of 10,
+# killed and resumed in task 2 there), inspected here; bad input.
 
-def _tiny(arg="setting=continual,runlocal"):
-  config = _config("gs_lora_casia100", arg)
-  config.tasks.num_tasks = 3
-  config.gs_lora.beta = (0.2, 0.25, 0.25)
-  config.gs_lora.epochs = 2
-  config.train.checkpoint_every_steps = 3
-  return config
-
-
-@pytest.fixture(scope="module")
-def continual_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("gs_cl"))
-  config = _tiny()
-  config.init.pretrain_workdir = os.path.join(workdir, "pretrain")
-  return workdir, gs_lora.run(config, workdir)
+CASE = ("gs_lora_casia100", "runlocal")
 
 
 @pytest.mark.slow
-def test_continual_run_writes_the_results_envelope(continual_run):
-  workdir, results = continual_run
+def test_continual_run_writes_the_results_envelope(tmp_path_factory):
+  workdir, results = method_run(tmp_path_factory, *CASE)
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   assert on_disk["final"] == results["final"]
-  assert [s["name"] for s in on_disk["stages"]] == ["pretrained", "task_1", "task_2", "task_3"]
+  assert [s["name"] for s in on_disk["stages"]] == ["pretrained", "task_1", "task_2", "task_3",
+                                                    "task_4"]
   t1, t2 = on_disk["stages"][1], on_disk["stages"][2]
   for key in ("acc_r", "acc_f", "h_mean", "zero_groups", "nonzero_lora_fraction", "seconds",
               "acc_r_nomargin", "acc_f_nomargin", "acc_f_before", "forget_classes",
@@ -186,8 +170,8 @@ def test_continual_run_writes_the_results_envelope(continual_run):
 
 
 @pytest.mark.slow
-def test_only_lora_targets_change_and_they_equal_the_folded_tasks(continual_run):
-  workdir, _ = continual_run
+def test_only_lora_targets_change_and_they_are_the_folded_tasks(tmp_path_factory):
+  workdir, _ = method_run(tmp_path_factory, *CASE)
   pre = np.load(os.path.join(workdir, "pretrain", "params.npz"))
   merged = np.load(os.path.join(workdir, "merged_params.npz"))
   assert set(pre.files) == set(merged.files)
@@ -196,33 +180,15 @@ def test_only_lora_targets_change_and_they_equal_the_folded_tasks(continual_run)
                          for n in changed)
 
 
-@pytest.mark.slow
-def test_kill_in_task_2_and_rerun_gives_the_same_final_metrics(continual_run, tmp_path):
-  reference = continual_run[1]
-  workdir = str(tmp_path / "resumed")
-  config = _tiny()
-  config.init.pretrain_workdir = os.path.join(continual_run[0], "pretrain")  # reuse it
-  steps_per_task = None
-  with open(os.path.join(continual_run[0], "metrics.jsonl")) as f:
-    lines = [json.loads(x) for x in f]
-  steps_per_task = max(x["step"] for x in lines if x.get("stage") == "task_1")
-  config.debug.interrupt_at_step = steps_per_task + 2           # inside task 2
-  with pytest.raises(SystemExit):
-    gs_lora.run(config, workdir)
-  assert not os.path.exists(os.path.join(workdir, "results.json"))
-  config.debug.interrupt_at_step = 0
-  resumed = gs_lora.run(config, workdir)
-  assert resumed["final"] == reference["final"]
-  for a, b in zip(resumed["stages"], reference["stages"]):
-    assert {k: v for k, v in a.items() if k != "seconds"} == \
-        {k: v for k, v in b.items() if k != "seconds"}
+def _tiny():
+  return load_config(*CASE)
 
 
 @pytest.mark.parametrize("change,field", [
     (lambda c: setattr(c.gs_lora, "beta", (0.2, 0.3)), "gs_lora.beta"),
-    (lambda c: setattr(c.tasks, "forget_classes", ((1, 2), (2, 3), (4,))),
+    (lambda c: setattr(c.tasks, "forget_classes", ((1, 2), (2, 3), (4,), (5,))),
      "tasks.forget_classes"),
-    (lambda c: setattr(c.tasks, "forget_classes", ((1, 2), (12,), (4,))),
+    (lambda c: setattr(c.tasks, "forget_classes", ((1, 2), (12,), (4,), (5,))),
      "tasks.forget_classes"),
     (lambda c: setattr(c.gs_lora, "epoch_stream", "forget"), "gs_lora.epoch_stream"),
     (lambda c: setattr(c.group_lasso, "mode", "prox"), "group_lasso.mode"),
@@ -233,5 +199,5 @@ def test_bad_input_is_one_config_error_and_leaves_nothing(change, field, tmp_pat
   change(config)
   workdir = str(tmp_path / "w")
   with pytest.raises(ConfigError, match=f"^{field}:"):
-    gs_lora.run(config, workdir)
+    methods.run(config, workdir)
   assert not os.path.exists(workdir) or not os.listdir(workdir)

@@ -43,11 +43,11 @@ def test_bounded_forgetting_acts_on_the_batch_mean():
   assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) > 0
 
 
-def test_accuracy_counts_argmax_over_all_rows():
-  logits = jnp.array([[0.1, 0.9, 0.0, 5.0], [3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
-  out = losses.accuracy_counts(logits, jnp.array([1, 0, 1]), jnp.array([1.0, 1.0, 0.0]))
+def test_top1_argmax_over_all_rows():
+  logits = np.array([[0.1, 0.9, 0.0, 5.0], [3.0, 0.0, 0.0, 0.0]])
   # Row 3 (an unused "random" head row) wins for sample 0, as in the reference's arg-max.
-  assert float(out["correct"]) == 1.0 and float(out["count"]) == 2.0
+  assert metrics.top1(logits, np.array([1, 0])) == 50.0
+  assert math.isnan(metrics.top1(np.zeros((0, 4)), np.zeros((0,), np.int64)))
 
 
 @pytest.mark.parametrize("before,after,retain,want", [
@@ -63,13 +63,16 @@ def test_accuracy_of_empty_split_is_nan_not_zero():
 
 
 def test_epoch_cosine_matches_spec_per_epoch_values():
-  got = [schedules.epoch_cosine(e, base=1e-2, minimum=1e-5, epochs=5) for e in range(5)]
-  np.testing.assert_allclose(got, [1.0000e-2, 9.0460e-3, 6.5485e-3, 3.4615e-3, 9.640e-4],
-                             rtol=2e-4)
+  lr = schedules.epoch_cosine(base=1e-2, minimum=1e-5, epochs=5)
+  np.testing.assert_allclose([lr(e) for e in range(5)],
+                             [1.0000e-2, 9.0460e-3, 6.5485e-3, 3.4615e-3, 9.640e-4], rtol=2e-4)
+  # GS-LoRA: E = 100 gives lr(0) = 1e-2 and lr(50) = 5.005e-3.
+  lr = schedules.epoch_cosine(base=1e-2, minimum=1e-5, epochs=100)
+  assert lr(0) == pytest.approx(1e-2, rel=1e-6) and lr(50) == pytest.approx(5.005e-3, rel=1e-5)
 
 
 def test_warmup_then_cosine():
-  lrs = [schedules.warmup_epoch_cosine(e, base=1.0, minimum=0.0, epochs=6, warmup_epochs=2)
-         for e in range(6)]
+  lr = schedules.warmup_epoch_cosine(base=1.0, minimum=0.0, epochs=6, warmup_epochs=2)
+  lrs = [lr(e) for e in range(6)]
   assert lrs[:3] == [0.5, 1.0, 1.0]
   assert lrs[3] < lrs[2] and lrs[5] < lrs[4]

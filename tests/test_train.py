@@ -165,3 +165,81 @@ def test_plan_runs_fast_every_n_iterations_and_resumes_each_stream(tmp_path):
   lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
   assert [x["step"] for x in lines] == [2, 3, 4, 6, 7, 8, 10]
   assert "fast/loss" in lines[0] and "fast/loss" not in lines[1] and "slow/loss" in lines[1]
+
+
+def _toy_run(tmp_path, **train_cfg):
+  config = ml_collections.ConfigDict(dict(
+      train=dict(dict(log_every_steps=1, checkpoint_every_steps=0, max_checkpoints_to_keep=2),
+                 **train_cfg), debug=dict(interrupt_at_step=0)))
+  return train.Run(str(tmp_path), config)
+
+
+def test_checkpoint_records_the_meta_of_its_save_not_later_updates(tmp_path):
+  """orbax serialises JSON in the background: meta must be snapshotted at `save`."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = optax.sgd(0.1)
+  state = train.replicate(train.create_state({"w": jnp.ones(3)}, tx, 0), mesh)
+  run = _toy_run(tmp_path)
+  for i in range(1, 9):
+    run.meta.update(stage_step=i, streams={"retain": i})
+    run.save(state, step=i)
+    for j in range(2000):  # the loop keeps advancing while orbax writes
+      run.meta["stage_step"] += 1
+      run.meta["streams"]["retain"] = j
+    run.checkpointer.wait()
+    _, meta = run.checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    assert (meta["stage_step"], meta["streams"]) == (i, {"retain": i})
+  run.close()
+
+
+def test_carry_is_checkpointed_and_passed_through_the_step(tmp_path):
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = optax.sgd(0.1)
+
+  def loss_fn(params, frozen, batch, rng):
+    return jnp.sum(params["w"]) * jnp.mean(batch["d"]["x"]), {}
+  carry = {"tasks": jnp.arange(6.0).reshape(2, 3)}
+  state = train.replicate(train.create_state({"w": jnp.ones(3)}, tx, 0, carry=carry), mesh)
+  step = train.make_train_step(loss_fn, tx, mesh)
+  state, _ = step(state, {}, train.to_global({"d": {"x": np.ones((2,), np.float32)}}, mesh), {})
+  np.testing.assert_array_equal(state.carry["tasks"], carry["tasks"])
+  run = _toy_run(tmp_path)
+  run.save(state)
+  run.close()
+  fresh = train.replicate(train.create_state({"w": jnp.ones(3)}, tx, 0,
+                                             carry={"tasks": jnp.zeros((2, 3))}), mesh)
+  restored = _toy_run(tmp_path).restore(fresh)
+  np.testing.assert_array_equal(restored.carry["tasks"], carry["tasks"])
+  np.testing.assert_allclose(restored.params["w"], 0.9)
+
+
+def test_injected_learning_rate_is_found_inside_a_wrapping_transform():
+  """A transform around `inject_hyperparams` (UG-CLU's fast-slow) still gets the host LR."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = optax.chain(optax.identity(), optax.inject_hyperparams(optax.sgd)(learning_rate=1.0))
+
+  def loss_fn(params, frozen, batch, rng, hparams):
+    return hparams["weight"] * jnp.sum(params["w"]), {}
+  state = train.replicate(train.create_state({"w": jnp.zeros(2)}, tx, 0), mesh)
+  step = train.make_train_step(loss_fn, tx, mesh)
+  batch = train.to_global({"d": {"x": np.ones((2,), np.float32)}}, mesh)
+  state, m = step(state, {}, batch, {"learning_rate": 0.25, "weight": 2.0})
+  np.testing.assert_allclose(state.params["w"], -0.5)  # lr 0.25 x gradient 2 (the loss weight)
+  assert float(m["loss"]) == 0.0
+
+
+@pytest.mark.slow
+def test_every_method_trains_identically_on_1_and_8_devices():
+  """Data parallelism changes nothing but speed: same global batch, same losses."""
+  from test_conformance import CASES  # pylint: disable=import-outside-toplevel
+  cases = {m: c[:2] for m, c in CASES.items()}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py"),
+                         json.dumps(cases)], capture_output=True, text=True, timeout=900,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(out) == set(cases)
+  for method, r in out.items():
+    assert r["steps"] >= 5 and r["steps"] == r["steps_8"], (method, r)
+    assert r["max_rel_diff"] < 1e-4, (method, r)

@@ -7,7 +7,7 @@ Layouts: `root/<split>/<class>/<image>` (the splits are the subfolders, e.g. tra
 or `root/<class>/<image>` (one split, "train"). Several roots are merged split by split,
 e.g. the reference's separate retain and forget folders into one ImageNet-100 dataset.
 
-Labels (spec §1.2):
+Labels (docs/knowledge_swapping.md):
   sorted_rank      rank of the class folder among all class folders, sorted by name;
   imagenet_prefix  int(folder[:-10]): `17_n01530575` -> 17 (ImageNet-100 index + wnid).
 

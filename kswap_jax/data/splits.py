@@ -1,12 +1,12 @@
 """Forget / retain / learn splits as seeded, sorted index lists over sources.
 
 A `Subset` is a source plus the record indices it keeps and the map from source labels to
-model labels. Knowledge Swapping's label convention (spec §1.2): retain and forget classes
+model labels. Knowledge Swapping's label convention: retain and forget classes
 keep their pretrained ids 0..num_old-1; learn class c of the new source becomes
 
     num_old_classes + rank of c in sorted(learn_classes).
 
-Sub-sampling is reproducible on any machine (spec §7 item 5): candidates are sorted record
+Sub-sampling is reproducible on any machine (docs/knowledge_swapping.md): candidates are sorted record
 ids, and the only randomness is `np.random.default_rng` with explicit seeds.
 
 References: Xing et al., arXiv 2502.08075 (Knowledge Swapping).
@@ -85,7 +85,7 @@ def select(source: Any, classes: Iterable[int], *, name: str, label_map: Mapping
     - few-shot (`n_per_class > 0`): for each class c, the first `n_per_class` ids of
       `default_rng([seed, c]).permutation(ids of c)`;
     - otherwise, ratio < 1: the first int(ratio * n) ids of
-      `default_rng(seed).permutation(candidates)` (spec §4.2, "first int(0.1·len) indices
+      `default_rng(seed).permutation(candidates)` (docs/knowledge_swapping.md) indices
       of a permutation, drawn once").
 
   Args:
@@ -198,8 +198,7 @@ def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_tes
 
   Retain and forget come from the old (pretraining) source and keep their ids; learn comes
   from the new source and maps to num_old_classes + rank. Train splits are sub-sampled by
-  ratio or shots (shots win when both are set), each drawn once with `swap.seed` (spec
-  §4.2); test splits keep every test record of their classes. When old and new are the
+  ratio or shots (shots win when both are set), each drawn once with `swap.seed` (docs/knowledge_swapping.md); test splits keep every test record of their classes. When old and new are the
   same dataset (same name and labels, as in the digits demo), learn classes must not be
   old classes.
 

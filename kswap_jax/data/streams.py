@@ -2,7 +2,7 @@
 
 A stream is an infinite, random-access sequence of global batches 0, 1, 2, ...:
 
-  - non-cycled (the retain stream, which defines the epoch; spec §4.3): batch i is step
+  - non-cycled (the retain stream, which defines the epoch): batch i is step
     j = i % S of epoch e = i // S, with S = ceil(N / batch_size), over the permutation
     `default_rng([seed, e]).permutation(N)`. The last batch of an epoch is padded to full
     size with repeats of its own valid records, which get mask 0.
@@ -14,7 +14,7 @@ Every batch is a pure function of its index, so resuming after k batches is `ite
 and no iterator state has to be checkpointed. Process p of P reads only slots
 [p * B / P, (p + 1) * B / P) of each global batch.
 
-Elements are preprocessed as in the reference (spec §4.2): PIL bilinear resize to
+Elements are preprocessed as in the reference (docs/knowledge_swapping.md): PIL bilinear resize to
 image_size, grayscale <-> RGB, x / 255, then (x - mean) / std; no augmentation.
 """
 
@@ -317,7 +317,7 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
 
   Args:
     subsets: subsets whose records are pooled, e.g. [retain_train, learn_train] for LBF's
-      stage-2 retain stream (spec §4.4).
+      stage-2 retain stream (docs/knowledge_swapping.md).
     batch_size: global batch size.
     seed: shuffling seed; pass k gets `default_rng([seed, k]).permutation(N)`.
     cycle: False for the retain stream (padded epochs), True for the auxiliary stream.

@@ -1,0 +1,53 @@
+"""Methods by name: `config.method` -> the module that runs it, lazily imported.
+
+A method module provides
+
+    run(config, workdir) -> results        # the whole run, resumable, results envelope
+    sections() -> {name: ConfigDict}        # its own config sections with their defaults
+
+Variants of one method share a module (`lbf`/`laf`). A new method is a new module plus
+one entry in `METHODS`; nothing in shared code branches on the method's name.
+
+Example:
+  >>> config = methods.default_config("lbf")      # shared base + Knowledge Swapping's sections
+  >>> results = methods.run(config, "/tmp/run")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from kswap_jax.errors import ConfigError
+
+METHODS = {
+    "pretrain": "kswap_jax.methods.pretrain",
+    "lbf": "kswap_jax.methods.knowledge_swap",
+    "laf": "kswap_jax.methods.knowledge_swap",
+    "gs_lora": "kswap_jax.methods.gs_lora",
+    "gs_lora_pp": "kswap_jax.methods.gs_lora",
+}
+
+
+def get(name: str):
+  """The module implementing method `name`; ConfigError lists the known ones."""
+  if name not in METHODS:
+    raise ConfigError(f"method: unknown method {name!r} (expected one of "
+                      f"{', '.join(sorted(METHODS))})")
+  return importlib.import_module(METHODS[name])
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The shared base config plus the sections method `name` owns, with `method = name`."""
+  from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  config = base_config()
+  config.method = name
+  for section, fields in get(name).sections().items():
+    config[section] = fields
+  return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config.method` in `workdir` and returns its results envelope."""
+  return get(str(config.method)).run(config, workdir)

@@ -11,13 +11,13 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax import train
+from kswap_jax import metrics, models, train
 from kswap_jax.data import sources, streams
 from kswap_jax.errors import ConfigError
-from kswap_jax.models import vit
 
 log = logging.getLogger("kswap_jax")
 
@@ -57,13 +57,22 @@ def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycl
       num_threads=int(config.data.num_threads), **stream_kwargs(config))
 
 
-def eval_accuracies(config, eval_step, state, frozen, subsets: dict, mesh) -> dict[str, float]:
-  """{name: accuracy %} of each subset under the arg-max over all head rows."""
+def predict_splits(config, predict_step, state, frozen, subsets: dict, mesh
+                   ) -> dict[str, dict[str, np.ndarray]]:
+  """{name: {"logits", "label"}} for each subset: one evaluation pass, outputs on the host."""
   bs = check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
-  return {name: train.evaluate(
-      eval_step, state, frozen,
+  return {name: train.predict(
+      predict_step, state, frozen,
       streams.eval_batches(subset, batch_size=bs, **stream_kwargs(config)), mesh)
           for name, subset in subsets.items()}
+
+
+def eval_accuracies(config, predict_step, state, frozen, subsets: dict, mesh
+                    ) -> dict[str, float]:
+  """{name: top-1 accuracy %} of each subset (arg-max over all head rows)."""
+  return {name: metrics.top1(out["logits"], out["label"])
+          for name, out in predict_splits(config, predict_step, state, frozen, subsets,
+                                          mesh).items()}
 
 
 def adamw(cfg: ml_collections.ConfigDict, *, extra: list | None = None, mask=None
@@ -89,21 +98,34 @@ def model_config(config, num_classes: int | None = None) -> ml_collections.Confi
   return cfg
 
 
-def load_base(config, model_cfg, model, rng) -> dict:
-  """Base parameters per `config.init`: "npz" (a vit_jax checkpoint), "pretrain" (this
-  repo's pretrain method, run into `<workdir>/pretrain` first if needed) or "random"."""
+def abstract_variables(model, model_cfg) -> dict:
+  """The model's variables as shapes only (for validation before anything is computed)."""
+  return jax.eval_shape(lambda: models.init_variables(model, model_cfg, jax.random.key(0)))
+
+
+def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
+  """(params, model_state) per `config.init`: "npz" (a checkpoint in our layout),
+  "pretrain" (the pretrain method's output in `init.pretrain_workdir`) or "random".
+
+  This only loads: a method that wants a pretrained model calls
+  `pretrain.ensure_pretrained` first, after validating its own config.
+  """
   kind = config.init.kind
-  abstract = jax.eval_shape(lambda: vit.init_params(model, model_cfg, jax.random.key(0)))
+  abstract = abstract_variables(model, model_cfg)
+  rest = {k: v for k, v in abstract.items() if k != "params"}
   if kind == "random":
-    return vit.init_params(model, model_cfg, rng)
+    variables = models.init_variables(model, model_cfg, rng)
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
   if kind == "npz":
-    return ckpt_lib.load_npz(config.init.checkpoint, abstract, head=config.init.head, rng=rng)
-  if kind == "pretrain":
-    path = os.path.join(config.init.pretrain_workdir, "params.npz")
-    if not os.path.exists(path):
-      from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
-      log.info("no pretrained model at %s: running the pretrain method first", path)
-      pretrain.run(config, config.init.pretrain_workdir)
-    return ckpt_lib.load_npz(path, abstract, head=config.init.head, rng=rng,
-                             field="init.pretrain_workdir")
-  raise ConfigError(f"init.kind: unknown value {kind!r} (expected npz, pretrain or random)")
+    path, field = config.init.checkpoint, "init.checkpoint"
+  elif kind == "pretrain":
+    path, field = os.path.join(config.init.pretrain_workdir, "params.npz"), "init.pretrain_workdir"
+  else:
+    raise ConfigError(f"init.kind: unknown value {kind!r} (expected npz, pretrain or random)")
+  params = ckpt_lib.load_npz(path, abstract["params"], head=config.init.head, rng=rng,
+                             field=field)
+  model_state = {}
+  if rest:  # e.g. BatchNorm statistics, saved beside the parameters
+    state_path = path[:-len(".npz")] + ".model_state.npz" if path.endswith(".npz") else path
+    model_state = ckpt_lib.load_npz(state_path, rest, head="keep", field=field)
+  return params, model_state

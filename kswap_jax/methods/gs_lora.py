@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -36,12 +35,15 @@ import ml_collections
 import numpy as np
 import optax
 
+from matplotlib.figure import Figure
+
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax import lora, losses, metrics, models, train
+from kswap_jax import config as config_lib
+from kswap_jax import lora, losses, metrics, models, report, train
 from kswap_jax.data import streams
 from kswap_jax.data import tasks as tasks_lib
-from kswap_jax.methods import common
 from kswap_jax.errors import ConfigError
+from kswap_jax.methods import common, continual, pretrain
 from kswap_jax.models import vit
 from kswap_jax.optim import group_lasso, schedules
 
@@ -57,6 +59,9 @@ EPOCH_STREAMS = ("retain", "longer")
 def sections() -> dict[str, ml_collections.ConfigDict]:
   """The method's own config sections with their defaults (the continual CASIA scripts)."""
   return {
+      "lora": config_lib.lora_section(init_slope=math.sqrt(5.0)),  # task 1: loralib's slope
+      "group_lasso": config_lib.group_lasso_section(alpha=1e-4),   # the continual scripts' α
+      "optim": config_lib.adamw_section(),  # AdamW 1e-2, wd 0.05, per-epoch cosine to 1e-5
       "tasks": ml_collections.ConfigDict(dict(
           num_classes=100,       # head rows; classes are 0..num_classes-1
           num_tasks=4,
@@ -158,20 +163,17 @@ def make_optimizer(ocfg: ml_collections.ConfigDict, *, proximal: bool, grouping:
   return optax.inject_hyperparams(make)(learning_rate=float(ocfg.lr), alpha=0.0)
 
 
-def stack_zeros(tree: lora.Tree, num_tasks: int) -> lora.Tree:
-  """A (num_tasks, ...) zero stack of `tree`'s leaves: the per-task LoRA record."""
-  return jax.tree_util.tree_map(lambda x: jnp.zeros((num_tasks,) + x.shape, x.dtype), tree)
-
-
-def record_task(stacked: lora.Tree, tree: lora.Tree, index: int) -> lora.Tree:
-  """`stacked` with slot `index` set to `tree`."""
-  return jax.tree_util.tree_map(lambda s, x: jnp.asarray(s).at[index].set(jnp.asarray(x, s.dtype)), stacked, tree)
-
-
 def task_base(base: lora.Tree, stacked: lora.Tree, num_done: int, scale: float) -> lora.Tree:
-  """W_t = W_0 + Σ_{s < num_done} s·a_s·b_s, folded in task order (the base of task num_done)."""
-  for s in range(num_done):
-    base = lora.merge(base, jax.tree_util.tree_map(lambda x: x[s], stacked), scale)
+  """W_t = W_0 + Σ_{s < num_done} s·a_s·b_s, folded in task order (the base of task num_done).
+
+  Args:
+    base: the pretrained base parameters W_0.
+    stacked: the per-task LoRA trees stacked on a leading task axis (`continual.stack_*`).
+    num_done: how many tasks to fold in.
+    scale: the LoRA scale s = alpha / rank.
+  """
+  for t in range(num_done):
+    base = lora.merge(base, continual.stack_get(stacked, t), scale)
   return base
 
 
@@ -186,95 +188,33 @@ def sparsity(tree: lora.Tree, grouping: str) -> dict[str, Any]:
           "group_norms": [float(x) for x in norms]}
 
 
-def accuracies(counts: dict[str, dict[str, float]], margin: bool) -> dict[str, float]:
-  """{acc_r, acc_f, acc_o, acc_m and their `_nomargin` twins} from per-split counts.
 
-  `acc_*` uses the configured rule (`margin`: the reference's arg-max of the margin logits);
-  `acc_*_margin` / `acc_*_nomargin` always name the rule. Splits a task lacks are left out.
+
+def accuracies(predictions: dict[str, dict[str, np.ndarray]], *, margin: float,
+               use_margin: bool) -> dict[str, float]:
+  """Acc_r, Acc_f, Acc_o, Acc_m (those the task has) under both prediction rules.
+
+  `predictions[split]` holds the plain logits (for CosFace s·cos, no margin) and labels. The
+  margin rule subtracts `margin` (s·m for CosFace; 0 for a linear head) from the true
+  class's logit before the arg-max, the reference's evaluation. `acc_*` follows
+  `use_margin`; `acc_*_margin` and `acc_*_nomargin` always name their rule.
   """
   out = {}
   for name, split in TEST_SPLITS.items():
-    if split not in counts:
+    if split not in predictions:
       continue
-    c = counts[split]
-    with_m = metrics.accuracy(c["correct_margin"], c["count"])
-    plain = metrics.accuracy(c["correct_nomargin"], c["count"])
-    out[name] = with_m if margin else plain
+    logits, labels = predictions[split]["logits"], predictions[split]["label"]
+    shifted = logits.copy()
+    shifted[np.arange(labels.size), labels] -= margin
+    with_m, plain = metrics.top1(shifted, labels), metrics.top1(logits, labels)
+    out[name] = with_m if use_margin else plain
     out[f"{name}_margin"] = with_m
     out[f"{name}_nomargin"] = plain
   return out
 
 
-def make_count_step(model, scale: float):
-  """count(lora, frozen, batch) -> correct with and without the margin, and valid count."""
-  @jax.jit
-  def count(params, frozen, batch):
-    base = frozen["base"]
-    e = lora.apply(model, base, params, batch["image"], scale=scale, features=True)
-    y, m = batch["label"], batch["mask"]
-    hit = lambda z: jnp.sum((jnp.argmax(z, -1) == y).astype(jnp.float32) * m)
-    return {"correct_margin": hit(head_logits(model, base, e, y)),
-            "correct_nomargin": hit(head_logits(model, base, e, None)), "count": jnp.sum(m)}
-  return count
-
-
-def make_embed_sums(model, scale: float, num_classes: int):
-  """sums(lora, frozen, batch) -> per-class embedding sums and counts (eval mode)."""
-  @jax.jit
-  def sums(params, frozen, batch):
-    e = lora.apply(model, frozen["base"], params, batch["image"], scale=scale, features=True)
-    return losses.class_sums(e, batch["label"], batch["mask"], num_classes)
-  return sums
-
-
-def table(results: dict) -> str:
-  """Plain-text per-task table: H, Acc_r, Acc_f, Acc_o, Acc_m, zero groups, seconds."""
-  rows = [f"{results['method']} ({results.get('prediction_rule', '')}), test accuracy [%]",
-          f"{'stage':<12}{'H ↑':>8}{'Acc_r ↑':>9}{'Acc_f ↓':>9}{'Acc_o ↓':>9}{'Acc_m ↑':>9}"
-          f"{'zero grp':>10}{'nz LoRA':>9}{'sec':>7}"]
-  fmt = lambda v, w=9: f"{v:>{w}.2f}" if isinstance(v, (int, float)) and v == v else f"{'–':>{w}}"
-  for s in results["stages"]:
-    zero = (f"{s['zero_groups']}/{s['num_groups']}" if "zero_groups" in s else "–")
-    nz = f"{s['nonzero_lora_fraction']:.3f}" if "nonzero_lora_fraction" in s else "–"
-    rows.append(f"{s['name']:<12}{fmt(s.get('h_mean'), 8)}{fmt(s.get('acc_r'))}"
-                f"{fmt(s.get('acc_f'))}{fmt(s.get('acc_o'))}{fmt(s.get('acc_m'))}"
-                f"{zero:>10}{nz:>9}{fmt(s.get('seconds'), 7)}")
-  return "\n".join(rows)
-
-
-def plot(results: dict, path: str) -> None:
-  """Per-task accuracies (left) and per-group LoRA norms after each task (right)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  stages = [s for s in results["stages"] if s["name"] != "pretrained"]
-  fig, (ax_a, ax_n) = plt.subplots(1, 2, figsize=(11, 4))
-  xs = list(range(1, len(stages) + 1))
-  for key, label in (("acc_r", "Acc_r ↑"), ("acc_f", "Acc_f ↓"), ("acc_o", "Acc_o ↓"),
-                     ("acc_m", "Acc_m ↑"), ("h_mean", "H-Mean ↑")):
-    ys = [s.get(key, float("nan")) for s in stages]
-    if any(y == y for y in ys):
-      ax_a.plot(xs, ys, marker="o", label=label)
-  ax_a.set_xticks(xs)
-  ax_a.set_xlabel("task")
-  ax_a.set_ylabel("accuracy [%]")
-  ax_a.grid(alpha=0.3)
-  ax_a.legend()
-  for s in stages:
-    norms = s.get("group_norms", [])
-    ax_n.plot(range(len(norms)), norms, marker="o", label=s["name"])
-  ax_n.set_xlabel("group (transformer block for grouping=block)")
-  ax_n.set_ylabel("‖θ_g‖₂ at the end of the task")
-  ax_n.grid(alpha=0.3)
-  ax_n.legend()
-  fig.suptitle(f"{results['method']}: per-task accuracies and LoRA group norms")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------
-# The run: one stage per task.
+# The run: one continual task per stage, on the shared task loop.
 
 def _check(config) -> None:
   g = config.gs_lora
@@ -293,31 +233,21 @@ def _check(config) -> None:
       raise ConfigError(f"gs_lora.{field}: expected a value >= 0, got {g[field]!r}")
   if float(config.group_lasso.alpha) < 0:
     raise ConfigError(f"group_lasso.alpha: expected a value >= 0, got {config.group_lasso.alpha}")
-
-
-def _sum_counts(step, params, frozen, subsets: dict, config, mesh) -> dict[str, dict]:
-  bs = common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
-  out = {}
-  for name, subset in subsets.items():
-    total = {"correct_margin": 0.0, "correct_nomargin": 0.0, "count": 0.0}
-    for b in streams.eval_batches(subset, batch_size=bs, **common.stream_kwargs(config)):
-      got = jax.device_get(step(params, frozen, train.to_global(b, mesh)))
-      for k in total:
-        total[k] += float(got[k])
-    out[name] = total
-  return out
+  if float(g.prototype.bound) < 0 or float(g.prototype.retain_weight) < 0:
+    raise ConfigError("gs_lora.prototype: bound and retain_weight must be >= 0")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns results."""
+  """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns the
+  results envelope (stages "pretrained", "task_1", ...)."""
   _check(config)
   g, ocfg = config.gs_lora, config.optim
   use_prototypes = config.method == "gs_lora_pp"
-  margin = bool(g.eval_margin)
-  mesh = train.make_mesh()
+  use_margin = bool(g.eval_margin)
+  mesh = train.mesh_for(config)
   seed = int(config.seed)
 
-  # Everything is validated before the workdir is touched.
+  # Everything is validated before the workdir is touched or a pretraining run starts.
   task_list = tasks_lib.tasks_from_config(config.tasks)
   num_tasks = len(task_list)
   betas = tasks_lib.per_task(g.beta, num_tasks, "gs_lora.beta")
@@ -327,31 +257,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if num_classes > int(config.model.num_classes):
     raise ConfigError(f"tasks.num_classes: {num_classes} classes do not fit the "
                       f"{config.model.num_classes}-row head (model.num_classes)")
+  if config.init.kind == "pretrain" and pretrain.num_classes(config) != num_classes:
+    raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)}, but the tasks "
+                      f"start from a model of tasks.num_classes = {num_classes} classes")
   src = common.load_sources(config.data, roles=("old",))
   train_src, test_src = src["old_train"], src["old_test"]
-  for s in (train_src, test_src):
-    if s.num_classes > num_classes:
-      raise ConfigError(f"tasks.num_classes: {num_classes}, but source {s.name!r} has "
-                        f"{s.num_classes} classes")
-  subsets = [tasks_lib.task_splits(train_src, test_src, t, data_ratio=float(config.tasks.data_ratio),
+  for source in (train_src, test_src):
+    if source.num_classes > num_classes:
+      raise ConfigError(f"tasks.num_classes: {num_classes}, but source {source.name!r} has "
+                        f"{source.num_classes} classes")
+  subsets = [tasks_lib.task_splits(train_src, test_src, t,
+                                   data_ratio=float(config.tasks.data_ratio),
                                    shots=int(config.tasks.shots), seed=int(config.tasks.seed))
              for t in task_list]
   bs = int(g.batch_size)
   task_streams = []
   for t, sub in enumerate(subsets):
-    retain_first = True
-    mk = lambda name, cycle, offset: common.make_stream(
-        config, [sub[name]], batch_size=bs, field="gs_lora.batch_size",
-        seed=seed + 10 * t + offset, cycle=cycle, mesh=mesh)
-    retain = mk("retain_train", False, 0)
-    forget = mk("forget_train", True, 1)
+    def mk(name, cycle, offset, sub=sub, t=t):
+      return common.make_stream(config, [sub[name]], batch_size=bs, field="gs_lora.batch_size",
+                                seed=seed + 10 * t + offset, cycle=cycle, mesh=mesh)
+    retain, forget, epoch_stream = mk("retain_train", False, 0), mk("forget_train", True, 1), \
+        "retain"
     if g.epoch_stream == "longer":
       probe = mk("forget_train", False, 1)
       if probe.steps_per_epoch > retain.steps_per_epoch:
-        retain_first = False
-        retain, forget = mk("retain_train", True, 0), probe
-    task_streams.append(({"retain": retain, "forget": forget},
-                         "retain" if retain_first else "forget"))
+        retain, forget, epoch_stream = mk("retain_train", True, 0), probe, "forget"
+    task_streams.append(({"retain": retain, "forget": forget}, epoch_stream))
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
   model_cfg = common.model_config(config)
@@ -360,18 +291,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   later_spec = lora.LoraSpec(targets=spec.targets, rank=spec.rank, alpha=spec.alpha,
                              init_slope=float(g.reinit_slope))
   grouping = config.group_lasso.grouping
-  abstract = jax.eval_shape(lambda: models.init_variables(model, model_cfg,
-                                                          jax.random.key(0)))["params"]
+  abstract = common.abstract_variables(model, model_cfg)["params"]
   lora.groups(jax.eval_shape(lambda: lora.init(abstract, spec, jax.random.key(0))), grouping)
   proximal = config.group_lasso.mode == "proximal"
+  cosface = model.cfg.head == "cosface"
+  margin = model.cfg.cosface_scale * model.cfg.cosface_margin if cosface else 0.0
 
   run_ = train.Run(workdir, config)
   for t, sub in enumerate(subsets):
     log.info("task %d: forget %s; %s", t + 1, list(task_list[t].forget),
              ", ".join(f"{k} {len(v)}" for k, v in sub.items()))
 
+  pretrain.ensure_pretrained(config, workdir)
   k_head, k_lora = jax.random.split(jax.random.key(seed))
-  base0 = common.load_base(config, model_cfg, model, k_head)
+  base0, _ = common.load_base(config, model_cfg, model, k_head)
   first_lora = lora.init(base0, spec, jax.random.fold_in(k_lora, 0))
   log.info("LoRA: %d trainable parameters in %d tensors; base %d", lora.count(first_lora),
            len(jax.tree_util.tree_leaves(first_lora)), lora.count(base0))
@@ -379,141 +312,182 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss_fn = make_loss(model, spec.scale, grouping, bound=float(g.bound), penalty=not proximal,
                       prototype=g.prototype if use_prototypes else None)
   step_fn = train.make_train_step(loss_fn, tx, mesh)
-  count_step = make_count_step(model, spec.scale)
-  sums_step = make_embed_sums(model, spec.scale, int(config.model.num_classes))
+  # Plain logits (no margin); the margin rule is applied on the host (`accuracies`).
+  predict_step = train.make_predict_step(
+      lambda p, _, f, b: head_logits(model, f["base"], lora.apply(
+          model, f["base"], p, b["image"], scale=spec.scale, features=True), None), mesh)
+  sums_step = jax.jit(lambda f, b: losses.class_sums(
+      model.apply({"params": f["base"]}, b["image"], features=True), b["label"], b["mask"],
+      int(config.model.num_classes)))
 
-  carry = {"loras": stack_zeros(first_lora, num_tasks)}
-  state = train.replicate(train.create_state(first_lora, tx, seed, model_state=carry), mesh)
+  carry = {"loras": continual.stack_zeros(first_lora, num_tasks)}
+  state = train.replicate(train.create_state(first_lora, tx, seed, carry=carry), mesh)
   state = run_.restore(state)
   results = run_.meta["results"]
-  current: dict[str, Any] = {}
 
-  def counts(params, frozen, sub):
-    return _sum_counts(count_step, params, frozen,
-                       {v: sub[v] for v in TEST_SPLITS.values() if v in sub}, config, mesh)
+  def evaluate(state, frozen, sub, names=tuple(TEST_SPLITS.values())):
+    preds = common.predict_splits(config, predict_step, state, frozen,
+                                  {v: sub[v] for v in names if v in sub}, mesh)
+    return accuracies(preds, margin=margin, use_margin=use_margin)
 
   def prototypes(frozen, sub):
-    total_s = total_c = None
+    """p_c: mean embedding of class c's training-subset images under this task's base."""
+    sums = counts = 0.0
     for name in ("retain_train", "forget_train"):
       for b in streams.eval_batches(sub[name], batch_size=int(config.eval.batch_size),
                                     **common.stream_kwargs(config)):
-        s, c = jax.device_get(sums_step({}, frozen, train.to_global(b, mesh)))
-        total_s = s if total_s is None else total_s + s
-        total_c = c if total_c is None else total_c + c
-    return losses.class_means(jnp.asarray(total_s), jnp.asarray(total_c))
+        s, c = jax.device_get(sums_step(frozen, train.to_global(b, mesh)))
+        sums, counts = sums + s, counts + c
+    return losses.class_means(jnp.asarray(sums), jnp.asarray(counts))
 
-  def make_on_start(t: int):
-    def on_start(state, frozen, fresh):
-      del frozen
-      base_t = task_base(base0, state.model_state["loras"], t, spec.scale)
-      frozen = {"base": base_t, "prototypes": jnp.zeros((1, 1), jnp.float32)}
+  def make_task(t: int, task: tasks_lib.ForgetTask) -> continual.Task:
+    sub = subsets[t]
+    stream_map, epoch_stream = task_streams[t]
+    lr = schedules.epoch_cosine(base=float(ocfg.lr), minimum=float(ocfg.min_lr),
+                                epochs=int(g.epochs))
+    alpha = schedules.structure_alpha(alpha=float(config.group_lasso.alpha),
+                                      alpha_epoch=int(g.alpha_epoch),
+                                      warmup_alpha=bool(g.warmup_alpha),
+                                      big_alpha=float(g.big_alpha))
+
+    def hparams(epoch, _):
+      hp = {"learning_rate": lr(epoch), "alpha": alpha(epoch), "beta": betas[t]}
       if use_prototypes:
-        frozen["prototypes"] = prototypes(frozen, subsets[t])
+        hp["pro_forget_weight"] = pro_weights[t]
+      return hp
+
+    def on_start(state, frozen, fresh):
+      # Everything from the restored state: the earlier tasks' LoRA trees are in the carry.
+      del frozen
+      base_t = task_base(base0, jax.device_get(state.carry["loras"]), t, spec.scale)
+      frozen = {"base": base_t, "prototypes": jnp.zeros((1, 1), jnp.float32)}
       frozen = train.replicate(frozen, mesh)
+      if use_prototypes:
+        frozen["prototypes"] = train.replicate(prototypes(frozen, sub), mesh)
       if fresh:
         fresh_lora = lora.init(base0, spec if t == 0 else later_spec,
                                jax.random.fold_in(k_lora, t))
         state = state._replace(params=train.replicate(fresh_lora, mesh),
                                opt_state=train.replicate(tx.init(fresh_lora), mesh))
-      name = task_list[t].name
-      if f"{name}_before" not in results:
-        results[f"{name}_before"] = accuracies(counts({}, frozen, subsets[t]), margin)
-        log.info("[%s] before: %s", name, _fmt(results[f"{name}_before"]))
-      current.update(frozen=frozen, t0=time.time())
+      if f"{task.name}_before" not in results:
+        empty = state._replace(params={})
+        results[f"{task.name}_before"] = evaluate(empty, frozen, sub)
+        log.info("[%s] before: %s", task.name, _fmt(results[f"{task.name}_before"]))
       return state, frozen
-    return on_start
 
-  def hparams_fn(t: int):
-    def fn(epoch, _):
-      hp = {"learning_rate": schedules.epoch_cosine(
-                epoch, base=float(ocfg.lr), minimum=float(ocfg.min_lr), epochs=int(g.epochs)),
-            "alpha": schedules.structure_alpha(
-                epoch, alpha=float(config.group_lasso.alpha), alpha_epoch=int(g.alpha_epoch),
-                warmup_alpha=bool(g.warmup_alpha), big_alpha=float(g.big_alpha)),
-            "beta": betas[t]}
-      if use_prototypes:
-        hp["pro_forget_weight"] = pro_weights[t]
-      return hp
-    return fn
+    def periodic(state, frozen):
+      acc = evaluate(state, frozen, sub, names=("retain_test", "forget_test"))
+      before = results[f"{task.name}_before"]
+      return {"acc_r": acc["acc_r"], "acc_f": acc["acc_f"],
+              "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"])}
 
-  def periodic_eval(t: int):
-    def fn(state):
-      name = task_list[t].name
-      sub = {k: v for k, v in subsets[t].items() if k in ("retain_test", "forget_test")}
-      acc = accuracies(counts(state.params, current["frozen"], sub), margin)
-      h = metrics.h_mean(results[f"{name}_before"]["acc_f"], acc["acc_f"], acc["acc_r"])
-      best = results.get(f"{name}_best")
-      if best is None or h > best["h_mean"]:
-        results[f"{name}_best"] = {"h_mean": h, "acc_r": acc["acc_r"], "acc_f": acc["acc_f"],
-                                   "step": int(jax.device_get(state.step))}
-      return {"acc_r": acc["acc_r"], "acc_f": acc["acc_f"], "h_mean": h}
-    return fn
+    def after(state, frozen):
+      # The task folded into the kernels, as the next task will see it.
+      merged = train.replicate({"base": lora.merge(frozen["base"], state.params, spec.scale)},
+                               mesh)
+      acc = evaluate(state._replace(params={}), merged, sub)
+      before = results[f"{task.name}_before"]
+      record = {
+          **acc,
+          "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"]),
+          "h_mean_nomargin": metrics.h_mean(before["acc_f_nomargin"], acc["acc_f_nomargin"],
+                                            acc["acc_r_nomargin"]),
+          "acc_f_before": before["acc_f"], "acc_r_before": before["acc_r"],
+          **sparsity(jax.device_get(state.params), grouping),
+      }
+      best = continual.best_eval(run_, task.name, "h_mean")
+      if best is not None:
+        record["best_h"] = best
+      log.info("[%s] %s", task.name, _fmt(record))
+      return record
+
+    def finish(state, frozen):
+      del frozen
+      loras = continual.stack_set(state.carry["loras"], t, state.params)
+      return state._replace(carry={"loras": loras})
+
+    stage = train.Stage(name=task.name, step_fn=step_fn, streams=stream_map,
+                        epoch_stream=epoch_stream, epochs=int(g.epochs),
+                        hparams_fn=hparams, on_start=on_start)
+    return continual.Task(name=task.name, stage=stage, evaluate=after, finish=finish,
+                          eval_fn=periodic)
 
   def norm_log(state):
     return {"group_norms": [round(float(x), 6) for x in
                             group_lasso.group_norms(jax.device_get(state.params), grouping)]}
 
-  for t, task in enumerate(task_list):
-    stream_map, epoch_stream = task_streams[t]
-    stage = train.Stage(name=task.name, step_fn=step_fn, streams=stream_map,
-                        epoch_stream=epoch_stream, epochs=int(g.epochs),
-                        hparams_fn=hparams_fn(t), on_start=make_on_start(t))
-    state, _ = run_.run_stage(t, stage, state, None, mesh, extra_log=norm_log,
-                              eval_fn=periodic_eval(t),
-                              eval_every=int(config.eval.every_steps))
-    if task.name in results:
-      continue
-    params = jax.device_get(state.params)
-    loras = record_task(jax.device_get(state.model_state["loras"]), params, t)
-    state = state._replace(model_state=train.replicate({"loras": loras}, mesh))
-    merged = train.replicate({"base": task_base(base0, loras, t + 1, spec.scale)}, mesh)
-    acc = accuracies(counts({}, merged, subsets[t]), margin)
-    before = results[f"{task.name}_before"]
-    record = {
-        **acc,
-        "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"]),
-        "h_mean_nomargin": metrics.h_mean(before["acc_f_nomargin"], acc["acc_f_nomargin"],
-                                          acc["acc_r_nomargin"]),
-        "acc_f_before": before["acc_f"], "acc_r_before": before["acc_r"],
-        **sparsity(params, grouping),
-        "seconds": time.time() - current.get("t0", time.time()),
-    }
-    run_.finish_stage(state, task.name, record)
-    log.info("[%s] %s", task.name, _fmt(record))
+  state, _ = continual.run_tasks(run_, [make_task(t, x) for t, x in enumerate(task_list)],
+                                 state, None, mesh, eval_every=int(config.eval.every_steps),
+                                 extra_log=norm_log)
 
-  out = _results(config, task_list, results, margin)
+  out = _results(config, task_list, results, use_margin)
   if run_.is_main:
     plot(out, os.path.join(run_.workdir, "gs_lora.png"))
     if config.export.merged_npz:  # the base after the last task, every LoRA folded in
-      final_base = task_base(base0, jax.device_get(state.model_state["loras"]), num_tasks,
+      final_base = task_base(base0, jax.device_get(state.carry["loras"]), num_tasks,
                              spec.scale)
       ckpt_lib.save_npz(jax.device_get(final_base),
                         os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
-  print(table(out), flush=True)
+  print(report.stage_table(out), flush=True)
+  print(sparsity_table(out), flush=True)
   log.info("results written to %s", path)
   run_.close()
   return out
 
 
-def _results(config, task_list, results: dict, margin: bool) -> dict:
+def _results(config, task_list, results: dict, use_margin: bool) -> dict:
   first = results[f"{task_list[0].name}_before"]
   stages = [{"name": "pretrained", **first}]
   for task in task_list:
-    r = results[task.name]
-    stage = {"name": task.name, "forget_classes": list(task.forget), **r}
-    if f"{task.name}_best" in results:
-      stage["best_h"] = results[f"{task.name}_best"]
-    stages.append(stage)
+    stages.append({"name": task.name, "forget_classes": list(task.forget),
+                   **results[task.name]})
   last = stages[-1]
   final = {k: last[k] for k in ("acc_r", "acc_f", "acc_o", "acc_m", "h_mean") if k in last}
   final["mean_h_mean"] = float(np.mean([s["h_mean"] for s in stages[1:]]))
-  rule = "argmax of CosFace logits with the margin on the true class" if margin and \
-      config.model.head == "cosface" else "argmax over all head rows"
+  rule = ("arg-max of the CosFace logits with the margin on the true class"
+          if use_margin and config.model.head == "cosface" else "arg-max over all head rows")
   return {"method": config.method, "config": config.to_dict(), "prediction_rule": rule,
           "stages": stages, "final": final}
 
 
+def sparsity_table(results: dict) -> str:
+  """Per task: groups exactly at zero, the non-zero share of the LoRA scalars, seconds."""
+  rows = [f"{'task':<10}{'zero groups':>13}{'non-zero LoRA':>15}{'seconds':>10}"]
+  for s in results["stages"][1:]:
+    rows.append(f"{s['name']:<10}{s['zero_groups']:>8d} / {s['num_groups']:<3d}"
+                f"{s['nonzero_lora_fraction']:>14.4f}{s['seconds']:>10.1f}")
+  return "\n".join(rows)
+
+
+def plot(results: dict, path: str) -> None:
+  """Per-task accuracies (left) and each group's LoRA norm at the end of each task (right)."""
+  stages = [s for s in results["stages"] if s["name"] != "pretrained"]
+  fig = Figure(figsize=(11, 4))
+  ax_a, ax_n = fig.subplots(1, 2)
+  xs = list(range(1, len(stages) + 1))
+  for key, label in (("acc_r", "Acc_r ↑"), ("acc_f", "Acc_f ↓"), ("acc_o", "Acc_o ↓"),
+                     ("acc_m", "Acc_m ↑"), ("h_mean", "H-Mean ↑")):
+    ys = [s.get(key, float("nan")) for s in stages]
+    if any(y == y for y in ys):
+      ax_a.plot(xs, ys, marker="o", label=label)
+  ax_a.set_xticks(xs)
+  ax_a.set_xlabel("task")
+  ax_a.set_ylabel("accuracy [%]")
+  ax_a.grid(alpha=0.3)
+  ax_a.legend()
+  for s in stages:
+    norms = s.get("group_norms", [])
+    ax_n.plot(range(len(norms)), norms, marker="o", label=s["name"])
+  ax_n.set_xlabel("group (the transformer block, for grouping=block)")
+  ax_n.set_ylabel("‖θ_g‖₂ at the end of the task")
+  ax_n.grid(alpha=0.3)
+  ax_n.legend()
+  fig.suptitle(f"{results['method']}: per-task accuracies and LoRA group norms")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def _fmt(accs: dict) -> str:
   return " ".join(f"{k} {v:.2f}" for k, v in accs.items()
-                  if isinstance(v, float) and not k.endswith(("_margin",)))
+                  if isinstance(v, float) and not k.endswith("_margin"))

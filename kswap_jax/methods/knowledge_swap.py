@@ -3,7 +3,7 @@
 Learning Before Forgetting (`lbf`, the paper's method) runs a learning stage then a
 forgetting stage on one LoRA tree over the ViT's FFN layers; `laf` (the baseline order)
 forgets first. With CE the mean cross-entropy over all head rows and Ω the block group
-lasso of the LoRA factors (spec §3):
+lasso of the LoRA factors (docs/knowledge_swapping.md):
 
     L_learn  = CE(b_n) + β·CE(b_r) + α·Ω
     L_forget = CE(b_r) + β·ReLU(BND − CE(b_f)) + α·Ω          (β 0.2, α 0.005, BND 105)
@@ -11,7 +11,7 @@ lasso of the LoRA factors (spec §3):
 One AdamW (lr 1e-2, wd 0.05) is shared by both stages: its moments and count carry over
 while the per-epoch cosine LR restarts at stage 2. The head is frozen, with fixed random
 rows for the new classes; prediction is the arg-max over all head rows. In LBF the
-forgetting stage's retain stream is D_r^sub ∪ D_n^train; LAF never adds D_n (spec §4.4).
+forgetting stage's retain stream is D_r^sub ∪ D_n^train; LAF never adds D_n (docs/knowledge_swapping.md).
 
 References: Xing et al., "Knowledge Swapping via Learning and Unlearning", arXiv 2502.08075.
 """
@@ -25,11 +25,11 @@ import jax
 import ml_collections
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax import lora, losses, metrics, report, train
+from kswap_jax import config as config_lib
+from kswap_jax import lora, losses, metrics, models, report, train
 from kswap_jax.data import splits
 from kswap_jax.errors import ConfigError
-from kswap_jax.methods import common
-from kswap_jax.models import vit
+from kswap_jax.methods import common, pretrain
 from kswap_jax.optim import group_lasso, schedules
 
 log = logging.getLogger("kswap_jax")
@@ -37,11 +37,37 @@ log = logging.getLogger("kswap_jax")
 STAGE_ORDER = {"lbf": ("learn", "forget"), "laf": ("forget", "learn")}
 # results key -> test split
 TEST_SPLITS = {"acc_r": "retain_test", "acc_f": "forget_test", "acc_n": "learn_test"}
-# The reference's pretrained baseline also covers the training subsets (spec §1.3).
+# The reference's pretrained baseline also covers the training subsets (docs/knowledge_swapping.md).
 TRAIN_SPLITS = {"acc_r_train": "retain_train", "acc_f_train": "forget_train",
                 "acc_n_train": "learn_train"}
 # Each stream draws its shuffles from `config.seed + offset`, so no two share an order.
 STREAM_SEEDS = {"retain_stage1": 0, "learn": 1, "forget": 2, "retain_stage2": 3}
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  """Knowledge Swapping's config sections with the reference's defaults."""
+  return dict(
+      lora=config_lib.lora_section(),           # r8 on FFN, scale 1/8, A slope sqrt(50)
+      group_lasso=config_lib.group_lasso_section(),  # α 0.005, one group per block
+      optim=config_lib.adamw_section(),         # AdamW 1e-2, wd 0.05, cosine to 1e-5
+      ks=ml_collections.ConfigDict(dict(
+          beta=0.2,              # retain weight when learning, forget weight when forgetting
+          bound=105.0,           # BND of ReLU(BND − CE_f)
+          learn_epochs=5,
+          forget_epochs=5,
+          batch_size=80,         # global batch of every stream
+          reset_optimizer_between_stages=False,  # ablation; the reference carries it over
+      )),
+      swap=ml_collections.ConfigDict(dict(
+          num_old_classes=100,   # pretrained label space [0, num_old_classes)
+          forget_classes=(0, 1, 2, 3, 4),  # [unknown] in the paper: the authors' folders fix them
+          retain_classes=(),     # empty = every old class not forgotten
+          learn_classes=(0, 1, 2, 3, 4),   # ids of data.new; become num_old + rank
+          retain_ratio=0.1, forget_ratio=0.1, learn_ratio=1.0,
+          retain_shots=0, forget_shots=0, learn_shots=0,   # >0: exactly n per class
+          seed=1337,             # subset draw (numpy default_rng over sorted ids)
+      )),
+  )
 
 
 def _stage_terms(model, scale, grouping, aux: str):
@@ -90,10 +116,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if method not in STAGE_ORDER:
     raise ConfigError(f"method: {method!r} is not a Knowledge Swapping order (lbf, laf)")
   ks, ocfg = config.ks, config.optim
-  mesh = train.make_mesh()
+  mesh = train.mesh_for(config)
 
   # Everything is validated before the workdir is touched or a pretraining run starts.
-  # Data: class splits with the spec's label convention, then streams.
+  # Data: class splits with the Knowledge Swapping label convention, then streams.
   src = common.load_sources(config.data)
   subsets = splits.knowledge_swap_splits(src["old_train"], src["old_test"], src["new_train"],
                                          src["new_test"], config.swap)
@@ -107,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mk = lambda subs, cycle, s: common.make_stream(config, subs, batch_size=bs,
                                                  field="ks.batch_size", seed=s, cycle=cycle,
                                                  mesh=mesh)
-  # Stage-2 retain stream: D_r^sub ∪ D_n^train in LBF, D_r^sub alone in LAF (spec §4.4),
+  # Stage-2 retain stream: D_r^sub ∪ D_n^train in LBF, D_r^sub alone in LAF (docs/knowledge_swapping.md),
   # reshuffled with its own seed either way (the reference builds new loaders).
   stage2 = [subsets["retain_train"]] + ([subsets["learn_train"]] if method == "lbf" else [])
   retain_stream = mk([subsets["retain_train"]], False, seed + STREAM_SEEDS["retain_stage1"])
@@ -118,9 +144,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Model and LoRA spec (checked on shapes only; no parameters yet).
   model_cfg = common.model_config(config)
-  model = vit.build(model_cfg)
+  model = models.build(model_cfg)
   spec = lora.LoraSpec.from_config(config.lora)
-  abstract_base = jax.eval_shape(lambda: vit.init_params(model, model_cfg, jax.random.key(0)))
+  abstract_base = common.abstract_variables(model, model_cfg)["params"]
   grouping = config.group_lasso.grouping
   lora.groups(jax.eval_shape(lambda: lora.init(abstract_base, spec, jax.random.key(0))),
               grouping)
@@ -128,13 +154,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
                       f"proximal)")
 
+  if (config.init.kind == "pretrain"
+      and pretrain.num_classes(config) != int(config.swap.num_old_classes)):
+    raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)} but the swap "
+                      f"starts from a model of swap.num_old_classes = "
+                      f"{config.swap.num_old_classes} classes; set them equal")
+
   run_ = train.Run(workdir, config)
   for name, subset in subsets.items():
     log.info("split %-12s %6d images", name, len(subset))
 
   # Frozen base (backbone + extended head) and the trainable LoRA tree.
+  pretrain.ensure_pretrained(config, workdir)
   k_head, k_lora = jax.random.split(jax.random.key(seed))
-  base = common.load_base(config, model_cfg, model, k_head)
+  base, _ = common.load_base(config, model_cfg, model, k_head)
   lora_tree = lora.init(base, spec, k_lora)
   log.info("LoRA: %d trainable parameters in %d target kernels (%d frozen)",
            lora.count(lora_tree), len(lora.target_kernels(base, spec)), lora.count(base))
@@ -147,11 +180,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   alpha_penalty = 0.0 if proximal else alpha
 
   def lr_fn(epochs):
-    return lambda e, _: {"learning_rate": schedules.epoch_cosine(
-        e, base=float(ocfg.lr), minimum=float(ocfg.min_lr), epochs=epochs)}
+    lr = schedules.epoch_cosine(base=float(ocfg.lr), minimum=float(ocfg.min_lr), epochs=epochs)
+    return lambda e, _: {"learning_rate": lr(e)}
 
   def reset_optimizer(state, frozen, fresh):
-    # Ablation only: the reference carries the AdamW state into stage 2 (spec §7 item 6).
+    # Ablation only: the reference carries the AdamW state into stage 2 (docs/knowledge_swapping.md).
     if fresh and ks.reset_optimizer_between_stages:
       state = state._replace(opt_state=train.replicate(tx.init(state.params), mesh))
     return state, frozen
@@ -176,11 +209,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   frozen = train.replicate(base, mesh)
   state = train.replicate(train.create_state(lora_tree, tx, seed), mesh)
   state = run_.restore(state)
-  eval_step = train.make_eval_step(
+  predict_step = train.make_predict_step(
       lambda p, _, f, b: lora.apply(model, f, p, b["image"], scale=spec.scale), mesh)
 
-  def evaluate(state, splits_=TEST_SPLITS):
-    return common.eval_accuracies(config, eval_step, state, frozen,
+  def evaluate(state, frozen=frozen, splits_=TEST_SPLITS):
+    return common.eval_accuracies(config, predict_step, state, frozen,
                                   {k: subsets[v] for k, v in splits_.items()}, mesh)
 
   def group_norm_log(state):
@@ -189,7 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = run_.meta["results"]
   if "before" not in results:
-    results["before"] = {**evaluate(state), **evaluate(state, TRAIN_SPLITS)}
+    results["before"] = {**evaluate(state), **evaluate(state, splits_=TRAIN_SPLITS)}
     log.info("[before] %s", _fmt(results["before"]))
   for i, name in enumerate(STAGE_ORDER[method]):
     state, frozen = run_.run_stage(i, stages[name], state, frozen, mesh,
@@ -219,13 +252,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "num_trainable": lora.count(lora_tree),
   }
   if run_.is_main:
+    report.plot_stages(out, os.path.join(run_.workdir, "stages.png"))
     report.plot_block_norms(out["block_norms"], os.path.join(run_.workdir, "lora_norms.png"),
                             title=f"Knowledge Swapping ({method}): per-block LoRA norms")
     if config.export.merged_npz:
       ckpt_lib.export_merged(base, jax.device_get(state.params), spec.scale,
                              os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
-  print(report.swap_table(out), flush=True)
+  print(report.stage_table(out), flush=True)
   log.info("results written to %s", path)
   run_.close()
   return out

@@ -1,9 +1,12 @@
-"""`pretrain`: full supervised training of the ViT on the old classes.
+"""`pretrain`: full supervised training of a model on the old classes.
 
-This produces the "pretrained model" that Knowledge Swapping starts from when no published
-checkpoint is used (the bundled-digits demo): all parameters train with AdamW (decay on
-kernels only, as timm), per-epoch warm-up + cosine LR, dropout on. The result is written
-as a vit_jax-layout `params.npz` that `init.kind = "npz"/"pretrain"` loads.
+This produces the "pretrained model" the forgetting methods start from when no published
+checkpoint is used (the bundled-digits demos): all parameters train with AdamW (decay on
+kernels only, as timm), per-epoch warm-up + cosine LR, dropout on; BatchNorm statistics
+(ResNet) are updated in train mode. With a CosFace head the training logits carry the
+margin, as the Face Transformer's pretraining. The result is written as `params.npz` in
+the vit_jax naming (plus `params.model_state.npz` for BatchNorm statistics), which
+`init.kind = "npz"/"pretrain"` loads.
 
 Outputs in the workdir: `params.npz`, `results.json` ({"method": "pretrain", "stages":
 [{"name": "pretrain", "acc": ...}], "final": {"acc": ...}}), `metrics.jsonl`, checkpoints.
@@ -18,71 +21,111 @@ import jax
 import ml_collections
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax import losses, train
+from kswap_jax import losses, models, report, train
 from kswap_jax.data import splits
 from kswap_jax.methods import common
-from kswap_jax.models import vit
 from kswap_jax.optim import schedules
 
 log = logging.getLogger("kswap_jax")
 
 
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  """Pretraining uses only the shared sections (`pretrain`, `data.old`, `model`)."""
+  return {}
+
+
+def num_classes(config) -> int:
+  return int(config.pretrain.num_classes) or int(config.model.num_classes)
+
+
+def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """With `init.kind = "pretrain"`, runs (or resumes) pretraining into
+  `init.pretrain_workdir` (default `<workdir>/pretrain`) unless its params exist.
+
+  Methods call this after validating their own config, so bad input never costs a
+  pretraining run.
+  """
+  if config.init.kind != "pretrain":
+    return
+  if not config.init.pretrain_workdir:
+    with config.unlocked():
+      config.init.pretrain_workdir = os.path.join(workdir, "pretrain")
+  path = os.path.join(config.init.pretrain_workdir, "params.npz")
+  if not os.path.exists(path):
+    log.info("no pretrained model at %s: running the pretrain method first", path)
+    run(config, config.init.pretrain_workdir)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pretrains on classes [0, swap.num_old_classes) of `data.old`; returns the results."""
+  """Pretrains on classes [0, pretrain.num_classes) of `data.old`; returns the results."""
   pcfg = config.pretrain
-  num_classes = int(config.swap.num_old_classes)
-  mesh = train.make_mesh()
+  n = num_classes(config)
+  mesh = train.mesh_for(config)
 
   src = common.load_sources(config.data, roles=("old",))
-  classes = tuple(range(num_classes))
+  classes = tuple(range(n))
   identity = {c: c for c in classes}
   train_set = splits.select(src["old_train"], classes, name="pretrain_train", label_map=identity,
-                            field="swap.num_old_classes")
+                            field="pretrain.num_classes")
   test_set = splits.select(src["old_test"], classes, name="pretrain_test", label_map=identity,
-                           field="swap.num_old_classes")
+                           field="pretrain.num_classes")
 
   stream = common.make_stream(config, [train_set], batch_size=int(pcfg.batch_size),
                               field="pretrain.batch_size", seed=int(config.seed), cycle=False,
                               mesh=mesh)
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
-  model_cfg = common.model_config(config, num_classes)
-  model = vit.build(model_cfg)
-  params = vit.init_params(model, model_cfg, jax.random.key(int(config.seed)))
+  model_cfg = common.model_config(config, n)
+  model = models.build(model_cfg)
+  variables = models.init_variables(model, model_cfg, jax.random.key(int(config.seed)))
+  params = variables.pop("params")
   run_ = train.Run(workdir, config)
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   tx = common.adamw(pcfg.optim, mask=decay_mask)
+  mutable = bool(variables)  # BatchNorm statistics
 
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(params, frozen, batch, rng, model_state=None):
     del frozen
     b = batch["train"]
-    logits = model.apply({"params": params}, b["image"], train=True, rngs={"dropout": rng})
+    kwargs = dict(train=True, rngs={"dropout": rng}, labels=b["label"])
+    if mutable:
+      logits, new_state = model.apply({"params": params, **model_state}, b["image"],
+                                      mask=b["mask"], mutable=list(model_state), **kwargs)
+      return losses.cross_entropy(logits, b["label"], b["mask"]), ({}, new_state)
+    logits = model.apply({"params": params}, b["image"], **kwargs)
     return losses.cross_entropy(logits, b["label"], b["mask"]), {}
 
   def logits_fn(params, model_state, frozen, batch):
-    del model_state, frozen
-    return model.apply({"params": params}, batch["image"])
+    del frozen
+    return model.apply({"params": params, **model_state}, batch["image"],
+                       labels=batch["label"])
 
+  epochs, warmup = int(pcfg.epochs), int(pcfg.warmup_epochs)
+  lr = schedules.warmup_epoch_cosine(base=float(pcfg.optim.lr), minimum=float(pcfg.optim.min_lr),
+                                     epochs=epochs, warmup_epochs=warmup)
   stage = train.Stage(
-      name="pretrain", step_fn=train.make_train_step(loss_fn, tx, mesh),
-      streams={"train": stream},
-      epoch_stream="train", epochs=int(pcfg.epochs),
-      hparams_fn=lambda e, _: {"learning_rate": schedules.warmup_epoch_cosine(
-          e, base=float(pcfg.optim.lr), minimum=float(pcfg.optim.min_lr),
-          epochs=int(pcfg.epochs), warmup_epochs=int(pcfg.warmup_epochs))})
+      name="pretrain", step_fn=train.make_train_step(loss_fn, tx, mesh, mutable=mutable),
+      streams={"train": stream}, epoch_stream="train", epochs=epochs,
+      hparams_fn=lambda e, _: {"learning_rate": lr(e)})
 
-  state = train.replicate(train.create_state(params, tx, int(config.seed)), mesh)
+  state = train.replicate(train.create_state(params, tx, int(config.seed),
+                                             model_state=variables), mesh)
   state = run_.restore(state)
   state, _ = run_.run_stage(0, stage, state, {}, mesh)
   if "pretrain" not in run_.meta["results"]:
-    eval_step = train.make_eval_step(logits_fn, mesh)
-    acc = common.eval_accuracies(config, eval_step, state, {}, {"test": test_set}, mesh)
+    predict_step = train.make_predict_step(logits_fn, mesh)
+    acc = common.eval_accuracies(config, predict_step, state, {}, {"test": test_set}, mesh)
     run_.finish_stage(state, "pretrain", {"acc": acc["test"]})
   acc = run_.meta["results"]["pretrain"]["acc"]
-  log.info("[pretrain] test accuracy on %d classes: %.2f%%", num_classes, acc)
+  log.info("[pretrain] test accuracy on %d classes: %.2f%%", n, acc)
   if run_.is_main:
-    ckpt_lib.save_npz(jax.device_get(state.params), os.path.join(run_.workdir, "params.npz"))
+    path = os.path.join(run_.workdir, "params.npz")
+    if state.model_state:
+      ckpt_lib.save_npz(jax.device_get(state.model_state),
+                        os.path.join(run_.workdir, "params.model_state.npz"))
+    ckpt_lib.save_npz(jax.device_get(state.params), path)  # last: its presence means done
   results = {"method": "pretrain", "config": config.to_dict(),
              "stages": [{"name": "pretrain", "acc": acc}], "final": {"acc": acc}}
   run_.write_results(results)
+  print(report.stage_table(results), flush=True)
   run_.close()
   return results

@@ -4,7 +4,7 @@
 
 with one group per transformer block by default (`kswap_jax.lora.groups`). The penalty is
 what Knowledge Swapping and GS-LoRA add to the loss and differentiate (a subgradient
-method, spec §3); the proximal transform applies the exact block soft-thresholding after
+method); the proximal transform applies the exact block soft-thresholding after
 the optimizer update instead, which can set whole groups to exactly zero.
 
 References: Yuan & Lin 2006 (group lasso); Zhao et al., arXiv 2403.11530 (GS-LoRA);
@@ -12,8 +12,6 @@ Xing et al., arXiv 2502.08075 (Knowledge Swapping).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import chex
 import jax
@@ -56,10 +54,6 @@ def group_lasso_penalty(tree: lora_lib.Tree, grouping: str = "block") -> jax.Arr
   return jnp.sum(group_norms(tree, grouping))
 
 
-class GroupLassoProxState(NamedTuple):
-  """No state is needed; kept as a NamedTuple for checkpoint round-trips."""
-
-
 def group_lasso_prox(strength: float, learning_rate: float | jax.Array,
                      grouping: str = "block") -> optax.GradientTransformation:
   """Exact group-lasso proximal step applied after the optimizer's update.
@@ -86,7 +80,7 @@ def group_lasso_prox(strength: float, learning_rate: float | jax.Array,
 
   def init_fn(params):
     del params
-    return GroupLassoProxState()
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:

@@ -1,0 +1,1 @@
+"""Shipped configs; installed as `kswap_jax.configs` (see pyproject.toml)."""

@@ -1,0 +1,86 @@
+"""The method conformance suite: every registered method passes the same checks on a tiny
+config (the shape of optax's shared optimizer tests).
+
+For each entry of `CASES` (method name -> how to build its tiny config, a step to kill it
+at, and which trainable leaves it may have):
+
+  - it runs end to end through `methods.run` (every step under `jax.jit` via
+    `train.make_train_step`) and writes the shared results envelope, complete;
+  - killed at a step in the middle and rerun with the same command, it ends with the same
+    stages and final metrics as the uninterrupted run (so it is deterministic for a seed
+    and resumes exactly);
+  - its checkpointed trainable tree holds only the leaves it may train.
+
+A new method joins by adding one entry to `CASES`.
+"""
+
+import math
+import os
+import re
+
+import jax
+import pytest
+
+from conftest import load_config, method_run
+from kswap_jax import checkpoint as ckpt_lib
+from kswap_jax import methods
+
+pytestmark = pytest.mark.slow
+
+# name -> (config file, config arg, debug.interrupt_at_step for the kill, trainable regex)
+CASES = {
+    "pretrain": ("demo", "runlocal,method=pretrain", 10, r".*"),
+    "lbf": ("demo", "runlocal", 40, r".*/(a|b)"),           # in the forget stage
+    "laf": ("demo", "runlocal,method=laf", 45, r".*/(a|b)"),  # in the learn stage
+    # 4 tasks x 6 steps: step 8 is inside task 2.
+    "gs_lora": ("gs_lora_casia100", "runlocal", 8, r".*/(a|b)"),
+    "gs_lora_pp": ("gs_lora_casia100", "runlocal,method=gs_lora_pp", 8, r".*/(a|b)"),
+}
+
+
+def test_every_registered_method_has_a_conformance_case():
+  assert set(CASES) == set(methods.METHODS)
+
+
+def _numbers(d: dict):
+  for v in d.values():
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      yield v
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_results_envelope_is_complete(name, tmp_path_factory):
+  workdir, results = method_run(tmp_path_factory, *CASES[name][:2])
+  assert results["method"] == name
+  assert results["config"]["method"] == name
+  assert results["stages"] and all(s.get("name") for s in results["stages"])
+  assert results["final"] and all(math.isfinite(v) for v in _numbers(results["final"]))
+  assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kill_and_rerun_gives_the_same_results(name, tmp_path_factory, tmp_path):
+  config_name, arg, interrupt, _ = CASES[name]
+  _, reference = method_run(tmp_path_factory, config_name, arg)
+  workdir = str(tmp_path / "killed")
+  config = load_config(config_name, arg)
+  config.debug.interrupt_at_step = interrupt
+  config.train.checkpoint_every_steps = 4  # resume from the middle of a stage
+  with pytest.raises(SystemExit, match="interrupt_at_step"):
+    methods.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  resumed = methods.run(load_config(config_name, arg), workdir)
+  assert resumed["stages"] == reference["stages"]
+  assert resumed["final"] == reference["final"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_trains_only_the_leaves_it_may(name, tmp_path_factory):
+  workdir, _ = method_run(tmp_path_factory, *CASES[name][:2])
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  metadata = checkpointer.manager.item_metadata(checkpointer.manager.latest_step())["state"]
+  checkpointer.close()
+  names = [jax.tree_util.keystr(p, simple=True, separator="/")
+           for p, _ in jax.tree_util.tree_flatten_with_path(metadata["params"])[0]]
+  pattern = re.compile(CASES[name][3])
+  assert names and all(pattern.fullmatch(n) for n in names), names[:5]
