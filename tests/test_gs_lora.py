@@ -75,8 +75,40 @@ def test_proximal_optimizer_zeroes_groups_and_follows_injected_alpha():
   upd, _ = tx.update(grads, state._replace(hyperparams=hp), params)
   new = jax.tree_util.tree_map(lambda p, u: p + u, params, upd)
   assert gs_lora.sparsity(new, "block")["zero_groups"] == 2
-  assert not hasattr(gs_lora.make_optimizer(cfg, proximal=False, grouping="block")
-                     .init(params).hyperparams, "alpha")
+  # Only the injected names: in penalty mode α must reach the loss, not the optimizer.
+  for kwargs, names in ((dict(proximal=False), {"learning_rate"}),
+                        (dict(proximal=True), {"learning_rate", "alpha"}),
+                        (dict(proximal=False, ema_scale=0.125), {"learning_rate", "ema_mix"})):
+    opt = gs_lora.make_optimizer(cfg, grouping="block", **kwargs)
+    assert set(opt.init(params).hyperparams) == names, kwargs
+
+
+def test_product_ema_is_the_ema_of_the_merged_update():
+  cfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+  tx = gs_lora.make_optimizer(cfg, proximal=False, grouping="block", ema_scale=0.5)
+  params = _tree()
+  state = tx.init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  history, ema = [], None
+  for mix in (0.0, 1.0, 0.1, 0.1):           # nothing, copy, then two EMA steps with d = 0.9
+    hp = dict(state.hyperparams)
+    hp["ema_mix"] = jnp.asarray(mix, hp["ema_mix"].dtype)
+    upd, state = tx.update(grads, state._replace(hyperparams=hp), params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, params, upd)
+    m = params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+    history.append(0.5 * np.asarray(m["a"] @ m["b"]))
+  ema = history[1]
+  for h in history[2:]:
+    ema = 0.9 * ema + 0.1 * h
+  got = gs_lora.ema_products(state)["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+  np.testing.assert_allclose(np.asarray(got), ema, rtol=1e-5, atol=1e-7)
+  # Merged into a base: W + P.
+  base = _base()
+  merged = gs_lora.merge_products(base, gs_lora.ema_products(state))
+  k = merged["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  np.testing.assert_allclose(np.asarray(k), np.asarray(
+      base["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]) + ema,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_accuracies_apply_the_margin_on_the_host():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           reinit_slope=math.sqrt(50.0),  # A-init slope for tasks >= 2 (task 1: lora.init_slope)
           eval_margin=True,      # reported accuracy = arg-max of the margin logits (reference)
           epoch_stream="retain",  # retain | longer (the single-step few-shot exception)
+          ema_epoch=-1,          # >= 0: EMA of the merged weights from this epoch's end on
+          ema_decay=0.9,         # EMA <- d·EMA + (1 − d)·current, once per epoch
           prototype=dict(        # GS-LoRA++ only
               forget_weight=(0.01,),  # λ_f: one value for every task, or one per task
               retain_weight=0.0,   # λ_r (0 in every shipped reference run)
@@ -147,20 +149,103 @@ def make_loss(model, scale: float, grouping: str, *, bound: float, penalty: bool
   return loss_fn
 
 
-def make_optimizer(ocfg: ml_collections.ConfigDict, *, proximal: bool, grouping: str
-                   ) -> optax.GradientTransformation:
-  """AdamW with an injectable epoch LR; in proximal mode also the group-lasso prox step with
-  an injectable strength `alpha` (the α schedule), after the AdamW update."""
-  def adamw(learning_rate):
-    return optax.adamw(learning_rate, b1=float(ocfg.b1), b2=float(ocfg.b2),
-                       eps=float(ocfg.eps), weight_decay=float(ocfg.weight_decay))
-  if not proximal:
-    return optax.inject_hyperparams(adamw)(learning_rate=float(ocfg.lr))
+class ProductEmaState(NamedTuple):
+  """EMA of s·a·b per LoRA module (a tree of (in, out) arrays beside the modules)."""
+  products: lora.Tree
 
-  def make(learning_rate, alpha):
-    return optax.chain(adamw(learning_rate),
-                       group_lasso.group_lasso_prox(alpha, learning_rate, grouping))
-  return optax.inject_hyperparams(make)(learning_rate=float(ocfg.lr), alpha=0.0)
+
+def _modules(tree: lora.Tree) -> list[str]:
+  return sorted({n.rsplit("/", 1)[0] for n, _ in lora.named_leaves(tree)})
+
+
+def product_ema(mix: float | jax.Array, scale: float) -> optax.GradientTransformation:
+  """Tracks an exponential moving average of the merged weights' LoRA part, s·a·b.
+
+      P ← (1 − mix)·P + mix·s·a⁺b⁺,       a⁺, b⁺ the parameters after this step's update
+
+  The base kernels are constant within a task, so W + P is the EMA of the merged kernels
+  W + s·a·b (an EMA of a and b separately would not be: the update is bilinear). `mix` is
+  injected per step: 0 leaves P alone, 1 copies, 1 − d is one EMA step with decay d.
+  Updates pass through unchanged.
+
+  Args:
+    mix: the mixing weight of this step (usually an injected hyper-parameter).
+    scale: the LoRA scale s.
+
+  Returns:
+    An `optax.GradientTransformation` with a `ProductEmaState`; place it last in a chain.
+  """
+  def init_fn(params):
+    products = {}
+    for m in _modules(params):
+      a, b = lora.leaf_by_name(params, m + "/a"), lora.leaf_by_name(params, m + "/b")
+      lora.set_by_name(products, m.split("/"), jnp.zeros((a.shape[0], b.shape[1]), a.dtype))
+    return ProductEmaState(products)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("product_ema needs params: call tx.update(grads, state, params)")
+    new = optax.apply_updates(params, updates)
+    products = {}
+    for m in _modules(new):
+      p = scale * (lora.leaf_by_name(new, m + "/a") @ lora.leaf_by_name(new, m + "/b"))
+      old = lora.leaf_by_name(state.products, m)
+      lora.set_by_name(products, m.split("/"), ((1.0 - mix) * old + mix * p).astype(old.dtype))
+    return updates, ProductEmaState(products)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def merge_products(base: lora.Tree, products: lora.Tree) -> lora.Tree:
+  """`base` with each module's (in, out) product added to its kernel (reshaped to it)."""
+  merged = jax.tree_util.tree_map(lambda x: x, base)
+  for name, p in lora.named_leaves(products):
+    module = lora.leaf_by_name(merged, name)
+    module["kernel"] = module["kernel"] + p.reshape(module["kernel"].shape).astype(
+        module["kernel"].dtype)
+  return merged
+
+
+def ema_products(opt_state) -> lora.Tree:
+  """The `ProductEmaState.products` inside an optimizer state from `make_optimizer`."""
+  found = [x for x in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ProductEmaState))
+           if isinstance(x, ProductEmaState)]
+  if not found:
+    raise ValueError("the optimizer state holds no ProductEmaState (gs_lora.ema_epoch < 0)")
+  return found[0].products
+
+
+def make_optimizer(ocfg: ml_collections.ConfigDict, *, proximal: bool, grouping: str,
+                   ema_scale: float | None = None) -> optax.GradientTransformation:
+  """AdamW with an injectable epoch LR; in proximal mode also the group-lasso prox step with
+  an injectable strength `alpha` (the α schedule), after the AdamW update; with
+  `ema_scale` the EMA of s·a·b (`product_ema`) with an injectable `ema_mix`."""
+  def chain(learning_rate, alpha, ema_mix):
+    parts = [optax.adamw(learning_rate, b1=float(ocfg.b1), b2=float(ocfg.b2),
+                         eps=float(ocfg.eps), weight_decay=float(ocfg.weight_decay))]
+    if proximal:
+      parts.append(group_lasso.group_lasso_prox(alpha, learning_rate, grouping))
+    if ema_scale is not None:
+      parts.append(product_ema(ema_mix, ema_scale))
+    return optax.chain(*parts)
+
+  # Exactly the injected names in the signature: any other host hyper-parameter (e.g. α in
+  # penalty mode) must reach the loss, not the optimizer.
+  if proximal and ema_scale is not None:
+    make = lambda learning_rate, alpha, ema_mix: chain(learning_rate, alpha, ema_mix)
+  elif proximal:
+    make = lambda learning_rate, alpha: chain(learning_rate, alpha, 0.0)
+  elif ema_scale is not None:
+    make = lambda learning_rate, ema_mix: chain(learning_rate, 0.0, ema_mix)
+  else:
+    make = lambda learning_rate: chain(learning_rate, 0.0, 0.0)
+  hp = {"learning_rate": float(ocfg.lr)}
+  if proximal:
+    hp["alpha"] = 0.0
+  if ema_scale is not None:
+    hp["ema_mix"] = 0.0
+  return optax.inject_hyperparams(make)(**hp)
 
 
 def task_base(base: lora.Tree, stacked: lora.Tree, num_done: int, scale: float) -> lora.Tree:
@@ -233,6 +318,8 @@ def _check(config) -> None:
       raise ConfigError(f"gs_lora.{field}: expected a value >= 0, got {g[field]!r}")
   if float(config.group_lasso.alpha) < 0:
     raise ConfigError(f"group_lasso.alpha: expected a value >= 0, got {config.group_lasso.alpha}")
+  if not 0.0 <= float(g.ema_decay) <= 1.0:
+    raise ConfigError(f"gs_lora.ema_decay: expected a value in [0, 1], got {g.ema_decay!r}")
   if float(g.prototype.bound) < 0 or float(g.prototype.retain_weight) < 0:
     raise ConfigError("gs_lora.prototype: bound and retain_weight must be >= 0")
 
@@ -308,7 +395,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first_lora = lora.init(base0, spec, jax.random.fold_in(k_lora, 0))
   log.info("LoRA: %d trainable parameters in %d tensors; base %d", lora.count(first_lora),
            len(jax.tree_util.tree_leaves(first_lora)), lora.count(base0))
-  tx = make_optimizer(ocfg, proximal=proximal, grouping=grouping)
+  use_ema = int(g.ema_epoch) >= 0
+  tx = make_optimizer(ocfg, proximal=proximal, grouping=grouping,
+                      ema_scale=spec.scale if use_ema else None)
   loss_fn = make_loss(model, spec.scale, grouping, bound=float(g.bound), penalty=not proximal,
                       prototype=g.prototype if use_prototypes else None)
   step_fn = train.make_train_step(loss_fn, tx, mesh)
@@ -350,10 +439,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       warmup_alpha=bool(g.warmup_alpha),
                                       big_alpha=float(g.big_alpha))
 
-    def hparams(epoch, _):
+    spe = stream_map[epoch_stream].steps_per_epoch
+
+    def hparams(epoch, iteration):
       hp = {"learning_rate": lr(epoch), "alpha": alpha(epoch), "beta": betas[t]}
       if use_prototypes:
         hp["pro_forget_weight"] = pro_weights[t]
+      if use_ema:  # at the last step of each epoch from ema_epoch on: copy, then EMA steps
+        last = (iteration + 1) % spe == 0
+        e0 = int(g.ema_epoch)
+        hp["ema_mix"] = (0.0 if not last or epoch < e0 else
+                         1.0 if epoch == e0 else 1.0 - float(g.ema_decay))
       return hp
 
     def on_start(state, frozen, fresh):
@@ -395,6 +491,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "acc_f_before": before["acc_f"], "acc_r_before": before["acc_r"],
           **sparsity(jax.device_get(state.params), grouping),
       }
+      if use_ema and int(g.epochs) > int(g.ema_epoch):
+        ema_base = train.replicate(
+            {"base": merge_products(frozen["base"], ema_products(state.opt_state))}, mesh)
+        ema = evaluate(state._replace(params={}), ema_base, sub)
+        ema["h_mean"] = metrics.h_mean(before["acc_f"], ema["acc_f"], ema["acc_r"])
+        record["ema"] = {k: v for k, v in ema.items() if not k.endswith("_margin")}
       best = continual.best_eval(run_, task.name, "h_mean")
       if best is not None:
         record["best_h"] = best
