@@ -28,7 +28,8 @@ def losses(config_name, arg, num_devices, workdir, pretrained):
   config.train.num_devices = num_devices
   config.train.log_every_steps = 1
   config.debug.interrupt_at_step = STEPS
-  if pretrained and config.init.kind == "pretrain":
+  if pretrained and config.init.kind == "pretrain" and config_name == "demo":
+    # The shared pretrained model fits the demo's model only; other configs pretrain their own.
     shutil.copytree(pretrained, os.path.join(workdir, "pretrain"))
   try:
     methods.run(config, workdir)
