@@ -19,6 +19,7 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import load_config  # noqa: E402
 from kswap_jax import methods  # noqa: E402
+from kswap_jax.methods import pretrain  # noqa: E402
 
 STEPS = 6
 
@@ -29,6 +30,14 @@ def losses(config_name, arg, num_devices, workdir, pretrained):
   config.train.log_every_steps = 1
   config.debug.interrupt_at_step = STEPS
   if pretrained and config.init.kind == "pretrain":
+    if config_name != "demo":  # another model: pretrain it once, on 1 device, uninterrupted
+      own = pretrained + f"_{config_name}_{arg}"
+      if not os.path.exists(own):
+        pre = load_config(config_name, arg)
+        pre.train.num_devices = 1
+        pre.init.pretrain_workdir = own
+        pretrain.ensure_pretrained(pre, own)
+      pretrained = own
     shutil.copytree(pretrained, os.path.join(workdir, "pretrain"))
   try:
     methods.run(config, workdir)

@@ -25,6 +25,8 @@ METHODS = {
     "pretrain": "kswap_jax.methods.pretrain",
     "lbf": "kswap_jax.methods.knowledge_swap",
     "laf": "kswap_jax.methods.knowledge_swap",
+    "gs_lora": "kswap_jax.methods.gs_lora",
+    "gs_lora_pp": "kswap_jax.methods.gs_lora",
 }
 
 # Methods measured against each other (`python -m kswap_jax.compare`), and the headline

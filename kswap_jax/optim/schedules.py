@@ -44,3 +44,36 @@ def warmup_epoch_cosine(*, base: float, minimum: float, epochs: int,
     return _on_host(cosine)
   ramp = optax.linear_schedule(base / warmup_epochs, base, max(1, warmup_epochs - 1))
   return _on_host(optax.join_schedules([ramp, cosine], boundaries=[warmup_epochs]))
+
+
+def structure_alpha(*, alpha: float, alpha_epoch: int = 0, warmup_alpha: bool = False,
+                    big_alpha: float = 0.0) -> Callable[[int], float]:
+  """GS-LoRA's step schedule for the weight α of the group-sparse structure term.
+
+      α(e) = 0                                     if e < alpha_epoch
+             big_alpha if warmup_alpha else alpha  otherwise
+
+  The reference's single-step engine gates the term for e < alpha_epoch (shipped: 20); its
+  continual engine has no gate (set alpha_epoch = 0: constant α, shipped 1e-4) unless the
+  warm-up is on, which gives 0 before alpha_epoch and big_alpha after it in both engines
+  (the missing-class runs: 0 until epoch 30, then 0.015).
+
+  Args:
+    alpha: α without the warm-up.
+    alpha_epoch: first (0-based) epoch of a task with the structure term on.
+    warmup_alpha: use big_alpha once the gate opens.
+    big_alpha: α after the gate when warmup_alpha is set.
+
+  Returns:
+    epoch -> α (a host float).
+
+  Example:
+    >>> schedule = structure_alpha(alpha=0.01, alpha_epoch=20)
+    >>> schedule(19), schedule(20)
+    (0.0, 0.01)
+
+  References: Zhao et al., arXiv 2403.11530 (GS-LoRA).
+  """
+  after = float(big_alpha) if warmup_alpha else float(alpha)
+  gate = int(alpha_epoch)
+  return lambda epoch: 0.0 if int(epoch) < gate else after

@@ -1,0 +1,235 @@
+"""GS-LoRA / GS-LoRA++: the method's pieces on small literal trees, and tiny end-to-end runs
+(continual, with a kill in the middle of task 2 and a rerun), frozen leaves, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import load_config, method_run
+from kswap_jax import lora, losses, methods
+from kswap_jax.errors import ConfigError
+from kswap_jax.methods import continual, gs_lora
+from kswap_jax.optim import group_lasso
+
+
+def _tree(scale=1.0):
+  """A LoRA tree of two blocks, one module each: a (3, 2), b (2, 4)."""
+  k = jax.random.split(jax.random.key(0), 4)
+  block = lambda i: {"MlpBlock_3": {"Dense_0": {
+      "a": scale * jax.random.normal(k[2 * i], (3, 2)),
+      "b": scale * jax.random.normal(k[2 * i + 1], (2, 4))}}}
+  return {"Transformer": {"encoderblock_0": block(0), "encoderblock_1": block(1)}}
+
+
+def _base():
+  kernel = lambda i: jnp.full((3, 4), float(i))
+  return {"Transformer": {f"encoderblock_{i}": {"MlpBlock_3": {"Dense_0": {
+      "kernel": kernel(i), "bias": jnp.zeros(4)}}} for i in range(2)},
+          "head": {"kernel": jnp.ones((4, 5))}}
+
+
+def test_task_base_folds_the_recorded_tasks_in_order():
+  base, t1, t2 = _base(), _tree(), _tree(2.0)
+  stack = continual.stack_zeros(t1, 3)
+  stack = continual.stack_set(stack, 0, t1)
+  stack = continual.stack_set(stack, 1, t2)
+  got = gs_lora.task_base(base, stack, 2, 0.125)
+  want = lora.merge(lora.merge(base, t1, 0.125), t2, 0.125)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  # Task 1's base is the pretrained one; slot 2 (not done) is still zero.
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         gs_lora.task_base(base, stack, 0, 0.125), base)
+  assert float(jnp.abs(stack["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["a"][2]
+                       ).sum()) == 0.0
+  np.testing.assert_array_equal(
+      got["head"]["kernel"], base["head"]["kernel"])  # only targeted kernels change
+
+
+def test_sparsity_counts_exact_zero_groups_and_nonzero_fraction():
+  tree = _tree()
+  tree["Transformer"]["encoderblock_1"] = jax.tree_util.tree_map(
+      jnp.zeros_like, tree["Transformer"]["encoderblock_1"])
+  s = gs_lora.sparsity(tree, "block")
+  assert s["zero_groups"] == 1 and s["num_groups"] == 2
+  assert s["nonzero_lora_fraction"] == pytest.approx(0.5)
+  assert s["group_norms"][1] == 0.0 and s["group_norms"][0] > 0
+
+
+def test_proximal_optimizer_zeroes_groups_and_follows_injected_alpha():
+  cfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05))
+  tx = gs_lora.make_optimizer(cfg, proximal=True, grouping="block")
+  params = _tree(1e-3)
+  state = tx.init(params)
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  hp = dict(state.hyperparams)
+  hp["alpha"] = jnp.asarray(0.0, hp["alpha"].dtype)
+  upd, _ = tx.update(grads, state._replace(hyperparams=hp), params)
+  assert gs_lora.sparsity(jax.tree_util.tree_map(lambda p, u: p + u, params, upd),
+                          "block")["zero_groups"] == 0
+  hp["alpha"] = jnp.asarray(10.0, hp["alpha"].dtype)  # η·α = 0.1 > every group norm
+  upd, _ = tx.update(grads, state._replace(hyperparams=hp), params)
+  new = jax.tree_util.tree_map(lambda p, u: p + u, params, upd)
+  assert gs_lora.sparsity(new, "block")["zero_groups"] == 2
+  # Only the injected names: in penalty mode α must reach the loss, not the optimizer.
+  for kwargs, names in ((dict(proximal=False), {"learning_rate"}),
+                        (dict(proximal=True), {"learning_rate", "alpha"}),
+                        (dict(proximal=False, ema_scale=0.125), {"learning_rate", "ema_mix"})):
+    opt = gs_lora.make_optimizer(cfg, grouping="block", **kwargs)
+    assert set(opt.init(params).hyperparams) == names, kwargs
+
+
+def test_product_ema_is_the_ema_of_the_merged_update():
+  cfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+  tx = gs_lora.make_optimizer(cfg, proximal=False, grouping="block", ema_scale=0.5)
+  params = _tree()
+  state = tx.init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  history, ema = [], None
+  for mix in (0.0, 1.0, 0.1, 0.1):           # nothing, copy, then two EMA steps with d = 0.9
+    hp = dict(state.hyperparams)
+    hp["ema_mix"] = jnp.asarray(mix, hp["ema_mix"].dtype)
+    upd, state = tx.update(grads, state._replace(hyperparams=hp), params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, params, upd)
+    m = params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+    history.append(0.5 * np.asarray(m["a"] @ m["b"]))
+  ema = history[1]
+  for h in history[2:]:
+    ema = 0.9 * ema + 0.1 * h
+  got = gs_lora.ema_products(state)["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+  np.testing.assert_allclose(np.asarray(got), ema, rtol=1e-5, atol=1e-7)
+  # Merged into a base: W + P.
+  base = _base()
+  merged = gs_lora.merge_products(base, gs_lora.ema_products(state))
+  k = merged["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  np.testing.assert_allclose(np.asarray(k), np.asarray(
+      base["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]) + ema,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_accuracies_apply_the_margin_on_the_host():
+  # CosFace plain logits 64·cos; the margin rule subtracts 64·0.35 = 22.4 from the true class.
+  logits = np.array([[64 * 0.8, 64 * 0.6], [64 * 0.95, 64 * 0.3], [0.0, 64 * 0.9]])
+  preds = {"retain_test": {"logits": logits, "label": np.array([0, 0, 1])},
+           "forget_test": {"logits": logits[:1], "label": np.array([1])}}
+  acc = gs_lora.accuracies(preds, margin=22.4, use_margin=True)
+  assert acc["acc_r"] == pytest.approx(200 / 3) and acc["acc_r_nomargin"] == 100.0
+  assert acc["acc_f"] == 0.0 and acc["acc_f_margin"] == 0.0
+  assert "acc_o" not in acc and "acc_m" not in acc
+  assert gs_lora.accuracies(preds, margin=22.4, use_margin=False)["acc_r"] == 100.0
+  np.testing.assert_array_equal(preds["retain_test"]["logits"], logits)  # not modified
+
+
+@pytest.fixture(scope="module")
+def tiny_face():
+  from kswap_jax import models  # pylint: disable=import-outside-toplevel
+  cfg = models.default_config("vit_face")
+  cfg.update(dict(variant="test/4", image_size=16, num_classes=6, dropout=0.0,
+                  attention_output_dropout=0.0))
+  model = models.build(cfg)
+  base = jax.jit(lambda k: models.init_variables(model, cfg, k))(jax.random.key(0))["params"]
+  return model, base
+
+
+def test_loss_is_the_sum_of_its_terms(tiny_face):
+  model, base = tiny_face
+  spec = lora.LoraSpec(init_slope=5 ** 0.5)
+  params = jax.tree_util.tree_map(lambda x: x + 0.01, lora.init(base, spec, jax.random.key(1)))
+  img = jax.random.uniform(jax.random.key(2), (4, 16, 16, 3))
+  batch = {"retain": {"image": img, "label": jnp.array([0, 1, 2, 3]), "mask": jnp.ones(4)},
+           "forget": {"image": img[::-1], "label": jnp.array([4, 5, 4, 5]),
+                      "mask": jnp.array([1.0, 1.0, 1.0, 0.0])}}
+  protos = jax.random.normal(jax.random.key(3), (6, 64))
+  frozen = {"base": base, "prototypes": protos}
+  pro = ml_collections.ConfigDict(dict(forget_weight=0.5, retain_weight=0.1, bound=18.0))
+  hp = {"beta": 0.2, "alpha": 0.01, "pro_forget_weight": 0.5}
+  fn = gs_lora.make_loss(model, spec.scale, "block", bound=110.0, penalty=True, prototype=pro)
+  loss, aux = jax.jit(fn)(params, frozen, batch, jax.random.key(4), hp)
+  apply = lambda b: lora.apply(model, base, params, b["image"], scale=spec.scale,
+                               features=True)
+  e_r, e_f = apply(batch["retain"]), apply(batch["forget"])
+  ce = lambda e, b: losses.cross_entropy(gs_lora.head_logits(model, base, e, b["label"]),
+                                         b["label"], b["mask"])
+  ce_r, ce_f = ce(e_r, batch["retain"]), ce(e_f, batch["forget"])
+  kl_f = losses.prototype_kl(e_f, protos[batch["forget"]["label"]], batch["forget"]["mask"])
+  kl_r = losses.prototype_kl(e_r, protos[batch["retain"]["label"]])
+  want = (ce_r + 0.2 * jax.nn.relu(110.0 - ce_f)
+          + 0.01 * group_lasso.group_lasso_penalty(params)
+          + 0.5 * jax.nn.relu(18.0 - kl_f) + 0.1 * kl_r)
+  assert float(loss) == pytest.approx(float(want), rel=1e-5)
+  assert float(aux["ce_forget"]) == pytest.approx(float(ce_f), rel=1e-5)
+  # The margin is on: the CE uses s·(cos − m) on the true class.
+  plain = losses.cross_entropy(gs_lora.head_logits(model, base, e_r, None),
+                               batch["retain"]["label"])
+  assert float(ce_r) > float(plain)
+  # Penalty off (proximal mode): no α·Ω in the loss.
+  fn_p = gs_lora.make_loss(model, spec.scale, "block", bound=110.0, penalty=False,
+                           prototype=None)
+  loss_p, _ = jax.jit(fn_p)(params, frozen, batch, jax.random.key(4), hp)
+  assert float(loss_p) == pytest.approx(float(ce_r + 0.2 * jax.nn.relu(110.0 - ce_f)), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end (slow): the conformance suite's tiny continual run (4 tasks x 2 classes of 10,
+# killed and resumed in task 2 there), inspected here; bad input.
+
+CASE = ("gs_lora_casia100", "runlocal")
+
+
+@pytest.mark.slow
+def test_continual_run_writes_the_results_envelope(tmp_path_factory):
+  workdir, results = method_run(tmp_path_factory, *CASE)
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert on_disk["final"] == results["final"]
+  assert [s["name"] for s in on_disk["stages"]] == ["pretrained", "task_1", "task_2", "task_3",
+                                                    "task_4"]
+  t1, t2 = on_disk["stages"][1], on_disk["stages"][2]
+  for key in ("acc_r", "acc_f", "h_mean", "zero_groups", "nonzero_lora_fraction", "seconds",
+              "acc_r_nomargin", "acc_f_nomargin", "acc_f_before", "forget_classes",
+              "group_norms", "best_h"):
+    assert key in t2, key
+  assert "acc_o" not in t1 and "acc_o" in t2 and "acc_o_nomargin" in t2
+  assert t1["forget_classes"] != t2["forget_classes"] and len(t2["group_norms"]) == 2
+  assert 0 < t2["nonzero_lora_fraction"] <= 1
+  for name in ("gs_lora.png", "metrics.jsonl", "merged_params.npz", "config.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  evals = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl")) if '"eval"' in x]
+  assert evals and all("h_mean" in x["eval"] for x in evals)
+
+
+@pytest.mark.slow
+def test_only_lora_targets_change_and_they_are_the_folded_tasks(tmp_path_factory):
+  workdir, _ = method_run(tmp_path_factory, *CASE)
+  pre = np.load(os.path.join(workdir, "pretrain", "params.npz"))
+  merged = np.load(os.path.join(workdir, "merged_params.npz"))
+  assert set(pre.files) == set(merged.files)
+  changed = sorted(n for n in pre.files if not np.array_equal(pre[n], merged[n]))
+  assert changed and all(n.endswith(("MlpBlock_3/Dense_0/kernel", "MlpBlock_3/Dense_1/kernel"))
+                         for n in changed)
+
+
+def _tiny():
+  return load_config(*CASE)
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: setattr(c.gs_lora, "beta", (0.2, 0.3)), "gs_lora.beta"),
+    (lambda c: setattr(c.tasks, "forget_classes", ((1, 2), (2, 3), (4,), (5,))),
+     "tasks.forget_classes"),
+    (lambda c: setattr(c.tasks, "forget_classes", ((1, 2), (12,), (4,), (5,))),
+     "tasks.forget_classes"),
+    (lambda c: setattr(c.gs_lora, "epoch_stream", "forget"), "gs_lora.epoch_stream"),
+    (lambda c: setattr(c.group_lasso, "mode", "prox"), "group_lasso.mode"),
+    (lambda c: setattr(c.tasks, "num_classes", 20), "tasks.num_classes"),
+])
+def test_bad_input_is_one_config_error_and_leaves_nothing(change, field, tmp_path):
+  config = _tiny()
+  change(config)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match=f"^{field}:"):
+    methods.run(config, workdir)
+  assert not os.path.exists(workdir) or not os.listdir(workdir)
