@@ -25,6 +25,10 @@ METHODS = {
     "pretrain": "kswap_jax.methods.pretrain",
     "lbf": "kswap_jax.methods.knowledge_swap",
     "laf": "kswap_jax.methods.knowledge_swap",
+    "sfr_on": "kswap_jax.methods.ug_clu",
+    "ug_clu": "kswap_jax.methods.ug_clu",
+    "clu_joint": "kswap_jax.methods.ug_clu",
+    "clu_retrain": "kswap_jax.methods.ug_clu",
 }
 
 
