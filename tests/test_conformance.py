@@ -32,6 +32,10 @@ CASES = {
     "pretrain": ("demo", "runlocal,method=pretrain", 10, r".*"),
     "lbf": ("demo", "runlocal", 40, r".*/(a|b)"),           # in the forget stage
     "laf": ("demo", "runlocal,method=laf", 45, r".*/(a|b)"),  # in the learn stage
+    "sfr_on": ("ug_clu_digits", "runlocal,method=sfr_on", 16, r".*"),  # masked, mid-forget
+    "ug_clu": ("ug_clu_digits", "runlocal", 16, r".*"),                  # masked, mid-forget
+    "clu_joint": ("ug_clu_digits", "runlocal,method=clu_joint", 15, r".*"),  # mid-forget
+    "clu_retrain": ("ug_clu_digits", "runlocal,method=clu_retrain", 9, r".*"),  # 2nd oracle
 }
 
 
