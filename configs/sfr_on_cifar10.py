@@ -26,6 +26,8 @@ we keep the last. Expected numbers: the sources available to us give none for th
 setting, so none are quoted; compare against the oracle this run trains.
 """
 
+import ml_collections
+
 from kswap_jax import methods, models
 from kswap_jax.config import parse_arg
 
@@ -42,7 +44,8 @@ def get_config(arg=None):
   c.data.old = dict(kind="tfds", name="cifar10", data_dir=a.data_dir, train_split="train",
                     test_split="test", image_key="image", label_key="label")
   c.data.new = c.data.old.to_dict()
-  c.data.mean, c.data.std = CIFAR_MEAN, CIFAR_STD
+  # Per-channel statistics: the section is rebuilt, as the shared default is a scalar.
+  c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), mean=CIFAR_MEAN, std=CIFAR_STD))
   c.model = models.default_config("resnet18_cifar")   # 11,173,962 parameters
   c.eval.batch_size = 500
 

@@ -23,6 +23,8 @@ numbers are quoted.
     python run.py --config=configs/ug_clu_cifar10.py:request=class,runlocal   # synthetic, minutes
 """
 
+import ml_collections
+
 from kswap_jax import methods, models
 from kswap_jax.config import parse_arg
 
@@ -56,7 +58,8 @@ def get_config(arg=None):
   c.data.old = dict(kind="tfds", name="cifar10", data_dir=a.data_dir, train_split="train",
                     test_split="test", image_key="image", label_key="label")
   c.data.new = c.data.old.to_dict()
-  c.data.mean, c.data.std = CIFAR_MEAN, CIFAR_STD
+  # Per-channel statistics: the section is rebuilt, as the shared default is a scalar.
+  c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), mean=CIFAR_MEAN, std=CIFAR_STD))
   c.model = models.default_config("resnet18_cifar")
   c.init.kind = "random"
   c.eval.batch_size = 500

@@ -21,6 +21,8 @@ first):
     python run.py --config=configs/ug_clu_tinyimagenet.py:runlocal   # synthetic, minutes
 """
 
+import ml_collections
+
 from kswap_jax import methods
 from kswap_jax.config import parse_arg
 
@@ -55,7 +57,8 @@ def get_config(arg=None):
                     train_split="train", test_split="val", image_key="image",
                     label_key="label")
   c.data.new = c.data.old.to_dict()
-  c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD
+  # Per-channel statistics: the section is rebuilt, as the shared default is a scalar.
+  c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), mean=IMAGENET_MEAN, std=IMAGENET_STD))
   c.model.variant = "B/16"
   c.model.num_classes = 200
   c.model.image_size = 224
