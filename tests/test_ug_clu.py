@@ -95,9 +95,12 @@ def test_replay_buffer_is_class_balanced_and_seeded():
     ("--config.unlearn.gamma=-1", "unlearn.gamma"),
     ("--config.unlearn.forget_every=0", "unlearn.forget_every"),
 ])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, override, field):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
+                                                            override, field):
   workdir = tmp_path / "run"
-  code = cli.main(["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}", override])
+  argv = ["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}", override]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads overrides from sys.argv
+  code = cli.main(argv)
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and field in err, err
   assert not workdir.exists()

@@ -1066,11 +1066,13 @@ def _envelope(config, method, run_plans, plans, results, tasks, initial_tasks) -
     timing[plan.name] = r.pop("seconds", None)
     stages.append({"name": plan.name, "request": plan.request.text, **r})
   final = {}
-  last = stages[-1]
+  # Each value from the last stage that has it: RA/TA from the last stage, the unlearning
+  # metrics from the last unlearning stage when the stream ends with a learning stage.
   for key in ("ua", "ra", "ta", "mia_efficacy", "mia_member_rate_entropy_logreg",
               "js_to_retrain", "kl_to_retrain", "avg_gap", "avg_gap_entropy_logreg"):
-    if key in last:
-      final[key] = last[key]
+    have = [s for s in stages if key in s]
+    if have:
+      final[key] = have[-1][key]
   gaps = [s["avg_gap"] for s in stages if "avg_gap" in s]
   if gaps:
     final["avg_gap_mean"] = float(np.mean(gaps))
