@@ -52,10 +52,10 @@ def get_config(arg=None):
   c.clu.tasks = ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9))
   c.clu.requests = ("learn:1", "learn:2", "learn:3", "forget:class:2,5", "forget:random:0.1")
 
-  c.learn.iterations = 150        # per learning stage (batch 64: ~8-20 passes over the data)
+  c.learn.iterations = 100        # per learning stage (batch 64: ~5-13 passes over the data)
   c.learn.lr = 0.05
   c.learn.batch_size = 64
-  c.oracle.iterations = 300
+  c.oracle.iterations = 200
   c.unlearn.iterations = 100
   c.unlearn.forget_every = 5
   c.unlearn.lr = 0.01

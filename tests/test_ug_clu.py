@@ -198,3 +198,18 @@ def test_fused_stage_variant_b_with_a_buffer_and_a_task_request(tmp_path):
   np.testing.assert_array_equal(np.load(tmp_path / "random_idx.npy"),
                                 ug_clu.random_permutation(len(np.load(
                                     tmp_path / "random_idx.npy")), 0))
+
+
+def test_accuracy_matrix_rows_are_the_model_before_the_next_task():
+  plans = _plan(("learn:1", "learn:2", "forget:class:1", "learn:3"), np.arange(60) % 6,
+                ((0, 1), (2, 3), (4, 5)))
+  rows = [[80.0, 10.0, 5.0], [85.0, 90.0, 7.0], [70.0, 91.0, 8.0], [60.0, 75.0, 88.0]]
+  records = [{"task_acc": r} for r in rows]
+  order, raw = ug_clu.accuracy_matrix(records, plans, {"task_acc": [1, 2, 3]}, ())
+  assert order == [0, 1, 2]
+  assert raw == [rows[0], rows[2], rows[3]]  # the unlearning stage ends task 2's row
+  m = ug_clu.cl_measures(order, raw, [10.0, 10.0, 10.0])
+  assert m["bwt"] == pytest.approx(((60 - 80) + (75 - 91)) / 2)
+  assert m["fwt"] == pytest.approx(((10 - 10) + (8 - 10)) / 2)
+  assert m["forgetting_max"] == pytest.approx(((80 - 60) + (91 - 75)) / 2)
+  assert ug_clu.cl_measures(order, [[1.0, None, 2.0]] * 3, [0, 0, 0]) == {}

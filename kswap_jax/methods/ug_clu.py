@@ -599,8 +599,13 @@ def stage_metrics(out: _Outputs, plan: StagePlan, tasks) -> tuple[dict, np.ndarr
     if plan.removed_classes:
       m["acc_forget_test"] = _acc(*out.test(plan.removed_classes))
   m["task_acc"] = [_acc(*out.test(t)) for t in tasks]
-  m["task_acc_kept"] = [_acc(*out.test(sorted(set(t) & set(plan.known_classes))))
-                        if set(t) & set(plan.known_classes) else None for t in tasks]
+  # Kept-only: a learned task over its known classes (None when all were removed); a task
+  # not learned yet over all its classes (as in the raw matrix, for FWT).
+  known = set(plan.known_classes)
+  m["task_acc_kept"] = [
+      m["task_acc"][i] if i not in plan.learned_tasks else
+      _acc(*out.test(sorted(set(t) & known))) if set(t) & known else None
+      for i, t in enumerate(tasks)]
   return m, p_u
 
 
