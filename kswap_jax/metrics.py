@@ -1,6 +1,6 @@
-"""Metric definitions. Accuracies are top-1, in percent, sample-weighted (correct / total,
-no per-class averaging). Each metric variant has its own name; docs/ug_clu.md describes the
-unlearning and continual-learning ones.
+"""Metric definitions (docs/metrics.md). Accuracies are top-1, in percent,
+sample-weighted (correct / total, no per-class averaging). Each metric variant has its own
+name; docs/ug_clu.md describes the unlearning and continual-learning ones.
 """
 
 from __future__ import annotations
@@ -46,26 +46,35 @@ def top1(logits, labels) -> float:
     return accuracy(0, 0)
   correct = int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
   return accuracy(correct, labels.size)
+
+
 # ----------------------------------------------------------------------------------------------
 # Machine-unlearning metrics (SalUn convention; SFR-on / UG-CLU).
 
 _LOG_EPS = 1e-20
 
 
-def ua(forget_accuracy: float) -> float:
-  """UA = 100 − Acc(D_f), with Acc(D_f) the top-1 accuracy (%) on the forget TRAIN set."""
-  return 100.0 - forget_accuracy
+def ua(forget_logits, forget_labels) -> float:
+  """UA = 100 − top-1 accuracy (%) on the forget TRAIN set D_f (eval mode, test transforms)."""
+  return 100.0 - top1(forget_logits, forget_labels)
 
 
-def ra(correct: float, count: float) -> float:
+def ra(remain_logits, remain_labels) -> float:
   """RA: top-1 accuracy (%) on the remain train set D_r."""
-  return accuracy(correct, count)
+  return top1(remain_logits, remain_labels)
 
 
-def ta(correct: float, count: float) -> float:
+def ta(test_logits, test_labels) -> float:
   """TA: top-1 accuracy (%) on the test set (the kept classes' test images for class-wise
   forgetting)."""
-  return accuracy(correct, count)
+  return top1(test_logits, test_labels)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Row-wise softmax in float64 (e.g. of `train.predict` logits, for the MIA and JS/KL)."""
+  z = np.asarray(logits, np.float64)
+  z = np.exp(z - np.max(z, axis=-1, keepdims=True))
+  return z / np.sum(z, axis=-1, keepdims=True)
 
 
 def prediction_entropy(probs: np.ndarray) -> np.ndarray:

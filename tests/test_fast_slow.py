@@ -312,6 +312,13 @@ def test_bfloat16_params_keep_their_dtype():
   u, state = tx.update({"w": jnp.ones(3, jnp.bfloat16)}, tx.init(params), params, phase=FAST)
   assert u["w"].dtype == jnp.bfloat16
   assert int(state.outer_count) == 0
+  # With Lookahead the state keeps its dtypes across a SLOW step (no retracing, same checkpoint).
+  tx = fs.fast_slow(0.1, 10, forget_alpha=1.0, beta=0.5)
+  s0 = tx.init(params)
+  u, s1 = tx.update({"w": jnp.ones(3, jnp.bfloat16)}, s0, params, phase=SLOW)
+  assert u["w"].dtype == jnp.bfloat16
+  assert (jax.tree_util.tree_map(lambda x: x.dtype, s0)
+          == jax.tree_util.tree_map(lambda x: x.dtype, s1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,3 +410,44 @@ def test_four_device_fast_slow_equals_single_device():
   assert out["param_diff"] < 1e-4 * out["moved"]
   assert out["stats_diff"] < 1e-5 and out["opt_diff"] < 1e-4
   assert out["loss_1"] == pytest.approx(out["loss_4"], rel=1e-5)
+
+
+def test_adamw_count_advances_on_both_phases():
+  tx = fs.fast_slow(0.1, 10, forget_alpha=1.0, base="adamw")
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  _, state = tx.update(params, state, params, phase=FAST)
+  _, state = tx.update(params, state, params, phase=SLOW)
+  _, state = tx.update(params, state, params, phase=SLOW)
+  adam = state.inner_state[0]
+  assert int(adam.count) == 3 and int(state.outer_count) == 2
+
+
+def test_custom_base_with_injected_learning_rate():
+  """An `inject_hyperparams` base inside fast_slow: same updates, and the host sets its rate."""
+  def injected():
+    return optax.inject_hyperparams(lambda learning_rate: optax.chain(
+        optax.add_decayed_weights(5e-4), optax.sgd(learning_rate, momentum=0.9)))(
+            learning_rate=0.01)
+  ours = fs.fast_slow(0.01, 10, forget_alpha=3.0, schedule="constant", max_norm=1.0)
+  custom = fs.fast_slow(None, 10, forget_alpha=3.0, base=injected(), max_norm=1.0)
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  mask = {"w": jnp.array([1.0, 0.0, 1.0])}
+  s1, s2 = fs.set_mask(ours.init(params), mask), fs.set_mask(custom.init(params), mask)
+  for phase, g in ((FAST, [0.3, 0.1, -2.0]), (SLOW, [-0.4, 0.2, 0.6]), (SLOW, [1.0, 1.0, 1.0])):
+    g = {"w": jnp.array(g)}
+    u1, s1 = ours.update(g, s1, params, phase=phase)
+    u2, s2 = custom.update(g, s2, params, phase=phase)
+    np.testing.assert_allclose(np.asarray(u2["w"]), np.asarray(u1["w"]), rtol=1e-6)
+    params = optax.apply_updates(params, u1)
+  assert int(s2.outer_count) == 2
+  # Through the train step: a host hyper-parameter reaches the injected rate.
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = fs.fast_slow(None, 10, forget_alpha=3.0, base=injected())
+  step = train.make_train_step(lambda p, f, b, r: (jnp.sum(p["w"] * b["x"]["v"]), {}), tx,
+                               mesh, update_kwargs={"phase": SLOW})
+  state = train.create_state({"w": jnp.zeros(2)}, tx, seed=0)
+  state, _ = step(state, {}, {"x": {"v": jnp.ones((2,))}}, {"learning_rate": 0.5})
+  np.testing.assert_allclose(np.asarray(state.params["w"]), [-0.5, -0.5], rtol=1e-6)
+  with pytest.raises(ValueError, match="learning_rate"):
+    fs.fast_slow(None, 10, forget_alpha=1.0)

@@ -113,3 +113,6 @@ def test_topk_mask_keeps_the_global_top_fraction():
   assert summary["per_leaf"] == {"a": pytest.approx(1 / 3), "b": pytest.approx(0.5)}
   with pytest.raises(ValueError, match="fraction"):
     saliency.topk_mask(sal, 1.5)
+  # Ties: exactly k kept, the earlier positions first.
+  tied = saliency.topk_mask({"a": jnp.array([1.0, 2.0, 2.0, 2.0, 0.0])}, 0.4)
+  np.testing.assert_array_equal(np.asarray(tied["a"]), [0.0, 1.0, 1.0, 0.0, 0.0])

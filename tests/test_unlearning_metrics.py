@@ -9,9 +9,11 @@ from kswap_jax import metrics
 
 
 def test_ua_ra_ta_and_avg_gap():
-  assert metrics.ua(92.5) == pytest.approx(7.5)
-  assert metrics.ra(45, 50) == pytest.approx(90.0)
-  assert math.isnan(metrics.ta(0, 0))
+  logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+  labels = np.array([0, 1, 1, 1])
+  assert metrics.ua(logits, labels) == pytest.approx(25.0)
+  assert metrics.ra(logits, labels) == pytest.approx(75.0)
+  assert math.isnan(metrics.ta(np.zeros((0, 2)), np.zeros(0, np.int64)))
   method = {"ua": 5.0, "ra": 99.0, "ta": 94.0, "mia": 12.0}
   retrain = {"ua": 8.0, "ra": 100.0, "ta": 94.5, "mia": 18.0}
   assert metrics.avg_gap(method, retrain) == pytest.approx(2.625)
@@ -70,6 +72,11 @@ def _probs(conf, labels, k=10):
   p = np.tile(((1 - conf) / (k - 1))[:, None], (1, k))
   p[np.arange(len(labels)), labels] = conf
   return p
+
+
+def test_softmax_rows():
+  p = metrics.softmax(np.array([[0.0, 0.0], [1000.0, 0.0], [np.log(3.0), 0.0]]))
+  np.testing.assert_allclose(p, [[0.5, 0.5], [1.0, 0.0], [0.75, 0.25]], atol=1e-12)
 
 
 def test_entropy_of_uniform():

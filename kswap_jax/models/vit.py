@@ -46,6 +46,7 @@ VARIANTS = {
 
 HEADS = ("linear", "cosface")
 ATTENTION_SCALES = ("head_dim", "width")
+POOLS = ("cls", "gap")
 
 # `model` config fields of the ViT and their defaults (vit_jax / Knowledge Swapping).
 DEFAULTS = dict(
@@ -63,6 +64,9 @@ DEFAULTS = dict(
     qkv_bias=True,         # biases on query/key/value (the Face Transformer has none)
     attention_scale="head_dim",  # softmax(q k^T * d^-0.5): d = head_dim, or width (face quirk)
     layer_norm_eps=1e-6,
+    gelu_approximate=False,  # exact erf GELU (PyTorch); True: the tanh form of vit_jax/big_vision
+    pool="cls",            # cls: a learned CLS token is the head's input; gap: the mean of
+                           # the final-LayerNorm'd patch tokens, no CLS token (big_vision "gap")
     head="linear",         # linear | cosface
     cosface_scale=64.0,    # CosFace s
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
@@ -91,6 +95,8 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   qkv_bias: bool = True
   attention_scale: str = "head_dim"
+  gelu_approximate: bool = False
+  pool: str = "cls"
   head: str = "linear"
   cosface_scale: float = 64.0
   cosface_margin: float = 0.35
@@ -120,6 +126,8 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
       layer_norm_eps=float(model_cfg.get("layer_norm_eps", 1e-6)),
       qkv_bias=bool(model_cfg.get("qkv_bias", True)),
       attention_scale=str(model_cfg.get("attention_scale", "head_dim")),
+      gelu_approximate=bool(model_cfg.get("gelu_approximate", False)),
+      pool=str(model_cfg.get("pool", "cls")),
       head=str(model_cfg.get("head", "linear")),
       cosface_scale=float(model_cfg.get("cosface_scale", 64.0)),
       cosface_margin=float(model_cfg.get("cosface_margin", 0.35)))
@@ -129,6 +137,8 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
   if cfg.attention_scale not in ATTENTION_SCALES:
     raise ConfigError(f"model.attention_scale: {cfg.attention_scale!r} (expected one of "
                       f"{', '.join(ATTENTION_SCALES)})")
+  if cfg.pool not in POOLS:
+    raise ConfigError(f"model.pool: {cfg.pool!r} (expected one of {', '.join(POOLS)})")
   if cfg.width % cfg.num_heads:
     raise ConfigError(f"model.num_heads: width {cfg.width} is not divisible by {cfg.num_heads} heads")
   if cfg.num_classes <= 0:
@@ -141,9 +151,10 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
 
 
 class MlpBlock(nn.Module):
-  """FFN: Dense_0 -> exact (erf) GELU -> dropout -> Dense_1 -> dropout."""
+  """FFN: Dense_0 -> GELU (exact erf unless `approximate`) -> dropout -> Dense_1 -> dropout."""
   mlp_dim: int
   dropout: float
+  approximate: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -151,7 +162,7 @@ class MlpBlock(nn.Module):
     init = dict(kernel_init=nn.initializers.xavier_uniform(),
                 bias_init=nn.initializers.normal(stddev=1e-6))
     x = nn.Dense(self.mlp_dim, name="Dense_0", **init)(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x, approximate=self.approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = nn.Dense(width, name="Dense_1", **init)(x)
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
@@ -205,7 +216,8 @@ class Encoder1DBlock(nn.Module):
         name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
     x = x + nn.Dropout(self.cfg.attention_output_dropout)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=eps, name="LayerNorm_2")(x)
-    return x + MlpBlock(self.cfg.mlp_dim, self.cfg.dropout, name="MlpBlock_3")(
+    return x + MlpBlock(self.cfg.mlp_dim, self.cfg.dropout, self.cfg.gelu_approximate,
+                        name="MlpBlock_3")(
         y, deterministic=deterministic)
 
 
@@ -288,9 +300,12 @@ class VisionTransformer(nn.Module):
                 padding="VALID", name="embedding")(images)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
-    x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train)[:, 0]
+    if self.cfg.pool == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
+      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train)[:, 0]
+    else:  # "gap": big_vision's global average pool over the normed patch tokens
+      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train).mean(axis=1)
     if self.cfg.representation_size:
       x = jnp.tanh(nn.Dense(self.cfg.representation_size, name="pre_logits")(x))
     if features:

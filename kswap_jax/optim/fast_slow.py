@@ -73,8 +73,8 @@ class FastSlowState(NamedTuple):
       shared by both phases.
     mask: float32 {0, 1} tree with the params' structure, applied to FAST gradients;
       all ones until `set_mask` installs a saliency mask.
-    anchor: the weights at the end of the previous iteration (Lookahead), only when
-      β < 1; otherwise `optax.EmptyState()`.
+    anchor: the weights at the end of the previous iteration (Lookahead, float32), only
+      when β < 1; otherwise `optax.EmptyState()`.
   """
   outer_count: jax.Array
   inner_state: Any
@@ -144,8 +144,9 @@ def _base_optimizer(base: str, momentum: float, weight_decay: float, b1: float, 
   raise ValueError(f"base: expected one of {', '.join(BASES)}, got {base!r}")
 
 
-def fast_slow(learning_rate: float, total_iterations: int, *, forget_alpha: float,
-              base: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+def fast_slow(learning_rate: float | None, total_iterations: int, *, forget_alpha: float,
+              base: str | optax.GradientTransformation = "sgd", momentum: float = 0.9,
+              weight_decay: float = 5e-4,
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
               max_norm: float | None = 7.0, slow_max_norm: float | None = None,
               clip: str = "torch", beta: float = 1.0, schedule: str = "cosine",
@@ -161,10 +162,16 @@ def fast_slow(learning_rate: float, total_iterations: int, *, forget_alpha: floa
   with base(u) = μ-momentum of (u + wd·θ) for SGD, or m̂/(√v̂ + ε) + wd·θ for AdamW.
 
   Args:
-    learning_rate: η₀, the step size at t = 0 (SFR-on CIFAR-10: 0.01).
+    learning_rate: η₀, the step size at t = 0 (SFR-on CIFAR-10: 0.01); None with a
+      custom `base` transformation, which carries its own rate.
     total_iterations: T, the number of outer iterations the cosines span (1500).
     forget_alpha: c₀, the FAST gradient scale at t = 0 (25).
-    base: "sgd" (momentum + coupled weight decay, torch SGD) or "adamw" (torch AdamW).
+    base: "sgd" (momentum + coupled weight decay, torch SGD), "adamw" (torch AdamW), or
+      any optax transformation that produces the final update itself (its own learning
+      rate and sign, e.g. `optax.inject_hyperparams(optax.sgd)(learning_rate=0.01)`, whose
+      rate the train step's host `hparams` can then set); η(t), `schedule`, `momentum`,
+      `weight_decay`, `b1`, `b2` and `eps` do not apply to it. c(t), the mask, the clips,
+      Lookahead and the outer count work the same.
     momentum: μ for SGD (0.9); 0 disables the trace.
     weight_decay: coupled L2 for SGD (5e-4), decoupled decay for AdamW.
     b1, b2, eps: AdamW moments and denominator constant (torch defaults).
@@ -201,7 +208,14 @@ def fast_slow(learning_rate: float, total_iterations: int, *, forget_alpha: floa
   for arg, value in (("max_norm", max_norm), ("slow_max_norm", slow_max_norm)):
     if value is not None and value <= 0:
       raise ValueError(f"{arg}: expected a positive bound or None, got {value}")
-  inner = _base_optimizer(base, momentum, weight_decay, b1, b2, eps)
+  custom = isinstance(base, optax.GradientTransformation)
+  if custom:
+    inner = optax.with_extra_args_support(base)
+  else:
+    if learning_rate is None:
+      raise ValueError(f"learning_rate: needed with base {base!r} (None only with a custom "
+                       f"base transformation)")
+    inner = _base_optimizer(base, momentum, weight_decay, b1, b2, eps)
   use_anchor = beta < 1.0
 
   def shape(kind, t):
@@ -209,20 +223,22 @@ def fast_slow(learning_rate: float, total_iterations: int, *, forget_alpha: floa
 
   def init_fn(params):
     mask = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), jnp.float32), params)
-    anchor = (jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
-              if use_anchor else optax.EmptyState())
-    return FastSlowState(outer_count=jnp.zeros((), jnp.int32), inner_state=inner.init(params),
+    # float32 whatever the params' dtype, so the state's dtypes never change across steps.
+    anchor = (jax.tree_util.tree_map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True),
+                                     params) if use_anchor else optax.EmptyState())
+    # The base optimizer runs in float32 (its moments too), whatever the params' dtype.
+    inner_state = inner.init(jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params))
+    return FastSlowState(outer_count=jnp.zeros((), jnp.int32), inner_state=inner_state,
                          mask=mask, anchor=anchor)
 
   def update_fn(updates, state, params=None, *, phase=None, **extra_args):
-    del extra_args
     if phase not in PHASES:
       raise ValueError(f"phase: expected fast_slow.FAST or fast_slow.SLOW, got {phase!r}")
     if params is None:
       raise ValueError("params: fast_slow needs them (weight decay); call "
                        "tx.update(grads, state, params, phase=...)")
     t = state.outer_count
-    lr = jnp.float32(learning_rate) * shape(schedule, t)
+    lr = None if custom else jnp.float32(learning_rate) * shape(schedule, t)
     f32 = lambda tree: jax.tree_util.tree_map(lambda u: u.astype(jnp.float32), tree)
     u = f32(updates)
     if phase == FAST:
@@ -232,8 +248,9 @@ def fast_slow(learning_rate: float, total_iterations: int, *, forget_alpha: floa
         u = clip_global_norm(u, max_norm, clip)
     elif slow_max_norm is not None:
       u = clip_global_norm(u, slow_max_norm, clip)
-    direction, inner_state = inner.update(u, state.inner_state, f32(params))
-    new = jax.tree_util.tree_map(lambda d, p: (-lr * d).astype(p.dtype), direction, params)
+    direction, inner_state = inner.update(u, state.inner_state, f32(params), **extra_args)
+    scale = 1.0 if custom else -lr
+    new = jax.tree_util.tree_map(lambda d, p: (scale * d).astype(p.dtype), direction, params)
     if phase == FAST:
       return new, state._replace(inner_state=inner_state)
     anchor = state.anchor

@@ -199,8 +199,8 @@ def clu_ratio_mask(fisher_unlearn: Tree, fisher_remain: Tree, fisher_learn: Tree
 def topk_mask(saliency: Tree, fraction: float) -> Tree:
   """SalUn's mask: 1 on the global top `fraction` of all saliency values, 0 elsewhere.
 
-  Exactly ⌊fraction · N⌋ entries are kept over all N parameters (ties broken by position,
-  like `torch.topk`'s index set).
+  Exactly ⌊fraction · N⌋ entries are kept over all N parameters; among equal values the
+  earlier position (in the tree's leaf order) wins.
 
   Args:
     saliency: e.g. `gradient_magnitude` of the forget loss.
