@@ -537,12 +537,6 @@ def make_losses(model, config) -> dict[str, Callable]:
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  z = np.asarray(logits, np.float64)
-  z = np.exp(z - z.max(axis=-1, keepdims=True))
-  return z / z.sum(axis=-1, keepdims=True)
-
-
 def _subset(source, indices: np.ndarray, name: str) -> splits.Subset:
   indices = np.sort(np.asarray(indices, np.int64))
   classes = np.unique(np.asarray(source.labels)[indices]).tolist()
@@ -555,10 +549,10 @@ class _Outputs:
   whole test set, sliced by record index on the host."""
 
   def __init__(self, train_out, train_index, test_out, test_labels):
-    self.train_probs = _softmax(train_out["logits"])
+    self.train_probs = metrics.softmax(train_out["logits"])
     self.train_labels = train_out["label"]
     self.position = {int(r): i for i, r in enumerate(train_index)}
-    self.test_probs = _softmax(test_out["logits"])
+    self.test_probs = metrics.softmax(test_out["logits"])
     self.test_labels = np.asarray(test_labels)
 
   def train(self, indices):
@@ -583,14 +577,14 @@ def stage_metrics(out: _Outputs, plan: StagePlan, tasks) -> tuple[dict, np.ndarr
   """
   p_r, y_r = out.train(plan.kept_after)
   p_t, y_t = out.test(plan.known_classes)
-  m = {"ra": metrics.top1(p_r, y_r), "ta": metrics.top1(p_t, y_t)}
+  m = {"ra": metrics.ra(p_r, y_r), "ta": metrics.ta(p_t, y_t)}
   if plan.learns:
     m["acc_learn_train"] = metrics.top1(*out.train(plan.learn))
     m["acc_learn_test"] = _acc(*out.test(tasks[plan.request.learn_task]))
   p_u = None
   if plan.unlearns:
     p_u, y_u = out.train(plan.forget)
-    m["ua"] = metrics.ua(metrics.top1(p_u, y_u))
+    m["ua"] = metrics.ua(p_u, y_u)
     n_t = min(len(y_t), len(y_r))  # the SVC's shadow sets need |D_r| >= |D_t|
     m["mia_efficacy"] = metrics.mia_efficacy_svc_confidence(
         p_r, y_r, p_t[:n_t], y_t[:n_t], p_u, y_u)
