@@ -1000,10 +1000,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   oracle_results = None
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
 
+  def schedule_log(plan: StagePlan, stage: train.Stage):
+    """η and c of the NEXT iteration (t after the logged SLOW step) for metrics.jsonl."""
+    unlearning = plan.unlearns and not retrain
+    slot, section = ("unlearn", u) if unlearning else ("learn", lc)
+    alpha = float(u.forget_alpha) if unlearning else 0.0
+    total = stage.iterations * (2 if unlearning and len(stage.streams) == 3
+                                and c.variant == "A" else 1)
+
+    def extra(state):
+      eta, coef = fast_slow.schedule_values(state.opt_state[slot], float(section.lr), alpha,
+                                            total)
+      return ({"eta_next": eta, "forget_coef_next": coef} if unlearning
+              else {"eta_next": eta})
+    return extra
+
   for plan in run_plans:
     start = time.time()
     stage = build_stage(plan)
-    state, _ = run_.run_stage(run_plans.index(plan), stage, state, {}, mesh)
+    state, _ = run_.run_stage(run_plans.index(plan), stage, state, {}, mesh,
+                              extra_log=schedule_log(plan, stage))
     if plan.name in results:
       continue
     seconds = time.time() - start
