@@ -177,14 +177,28 @@ def test_without_forget_data_a_stage_is_replay_fine_tuning(tmp_path):
 
 
 @pytest.mark.slow
-def test_fused_stage_variant_b_with_a_buffer_and_a_task_request(tmp_path):
+@pytest.mark.parametrize("variant, slow_batches, learn_lambda", [("B", "mixed", 0.0),
+                                                                 ("A", "substeps", 0.5)])
+def test_fused_stage_with_a_buffer_and_a_task_request(tmp_path, variant, slow_batches,
+                                                      learn_lambda):
   config = load_config("ug_clu_digits", "runlocal")
   config.clu.tasks = ((0, 1, 2), (3, 4, 5), (6, 7))
   config.clu.requests = ("learn:1", "learn:2", "learn:3+forget:task:1")
-  config.clu.variant = "B"
+  config.clu.variant = variant
+  config.clu.slow_batches = slow_batches
+  config.clu.learn_lambda = learn_lambda
   config.clu.buffer_size = 60
   config.clu.partition_weights = "data_share"
+  config.train.log_every_steps = 1
   results = methods.run(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    fused_lines = [json.loads(x) for x in f if '"3_learn+forget"' in x]
+  # Sub-steps per iteration: B = FAST (forget + learn batches) + SLOW; A-substeps = FAST +
+  # SLOW on D_L + SLOW on D_R, the schedules spanning 2T slow steps.
+  keys = set().union(*fused_lines)
+  assert ("slow_learn/loss" in keys) == (slow_batches == "substeps")
+  assert ("fast/ce_learn" in keys) == (variant == "B")
+  assert fused_lines[-1]["eta_next"] == pytest.approx(0.0, abs=1e-9)
   fused = results["stages"][-1]
   assert fused["name"] == "3_learn+forget" and fused["request"] == "learn:3+forget:task:1"
   for key in ("ua", "ra", "ta", "mia_efficacy", "mia_member_rate_entropy_logreg",
