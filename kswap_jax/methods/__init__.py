@@ -27,6 +27,10 @@ METHODS = {
     "laf": "kswap_jax.methods.knowledge_swap",
     "gs_lora": "kswap_jax.methods.gs_lora",
     "gs_lora_pp": "kswap_jax.methods.gs_lora",
+    "sfr_on": "kswap_jax.methods.ug_clu",
+    "ug_clu": "kswap_jax.methods.ug_clu",
+    "clu_joint": "kswap_jax.methods.ug_clu",
+    "clu_retrain": "kswap_jax.methods.ug_clu",
 }
 
 # Methods measured against each other (`python -m kswap_jax.compare`), and the headline
