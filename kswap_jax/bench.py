@@ -1,76 +1,271 @@
-r"""Prints speed figures for the Knowledge Swapping step and the input pipeline.
+r"""Measures the speed of one training step and of the input pipeline; asserts nothing.
 
-    python -m kswap_jax.bench                                  # ViT-B/16, batch 80, LoRA r8
-    python -m kswap_jax.bench --variant=test/4 --image_size=16 --batch_size=32 --steps=50
-    python -m kswap_jax.bench --pipeline_only --image_size=224
+    python -m kswap_jax.bench                          # KS forget step, ViT-B/16, batch fitted to the machine
+    python -m kswap_jax.bench --step=learn --batch_size=4 --json=/tmp/learn.json
+    python -m kswap_jax.bench --variant=S/16 --dtype=bfloat16 --remat     # accelerator options
+    python -m kswap_jax.bench --compare_torch          # the same step in plain PyTorch, alternating
+    python -m kswap_jax.bench --pipeline_only
 
-Figures: compile time, seconds per optimizer step (each step = two forward/backward passes,
-retain + auxiliary batch, as the reference), images/s, and the data pipeline's images/s on
-synthetic 224x224 sources. Nothing is asserted: this is for measuring, not testing.
+A step is one optimizer step of the named method on a frozen ViT with LoRA (rank 8 on the
+FFN layers, as Knowledge Swapping) and a random, non-zero head, so every LoRA factor gets a
+gradient and AdamW moves it:
+
+    forget  L = CE(b_r) + β·ReLU(BND − CE(b_f)) + α·Ω     (two forward/backward passes, the default)
+    learn   L = CE(b_n) + β·CE(b_r) + α·Ω                   (two passes)
+    ce      L = CE(b)                                      (one pass)
+
+`--batch_size` is per stream, so forget/learn steps see 2 × batch images. Figures: compile
+time, median and range of the step time over `--steps` timed steps after `--warmup` untimed
+ones, images/s, XLA's FLOP count of the compiled step (`cost_analysis`), the achieved FLOP/s
+and its fraction of a square matmul's rate measured in the same process (`matmul_peak_fraction`),
+the time the step's FLOPs would take at that matmul rate (`matmul_floor_s`, a lower bound for
+the step on this machine), peak memory (host RSS and minor page faults on CPU, device memory
+statistics on accelerators) and the input pipeline's images/s. `--json PATH` writes them all.
+
+Model options are the `model` config fields of `kswap_jax.models.vit` (`--gelu`,
+`--dropout_mask`, `--dropout_rng`, `--dtype`, `--remat`, `--scan`), so each speed option can
+be measured against its reference path; docs/speed.md records the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from kswap_jax import lora, train
-from kswap_jax.data import sources, splits, streams
+from kswap_jax import lora, losses, train
 from kswap_jax.methods import common, knowledge_swap
 from kswap_jax.models import vit
 
+NUM_CLASSES = 200
+# Knowledge Swapping's loss weights and AdamW (spec defaults; see methods/knowledge_swap.py).
+KS = dict(beta=0.2, bound=105.0)
+ALPHA = 0.005
+OPTIM = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
 
-def _model_config(args) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      variant=args.variant, num_classes=200, image_size=args.image_size, channels=3,
-      dropout=0.1, attention_dropout=0.0, attention_output_dropout=0.0, representation_size=0, width=0, depth=0, mlp_dim=0,
-      num_heads=0))
+
+class NotAvailable(Exception):
+  """A step whose method does not exist in the package yet."""
 
 
-def bench_step(args) -> None:
-  mesh = train.make_mesh()
-  model_cfg = _model_config(args)
+# ----------------------------------------------------------------------------------------------
+# Steps by name: name -> (builder, stream names). A builder returns the loss function
+# `loss_fn(lora_tree, base, batch, rng) -> (loss, aux)` of `train.make_train_step`.
+
+def _ks_step(kind: str):
+  def build(model, scale):
+    ks = ml_collections.ConfigDict(KS)
+    make = knowledge_swap.forget_loss if kind == "forget" else knowledge_swap.learn_loss
+    return make(model, scale, ks, ALPHA, "block")
+  return build
+
+
+def _ce_step(model, scale):
+  def loss_fn(params, base, batch, rng):
+    b = batch["retain"]
+    logits = lora.apply(model, base, params, b["image"], scale=scale, train=True,
+                        rngs={"dropout": rng})
+    return losses.cross_entropy(logits, b["label"], b["mask"]), {}
+  return loss_fn
+
+
+def _not_yet(method: str, module: str):
+  def build(model, scale):
+    raise NotAvailable(
+        f"--step: the {method} step is not available yet (kswap_jax.methods.{module} does not "
+        f"provide it); add its loss/step builder to kswap_jax.bench.STEPS once it exists")
+  return build
+
+
+STEPS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "forget": (_ks_step("forget"), ("forget", "retain")),
+    "learn": (_ks_step("learn"), ("learn", "retain")),
+    "ce": (_ce_step, ("retain",)),
+    # Hooks for the methods to come: replace the builder (and, for UG-CLU, pass the phase as
+    # `update_kwargs` of train.make_train_step) when the method module exists.
+    "gs_lora": (_not_yet("GS-LoRA", "gs_lora"), ("retain", "forget")),
+    "ug_clu_fast": (_not_yet("UG-CLU FAST", "ug_clu"), ("forget",)),
+    "ug_clu_slow": (_not_yet("UG-CLU SLOW", "ug_clu"), ("retain",)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine figures.
+
+def on_cpu() -> bool:
+  return jax.devices()[0].platform == "cpu"
+
+
+def default_batch_size() -> int:
+  """Per-stream batch that fits the machine: 8 on a CPU with ≥ 16 GB (ViT-B/16 forget
+  step ≈ 7 GB before the speed options), fewer below; 64 per device on accelerators."""
+  if not on_cpu():
+    return 64 * jax.device_count()
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+    gb = psutil.virtual_memory().total / 2**30
+  except ImportError:
+    gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return int(max(1, min(8, gb // 2)))
+
+
+def matmul_peak(dtype: str = "float32", size: int | None = None, reps: int = 5) -> dict:
+  """The best FLOP/s of a square jnp matmul (n³·2 FLOPs) over `reps` timed runs."""
+  n = size or (2048 if on_cpu() else 8192)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), dtype)
+  b = jax.random.normal(k2, (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return {"n": n, "dtype": dtype, "flops_per_s": 2 * n ** 3 / min(times),
+          "median_flops_per_s": 2 * n ** 3 / statistics.median(times)}
+
+
+def host_memory() -> dict:
+  """Peak RSS of this process (bytes) and its minor page faults so far."""
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return {"peak_rss_bytes": ru.ru_maxrss * 1024, "minor_faults": ru.ru_minflt}
+
+
+def device_memory() -> dict | None:
+  stats = jax.devices()[0].memory_stats()
+  if not stats:
+    return None
+  return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items()
+          if k in ("flops", "bytes accessed", "transcendentals")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+def model_config(args) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(vit.DEFAULTS)
+  cfg.update(variant=args.variant, depth=args.depth, num_classes=NUM_CLASSES,
+             image_size=args.image_size,
+             dropout=args.dropout, gelu=args.gelu, dropout_mask=args.dropout_mask,
+             dropout_rng=args.dropout_rng, dtype=args.dtype, remat=args.remat,
+             remat_policy=args.remat_policy, scan=args.scan)
+  return cfg
+
+
+def setup(args) -> dict[str, Any]:
+  """Model, frozen base (random non-zero head), LoRA tree, optimizer, batch, jitted step."""
+  builder, stream_names = STEPS[args.step]
+  model_cfg = model_config(args)
   model = vit.build(model_cfg)
-  base = vit.init_params(model, model_cfg, jax.random.key(0))
+  k_base, k_head, k_lora = jax.random.split(jax.random.key(args.seed), 3)
+  base = vit.init_params(model, model_cfg, k_base)
+  if args.scan:
+    # The trainable LoRA tree stays in the checkpoint layout (the group lasso's block groups
+    # need it) and is stacked inside the step; the frozen base is stacked once here.
+    base = vit.unscan_params(base)
+    model = vit.CheckpointLayout(model)
+  # vit.py zero-initialises the head (fine-tuning convention); a zero head makes every LoRA
+  # gradient exactly 0, so the benchmark uses a random one like a trained model's.
+  head = base["head"]["kernel"]
+  base["head"]["kernel"] = jax.nn.initializers.xavier_uniform()(k_head, head.shape, head.dtype)
   spec = lora.LoraSpec(rank=args.rank)
-  tree = lora.init(base, spec, jax.random.key(1))
-  ks = ml_collections.ConfigDict(dict(beta=0.2, bound=105.0))
-  ocfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05))
-  tx = common.adamw(ocfg)
-  step = train.make_train_step(knowledge_swap.learn_loss(model, spec.scale, ks, 0.005, "block"),
-                               tx, mesh)
-  rng = np.random.default_rng(0)
+  tree = lora.init(base, spec, k_lora)
+  loss_fn = builder(model, spec.scale)
+  tx = common.adamw(ml_collections.ConfigDict(OPTIM))
+  mesh = train.make_mesh()
+  step = train.make_train_step(loss_fn, tx, mesh)
+  rng = np.random.default_rng(args.seed)
   b = args.batch_size
   shape = (b, args.image_size, args.image_size, 3)
   mk = lambda: {"image": rng.normal(size=shape).astype(np.float32),
-                "label": rng.integers(0, 200, b).astype(np.int32),
+                "label": rng.integers(0, NUM_CLASSES, b).astype(np.int32),
                 "mask": np.ones(b, np.float32)}
-  batch = train.to_global({"learn": mk(), "retain": mk()}, mesh)
-  state = train.replicate(train.create_state(tree, tx, 0), mesh)
-  frozen = train.replicate(base, mesh)
-  hp = {"learning_rate": 1e-2}
+  host_batch = {name: mk() for name in stream_names}
+  batch = train.to_global(host_batch, mesh)
+  return dict(model=model, model_cfg=model_cfg, base=base, tree=tree, spec=spec, tx=tx,
+              mesh=mesh, step=step, batch=batch, host_batch=host_batch,
+              images=b * len(stream_names), loss_fn=loss_fn, lora_tree_unscanned=tree)
+
+
+def bench_step(args, s: dict | None = None,
+               timed_other: Callable[[], float] | None = None) -> dict:
+  """Compiles and times the step of `setup(args)`; `timed_other()` (if given) runs after
+  every timed jax step (the PyTorch step), so both see the same machine state."""
+  s = s or setup(args)
+  mesh = s["mesh"]
+  state = train.replicate(train.create_state(s["tree"], s["tx"], args.seed), mesh)
+  frozen = train.replicate(vit.scan_params(s["base"]) if args.scan else s["base"], mesh)
+  hp = {"learning_rate": OPTIM["lr"]}
   t0 = time.perf_counter()
-  state, m = step(state, frozen, batch, hp)
-  jax.block_until_ready(m)
+  lowered = s["step"].lower(state, frozen, s["batch"], hp)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  cost = _cost(compiled)
+  for _ in range(args.warmup):
+    state, m = compiled(state, frozen, s["batch"], hp)
+    jax.block_until_ready(m)
+  mem0 = host_memory()
+  times, other = [], []
   for _ in range(args.steps):
-    state, m = step(state, frozen, batch, hp)
-  jax.block_until_ready(m)
-  per_step = (time.perf_counter() - t0) / args.steps
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-  print(f"model {args.variant} @ {args.image_size}px, LoRA r{args.rank}: "
-        f"{lora.count(tree):,} trainable / {lora.count(base):,} frozen parameters")
-  print(f"first step (compile + run): {compile_s:.2f} s")
-  print(f"step: {per_step * 1e3:.1f} ms  ({2 * b / per_step:.1f} images/s, global batch "
-        f"{b} retain + {b} auxiliary)")
+    t0 = time.perf_counter()
+    state, m = compiled(state, frozen, s["batch"], hp)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+    if timed_other is not None:
+      other.append(timed_other())
+  mem1 = host_memory()
+  m = jax.device_get(m)
+  med = statistics.median(times)
+  out = {
+      "step": args.step,
+      "model": {k: v for k, v in s["model_cfg"].to_dict().items()},
+      "batch_size_per_stream": args.batch_size,
+      "images_per_step": s["images"],
+      "lora_rank": args.rank,
+      "trainable_parameters": lora.count(s["tree"]),
+      "compile_s": compile_s,
+      "step_s": {"median": med, "min": min(times), "max": max(times), "all": times},
+      "images_per_s": s["images"] / med,
+      "flops_per_step": cost.get("flops"),
+      "bytes_accessed_per_step": cost.get("bytes accessed"),
+      "achieved_flops_per_s": cost["flops"] / med if cost.get("flops") else None,
+      "last_loss": float(m["loss"]),
+      "last_grad_norm": float(m["grad_norm"]),
+      "memory": {"host_peak_rss_bytes": mem1["peak_rss_bytes"],
+                 "minor_faults_per_step": (mem1["minor_faults"] - mem0["minor_faults"])
+                                          / args.steps,
+                 "device": None if on_cpu() else device_memory()},
+  }
+  if other:
+    out["other_step_s"] = other
+  return out
 
 
-def bench_pipeline(args) -> None:
+# ----------------------------------------------------------------------------------------------
+# Input pipeline.
+
+def bench_pipeline(args, n_batches: int = 20) -> dict:
+  """images/s of the training stream (decode-free synthetic 64 px images resized to the
+  model's size, normalised, batched) on this host."""
+  from kswap_jax.data import sources, splits, streams  # pylint: disable=import-outside-toplevel
   src = sources.SyntheticSource(num_classes=10, num_examples=4000, image_size=64, channels=3,
                                 seed=0, split="train")
   subset = splits.select(src, range(10), name="bench", label_map={c: c for c in range(10)})
@@ -79,29 +274,158 @@ def bench_pipeline(args) -> None:
                                num_threads=args.num_threads)
   it = stream.iterate(0)
   next(it)
-  n = 20
   t0 = time.perf_counter()
-  for _ in range(n):
+  for _ in range(n_batches):
     next(it)
   dt = time.perf_counter() - t0
-  print(f"pipeline: synthetic 64px -> {args.image_size}px, {args.num_threads} threads: "
-        f"{n * args.batch_size / dt:.0f} images/s")
+  return {"source": f"synthetic 64px -> {args.image_size}px", "num_threads": args.num_threads,
+          "batch_size": args.batch_size, "images_per_s": n_batches * args.batch_size / dt}
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--variant", default="B/16")
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+def _fmt_flops(x):
+  return "n/a" if x is None else f"{x / 1e9:.1f} GFLOP/s"
+
+
+def report(res: dict) -> None:
+  if "devices" in res:
+    print(f"devices: {res['devices']}   jax {res['jax']}")
+  if "matmul_peak" in res:
+    mp = res["matmul_peak"]
+    print(f"matmul peak ({mp['n']}x{mp['n']} {mp['dtype']}): {_fmt_flops(mp['flops_per_s'])}")
+  st = res.get("step_result")
+  if st:
+    mc = st["model"]
+    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng", "dtype",
+                                              "remat", "scan"))
+    depth = f" depth {mc['depth']}" if mc["depth"] else ""
+    print(f"model {mc['variant']}{depth} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
+    print(f"step {st['step']}: batch {st['batch_size_per_stream']} per stream "
+          f"({st['images_per_step']} images), LoRA r{st['lora_rank']} "
+          f"({st['trainable_parameters']:,} trainable)")
+    print(f"  compile: {st['compile_s']:.2f} s")
+    t = st["step_s"]
+    print(f"  step: median {t['median']:.3f} s (range {t['min']:.3f}-{t['max']:.3f}, "
+          f"{len(t['all'])} steps)  {st['images_per_s']:.2f} images/s")
+    if st["flops_per_step"]:
+      print(f"  XLA cost: {st['flops_per_step'] / 1e12:.3f} TFLOP/step -> "
+            f"{_fmt_flops(st['achieved_flops_per_s'])} = "
+            f"{100 * res['matmul_peak_fraction']:.1f}% of the matmul peak; "
+            f"matmul floor {res['matmul_floor_s']:.3f} s/step")
+    mem = st["memory"]
+    print(f"  peak host RSS: {mem['host_peak_rss_bytes'] / 2**30:.2f} GiB, "
+          f"minor page faults/step: {mem['minor_faults_per_step']:,.0f}")
+    if mem["device"]:
+      print(f"  device memory: {mem['device']}")
+    print(f"  last loss {st['last_loss']:.4f}, grad norm {st['last_grad_norm']:.4g}")
+  if "torch" in res:
+    tr = res["torch"]
+    print(f"torch {tr['version']} ({tr['threads']} threads), same step, alternating: median "
+          f"{tr['step_s']['median']:.3f} s (range {tr['step_s']['min']:.3f}-"
+          f"{tr['step_s']['max']:.3f}); peak RSS after both "
+          f"{tr['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"  jax/torch step-time ratio: {tr['jax_over_torch']:.2f} "
+          f"({'jax faster' if tr['jax_over_torch'] < 1 else 'torch faster'})")
+  if "pipeline" in res:
+    p = res["pipeline"]
+    line = f"input pipeline ({p['source']}, {p['num_threads']} threads): {p['images_per_s']:.0f} images/s"
+    if st:
+      line += f"  (the step consumes {st['images_per_s']:.2f})"
+    print(line)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n", 2)[2])
+  p.add_argument("--variant", default="B/16", help="ViT variant '<name>/<patch>' (vit.VARIANTS)")
+  p.add_argument("--depth", type=int, default=0,
+                 help="number of encoder blocks; 0 = the variant's (a shallower model of the "
+                      "same width compiles and runs faster for A/B comparisons)")
   p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--batch_size", type=int, default=80)
+  p.add_argument("--step", default="forget", choices=sorted(STEPS))
+  p.add_argument("--batch_size", type=int, default=0,
+                 help="per stream; 0 = fitted to the machine (8 on a CPU with >= 16 GB)")
   p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--num_threads", type=int, default=0)
+  p.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dropout", type=float, default=0.1)
+  p.add_argument("--gelu", default="erf", choices=vit.GELUS)
+  p.add_argument("--dropout_mask", default="compact", choices=vit.DROPOUT_MASKS)
+  p.add_argument("--dropout_rng", default="threefry", choices=vit.DROPOUT_RNGS)
+  p.add_argument("--dtype", default="float32", choices=vit.DTYPES)
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat_policy", default="nothing_saveable")
+  p.add_argument("--scan", action="store_true")
+  p.add_argument("--num_threads", type=int, default=0, help="input pipeline threads")
   p.add_argument("--pipeline_only", action="store_true")
-  args = p.parse_args(argv)
+  p.add_argument("--no_pipeline", action="store_true")
+  p.add_argument("--compare_torch", action="store_true",
+                 help="time the same step in plain PyTorch, alternating (needs the [torch] extra)")
+  p.add_argument("--json", default="", help="write the figures to this path")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if not args.batch_size:
+    args.batch_size = default_batch_size()
+  res: dict[str, Any] = {
+      "command": " ".join(["python -m kswap_jax.bench"] + list(sys.argv[1:] if argv is None
+                                                                 else argv)),
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+  }
   if not args.pipeline_only:
-    bench_step(args)
-  bench_pipeline(args)
+    try:
+      s = setup(args)
+    except NotAvailable as e:
+      print(e, file=sys.stderr)
+      return 2
+    torch_bench = None
+    if args.compare_torch:
+      from kswap_jax import bench_torch  # pylint: disable=import-outside-toplevel
+      try:
+        torch_bench = bench_torch.TorchStep(args, s)
+      except bench_torch.TorchMissing as e:
+        print(e, file=sys.stderr)
+        return 2
+      for _ in range(args.warmup + 1):  # torch's first steps allocate and tune
+        torch_bench.time_step()
+    peak_before = matmul_peak(args.dtype)
+    st = bench_step(args, s, timed_other=torch_bench.time_step if torch_bench else None)
+    peak_after = matmul_peak(args.dtype)
+    best = max(peak_before, peak_after, key=lambda d: d["flops_per_s"])
+    res["matmul_peak"] = dict(best, before=peak_before["flops_per_s"],
+                              after=peak_after["flops_per_s"])
+    res["step_result"] = st
+    if st["achieved_flops_per_s"]:
+      res["matmul_peak_fraction"] = st["achieved_flops_per_s"] / best["flops_per_s"]
+      res["matmul_floor_s"] = st["flops_per_step"] / best["flops_per_s"]
+    if torch_bench is not None:
+      times = st.pop("other_step_s")
+      med = statistics.median(times)
+      res["torch"] = {"version": torch_bench.version, "threads": torch_bench.threads,
+                      "step_s": {"median": med, "min": min(times), "max": max(times),
+                                 "all": times},
+                      "peak_rss_bytes": host_memory()["peak_rss_bytes"],
+                      "jax_over_torch": st["step_s"]["median"] / med,
+                      "last_loss": torch_bench.last_loss}
+  if not args.no_pipeline:
+    res["pipeline"] = bench_pipeline(args)
+  report(res)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(res, f, indent=2)
+      f.write("\n")
+    print(f"figures written to {args.json}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

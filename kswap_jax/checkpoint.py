@@ -144,11 +144,16 @@ def save_npz(params: dict, path: str) -> None:
   os.replace(tmp, path)
 
 
-def _resize_posemb(posemb: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-  """Bilinear resize of the position-embedding grid, keeping the CLS token (vit_jax recipe)."""
-  cls, grid = posemb[:, :1], posemb[0, 1:]
-  g_old, g_new = math.isqrt(grid.shape[0]), math.isqrt(target_shape[1] - 1)
-  if g_old ** 2 != grid.shape[0] or g_new ** 2 != target_shape[1] - 1:
+def _resize_posemb(posemb: np.ndarray, target_shape: tuple[int, ...],
+                   has_cls: bool = True) -> np.ndarray:
+  """Bilinear resize of the position-embedding grid, keeping the CLS token (vit_jax recipe).
+
+  With `has_cls=False` (a `model.pool = "gap"` ViT) every position is on the grid.
+  """
+  n_cls = int(has_cls)
+  cls, grid = posemb[:, :n_cls], posemb[0, n_cls:]
+  g_old, g_new = math.isqrt(grid.shape[0]), math.isqrt(target_shape[1] - n_cls)
+  if g_old ** 2 != grid.shape[0] or g_new ** 2 != target_shape[1] - n_cls:
     raise ValueError("not a square grid")
   grid = grid.reshape(g_old, g_old, -1)
   grid = np.asarray(jax.image.resize(jnp.asarray(grid), (g_new, g_new, grid.shape[-1]),
@@ -199,7 +204,7 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
     x = flat[name]
     if name == "Transformer/posembed_input/pos_embedding" and x.shape != shape:
       try:
-        x = _resize_posemb(x, shape)
+        x = _resize_posemb(x, shape, has_cls="cls" in shapes)
       except ValueError:
         pass
     if name.startswith("head/") and x.shape != shape and head != "keep":

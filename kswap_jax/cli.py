@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from kswap_jax.errors import ConfigError, NonFiniteLossError
 
-from kswap_jax import methods
+from kswap_jax import methods, train
 
 
 def _packaged_configs() -> str:
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
   logging.getLogger("kswap_jax").setLevel(logging.INFO)
   try:
     config, workdir = load_config(argv)
+    train.initialize_distributed(config)
     dispatch(config, workdir)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

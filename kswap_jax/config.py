@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint="",         # the vit_jax-layout .npz for kind=npz
       head="extend",         # extend | replace | keep (see checkpoint.load_npz)
       pretrain_workdir="",   # kind=pretrain: default <workdir>/pretrain
+      lora_checkpoint="",    # start from this LoRA tree (an OUT.lora.npz of
+                             # `python -m kswap_jax.convert`) instead of a fresh init
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -88,6 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
       log_every_steps=10,
       checkpoint_every_steps=100,
       max_checkpoints_to_keep=2,
+  ))
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      # Several processes (hosts) train one model together (see docs/scaling.md). Empty
+      # fields fall back to the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+      # JAX_PROCESS_ID; with none set the run is a single process.
+      coordinator_address="",  # host:port of process 0
+      num_processes=0,
+      process_id=-1,
+      auto=False,              # jax.distributed.initialize() with cluster auto-detection
+                               # (Cloud TPU pods, SLURM, Open MPI)
+      cpu_collectives="gloo",  # collectives of CPU-only multi-process runs
   ))
 
   c.export = ml_collections.ConfigDict(dict(merged_npz=True))

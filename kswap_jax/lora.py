@@ -39,6 +39,9 @@ from kswap_jax.errors import ConfigError
 
 Tree = dict[str, Any]
 
+# The variable collection `apply` passes the LoRA tree in.
+COLLECTION = "lora"
+
 FFN_TARGETS = r"Transformer/encoderblock_\d+/MlpBlock_3/Dense_[01]/kernel"
 ATTENTION_TARGETS = (
     r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/(query|key|value|out)/kernel")
@@ -233,11 +236,10 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
   """
   def interceptor(next_fun, args, call_kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    if (context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral))
+        or not module.has_variable(COLLECTION, "a")):
       return next_fun(*args, **call_kwargs)
-    leaf = _get(lora, module.path)
-    if leaf is None:
-      return next_fun(*args, **call_kwargs)
+    leaf = {"a": module.get_variable(COLLECTION, "a"), "b": module.get_variable(COLLECTION, "b")}
     y = next_fun(*args, **call_kwargs)
     x = args[0]
     fan_in = leaf["a"].shape[0]
@@ -250,8 +252,12 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
     update = ((x @ leaf["a"].astype(x.dtype)) @ leaf["b"].astype(x.dtype)) * scale
     return y + update.reshape(y.shape).astype(y.dtype)
 
+  # The LoRA tree travels as a variable collection beside the parameters, so each Dense
+  # finds its own {a, b} by scope, also inside lifted transforms (a scanned encoder slices
+  # it per block like the parameters).
   with nn.intercept_methods(interceptor):
-    return model.apply({"params": base}, images, train=train, rngs=rngs, **kwargs)
+    return model.apply({"params": base, COLLECTION: lora}, images, train=train, rngs=rngs,
+                       **kwargs)
 
 
 def count(tree: Tree) -> int:

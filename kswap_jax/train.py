@@ -74,6 +74,42 @@ def create_state(params: Tree, tx: optax.GradientTransformation, seed: int,
                     carry={} if carry is None else carry)
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+  """Joins a multi-process run when `distributed.*` (or JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID) say so; must run before any JAX computation.
+
+  Every process then runs the same program: each reads only its slice of every global
+  batch (`data.streams`), the step is one SPMD computation over all processes' devices,
+  process 0 writes the logs and results, and orbax writes the checkpoints together.
+
+  Returns:
+    Whether the process is part of a multi-process run.
+  """
+  d = config.get("distributed", None)
+  if d is None:
+    return False
+  address = str(d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+  if not (address or d.auto):
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  num = int(d.num_processes or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
+  pid = int(d.process_id if d.process_id >= 0 else os.environ.get("JAX_PROCESS_ID", -1))
+  if address and (num < 1 or not 0 <= pid < num):
+    raise ConfigError(f"distributed.num_processes/process_id: {num} process(es), id {pid} "
+                      f"(expected num_processes >= 1 and 0 <= process_id < num_processes "
+                      f"with coordinator {address})")
+  if d.cpu_collectives:  # only the CPU backend reads it; no device may be touched before init
+    jax.config.update("jax_cpu_collectives_implementation", str(d.cpu_collectives))
+  if address:
+    jax.distributed.initialize(address, num_processes=num, process_id=pid)
+  else:
+    jax.distributed.initialize()
+  log.info("process %d of %d, %d device(s) in all", jax.process_index(), jax.process_count(),
+           jax.device_count())
+  return True
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D data-parallel mesh ("data",) over all (or the given) devices."""
   devices = list(jax.devices() if devices is None else devices)
@@ -330,7 +366,8 @@ class Run:
     path = os.path.join(self.workdir, "config.json")
     self._pending_config = None
     record = json.loads(self.config.to_json_best_effort())
-    ignore = {"debug", "train"}  # may change between a run and its resumption
+    # May change between a run and its resumption (and differ between processes).
+    ignore = {"debug", "train", "distributed"}
     if os.path.exists(path):
       with open(path) as f:
         old = json.load(f)
@@ -525,7 +562,7 @@ class Run:
 def _prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

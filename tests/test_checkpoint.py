@@ -96,3 +96,40 @@ def test_export_merged_folds_lora_into_kernels(tiny, tmp_path):
   np.testing.assert_allclose(model.apply({"params": merged}, x, features=True),
                              lora.apply(model, params, tree, x, scale=spec.scale, features=True),
                              atol=1e-5)
+
+
+def test_gap_model_position_embeddings_resize_without_a_cls_slot(tmp_path):
+  cfg = tiny_model_config()
+  cfg.pool = "gap"
+  model = vit.build(cfg)
+  params = vit.init_params(model, cfg, jax.random.key(0))
+  path = str(tmp_path / "p.npz")
+  checkpoint.save_npz(params, path)
+  big = tiny_model_config(image_size=32)
+  big.pool = "gap"
+  loaded = checkpoint.load_npz(path, _abstract(big)[1], head="keep")
+  pe = np.asarray(loaded["Transformer"]["posembed_input"]["pos_embedding"])
+  old = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+  assert pe.shape == (1, 64, 64)
+  # Corner tokens of the 4x4 grid stay near the corners of the 8x8 grid (no cls shift).
+  assert np.abs(pe[0, 0] - old[0, 0]).max() < np.abs(pe[0, 0] - old[0, 15]).max()
+
+
+def test_initial_lora_from_a_converted_file_or_a_config_error(tiny, tmp_path):
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  _, _, base = tiny
+  spec = lora.LoraSpec(rank=4)
+  tree = lora.init(base, spec, jax.random.key(3))
+  path = str(tmp_path / "run.lora.npz")
+  checkpoint.save_npz(jax.device_get(tree), path)
+  config = methods.default_config("lbf")
+  config.init.lora_checkpoint = path
+  got = common.initial_lora(config, base, spec, jax.random.key(1))
+  for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ConfigError, match="init.lora_checkpoint"):
+    common.initial_lora(config, base, lora.LoraSpec(rank=8), jax.random.key(1))
+  config.init.lora_checkpoint = str(tmp_path / "missing.npz")
+  with pytest.raises(ConfigError, match="init.lora_checkpoint"):
+    common.initial_lora(config, base, spec, jax.random.key(1))

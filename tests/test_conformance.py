@@ -35,6 +35,10 @@ CASES = {
     # 4 tasks x 6 steps: step 8 is inside task 2.
     "gs_lora": ("gs_lora_casia100", "runlocal", 8, r".*/(a|b)"),
     "gs_lora_pp": ("gs_lora_casia100", "runlocal,method=gs_lora_pp", 8, r".*/(a|b)"),
+    "sfr_on": ("ug_clu_digits", "runlocal,method=sfr_on", 16, r".*"),  # masked, mid-forget
+    "ug_clu": ("ug_clu_digits", "runlocal", 16, r".*"),                  # masked, mid-forget
+    "clu_joint": ("ug_clu_digits", "runlocal,method=clu_joint", 15, r".*"),  # mid-forget
+    "clu_retrain": ("ug_clu_digits", "runlocal,method=clu_retrain", 9, r".*"),  # 2nd oracle
 }
 
 

@@ -1,5 +1,6 @@
 """ViT naming/shape parity with vit_jax checkpoints and architecture details."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +81,40 @@ def test_bad_model_fields_raise_config_error_naming_the_field(field, value):
   cfg[field] = value
   with pytest.raises(ConfigError, match=f"model.{field}"):
     vit.build(cfg)
+
+
+def test_bad_pool_raises_config_error():
+  cfg = tiny_model_config()
+  cfg.pool = "map"
+  with pytest.raises(ConfigError, match="model.pool"):
+    vit.build(cfg)
+
+
+def test_gap_pool_has_no_cls_and_averages_the_normed_tokens():
+  cfg = tiny_model_config()
+  cfg.pool = "gap"
+  model = vit.build(cfg)
+  params = vit.init_params(model, cfg, jax.random.key(0))
+  assert "cls" not in params
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 16, 64)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  tokens = []  # the encoder output (after encoder_norm), captured on the way
+  def keep(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.module.name == "Transformer" and context.method_name == "__call__":
+      tokens.append(y)
+    return y
+  with nn.intercept_methods(keep):
+    got = model.apply({"params": params}, x, features=True)
+  assert tokens[0].shape == (2, 16, 64)
+  np.testing.assert_allclose(got, tokens[0].mean(axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_tanh_switches_to_the_tanh_form():
+  block = vit.MlpBlock(mlp_dim=8, dropout=0.0, gelu="tanh")
+  x = jax.random.normal(jax.random.key(0), (3, 4)) * 3
+  p = block.init(jax.random.key(1), x, deterministic=True)["params"]
+  h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  want = jax.nn.gelu(h, approximate=True) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+  np.testing.assert_allclose(block.apply({"params": p}, x, deterministic=True), want,
+                             rtol=1e-5, atol=1e-6)

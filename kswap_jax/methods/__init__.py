@@ -27,6 +27,23 @@ METHODS = {
     "laf": "kswap_jax.methods.knowledge_swap",
     "gs_lora": "kswap_jax.methods.gs_lora",
     "gs_lora_pp": "kswap_jax.methods.gs_lora",
+    "sfr_on": "kswap_jax.methods.ug_clu",
+    "ug_clu": "kswap_jax.methods.ug_clu",
+    "clu_joint": "kswap_jax.methods.ug_clu",
+    "clu_retrain": "kswap_jax.methods.ug_clu",
+}
+
+# Methods measured against each other (`python -m kswap_jax.compare`), and the headline
+# metrics of each family's leaderboard (keys of a results envelope's "final").
+FAMILIES = {
+    "knowledge_swap": ("lbf", "laf"),
+    "continual_forgetting": ("gs_lora", "gs_lora_pp"),
+    "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain"),
+}
+HEADLINES = {
+    "knowledge_swap": ("acc_r", "acc_f", "acc_n", "h_mean"),
+    "continual_forgetting": ("h_mean", "acc_r", "acc_f", "acc_o"),
+    "unlearning": ("ua", "ra", "ta", "mia_efficacy", "avg_gap"),
 }
 
 

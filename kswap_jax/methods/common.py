@@ -129,3 +129,27 @@ def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
     state_path = path[:-len(".npz")] + ".model_state.npz" if path.endswith(".npz") else path
     model_state = ckpt_lib.load_npz(state_path, rest, head="keep", field=field)
   return params, model_state
+
+
+def initial_lora(config, base: dict, spec, rng) -> dict:
+  """The LoRA tree a run starts from: `init.lora_checkpoint` when set (its structure and
+  shapes must be those `spec` gives on `base`), else a fresh `lora.init`."""
+  from kswap_jax import interop, lora  # pylint: disable=import-outside-toplevel
+  fresh = lora.init(base, spec, rng)
+  path = str(config.init.get("lora_checkpoint", "") or "")
+  if not path:
+    return fresh
+  if not os.path.isfile(path):
+    raise ConfigError(f"init.lora_checkpoint: file {path!r} does not exist (expected the "
+                      f".lora.npz written by python -m kswap_jax.convert)")
+  try:
+    loaded = interop.load_lora(path)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"init.lora_checkpoint: {e}") from None
+  want = {n: x.shape for n, x in lora.named_leaves(fresh)}
+  got = {n: np.shape(x) for n, x in lora.named_leaves(loaded)}
+  if want != got:
+    diff = sorted(set(want) ^ set(got)) or [n for n in want if want[n] != got[n]]
+    raise ConfigError(f"init.lora_checkpoint: {path} does not fit lora.targets/lora.rank of "
+                      f"this config (first difference: {diff[0]})")
+  return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), loaded)

@@ -523,6 +523,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  extra_log=norm_log)
 
   out = _results(config, task_list, results, use_margin)
+  out["num_trainable"] = lora.count(first_lora)
   if run_.is_main:
     plot(out, os.path.join(run_.workdir, "gs_lora.png"))
     if config.export.merged_npz:  # the base after the last task, every LoRA folded in

@@ -168,7 +168,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pretrain.ensure_pretrained(config, workdir)
   k_head, k_lora = jax.random.split(jax.random.key(seed))
   base, _ = common.load_base(config, model_cfg, model, k_head)
-  lora_tree = lora.init(base, spec, k_lora)
+  lora_tree = common.initial_lora(config, base, spec, k_lora)
   log.info("LoRA: %d trainable parameters in %d target kernels (%d frozen)",
            lora.count(lora_tree), len(lora.target_kernels(base, spec)), lora.count(base))
 

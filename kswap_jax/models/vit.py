@@ -24,12 +24,15 @@ arXiv 1801.09414.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax import lax
 
 from kswap_jax.errors import ConfigError
 
@@ -46,6 +49,15 @@ VARIANTS = {
 
 HEADS = ("linear", "cosface")
 ATTENTION_SCALES = ("head_dim", "width")
+POOLS = ("cls", "gap")
+GELUS = ("erf", "erf_autodiff", "tanh")
+DROPOUT_MASKS = ("compact", "flax")
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+DTYPES = ("float32", "bfloat16")
+# jax.checkpoint_policies entries that are policy factories, not policies.
+REMAT_POLICIES_WITH_ARGS = ("save_only_these_names", "save_any_names_but_these",
+                            "save_and_offload_only_these_names", "save_from_both_policies",
+                            "offload_dot_with_no_batch_dims", "save_anything_except_these_names")
 
 # `model` config fields of the ViT and their defaults (vit_jax / Knowledge Swapping).
 DEFAULTS = dict(
@@ -63,12 +75,28 @@ DEFAULTS = dict(
     qkv_bias=True,         # biases on query/key/value (the Face Transformer has none)
     attention_scale="head_dim",  # softmax(q k^T * d^-0.5): d = head_dim, or width (face quirk)
     layer_norm_eps=1e-6,
+    pool="cls",            # cls: a learned CLS token is the head's input; gap: the mean of
+                           # the final-LayerNorm'd patch tokens, no CLS token (big_vision "gap")
     head="linear",         # linear | cosface
     cosface_scale=64.0,    # CosFace s
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
+    # Speed options (docs/speed.md). The defaults compute the reference function exactly:
+    gelu="erf",            # erf: exact GELU, backward reuses the forward's erfc (same values
+                           # as nn.gelu(approximate=False)); erf_autodiff: the same function
+                           # differentiated by jax; tanh: the tanh approximation (other
+                           # numerics; the GELU of vit_jax / big_vision checkpoints)
+    dropout_mask="compact",  # compact: flax nn.Dropout's mask drawn once, kept as bool;
+                           # flax: nn.Dropout as is (its mask is rebuilt in the backward pass)
+    dropout_rng="threefry",  # threefry: the same masks as flax nn.Dropout; rbg | unsafe_rbg:
+                           # XLA's bit generator keyed from the threefry key (other masks)
+    dtype="float32",       # compute dtype: float32 | bfloat16 (parameters and logits stay f32)
+    remat=False,           # rematerialise each encoder block in the backward pass
+    remat_policy="nothing_saveable",  # a jax.checkpoint_policies name used when remat is on
+    scan=False,            # nn.scan over the blocks: parameters under Transformer/encoderblock
+                           # with a leading layer axis (see scan_params / unscan_params)
 )
 
-# GS-LoRA's Face Transformer (spec'd from the authors' `ViT_face`): 112x112 RGB in [0, 1].
+# GS-LoRA's Face Transformer (the authors' `ViT_face`): 112x112 RGB in [0, 1].
 FACE_DEFAULTS = dict(
     DEFAULTS, name="vit_face", variant="face/8", num_classes=100, image_size=112,
     dropout=0.1, attention_output_dropout=0.1, qkv_bias=False, attention_scale="width",
@@ -91,9 +119,22 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   qkv_bias: bool = True
   attention_scale: str = "head_dim"
+  pool: str = "cls"
   head: str = "linear"
   cosface_scale: float = 64.0
   cosface_margin: float = 0.35
+  gelu: str = "erf"
+  dropout_mask: str = "compact"
+  dropout_rng: str = "threefry"
+  dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+
+  @property
+  def compute_dtype(self):
+    """None for float32 (flax infers f32 from the parameters: the reference path)."""
+    return None if self.dtype == "float32" else jnp.dtype(self.dtype)
 
 
 def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
@@ -120,15 +161,37 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
       layer_norm_eps=float(model_cfg.get("layer_norm_eps", 1e-6)),
       qkv_bias=bool(model_cfg.get("qkv_bias", True)),
       attention_scale=str(model_cfg.get("attention_scale", "head_dim")),
+      pool=str(model_cfg.get("pool", "cls")),
       head=str(model_cfg.get("head", "linear")),
       cosface_scale=float(model_cfg.get("cosface_scale", 64.0)),
-      cosface_margin=float(model_cfg.get("cosface_margin", 0.35)))
+      cosface_margin=float(model_cfg.get("cosface_margin", 0.35)),
+      gelu=str(model_cfg.get("gelu", "erf")),
+      dropout_mask=str(model_cfg.get("dropout_mask", "compact")),
+      dropout_rng=str(model_cfg.get("dropout_rng", "threefry")),
+      dtype=str(model_cfg.get("dtype", "float32")),
+      remat=bool(model_cfg.get("remat", False)),
+      remat_policy=str(model_cfg.get("remat_policy", "nothing_saveable")),
+      scan=bool(model_cfg.get("scan", False)))
+  for field, value, allowed in (("gelu", cfg.gelu, GELUS),
+                                ("dropout_mask", cfg.dropout_mask, DROPOUT_MASKS),
+                                ("dropout_rng", cfg.dropout_rng, DROPOUT_RNGS),
+                                ("dtype", cfg.dtype, DTYPES)):
+    if value not in allowed:
+      raise ConfigError(f"model.{field}: {value!r} (expected one of {', '.join(allowed)})")
+  policy = getattr(jax.checkpoint_policies, cfg.remat_policy, None)
+  if cfg.remat and (policy is None or cfg.remat_policy.startswith("_")
+                    or cfg.remat_policy in REMAT_POLICIES_WITH_ARGS):
+    raise ConfigError(f"model.remat_policy: {cfg.remat_policy!r} is not an argument-free "
+                      f"jax.checkpoint_policies name (e.g. nothing_saveable, "
+                      f"dots_with_no_batch_dims_saveable)")
   if cfg.head not in HEADS:
     raise ConfigError(f"model.head: unknown head {cfg.head!r} (expected one of "
                       f"{', '.join(HEADS)})")
   if cfg.attention_scale not in ATTENTION_SCALES:
     raise ConfigError(f"model.attention_scale: {cfg.attention_scale!r} (expected one of "
                       f"{', '.join(ATTENTION_SCALES)})")
+  if cfg.pool not in POOLS:
+    raise ConfigError(f"model.pool: {cfg.pool!r} (expected one of {', '.join(POOLS)})")
   if cfg.width % cfg.num_heads:
     raise ConfigError(f"model.num_heads: width {cfg.width} is not divisible by {cfg.num_heads} heads")
   if cfg.num_classes <= 0:
@@ -140,21 +203,116 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
   return cfg
 
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  r"""Exact (erf) GELU whose backward pass reuses the forward's erfc.
+
+      gelu(x)  = x/2 · erfc(−x/√2)
+      gelu'(x) = erfc(−x/√2)/2 + x·φ(x),    φ(x) = exp(−x²/2)/√(2π)
+
+  The forward is `jax.nn.gelu(x, approximate=False)` operation for operation (bitwise the
+  same values); the backward is the exact derivative computed from the saved input and
+  erfc, so autodiff does not rebuild the erfc chain in the backward pass. Gradients agree
+  with `jax.grad` of `jax.nn.gelu(approximate=False)` to float rounding (a few ulp).
+
+  Args:
+    x: pre-activations (any float dtype).
+
+  Returns:
+    gelu(x), same shape and dtype.
+
+  Example:
+    >>> y = vit.gelu(jnp.linspace(-3., 3., 7))
+
+  References: Hendrycks & Gimpel, arXiv 1606.08415.
+  """
+  return _gelu_fwd(x)[0]
+
+
+def _gelu_fwd(x):
+  sqrt_half = np.sqrt(0.5).astype(x.dtype)
+  erfc = lax.erfc(-x * sqrt_half)
+  return 0.5 * x * erfc, (x, erfc)
+
+
+def _gelu_bwd(res, g):
+  x, erfc = res
+  inv_sqrt_2pi = np.asarray(1.0 / np.sqrt(2.0 * np.pi), x.dtype)
+  return (g * (0.5 * erfc + x * (inv_sqrt_2pi * jnp.exp(-0.5 * x * x))),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def activation(x: jax.Array, kind: str) -> jax.Array:
+  """The MLP activation named by `model.gelu` (see `GELUS`)."""
+  if kind == "erf":
+    return gelu(x)
+  if kind == "erf_autodiff":
+    return nn.gelu(x, approximate=False)
+  if kind == "tanh":
+    return nn.gelu(x, approximate=True)
+  raise ValueError(f"activation: unknown kind {kind!r} (expected one of {', '.join(GELUS)})")
+
+
+class Dropout(nn.Module):
+  """flax's `nn.Dropout` with its mask drawn once and kept as a bool array.
+
+      y = select(keep, x / (1 − rate), 0),    keep ~ Bernoulli(1 − rate)
+
+  With `mask="compact"` and `rng="threefry"` (the defaults) the mask and the values are
+  bitwise those of `nn.Dropout(rate)` under the same module name (the key comes from
+  `make_rng("dropout")` as there). An optimisation barrier makes XLA store the bool mask
+  for the backward pass instead of fusing the random-bit generation into each consumer,
+  which recomputes the 32-bit random bits in the backward pass (and several times per
+  use). `mask="flax"` is `nn.Dropout` as is; `rng="rbg" | "unsafe_rbg"` draws the mask
+  with XLA's RngBitGenerator keyed from the threefry key (cheaper, different masks).
+
+  Attributes:
+    rate: drop probability.
+    mask: "compact" | "flax".
+    rng: "threefry" | "rbg" | "unsafe_rbg".
+  """
+  rate: float
+  mask: str = "compact"
+  rng: str = "threefry"
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if self.rate == 0.0 or deterministic:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    key = self.make_rng("dropout")
+    if self.rng != "threefry":
+      key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=self.rng)
+    keep = jax.random.bernoulli(key, p=keep_prob, shape=x.shape)
+    if self.mask == "compact":
+      keep = lax.optimization_barrier(keep)
+    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 class MlpBlock(nn.Module):
-  """FFN: Dense_0 -> exact (erf) GELU -> dropout -> Dense_1 -> dropout."""
+  """FFN: Dense_0 -> GELU (exact erf by default) -> dropout -> Dense_1 -> dropout."""
   mlp_dim: int
   dropout: float
+  gelu: str = "erf"
+  dropout_mask: str = "compact"
+  dropout_rng: str = "threefry"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     width = x.shape[-1]
     init = dict(kernel_init=nn.initializers.xavier_uniform(),
-                bias_init=nn.initializers.normal(stddev=1e-6))
+                bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
+    drop = lambda y: Dropout(self.dropout, mask=self.dropout_mask, rng=self.dropout_rng)(
+        y, deterministic=deterministic)
     x = nn.Dense(self.mlp_dim, name="Dense_0", **init)(x)
-    x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = drop(activation(x, self.gelu))
     x = nn.Dense(width, name="Dense_1", **init)(x)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return drop(x)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -164,11 +322,13 @@ class MultiHeadSelfAttention(nn.Module):
   back to width, so vit_jax checkpoints load by name. With the defaults the computation is
   flax's (`nn.dot_product_attention`, scores scaled by head_dim^-0.5); `qkv_bias=False`
   and `scale="width"` give the Face Transformer's bias-free qkv and width^-0.5 scale.
+  With a low-precision `dtype` the softmax is computed in float32.
   """
   num_heads: int
   dropout_rate: float = 0.0
   qkv_bias: bool = True
   scale: str = "head_dim"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -176,7 +336,7 @@ class MultiHeadSelfAttention(nn.Module):
     head_dim = width // self.num_heads
     dense = lambda name, bias: nn.DenseGeneral(
         features=(self.num_heads, head_dim), axis=-1, use_bias=bias,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
+        kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name=name)
     query = dense("query", self.qkv_bias)(x)
     key = dense("key", self.qkv_bias)(x)
     value = dense("value", self.qkv_bias)(x)
@@ -184,29 +344,40 @@ class MultiHeadSelfAttention(nn.Module):
       # nn.dot_product_attention divides by sqrt(head_dim); this turns it into sqrt(width).
       query = query * jnp.asarray((head_dim / width) ** 0.5, query.dtype)
     dropout = self.dropout_rate > 0.0 and not deterministic
+    low_precision = self.dtype is not None and jnp.dtype(self.dtype) != jnp.float32
     y = nn.dot_product_attention(
         query, key, value, dropout_rng=self.make_rng("dropout") if dropout else None,
-        dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=not dropout)
-    return nn.DenseGeneral(features=width, axis=(-2, -1),
+        dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=not dropout,
+        dtype=self.dtype, **({"force_fp32_for_softmax": True} if low_precision else {}))
+    return nn.DenseGeneral(features=width, axis=(-2, -1), dtype=self.dtype,
                            kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)).
+
+  `deterministic` may be passed by position (for `nn.remat`'s static_argnums); with
+  `scanned=True` the block returns (x, None), the (carry, output) pair of `nn.scan`.
+  """
   cfg: ViTConfig
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
-    eps = self.cfg.layer_norm_eps
-    y = nn.LayerNorm(epsilon=eps, name="LayerNorm_0")(x)
+  def __call__(self, x, deterministic: bool):
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    eps = cfg.layer_norm_eps
+    y = nn.LayerNorm(epsilon=eps, dtype=dtype, name="LayerNorm_0")(x)
     y = MultiHeadSelfAttention(
-        num_heads=self.cfg.num_heads, dropout_rate=self.cfg.attention_dropout,
-        qkv_bias=self.cfg.qkv_bias, scale=self.cfg.attention_scale,
+        num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout,
+        qkv_bias=cfg.qkv_bias, scale=cfg.attention_scale, dtype=dtype,
         name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
-    x = x + nn.Dropout(self.cfg.attention_output_dropout)(y, deterministic=deterministic)
-    y = nn.LayerNorm(epsilon=eps, name="LayerNorm_2")(x)
-    return x + MlpBlock(self.cfg.mlp_dim, self.cfg.dropout, name="MlpBlock_3")(
+    x = x + Dropout(cfg.attention_output_dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng)(
         y, deterministic=deterministic)
+    y = nn.LayerNorm(epsilon=eps, dtype=dtype, name="LayerNorm_2")(x)
+    x = x + MlpBlock(cfg.mlp_dim, cfg.dropout, gelu=cfg.gelu, dropout_mask=cfg.dropout_mask,
+                     dropout_rng=cfg.dropout_rng, dtype=dtype, name="MlpBlock_3")(
+                         y, deterministic=deterministic)
+    return (x, None) if self.scanned else x
 
 
 class AddPositionEmbs(nn.Module):
@@ -218,17 +389,118 @@ class AddPositionEmbs(nn.Module):
     return x + pos.astype(x.dtype)
 
 
+# Variable collections that carry one slice per block when the encoder is scanned: the
+# parameters, and the LoRA tree that `kswap_jax.lora.apply` passes as a collection.
+SCANNED_COLLECTIONS = ("params", "lora")
+
+
 class Transformer(nn.Module):
-  """The `Transformer` sub-tree of the checkpoints."""
+  """The `Transformer` sub-tree of the checkpoints.
+
+  Unscanned (default): blocks `encoderblock_{i}`. With `cfg.scan` one `encoderblock` under
+  `nn.scan` whose parameters have a leading layer axis (`scan_params` converts). With
+  `cfg.remat` each block is recomputed in the backward pass (policy `cfg.remat_policy`).
+  """
   cfg: ViTConfig
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
     x = AddPositionEmbs(name="posembed_input")(x)
-    x = nn.Dropout(self.cfg.dropout)(x, deterministic=deterministic)
-    for i in range(self.cfg.depth):
-      x = Encoder1DBlock(self.cfg, name=f"encoderblock_{i}")(x, deterministic=deterministic)
-    return nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, name="encoder_norm")(x)
+    x = Dropout(cfg.dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng)(
+        x, deterministic=deterministic)
+    block = Encoder1DBlock
+    if cfg.remat:
+      # static_argnums counts `self`: 2 is `deterministic`.
+      block = nn.remat(block, static_argnums=(2,), prevent_cse=not cfg.scan,
+                       policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+    if cfg.scan:
+      block = nn.scan(block, variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+                      split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                      length=cfg.depth)
+      x, _ = block(cfg, scanned=True, name="encoderblock")(x, deterministic)
+    else:
+      for i in range(cfg.depth):
+        x = block(cfg, name=f"encoderblock_{i}")(x, deterministic)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                        name="encoder_norm")(x)
+
+
+_BLOCK = re.compile(r"encoderblock_(\d+)$")
+
+
+def scan_params(tree: dict[str, Any]) -> dict[str, Any]:
+  """Unscanned checkpoint layout -> the `model.scan` layout.
+
+  `Transformer/encoderblock_{i}/<path>` (i = 0..depth-1) becomes
+  `Transformer/encoderblock/<path>` holding the depth leaves stacked on a new leading axis;
+  everything else is kept. Works on any tree with that naming (base parameters, a LoRA
+  tree, optimizer moments).
+
+  Args:
+    tree: nested dict whose `Transformer` node holds `encoderblock_{i}` sub-trees.
+
+  Returns:
+    A new tree; inverse of `unscan_params`.
+
+  Example:
+    >>> scanned = vit.scan_params(params)   # then apply a model built with scan=True
+  """
+  if "Transformer" not in tree:
+    return dict(tree)
+  inner = dict(tree["Transformer"])
+  blocks = sorted(((int(m.group(1)), k) for k in inner if (m := _BLOCK.match(k))))
+  if not blocks:
+    return dict(tree)
+  if [i for i, _ in blocks] != list(range(len(blocks))):
+    raise ValueError(f"tree: encoder blocks {[k for _, k in blocks]} are not numbered 0..n-1")
+  stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(inner.pop(k) for _, k in blocks))
+  inner["encoderblock"] = stacked
+  return {**tree, "Transformer": inner}
+
+
+def unscan_params(tree: dict[str, Any]) -> dict[str, Any]:
+  """`model.scan` layout -> the unscanned checkpoint layout (inverse of `scan_params`).
+
+  Args:
+    tree: nested dict whose `Transformer/encoderblock` leaves have a leading layer axis.
+
+  Returns:
+    A new tree with `Transformer/encoderblock_{i}` sub-trees (vit_jax names).
+  """
+  if "Transformer" not in tree or "encoderblock" not in tree["Transformer"]:
+    return dict(tree)
+  inner = dict(tree["Transformer"])
+  stacked = inner.pop("encoderblock")
+  depths = {x.shape[0] for x in jax.tree_util.tree_leaves(stacked)}
+  if len(depths) != 1:
+    raise ValueError(f"tree: scanned leaves disagree on the layer axis ({sorted(depths)})")
+  for i in range(depths.pop()):
+    inner[f"encoderblock_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return {**tree, "Transformer": inner}
+
+
+class CheckpointLayout:
+  """A scanned model that takes its variables in the unscanned (checkpoint) layout.
+
+  `apply` stacks every collection with `scan_params` inside the traced function, so the
+  trainable tree, optimizer state, group-lasso groups and checkpoints keep the vit_jax
+  names; a tree that is already scanned (e.g. a frozen base converted once) passes through
+  unchanged. Stacking a tree copies it once per call: convert large frozen trees up front.
+
+  Example:
+    >>> model = vit.CheckpointLayout(vit.build(cfg_with_scan))
+    >>> logits = lora.apply(model, vit.scan_params(base), lora_tree, images, scale=s)
+  """
+
+  def __init__(self, model: nn.Module):
+    self.model = model
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply({k: scan_params(v) for k, v in variables.items()}, *args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
 
 
 def cosface_logits(embedding: jax.Array, kernel: jax.Array, labels: jax.Array | None, *,
@@ -285,12 +557,16 @@ class VisionTransformer(nn.Module):
     true-class cosine when they are given (training, and GS-LoRA's evaluation).
     """
     x = nn.Conv(self.cfg.width, (self.cfg.patch_size,) * 2, strides=(self.cfg.patch_size,) * 2,
-                padding="VALID", name="embedding")(images)
+                padding="VALID", dtype=self.cfg.compute_dtype, name="embedding")(images)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
-    x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train)[:, 0]
+    if self.cfg.pool == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
+      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train)[:, 0]
+    else:  # "gap": big_vision's global average pool over the normed patch tokens
+      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train).mean(axis=1)
+    x = x.astype(jnp.float32)  # the representation, head and logits stay float32
     if self.cfg.representation_size:
       x = jnp.tanh(nn.Dense(self.cfg.representation_size, name="pre_logits")(x))
     if features:

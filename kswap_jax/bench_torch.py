@@ -1,0 +1,188 @@
+"""The benchmark's step written plainly in PyTorch, for `python -m kswap_jax.bench --compare_torch`.
+
+The same computation as the JAX step of `kswap_jax.bench` (and as the authors' PyTorch
+code: a ViT with loralib-style LoRA on fc1/fc2, exact GELU, `F.dropout`, AdamW on the LoRA
+factors only), initialised from the very same base parameters, LoRA factors and batch:
+
+    forget  L = CE(b_r) + β·ReLU(BND − CE(b_f)) + α·Ω
+    learn   L = CE(b_n) + β·CE(b_r) + α·Ω
+    ce      L = CE(b)
+
+with Ω the per-block group lasso Σ_l sqrt(Σ_{leaves of block l} ||·||²). Dropout masks come
+from torch's generator, so losses agree in distribution, not bitwise. Needs the optional
+`[torch]` extra (`pip install 'kswap_jax[torch]'`); everything else in the package runs
+without it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+class TorchMissing(Exception):
+  """PyTorch is not installed, or the requested step has no PyTorch version."""
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise TorchMissing(
+        "--compare_torch: PyTorch is not installed; install the optional extra with "
+        "`pip install 'kswap_jax[torch]'` (CPU wheels are enough) and rerun") from None
+  return torch
+
+
+def _np(x) -> np.ndarray:
+  return np.array(x, dtype=np.float32)  # a host copy torch may own
+
+
+class TorchStep:
+  """Builds the PyTorch model and optimizer; `time_step()` runs one step and returns seconds.
+
+  Args:
+    args: the bench's parsed arguments (variant, step, dropout, gelu, rank...).
+    setup: the bench's `setup(args)` dict: model config, base parameters (random head),
+      LoRA tree, LoRA scale and the host batch.
+  """
+
+  def __init__(self, args, setup: dict[str, Any]):
+    torch = _import_torch()
+    if args.step not in ("forget", "learn", "ce"):
+      raise TorchMissing(f"--compare_torch: no PyTorch version of --step={args.step}")
+    from kswap_jax.models import vit  # pylint: disable=import-outside-toplevel
+    self.torch = torch
+    self.version = torch.__version__
+    self.threads = torch.get_num_threads()
+    self.step_kind = args.step
+    cfg = vit.vit_config(setup["model_cfg"])
+    base, tree = setup["base"], setup["lora_tree_unscanned"]
+    self.model = _build_model(torch, cfg, base, tree, setup["spec"].scale,
+                              approximate="tanh" if args.gelu == "tanh" else "none")
+    self.lora_params = [p for n, p in self.model.named_parameters() if p.requires_grad]
+    self.blocks = [[p for n, p in blk.named_parameters() if p.requires_grad]
+                   for blk in self.model.blocks]
+    self.opt = torch.optim.AdamW(self.lora_params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=0.05)
+    self.batch = {name: (torch.from_numpy(np.ascontiguousarray(
+                             b["image"].transpose(0, 3, 1, 2))),
+                         torch.from_numpy(b["label"].astype(np.int64)))
+                  for name, b in setup["host_batch"].items()}
+    self.last_loss = float("nan")
+
+  def _loss(self):
+    torch = self.torch
+    F = torch.nn.functional
+    ce = lambda name: F.cross_entropy(self.model(self.batch[name][0]), self.batch[name][1])
+    omega = sum(torch.sqrt(sum((p * p).sum() for p in ps)) for ps in self.blocks)
+    if self.step_kind == "forget":
+      ce_f = ce("forget")
+      ce_r = ce("retain")
+      return ce_r + 0.2 * F.relu(105.0 - ce_f) + 0.005 * omega
+    if self.step_kind == "learn":
+      ce_n = ce("learn")
+      ce_r = ce("retain")
+      return ce_n + 0.2 * ce_r + 0.005 * omega
+    return ce("retain")
+
+  def time_step(self) -> float:
+    t0 = time.perf_counter()
+    self.model.train()
+    loss = self._loss()
+    loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    self.last_loss = float(loss.detach())
+    return time.perf_counter() - t0
+
+
+def _build_model(torch, cfg, base, tree, scale: float, approximate: str):
+  nn, F = torch.nn, torch.nn.functional
+  t = lambda x: torch.from_numpy(_np(x))
+  width, heads = cfg.width, cfg.num_heads
+  head_dim = width // heads
+
+  def frozen(x):
+    return nn.Parameter(t(x), requires_grad=False)
+
+  class Linear(nn.Module):
+    """y = x Wᵀ + b (+ s·(x A) B with LoRA, as loralib's `lora.Linear`)."""
+
+    def __init__(self, p, lp=None, in_dim=None):
+      super().__init__()
+      k = np.asarray(p["kernel"])
+      in_dim = in_dim or k.shape[0]
+      self.weight = frozen(k.reshape(in_dim, -1).T)
+      self.bias = frozen(np.asarray(p["bias"]).reshape(-1)) if "bias" in p else None
+      self.lora = lp is not None
+      if self.lora:
+        self.lora_a = nn.Parameter(t(lp["a"]))
+        self.lora_b = nn.Parameter(t(lp["b"]))
+
+    def forward(self, x):
+      y = F.linear(x, self.weight, self.bias)
+      if self.lora:
+        y = y + (x @ self.lora_a @ self.lora_b) * scale
+      return y
+
+  def layer_norm(p):
+    ln = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+    ln.weight = frozen(p["scale"])
+    ln.bias = frozen(p["bias"])
+    return ln
+
+  class Block(nn.Module):
+    def __init__(self, p, lp):
+      super().__init__()
+      att = p["MultiHeadDotProductAttention_1"]
+      self.ln0 = layer_norm(p["LayerNorm_0"])
+      self.q, self.k, self.v = (Linear(att[n]) for n in ("query", "key", "value"))
+      self.out = Linear(att["out"], in_dim=width)
+      self.ln2 = layer_norm(p["LayerNorm_2"])
+      mlp, lmlp = p["MlpBlock_3"], (lp or {}).get("MlpBlock_3", {})
+      self.fc1 = Linear(mlp["Dense_0"], lmlp.get("Dense_0"))
+      self.fc2 = Linear(mlp["Dense_1"], lmlp.get("Dense_1"))
+
+    def forward(self, x):
+      n, tokens, _ = x.shape
+      y = self.ln0(x)
+      split = lambda z: z.view(n, tokens, heads, head_dim).transpose(1, 2)
+      q, k, v = split(self.q(y)), split(self.k(y)), split(self.v(y))
+      w = torch.softmax(q @ k.transpose(-2, -1) * head_dim ** -0.5, dim=-1)
+      y = (w @ v).transpose(1, 2).reshape(n, tokens, width)
+      x = x + F.dropout(self.out(y), cfg.attention_output_dropout, self.training)
+      y = F.gelu(self.fc1(self.ln2(x)), approximate=approximate)
+      y = F.dropout(y, cfg.dropout, self.training)
+      return x + F.dropout(self.fc2(y), cfg.dropout, self.training)
+
+  class ViT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      emb = base["embedding"]
+      self.embed = nn.Conv2d(np.asarray(emb["kernel"]).shape[2], width, cfg.patch_size, stride=cfg.patch_size)
+      self.embed.weight = frozen(np.asarray(emb["kernel"]).transpose(3, 2, 0, 1))
+      self.embed.bias = frozen(emb["bias"])
+      self.cls = frozen(base["cls"])
+      enc = base["Transformer"]
+      self.pos = frozen(enc["posembed_input"]["pos_embedding"])
+      ltree = tree.get("Transformer", {})
+      self.blocks = nn.ModuleList(
+          [Block(enc[f"encoderblock_{i}"], ltree.get(f"encoderblock_{i}"))
+           for i in range(cfg.depth)])
+      self.norm = layer_norm(enc["encoder_norm"])
+      self.head = Linear(base["head"])
+
+    def forward(self, images):
+      x = self.embed(images).flatten(2).transpose(1, 2)
+      x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+      x = F.dropout(x, cfg.dropout, self.training)
+      for blk in self.blocks:
+        x = blk(x)
+      return self.head(self.norm(x)[:, 0])
+
+  if cfg.representation_size or cfg.head != "linear":
+    raise TorchMissing("--compare_torch: only the plain linear-head ViT has a PyTorch version")
+  return ViT()

@@ -1,0 +1,195 @@
+r"""One command to compare a method with the methods it is measured against.
+
+    python -m kswap_jax.compare --config=configs/demo.py:runlocal --workdir=/tmp/cmp
+    python -m kswap_jax.compare --config=configs/demo.py --methods=lbf,laf --seeds=0,1,2
+
+Runs the config's method and every other registered method of the same family
+(`methods.FAMILIES`, or `--methods=a,b`) on identical data, splits and seeds, each in its own
+sub-workdir `<workdir>/<method>/seed_<s>`. A rerun skips finished (method, seed) pairs and
+resumes an interrupted one from its checkpoints. It then writes a leaderboard: per method,
+the family's headline metrics (mean ± std over seeds), the number of trainable parameters
+and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png`.
+`--config.<field>=<value>` overrides apply to every method.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from kswap_jax import methods, report, train
+from kswap_jax.errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger("kswap_jax")
+
+
+def _family(method: str) -> str:
+  for family, members in methods.FAMILIES.items():
+    if method in members:
+      return family
+  raise ConfigError(f"method: {method!r} belongs to no comparison family (families: "
+                    f"{', '.join(methods.FAMILIES)})")
+
+
+def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workdir: str
+                ) -> ml_collections.ConfigDict:
+  """`config` with method and seed replaced; sections the method owns but the config file
+  did not build are added with the method's defaults. Methods that start from this repo's
+  pretraining share one pretrained model per seed (`<workdir>/pretrain/seed_<s>`)."""
+  out = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+  if out.init.kind == "pretrain" and not out.init.pretrain_workdir:
+    out.init.pretrain_workdir = os.path.join(workdir, "pretrain", f"seed_{seed}")
+  defaults = methods.default_config(method)
+  for section in defaults.keys():
+    if section not in out:
+      out[section] = defaults[section]
+  out.method = method
+  out.seed = seed
+  return out
+
+
+def _summary(values: list[float]) -> dict:
+  arr = np.asarray([v for v in values if isinstance(v, (int, float))], np.float64)
+  if arr.size == 0:
+    return {"mean": float("nan"), "std": float("nan"), "n": 0}
+  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+          "n": int(arr.size)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str] | None = None,
+        seeds: list[int] | None = None) -> dict:
+  """Runs every method of the comparison and returns the leaderboard dict."""
+  family = _family(str(config.method))
+  names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
+  for name in names:
+    methods.get(name)  # unknown names fail before anything runs
+  seeds = seeds or [int(config.seed)]
+  os.makedirs(workdir, exist_ok=True)
+  rows = {}
+  for name in names:
+    per_seed = []
+    for seed in seeds:
+      sub = os.path.join(workdir, name, f"seed_{seed}")
+      results_path = os.path.join(sub, "results.json")
+      timing_path = os.path.join(sub, "compare_seconds.json")
+      if not os.path.exists(results_path):
+        log.info("[compare] %s, seed %d -> %s", name, seed, sub)
+        start = time.time()
+        methods.run(_config_for(config, name, seed, workdir), sub)
+        train.write_json(timing_path, {"seconds": time.time() - start})
+      with open(results_path) as f:
+        results = json.load(f)
+      seconds = float("nan")
+      if os.path.exists(timing_path):
+        with open(timing_path) as f:
+          seconds = json.load(f)["seconds"]
+      per_seed.append((results, seconds))
+    headline = methods.HEADLINES[family]
+    rows[name] = {
+        **{k: _summary([r["final"].get(k, float("nan")) for r, _ in per_seed])
+           for k in headline},
+        "num_trainable": per_seed[0][0].get("num_trainable"),
+        "seconds": _summary([s for _, s in per_seed]),
+    }
+  board = {"family": family, "config_method": str(config.method), "seeds": seeds,
+           "headline": list(methods.HEADLINES[family]), "methods": rows}
+  train.write_json(os.path.join(workdir, "leaderboard.json"), board)
+  table = markdown(board)
+  with open(os.path.join(workdir, "leaderboard.md"), "w") as f:
+    f.write(table + "\n")
+  plot(board, os.path.join(workdir, "leaderboard.png"))
+  print(table, flush=True)
+  return board
+
+
+def _cell(s: dict) -> str:
+  if not s["n"] or math.isnan(s["mean"]):
+    return "–"
+  return f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["n"] > 1 else "")
+
+
+def markdown(board: dict) -> str:
+  """The leaderboard as a markdown table (mean ± std over seeds)."""
+  head = board["headline"]
+  labels = [report.METRICS[k][0] + {"up": " ↑", "down": " ↓", "": ""}[report.METRICS[k][1]]
+            if k in report.METRICS else k for k in head]
+  lines = [f"| method | {' | '.join(labels)} | trainable | seconds |",
+           "|---" * (len(head) + 3) + "|"]
+  for name, row in board["methods"].items():
+    cells = [_cell(row[k]) for k in head]
+    trainable = f"{row['num_trainable']:,}" if row.get("num_trainable") else "–"
+    lines.append(f"| {name} | {' | '.join(cells)} | {trainable} | {_cell(row['seconds'])} |")
+  seeds = ", ".join(map(str, board["seeds"]))
+  return "\n".join(lines) + f"\n\n{board['family']}, seeds {seeds}."
+
+
+def plot(board: dict, path: str) -> None:
+  """Grouped bars: one group per headline metric, one bar per method, std as error bars."""
+  head, names = board["headline"], list(board["methods"])
+  fig = Figure(figsize=(max(6, 1.5 * len(head) * max(1, len(names)) / 2), 4))
+  ax = fig.add_subplot(1, 1, 1)
+  width = 0.8 / max(1, len(names))
+  for j, name in enumerate(names):
+    row = board["methods"][name]
+    ax.bar([i + j * width for i in range(len(head))], [row[k]["mean"] for k in head], width,
+           yerr=[row[k]["std"] for k in head], label=name, capsize=3)
+  ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(head))],
+                [report.METRICS.get(k, (k,))[0] for k in head])
+  ax.set_ylabel("%")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="y")
+  ax.set_title(f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list | None]:
+  rest, value = [], None
+  for a in argv:
+    if a.startswith(f"--{flag}="):
+      raw = a.split("=", 1)[1]
+      try:
+        value = [kind(x) for x in raw.split(",") if x.strip()]
+      except ValueError:
+        raise ConfigError(f"--{flag}: expected a comma-separated list, got {raw!r}") from None
+      if not value:
+        raise ConfigError(f"--{flag}: expected at least one entry")
+    else:
+      rest.append(a)
+  return rest, value
+
+
+def main(argv=None) -> int:
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  logging.getLogger("kswap_jax").setLevel(logging.INFO)
+  try:
+    argv, names = _split_list(argv, "methods")
+    argv, seeds = _split_list(argv, "seeds", int)
+    config, workdir = cli.load_config(argv)
+    if not any(a.startswith("--workdir=") for a in argv):
+      workdir = workdir + "_compare"
+    train.initialize_distributed(config)
+    run(config, workdir, names, seeds)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,136 @@
+"""Convert a checkpoint from another code base to ours (or export ours back), without torch.
+
+    python -m kswap_jax.convert SRC --out OUT.npz [--num_heads N] [--lora MODE] [...] \\
+        --layout {vit_jax,big_vision,timm,ks_vit,gslora_face,torchvision}
+
+writes OUT.npz in our (vit_jax-named) layout, and OUT.lora.npz when the source holds a
+LoRA that is kept, then prints a summary: parameter counts, the LoRA found and what was
+done with it, the `model` config fields that describe the source, and every source key
+that was not used. `init.checkpoint = "OUT.npz"` then loads it.
+
+    python -m kswap_jax.convert OUT.npz --layout vit_jax --to timm --out model.safetensors
+
+exports (LoRA merged) to a timm-layout `.safetensors` (`--to vit_jax` writes a merged `.npz`).
+Our own runs' base + LoRA export with `--lora_file OUT.lora.npz --lora_alpha A`.
+
+Loading never runs code from the file: torch pickles are read by a restricted unpickler
+that refuses every global but tensors, storages and plain containers. Bad input (missing or
+truncated file, unsafe pickle, wrong layout, shape mismatch, a missing --num_heads) prints
+one line `error: ...` and exits with status 2, leaving no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from kswap_jax import interop
+from kswap_jax.interop import layouts
+
+MAX_LISTED = 20
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is the same single `error: ...` line (exit 2) as bad input."""
+
+  def error(self, message):
+    self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m kswap_jax.convert", description=__doc__.split(
+      "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("src", help="checkpoint: .pth/.pt/.bin (torch.save), .safetensors or .npz")
+  p.add_argument("--layout", required=True, choices=sorted(interop.LAYOUTS))
+  p.add_argument("--out", required=True, help="output .npz (or .safetensors with --to timm)")
+  p.add_argument("--to", default="ours", choices=("ours", "vit_jax", "timm"),
+                 help="ours: base + LoRA tree as converted (default); vit_jax / timm: "
+                      "LoRA merged into the weights")
+  p.add_argument("--num_heads", type=int,
+                 help="attention heads (timm, ks_vit, gslora_face, torchvision)")
+  p.add_argument("--lora", choices=interop.LORA_MODES,
+                 help="whether the stored weights include the LoRA update: separate (no: "
+                      "keep A/B), merged (yes: drop A/B; gslora_face default), unmerge (yes: "
+                      "subtract, keep A/B), merge (no: fold A/B in)")
+  p.add_argument("--lora_alpha", type=float, help="loralib alpha (default 1, as in loralib)")
+  p.add_argument("--lora_file", help="our OUT.lora.npz to merge (with --layout vit_jax)")
+  p.add_argument("--pool", choices=("tok", "gap"), help="big_vision pooling (inferred if cls)")
+  p.add_argument("--posemb", choices=("learn", "sincos2d"),
+                 help="big_vision position embedding (default learn)")
+  p.add_argument("--image_size", type=int, help="input size (big_vision --posemb sincos2d)")
+  p.add_argument("--num_classes", type=int, help="zero head size for a big_vision file without one")
+  p.add_argument("--face_head", choices=layouts.FACE_HEADS,
+                 help="gslora_face head type of loss.weight (default cosface)")
+  p.add_argument("--channels", type=int, help="image channels (gslora_face; default 3)")
+  p.add_argument("--prefix", help="key prefix of the state dict in the file (e.g. 'module.'); "
+                                  "found automatically when unique")
+  p.add_argument("--inert", action="append", default=[], metavar="MODULE.NAME",
+                 help="a class a torch pickle may hold as an inert record, never called "
+                      "(e.g. argparse.Namespace); repeatable")
+  return p
+
+
+def _summary(conv: interop.Converted, args, written: list[str]) -> str:
+  lines = [f"converted {args.src} ({args.layout}) -> {', '.join(written)}"]
+  lines.append(f"  base: {len(conv.params)} arrays, {interop.count(conv.params):,} parameters")
+  if conv.lora:
+    rank = next(v.shape[1] for k, v in conv.lora.items() if k.endswith("/a"))
+    lines.append(f"  LoRA: {len(conv.lora) // 2} modules, rank {rank}, "
+                 f"{interop.count(conv.lora):,} parameters (scale = alpha/r with alpha "
+                 f"{conv.lora_alpha:g})")
+  else:
+    lines.append("  LoRA: none kept")
+  for note in conv.notes:
+    lines.append(f"  note: {note}")
+  fields = " ".join(f"{k}={v}" for k, v in conv.model.items())
+  lines.append(f"  model: {fields}")
+  lines.append(f"  used {len(conv.used)} source key(s); ignored {len(conv.ignored)}"
+               + (":" if conv.ignored else ""))
+  for k, why in list(conv.ignored.items())[:MAX_LISTED]:
+    lines.append(f"    {k}: {why}")
+  if len(conv.ignored) > MAX_LISTED:
+    lines.append(f"    ... and {len(conv.ignored) - MAX_LISTED} more")
+  return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  options = dict(num_heads=args.num_heads, lora=args.lora, lora_alpha=args.lora_alpha,
+                 pool=args.pool, posemb=args.posemb, image_size=args.image_size,
+                 num_classes=args.num_classes, face_head=args.face_head, channels=args.channels)
+  if args.lora_file:
+    options.pop("lora_alpha")  # it scales the tree of --lora_file, not one in SRC
+  conv = interop.convert(args.src, args.layout, prefix=args.prefix, inert=args.inert, **options)
+  if args.lora_file:
+    if conv.lora:
+      raise ValueError("lora_file: the source already holds a LoRA tree")
+    with np.load(args.lora_file, allow_pickle=False) as f:
+      lora = {k: np.asarray(f[k], np.float32) for k in f.files}
+    missing = [k[:-2] for k in lora if k.endswith("/a") and k[:-2] + "/kernel" not in conv.params]
+    if missing:
+      raise ValueError(f"lora_file: {args.lora_file}: module {missing[0]} has no kernel in "
+                       f"{args.src}")
+    conv = conv._replace(lora=lora, lora_alpha=args.lora_alpha or 1.0,
+                         notes=conv.notes + [f"LoRA from {args.lora_file}"])
+  if args.to == "ours":
+    written = interop.save(conv, args.out)
+  else:
+    interop.export(interop.merged(conv), args.out, to=args.to, model=conv.model)
+    written = [args.out]
+  print(_summary(conv, args, written))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    return run(argv)
+  except (ValueError, OSError) as e:
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

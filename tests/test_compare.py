@@ -1,0 +1,54 @@
+"""`python -m kswap_jax.compare`: a complete leaderboard, and a rerun after a kill redoes
+nothing that finished."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import REPO, load_config, method_run
+from kswap_jax import compare, methods
+
+pytestmark = pytest.mark.slow
+
+
+def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_factory, tmp_path,
+                                                                  monkeypatch):
+  pretrained = method_run(tmp_path_factory, "demo", "runlocal,method=pretrain")[0]
+  workdir = tmp_path / "cmp"
+  shutil.copytree(pretrained, workdir / "pretrain" / "seed_0")  # the demo's seed is 0
+  config = load_config("demo", "runlocal")
+  real_run = methods.run
+
+  def killed_in_laf(cfg, wd):
+    if cfg.method == "laf":
+      raise SystemExit("killed")
+    return real_run(cfg, wd)
+  monkeypatch.setattr(methods, "run", killed_in_laf)
+  with pytest.raises(SystemExit):
+    compare.run(config, str(workdir), ["lbf", "laf"], [0])
+  monkeypatch.setattr(methods, "run", real_run)
+  lbf_results = workdir / "lbf" / "seed_0" / "results.json"
+  stamp = os.path.getmtime(lbf_results)
+  board = compare.run(load_config("demo", "runlocal"), str(workdir), ["lbf", "laf"], [0])
+  assert os.path.getmtime(lbf_results) == stamp  # finished methods are not redone
+  assert list(board["methods"]) == ["lbf", "laf"] and board["family"] == "knowledge_swap"
+  for row in board["methods"].values():
+    assert all(row[k]["n"] == 1 for k in board["headline"])
+    assert row["num_trainable"] > 0 and row["seconds"]["mean"] > 0
+  on_disk = json.load(open(workdir / "leaderboard.json"))
+  assert on_disk["methods"]["laf"]["acc_f"]["mean"] == board["methods"]["laf"]["acc_f"]["mean"]
+  table = open(workdir / "leaderboard.md").read()
+  assert "| lbf |" in table and "| laf |" in table and "Acc_f" in table
+  assert os.path.getsize(workdir / "leaderboard.png") > 0
+
+
+def test_compare_command_rejects_bad_lists(tmp_path):
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  proc = subprocess.run([sys.executable, "-m", "kswap_jax.compare",
+                         "--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
+                         "--seeds=a,b"], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert proc.returncode == 2 and proc.stderr.startswith("error: --seeds"), proc.stderr
+  assert not os.listdir(tmp_path)

@@ -1,0 +1,69 @@
+"""Two processes on localhost (CPU collectives) train like one, each reading only its
+slice of every batch, and their checkpoints restore in a one-process run and vice versa."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, method_run
+
+pytestmark = pytest.mark.slow
+
+_FLAGS = ["--config=configs/demo.py:runlocal", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=3"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run(workdir, processes, *flags):
+  """`python run.py` as 1 or 2 cooperating processes; returns their outputs."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  base = [sys.executable, "run.py", *_FLAGS, f"--workdir={workdir}", *flags]
+  if processes == 1:
+    procs = [subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+  else:
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        base + [f"--config.distributed.coordinator_address={address}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {x["step"]: x["loss"] for x in map(json.loads, f)}
+
+
+def test_two_processes_train_like_one_and_checkpoints_cross_restore(tmp_path_factory, tmp_path):
+  pretrained = method_run(tmp_path_factory, "demo", "runlocal,method=pretrain")[0]
+  workdirs = {}
+  for n in (1, 2):
+    workdirs[n] = tmp_path / f"p{n}"
+    shutil.copytree(pretrained, workdirs[n] / "pretrain")
+    for code, out in _run(workdirs[n], n, "--config.debug.interrupt_at_step=6"):
+      assert code != 0 and "interrupt_at_step" in out, out[-3000:]
+  one, two = _losses(workdirs[1]), _losses(workdirs[2])
+  assert sorted(one) == sorted(two) == list(range(1, 7))
+  for step in one:
+    assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+  # Each finishes from the other's checkpoint (step 6): 2 processes -> 1, 1 -> 2.
+  for n, workdir in ((1, workdirs[2]), (2, workdirs[1])):
+    for code, out in _run(workdir, n):
+      assert code == 0, out[-3000:]
+      assert "resumed from" in out and "at step 6" in out, out[-3000:]
+    with open(workdir / "results.json") as f:
+      assert json.load(f)["final"]["acc_f"] >= 0

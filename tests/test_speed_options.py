@@ -1,0 +1,291 @@
+"""The ViT's speed options: each keeps the reference results, or stays within a stated tolerance.
+
+Reference path = the literal flax formulation, `nn.Dropout` + `nn.gelu(approximate=False)`,
+float32, no remat, no scan. Correctness only: nothing here is timed (see kswap_jax.bench).
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from kswap_jax import bench, lora, losses
+from kswap_jax.errors import ConfigError
+from kswap_jax.models import vit
+
+
+def _cfg(**kw):
+  cfg = ml_collections.ConfigDict(vit.DEFAULTS)
+  cfg.update(variant="test/4", image_size=16, num_classes=10, dropout=0.1)
+  cfg.update(kw)
+  return cfg
+
+
+def _setup(cfg):
+  """Base params with a random head and a LoRA tree with non-zero a and b on the FFN."""
+  model = vit.build(cfg)
+  base = vit.init_params(model, _cfg(), jax.random.key(0))  # always the unscanned layout
+  head = base["head"]["kernel"]
+  base["head"]["kernel"] = jax.random.normal(jax.random.key(1), head.shape) * 0.3
+  tree = lora.init(base, lora.LoraSpec(rank=4), jax.random.key(2))
+  tree = jax.tree_util.tree_map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), tree)
+  return model, base, tree
+
+
+IMAGES = jax.random.normal(jax.random.key(4), (3, 16, 16, 3))
+LABELS = jnp.array([1, 7, 3])
+
+
+def _loss_and_grads(model, base, tree, train=True):
+  def loss(t):
+    logits = lora.apply(model, base, t, IMAGES, scale=0.25, train=train,
+                        rngs={"dropout": jax.random.key(5)})
+    return losses.cross_entropy(logits, LABELS), logits
+  (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(tree)
+  return value, logits, grads
+
+
+def _reference(monkeypatch, gelu=True, dropout=True):
+  """Swaps the literal flax formulation into the module (same module names, same keys)."""
+  if dropout:
+    monkeypatch.setattr(vit, "Dropout", lambda rate, mask, rng: nn.Dropout(rate))
+  if gelu:
+    monkeypatch.setattr(vit, "activation", lambda x, kind: nn.gelu(x, approximate=False))
+
+
+def _max_rel(a, b):
+  return max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+# -- GELU -------------------------------------------------------------------------------------
+
+def test_custom_gelu_forward_is_bitwise_the_erf_gelu():
+  x = jnp.concatenate([jnp.linspace(-10.0, 10.0, 2001),
+                       jax.random.normal(jax.random.key(0), (4096,)) * 3])
+  np.testing.assert_array_equal(vit.gelu(x), nn.gelu(x, approximate=False))
+  xb = x.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(vit.gelu(xb), nn.gelu(xb, approximate=False))
+  assert vit.gelu(xb).dtype == jnp.bfloat16
+
+
+def test_custom_gelu_gradient_equals_jax_grad_of_erf_gelu():
+  x = jnp.concatenate([jnp.linspace(-10.0, 10.0, 2001),
+                       jax.random.normal(jax.random.key(0), (4096,)) * 3])
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  got = jax.vjp(vit.gelu, x)[1](g)[0]
+  want = jax.vjp(lambda y: nn.gelu(y, approximate=False), x)[1](g)[0]
+  # Same derivative, other rounding order: a few float32 ulp.
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+  # ... and both are the exact derivative Φ(x) + x φ(x) (float64 reference).
+  x64 = np.asarray(x, np.float64)
+  from scipy.special import erfc
+  exact = 0.5 * erfc(-x64 / np.sqrt(2)) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)
+  np.testing.assert_allclose(got, np.asarray(g, np.float64) * exact, rtol=1e-5, atol=1e-6)
+  # the tanh approximation is another function: the test can tell them apart
+  tanh = jax.vjp(lambda y: nn.gelu(y, approximate=True), x)[1](g)[0]
+  assert float(jnp.max(jnp.abs(tanh - want))) > 1e-4
+
+
+# -- Dropout ----------------------------------------------------------------------------------
+
+class _TwoDropouts(nn.Module):
+  cls: type
+  rate: float = 0.3
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.cls(self.rate)(x, deterministic=False)
+    return self.cls(self.rate)(jnp.sin(x), deterministic=False)
+
+
+def test_compact_dropout_is_bitwise_flax_dropout_values_and_gradients():
+  x = jax.random.normal(jax.random.key(0), (4, 37, 64))
+  rngs = {"dropout": jax.random.key(1)}
+  ours, theirs = _TwoDropouts(vit.Dropout), _TwoDropouts(nn.Dropout)
+  f = lambda m: jax.jit(jax.value_and_grad(
+      lambda x: jnp.sum(m.apply({}, x, rngs=rngs) ** 2)))(x)
+  (v1, g1), (v2, g2) = f(ours), f(theirs)
+  np.testing.assert_array_equal(v1, v2)
+  np.testing.assert_array_equal(g1, g2)
+  y = ours.apply({}, x, rngs=rngs)
+  assert 0.2 < float(jnp.mean(y == 0)) < 0.6  # it does drop (0.3 then 0.3 of sin)
+
+
+def test_rbg_dropout_is_an_option_with_other_masks_and_the_same_rate():
+  x = jnp.ones((64, 1000))
+  rngs = {"dropout": jax.random.key(1)}
+  a = vit.Dropout(0.1).apply({}, x, deterministic=False, rngs=rngs)
+  b = vit.Dropout(0.1, rng="rbg").apply({}, x, deterministic=False, rngs=rngs)
+  assert float(jnp.mean(a != b)) > 0.05
+  assert abs(float(jnp.mean(b == 0)) - 0.1) < 0.01
+  np.testing.assert_allclose(jnp.unique(b), [0.0, 1 / 0.9], rtol=1e-6)
+
+
+# -- Whole model: defaults against the literal reference formulation --------------------------
+
+def test_defaults_give_reference_logits_bitwise_and_grads_to_rounding(monkeypatch):
+  model, base, tree = _setup(_cfg())
+  v, logits, grads = _loss_and_grads(model, base, tree)
+  _reference(monkeypatch)
+  ref_model = vit.build(_cfg())
+  rv, rlogits, rgrads = _loss_and_grads(ref_model, base, tree)
+  np.testing.assert_array_equal(logits, rlogits)  # same masks, same forward
+  np.testing.assert_array_equal(v, rv)
+  # The custom GELU's backward rounds differently (a few ulp per element).
+  assert _max_rel(grads, rgrads) < 1e-5
+
+
+def test_compact_dropout_alone_keeps_reference_grads_bitwise(monkeypatch):
+  model, base, tree = _setup(_cfg(gelu="erf_autodiff"))
+  v, logits, grads = _loss_and_grads(model, base, tree)
+  _reference(monkeypatch)
+  rv, rlogits, rgrads = _loss_and_grads(vit.build(_cfg()), base, tree)
+  np.testing.assert_array_equal(logits, rlogits)
+  chex_equal = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), grads, rgrads)
+  assert all(jax.tree_util.tree_leaves(chex_equal))
+
+
+def test_tanh_gelu_is_a_different_function():
+  _, base, tree = _setup(_cfg())
+  _, a, _ = _loss_and_grads(vit.build(_cfg()), base, tree, train=False)
+  _, b, _ = _loss_and_grads(vit.build(_cfg(gelu="tanh")), base, tree, train=False)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-6
+
+
+# -- Accelerator options: bf16, remat, scan ----------------------------------------------------
+
+def test_bfloat16_compute_matches_float32_within_tolerance():
+  _, base, tree = _setup(_cfg())
+  v32, l32, g32 = _loss_and_grads(vit.build(_cfg()), base, tree)
+  v16, l16, g16 = _loss_and_grads(vit.build(_cfg(dtype="bfloat16")), base, tree)
+  assert l16.dtype == jnp.float32  # logits (and so the loss) stay float32
+  assert jax.tree_util.tree_leaves(g16)[0].dtype == jnp.float32  # parameters stay float32
+  # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through 2 blocks and the head:
+  scale = float(jnp.max(jnp.abs(l32)))
+  assert float(jnp.max(jnp.abs(l16 - l32))) < 0.03 * scale
+  assert abs(float(v16) - float(v32)) < 0.02 * abs(float(v32))
+  assert _max_rel(g16, g32) < 0.1
+  cos = lambda a, b: float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+  flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(t)])
+  assert cos(flat(g16), flat(g32)) > 0.995
+  assert float(jnp.max(jnp.abs(l16 - l32))) > 0  # bf16 really ran
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_matches_no_remat(policy):
+  _, base, tree = _setup(_cfg())
+  v, l, g = _loss_and_grads(vit.build(_cfg()), base, tree)
+  rv, rl, rg = _loss_and_grads(vit.build(_cfg(remat=True, remat_policy=policy)), base, tree)
+  np.testing.assert_array_equal(l, rl)  # the forward (and its dropout masks) is the same
+  assert _max_rel(rg, g) < 1e-6  # recomputation may reorder float ops in the backward
+
+
+def test_scan_params_round_trip_bitwise_and_match_the_scanned_init():
+  cfg = _cfg()
+  base = vit.init_params(vit.build(cfg), cfg, jax.random.key(0))
+  scanned = vit.scan_params(base)
+  assert "encoderblock_0" not in scanned["Transformer"]
+  assert scanned["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_0"]["kernel"].shape == (
+      2, 64, 128)
+  back = vit.unscan_params(scanned)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(base)
+  for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(base)):
+    np.testing.assert_array_equal(x, y)
+  scan_cfg = _cfg(scan=True)
+  abstract = jax.eval_shape(lambda: vit.init_params(vit.build(scan_cfg), scan_cfg,
+                                                    jax.random.key(0)))
+  shapes = lambda t: {n: x.shape for n, x in lora.named_leaves(t)}
+  assert shapes(abstract) == shapes(scanned)
+
+
+def test_scanned_encoder_gives_the_same_logits_and_lora_gradients():
+  _, base, tree = _setup(_cfg())
+  _, logits, grads = _loss_and_grads(vit.build(_cfg()), base, tree, train=False)
+  tol = float(jnp.max(jnp.abs(logits)))
+  for remat in (False, True):
+    model = vit.CheckpointLayout(vit.build(_cfg(scan=True, remat=remat)))
+    _, s_logits, s_grads = _loss_and_grads(model, vit.scan_params(base), tree, train=False)
+    # XLA fuses the loop body differently from the unrolled blocks: float32 rounding only.
+    np.testing.assert_allclose(s_logits, logits, rtol=0, atol=1e-5 * tol)
+    assert jax.tree_util.tree_structure(s_grads) == jax.tree_util.tree_structure(grads)
+    assert _max_rel(s_grads, grads) < 1e-5
+  # The stacked LoRA tree works directly too.
+  model = vit.build(_cfg(scan=True))
+  direct = lora.apply(model, vit.scan_params(base), vit.scan_params(tree), IMAGES, scale=0.25)
+  np.testing.assert_allclose(direct, logits, rtol=0, atol=1e-5 * tol)
+
+
+def test_scanned_encoder_trains_with_dropout():
+  _, base, tree = _setup(_cfg())
+  model = vit.CheckpointLayout(vit.build(_cfg(scan=True, remat=True, dtype="bfloat16")))
+  v, _, g = _loss_and_grads(model, vit.scan_params(base), tree)
+  assert np.isfinite(float(v))
+  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(g))
+
+
+def test_face_transformer_with_speed_options():
+  cfg = ml_collections.ConfigDict(vit.FACE_DEFAULTS)
+  cfg.update(variant="test/4", image_size=16, num_classes=6)
+  model = vit.build(cfg)
+  base = vit.init_params(model, cfg, jax.random.key(0))
+  assert "bias" not in base["Transformer"]["encoderblock_0"][
+      "MultiHeadDotProductAttention_1"]["query"]
+  ref = model.apply({"params": base}, IMAGES, labels=LABELS)
+  cfg.update(scan=True, remat=True)
+  got = vit.CheckpointLayout(vit.build(cfg)).apply({"params": base}, IMAGES, labels=LABELS)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  cfg.update(dtype="bfloat16")
+  got = vit.CheckpointLayout(vit.build(cfg)).apply({"params": base}, IMAGES, labels=LABELS)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("field,value", [("gelu", "relu"), ("dropout_mask", "bits"),
+                                         ("dropout_rng", "philox"), ("dtype", "float16"),
+                                         ("remat_policy", "save_only_these_names"),
+                                         ("remat_policy", "no_such_policy")])
+def test_bad_speed_fields_raise_config_error_naming_the_field(field, value):
+  cfg = _cfg(remat=True)
+  cfg[field] = value
+  with pytest.raises(ConfigError, match=f"model.{field}"):
+    vit.build(cfg)
+
+
+# -- The benchmark's own plumbing (tiny model, one timed step: nothing timed is asserted) ------
+
+def test_bench_writes_figures_and_its_model_gets_lora_gradients(tmp_path):
+  path = tmp_path / "bench.json"
+  rc = bench.main(["--variant=test/4", "--image_size=16", "--batch_size=2", "--steps=1",
+                   "--warmup=1", "--no_pipeline", f"--json={path}"])
+  assert rc == 0
+  res = json.loads(path.read_text())
+  st = res["step_result"]
+  assert st["step"] == "forget" and st["images_per_step"] == 4
+  assert st["flops_per_step"] > 0 and res["matmul_peak"]["flops_per_s"] > 0
+  assert 0 < res["matmul_peak_fraction"]
+  assert st["last_grad_norm"] > 0  # the random head gives every LoRA factor a gradient
+  assert st["memory"]["host_peak_rss_bytes"] > 0
+
+
+def test_bench_hooks_for_methods_to_come_fail_cleanly(capsys):
+  assert bench.main(["--variant=test/4", "--image_size=16", "--batch_size=2",
+                     "--step=ug_clu_slow", "--no_pipeline"]) == 2
+  assert "not available yet" in capsys.readouterr().err
+
+
+def test_compare_torch_without_torch_exits_2(capsys):
+  pytest.importorskip("numpy")
+  try:
+    import torch  # noqa: F401
+    pytest.skip("torch is installed")
+  except ImportError:
+    pass
+  assert bench.main(["--variant=test/4", "--image_size=16", "--batch_size=2",
+                     "--compare_torch", "--no_pipeline"]) == 2
+  assert "pip install" in capsys.readouterr().err

@@ -1,0 +1,229 @@
+"""SFR-on / UG-CLU method: request plan, the two reductions, bad input, a fused stage.
+
+The tiny end-to-end runs of every method (and the kill/resume in the middle of a masked
+stage) are in tests/test_conformance.py; the runs here reuse its session-scoped runs.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO, load_config, method_run
+from kswap_jax import cli, losses, methods, models
+from kswap_jax.data import sources
+from kswap_jax.errors import ConfigError
+from kswap_jax.methods import common, ug_clu
+
+DIGITS = os.path.join(REPO, "configs", "ug_clu_digits.py")
+
+
+def _plan(requests, labels, tasks, initial=(), seed=0):
+  reqs = ug_clu.parse_requests(requests, len(tasks))
+  return ug_clu.plan_stages(labels, tasks, reqs, initial,
+                            ug_clu.random_permutation(len(labels), seed))
+
+
+def test_random_requests_are_sequential_chunks_of_the_saved_permutation():
+  labels = np.arange(100) % 10
+  perm = ug_clu.random_permutation(100, 0)
+  plans = _plan(("learn:1", "forget:random:0.1", "forget:random:0.1", "forget:random:5"),
+                labels, (tuple(range(10)),))
+  np.testing.assert_array_equal(plans[1].forget, np.sort(perm[:10]))   # random_idx[:10 %]
+  np.testing.assert_array_equal(plans[2].forget, np.sort(perm[10:19]))  # 10 % of the 90 kept
+  np.testing.assert_array_equal(plans[3].forget, np.sort(perm[19:24]))  # a count
+  assert plans[3].kept_after.size == 76 and plans[3].retain.size == 76
+  chunks = np.concatenate([p.forget for p in plans[1:]])
+  assert np.unique(chunks).size == chunks.size  # never overlap
+
+
+def test_cifar10_random_split_bookkeeping():
+  labels = np.arange(50_000) % 10
+  (plan,) = _plan(("forget:random:0.1",), labels, (tuple(range(10)),), initial=(0,))
+  assert plan.forget.size == 5_000 and plan.retain.size == 45_000
+  assert np.intersect1d(plan.forget, plan.retain).size == 0
+
+
+def test_task_and_cross_task_class_requests_and_a_fused_stage():
+  labels = np.arange(60) % 6
+  plans = _plan(("learn:1", "learn:2", "forget:task:1", "learn:3+forget:class:2"), labels,
+                ((0, 1), (2, 3), (4, 5)))
+  assert [p.name for p in plans] == ["1_learn", "2_learn", "3_forget", "4_learn+forget"]
+  np.testing.assert_array_equal(plans[2].forget, np.flatnonzero(labels < 2))
+  assert plans[2].removed_classes == (0, 1) and plans[2].known_classes == (2, 3)
+  fused = plans[3]
+  np.testing.assert_array_equal(fused.forget, np.flatnonzero(labels == 2))
+  np.testing.assert_array_equal(fused.retain, np.flatnonzero(labels == 3))
+  np.testing.assert_array_equal(fused.learn, np.flatnonzero(labels >= 4))
+  assert fused.known_classes == (3, 4, 5) and fused.learned_tasks == (0, 1, 2)
+
+
+@pytest.mark.parametrize("requests, match", [
+    (("learn:1", "forget:class:3"), r"class\(es\) \[3\] never learned"),
+    (("learn:1", "forget:task:2"), "task 2, which was never learned"),
+    (("learn:1", "learn:2", "forget:class:0", "forget:class:0,2"), r"\[0\] never learned"),
+    (("learn:1", "forget:random:0.001"), "forget set is empty"),
+    (("learn:1", "learn:1"), "already learned"),
+    (("learn:4",), r"not in 1\.\.3"),
+    (("learn:1", "forget:task:1"), "nothing to retain"),
+    (("learn:1", "forget:cls:1"), "cannot parse"),
+])
+def test_bad_requests_name_the_entry(requests, match):
+  with pytest.raises(ConfigError, match=rf"clu\.requests\[\d\]: .*{match}"):
+    _plan(requests, np.arange(60) % 6, ((0, 1), (2, 3), (4, 5)))
+
+
+def test_replay_buffer_is_class_balanced_and_seeded():
+  labels = np.repeat(np.arange(4), [50, 30, 10, 40])
+  idx = np.flatnonzero(labels != 3)
+  buf = ug_clu.replay_buffer(labels, idx, 30, seed=1)
+  np.testing.assert_array_equal(np.bincount(labels[buf], minlength=4), [10, 10, 10, 0])
+  np.testing.assert_array_equal(buf, ug_clu.replay_buffer(labels, idx, 30, seed=1))
+  assert np.all(np.isin(buf, idx))
+  np.testing.assert_array_equal(ug_clu.replay_buffer(labels, idx, 0, seed=1), idx)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.clu.requests=('learn:1','forget:class:9')", "clu.requests[1]"),
+    ("--config.clu.requests=('learn:1','forget:random:0.0001')", "clu.requests[1]"),
+    ("--config.unlearn.gamma=0", "unlearn.gamma"),
+    ("--config.unlearn.gamma=-1", "unlearn.gamma"),
+    ("--config.unlearn.forget_every=0", "unlearn.forget_every"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
+                                                            override, field):
+  workdir = tmp_path / "run"
+  argv = ["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}", override]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads overrides from sys.argv
+  code = cli.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and field in err, err
+  assert not workdir.exists()
+
+
+def test_sfr_on_refuses_a_fused_stage():
+  config = load_config("ug_clu_digits", "runlocal,method=sfr_on")
+  config.clu.requests = ("learn:1", "learn:2+forget:class:1")
+  with pytest.raises(ConfigError, match=r"clu\.requests\[1\]: .*sfr_on takes no fused"):
+    methods.run(config, "/nonexistent/never/written")
+
+
+@pytest.mark.slow
+def test_without_new_data_ug_clu_is_sfr_on(tmp_path_factory):
+  """D_L = ∅ at every unlearning stage: UG-CLU's mask and loop are SFR-on's, exactly."""
+  _, a = method_run(tmp_path_factory, "ug_clu_digits", "runlocal")
+  _, b = method_run(tmp_path_factory, "ug_clu_digits", "runlocal,method=sfr_on")
+  assert [s["name"] for s in a["stages"]] == ["1_learn", "2_learn", "3_forget", "4_forget"]
+  assert a["stages"] == b["stages"] and a["final"] == b["final"]
+  for s in a["stages"][2:]:
+    assert 0.0 < s["mask_kept_fraction"] < 1.0 and math.isfinite(s["avg_gap"])
+    assert set(s["oracle"]) >= {"ua", "ra", "ta", "mia_efficacy"}
+  matrix = a["acc_matrix"]
+  assert matrix["tasks"] == [1, 2] and len(matrix["raw"]) == 2
+  assert "bwt" in a["final"] and "forgetting_max" in a["final"]
+
+
+@pytest.mark.slow
+def test_without_forget_data_a_stage_is_replay_fine_tuning(tmp_path):
+  """D_U = ∅: the losses of every step equal a hand-written SGD loop (momentum 0.9,
+  coupled weight decay, cosine over the stage, a fresh buffer per stage, BatchNorm in
+  train mode) on the same batches of D_R ∪ D_L."""
+  config = load_config("ug_clu_digits", "runlocal")
+  config.clu.requests = ("learn:1", "learn:2")
+  config.oracle.enabled = False
+  config.train.log_every_steps = 1
+  methods.run(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    logged = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+  model_cfg = common.model_config(config)
+  model = models.build(model_cfg)
+  variables = models.init_variables(model, model_cfg, jax.random.key(config.seed))
+  params, ms = variables.pop("params"), variables
+  train_src = sources.load_source(config.data.old, "train")
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  lc = config.learn
+
+  @jax.jit
+  def grad(params, ms, b):
+    def loss(p):
+      logits, new = model.apply({"params": p, **ms}, b["image"], train=True, mask=b["mask"],
+                                mutable=["batch_stats"])
+      return losses.cross_entropy(logits, b["label"], b["mask"]), new
+    (value, new), g = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, g, new
+
+  expected = []
+  plans = _plan(config.clu.requests, np.asarray(train_src.labels), config.clu.tasks)
+  for k, plan in enumerate(plans):
+    stream = common.make_stream(config, [ug_clu._subset(train_src, plan.kept_after, "x")],
+                                batch_size=lc.batch_size, field="f", cycle=True, mesh=mesh,
+                                seed=config.seed + 1000 * (k + 1) + 0)
+    total, buf = lc.iterations, None
+    for t, batch in zip(range(total), stream.iterate(0)):
+      value, g, ms = grad(params, ms, batch)
+      expected.append(float(value))
+      d = jax.tree_util.tree_map(lambda gi, p: gi + lc.weight_decay * p, g, params)
+      buf = d if buf is None else jax.tree_util.tree_map(
+          lambda b, x: lc.momentum * b + x, buf, d)
+      lr = lc.lr * 0.5 * (1 + math.cos(math.pi * t / total))
+      params = jax.tree_util.tree_map(lambda p, b: p - lr * b, params, buf)
+  np.testing.assert_allclose(logged, expected, rtol=2e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, slow_batches, learn_lambda", [("B", "mixed", 0.0),
+                                                                 ("A", "substeps", 0.5)])
+def test_fused_stage_with_a_buffer_and_a_task_request(tmp_path, variant, slow_batches,
+                                                      learn_lambda):
+  config = load_config("ug_clu_digits", "runlocal")
+  config.clu.tasks = ((0, 1, 2), (3, 4, 5), (6, 7))
+  config.clu.requests = ("learn:1", "learn:2", "learn:3+forget:task:1")
+  config.clu.variant = variant
+  config.clu.slow_batches = slow_batches
+  config.clu.learn_lambda = learn_lambda
+  config.clu.buffer_size = 60
+  config.clu.partition_weights = "data_share"
+  config.train.log_every_steps = 1
+  results = methods.run(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    fused_lines = [json.loads(x) for x in f if '"3_learn+forget"' in x]
+  # Sub-steps per iteration: B = FAST (forget + learn batches) + SLOW; A-substeps = FAST +
+  # SLOW on D_L + SLOW on D_R, the schedules spanning 2T slow steps.
+  keys = set().union(*fused_lines)
+  assert ("slow_learn/loss" in keys) == (slow_batches == "substeps")
+  assert ("fast/ce_learn" in keys) == (variant == "B")
+  assert fused_lines[-1]["eta_next"] == pytest.approx(0.0, abs=1e-9)
+  fused = results["stages"][-1]
+  assert fused["name"] == "3_learn+forget" and fused["request"] == "learn:3+forget:task:1"
+  for key in ("ua", "ra", "ta", "mia_efficacy", "mia_member_rate_entropy_logreg",
+              "acc_learn_test", "acc_forget_test", "avg_gap", "js_to_retrain",
+              "kl_to_retrain", "mask_kept_fraction"):
+    assert math.isfinite(fused[key]), key
+  assert fused["task_acc_kept"][0] is None  # task 1 is forgotten entirely
+  for png in ("acc_matrix.png", "stages_vs_oracle.png", "stages.png"):
+    assert os.path.getsize(tmp_path / png) > 0
+  assert os.path.exists(tmp_path / "oracle" / "results.json")
+  np.testing.assert_array_equal(np.load(tmp_path / "random_idx.npy"),
+                                ug_clu.random_permutation(len(np.load(
+                                    tmp_path / "random_idx.npy")), 0))
+
+
+def test_accuracy_matrix_rows_are_the_model_before_the_next_task():
+  plans = _plan(("learn:1", "learn:2", "forget:class:1", "learn:3"), np.arange(60) % 6,
+                ((0, 1), (2, 3), (4, 5)))
+  rows = [[80.0, 10.0, 5.0], [85.0, 90.0, 7.0], [70.0, 91.0, 8.0], [60.0, 75.0, 88.0]]
+  records = [{"task_acc": r} for r in rows]
+  order, raw = ug_clu.accuracy_matrix(records, plans, {"task_acc": [1, 2, 3]}, ())
+  assert order == [0, 1, 2]
+  assert raw == [rows[0], rows[2], rows[3]]  # the unlearning stage ends task 2's row
+  m = ug_clu.cl_measures(order, raw, [10.0, 10.0, 10.0])
+  assert m["bwt"] == pytest.approx(((60 - 80) + (75 - 91)) / 2)
+  assert m["fwt"] == pytest.approx(((10 - 10) + (8 - 10)) / 2)
+  assert m["forgetting_max"] == pytest.approx(((80 - 60) + (91 - 75)) / 2)
+  assert ug_clu.cl_measures(order, [[1.0, None, 2.0]] * 3, [0, 0, 0]) == {}
