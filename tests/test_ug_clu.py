@@ -9,9 +9,7 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import REPO, load_config, method_run

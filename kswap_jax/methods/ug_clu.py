@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from typing import Any, Callable, Sequence
 
