@@ -25,6 +25,8 @@ Arg keys: method (gs_lora | gs_lora_pp); setting:
                     λ_f (0.015, 0.06, 0.025, 0.012), BND_pro 50
   missing           4 x 20, full data, 5 retained classes without data (Acc_m),
                     β (0.14, 0.14, 0.2, 0.15), α 0 until epoch 30 then 0.015, λ_f 0.0003
+EMA of the merged weights as the scripts (from epoch 50 single-step, 30 continual, none for
+missing; d 0.9), reported per task as "ema", never carried forward.
 forget (Y of single-step "100-Y": 5, 10, 50 or 90; default 10); runlocal (a tiny model on
 synthetic data with the same wiring: seconds, no downloads).
 
@@ -87,6 +89,9 @@ def get_config(arg=None):
 
   g = c.gs_lora
   g.epochs = 100
+  # The shipped scripts' EMA (evaluated and reported as "ema", never carried forward).
+  g.update(dict(ema_epoch=50 if a.setting.startswith("single") else
+                -1 if a.setting == "missing" else 30, ema_decay=0.9))
   if a.setting.startswith("single"):
     c.tasks.update(dict(num_tasks=1, per_task=int(a.forget)))
     g.update(dict(bound=110.0, alpha_epoch=20, warmup_alpha=True, big_alpha=0.01))
@@ -135,6 +140,8 @@ def get_config(arg=None):
     c.tasks.data_ratio = 1.0 if c.tasks.shots else 0.5
     g.epochs = 1
     g.batch_size = 8
+    if g.ema_epoch >= 0:
+      g.ema_epoch = 0
     if g.alpha_epoch:
       g.alpha_epoch = 1
     c.init.kind = "pretrain"

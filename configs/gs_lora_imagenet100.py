@@ -28,6 +28,8 @@ Expect (paper, T-PAMI Table 4; H / Acc_r / Acc_f [/ Acc_o]; pretrained Acc_r / A
 
 import math
 
+import ml_collections
+
 from kswap_jax import methods
 from kswap_jax.config import parse_arg
 from kswap_jax.errors import ConfigError
@@ -42,8 +44,9 @@ def get_config(arg=None):
 
   c.data.old.update(kind="tfds", name="imagenet100", train_split="train", test_split="test")
   c.data.new = c.data.old.to_dict()
-  c.data.mean = (0.485, 0.456, 0.406)
-  c.data.std = (0.229, 0.224, 0.225)
+  # Per-channel ImageNet statistics (the section's default is one scalar for all channels).
+  c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), mean=(0.485, 0.456, 0.406),
+                                          std=(0.229, 0.224, 0.225)))
 
   c.model.update(dict(name="vit", variant="B/16", num_classes=100, image_size=224,
                       head="linear", dropout=0.0))
@@ -57,7 +60,7 @@ def get_config(arg=None):
 
   c.tasks.update(dict(num_classes=100, num_tasks=4, per_task=20, data_ratio=0.05, shots=0))
   c.gs_lora.update(dict(batch_size=48, epochs=100, bound=105.0, beta=(0.2, 0.25, 0.25, 0.25),
-                        alpha_epoch=0, warmup_alpha=False))
+                        alpha_epoch=0, warmup_alpha=False, ema_epoch=30, ema_decay=0.9))
   c.group_lasso.alpha = 1e-4
   c.gs_lora.prototype.update(dict(forget_weight=(0.05,), bound=18.0))
 
@@ -65,10 +68,10 @@ def get_config(arg=None):
     c.data.old = dict(kind="synthetic", num_classes=10, image_size=16, channels=3,
                       train_per_class=12, test_per_class=6, seed=0)
     c.data.new = c.data.old.to_dict()
-    c.data.mean, c.data.std = 0.5, 0.5
+    c.data.mean, c.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     c.model.update(dict(variant="test/4", image_size=16, num_classes=10))
     c.tasks.update(dict(num_classes=10, per_task=2, data_ratio=0.5))
-    c.gs_lora.update(dict(epochs=1, batch_size=8))
+    c.gs_lora.update(dict(epochs=1, batch_size=8, ema_epoch=0))
     c.init.kind = "pretrain"
     c.pretrain.epochs = 1
     c.pretrain.batch_size = 16

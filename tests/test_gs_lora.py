@@ -233,3 +233,28 @@ def test_bad_input_is_one_config_error_and_leaves_nothing(change, field, tmp_pat
   with pytest.raises(ConfigError, match=f"^{field}:"):
     methods.run(config, workdir)
   assert not os.path.exists(workdir) or not os.listdir(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_name,arg,num_tasks", [
+    ("gs_lora_casia100", "setting=single,runlocal", 1),
+    ("gs_lora_casia100", "setting=single_fewshot,runlocal,method=gs_lora_pp", 1),
+    ("gs_lora_casia100", "setting=continual_fewshot,runlocal,method=gs_lora_pp", 4),
+    ("gs_lora_casia100", "setting=missing,runlocal", 4),
+    ("gs_lora_imagenet100", "runlocal", 4),
+])
+def test_every_shipped_setting_runs_end_to_end(config_name, arg, num_tasks, tmp_path_factory,
+                                               tmp_path):
+  config = load_config(config_name, arg)
+  # One pretrained model per config file (the settings share model, data and pretraining).
+  config.init.pretrain_workdir = str(tmp_path_factory.getbasetemp() / f"pre_{config_name}")
+  results = methods.run(config, str(tmp_path / "run"))
+  names = [s["name"] for s in results["stages"]]
+  assert names == ["pretrained"] + [f"task_{i + 1}" for i in range(num_tasks)]
+  last = results["stages"][-1]
+  assert ("acc_m" in last) == ("missing" in arg)
+  assert ("acc_o" in last) == (num_tasks > 1)
+  assert last["num_groups"] == 2 and 0 <= last["nonzero_lora_fraction"] <= 1
+  assert ("ema" in last) == ("missing" not in arg)   # the shipped scripts' EMA settings
+  if "missing" in arg:  # the missing class is retained (in Acc_r's split) but never trained on
+    assert config.tasks.num_missing == 1

@@ -582,6 +582,7 @@ def plot(results: dict, path: str) -> None:
   for s in stages:
     norms = s.get("group_norms", [])
     ax_n.plot(range(len(norms)), norms, marker="o", label=s["name"])
+  ax_n.set_xticks(range(max((len(s.get("group_norms", [])) for s in stages), default=0)))
   ax_n.set_xlabel("group (the transformer block, for grouping=block)")
   ax_n.set_ylabel("‖θ_g‖₂ at the end of the task")
   ax_n.grid(alpha=0.3)
