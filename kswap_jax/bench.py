@@ -137,6 +137,11 @@ def matmul_peak(dtype: str = "float32", size: int | None = None, reps: int = 5) 
           "median_flops_per_s": 2 * n ** 3 / statistics.median(times)}
 
 
+def _cpu_s() -> float:
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return ru.ru_utime + ru.ru_stime
+
+
 def host_memory() -> dict:
   """Peak RSS of this process (bytes) and its minor page faults so far."""
   ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -166,7 +171,8 @@ def model_config(args) -> ml_collections.ConfigDict:
   cfg.update(variant=args.variant, depth=args.depth, num_classes=NUM_CLASSES,
              image_size=args.image_size,
              dropout=args.dropout, gelu=args.gelu, dropout_mask=args.dropout_mask,
-             dropout_rng=args.dropout_rng, dtype=args.dtype, remat=args.remat,
+             dropout_rng=args.dropout_rng, dropout_bits=args.dropout_bits, dtype=args.dtype,
+             remat=args.remat,
              remat_policy=args.remat_policy, scan=args.scan)
   return cfg
 
@@ -224,12 +230,14 @@ def bench_step(args, s: dict | None = None,
     state, m = compiled(state, frozen, s["batch"], hp)
     jax.block_until_ready(m)
   mem0 = host_memory()
-  times, other = [], []
+  times, cpu, other = [], [], []
   for _ in range(args.steps):
+    c0 = _cpu_s()
     t0 = time.perf_counter()
     state, m = compiled(state, frozen, s["batch"], hp)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
+    cpu.append(_cpu_s() - c0)
     if timed_other is not None:
       other.append(timed_other())
   mem1 = host_memory()
@@ -244,6 +252,10 @@ def bench_step(args, s: dict | None = None,
       "trainable_parameters": lora.count(s["tree"]),
       "compile_s": compile_s,
       "step_s": {"median": med, "min": min(times), "max": max(times), "all": times},
+      # CPU seconds (user + system, all threads) per step: on a shared machine this moves
+      # far less than the wall time when other processes compete for the cores.
+      "step_cpu_s": {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu),
+                     "all": cpu},
       "images_per_s": s["images"] / med,
       "flops_per_step": cost.get("flops"),
       "bytes_accessed_per_step": cost.get("bytes accessed"),
@@ -299,8 +311,8 @@ def report(res: dict) -> None:
   st = res.get("step_result")
   if st:
     mc = st["model"]
-    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng", "dtype",
-                                              "remat", "scan"))
+    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng",
+                                              "dropout_bits", "dtype", "remat", "scan"))
     depth = f" depth {mc['depth']}" if mc["depth"] else ""
     print(f"model {mc['variant']}{depth} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
     print(f"step {st['step']}: batch {st['batch_size_per_stream']} per stream "
@@ -310,6 +322,9 @@ def report(res: dict) -> None:
     t = st["step_s"]
     print(f"  step: median {t['median']:.3f} s (range {t['min']:.3f}-{t['max']:.3f}, "
           f"{len(t['all'])} steps)  {st['images_per_s']:.2f} images/s")
+    c = st["step_cpu_s"]
+    print(f"  CPU time (user+sys, all threads): median {c['median']:.3f} s/step "
+          f"(range {c['min']:.3f}-{c['max']:.3f})")
     if st["flops_per_step"]:
       print(f"  XLA cost: {st['flops_per_step'] / 1e12:.3f} TFLOP/step -> "
             f"{_fmt_flops(st['achieved_flops_per_s'])} = "
@@ -357,6 +372,7 @@ def parse_args(argv=None):
   p.add_argument("--gelu", default="erf", choices=vit.GELUS)
   p.add_argument("--dropout_mask", default="compact", choices=vit.DROPOUT_MASKS)
   p.add_argument("--dropout_rng", default="threefry", choices=vit.DROPOUT_RNGS)
+  p.add_argument("--dropout_bits", type=int, default=32, choices=vit.DROPOUT_BITS)
   p.add_argument("--dtype", default="float32", choices=vit.DTYPES)
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat_policy", default="nothing_saveable")
