@@ -53,7 +53,7 @@ def _loss_and_grads(model, base, tree, train=True):
 def _reference(monkeypatch, gelu=True, dropout=True):
   """Swaps the literal flax formulation into the module (same module names, same keys)."""
   if dropout:
-    monkeypatch.setattr(vit, "Dropout", lambda rate, mask, rng: nn.Dropout(rate))
+    monkeypatch.setattr(vit, "Dropout", lambda rate, **_: nn.Dropout(rate))
   if gelu:
     monkeypatch.setattr(vit, "activation", lambda x, kind: nn.gelu(x, approximate=False))
 
@@ -115,6 +115,29 @@ def test_compact_dropout_is_bitwise_flax_dropout_values_and_gradients():
   np.testing.assert_array_equal(g1, g2)
   y = ours.apply({}, x, rngs=rngs)
   assert 0.2 < float(jnp.mean(y == 0)) < 0.6  # it does drop (0.3 then 0.3 of sin)
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 64), (1001,), (2, 5, 3072)])
+def test_unrolled_threefry_bits_and_mask_are_jax_bitwise(shape):
+  key = jax.random.key(7)
+  size = int(np.prod(shape))
+  np.testing.assert_array_equal(vit.random_bits(key, size),
+                                jax.random.bits(key, (size,), jnp.uint32))
+  keep, keep_prob = vit.keep_mask(key, 0.9, shape)
+  np.testing.assert_array_equal(keep, jax.random.bernoulli(key, 0.9, shape))
+  assert keep_prob == 0.9
+  np.testing.assert_array_equal(vit.unpack_mask(vit.pack_mask(keep), shape), keep)
+  assert vit.pack_mask(keep).shape == (-(-size // 8),)
+
+
+@pytest.mark.parametrize("bits,realised", [(16, 58982 / 65536), (8, 230 / 256)])
+def test_fewer_dropout_bits_keep_the_rate_up_to_rounding(bits, realised):
+  keep, keep_prob = vit.keep_mask(jax.random.key(3), 0.9, (400, 1000), bits)
+  assert keep_prob == realised
+  assert abs(float(jnp.mean(keep)) - realised) < 0.003
+  y = vit.Dropout(0.1, bits=bits).apply({}, jnp.ones((400, 1000)), deterministic=False,
+                                        rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_allclose(float(jnp.mean(y)), 1.0, atol=0.01)  # unbiased
 
 
 def test_rbg_dropout_is_an_option_with_other_masks_and_the_same_rate():
@@ -248,6 +271,7 @@ def test_face_transformer_with_speed_options():
 
 @pytest.mark.parametrize("field,value", [("gelu", "relu"), ("dropout_mask", "bits"),
                                          ("dropout_rng", "philox"), ("dtype", "float16"),
+                                         ("dropout_bits", 4),
                                          ("remat_policy", "save_only_these_names"),
                                          ("remat_policy", "no_such_policy")])
 def test_bad_speed_fields_raise_config_error_naming_the_field(field, value):
