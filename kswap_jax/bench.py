@@ -276,7 +276,7 @@ def bench_compare(args) -> dict:
   """Interleaved A/B: every variant compiled in this process, then one step of each in
   turn, `--steps` rounds, so a shared machine's changing load hits all variants alike.
 
-  `--compare "before=--dropout_mask=flax --gelu=erf_autodiff;after="` gives each variant's
+  `--compare "before=--dropout_mask=flax;after="` gives each variant's
   flags on top of the command line's. Host memory is per process, so it is not split
   per variant here (run the variants alone for that).
   """

@@ -50,7 +50,7 @@ VARIANTS = {
 
 HEADS = ("linear", "cosface")
 ATTENTION_SCALES = ("head_dim", "width")
-GELUS = ("erf", "erf_autodiff", "tanh")
+GELUS = ("erf", "erf_custom_vjp", "tanh")
 DROPOUT_MASKS = ("compact", "flax")
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
 DROPOUT_BITS = (32, 16, 8)
@@ -80,9 +80,10 @@ DEFAULTS = dict(
     cosface_scale=64.0,    # CosFace s
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
     # Speed options (docs/speed.md). The defaults compute the reference function exactly:
-    gelu="erf",            # erf: exact GELU, backward reuses the forward's erfc (same values
-                           # as nn.gelu(approximate=False)); erf_autodiff: the same function
-                           # differentiated by jax; tanh: the tanh approximation (other numerics)
+    gelu="erf",            # erf: exact GELU, nn.gelu(approximate=False) differentiated by jax
+                           # (fastest exact form measured on CPU); erf_custom_vjp: the same
+                           # values, backward from the saved erfc (gradients equal to a few
+                           # ulp); tanh: the tanh approximation (other numerics)
     dropout_mask="compact",  # compact: flax nn.Dropout's mask drawn once, kept as bool;
                            # flax: nn.Dropout as is (its mask is rebuilt in the backward pass)
     dropout_rng="threefry",  # threefry: the same masks as flax nn.Dropout; rbg | unsafe_rbg:
@@ -209,7 +210,7 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
 
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  r"""Exact (erf) GELU whose backward pass reuses the forward's erfc.
+  r"""Exact (erf) GELU whose backward pass reuses the forward's erfc (`model.gelu="erf_custom_vjp"`).
 
       gelu(x)  = x/2 · erfc(−x/√2)
       gelu'(x) = erfc(−x/√2)/2 + x·φ(x),    φ(x) = exp(−x²/2)/√(2π)
@@ -218,6 +219,8 @@ def gelu(x: jax.Array) -> jax.Array:
   same values); the backward is the exact derivative computed from the saved input and
   erfc, so autodiff does not rebuild the erfc chain in the backward pass. Gradients agree
   with `jax.grad` of `jax.nn.gelu(approximate=False)` to float rounding (a few ulp).
+  It stores erfc beside x for the backward pass: on XLA:CPU (jax 0.10) that extra array
+  costs more than the recomputation it saves (docs/speed.md), so it is an option there.
 
   Args:
     x: pre-activations (any float dtype).
@@ -251,9 +254,9 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 def activation(x: jax.Array, kind: str) -> jax.Array:
   """The MLP activation named by `model.gelu` (see `GELUS`)."""
   if kind == "erf":
-    return gelu(x)
-  if kind == "erf_autodiff":
     return nn.gelu(x, approximate=False)
+  if kind == "erf_custom_vjp":
+    return gelu(x)
   if kind == "tanh":
     return nn.gelu(x, approximate=True)
   raise ValueError(f"activation: unknown kind {kind!r} (expected one of {', '.join(GELUS)})")
