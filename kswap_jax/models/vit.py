@@ -614,6 +614,8 @@ class CheckpointLayout:
     return self.model.apply({k: scan_params(v) for k, v in variables.items()}, *args, **kwargs)
 
   def __getattr__(self, name):
+    if name == "model":  # not set yet (e.g. during copy/unpickling)
+      raise AttributeError(name)
     return getattr(self.model, name)
 
 
