@@ -136,6 +136,11 @@ def matmul_peak(dtype: str = "float32", size: int | None = None, reps: int = 5) 
           "median_flops_per_s": 2 * n ** 3 / statistics.median(times)}
 
 
+def _cpu_s() -> float:
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return ru.ru_utime + ru.ru_stime
+
+
 def host_memory() -> dict:
   """Peak RSS of this process (bytes) and its minor page faults so far."""
   ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -165,7 +170,8 @@ def model_config(args) -> ml_collections.ConfigDict:
   cfg.update(variant=args.variant, depth=args.depth, num_classes=NUM_CLASSES,
              image_size=args.image_size,
              dropout=args.dropout, gelu=args.gelu, dropout_mask=args.dropout_mask,
-             dropout_rng=args.dropout_rng, dtype=args.dtype, remat=args.remat,
+             dropout_rng=args.dropout_rng, dropout_bits=args.dropout_bits, dtype=args.dtype,
+             remat=args.remat,
              remat_policy=args.remat_policy, scan=args.scan)
   return cfg
 
@@ -223,12 +229,14 @@ def bench_step(args, s: dict | None = None,
     state, m = compiled(state, frozen, s["batch"], hp)
     jax.block_until_ready(m)
   mem0 = host_memory()
-  times, other = [], []
+  times, cpu, other = [], [], []
   for _ in range(args.steps):
+    c0 = _cpu_s()
     t0 = time.perf_counter()
     state, m = compiled(state, frozen, s["batch"], hp)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
+    cpu.append(_cpu_s() - c0)
     if timed_other is not None:
       other.append(timed_other())
   mem1 = host_memory()
@@ -243,6 +251,10 @@ def bench_step(args, s: dict | None = None,
       "trainable_parameters": lora.count(s["tree"]),
       "compile_s": compile_s,
       "step_s": {"median": med, "min": min(times), "max": max(times), "all": times},
+      # CPU seconds (user + system, all threads) per step: on a shared machine this moves
+      # far less than the wall time when other processes compete for the cores.
+      "step_cpu_s": {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu),
+                     "all": cpu},
       "images_per_s": s["images"] / med,
       "flops_per_step": cost.get("flops"),
       "bytes_accessed_per_step": cost.get("bytes accessed"),
@@ -257,6 +269,65 @@ def bench_step(args, s: dict | None = None,
   if other:
     out["other_step_s"] = other
   return out
+
+
+def bench_compare(args) -> dict:
+  """Interleaved A/B: every variant compiled in this process, then one step of each in
+  turn, `--steps` rounds, so a shared machine's changing load hits all variants alike.
+
+  `--compare "before=--dropout_mask=flax;after="` gives each variant's
+  flags on top of the command line's. Host memory is per process, so it is not split
+  per variant here (run the variants alone for that).
+  """
+  variants = []
+  for item in filter(None, (x.strip() for x in args.compare.split(";"))):
+    name, _, flags = item.partition("=")
+    vargs = parse_args(args.argv + flags.split())
+    vargs.batch_size = vargs.batch_size or args.batch_size
+    s = setup(vargs)
+    mesh = s["mesh"]
+    state = train.replicate(train.create_state(s["tree"], s["tx"], args.seed), mesh)
+    frozen = train.replicate(vit.scan_params(s["base"]) if vargs.scan else s["base"], mesh)
+    hp = {"learning_rate": OPTIM["lr"]}
+    t0 = time.perf_counter()
+    compiled = s["step"].lower(state, frozen, s["batch"], hp).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+      state, m = compiled(state, frozen, s["batch"], hp)
+      jax.block_until_ready(m)
+    variants.append(dict(name=name.strip(), flags=flags.strip(), compiled=compiled,
+                         state=state, frozen=frozen, batch=s["batch"], hp=hp,
+                         compile_s=compile_s, flops=_cost(compiled).get("flops"),
+                         images=s["images"], wall=[], cpu=[]))
+  for _ in range(args.steps):
+    for v in variants:
+      c0 = _cpu_s()
+      t0 = time.perf_counter()
+      v["state"], m = v["compiled"](v["state"], v["frozen"], v["batch"], v["hp"])
+      jax.block_until_ready(m)
+      v["wall"].append(time.perf_counter() - t0)
+      v["cpu"].append(_cpu_s() - c0)
+  out = []
+  for v in variants:
+    stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
+                       "all": xs}
+    out.append({"name": v["name"], "flags": v["flags"], "compile_s": v["compile_s"],
+                "flops_per_step": v["flops"], "images_per_step": v["images"],
+                "step_s": stat(v["wall"]), "step_cpu_s": stat(v["cpu"])})
+  return {"variants": out}
+
+
+def report_compare(res: dict) -> None:
+  rows = res["compare"]["variants"]
+  base = rows[0]
+  print(f"interleaved A/B, {len(base['step_s']['all'])} rounds "
+        f"(ratios against '{base['name']}'):")
+  for r in rows:
+    w, c = r["step_s"], r["step_cpu_s"]
+    print(f"  {r['name']:>14s}: wall median {w['median']:.3f} s (min {w['min']:.3f}, max "
+          f"{w['max']:.3f}) x{w['median'] / base['step_s']['median']:.2f} | CPU median "
+          f"{c['median']:.3f} s (min {c['min']:.3f}) x{c['median'] / base['step_cpu_s']['median']:.2f}"
+          f" | {r['flops_per_step'] / 1e9:.1f} GFLOP  [{r['flags'] or 'defaults'}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +369,8 @@ def report(res: dict) -> None:
   st = res.get("step_result")
   if st:
     mc = st["model"]
-    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng", "dtype",
-                                              "remat", "scan"))
+    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng",
+                                              "dropout_bits", "dtype", "remat", "scan"))
     depth = f" depth {mc['depth']}" if mc["depth"] else ""
     print(f"model {mc['variant']}{depth} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
     print(f"step {st['step']}: batch {st['batch_size_per_stream']} per stream "
@@ -309,6 +380,9 @@ def report(res: dict) -> None:
     t = st["step_s"]
     print(f"  step: median {t['median']:.3f} s (range {t['min']:.3f}-{t['max']:.3f}, "
           f"{len(t['all'])} steps)  {st['images_per_s']:.2f} images/s")
+    c = st["step_cpu_s"]
+    print(f"  CPU time (user+sys, all threads): median {c['median']:.3f} s/step "
+          f"(range {c['min']:.3f}-{c['max']:.3f})")
     if st["flops_per_step"]:
       print(f"  XLA cost: {st['flops_per_step'] / 1e12:.3f} TFLOP/step -> "
             f"{_fmt_flops(st['achieved_flops_per_s'])} = "
@@ -356,6 +430,7 @@ def parse_args(argv=None):
   p.add_argument("--gelu", default="erf", choices=vit.GELUS)
   p.add_argument("--dropout_mask", default="compact", choices=vit.DROPOUT_MASKS)
   p.add_argument("--dropout_rng", default="threefry", choices=vit.DROPOUT_RNGS)
+  p.add_argument("--dropout_bits", type=int, default=32, choices=vit.DROPOUT_BITS)
   p.add_argument("--dtype", default="float32", choices=vit.DTYPES)
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat_policy", default="nothing_saveable")
@@ -365,8 +440,26 @@ def parse_args(argv=None):
   p.add_argument("--no_pipeline", action="store_true")
   p.add_argument("--compare_torch", action="store_true",
                  help="time the same step in plain PyTorch, alternating (needs the [torch] extra)")
+  p.add_argument("--compare", default="",
+                 help="interleaved A/B in one process: 'name=flags;name=flags' (each "
+                      "variant's flags on top of the others given)")
   p.add_argument("--json", default="", help="write the figures to this path")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
+  return args
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+  """argv minus the given flags and their values ("--f=v" or "--f v")."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a in flags:
+      skip = True
+    elif not a.startswith(tuple(f + "=" for f in flags)):
+      out.append(a)
+  return out
 
 
 def main(argv=None) -> int:
@@ -380,7 +473,10 @@ def main(argv=None) -> int:
       "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
-  if not args.pipeline_only:
+  if args.compare:
+    res["compare"] = bench_compare(args)
+    report_compare(res)
+  elif not args.pipeline_only:
     try:
       s = setup(args)
     except NotAvailable as e:
@@ -415,9 +511,10 @@ def main(argv=None) -> int:
                       "peak_rss_bytes": host_memory()["peak_rss_bytes"],
                       "jax_over_torch": st["step_s"]["median"] / med,
                       "last_loss": torch_bench.last_loss}
-  if not args.no_pipeline:
+  if not args.no_pipeline and not args.compare:
     res["pipeline"] = bench_pipeline(args)
-  report(res)
+  if not args.compare:
+    report(res)
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

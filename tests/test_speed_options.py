@@ -53,7 +53,7 @@ def _loss_and_grads(model, base, tree, train=True):
 def _reference(monkeypatch, gelu=True, dropout=True):
   """Swaps the literal flax formulation into the module (same module names, same keys)."""
   if dropout:
-    monkeypatch.setattr(vit, "Dropout", lambda rate, mask, rng: nn.Dropout(rate))
+    monkeypatch.setattr(vit, "Dropout", lambda rate, **_: nn.Dropout(rate))
   if gelu:
     monkeypatch.setattr(vit, "activation", lambda x, kind: nn.gelu(x, approximate=False))
 
@@ -117,6 +117,29 @@ def test_compact_dropout_is_bitwise_flax_dropout_values_and_gradients():
   assert 0.2 < float(jnp.mean(y == 0)) < 0.6  # it does drop (0.3 then 0.3 of sin)
 
 
+@pytest.mark.parametrize("shape", [(3, 37, 64), (1001,), (2, 5, 3072)])
+def test_unrolled_threefry_bits_and_mask_are_jax_bitwise(shape):
+  key = jax.random.key(7)
+  size = int(np.prod(shape))
+  np.testing.assert_array_equal(vit.random_bits(key, size),
+                                jax.random.bits(key, (size,), jnp.uint32))
+  keep, keep_prob = vit.keep_mask(key, 0.9, shape)
+  np.testing.assert_array_equal(keep, jax.random.bernoulli(key, 0.9, shape))
+  assert keep_prob == 0.9
+  np.testing.assert_array_equal(vit.unpack_mask(vit.pack_mask(keep), shape), keep)
+  assert vit.pack_mask(keep).shape == (-(-size // 8),)
+
+
+@pytest.mark.parametrize("bits,realised", [(16, 58982 / 65536), (8, 230 / 256)])
+def test_fewer_dropout_bits_keep_the_rate_up_to_rounding(bits, realised):
+  keep, keep_prob = vit.keep_mask(jax.random.key(3), 0.9, (400, 1000), bits)
+  assert keep_prob == realised
+  assert abs(float(jnp.mean(keep)) - realised) < 0.003
+  y = vit.Dropout(0.1, bits=bits).apply({}, jnp.ones((400, 1000)), deterministic=False,
+                                        rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_allclose(float(jnp.mean(y)), 1.0, atol=0.01)  # unbiased
+
+
 def test_rbg_dropout_is_an_option_with_other_masks_and_the_same_rate():
   x = jnp.ones((64, 1000))
   rngs = {"dropout": jax.random.key(1)}
@@ -129,26 +152,26 @@ def test_rbg_dropout_is_an_option_with_other_masks_and_the_same_rate():
 
 # -- Whole model: defaults against the literal reference formulation --------------------------
 
-def test_defaults_give_reference_logits_bitwise_and_grads_to_rounding(monkeypatch):
+def test_defaults_give_the_reference_logits_and_grads_bitwise(monkeypatch):
   model, base, tree = _setup(_cfg())
   v, logits, grads = _loss_and_grads(model, base, tree)
   _reference(monkeypatch)
-  ref_model = vit.build(_cfg())
-  rv, rlogits, rgrads = _loss_and_grads(ref_model, base, tree)
+  rv, rlogits, rgrads = _loss_and_grads(vit.build(_cfg()), base, tree)
   np.testing.assert_array_equal(logits, rlogits)  # same masks, same forward
   np.testing.assert_array_equal(v, rv)
-  # The custom GELU's backward rounds differently (a few ulp per element).
-  assert _max_rel(grads, rgrads) < 1e-5
+  same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), grads, rgrads)
+  assert all(jax.tree_util.tree_leaves(same))
 
 
-def test_compact_dropout_alone_keeps_reference_grads_bitwise(monkeypatch):
-  model, base, tree = _setup(_cfg(gelu="erf_autodiff"))
+def test_custom_vjp_gelu_model_keeps_logits_and_grads_to_rounding(monkeypatch):
+  model, base, tree = _setup(_cfg(gelu="erf_custom_vjp"))
   v, logits, grads = _loss_and_grads(model, base, tree)
   _reference(monkeypatch)
   rv, rlogits, rgrads = _loss_and_grads(vit.build(_cfg()), base, tree)
   np.testing.assert_array_equal(logits, rlogits)
-  chex_equal = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), grads, rgrads)
-  assert all(jax.tree_util.tree_leaves(chex_equal))
+  np.testing.assert_array_equal(v, rv)
+  # The custom backward rounds differently (a few ulp per element).
+  assert _max_rel(grads, rgrads) < 1e-5
 
 
 def test_tanh_gelu_is_a_different_function():
@@ -248,6 +271,7 @@ def test_face_transformer_with_speed_options():
 
 @pytest.mark.parametrize("field,value", [("gelu", "relu"), ("dropout_mask", "bits"),
                                          ("dropout_rng", "philox"), ("dtype", "float16"),
+                                         ("dropout_bits", 4),
                                          ("remat_policy", "save_only_these_names"),
                                          ("remat_policy", "no_such_policy")])
 def test_bad_speed_fields_raise_config_error_naming_the_field(field, value):

@@ -24,6 +24,7 @@ arXiv 1801.09414.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -50,9 +51,10 @@ VARIANTS = {
 HEADS = ("linear", "cosface")
 ATTENTION_SCALES = ("head_dim", "width")
 POOLS = ("cls", "gap")
-GELUS = ("erf", "erf_autodiff", "tanh")
+GELUS = ("erf", "erf_custom_vjp", "tanh")
 DROPOUT_MASKS = ("compact", "flax")
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+DROPOUT_BITS = (32, 16, 8)
 DTYPES = ("float32", "bfloat16")
 # jax.checkpoint_policies entries that are policy factories, not policies.
 REMAT_POLICIES_WITH_ARGS = ("save_only_these_names", "save_any_names_but_these",
@@ -81,14 +83,18 @@ DEFAULTS = dict(
     cosface_scale=64.0,    # CosFace s
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
     # Speed options (docs/speed.md). The defaults compute the reference function exactly:
-    gelu="erf",            # erf: exact GELU, backward reuses the forward's erfc (same values
-                           # as nn.gelu(approximate=False)); erf_autodiff: the same function
-                           # differentiated by jax; tanh: the tanh approximation (other
-                           # numerics; the GELU of vit_jax / big_vision checkpoints)
+    gelu="erf",            # erf: exact GELU, nn.gelu(approximate=False) differentiated by jax
+                           # (fastest exact form measured on CPU); erf_custom_vjp: the same
+                           # values, backward from the saved erfc (gradients equal to a few
+                           # ulp); tanh: the tanh approximation (other numerics; the
+                           # GELU of vit_jax / big_vision checkpoints)
     dropout_mask="compact",  # compact: flax nn.Dropout's mask drawn once, kept as bool;
                            # flax: nn.Dropout as is (its mask is rebuilt in the backward pass)
     dropout_rng="threefry",  # threefry: the same masks as flax nn.Dropout; rbg | unsafe_rbg:
                            # XLA's bit generator keyed from the threefry key (other masks)
+    dropout_bits=32,       # random bits per mask element: 32 = flax's masks; 16 | 8 share one
+                           # 32-bit draw between 2 | 4 elements (other masks, rate rounded
+                           # to a multiple of 2^-bits)
     dtype="float32",       # compute dtype: float32 | bfloat16 (parameters and logits stay f32)
     remat=False,           # rematerialise each encoder block in the backward pass
     remat_policy="nothing_saveable",  # a jax.checkpoint_policies name used when remat is on
@@ -126,6 +132,7 @@ class ViTConfig:
   gelu: str = "erf"
   dropout_mask: str = "compact"
   dropout_rng: str = "threefry"
+  dropout_bits: int = 32
   dtype: str = "float32"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
@@ -168,6 +175,7 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
       gelu=str(model_cfg.get("gelu", "erf")),
       dropout_mask=str(model_cfg.get("dropout_mask", "compact")),
       dropout_rng=str(model_cfg.get("dropout_rng", "threefry")),
+      dropout_bits=int(model_cfg.get("dropout_bits", 32)),
       dtype=str(model_cfg.get("dtype", "float32")),
       remat=bool(model_cfg.get("remat", False)),
       remat_policy=str(model_cfg.get("remat_policy", "nothing_saveable")),
@@ -175,9 +183,14 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
   for field, value, allowed in (("gelu", cfg.gelu, GELUS),
                                 ("dropout_mask", cfg.dropout_mask, DROPOUT_MASKS),
                                 ("dropout_rng", cfg.dropout_rng, DROPOUT_RNGS),
+                                ("dropout_bits", cfg.dropout_bits, DROPOUT_BITS),
                                 ("dtype", cfg.dtype, DTYPES)):
     if value not in allowed:
-      raise ConfigError(f"model.{field}: {value!r} (expected one of {', '.join(allowed)})")
+      raise ConfigError(f"model.{field}: {value!r} (expected one of "
+                        f"{', '.join(map(str, allowed))})")
+  if cfg.dropout_mask == "flax" and cfg.dropout_bits != 32:
+    raise ConfigError(f"model.dropout_bits: {cfg.dropout_bits} needs model.dropout_mask="
+                      f"'compact' (the flax mask always uses 32 bits per element)")
   policy = getattr(jax.checkpoint_policies, cfg.remat_policy, None)
   if cfg.remat and (policy is None or cfg.remat_policy.startswith("_")
                     or cfg.remat_policy in REMAT_POLICIES_WITH_ARGS):
@@ -205,7 +218,7 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
 
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  r"""Exact (erf) GELU whose backward pass reuses the forward's erfc.
+  r"""Exact (erf) GELU whose backward pass reuses the forward's erfc (`model.gelu="erf_custom_vjp"`).
 
       gelu(x)  = x/2 · erfc(−x/√2)
       gelu'(x) = erfc(−x/√2)/2 + x·φ(x),    φ(x) = exp(−x²/2)/√(2π)
@@ -214,6 +227,8 @@ def gelu(x: jax.Array) -> jax.Array:
   same values); the backward is the exact derivative computed from the saved input and
   erfc, so autodiff does not rebuild the erfc chain in the backward pass. Gradients agree
   with `jax.grad` of `jax.nn.gelu(approximate=False)` to float rounding (a few ulp).
+  It stores erfc beside x for the backward pass: on XLA:CPU (jax 0.10) that extra array
+  costs more than the recomputation it saves (docs/speed.md), so it is an option there.
 
   Args:
     x: pre-activations (any float dtype).
@@ -247,35 +262,136 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 def activation(x: jax.Array, kind: str) -> jax.Array:
   """The MLP activation named by `model.gelu` (see `GELUS`)."""
   if kind == "erf":
-    return gelu(x)
-  if kind == "erf_autodiff":
     return nn.gelu(x, approximate=False)
+  if kind == "erf_custom_vjp":
+    return gelu(x)
   if kind == "tanh":
     return nn.gelu(x, approximate=True)
   raise ValueError(f"activation: unknown kind {kind!r} (expected one of {', '.join(GELUS)})")
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """The Threefry-2x32 block cipher (20 rounds), written out as plain uint32 ops.
+
+  The same function as jax's `threefry2x32` primitive, whose CPU lowering runs the rounds
+  as a 5-step while loop (every step a full pass over the arrays in memory); unrolled, XLA
+  fuses the whole hash into the consumer of its output.
+  """
+  rotl = lambda v, d: lax.shift_left(v, np.uint32(d)) | lax.shift_right_logical(
+      v, np.uint32(32 - d))
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ rotl(x2, r)
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def random_bits(key: jax.Array, size: int) -> jax.Array:
+  """`jax.random.bits(key, (size,), jnp.uint32)`, bitwise, with threefry's rounds unrolled.
+
+  Applies to threefry keys under jax's default `jax_threefry_partitionable` bit layout
+  (word i = hash of the 64-bit counter i, the two output halves xor-ed); any other key or
+  setting falls back to `jax.random.bits`.
+  """
+  if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
+      or size >= 2 ** 32):
+    return jax.random.bits(key, (size,), jnp.uint32)
+  k = jax.random.key_data(key)
+  counter = lax.iota(jnp.uint32, size)
+  b1, b2 = _threefry2x32(k[0], k[1], jnp.zeros_like(counter), counter)
+  return b1 ^ b2
+
+
+def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...], bits: int = 32
+              ) -> tuple[jax.Array, float]:
+  """A Bernoulli(keep_prob) bool mask from `bits` random bits per element.
+
+  bits=32 is `jax.random.bernoulli(key, keep_prob, shape)` bitwise (flax's dropout mask):
+  u = float(bits >> 9)·2^-23, keep iff u < keep_prob. With 16 or 8 bits one 32-bit word
+  serves 2 or 4 elements: keep iff v < t with v uniform on [0, 2^bits) and
+  t = round(keep_prob·2^bits), so the realised keep probability is t/2^bits (0.9 ->
+  0.899994 with 16 bits, 0.898438 with 8).
+
+  Returns:
+    (mask, the realised keep probability: divide the kept values by it).
+  """
+  size = int(np.prod(shape))
+  if bits == 32:
+    words = random_bits(key, size)
+    one = np.array(1.0, np.float32).view(np.uint32)
+    u = lax.bitcast_convert_type(lax.shift_right_logical(words, np.uint32(9)) | one,
+                                 jnp.float32) - np.float32(1.0)
+    return (u < np.float32(keep_prob)).reshape(shape), keep_prob
+  per_word = 32 // bits
+  words = random_bits(key, -(-size // per_word))
+  small = lax.bitcast_convert_type(words, jnp.uint16 if bits == 16 else jnp.uint8)
+  threshold = int(round(keep_prob * 2 ** bits))
+  return small.reshape(-1)[:size].reshape(shape) < threshold, threshold / 2 ** bits
+
+
+def pack_mask(keep: jax.Array) -> jax.Array:
+  """bool array -> uint8[ceil(size/8)], 8 elements per byte (little bit order)."""
+  flat = keep.reshape(-1)
+  flat = jnp.pad(flat, (0, -flat.size % 8)).reshape(-1, 8).astype(jnp.uint8)
+  return jnp.sum(flat << np.arange(8, dtype=np.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of `pack_mask`."""
+  bits = (packed[:, None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)
+  return bits.reshape(-1)[:int(np.prod(shape))].reshape(shape).astype(bool)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _select_packed(x, packed, keep_prob):
+  return lax.select(unpack_mask(packed, x.shape), x / keep_prob, jnp.zeros_like(x))
+
+
+def _select_packed_fwd(x, packed, keep_prob):
+  return _select_packed(x, packed, keep_prob), packed
+
+
+def _select_packed_bwd(keep_prob, packed, g):
+  keep = unpack_mask(packed, g.shape)
+  return lax.select(keep, g / keep_prob, jnp.zeros_like(g)), None
+
+
+_select_packed.defvjp(_select_packed_fwd, _select_packed_bwd)
+
+
 class Dropout(nn.Module):
-  """flax's `nn.Dropout` with its mask drawn once and kept as a bool array.
+  """flax's `nn.Dropout` with its mask drawn once and kept as packed bits.
 
       y = select(keep, x / (1 − rate), 0),    keep ~ Bernoulli(1 − rate)
 
-  With `mask="compact"` and `rng="threefry"` (the defaults) the mask and the values are
-  bitwise those of `nn.Dropout(rate)` under the same module name (the key comes from
-  `make_rng("dropout")` as there). An optimisation barrier makes XLA store the bool mask
-  for the backward pass instead of fusing the random-bit generation into each consumer,
-  which recomputes the 32-bit random bits in the backward pass (and several times per
-  use). `mask="flax"` is `nn.Dropout` as is; `rng="rbg" | "unsafe_rbg"` draws the mask
-  with XLA's RngBitGenerator keyed from the threefry key (cheaper, different masks).
+  With `mask="compact"`, `rng="threefry"` and `bits=32` (the defaults) the mask, the values
+  and the gradients are bitwise those of `nn.Dropout(rate)` under the same module name (the
+  key comes from `make_rng("dropout")` as there). The random bits are hashed in one fused
+  pass (`random_bits`), thresholded and packed 8 per byte; forward and backward read the
+  packed mask, so no 32-bit random array is kept for the backward pass or re-thresholded
+  in each consumer. `mask="flax"` is `nn.Dropout` as is (bits drawn with jax's threefry
+  lowering, a while loop on CPU). Options that change the masks (the
+  same rate, other random numbers): `rng="rbg" | "unsafe_rbg"` draws them with XLA's
+  RngBitGenerator keyed from the threefry key; `bits=16 | 8` draws 2 or 4 mask elements
+  from one 32-bit threefry word (see `keep_mask`).
 
   Attributes:
     rate: drop probability.
     mask: "compact" | "flax".
     rng: "threefry" | "rbg" | "unsafe_rbg".
+    bits: random bits per mask element, 32 | 16 | 8.
   """
   rate: float
   mask: str = "compact"
   rng: str = "threefry"
+  bits: int = 32
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -283,14 +399,16 @@ class Dropout(nn.Module):
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
-    keep_prob = 1.0 - self.rate
     key = self.make_rng("dropout")
     if self.rng != "threefry":
       key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=self.rng)
-    keep = jax.random.bernoulli(key, p=keep_prob, shape=x.shape)
-    if self.mask == "compact":
-      keep = lax.optimization_barrier(keep)
-    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    if self.mask == "flax":
+      keep = jax.random.bernoulli(key, p=1.0 - self.rate, shape=x.shape)
+      return lax.select(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+    # The mask's only consumer is the packing, so XLA fuses the random-bit hash, the
+    # threshold and the packing into one pass; forward and backward read 1 bit per element.
+    keep, keep_prob = keep_mask(key, 1.0 - self.rate, x.shape, self.bits)
+    return _select_packed(x, pack_mask(keep), keep_prob)
 
 
 class MlpBlock(nn.Module):
@@ -300,6 +418,7 @@ class MlpBlock(nn.Module):
   gelu: str = "erf"
   dropout_mask: str = "compact"
   dropout_rng: str = "threefry"
+  dropout_bits: int = 32
   dtype: Any = None
 
   @nn.compact
@@ -307,7 +426,8 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     init = dict(kernel_init=nn.initializers.xavier_uniform(),
                 bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
-    drop = lambda y: Dropout(self.dropout, mask=self.dropout_mask, rng=self.dropout_rng)(
+    drop = lambda y: Dropout(self.dropout, mask=self.dropout_mask, rng=self.dropout_rng,
+                              bits=self.dropout_bits)(
         y, deterministic=deterministic)
     x = nn.Dense(self.mlp_dim, name="Dense_0", **init)(x)
     x = drop(activation(x, self.gelu))
@@ -371,11 +491,13 @@ class Encoder1DBlock(nn.Module):
         num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout,
         qkv_bias=cfg.qkv_bias, scale=cfg.attention_scale, dtype=dtype,
         name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
-    x = x + Dropout(cfg.attention_output_dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng)(
+    x = x + Dropout(cfg.attention_output_dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng,
+                    bits=cfg.dropout_bits)(
         y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=eps, dtype=dtype, name="LayerNorm_2")(x)
     x = x + MlpBlock(cfg.mlp_dim, cfg.dropout, gelu=cfg.gelu, dropout_mask=cfg.dropout_mask,
-                     dropout_rng=cfg.dropout_rng, dtype=dtype, name="MlpBlock_3")(
+                     dropout_rng=cfg.dropout_rng, dropout_bits=cfg.dropout_bits, dtype=dtype,
+                     name="MlpBlock_3")(
                          y, deterministic=deterministic)
     return (x, None) if self.scanned else x
 
@@ -407,8 +529,8 @@ class Transformer(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
     x = AddPositionEmbs(name="posembed_input")(x)
-    x = Dropout(cfg.dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng)(
-        x, deterministic=deterministic)
+    x = Dropout(cfg.dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng,
+                bits=cfg.dropout_bits)(x, deterministic=deterministic)
     block = Encoder1DBlock
     if cfg.remat:
       # static_argnums counts `self`: 2 is `deterministic`.
@@ -500,6 +622,8 @@ class CheckpointLayout:
     return self.model.apply({k: scan_params(v) for k, v in variables.items()}, *args, **kwargs)
 
   def __getattr__(self, name):
+    if name == "model":  # not set yet (e.g. during copy/unpickling)
+      raise AttributeError(name)
     return getattr(self.model, name)
 
 
