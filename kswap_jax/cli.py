@@ -121,17 +121,15 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
   return ConfigError(f"--config: {msg[-1] if msg else type(chain[-1]).__name__}")
 
 
-def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  # Our progress at INFO; libraries only from WARNING (jax reports the TPU backend it did
-  # not find at INFO, which is normal on CPU and GPU machines).
+def guarded(command) -> int:
+  """Runs `command()` as a command-line program: our progress at INFO, libraries from
+  WARNING (jax reports the TPU backend it did not find at INFO, normal on CPU and GPU
+  machines); bad input -> one `error:` line and exit 2, a non-finite loss -> exit 1."""
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   logging.getLogger("kswap_jax").setLevel(logging.INFO)
   try:
-    config, workdir = load_config(argv)
-    train.initialize_distributed(config)
-    dispatch(config, workdir)
+    command()
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -139,3 +137,13 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+
+  def command():
+    config, workdir = load_config(argv)
+    train.initialize_distributed(config)
+    dispatch(config, workdir)
+  return guarded(command)

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kswap_jax import methods, report, train
-from kswap_jax.errors import ConfigError, NonFiniteLossError
+from kswap_jax.errors import ConfigError
 
 log = logging.getLogger("kswap_jax")
 
@@ -171,24 +171,16 @@ def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list |
 def main(argv=None) -> int:
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-  logging.getLogger("kswap_jax").setLevel(logging.INFO)
-  try:
-    argv, names = _split_list(argv, "methods")
-    argv, seeds = _split_list(argv, "seeds", int)
-    config, workdir = cli.load_config(argv)
-    if not any(a.startswith("--workdir=") for a in argv):
+
+  def command():
+    rest, names = _split_list(argv, "methods")
+    rest, seeds = _split_list(rest, "seeds", int)
+    config, workdir = cli.load_config(rest)
+    if not any(a.startswith("--workdir=") for a in rest):
       workdir = workdir + "_compare"
     train.initialize_distributed(config)
     run(config, workdir, names, seeds)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  return cli.guarded(command)
 
 
 if __name__ == "__main__":
