@@ -1042,6 +1042,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{k} {v:.2f}" for k, v in m.items() if isinstance(v, float)))
 
   out = _envelope(config, method, run_plans, plans, results, tasks, initial_tasks)
+  out["num_trainable"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
   if oracle_dir:
     out["oracle_workdir"] = oracle_dir
   if run_.is_main:
