@@ -263,6 +263,43 @@ def _put(flat: dict[str, np.ndarray], prefix: str, module: dict[str, np.ndarray]
     flat[f"{prefix}/{k}"] = np.ascontiguousarray(v, np.float32)
 
 
+def _split_qkv(flat: dict[str, np.ndarray], block: str, qkv: np.ndarray,
+               bias: np.ndarray | None, width: int, heads: int) -> None:
+  """A fused torch (3·width, width) qkv weight (and bias) as our query/key/value."""
+  for j, m in enumerate(("query", "key", "value")):
+    rows = slice(j * width, (j + 1) * width)
+    _put(flat, f"{block}/{ATTN}/{m}",
+         _attn_in(qkv[rows], None if bias is None else bias[rows], heads))
+
+
+def _attention_out(src: "_Source", flat: dict[str, np.ndarray], block: str, key: str,
+                   width: int, heads: int) -> None:
+  """A torch Linear `key` (width -> width) as our attention `out` projection."""
+  _put(flat, f"{block}/{ATTN}/out", _attn_out(src.take(f"{key}.weight", (width, width)),
+                                              src.take(f"{key}.bias", (width,)), heads))
+
+
+def _mlp(src: "_Source", flat: dict[str, np.ndarray], lr: "_Lora", block: str,
+         fc1: str, fc2: str, width: int, mlp_dim: int) -> None:
+  """The two FFN Linears `fc1`, `fc2` as MlpBlock_3/Dense_0/1, with their LoRA if any."""
+  for key, name, n_in, n_out in ((fc1, "Dense_0", width, mlp_dim),
+                                 (fc2, "Dense_1", mlp_dim, width)):
+    _put(flat, f"{block}/MlpBlock_3/{name}", _dense(src, key, n_in, n_out))
+    lr.find(key, f"{block}/MlpBlock_3/{name}")
+
+
+def _classifier(src: "_Source", flat: dict[str, np.ndarray], pre_logits: str, head: str,
+                width: int) -> tuple[int, int]:
+  """Optional `pre_logits` Linear + `head` Linear; returns (representation size, classes)."""
+  rep = 0
+  if src.has(f"{pre_logits}.weight"):
+    rep = src.take(f"{pre_logits}.weight").shape[0]
+    _put(flat, "pre_logits", _dense(src, pre_logits, width, rep))
+  num_classes = src.take(f"{head}.weight").shape[0]
+  _put(flat, "head", _dense(src, head, rep or width, num_classes))
+  return rep, num_classes
+
+
 def _block(i: int) -> str:
   return f"Transformer/encoderblock_{i}"
 
@@ -534,26 +571,14 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
     _put(flat, f"{b}/LayerNorm_0", _norm(src, f"{t}.norm1", width))
     qkv = src.take(f"{t}.attn.qkv.weight", (3 * width, width))
     bias = src.take(f"{t}.attn.qkv.bias", (3 * width,)) if qkv_bias else None
-    for j, m in enumerate(("query", "key", "value")):
-      rows = slice(j * width, (j + 1) * width)
-      _put(flat, f"{b}/{ATTN}/{m}", _attn_in(qkv[rows], None if bias is None else bias[rows],
-                                               heads))
+    _split_qkv(flat, b, qkv, bias, width, heads)
     _merged_linear_lora(src, lr, f"{t}.attn.qkv", b, width)
-    _put(flat, f"{b}/{ATTN}/out", _attn_out(src.take(f"{t}.attn.proj.weight", (width, width)),
-                                            src.take(f"{t}.attn.proj.bias", (width,)), heads))
+    _attention_out(src, flat, b, f"{t}.attn.proj", width, heads)
     lr.find(f"{t}.attn.proj", f"{b}/{ATTN}/out")
     _put(flat, f"{b}/LayerNorm_2", _norm(src, f"{t}.norm2", width))
-    _put(flat, f"{b}/MlpBlock_3/Dense_0", _dense(src, f"{t}.mlp.fc1", width, mlp_dim))
-    lr.find(f"{t}.mlp.fc1", f"{b}/MlpBlock_3/Dense_0")
-    _put(flat, f"{b}/MlpBlock_3/Dense_1", _dense(src, f"{t}.mlp.fc2", mlp_dim, width))
-    lr.find(f"{t}.mlp.fc2", f"{b}/MlpBlock_3/Dense_1")
+    _mlp(src, flat, lr, b, f"{t}.mlp.fc1", f"{t}.mlp.fc2", width, mlp_dim)
   _put(flat, "Transformer/encoder_norm", _norm(src, "norm", width))
-  rep = 0
-  if src.has("pre_logits.fc.weight"):
-    rep = src.take("pre_logits.fc.weight").shape[0]
-    _put(flat, "pre_logits", _dense(src, "pre_logits.fc", width, rep))
-  num_classes = src.take("head.weight").shape[0]
-  _put(flat, "head", _dense(src, "head", rep or width, num_classes))
+  rep, num_classes = _classifier(src, flat, "pre_logits.fc", "head", width)
   lora_tree = lr.resolve(flat, notes)
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,
@@ -622,14 +647,10 @@ def ks_vit(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str |
       d = _dense(src, f"{t}.attn.{m}", width, width)
       _put(flat, f"{b}/{ATTN}/{m}", _attn_in(d["kernel"].T, d["bias"], heads))
       lr.find(f"{t}.attn.{m}", f"{b}/{ATTN}/{m}")
-    _put(flat, f"{b}/{ATTN}/out", _attn_out(src.take(f"{t}.attn.out.weight", (width, width)),
-                                            src.take(f"{t}.attn.out.bias", (width,)), heads))
+    _attention_out(src, flat, b, f"{t}.attn.out", width, heads)
     lr.find(f"{t}.attn.out", f"{b}/{ATTN}/out")
     _put(flat, f"{b}/LayerNorm_2", _norm(src, f"{t}.ffn_norm", width))
-    _put(flat, f"{b}/MlpBlock_3/Dense_0", _dense(src, f"{t}.ffn.fc1", width, mlp_dim))
-    lr.find(f"{t}.ffn.fc1", f"{b}/MlpBlock_3/Dense_0")
-    _put(flat, f"{b}/MlpBlock_3/Dense_1", _dense(src, f"{t}.ffn.fc2", mlp_dim, width))
-    lr.find(f"{t}.ffn.fc2", f"{b}/MlpBlock_3/Dense_1")
+    _mlp(src, flat, lr, b, f"{t}.ffn.fc1", f"{t}.ffn.fc2", width, mlp_dim)
   _put(flat, "Transformer/encoder_norm", _norm(src, "transformer.encoder.encoder_norm", width))
   num_classes = src.take("head.weight").shape[0]
   _put(flat, "head", _dense(src, "head", width, num_classes))
@@ -704,17 +725,11 @@ def gslora_face(tensors: dict[str, Any], *, num_heads: int | None = None,
                        f"{(3 * width, width)} (heads x dim_head must equal the width)")
     if src.has(f"{t}.0.fn.fn.to_qkv.bias"):
       raise ValueError(f"source: {t}.0.fn.fn.to_qkv.bias: ViT_face's qkv has no bias")
-    for j, m in enumerate(("query", "key", "value")):
-      _put(flat, f"{b}/{ATTN}/{m}", _attn_in(qkv[j * width:(j + 1) * width], None, heads))
+    _split_qkv(flat, b, qkv, None, width, heads)
     _merged_linear_lora(src, lr, f"{t}.0.fn.fn.to_qkv", b, width)  # the Attention ablation
-    _put(flat, f"{b}/{ATTN}/out", _attn_out(
-        src.take(f"{t}.0.fn.fn.to_out.0.weight", (width, width)),
-        src.take(f"{t}.0.fn.fn.to_out.0.bias", (width,)), heads))
+    _attention_out(src, flat, b, f"{t}.0.fn.fn.to_out.0", width, heads)
     _put(flat, f"{b}/LayerNorm_2", _norm(src, f"{t}.1.fn.norm", width))
-    _put(flat, f"{b}/MlpBlock_3/Dense_0", _dense(src, f"{t}.1.fn.fn.net.0", width, mlp_dim))
-    lr.find(f"{t}.1.fn.fn.net.0", f"{b}/MlpBlock_3/Dense_0")
-    _put(flat, f"{b}/MlpBlock_3/Dense_1", _dense(src, f"{t}.1.fn.fn.net.3", mlp_dim, width))
-    lr.find(f"{t}.1.fn.fn.net.3", f"{b}/MlpBlock_3/Dense_1")
+    _mlp(src, flat, lr, b, f"{t}.1.fn.fn.net.0", f"{t}.1.fn.fn.net.3", width, mlp_dim)
   _put(flat, "Transformer/encoder_norm", _norm(src, "mlp_head.0", width))
   num_classes = src.take("loss.weight").shape[0]
   head = "linear" if face_head == "softmax" else "cosface"
@@ -772,24 +787,12 @@ def torchvision(tensors: dict[str, Any], *, num_heads: int | None = None, lora: 
     _put(flat, f"{b}/LayerNorm_0", _norm(src, f"{t}.ln_1", width))
     qkv = src.take(f"{t}.self_attention.in_proj_weight", (3 * width, width))
     bias = src.take(f"{t}.self_attention.in_proj_bias", (3 * width,))
-    for j, m in enumerate(("query", "key", "value")):
-      rows = slice(j * width, (j + 1) * width)
-      _put(flat, f"{b}/{ATTN}/{m}", _attn_in(qkv[rows], bias[rows], heads))
-    _put(flat, f"{b}/{ATTN}/out", _attn_out(
-        src.take(f"{t}.self_attention.out_proj.weight", (width, width)),
-        src.take(f"{t}.self_attention.out_proj.bias", (width,)), heads))
+    _split_qkv(flat, b, qkv, bias, width, heads)
+    _attention_out(src, flat, b, f"{t}.self_attention.out_proj", width, heads)
     _put(flat, f"{b}/LayerNorm_2", _norm(src, f"{t}.ln_2", width))
-    _put(flat, f"{b}/MlpBlock_3/Dense_0", _dense(src, f"{t}.{fc[0]}", width, mlp_dim))
-    lr.find(f"{t}.{fc[0]}", f"{b}/MlpBlock_3/Dense_0")
-    _put(flat, f"{b}/MlpBlock_3/Dense_1", _dense(src, f"{t}.{fc[1]}", mlp_dim, width))
-    lr.find(f"{t}.{fc[1]}", f"{b}/MlpBlock_3/Dense_1")
+    _mlp(src, flat, lr, b, f"{t}.{fc[0]}", f"{t}.{fc[1]}", width, mlp_dim)
   _put(flat, "Transformer/encoder_norm", _norm(src, "encoder.ln", width))
-  rep = 0
-  if src.has("heads.pre_logits.weight"):
-    rep = src.take("heads.pre_logits.weight").shape[0]
-    _put(flat, "pre_logits", _dense(src, "heads.pre_logits", width, rep))
-  num_classes = src.take("heads.head.weight").shape[0]
-  _put(flat, "head", _dense(src, "heads.head", rep or width, num_classes))
+  rep, num_classes = _classifier(src, flat, "heads.pre_logits", "heads.head", width)
   notes: list[str] = []
   lora_tree = lr.resolve(flat, notes)
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
