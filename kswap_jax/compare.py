@@ -120,8 +120,7 @@ def _cell(s: dict) -> str:
 def markdown(board: dict) -> str:
   """The leaderboard as a markdown table (mean ± std over seeds)."""
   head = board["headline"]
-  labels = [report.METRICS[k][0] + {"up": " ↑", "down": " ↓", "": ""}[report.METRICS[k][1]]
-            if k in report.METRICS else k for k in head]
+  labels = [report.label(k) for k in head]
   lines = [f"| method | {' | '.join(labels)} | trainable | seconds |",
            "|---" * (len(head) + 3) + "|"]
   for name, row in board["methods"].items():

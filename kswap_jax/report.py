@@ -40,9 +40,13 @@ METRICS = {
 _ARROWS = {"up": " ↑", "down": " ↓", "": ""}
 
 
-def _label(name: str) -> str:
-  label, better = METRICS[name]
-  return label + _ARROWS[better]
+def label(name: str) -> str:
+  """A metric's column label with its better-direction arrow ("Acc_f ↓"); unknown names
+  are returned as they are."""
+  if name not in METRICS:
+    return name
+  text, better = METRICS[name]
+  return text + _ARROWS[better]
 
 
 def _fmt(value) -> str:
@@ -59,7 +63,7 @@ def stage_table(results: dict) -> str:
   title = f"{results['method']}: per-stage metrics [%]"
   if results.get("prediction_rule"):
     title += f" ({results['prediction_rule']})"
-  rows = [title, f"{'stage':<{width}}" + "".join(f"{_label(c):>10}" for c in columns)]
+  rows = [title, f"{'stage':<{width}}" + "".join(f"{label(c):>10}" for c in columns)]
   for s in stages:
     rows.append(f"{s['name']:<{width}}" + "".join(
         f"{_fmt(s[c]) if c in s else '-':>10}" for c in columns))
@@ -80,7 +84,7 @@ def plot_stages(results: dict, path: str) -> None:
   ax = fig.add_subplot(1, 1, 1)
   x = list(range(len(stages)))
   for c in columns:
-    ax.plot(x, [s.get(c, float("nan")) for s in stages], marker="o", label=_label(c))
+    ax.plot(x, [s.get(c, float("nan")) for s in stages], marker="o", label=label(c))
   ax.set_xticks(x, [s["name"] for s in stages], rotation=30, ha="right")
   ax.set_ylabel("%")
   ax.grid(alpha=0.3)
