@@ -60,6 +60,7 @@ def get_config(arg=None):
   c.data.new = c.data.old.to_dict()
   # Per-channel statistics: the section is rebuilt, as the shared default is a scalar.
   c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), mean=CIFAR_MEAN, std=CIFAR_STD))
+  c.data.augment = "crop_flip"   # the reference's RandomCrop(32, padding=4) + horizontal flip
   c.model = models.default_config("resnet18_cifar")
   c.init.kind = "random"
   c.eval.batch_size = 500

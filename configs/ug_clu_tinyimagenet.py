@@ -8,8 +8,9 @@ to the unlearning stages (AdamW lr 2e-5, wd 0.05, T 500, N_f 1, c₀ 500, λ 0.6
 clip 7, batch 128); learning stages and the oracle use the reference's TinyImageNet
 retrain recipe (AdamW lr 1e-4, wd 0.05, 10 epochs), the oracle re-fine-tuned from the
 same ImageNet weights (`oracle.start = init`). The reference uses Swin-T; we use the ViT
-(full weights), the architecture this library has. The split, stream and epochs are our
-reconstruction, and no expected numbers are quoted.
+(full weights), the architecture this library has, and a random horizontal flip where
+the reference's training transform is RandAugment(2, 2). The split, stream and epochs are
+our reconstruction, and no expected numbers are quoted.
 
 Prepare the data once as an array_record tfds dataset with class folders
 (TinyImageNet's val/ images need sorting into class folders from val_annotations.txt
@@ -59,6 +60,9 @@ def get_config(arg=None):
   c.data.new = c.data.old.to_dict()
   # Per-channel statistics: the section is rebuilt, as the shared default is a scalar.
   c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+  # The reference trains with RandAugment(2 ops, magnitude 2), which this library does not
+  # have; the random flip is the closest augmentation it does have.
+  c.data.augment = "flip"
   c.model.variant = "B/16"
   c.model.num_classes = 200
   c.model.image_size = 224

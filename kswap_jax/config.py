@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
                image_key="image", label_key="label"),
       mean=0.5, std=0.5,     # (x/255 − 0.5)/0.5 as the Knowledge Swapping reference
       num_threads=0,         # grain read threads; 0 reads in the main thread
+      augment="none",        # training streams: none | flip | crop_flip (kswap_jax.data.augment)
+      crop_padding=4,        # crop_flip: pad this many black pixels per side, crop back
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

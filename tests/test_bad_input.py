@@ -80,6 +80,8 @@ _CASES = {
     "lora_targets_match_nothing": (
         ["--config.lora.targets=nothing_matches"], ["lora.targets"], True),
     "unknown_data_kind": (["--config.data.old.kind=nope"], ["data.old.kind", "nope"], False),
+    "unknown_augmentation": (["--config.data.augment=rotate"], ["data.augment", "rotate"],
+                             False),
     "tfds_dataset_not_prepared": (
         ["--config={tmp}/tfds_config.py:runlocal"], ["data.old.name", "tfds build"], False),
     "unknown_model_variant": (["--config.model.variant=Q/16"], ["model.variant", "Q/16"], False),

@@ -15,7 +15,9 @@ and no iterator state has to be checkpointed. Process p of P reads only slots
 [p * B / P, (p + 1) * B / P) of each global batch.
 
 Elements are preprocessed as in the reference (docs/knowledge_swapping.md): PIL bilinear resize to
-image_size, grayscale <-> RGB, x / 255, then (x - mean) / std; no augmentation.
+image_size, grayscale <-> RGB, x / 255, then (x - mean) / std. Training streams may add
+`kswap_jax.data.augment` (random crop, flip) on top, drawn per global batch index, so a
+resumed stream is still a pure function of the index; evaluation passes never augment.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from kswap_jax.data import augment as augment_lib
 from kswap_jax.data import splits as splits_lib
 from kswap_jax.data import sources as sources_lib
 from kswap_jax.errors import ConfigError
@@ -136,6 +139,11 @@ class Preprocess:
       return resize(convert_channels(image, self.channels), self.image_size)
     return convert_channels(resize(image, self.image_size), self.channels)
 
+  @property
+  def black(self) -> np.ndarray:
+    """(C,) the value of a black pixel after normalisation, (0 − mean) / std."""
+    return self._offset
+
   def normalise(self, images: np.ndarray) -> np.ndarray:
     """uint8 (..., C) -> float32 (x / 255 - mean) / std."""
     return images.astype(np.float32) * self._scale + self._offset
@@ -237,12 +245,16 @@ class Stream:
     local_batch_size: B / process_count, the leading dimension of every batch.
     steps_per_epoch: ceil(N / B).
     cycle: whether batches straddle passes (auxiliary stream) or pad each epoch.
+    augment: the training augmentation (`kswap_jax.data.augment.KINDS`).
   """
 
   def __init__(self, subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: int,
                cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-               field: str = "data"):
+               field: str = "data", augment: str = "none", crop_padding: int = 4):
+    augment_lib.check(augment, crop_padding)
+    self.augment = augment
+    self.crop_padding = int(crop_padding)
     self._local = _local_slice(batch_size, process_index, process_count, field)
     self._union = _Union(subsets)
     self._preprocess = Preprocess(image_size, channels, mean, std, field)
@@ -290,7 +302,15 @@ class Stream:
   def batch(self, i: int) -> Batch:
     """Global batch i as this process's slice: image float32, label int32, mask float32."""
     positions, mask = self.positions(i)
-    return self._union.read(positions, mask, self._preprocess)
+    batch = self._union.read(positions, mask, self._preprocess)
+    if self.augment != "none":
+      flip, offsets = augment_lib.draws(self.seed, i, self.batch_size,
+                                        padding=self.crop_padding)
+      batch["image"] = augment_lib.apply(
+          batch["image"], flip[self._local],
+          offsets[self._local] if self.augment == "crop_flip" else None,
+          padding=self.crop_padding, pad_value=self._preprocess.black)
+    return batch
 
   def iterate(self, start: int = 0) -> Iterator[Batch]:
     """Batches start, start + 1, ... forever, prefetched with `num_threads` threads.
@@ -306,13 +326,13 @@ class Stream:
   def __repr__(self) -> str:
     return (f"Stream(subsets={[s.name for s in self.subsets]}, N={self.num_examples}, "
             f"batch_size={self.batch_size}, steps_per_epoch={self.steps_per_epoch}, "
-            f"cycle={self.cycle})")
+            f"cycle={self.cycle}, augment={self.augment!r})")
 
 
 def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: int,
                 cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                 process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-                field: str = "data") -> Stream:
+                field: str = "data", augment: str = "none", crop_padding: int = 4) -> Stream:
   """A training stream over the union of `subsets`.
 
   Args:
@@ -329,6 +349,8 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
     process_count: number of processes (jax.process_count()).
     num_threads: grain prefetch threads; 0 reads in the calling thread.
     field: config prefix used in error messages.
+    augment: "none", "flip" or "crop_flip" (`kswap_jax.data.augment`).
+    crop_padding: P of "crop_flip".
 
   Returns:
     A `Stream`.
@@ -341,7 +363,8 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
   return Stream(subsets, batch_size=batch_size, seed=seed, cycle=cycle,
                 image_size=image_size, channels=channels, mean=mean, std=std,
                 process_index=process_index, process_count=process_count,
-                num_threads=num_threads, field=field)
+                num_threads=num_threads, field=field, augment=augment,
+                crop_padding=crop_padding)
 
 
 def num_eval_batches(subset: splits_lib.Subset, *, batch_size: int) -> int:

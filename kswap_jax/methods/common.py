@@ -16,7 +16,7 @@ import optax
 
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import metrics, models, train
-from kswap_jax.data import sources, streams
+from kswap_jax.data import augment, sources, streams
 from kswap_jax.errors import ConfigError
 
 log = logging.getLogger("kswap_jax")
@@ -24,7 +24,9 @@ log = logging.getLogger("kswap_jax")
 
 def load_sources(data_cfg: ml_collections.ConfigDict, roles=("old", "new")) -> dict[str, Any]:
   """{"old_train", "old_test", "new_train", "new_test"} for the given roles; a source
-  shared by old and new is loaded once."""
+  shared by old and new is loaded once. The training augmentation is checked here, before
+  a method touches its workdir."""
+  augment.check(str(data_cfg.augment), data_cfg.crop_padding)
   out = {}
   for role in roles:
     cfg = data_cfg[role]
@@ -54,7 +56,8 @@ def check_batch_size(value: int, field: str, mesh) -> int:
 def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycle: bool, mesh):
   return streams.make_stream(
       subsets, batch_size=check_batch_size(batch_size, field, mesh), seed=seed, cycle=cycle,
-      num_threads=int(config.data.num_threads), **stream_kwargs(config))
+      num_threads=int(config.data.num_threads), augment=str(config.data.augment),
+      crop_padding=int(config.data.crop_padding), **stream_kwargs(config))
 
 
 def predict_splits(config, predict_step, state, frozen, subsets: dict, mesh
