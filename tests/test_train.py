@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from kswap_jax import methods, train
+from kswap_jax import train
 from kswap_jax.errors import NonFiniteLossError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -229,16 +229,10 @@ def test_injected_learning_rate_is_found_inside_a_wrapping_transform():
 
 
 @pytest.mark.slow
-def test_every_method_module_trains_identically_on_1_and_8_devices():
-  """Data parallelism changes nothing but speed: same global batch, same losses.
-
-  One method per method module (the first registered): the sharding lives in the shared
-  step and stage loop, and the methods of one module share their steps' structure."""
+def test_every_method_trains_identically_on_1_and_8_devices():
+  """Data parallelism changes nothing but speed: same global batch, same losses."""
   from test_conformance import CASES  # pylint: disable=import-outside-toplevel
-  first = {}
-  for name, module in methods.METHODS.items():
-    first.setdefault(module, name)
-  cases = {m: CASES[m][:2] for m in first.values()}
+  cases = {m: c[:2] for m, c in CASES.items()}
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py"),
                          json.dumps(cases)], capture_output=True, text=True, timeout=900,
