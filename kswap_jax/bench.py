@@ -30,6 +30,7 @@ be measured against its reference path; docs/speed.md records the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,16 +52,29 @@ NUM_CLASSES = 200
 # Knowledge Swapping's loss weights and AdamW (spec defaults; see methods/knowledge_swap.py).
 KS = dict(beta=0.2, bound=105.0)
 ALPHA = 0.005
-OPTIM = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
+OPTIM = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, min_lr=1e-5)
+# GS-LoRA's continual CASIA scripts (methods/gs_lora.py defaults).
+GS_LORA = dict(beta=0.2, bound=105.0, alpha=1e-4)
 
 
 class NotAvailable(Exception):
-  """A step whose method does not exist in the package yet."""
+  """A step whose method does not exist in the package."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Steps by name: name -> (builder, stream names). A builder returns the loss function
-# `loss_fn(lora_tree, base, batch, rng) -> (loss, aux)` of `train.make_train_step`.
+# Steps by name: name -> (builder, stream names). A builder(model, scale) returns either the
+# loss function `loss_fn(lora_tree, base, batch, rng) -> (loss, aux)` of
+# `train.make_train_step` (AdamW, injectable learning rate) or a `Bench` with the method's
+# own optimizer, host hyper-parameters and static `tx.update` keywords.
+
+@dataclasses.dataclass
+class Bench:
+  loss_fn: Callable
+  tx: Any = None                      # None: AdamW with OPTIM
+  hparams: dict | None = None         # host hyper-parameters of the step (None: the LR)
+  update_kwargs: dict | None = None   # e.g. the fast/slow phase
+  mask_fraction: float | None = None  # install a random saliency mask keeping this share
+
 
 def _ks_step(kind: str):
   def build(model, scale):
@@ -79,11 +93,43 @@ def _ce_step(model, scale):
   return loss_fn
 
 
-def _not_yet(method: str, module: str):
+def _gs_lora_step(proximal: bool):
+  """GS-LoRA's task step (retain CE + β·bounded forget CE + α·Ω, or the proximal group
+  lasso after AdamW), with the continual CASIA scripts' β, BND and α."""
   def build(model, scale):
-    raise NotAvailable(
-        f"--step: the {method} step is not available yet (kswap_jax.methods.{module} does not "
-        f"provide it); add its loss/step builder to kswap_jax.bench.STEPS once it exists")
+    from kswap_jax.methods import gs_lora  # pylint: disable=import-outside-toplevel
+    loss = gs_lora.make_loss(model, scale, "block", bound=GS_LORA["bound"],
+                             penalty=not proximal, prototype=None)
+    hp = {"beta": GS_LORA["beta"], "alpha": GS_LORA["alpha"]}
+    wrapped = lambda p, base, batch, rng: loss(p, {"base": base}, batch, rng, hp)
+    if not proximal:
+      return wrapped
+    tx = gs_lora.make_optimizer(ml_collections.ConfigDict(OPTIM), proximal=True,
+                                grouping="block")
+    return Bench(wrapped, tx=tx, hparams={"learning_rate": OPTIM["lr"],
+                                          "alpha": GS_LORA["alpha"]})
+  return build
+
+
+def _ug_clu_step(phase: str):
+  """One phase of SFR-on / UG-CLU's fast-slow update on the LoRA tree: FAST = masked
+  adaptive ascent on a forget batch, SLOW = CE descent on a retain batch, SGD as SFR-on,
+  with a random mask keeping half of the entries (the mask's cost does not depend on it)."""
+  def build(model, scale):
+    from kswap_jax.optim import fast_slow  # pylint: disable=import-outside-toplevel
+    tx = fast_slow.fast_slow(0.01, 1500, forget_alpha=25.0)
+    name = "forget" if phase == "fast" else "retain"
+
+    def loss_fn(params, base, batch, rng):
+      b = batch[name]
+      logits = lora.apply(model, base, params, b["image"], scale=scale, train=True,
+                          rngs={"dropout": rng})
+      if phase == "fast":
+        return losses.adaptive_ascent_loss(logits, b["label"], b["mask"], lambd=0.5), {}
+      return losses.cross_entropy(logits, b["label"], b["mask"]), {}
+    return Bench(loss_fn, tx=tx, hparams={},
+                 update_kwargs={"phase": fast_slow.FAST if phase == "fast" else fast_slow.SLOW},
+                 mask_fraction=0.5)
   return build
 
 
@@ -91,11 +137,10 @@ STEPS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "forget": (_ks_step("forget"), ("forget", "retain")),
     "learn": (_ks_step("learn"), ("learn", "retain")),
     "ce": (_ce_step, ("retain",)),
-    # Hooks for the methods to come: replace the builder (and, for UG-CLU, pass the phase as
-    # `update_kwargs` of train.make_train_step) when the method module exists.
-    "gs_lora": (_not_yet("GS-LoRA", "gs_lora"), ("retain", "forget")),
-    "ug_clu_fast": (_not_yet("UG-CLU FAST", "ug_clu"), ("forget",)),
-    "ug_clu_slow": (_not_yet("UG-CLU SLOW", "ug_clu"), ("retain",)),
+    "gs_lora": (_gs_lora_step(proximal=False), ("retain", "forget")),
+    "gs_lora_prox": (_gs_lora_step(proximal=True), ("retain", "forget")),
+    "ug_clu_fast": (_ug_clu_step("fast"), ("forget",)),
+    "ug_clu_slow": (_ug_clu_step("slow"), ("retain",)),
 }
 
 
@@ -194,10 +239,22 @@ def setup(args) -> dict[str, Any]:
   base["head"]["kernel"] = jax.nn.initializers.xavier_uniform()(k_head, head.shape, head.dtype)
   spec = lora.LoraSpec(rank=args.rank)
   tree = lora.init(base, spec, k_lora)
-  loss_fn = builder(model, spec.scale)
-  tx = common.adamw(ml_collections.ConfigDict(OPTIM))
+  built = builder(model, spec.scale)
+  if not isinstance(built, Bench):
+    built = Bench(built)
+  loss_fn = built.loss_fn
+  tx = built.tx or common.adamw(ml_collections.ConfigDict(OPTIM))
+  hp = {"learning_rate": OPTIM["lr"]} if built.hparams is None else dict(built.hparams)
   mesh = train.make_mesh()
-  step = train.make_train_step(loss_fn, tx, mesh)
+  step = train.make_train_step(loss_fn, tx, mesh, update_kwargs=built.update_kwargs)
+  opt_state = tx.init(tree)
+  if built.mask_fraction is not None:
+    from kswap_jax.optim import fast_slow  # pylint: disable=import-outside-toplevel
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(jax.random.fold_in(k_lora, 1), len(leaves))
+    mask = treedef.unflatten([jax.random.bernoulli(k, built.mask_fraction, x.shape)
+                              for k, x in zip(keys, leaves)])
+    opt_state = fast_slow.set_mask(opt_state, mask)
   rng = np.random.default_rng(args.seed)
   b = args.batch_size
   shape = (b, args.image_size, args.image_size, 3)
@@ -207,8 +264,12 @@ def setup(args) -> dict[str, Any]:
   host_batch = {name: mk() for name in stream_names}
   batch = train.to_global(host_batch, mesh)
   return dict(model=model, model_cfg=model_cfg, base=base, tree=tree, spec=spec, tx=tx,
-              mesh=mesh, step=step, batch=batch, host_batch=host_batch,
+              opt_state=opt_state, hp=hp, mesh=mesh, step=step, batch=batch, host_batch=host_batch,
               images=b * len(stream_names), loss_fn=loss_fn, lora_tree_unscanned=tree)
+
+
+def _state(s: dict, seed: int) -> train.TrainState:
+  return train.create_state(s["tree"], s["tx"], seed)._replace(opt_state=s["opt_state"])
 
 
 def bench_step(args, s: dict | None = None,
@@ -217,9 +278,9 @@ def bench_step(args, s: dict | None = None,
   every timed jax step (the PyTorch step), so both see the same machine state."""
   s = s or setup(args)
   mesh = s["mesh"]
-  state = train.replicate(train.create_state(s["tree"], s["tx"], args.seed), mesh)
+  state = train.replicate(_state(s, args.seed), mesh)
   frozen = train.replicate(vit.scan_params(s["base"]) if args.scan else s["base"], mesh)
-  hp = {"learning_rate": OPTIM["lr"]}
+  hp = s["hp"]
   t0 = time.perf_counter()
   lowered = s["step"].lower(state, frozen, s["batch"], hp)
   compiled = lowered.compile()
@@ -286,9 +347,9 @@ def bench_compare(args) -> dict:
     vargs.batch_size = vargs.batch_size or args.batch_size
     s = setup(vargs)
     mesh = s["mesh"]
-    state = train.replicate(train.create_state(s["tree"], s["tx"], args.seed), mesh)
+    state = train.replicate(_state(s, args.seed), mesh)
     frozen = train.replicate(vit.scan_params(s["base"]) if vargs.scan else s["base"], mesh)
-    hp = {"learning_rate": OPTIM["lr"]}
+    hp = s["hp"]
     t0 = time.perf_counter()
     compiled = s["step"].lower(state, frozen, s["batch"], hp).compile()
     compile_s = time.perf_counter() - t0
