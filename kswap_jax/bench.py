@@ -227,12 +227,10 @@ def setup(args) -> dict[str, Any]:
   model_cfg = model_config(args)
   model = vit.build(model_cfg)
   k_base, k_head, k_lora = jax.random.split(jax.random.key(args.seed), 3)
+  # With --scan, `vit.build` wraps the scanned model in `CheckpointLayout`: the trainable
+  # LoRA tree stays in the checkpoint layout (the group lasso's block groups need it) and is
+  # stacked inside the step; the frozen base is stacked once, up front, in `bench_step`.
   base = vit.init_params(model, model_cfg, k_base)
-  if args.scan:
-    # The trainable LoRA tree stays in the checkpoint layout (the group lasso's block groups
-    # need it) and is stacked inside the step; the frozen base is stacked once here.
-    base = vit.unscan_params(base)
-    model = vit.CheckpointLayout(model)
   # vit.py zero-initialises the head (fine-tuning convention); a zero head makes every LoRA
   # gradient exactly 0, so the benchmark uses a random one like a trained model's.
   head = base["head"]["kernel"]

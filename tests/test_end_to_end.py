@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_config as _config
 from conftest import method_run
-from kswap_jax import cli
+from kswap_jax import cli, methods
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +101,28 @@ def test_proximal_group_lasso_mode_runs(lbf_run, tmp_path):
   lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   assert min(min(x["group_norms"]) for x in lines) == 0.0
   assert len(results["stages"]) == 3
+
+
+def test_scanned_encoder_run_matches_the_unrolled_one(lbf_run, tmp_path):
+  """`model.scan` changes the compiled program, not the method: the same evaluation before
+  training (the pretrained weights through the scanned encoder), the same first loss up to
+  the dropout masks (nn.scan splits the keys per layer) and LoRA trees and merged weights
+  written in the checkpoint layout (encoderblock_{i})."""
+  workdir, results = lbf_run
+  scan_dir = tmp_path / "scan"
+  shutil.copytree(os.path.join(workdir, "pretrain"), scan_dir / "pretrain")
+  config = _config("demo", "runlocal")
+  config.model.scan = True
+  scanned = methods.run(config, str(scan_dir))
+  assert scanned["stages"][0] == results["stages"][0]  # "before": no training, no dropout
+  read = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+  ref, got = read(workdir), read(scan_dir)
+  assert [x["step"] for x in got] == [x["step"] for x in ref]
+  # The first logged step is the first update: only the dropout masks differ there; later
+  # the trajectories drift apart as any two dropout draws do.
+  assert abs(ref[0]["loss"] - got[0]["loss"]) <= 0.01 * abs(ref[0]["loss"])
+  assert all(np.isfinite(x["loss"]) for x in got)
+  for name in ("lora_forget.npz", "merged_params.npz"):
+    with np.load(scan_dir / name) as got_npz, np.load(os.path.join(workdir, name)) as ref_npz:
+      assert {k: got_npz[k].shape for k in got_npz.files} == \
+          {k: ref_npz[k].shape for k in ref_npz.files}, name

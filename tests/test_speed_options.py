@@ -221,10 +221,14 @@ def test_scan_params_round_trip_bitwise_and_match_the_scanned_init():
   for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(base)):
     np.testing.assert_array_equal(x, y)
   scan_cfg = _cfg(scan=True)
-  abstract = jax.eval_shape(lambda: vit.init_params(vit.build(scan_cfg), scan_cfg,
-                                                    jax.random.key(0)))
+  raw = vit.VisionTransformer(vit.vit_config(scan_cfg))  # the scanned module itself
+  abstract = jax.eval_shape(lambda: raw.init(jax.random.key(0), IMAGES)["params"])
   shapes = lambda t: {n: x.shape for n, x in lora.named_leaves(t)}
   assert shapes(abstract) == shapes(scanned)
+  # `build` with model.scan hides the layout: its parameters are the checkpoint's.
+  built = jax.eval_shape(lambda: vit.init_params(vit.build(scan_cfg), scan_cfg,
+                                                 jax.random.key(0)))
+  assert shapes(built) == shapes(base)
 
 
 def test_scanned_encoder_gives_the_same_logits_and_lora_gradients():

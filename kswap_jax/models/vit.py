@@ -615,8 +615,8 @@ class CheckpointLayout:
     >>> logits = lora.apply(model, vit.scan_params(base), lora_tree, images, scale=s)
   """
 
-  def __init__(self, model: nn.Module):
-    self.model = model
+  def __init__(self, model: "nn.Module | CheckpointLayout"):
+    self.model = model.model if isinstance(model, CheckpointLayout) else model
 
   def apply(self, variables, *args, **kwargs):
     return self.model.apply({k: scan_params(v) for k, v in variables.items()}, *args, **kwargs)
@@ -701,9 +701,15 @@ class VisionTransformer(nn.Module):
     return nn.Dense(self.cfg.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
 
 
-def build(model_cfg: ml_collections.ConfigDict) -> VisionTransformer:
-  """Builds the model named by `model_cfg.variant`; raises ConfigError on bad fields."""
-  return VisionTransformer(vit_config(model_cfg))
+def build(model_cfg: ml_collections.ConfigDict) -> VisionTransformer | CheckpointLayout:
+  """Builds the model named by `model_cfg.variant`; raises ConfigError on bad fields.
+
+  With `model.scan` the encoder is one `nn.scan`ned block wrapped in `CheckpointLayout`, so
+  every method, checkpoint, LoRA tree and group-lasso grouping keeps the unscanned vit_jax
+  layout (`init_variables` returns it too) and only the compiled program changes.
+  """
+  model = VisionTransformer(vit_config(model_cfg))
+  return CheckpointLayout(model) if model.cfg.scan else model
 
 
 def input_shape(model_cfg: ml_collections.ConfigDict, batch: int = 1) -> tuple[int, ...]:
@@ -711,9 +717,14 @@ def input_shape(model_cfg: ml_collections.ConfigDict, batch: int = 1) -> tuple[i
   return (batch, int(model_cfg.image_size), int(model_cfg.image_size), int(model_cfg.channels))
 
 
-def init_variables(model: VisionTransformer, model_cfg, rng) -> dict[str, Any]:
-  """{"params": ...}: random parameters for an input of the configured shape."""
-  return {"params": model.init(rng, jnp.zeros(input_shape(model_cfg), jnp.float32))["params"]}
+def init_variables(model: VisionTransformer | CheckpointLayout, model_cfg, rng
+                   ) -> dict[str, Any]:
+  """{"params": ...}: random parameters for an input of the configured shape, in the
+  unscanned checkpoint layout for a `CheckpointLayout` model (`build` with `model.scan`)."""
+  x = jnp.zeros(input_shape(model_cfg), jnp.float32)
+  if isinstance(model, CheckpointLayout):
+    return {"params": unscan_params(model.model.init(rng, x)["params"])}
+  return {"params": model.init(rng, x)["params"]}
 
 
 def init_params(model: VisionTransformer, model_cfg, rng) -> dict[str, Any]:
