@@ -109,3 +109,16 @@ def test_method_streams_follow_the_data_section():
   stream = common.make_stream(config, [_subset()], batch_size=8, field="x.batch_size", seed=1,
                               cycle=True, mesh=train.mesh_for(config))
   assert (stream.augment, stream.crop_padding) == ("crop_flip", 2)
+
+
+def test_eval_pass_augments_only_when_asked():
+  kw = dict(batch_size=8, image_size=8, channels=3, mean=0.5, std=0.5)
+  plain = [b["image"] for b in streams.eval_batches(_subset(), **kw)]
+  again = [b["image"] for b in streams.eval_batches(_subset(), **kw, augment="crop_flip",
+                                                    seed=3)]
+  same = [b["image"] for b in streams.eval_batches(_subset(), **kw, augment="crop_flip",
+                                                   seed=3)]
+  assert len(plain) == len(again) == 5
+  assert all(not np.array_equal(a, b) for a, b in zip(plain, again))
+  for a, b in zip(again, same):
+    np.testing.assert_array_equal(a, b)

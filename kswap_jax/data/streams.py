@@ -222,6 +222,19 @@ def _local_slice(batch_size: int, process_index: int, process_count: int,
   return slice(process_index * local, (process_index + 1) * local)
 
 
+def _augmented(batch: Batch, kind: str, padding: int, seed: int, index: int,
+               batch_size: int, local: slice, black: np.ndarray) -> Batch:
+  """`batch` (this process's `local` slots of global batch `index`) with the training
+  augmentation `kind` drawn over the whole global batch."""
+  if kind == "none":
+    return batch
+  flip, offsets = augment_lib.draws(seed, index, batch_size, padding=padding)
+  batch["image"] = augment_lib.apply(batch["image"], flip[local],
+                                     offsets[local] if kind == "crop_flip" else None,
+                                     padding=padding, pad_value=black)
+  return batch
+
+
 def _prefetched(batch_fn: Any, start: int, stop: int, num_threads: int) -> Iterator[Batch]:
   """batch_fn(start), batch_fn(start + 1), ... computed ahead by grain's thread pool."""
   dataset = grain.MapDataset.range(start, stop).map(batch_fn)
@@ -303,14 +316,8 @@ class Stream:
     """Global batch i as this process's slice: image float32, label int32, mask float32."""
     positions, mask = self.positions(i)
     batch = self._union.read(positions, mask, self._preprocess)
-    if self.augment != "none":
-      flip, offsets = augment_lib.draws(self.seed, i, self.batch_size,
-                                        padding=self.crop_padding)
-      batch["image"] = augment_lib.apply(
-          batch["image"], flip[self._local],
-          offsets[self._local] if self.augment == "crop_flip" else None,
-          padding=self.crop_padding, pad_value=self._preprocess.black)
-    return batch
+    return _augmented(batch, self.augment, self.crop_padding, self.seed, i, self.batch_size,
+                      self._local, self._preprocess.black)
 
   def iterate(self, start: int = 0) -> Iterator[Batch]:
     """Batches start, start + 1, ... forever, prefetched with `num_threads` threads.
@@ -375,8 +382,13 @@ def num_eval_batches(subset: splits_lib.Subset, *, batch_size: int) -> int:
 def eval_batches(subset: splits_lib.Subset, *, batch_size: int, image_size: int,
                  channels: int, mean: Any, std: Any, process_index: int = 0,
                  process_count: int = 1, num_threads: int = 0,
-                 field: str = "data") -> Iterator[Batch]:
+                 field: str = "data", augment: str = "none", crop_padding: int = 4,
+                 seed: int = 0) -> Iterator[Batch]:
   """One pass over `subset` in index order; the last batch is padded with mask 0.
+
+  Evaluation never augments; a pass that should see the training transform (SFR-on's
+  Fisher diagonals are taken over training-augmented loaders) passes `augment`, drawn per
+  batch index from `seed` as in a training stream.
 
   Args:
     subset: the split to evaluate.
@@ -389,11 +401,15 @@ def eval_batches(subset: splits_lib.Subset, *, batch_size: int, image_size: int,
     process_count: number of processes.
     num_threads: grain prefetch threads; 0 reads in the calling thread.
     field: config prefix used in error messages.
+    augment: "none" (evaluation), "flip" or "crop_flip".
+    crop_padding: P of "crop_flip".
+    seed: seed of the augmentation draws.
 
   Returns:
     An iterator of `num_eval_batches(subset, batch_size=batch_size)` batch dicts, each
     this process's slice of the global batch.
   """
+  augment_lib.check(augment, crop_padding)
   local = _local_slice(batch_size, process_index, process_count, field)
   union = _Union([subset])
   preprocess = Preprocess(image_size, channels, mean, std, field)
@@ -403,7 +419,8 @@ def eval_batches(subset: splits_lib.Subset, *, batch_size: int, image_size: int,
     valid = np.arange(i * batch_size, min((i + 1) * batch_size, n), dtype=np.int64)
     mask = (np.arange(batch_size) < valid.size).astype(np.float32)
     positions = np.resize(valid, batch_size)
-    return union.read(positions[local], mask[local], preprocess)
+    return _augmented(union.read(positions[local], mask[local], preprocess), augment,
+                      int(crop_padding), seed, i, batch_size, local, preprocess.black)
 
   return _prefetched(batch, 0, num_eval_batches(subset, batch_size=batch_size),
                      int(num_threads))
