@@ -31,6 +31,11 @@ METHODS = {
     "ug_clu": "kswap_jax.methods.ug_clu",
     "clu_joint": "kswap_jax.methods.ug_clu",
     "clu_retrain": "kswap_jax.methods.ug_clu",
+    "clu_ft": "kswap_jax.methods.baselines.unlearning",
+    "clu_ga": "kswap_jax.methods.baselines.unlearning",
+    "clu_rl": "kswap_jax.methods.baselines.unlearning",
+    "clu_salun": "kswap_jax.methods.baselines.unlearning",
+    "clu_l1_sparse": "kswap_jax.methods.baselines.unlearning",
 }
 
 # Methods measured against each other (`python -m kswap_jax.compare`), and the headline
@@ -38,7 +43,8 @@ METHODS = {
 FAMILIES = {
     "knowledge_swap": ("lbf", "laf"),
     "continual_forgetting": ("gs_lora", "gs_lora_pp"),
-    "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain"),
+    "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain", "clu_ft", "clu_ga",
+                   "clu_rl", "clu_salun", "clu_l1_sparse"),
 }
 HEADLINES = {
     "knowledge_swap": ("acc_r", "acc_f", "acc_n", "h_mean"),

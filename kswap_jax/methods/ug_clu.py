@@ -763,8 +763,9 @@ class StageTools:
     train_src: the training source every plan indexes into.
     first_unlearn: index of the first unlearning stage of the stream (None if none).
     subset: (indices, name) -> a `splits.Subset` of the training source.
-    stream: (subsets, k, key, batch_size, field) -> the cycled training stream of stage k
-      over the union of `subsets`, seeded from seed + 1000·(k + 1) + STREAM_SEEDS[key].
+    stream: (subsets, k, key, batch_size, field, cycle=True) -> the training stream of
+      stage k over the union of `subsets`, seeded from seed + 1000·(k + 1) +
+      STREAM_SEEDS[key]; cycle=False gives padded epochs (`kswap_jax.data.streams`).
     eval_batches: (indices, name, batch_size) -> one pass of global batches with eval
       preprocessing (Fisher diagonals, saliency passes).
     eval_grad: (params, model_state, global batch) -> ∇ mean CE with the model in eval mode.
@@ -1053,9 +1054,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
                                   **kw):
       yield train.to_global(b, mesh)
 
-  def stream_of(subsets, k, key, bs, field):
+  def stream_of(subsets, k, key, bs, field, cycle=True):
     return common.make_stream(config, subsets, batch_size=bs, field=field,
-                              seed=seed + 1000 * (k + 1) + STREAM_SEEDS[key], cycle=True,
+                              seed=seed + 1000 * (k + 1) + STREAM_SEEDS[key], cycle=cycle,
                               mesh=mesh)
 
   def stream(indices, name, k, key, bs, field):
