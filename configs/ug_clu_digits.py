@@ -109,6 +109,6 @@ def get_config(arg=None):
     c.unlearn.forget_every = 2
     c.learn.batch_size = c.unlearn.batch_size = 32
     c.unlearn.fisher_batch_size = 128
-    baseline_sections(c, batch_size=32, iterations=4)
+    baseline_sections(c, batch_size=32, iterations=6)
     c.train.log_every_steps = 2
   return c

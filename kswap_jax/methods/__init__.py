@@ -49,7 +49,8 @@ FAMILIES = {
 HEADLINES = {
     "knowledge_swap": ("acc_r", "acc_f", "acc_n", "h_mean"),
     "continual_forgetting": ("h_mean", "acc_r", "acc_f", "acc_o"),
-    "unlearning": ("ua", "ra", "ta", "mia_efficacy", "avg_gap"),
+    # avg_gap: the last unlearning stage's; avg_gap_mean: over every unlearning stage.
+    "unlearning": ("ua", "ra", "ta", "mia_efficacy", "avg_gap", "avg_gap_mean"),
 }
 
 

@@ -66,15 +66,10 @@ def saliency_mask() -> optax.GradientTransformation:
 
 
 def _mask_states(opt_state: Any, fn) -> Any:
-  if isinstance(opt_state, SaliencyMaskState):
-    return fn(opt_state)
-  if isinstance(opt_state, tuple) and hasattr(opt_state, "_fields"):
-    return type(opt_state)(*(_mask_states(s, fn) for s in opt_state))
-  if isinstance(opt_state, (tuple, list)):
-    return type(opt_state)(_mask_states(s, fn) for s in opt_state)
-  if isinstance(opt_state, dict):
-    return {k: _mask_states(v, fn) for k, v in opt_state.items()}
-  return opt_state
+  """Applies fn to every SaliencyMaskState inside a (possibly chained) optax state."""
+  is_mask = lambda x: isinstance(x, SaliencyMaskState)
+  return jax.tree_util.tree_map(lambda x: fn(x) if is_mask(x) else x, opt_state,
+                                is_leaf=is_mask)
 
 
 def set_saliency_mask(opt_state: Any, mask: Tree) -> Any:
