@@ -28,8 +28,7 @@ The defaults of each section are the CIFAR-10 settings of the SFR-on code's base
 
 References: Fan et al., arXiv 2310.12508 (SalUn; RL as there); Jia et al., arXiv
 2304.04934 (ℓ1-sparse); Huang et al., arXiv 2409.19732 (SFR-on, whose code ships the
-FT/GA/RL/SalUn baselines and settings used here); Golatkar et al., arXiv 1911.04933
-(random-label unlearning); Thudi et al., arXiv 2108.11577 (gradient ascent).
+FT/GA/RL/SalUn baselines and settings used here).
 """
 
 from __future__ import annotations
@@ -110,31 +109,36 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
 # ----------------------------------------------------------------------------------------------
 # Validation.
 
+_positive = ug_clu._positive  # pylint: disable=protected-access
+_choice = ug_clu._choice  # pylint: disable=protected-access
+_forward = ug_clu._forward  # pylint: disable=protected-access
+
+
 def _validate(config, method: str) -> None:
   name = SECTIONS[method]
   s = config[name]
   for key in ("epochs", "iterations"):
-    ug_clu._positive(s[key], f"{name}.{key}", int, strict=False)  # pylint: disable=protected-access
+    _positive(s[key], f"{name}.{key}", int, strict=False)
   if int(s.epochs) == 0 and int(s.iterations) == 0:
     raise ConfigError(f"{name}.epochs: 0 with {name}.iterations 0; set one of them")
-  ug_clu._positive(s.lr, f"{name}.lr")  # pylint: disable=protected-access
-  ug_clu._positive(s.momentum, f"{name}.momentum", strict=False)  # pylint: disable=protected-access
-  ug_clu._positive(s.weight_decay, f"{name}.weight_decay", strict=False)  # pylint: disable=protected-access
-  ug_clu._positive(s.batch_size, f"{name}.batch_size", int)  # pylint: disable=protected-access
-  ug_clu._choice(s.schedule, f"{name}.schedule", unlearn_tx.SCHEDULES)  # pylint: disable=protected-access
+  _positive(s.lr, f"{name}.lr")
+  _positive(s.momentum, f"{name}.momentum", strict=False)
+  _positive(s.weight_decay, f"{name}.weight_decay", strict=False)
+  _positive(s.batch_size, f"{name}.batch_size", int)
+  _choice(s.schedule, f"{name}.schedule", unlearn_tx.SCHEDULES)
   if name == "ga":
     if s.max_norm is not None:
-      ug_clu._positive(s.max_norm, "ga.max_norm")  # pylint: disable=protected-access
-    ug_clu._choice(s.clip, "ga.clip", ("torch", "optax"))  # pylint: disable=protected-access
-    ug_clu._choice(s.batchnorm, "ga.batchnorm", ("eval", "train"))  # pylint: disable=protected-access
+      _positive(s.max_norm, "ga.max_norm")
+    _choice(s.clip, "ga.clip", ("torch", "optax"))
+    _choice(s.batchnorm, "ga.batchnorm", ("eval", "train"))
   if name == "salun":
     f = float(s.fraction)
     if not 0.0 < f <= 1.0 or math.isnan(f):
       raise ConfigError(f"salun.fraction: expected a value in (0, 1], got {s.fraction!r}")
-    ug_clu._positive(s.mask_batch_size, "salun.mask_batch_size", int)  # pylint: disable=protected-access
+    _positive(s.mask_batch_size, "salun.mask_batch_size", int)
   if name == "l1_sparse":
-    ug_clu._positive(s.alpha, "l1_sparse.alpha", strict=False)  # pylint: disable=protected-access
-    e0 = ug_clu._positive(s.no_l1_epochs, "l1_sparse.no_l1_epochs", int, strict=False)  # pylint: disable=protected-access
+    _positive(s.alpha, "l1_sparse.alpha", strict=False)
+    e0 = _positive(s.no_l1_epochs, "l1_sparse.no_l1_epochs", int, strict=False)
     if int(s.epochs) and e0 > int(s.epochs):
       raise ConfigError(f"l1_sparse.no_l1_epochs: {e0} exceeds l1_sparse.epochs "
                         f"{int(s.epochs)}")
@@ -174,7 +178,7 @@ def make_losses(model, config, method: str):
   def descent(params, frozen, batch, rng, ms):
     del frozen
     b = batch["train"]
-    logits, ms = ug_clu._forward(model, params, ms, b, rng)  # pylint: disable=protected-access
+    logits, ms = _forward(model, params, ms, b, rng)
     loss = losses.cross_entropy(logits, b["label"], b["mask"])
     return loss, ({"ce": loss}, ms)
 
@@ -184,7 +188,7 @@ def make_losses(model, config, method: str):
     if eval_bn:  # the reference's model.eval(): running statistics, nothing updated
       logits = model.apply({"params": params, **ms}, b["image"])
     else:
-      logits, ms = ug_clu._forward(model, params, ms, b, rng)  # pylint: disable=protected-access
+      logits, ms = _forward(model, params, ms, b, rng)
     ce = losses.gradient_ascent_loss(logits, b["label"], b["mask"])
     return -ce, ({"ce_forget": ce}, ms)
   return {"descent": descent, "ascent": ascent}
