@@ -20,6 +20,16 @@ BasicBlock per stage, BatchNorm) on 16x16 upsampled digits.
     python run.py --config=configs/ug_clu_digits.py:method=clu_joint   # one-step ablation
     python run.py --config=configs/ug_clu_digits.py:method=clu_retrain # the oracle alone
     python run.py --config=configs/ug_clu_digits.py:runlocal           # seconds-long smoke run
+    python run.py --config=configs/ug_clu_digits.py:method=clu_salun   # a baseline (also clu_ft,
+                                                   # clu_ga, clu_rl, clu_l1_sparse)
+    python run.py --config=configs/ug_clu_digits.py:request=random     # one request (10 % random
+                                                   # images; request=class: digit 3) on a model
+                                                   # pretrained on all ten digits
+    python -m kswap_jax.compare --config=configs/ug_clu_digits.py      # all nine, one oracle
+
+The baselines keep the reference's CIFAR-10 epochs and learning rates with batch 64
+(docs/unlearning_baselines.md, with the measured leaderboards: the stream compare took
+15 min 22 s wall / 11 min 14 s CPU on 2 shared cores).
 
 The demo's schedule (iterations, learning rates, forget_alpha) is ours, sized for 1,257
 training images; the method and its other constants are SFR-on's. Measured table: see
