@@ -142,6 +142,7 @@ def test_sgd_is_torch_sgd_with_an_epoch_cosine():
     (("ga", "batchnorm", "frozen"), "ga.batchnorm"),
     (("l1_sparse", "no_l1_epochs", 20), "l1_sparse.no_l1_epochs"),
     (("rl", "lr", 0.0), "rl.lr"),
+    (("rl", "mix", "interleaved"), "rl.mix"),
     (("ft", "batch_size", 0), "ft.batch_size"),
 ])
 def test_bad_values_name_the_field(override, field):
@@ -178,3 +179,21 @@ def test_baselines_share_the_stream_and_the_oracle_with_ug_clu(tmp_path_factory)
   for s in runs["clu_salun"]["stages"][2:]:
     assert 0.199 < s["mask_kept_fraction"] <= 0.2
   assert "mask_kept_fraction" not in runs["clu_ga"]["stages"][2]
+
+
+@pytest.mark.slow
+def test_rl_sequential_mix_passes_over_the_forget_then_the_retain_data(tmp_path):
+  """`rl.mix = "sequential"` (SalUn's CIFAR-10 code): each epoch ⌈|D_U|/B⌉ steps on forget
+  batches with fresh random labels, then ⌈|D_R|/B⌉ steps on retain batches."""
+  import json  # pylint: disable=import-outside-toplevel
+  config = load_config("ug_clu_digits", "runlocal,method=clu_rl")
+  config.rl.mix, config.rl.iterations, config.rl.epochs = "sequential", 0, 1
+  config.train.log_every_steps = 1
+  results = methods.run(config, str(tmp_path))
+  assert all(math.isfinite(s["avg_gap"]) for s in results["stages"][2:])
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  kinds = ["forget" if "forget/ce" in r else "retain" for r in records
+           if r.get("stage") == "3_forget" and "eval" not in r]
+  n_forget = math.ceil(254 / 32)  # |D_U| of digits 1 and 4 in the runlocal split
+  assert kinds == ["forget"] * n_forget + ["retain"] * (len(kinds) - n_forget)
+  assert len(kinds) == n_forget + math.ceil(504 / 32)  # |D_R| = 504

@@ -57,6 +57,7 @@ log = logging.getLogger("kswap_jax")
 SECTIONS = {"clu_ft": "ft", "clu_ga": "ga", "clu_rl": "rl", "clu_salun": "salun",
             "clu_l1_sparse": "l1_sparse"}
 METHOD_NAMES = tuple(SECTIONS)
+MIXES = ("shuffled", "sequential")
 # Which set an epoch passes over.
 EPOCH_SETS = {"ft": "retain", "l1_sparse": "retain", "ga": "forget", "rl": "retain+forget",
               "salun": "retain+forget"}
@@ -85,10 +86,17 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
                       clip="torch",      # torch: ‖u‖ + 1e-6 (clip_grad_norm_) | optax
                       batchnorm="eval"),  # eval (the reference's model.eval()) | train
       # RL: SGD lr 0.003, 10 epochs over D_R ∪ D_U (random other labels), cosine.
-      rl=_sgd_section(lr=0.003, label_seed=0),  # label_seed: [R] the relabelling draw
+      rl=_sgd_section(
+          lr=0.003,
+          label_seed=0,       # [R] the relabelling draw
+          mix="shuffled",     # shuffled: one loader over D_R ∪ D_U, labels y' ≠ y drawn once
+                              # (SFR-on code) | sequential: per epoch a pass over D_U with
+                              # fresh uniform labels per batch, then D_R (SalUn's CIFAR-10 code)
+      ),
       # SalUn: RL with lr 0.007 and the top-20 % gradient-saliency mask.
       salun=_sgd_section(
           lr=0.007, label_seed=0,
+          mix="shuffled",         # as rl.mix
           fraction=0.2,           # th: the kept fraction of all weights
           mask_batch_size=128,    # forget batches of the saliency pass
           freeze_unmasked=False,  # [R] True: masked-out weights stay put (the SalUn repo's
@@ -131,6 +139,8 @@ def _validate(config, method: str) -> None:
       _positive(s.max_norm, "ga.max_norm")
     _choice(s.clip, "ga.clip", ("torch", "optax"))
     _choice(s.batchnorm, "ga.batchnorm", ("eval", "train"))
+  if name in ("rl", "salun"):
+    _choice(s.mix, f"{name}.mix", MIXES)
   if name == "salun":
     f = float(s.fraction)
     if not 0.0 < f <= 1.0 or math.isnan(f):
@@ -172,15 +182,23 @@ def relabel_other(subset: splits.Subset, num_classes: int, seed: int) -> splits.
 
 def make_losses(model, config, method: str):
   """{"descent": CE on batch["train"] (BatchNorm in train mode), "ascent": −CE on
-  batch["train"] (BatchNorm per `ga.batchnorm`)}."""
+  batch["train"] (BatchNorm per `ga.batchnorm`), "retain": CE on batch["retain"],
+  "random_labels": CE on batch["forget"] against labels drawn uniformly from all classes
+  afresh per batch (RL's `mix = "sequential"`)}."""
   eval_bn = method == "clu_ga" and config.ga.batchnorm == "eval"
+  num_classes = int(config.model.num_classes)
 
-  def descent(params, frozen, batch, rng, ms):
-    del frozen
-    b = batch["train"]
-    logits, ms = _forward(model, params, ms, b, rng)
-    loss = losses.cross_entropy(logits, b["label"], b["mask"])
-    return loss, ({"ce": loss}, ms)
+  def ce_on(key, relabel=False):
+    def loss_fn(params, frozen, batch, rng, ms):
+      del frozen
+      b = batch[key]
+      k_fwd, k_lab = jax.random.split(rng)
+      logits, ms = _forward(model, params, ms, b, k_fwd)
+      labels = (jax.random.randint(k_lab, b["label"].shape, 0, num_classes) if relabel
+                else b["label"])
+      loss = losses.cross_entropy(logits, labels, b["mask"])
+      return loss, ({"ce": loss}, ms)
+    return loss_fn
 
   def ascent(params, frozen, batch, rng, ms):
     del frozen
@@ -191,7 +209,8 @@ def make_losses(model, config, method: str):
       logits, ms = _forward(model, params, ms, b, rng)
     ce = losses.gradient_ascent_loss(logits, b["label"], b["mask"])
     return -ce, ({"ce_forget": ce}, ms)
-  return {"descent": descent, "ascent": ascent}
+  return {"descent": ce_on("train"), "ascent": ascent, "retain": ce_on("retain"),
+          "random_labels": ce_on("forget", relabel=True)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,22 +266,41 @@ def unlearner(method: str) -> ug_clu.Unlearner:
     s = config[name]
     retain = tools.subset(buffer, f"{plan.name}_retain")
     forget = tools.subset(plan.forget, f"{plan.name}_forget")
-    if name in ("rl", "salun"):
-      seed = int(config.seed) + int(s.label_seed) + 1000 * (k + 1)
-      subsets = [relabel_other(forget, int(config.model.num_classes), seed), retain]
+    bs, field = int(s.batch_size), f"{name}.batch_size"
+    sequential = name in ("rl", "salun") and s.mix == "sequential"
+    if sequential:  # per epoch: D_U (random labels per batch), then D_R
+      spe_f = math.ceil(len(forget) / bs)
+      streams_ = {"forget": tools.stream([forget], k, "forget", bs, field, cycle=False),
+                  "retain": tools.stream([retain], k, "retain", bs, field, cycle=False)}
+      n = len(forget) + len(retain)
+      spe = spe_f + math.ceil(len(retain) / bs)
+      total = int(s.iterations) or int(s.epochs) * spe
+      epochs = max(1, math.ceil(total / spe))
     else:
-      subsets = [forget] if name == "ga" else [retain]
-    n = sum(len(x) for x in subsets)
-    total, spe, epochs = stage_length(s, n)
-    stream = tools.stream(subsets, k, "forget" if name == "ga" else "retain",
-                          int(s.batch_size), f"{name}.batch_size", cycle=False)
+      if name in ("rl", "salun"):
+        seed = int(config.seed) + int(s.label_seed) + 1000 * (k + 1)
+        subsets = [relabel_other(forget, int(config.model.num_classes), seed), retain]
+      else:
+        subsets = [forget] if name == "ga" else [retain]
+      n = sum(len(x) for x in subsets)
+      total, spe, epochs = stage_length(s, n)
+      streams_ = {"train": tools.stream(subsets, k, "forget" if name == "ga" else "retain",
+                                        bs, field, cycle=False)}
     tx = make_tx(config, method, spe, epochs)
     loss_fns = make_losses(tools.model, config, method)
-    kind = "ascent" if name == "ga" else "descent"
-    key = ("baseline", method, kind, spe, epochs,
-           json.dumps(s.to_dict(), sort_keys=True, default=str))
-    step = tools.compiled(key, lambda: train.make_train_step(
-        loss_fns[kind], tools.slot(tx), mesh, mutable=True))
+
+    def step_of(kind):
+      key = ("baseline", method, kind, spe, epochs,
+             json.dumps(s.to_dict(), sort_keys=True, default=str))
+      return tools.compiled(key, lambda: train.make_train_step(
+          loss_fns[kind], tools.slot(tx), mesh, mutable=True))
+    plan_fn, step = None, None
+    if sequential:
+      forget_step, retain_step = step_of("random_labels"), step_of("retain")
+      plan_fn = lambda t: ([("forget", forget_step, ("forget",))] if t % spe < spe_f
+                           else [("retain", retain_step, ("retain",))])
+    else:
+      step = step_of("ascent" if name == "ga" else "descent")
 
     def on_start(state, frozen, fresh):
       if not fresh:
@@ -273,8 +311,8 @@ def unlearner(method: str) -> ug_clu.Unlearner:
       return state._replace(opt_state={**state.opt_state, "unlearn": new}), frozen
     log.info("[%s] %s: %d iterations (%d epoch(s) of %d over %s, %d samples)", plan.name,
              method, total, epochs, spe, EPOCH_SETS[name], n)
-    return train.Stage(name=plan.name, step_fn=step, streams={"train": stream},
-                       iterations=total, on_start=on_start)
+    return train.Stage(name=plan.name, step_fn=step, streams=streams_, iterations=total,
+                       plan=plan_fn, on_start=on_start)
 
   def salun_mask(tools, state, plan):
     """M = top-`fraction` of |Σ_b ∇(−CE_b)| over the forget batches (eval mode)."""
