@@ -44,10 +44,14 @@ def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workd
                 ) -> ml_collections.ConfigDict:
   """`config` with method and seed replaced; sections the method owns but the config file
   did not build are added with the method's defaults. Methods that start from this repo's
-  pretraining share one pretrained model per seed (`<workdir>/pretrain/seed_<s>`)."""
+  pretraining share one pretrained model per seed (`<workdir>/pretrain/seed_<s>`), and
+  methods measured against a Retrain oracle (an `oracle` section with an empty
+  `oracle.workdir`) share one oracle per seed (`<workdir>/oracle/seed_<s>`)."""
   out = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
   if out.init.kind == "pretrain" and not out.init.pretrain_workdir:
     out.init.pretrain_workdir = os.path.join(workdir, "pretrain", f"seed_{seed}")
+  if "oracle" in out and not out.oracle.get("workdir", True):
+    out.oracle.workdir = os.path.join(workdir, "oracle", f"seed_{seed}")
   defaults = methods.default_config(method)
   for section in defaults.keys():
     if section not in out:

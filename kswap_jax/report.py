@@ -36,6 +36,7 @@ METRICS = {
     "ta": ("TA", ""),
     "mia_efficacy": ("MIA", ""),
     "avg_gap": ("Avg.Gap", "down"),
+    "avg_gap_mean": ("Avg.Gap mean", "down"),
 }
 _ARROWS = {"up": " ↑", "down": " ↓", "": ""}
 

@@ -52,3 +52,22 @@ def test_compare_command_rejects_bad_lists(tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert proc.returncode == 2 and proc.stderr.startswith("error: --seeds"), proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch):
+  """Two baselines on the UG-CLU stream: one Retrain oracle in <workdir>/oracle/seed_0."""
+  from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
+  trained, real_run = [], ug_clu.run
+
+  def counting(cfg, wd):
+    if cfg.method == "clu_retrain":
+      trained.append(wd)
+    return real_run(cfg, wd)
+  monkeypatch.setattr(ug_clu, "run", counting)  # what a method calls to train its oracle
+  board = compare.run(load_config("ug_clu_digits", "runlocal"), str(tmp_path),
+                      ["clu_ft", "clu_salun"], [0])
+  assert trained == [str(tmp_path / "oracle" / "seed_0")]
+  assert not (tmp_path / "clu_ft" / "seed_0" / "oracle").exists()
+  assert list(board["methods"]) == ["clu_ft", "clu_salun"] and board["family"] == "unlearning"
+  for row in board["methods"].values():
+    assert row["avg_gap"]["n"] == 1 and row["seconds"]["mean"] > 0

@@ -39,6 +39,13 @@ CASES = {
     "ug_clu": ("ug_clu_digits", "runlocal", 16, r".*"),                  # masked, mid-forget
     "clu_joint": ("ug_clu_digits", "runlocal,method=clu_joint", 15, r".*"),  # mid-forget
     "clu_retrain": ("ug_clu_digits", "runlocal,method=clu_retrain", 9, r".*"),  # 2nd oracle
+    # Unlearning baselines: steps 13-18 are the first unlearning stage; the kill at 17
+    # resumes from the checkpoint at 16, inside it (SalUn's mask comes back restored).
+    "clu_ft": ("ug_clu_digits", "runlocal,method=clu_ft", 17, r".*"),
+    "clu_ga": ("ug_clu_digits", "runlocal,method=clu_ga", 17, r".*"),
+    "clu_rl": ("ug_clu_digits", "runlocal,method=clu_rl", 17, r".*"),
+    "clu_salun": ("ug_clu_digits", "runlocal,method=clu_salun", 17, r".*"),
+    "clu_l1_sparse": ("ug_clu_digits", "runlocal,method=clu_l1_sparse", 17, r".*"),
 }
 
 

@@ -31,6 +31,11 @@ METHODS = {
     "ug_clu": "kswap_jax.methods.ug_clu",
     "clu_joint": "kswap_jax.methods.ug_clu",
     "clu_retrain": "kswap_jax.methods.ug_clu",
+    "clu_ft": "kswap_jax.methods.baselines.unlearning",
+    "clu_ga": "kswap_jax.methods.baselines.unlearning",
+    "clu_rl": "kswap_jax.methods.baselines.unlearning",
+    "clu_salun": "kswap_jax.methods.baselines.unlearning",
+    "clu_l1_sparse": "kswap_jax.methods.baselines.unlearning",
 }
 
 # Methods measured against each other (`python -m kswap_jax.compare`), and the headline
@@ -38,12 +43,14 @@ METHODS = {
 FAMILIES = {
     "knowledge_swap": ("lbf", "laf"),
     "continual_forgetting": ("gs_lora", "gs_lora_pp"),
-    "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain"),
+    "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain", "clu_ft", "clu_ga",
+                   "clu_rl", "clu_salun", "clu_l1_sparse"),
 }
 HEADLINES = {
     "knowledge_swap": ("acc_r", "acc_f", "acc_n", "h_mean"),
     "continual_forgetting": ("h_mean", "acc_r", "acc_f", "acc_o"),
-    "unlearning": ("ua", "ra", "ta", "mia_efficacy", "avg_gap"),
+    # avg_gap: the last unlearning stage's; avg_gap_mean: over every unlearning stage.
+    "unlearning": ("ua", "ra", "ta", "mia_efficacy", "avg_gap", "avg_gap_mean"),
 }
 
 

@@ -32,6 +32,10 @@ in eval mode (`kswap_jax.optim.saliency`). The methods:
   * `clu_retrain`: the oracle: at every (unlearning) stage a model trained from scratch on
     everything that should be known after it (D_R ∪ D_L with full data).
 
+Only the update of an unlearning stage differs between methods on the stream: `run_stream`
+takes it as an `Unlearner` hook (the fast-slow one here; the machine-unlearning baselines
+FT, GA, RL, SalUn and ℓ1-sparse in `kswap_jax.methods.baselines.unlearning` pass theirs).
+
 The three unlearning methods train the oracle in `<workdir>/oracle` (a `clu_retrain` run,
 resumable, made once) and report per stage UA, RA, TA, both membership attacks, JS/KL to
 the oracle on D_U and the Avg. Gap, plus the continual-learning accuracy matrix
@@ -702,9 +706,13 @@ def plot_against_oracle(stages: Sequence[dict], path: str, title: str) -> None:
 def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `clu_retrain` config of a run's oracle: the fields the oracle does not depend on
   (unlearning hyper-parameters, routing, mask, buffer, debug) reset to their defaults, so
-  every method on the same stream shares one oracle."""
-  oc = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+  every method on the same stream shares one oracle. Sections the oracle does not read
+  (a baseline's own) are dropped for the same reason."""
+  from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
   defaults = sections()
+  keep = set(base_config()) | set(defaults)
+  oc = ml_collections.ConfigDict(
+      {k: v for k, v in copy.deepcopy(config.to_dict()).items() if k in keep})
   oc.method = "clu_retrain"
   oc.unlearn = defaults["unlearn"]
   for key in ("variant", "slow_batches", "mask_learn_in", "partition_weights",
@@ -744,14 +752,219 @@ def _iterations(section, n: int, batch_size: int) -> int:
   return int(section.epochs) * math.ceil(n / batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class StageTools:
+  """What `run_stream` hands an unlearning-stage builder (see `Unlearner`).
+
+  Attributes:
+    config: the run's config.
+    model: the flax module.
+    mesh: the data mesh.
+    train_src: the training source every plan indexes into.
+    first_unlearn: index of the first unlearning stage of the stream (None if none).
+    subset: (indices, name) -> a `splits.Subset` of the training source.
+    stream: (subsets, k, key, batch_size, field, cycle=True) -> the training stream of
+      stage k over the union of `subsets`, seeded from seed + 1000·(k + 1) +
+      STREAM_SEEDS[key]; cycle=False gives padded epochs (`kswap_jax.data.streams`).
+    eval_batches: (indices, name, batch_size) -> one pass of global batches with eval
+      preprocessing (Fisher diagonals, saliency passes).
+    eval_grad: (params, model_state, global batch) -> ∇ mean CE with the model in eval mode.
+    compiled: (key, build) -> build() once per key, model and mesh in this process (a key
+      must name everything the built step depends on).
+    slot: tx -> tx acting on opt_state["unlearn"] of the two-slot optimizer state.
+  """
+  config: ml_collections.ConfigDict
+  model: Any
+  mesh: Any
+  train_src: Any
+  first_unlearn: int | None
+  subset: Callable
+  stream: Callable
+  eval_batches: Callable
+  eval_grad: Callable
+  compiled: Callable
+  slot: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Unlearner:
+  """How the unlearning stages of a stream update the model: the one thing in which the
+  methods on UG-CLU's request streams differ. The stream, the plan, the learning stages,
+  the replay buffers, the evaluation, the oracle and the results are `run_stream`'s.
+
+  Attributes:
+    init_tx: config -> the transformation whose state is opt_state["unlearn"] (its tree
+      structure must be the same at every stage; a stage installs a fresh state).
+    build: (tools, plan, buffer) -> the `train.Stage` of an unlearning stage; `buffer` is
+      the stage's replay buffer of D_R (all of D_R with full access).
+    measures: (state) -> extra metrics recorded after an unlearning stage.
+    schedule_log: (config, plan, stage) -> (state -> host values for metrics.jsonl) or None.
+    fused: whether learn+forget stages are accepted (False: a ConfigError names them).
+    validate: config -> None, raising ConfigError for bad values of its own sections.
+  """
+  init_tx: Callable[[ml_collections.ConfigDict], optax.GradientTransformation]
+  build: Callable[[StageTools, StagePlan, np.ndarray], train.Stage]
+  measures: Callable[[train.TrainState], dict] = lambda state: {}
+  schedule_log: Callable[..., Callable | None] = lambda config, plan, stage: None
+  fused: bool = True
+  validate: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+
+
+def _fast_slow_unlearner(method: str) -> Unlearner:
+  """The fast-slow unlearning stage of `sfr_on`/`ug_clu` and the one-step `clu_joint`."""
+
+  def build(tools: StageTools, plan: StagePlan, buffer: np.ndarray) -> train.Stage:
+    config, mesh = tools.config, tools.mesh
+    u, lc, c = config.unlearn, config.learn, config.clu
+    k = plan.index
+    loss_fns = make_losses(tools.model, config)
+    loss_key = (u.loss, float(u.lambd), float(c.learn_lambda), float(c.learn_alpha),
+                float(u.forget_alpha))
+    hyper = json.dumps(u.to_dict(), sort_keys=True, default=str)
+
+    def step(kind, tx_key, tx, update_kwargs):
+      key = (kind,) + tx_key + (hyper, loss_key, tuple(sorted(update_kwargs.items())))
+      return tools.compiled(key, lambda: train.make_train_step(
+          loss_fns[kind], tx, mesh, mutable=True, update_kwargs=update_kwargs))
+
+    def stream(indices, name, key):
+      return tools.stream([tools.subset(indices, name)], k, key, bs, "unlearn.batch_size")
+
+    bs = int(u.batch_size)
+    total = int(u.iterations)
+    if plan.learns:
+      total = int(c.fused_iterations) or max(total, _iterations(
+          lc, buffer.size + plan.learn.size, bs))
+    substeps = plan.learns and c.variant == "A" and c.slow_batches == "substeps"
+    variant_b = plan.learns and c.variant == "B"
+    if variant_b or substeps:
+      slow_data = buffer
+    else:
+      slow_data = np.union1d(buffer, plan.learn)
+    streams_ = {"forget": stream(plan.forget, f"{plan.name}_forget", "forget"),
+                "retain": stream(slow_data, f"{plan.name}_retain", "retain")}
+    if variant_b or substeps:
+      streams_["learn"] = stream(plan.learn, f"{plan.name}_learn", "learn")
+    tx_total = 2 * total if substeps else total
+    unlearn_tx = _unlearn_tx(config, tx_total)
+    tx = tools.slot(unlearn_tx)
+    tx_key = ("unlearn", tx_total)
+    n_f = int(u.forget_every)
+    if method == "clu_joint":
+      joint = step("joint", tx_key, tx, {"phase": fast_slow.SLOW})
+      plan_fn = lambda t: [("joint", joint, ("forget", "retain"))]
+      alpha = float(u.forget_alpha)
+      hparams_fn = lambda e, t: {"forget_coef": alpha * 0.5 * (
+          1.0 + math.cos(math.pi * min(t, total) / total))}
+    else:
+      fast = step("fast_b" if variant_b else "fast", tx_key, tx, {"phase": fast_slow.FAST})
+      slow = step("slow", tx_key, tx, {"phase": fast_slow.SLOW})
+      fast_keys = ("forget", "learn") if variant_b else ("forget",)
+      slow_learn = (step("slow_learn", tx_key, tx, {"phase": fast_slow.SLOW})
+                    if substeps else None)
+
+      def plan_fn(t):
+        subs = [("fast", fast, fast_keys)] if fast_slow.is_fast_iteration(t, n_f) else []
+        if substeps:
+          subs.append(("slow_learn", slow_learn, ("learn",)))
+        return subs + [("slow", slow, ("retain",))]
+      hparams_fn = lambda e, t: {}
+
+    def on_start(state, frozen, fresh):
+      if not fresh:
+        return state, frozen  # the mask is in the restored optimizer state
+      new = train.replicate(unlearn_tx.init(state.params), mesh)
+      if method != "clu_joint" and u.use_mask:
+        if c.mask_recompute == "once" and k != tools.first_unlearn:
+          mask = state.opt_state["unlearn"].mask  # computed at the first unlearning stage
+        else:
+          mask = stage_mask(tools, state, plan, buffer)
+        new = fast_slow.set_mask(new, mask)
+      return state._replace(opt_state={**state.opt_state, "unlearn": new}), frozen
+    return train.Stage(name=plan.name, step_fn=None, streams=streams_, iterations=total,
+                       plan=plan_fn, hparams_fn=hparams_fn, on_start=on_start)
+
+  def stage_mask(tools: StageTools, state, plan: StagePlan, buffer):
+    """The saliency mask at the stage's starting weights (eval-mode Fisher diagonals)."""
+    u, c = tools.config.unlearn, tools.config.clu
+    t0 = time.time()
+
+    def fisher(indices, name):
+      return saliency.fisher_diagonal(
+          lambda p, b: tools.eval_grad(p, state.model_state, b), state.params,
+          tools.eval_batches(indices, name, int(u.fisher_batch_size)))
+    f_u = fisher(plan.forget, f"{plan.name}_fisher_u")
+    f_r = fisher(buffer, f"{plan.name}_fisher_r")
+    if method == "sfr_on":
+      mask = saliency.balanced_ratio_mask(f_u, f_r, threshold=float(u.gamma))
+    else:
+      f_l = fisher(plan.learn, f"{plan.name}_fisher_l") if plan.learns else None
+      if c.partition_weights == "data_share":
+        p_u, p_r, p_l = saliency.partition_weights(plan.forget.size, buffer.size,
+                                                   plan.learn.size)
+      else:
+        p_u = p_r = p_l = 1.0
+      mask = saliency.clu_ratio_mask(f_u, f_r, f_l, p_unlearn=p_u, p_remain=p_r,
+                                     p_learn=p_l, learn_in=c.mask_learn_in,
+                                     threshold=float(u.gamma))
+    kept = saliency.mask_sparsity(mask)["kept_fraction"]
+    log.info("[%s] saliency mask: %.2f%% of the weights kept (%.1f s)", plan.name,
+             100 * kept, time.time() - t0)
+    return mask
+
+  def measures(state) -> dict:
+    if method == "clu_joint":
+      return {}
+    return {"mask_kept_fraction": saliency.mask_sparsity(
+        jax.device_get(state.opt_state["unlearn"].mask))["kept_fraction"]}
+
+  def schedule_log(config, plan: StagePlan, stage: train.Stage):
+    """η and c of the NEXT iteration (t after the logged SLOW step) for metrics.jsonl."""
+    del plan
+    u, c = config.unlearn, config.clu
+    alpha = float(u.forget_alpha)
+    total = stage.iterations * (2 if len(stage.streams) == 3 and c.variant == "A" else 1)
+
+    def extra(state):
+      eta, coef = fast_slow.schedule_values(state.opt_state["unlearn"], float(u.lr), alpha,
+                                            total)
+      return {"eta_next": eta, "forget_coef_next": coef}
+    return extra
+
+  return Unlearner(init_tx=lambda config: _unlearn_tx(config, 1), build=build,
+                   measures=measures, schedule_log=schedule_log, fused=method != "sfr_on")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` (sfr_on, ug_clu, clu_joint, clu_retrain) on the request stream."""
   method = config.method
   if method not in METHOD_NAMES:
     raise ConfigError(f"method: {method!r} is not one of {', '.join(METHOD_NAMES)}")
+  return run_stream(config, workdir, _fast_slow_unlearner(method))
+
+
+def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlearner) -> dict:
+  """Runs `config.method` on the request stream with `unlearner`'s unlearning stages.
+
+  Everything but the update of an unlearning stage is shared by every method on the
+  stream: data, plan, learning stages (replay fine-tuning), replay buffers, evaluation,
+  the Retrain oracle (`clu_retrain`, which trains instead of unlearning), the results
+  envelope, plots and resumption.
+
+  Args:
+    config: the run's config (`config.method` names the method in the results).
+    workdir: where checkpoints, metrics and results go.
+    unlearner: the unlearning-stage hook (`kswap_jax.methods.baselines.unlearning` passes
+      its own).
+
+  Returns:
+    The results envelope.
+  """
+  method = config.method
   retrain = method == "clu_retrain"
   mesh = train.mesh_for(config)
   _validate(config)
+  unlearner.validate(config)
   u, lc, c = config.unlearn, config.learn, config.clu
 
   # Data and the stage plan, validated before the workdir is touched.
@@ -767,10 +980,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   permutation = random_permutation(len(train_src), int(c.random_seed))
   plans = plan_stages(np.asarray(train_src.labels), tasks, requests, initial_tasks,
                       permutation)
-  if method == "sfr_on" and any(p.learns and p.unlearns for p in plans):
+  if not unlearner.fused and any(p.learns and p.unlearns for p in plans):
     bad = next(p for p in plans if p.learns and p.unlearns)
-    raise ConfigError(f"{_field(bad.request.index)}: {bad.request.text!r}: sfr_on takes no "
-                      f"fused learn+forget stage (D_L = ∅); use ug_clu")
+    raise ConfigError(f"{_field(bad.request.index)}: {bad.request.text!r}: {method} takes "
+                      f"no fused learn+forget stage (D_L = ∅); use ug_clu")
   if method == "clu_joint" and c.variant != "A":
     raise ConfigError("clu.variant: clu_joint has one step per iteration (variant A only)")
   train_bs = {"unlearn.batch_size": int(u.batch_size), "learn.batch_size": int(lc.batch_size),
@@ -810,7 +1023,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return common.load_base(config, model_cfg, model, jax.random.key(seed))
 
   params, model_state = init_model("init")
-  learn_any, unlearn_any = _fast_slow(lc, 1), _unlearn_tx(config, 1)
+  learn_any, unlearn_any = _fast_slow(lc, 1), unlearner.init_tx(config)
 
   def init_opt(p):
     return {"learn": learn_any.init(p), "unlearn": unlearn_any.init(p)}
@@ -836,16 +1049,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   kw = common.stream_kwargs(config)
 
-  def fisher(params, ms, indices, name):
-    batches = streams.eval_batches(_subset(train_src, indices, name),
-                                   batch_size=int(u.fisher_batch_size), **kw)
-    return saliency.fisher_diagonal(
-        lambda p, b: eval_grad(p, ms, train.to_global(b, mesh)), params, batches)
+  def eval_batches(indices, name, batch_size):
+    for b in streams.eval_batches(_subset(train_src, indices, name), batch_size=batch_size,
+                                  **kw):
+      yield train.to_global(b, mesh)
+
+  def stream_of(subsets, k, key, bs, field, cycle=True):
+    return common.make_stream(config, subsets, batch_size=bs, field=field,
+                              seed=seed + 1000 * (k + 1) + STREAM_SEEDS[key], cycle=cycle,
+                              mesh=mesh)
 
   def stream(indices, name, k, key, bs, field):
-    return common.make_stream(config, [_subset(train_src, indices, name)], batch_size=bs,
-                              field=field, seed=seed + 1000 * (k + 1) + STREAM_SEEDS[key],
-                              cycle=True, mesh=mesh)
+    return stream_of([_subset(train_src, indices, name)], k, key, bs, field)
 
   loss_key = (u.loss, float(u.lambd), float(c.learn_lambda), float(c.learn_alpha),
               float(u.forget_alpha))
@@ -859,7 +1074,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _cached(key, lambda: train.make_train_step(
         loss_fns[kind], tx, mesh, mutable=True, update_kwargs=update_kwargs))
 
-  first_unlearn = next((p.index for p in run_plans if p.unlearns), None)
+  tools = StageTools(
+      config=config, model=model, mesh=mesh, train_src=train_src,
+      first_unlearn=next((p.index for p in run_plans if p.unlearns), None),
+      subset=lambda indices, name: _subset(train_src, indices, name), stream=stream_of,
+      eval_batches=eval_batches, eval_grad=eval_grad,
+      compiled=lambda key, build: _cached(base_key + tuple(key), build),
+      slot=lambda tx: _slot("unlearn", tx, init_opt))
 
   def build_stage(plan: StagePlan) -> train.Stage:
     k = plan.index
@@ -899,86 +1120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           streams={"retain": stream(data, f"{plan.name}_replay", k, "retain",
                                     int(lc.batch_size), "learn.batch_size")})
 
-    # Unlearning (or fused) stage.
-    bs = int(u.batch_size)
-    total = int(u.iterations)
-    if plan.learns:
-      total = int(c.fused_iterations) or max(total, _iterations(
-          lc, buffer.size + plan.learn.size, bs))
-    substeps = plan.learns and c.variant == "A" and c.slow_batches == "substeps"
-    variant_b = plan.learns and c.variant == "B"
-    if variant_b or substeps:
-      slow_data = buffer
-    else:
-      slow_data = np.union1d(buffer, plan.learn)
-    streams_ = {"forget": stream(plan.forget, f"{plan.name}_forget", k, "forget", bs,
-                                 "unlearn.batch_size"),
-                "retain": stream(slow_data, f"{plan.name}_retain", k, "retain", bs,
-                                 "unlearn.batch_size")}
-    if variant_b or substeps:
-      streams_["learn"] = stream(plan.learn, f"{plan.name}_learn", k, "learn", bs,
-                                 "unlearn.batch_size")
-    tx_total = 2 * total if substeps else total
-    unlearn_tx = _unlearn_tx(config, tx_total)
-    tx = _slot("unlearn", unlearn_tx, init_opt)
-    tx_key = ("unlearn", tx_total)
-    n_f = int(u.forget_every)
-    if method == "clu_joint":
-      joint = step("joint", tx_key, tx, {"phase": fast_slow.SLOW})
-      plan_fn = lambda t: [("joint", joint, ("forget", "retain"))]
-      alpha = float(u.forget_alpha)
-      hparams_fn = lambda e, t: {"forget_coef": alpha * 0.5 * (
-          1.0 + math.cos(math.pi * min(t, total) / total))}
-    else:
-      fast = step("fast_b" if variant_b else "fast", tx_key, tx, {"phase": fast_slow.FAST})
-      slow = step("slow", tx_key, tx, {"phase": fast_slow.SLOW})
-      fast_keys = ("forget", "learn") if variant_b else ("forget",)
-      slow_learn = (step("slow_learn", tx_key, tx, {"phase": fast_slow.SLOW})
-                    if substeps else None)
-
-      def plan_fn(t):
-        subs = [("fast", fast, fast_keys)] if fast_slow.is_fast_iteration(t, n_f) else []
-        if substeps:
-          subs.append(("slow_learn", slow_learn, ("learn",)))
-        return subs + [("slow", slow, ("retain",))]
-      hparams_fn = lambda e, t: {}
-
-    def on_start(state, frozen, fresh):
-      if not fresh:
-        return state, frozen  # the mask is in the restored optimizer state
-      new = train.replicate(unlearn_tx.init(state.params), mesh)
-      if method != "clu_joint" and u.use_mask:
-        if c.mask_recompute == "once" and k != first_unlearn:
-          mask = state.opt_state["unlearn"].mask  # computed at the first unlearning stage
-        else:
-          mask = stage_mask(state, plan, buffer)
-        new = fast_slow.set_mask(new, mask)
-      return state._replace(opt_state={**state.opt_state, "unlearn": new}), frozen
-    return train.Stage(name=plan.name, step_fn=None, streams=streams_, iterations=total,
-                       plan=plan_fn, hparams_fn=hparams_fn, on_start=on_start)
-
-  def stage_mask(state, plan: StagePlan, buffer):
-    """The saliency mask at the stage's starting weights (eval-mode Fisher diagonals)."""
-    t0 = time.time()
-    f_u = fisher(state.params, state.model_state, plan.forget, f"{plan.name}_fisher_u")
-    f_r = fisher(state.params, state.model_state, buffer, f"{plan.name}_fisher_r")
-    if method == "sfr_on":
-      mask = saliency.balanced_ratio_mask(f_u, f_r, threshold=float(u.gamma))
-    else:
-      f_l = (fisher(state.params, state.model_state, plan.learn, f"{plan.name}_fisher_l")
-             if plan.learns else None)
-      if c.partition_weights == "data_share":
-        p_u, p_r, p_l = saliency.partition_weights(plan.forget.size, buffer.size,
-                                                   plan.learn.size)
-      else:
-        p_u = p_r = p_l = 1.0
-      mask = saliency.clu_ratio_mask(f_u, f_r, f_l, p_unlearn=p_u, p_remain=p_r,
-                                     p_learn=p_l, learn_in=c.mask_learn_in,
-                                     threshold=float(u.gamma))
-    kept = saliency.mask_sparsity(mask)["kept_fraction"]
-    log.info("[%s] saliency mask: %.2f%% of the weights kept (%.1f s)", plan.name,
-             100 * kept, time.time() - t0)
-    return mask
+    return unlearner.build(tools, plan, buffers[k])  # an unlearning (or fused) stage
 
   # Evaluation of the current model on what a stage needs.
   def outputs(state, plan_list) -> _Outputs:
@@ -1000,18 +1142,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
 
   def schedule_log(plan: StagePlan, stage: train.Stage):
-    """η and c of the NEXT iteration (t after the logged SLOW step) for metrics.jsonl."""
-    unlearning = plan.unlearns and not retrain
-    slot, section = ("unlearn", u) if unlearning else ("learn", lc)
-    alpha = float(u.forget_alpha) if unlearning else 0.0
-    total = stage.iterations * (2 if unlearning and len(stage.streams) == 3
-                                and c.variant == "A" else 1)
+    """η of the NEXT iteration for metrics.jsonl (the unlearner's values when unlearning)."""
+    if plan.unlearns and not retrain:
+      return unlearner.schedule_log(config, plan, stage)
 
     def extra(state):
-      eta, coef = fast_slow.schedule_values(state.opt_state[slot], float(section.lr), alpha,
-                                            total)
-      return ({"eta_next": eta, "forget_coef_next": coef} if unlearning
-              else {"eta_next": eta})
+      eta, _ = fast_slow.schedule_values(state.opt_state["learn"], float(lc.lr), 0.0,
+                                         stage.iterations)
+      return {"eta_next": eta}
     return extra
 
   for plan in run_plans:
@@ -1033,9 +1171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if retrain and probs_u is not None and run_.is_main:
       os.makedirs(probs_dir, exist_ok=True)  # before the stage checkpoint
       np.save(os.path.join(probs_dir, f"{plan.name}.npy"), probs_u)
-    if plan.unlearns and method != "clu_joint" and not retrain:
-      m["mask_kept_fraction"] = saliency.mask_sparsity(
-          jax.device_get(state.opt_state["unlearn"].mask))["kept_fraction"]
+    if plan.unlearns and not retrain:
+      m.update(unlearner.measures(state))
     m["seconds"] = round(seconds, 3)
     run_.finish_stage(state, plan.name, m)
     log.info("[%s] %s", plan.name, " ".join(
