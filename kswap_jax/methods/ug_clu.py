@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -109,6 +110,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           beta=1.0,              # Lookahead β; 1 = off (released)
           batch_size=128,        # forget and slow batches
           fisher_batch_size=128,
+          fisher_augment=True,   # the Fisher passes see data.augment (SFR-on's loaders apply
+                                 # the training transform there); False = plain images
       )),
       learn=ml_collections.ConfigDict(dict(
           # Learning stages (replay fine-tuning); SFR-on's CIFAR-10 pretraining recipe.
@@ -766,8 +769,9 @@ class StageTools:
     stream: (subsets, k, key, batch_size, field, cycle=True) -> the training stream of
       stage k over the union of `subsets`, seeded from seed + 1000·(k + 1) +
       STREAM_SEEDS[key]; cycle=False gives padded epochs (`kswap_jax.data.streams`).
-    eval_batches: (indices, name, batch_size) -> one pass of global batches with eval
-      preprocessing (Fisher diagonals, saliency passes).
+    eval_batches: (indices, name, batch_size, augment=False) -> one pass of global batches
+      with eval preprocessing (Fisher diagonals, saliency passes); augment=True adds the
+      training augmentation `data.augment` (SFR-on's Fisher passes).
     eval_grad: (params, model_state, global batch) -> ∇ mean CE with the model in eval mode.
     compiled: (key, build) -> build() once per key, model and mesh in this process (a key
       must name everything the built step depends on).
@@ -892,7 +896,8 @@ def _fast_slow_unlearner(method: str) -> Unlearner:
     def fisher(indices, name):
       return saliency.fisher_diagonal(
           lambda p, b: tools.eval_grad(p, state.model_state, b), state.params,
-          tools.eval_batches(indices, name, int(u.fisher_batch_size)))
+          tools.eval_batches(indices, name, int(u.fisher_batch_size),
+                             augment=bool(u.fisher_augment)))
     f_u = fisher(plan.forget, f"{plan.name}_fisher_u")
     f_r = fisher(buffer, f"{plan.name}_fisher_r")
     if method == "sfr_on":
@@ -1049,9 +1054,11 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
   kw = common.stream_kwargs(config)
 
-  def eval_batches(indices, name, batch_size):
+  def eval_batches(indices, name, batch_size, augment=False):
+    aug = dict(augment=str(config.data.augment), crop_padding=int(config.data.crop_padding),
+               seed=seed + zlib.crc32(name.encode())) if augment else {}
     for b in streams.eval_batches(_subset(train_src, indices, name), batch_size=batch_size,
-                                  **kw):
+                                  **kw, **aug):
       yield train.to_global(b, mesh)
 
   def stream_of(subsets, k, key, bs, field, cycle=True):
