@@ -29,13 +29,19 @@ margin even raises it); with `proximal` block 0's group is exactly zero after ta
 from kswap_jax import methods
 from kswap_jax.config import parse_arg
 from kswap_jax.errors import ConfigError
+from kswap_jax.methods.baselines import continual_forgetting
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="gs_lora", proximal=False, runlocal=False)
-  if a.method not in ("gs_lora", "gs_lora_pp"):
-    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
-  c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
+  names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
+  if a.method not in names:
+    raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
+  c = methods.default_config(a.method)  # the shared base + the method's sections
+  for other in ("gs_lora", "cf_ft"):  # every section, so `compare` runs all on one config
+    for section, fields in methods.get(other).sections().items():
+      if section not in c:
+        c[section] = fields
   c.seed = 0
 
   c.data.old = dict(kind="digits", seed=0, test_fraction=0.3)
@@ -64,9 +70,22 @@ def get_config(arg=None):
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 50
 
+  # The continual-forgetting baselines (methods cf_*): the reference's losses, weights,
+  # relabelling and schedules, with the demo's batch and epochs and learning rates for a
+  # small model trained in a few hundred steps (docs/baselines.md).
+  c.cf.update(dict(batch_size=32, epochs=4))
+  for name, lr in (("cf_retrain", 1e-3), ("cf_ft", 3e-4), ("cf_l2", 3e-4), ("cf_ewc", 3e-4),
+                   ("cf_mas", 3e-4), ("cf_lwf", 3e-4), ("cf_der", 1e-3), ("cf_der_pp", 1e-3),
+                   ("cf_fdr", 1e-3), ("cf_scrub", 3e-4)):
+    c[name].lr = lr
+  c.cf_retrain.warmup_epochs = 1
+  c.cf_scrub.update(dict(max_epochs=1, min_epochs=1))
+
   if a.runlocal:
     c.model.variant = "test/4"
     c.pretrain.epochs = 2
     c.gs_lora.epochs = 1
+    c.cf.epochs = 1
+    c.cf_retrain.warmup_epochs = 0
     c.train.log_every_steps = 5
   return c
