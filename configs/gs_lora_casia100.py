@@ -131,6 +131,12 @@ def get_config(arg=None):
                     warmup_alpha=True, big_alpha=0.015))
       g.prototype.update(dict(forget_weight=(0.0003,), bound=18.0))
 
+  if a.setting.startswith("single"):  # the baselines' one-task commands
+    c.cf_l2.weight = 0.05
+    c.cf_der_pp.weight = 0.05
+    if a.setting == "single_fewshot":
+      c.cf_mas.weight = 5.0
+
   if a.runlocal:
     c.data.old = dict(kind="synthetic", num_classes=10, image_size=16, channels=3,
                       train_per_class=12, test_per_class=6, seed=0)

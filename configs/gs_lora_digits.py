@@ -11,6 +11,9 @@ the backbone.
     python run.py --config=configs/gs_lora_digits.py:method=gs_lora_pp
     python run.py --config=configs/gs_lora_digits.py:proximal     # exact zero groups
     python run.py --config=configs/gs_lora_digits.py:runlocal     # a few-second smoke run
+    python run.py --config=configs/gs_lora_digits.py:method=cf_ewc  # a baseline (cf_*)
+    # GS-LoRA, GS-LoRA++ and the 10 continual-forgetting baselines on identical data:
+    python -m kswap_jax.compare --config=configs/gs_lora_digits.py:compare
 
 The loss, BND = 105, the A-init slopes, AdamW 1e-2 / wd 0.05 and the per-epoch cosine are
 the reference's. The demo's own choices (the data is tiny): 8 epochs per task (32 steps
@@ -33,7 +36,7 @@ from kswap_jax.methods.baselines import continual_forgetting
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="gs_lora", proximal=False, runlocal=False)
+  a = parse_arg(arg, method="gs_lora", proximal=False, runlocal=False, compare=False)
   names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
   if a.method not in names:
     raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
@@ -80,6 +83,10 @@ def get_config(arg=None):
     c[name].lr = lr
   c.cf_retrain.warmup_epochs = 1
   c.cf_scrub.update(dict(max_epochs=1, min_epochs=1))
+
+  if a.compare:  # every method of the family within ~15 minutes on 2 CPU cores
+    c.gs_lora.epochs = 4
+    c.cf.epochs = 3
 
   if a.runlocal:
     c.model.variant = "test/4"

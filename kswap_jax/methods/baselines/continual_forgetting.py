@@ -146,7 +146,7 @@ def relabel(key: jax.Array, labels: jax.Array, is_forget: jax.Array, *, rule: st
     is_forget: (K,) bool/float, 1 for the task's forget classes.
     rule: "reference" or "other".
     num_forget: n_f (may be traced).
-    num_classes: K, the head rows.
+    num_classes: K, the classes of the label space (`tasks.num_classes`).
 
   Returns:
     (batch,) int32 labels.
@@ -544,7 +544,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                carry=train.replicate(carry, mesh))
       frozen = {"head": head0, "is_forget": forget_mask,
                 "num_forget": np.asarray(len(task.forget), np.int32)}
-      if "anchor" in state.carry:
+      if method in ANCHORED:
         frozen["anchor"] = state.carry["anchor"]
         frozen["active"] = (np.arange(num_tasks) <= t).astype(np.float32)
       if "importance" in state.carry:
@@ -623,10 +623,9 @@ def _compiled(config, model, trainable0: Tree, mesh):
   `compare`, reuse the compilations)."""
   method, c, s = str(config.method), config.cf, config[str(config.method)]
   key = (method, config.model.to_json(), c.to_json(), s.to_json(),
-         int(config.model.num_classes), tuple(d.id for d in mesh.devices.flat))
+         int(config.tasks.num_classes), tuple(d.id for d in mesh.devices.flat))
   if key in _COMPILED:
     return _COMPILED[key]
-  num_classes = int(config.model.num_classes)
   mask = decay_mask(trainable0)
   if method == "cf_scrub":
     tx = make_optimizer(float(s.lr), c, mask, scrub_weight_decay=float(s.weight_decay))
@@ -644,7 +643,8 @@ def _compiled(config, model, trainable0: Tree, mesh):
     return gs_lora.head_logits(model, p, e, labels), e
 
   steps = {k: train.make_train_step(fn, tx, mesh)
-           for k, fn in _make_losses(method, config, forward, num_classes).items()}
+           for k, fn in _make_losses(method, config, forward,
+                                     int(config.tasks.num_classes)).items()}
   predict_step = train.make_predict_step(
       lambda p, _, f, b: forward(p, f, b["image"], None)[0], mesh)
   importance_grad = None
@@ -660,7 +660,8 @@ def _compiled(config, model, trainable0: Tree, mesh):
 
 
 def _make_losses(method: str, config, forward, num_classes: int) -> dict[str, Callable]:
-  """{"train": loss_fn} ({"max", "min"} for SCRUB), each (params, frozen, batch, rng)."""
+  """{"train": loss_fn} ({"max", "min"} for SCRUB), each (params, frozen, batch, rng);
+  `num_classes` is the label space the "other" relabelling rule draws from."""
   c, s = config.cf, config[method]
   rule = str(c.relabel)
 
