@@ -74,7 +74,9 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
 
   `cf` holds what every baseline shares (the common settings of the reference's baseline
   commands: batch 48, 100 epochs per task, AdamW wd 0.05, per-epoch cosine to 1e-5), one
-  section per method its own learning rate and weights. Sources (flags of
+  section per method its own learning rate and weights, and `epochs` (> 0 overrides
+  `cf.epochs` for that method, e.g. to give every baseline a similar number of steps in a
+  short demo; 0 keeps `cf.epochs`, the reference's setting). Sources (flags of
   `train/train_own_forget_cl.py` in `scripts/run_cl_forget.sh`, 4-task block):
     cf_retrain  --retrain --lr 3e-4 --warmup-epochs 5 (timm warmup_lr 1e-6)
     cf_ft       not in the reference: CE on the retain subset, the "*" methods' lr 1e-4
@@ -105,18 +107,18 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
                                    # [code, a quirk]; subset: the task's retain subset
           eval_margin=True,        # accuracy = arg-max of the margin logits (reference)
       )),
-      "cf_retrain": cd(dict(lr=3e-4, warmup_epochs=5, warmup_lr=1e-6)),
-      "cf_ft": cd(dict(lr=1e-4)),
-      "cf_l2": cd(dict(lr=1e-4, weight=0.1)),
-      "cf_ewc": cd(dict(lr=1e-4, weight=10.0)),
-      "cf_mas": cd(dict(lr=1e-4, weight=0.005)),
-      "cf_lwf": cd(dict(lr=1e-4, kd_weight=0.5, retain_weight=10.0, temperature=2.0,
+      "cf_retrain": cd(dict(epochs=0, lr=3e-4, warmup_epochs=5, warmup_lr=1e-6)),
+      "cf_ft": cd(dict(epochs=0, lr=1e-4)),
+      "cf_l2": cd(dict(epochs=0, lr=1e-4, weight=0.1)),
+      "cf_ewc": cd(dict(epochs=0, lr=1e-4, weight=10.0)),
+      "cf_mas": cd(dict(epochs=0, lr=1e-4, weight=0.005)),
+      "cf_lwf": cd(dict(epochs=0, lr=1e-4, kd_weight=0.5, retain_weight=10.0, temperature=2.0,
                         kd_reference_bug=False)),  # True: the reference's KD ≡ 0
-      "cf_der": cd(dict(lr=1e-3, weight=0.01)),
-      "cf_der_pp": cd(dict(lr=1e-3, weight=0.005, retain_weight=0.005)),
-      "cf_fdr": cd(dict(lr=1e-3, weight=50.0)),
+      "cf_der": cd(dict(epochs=0, lr=1e-3, weight=0.01)),
+      "cf_der_pp": cd(dict(epochs=0, lr=1e-3, weight=0.005, retain_weight=0.005)),
+      "cf_fdr": cd(dict(epochs=0, lr=1e-3, weight=50.0)),
       "cf_scrub": cd(dict(
-          lr=1e-4, weight_decay=5e-4,  # torch Adam (L2 added to the gradient), no cosine
+          epochs=0, lr=1e-4, weight_decay=5e-4,  # torch Adam (L2 added to the gradient), no cosine
           gamma=0.99, alpha=0.001, temperature=2.0,
           max_epochs=5, min_epochs=5,  # per super-epoch: max+min inner epochs, then min only
           lr_decay_at=0.7,             # LR × lr_decay_rate from this share of the inner epochs
@@ -407,6 +409,7 @@ def _check(config) -> None:
       raise ConfigError(f"cf.{field}: {c[field]!r} (expected one of {', '.join(allowed)})")
   m = config.method
   s = config[m]
+  _int(s, "epochs", m, 0)
   _number(s, "lr", m, strict=True)
   for field in ("weight", "kd_weight", "retain_weight", "gamma", "alpha", "weight_decay"):
     if field in s:
@@ -454,7 +457,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           seed=int(config.tasks.seed))["retain_train"]
 
   bs = int(c.batch_size)
-  epochs = int(c.epochs)
+  epochs = int(s.epochs) or int(c.epochs)
 
   def stream(subs, t, offset, cycle):
     return common.make_stream(config, subs, batch_size=bs, field="cf.batch_size",
