@@ -27,6 +27,10 @@ Expect (measured on 2 shared CPU cores, ~3-4 minutes with pretraining; docs/gs_l
 pretrained Acc_r 89.8 / Acc_f 90.7; after each of the 3 tasks Acc_f = 0 on the task's
 digits, Acc_o = 0 on the digits forgotten before, Acc_r 88-95 (the retain CE with the
 margin even raises it); with `proximal` block 0's group is exactly zero after tasks 1 and 2.
+
+The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR 12) runs
+all 12 methods of the family in ~11 minutes on 2 busy CPU cores; its measured leaderboard and
+what the baselines do are in docs/baselines.md.
 """
 
 from kswap_jax import methods

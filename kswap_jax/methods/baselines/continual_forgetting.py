@@ -38,7 +38,6 @@ tabulate these baselines; the methods' own papers are cited on their functions.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Callable, Iterable
 
