@@ -14,7 +14,9 @@ task, accuracy = arg-max of the margin logits (the reference's rule).
         --config.init.checkpoint=/ckpt/face_vit_casia100.npz --workdir=/runs/gs_cl
     python run.py --config=configs/gs_lora_casia100.py:setting=continual,method=gs_lora_pp ...
 
-Arg keys: method (gs_lora | gs_lora_pp); setting:
+Arg keys: method (gs_lora | gs_lora_pp, or a continual-forgetting baseline cf_retrain, cf_ft,
+cf_l2, cf_ewc, cf_mas, cf_lwf, cf_der, cf_der_pp, cf_fdr, cf_scrub with the reference's
+CASIA-100 hyper-parameters: docs/baselines.md); setting:
   single            100-Y single-step, full data (ratio 0.1), b 48, BND 110, β 0.05,
                     α 0 until epoch 20 then 0.01 (warm-up from 0.005), λ_f 0.005
   single_fewshot    100-Y single-step, 2 shots per class (the reference's active script;
@@ -56,6 +58,7 @@ import math
 from kswap_jax import methods
 from kswap_jax.config import parse_arg
 from kswap_jax.errors import ConfigError
+from kswap_jax.methods.baselines import continual_forgetting
 
 SETTINGS = ("single", "single_fewshot", "continual", "continual_fewshot", "missing")
 
@@ -65,9 +68,14 @@ def get_config(arg=None):
   if a.setting not in SETTINGS:
     raise ConfigError(f"--config arg: setting={a.setting!r} (expected one of "
                       f"{', '.join(SETTINGS)})")
-  if a.method not in ("gs_lora", "gs_lora_pp"):
-    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
-  c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
+  names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
+  if a.method not in names:
+    raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
+  c = methods.default_config(a.method)  # the shared base + the method's sections
+  for other in ("gs_lora", "cf_ft"):  # every section, so `compare` runs all on one config
+    for section, fields in methods.get(other).sections().items():
+      if section not in c:
+        c[section] = fields
   c.seed = 1337
 
   c.data.old.update(kind="tfds", name="casia100", train_split="train", test_split="test")
@@ -123,6 +131,12 @@ def get_config(arg=None):
                     warmup_alpha=True, big_alpha=0.015))
       g.prototype.update(dict(forget_weight=(0.0003,), bound=18.0))
 
+  if a.setting.startswith("single"):  # the baselines' one-task commands
+    c.cf_l2.weight = 0.05
+    c.cf_der_pp.weight = 0.05
+    if a.setting == "single_fewshot":
+      c.cf_mas.weight = 5.0
+
   if a.runlocal:
     c.data.old = dict(kind="synthetic", num_classes=10, image_size=16, channels=3,
                       train_per_class=12, test_per_class=6, seed=0)
@@ -150,4 +164,15 @@ def get_config(arg=None):
     c.eval.batch_size = 32
     c.eval.every_steps = 4
     c.train.log_every_steps = 5
+    # The baselines: 2 tasks of a few steps (batch 20: the "*" methods' replay stream has
+    # 3 steps per task, so a checkpoint every 4 steps lands inside task 2).
+    c.cf.update(dict(epochs=1, batch_size=20))
+    c.cf_scrub.update(dict(max_epochs=1, min_epochs=0))
+    if a.method in continual_forgetting.METHODS:
+      # The test suite's smoke runs of the baselines: 2 tasks from a random model (no
+      # pretraining; `compare` runs them from the config's method and its shared
+      # pretrained model instead).
+      c.init.kind = "random"
+      if not a.setting.startswith("single"):
+        c.tasks.num_tasks = 2
   return c

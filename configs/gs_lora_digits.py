@@ -11,6 +11,9 @@ the backbone.
     python run.py --config=configs/gs_lora_digits.py:method=gs_lora_pp
     python run.py --config=configs/gs_lora_digits.py:proximal     # exact zero groups
     python run.py --config=configs/gs_lora_digits.py:runlocal     # a few-second smoke run
+    python run.py --config=configs/gs_lora_digits.py:method=cf_ewc  # a baseline (cf_*)
+    # GS-LoRA, GS-LoRA++ and the 10 continual-forgetting baselines on identical data:
+    python -m kswap_jax.compare --config=configs/gs_lora_digits.py:compare
 
 The loss, BND = 105, the A-init slopes, AdamW 1e-2 / wd 0.05 and the per-epoch cosine are
 the reference's. The demo's own choices (the data is tiny): 8 epochs per task (32 steps
@@ -24,18 +27,28 @@ Expect (measured on 2 shared CPU cores, ~3-4 minutes with pretraining; docs/gs_l
 pretrained Acc_r 89.8 / Acc_f 90.7; after each of the 3 tasks Acc_f = 0 on the task's
 digits, Acc_o = 0 on the digits forgotten before, Acc_r 88-95 (the retain CE with the
 margin even raises it); with `proximal` block 0's group is exactly zero after tasks 1 and 2.
+
+The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR 12) runs
+all 12 methods of the family in ~11 minutes on 2 busy CPU cores; its measured leaderboard and
+what the baselines do are in docs/baselines.md.
 """
 
 from kswap_jax import methods
 from kswap_jax.config import parse_arg
 from kswap_jax.errors import ConfigError
+from kswap_jax.methods.baselines import continual_forgetting
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="gs_lora", proximal=False, runlocal=False)
-  if a.method not in ("gs_lora", "gs_lora_pp"):
-    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
-  c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
+  a = parse_arg(arg, method="gs_lora", proximal=False, runlocal=False, compare=False)
+  names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
+  if a.method not in names:
+    raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
+  c = methods.default_config(a.method)  # the shared base + the method's sections
+  for other in ("gs_lora", "cf_ft"):  # every section, so `compare` runs all on one config
+    for section, fields in methods.get(other).sections().items():
+      if section not in c:
+        c[section] = fields
   c.seed = 0
 
   c.data.old = dict(kind="digits", seed=0, test_fraction=0.3)
@@ -64,9 +77,36 @@ def get_config(arg=None):
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 50
 
+  # The continual-forgetting baselines (methods cf_*): the reference's losses, weights,
+  # relabelling and schedules, with the demo's batch and epochs and learning rates for a
+  # small model trained in a few hundred steps (docs/baselines.md).
+  # LwF, DER, DER++ and FDR take their epoch from the forget subset, a fifth of the replay
+  # set here as in the reference, so they get 4x the epochs: about as many steps per task
+  # as the others (the reference's 100 epochs give them ~1500 steps; a few dozen do not
+  # forget).
+  def baselines(epochs):
+    c.cf.epochs = epochs
+    for name in ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr"):
+      c[name].epochs = 4 * epochs
+
+  c.cf.batch_size = 32
+  baselines(4)
+  for name, lr in (("cf_retrain", 1e-3), ("cf_ft", 3e-4), ("cf_l2", 3e-4), ("cf_ewc", 3e-4),
+                   ("cf_mas", 3e-4), ("cf_lwf", 3e-4), ("cf_der", 3e-4), ("cf_der_pp", 3e-4),
+                   ("cf_fdr", 1e-3), ("cf_scrub", 3e-4)):
+    c[name].lr = lr
+  c.cf_retrain.warmup_epochs = 1
+  c.cf_scrub.update(dict(max_epochs=1, min_epochs=1))
+
+  if a.compare:  # every method of the family within ~15 minutes on 2 CPU cores
+    c.gs_lora.epochs = 4
+    baselines(3)
+
   if a.runlocal:
     c.model.variant = "test/4"
     c.pretrain.epochs = 2
     c.gs_lora.epochs = 1
+    baselines(1)
+    c.cf_retrain.warmup_epochs = 0
     c.train.log_every_steps = 5
   return c

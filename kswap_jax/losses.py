@@ -189,3 +189,83 @@ def class_sums(embeddings: jax.Array, labels: jax.Array, mask: jax.Array, num_cl
 def class_means(sums: jax.Array, counts: jax.Array) -> jax.Array:
   """Prototypes p_c = sums_c / counts_c; rows of classes without samples are 0."""
   return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], 0.0)
+
+
+# -- Continual-learning regularisers (the continual-forgetting baselines) ----------------------
+
+def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,
+                    mask: jax.Array | None = None) -> jax.Array:
+  """Knowledge distillation at temperature T: the batch-mean KL from teacher to student.
+
+      q_i = softmax(t_i / T),  p_i = softmax(s_i / T)
+      KD  = Σ_i m_i Σ_c q_ic (log q_ic − log p_ic) / max(1, Σ_i m_i)
+
+  Its gradient in the student logits equals that of the cross-entropy form
+  −Σ_c q_ic log p_ic (LwF's "modified cross-entropy"); the KL form is 0 exactly when the
+  student agrees with the teacher. No T² factor: callers that want Hinton's scaling (SCRUB)
+  multiply by T². The teacher gets no gradient.
+
+  Args:
+    student_logits: (batch, classes).
+    teacher_logits: (batch, classes), treated as constants.
+    temperature: T > 0.
+    mask: (batch,) validity of the slots; None = all valid.
+
+  Returns:
+    A float32 scalar ≥ 0.
+
+  Example:
+    >>> kd = distillation_kl(z_student, z_teacher, 2.0, batch["mask"])
+
+  References: Hinton et al., arXiv 1503.02531; Li & Hoiem, arXiv 1606.09282 (LwF).
+  """
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+  log_q = jax.nn.log_softmax(t, axis=-1)
+  log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  per_sample = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+  if mask is None:
+    return jnp.mean(per_sample)
+  return jnp.sum(per_sample * mask) / jnp.maximum(1.0, jnp.sum(mask))
+
+
+def anchor_penalty(params, anchors, importance=None, weights: jax.Array | None = None
+                   ) -> jax.Array:
+  """Σ_s w_s Σ_k Ω_{s,k} (θ_k − θ*_{s,k})²: quadratic pulls towards earlier solutions.
+
+  One term per anchor s (L2: Ω ≡ 1; EWC: the diagonal Fisher; MAS: the output-sensitivity
+  importance), summed over every scalar k of every leaf, unnormalised (the reference's
+  `get_reg_loss`). Anchors and importances are stacked on a leading axis S (one entry per
+  task, `kswap_jax.methods.continual.stack_*`); `weights` (S,) switches terms on (1) or off
+  (0), e.g. the tasks not reached yet.
+
+  Args:
+    params: the trainable tree θ.
+    anchors: θ* with leaves (S, *leaf.shape).
+    importance: Ω with the anchors' structure, or None for Ω ≡ 1 (plain L2).
+    weights: (S,) term weights; None = all terms on.
+
+  Returns:
+    A float32 scalar (multiply by λ).
+
+  Example:
+    >>> reg = lam * anchor_penalty(params, carry["anchor"], carry["importance"], active)
+
+  References: Kirkpatrick et al., arXiv 1612.00796 (EWC); Aljundi et al., arXiv 1711.09601
+  (MAS).
+  """
+  def per_term(p, a, o):
+    diff = jnp.square(p.astype(jnp.float32)[None] - a.astype(jnp.float32))
+    if o is not None:
+      diff = diff * o.astype(jnp.float32)
+    return jnp.sum(diff.reshape(diff.shape[0], -1), axis=1)
+
+  leaves_p = jax.tree_util.tree_leaves(params)
+  leaves_a = jax.tree_util.tree_leaves(anchors)
+  leaves_o = ([None] * len(leaves_p) if importance is None
+              else jax.tree_util.tree_leaves(importance))
+  if not (len(leaves_p) == len(leaves_a) == len(leaves_o)):
+    raise ValueError("anchors/importance: tree structure differs from params")
+  terms = sum(per_term(p, a, o) for p, a, o in zip(leaves_p, leaves_a, leaves_o))
+  if weights is None:
+    return jnp.sum(terms)
+  return jnp.sum(jnp.asarray(weights, jnp.float32) * terms)

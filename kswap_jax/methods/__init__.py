@@ -31,18 +31,19 @@ METHODS = {
     "ug_clu": "kswap_jax.methods.ug_clu",
     "clu_joint": "kswap_jax.methods.ug_clu",
     "clu_retrain": "kswap_jax.methods.ug_clu",
-    "clu_ft": "kswap_jax.methods.baselines.unlearning",
-    "clu_ga": "kswap_jax.methods.baselines.unlearning",
-    "clu_rl": "kswap_jax.methods.baselines.unlearning",
-    "clu_salun": "kswap_jax.methods.baselines.unlearning",
-    "clu_l1_sparse": "kswap_jax.methods.baselines.unlearning",
+    **{name: "kswap_jax.methods.baselines.unlearning" for name in (
+        "clu_ft", "clu_ga", "clu_rl", "clu_salun", "clu_l1_sparse")},
+    **{name: "kswap_jax.methods.baselines.continual_forgetting" for name in (
+        "cf_retrain", "cf_ft", "cf_l2", "cf_ewc", "cf_mas", "cf_lwf", "cf_der", "cf_der_pp",
+        "cf_fdr", "cf_scrub")},
 }
 
 # Methods measured against each other (`python -m kswap_jax.compare`), and the headline
 # metrics of each family's leaderboard (keys of a results envelope's "final").
 FAMILIES = {
     "knowledge_swap": ("lbf", "laf"),
-    "continual_forgetting": ("gs_lora", "gs_lora_pp"),
+    "continual_forgetting": ("gs_lora", "gs_lora_pp", "cf_retrain", "cf_ft", "cf_l2", "cf_ewc",
+                             "cf_mas", "cf_lwf", "cf_der", "cf_der_pp", "cf_fdr", "cf_scrub"),
     "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain", "clu_ft", "clu_ga",
                    "clu_rl", "clu_salun", "clu_l1_sparse"),
 }

@@ -299,6 +299,86 @@ def accuracies(predictions: dict[str, dict[str, np.ndarray]], *, margin: float,
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared with the continual-forgetting baselines (`methods/baselines/continual_forgetting.py`):
+# the same tasks, subsets, evaluation rule, per-task records and results envelope.
+
+def task_data(config: ml_collections.ConfigDict
+              ) -> tuple[list[tasks_lib.ForgetTask], list[dict[str, Any]]]:
+  """The validated task sequence of `config.tasks` and each task's subsets.
+
+  Checks the head size and the pretraining classes against `tasks.num_classes`, loads
+  `data.old` and draws each task's training subsets and test splits
+  (`tasks.task_splits`). Nothing is written.
+
+  Returns:
+    (tasks, subsets) with subsets[t] the `task_splits` dict of task t.
+
+  Raises:
+    ConfigError: naming the field.
+  """
+  task_list = tasks_lib.tasks_from_config(config.tasks)
+  num_classes = int(config.tasks.num_classes)
+  if num_classes > int(config.model.num_classes):
+    raise ConfigError(f"tasks.num_classes: {num_classes} classes do not fit the "
+                      f"{config.model.num_classes}-row head (model.num_classes)")
+  if config.init.kind == "pretrain" and pretrain.num_classes(config) != num_classes:
+    raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)}, but the tasks "
+                      f"start from a model of tasks.num_classes = {num_classes} classes")
+  src = common.load_sources(config.data, roles=("old",))
+  train_src, test_src = src["old_train"], src["old_test"]
+  for source in (train_src, test_src):
+    if source.num_classes > num_classes:
+      raise ConfigError(f"tasks.num_classes: {num_classes}, but source {source.name!r} has "
+                        f"{source.num_classes} classes")
+  subsets = [tasks_lib.task_splits(train_src, test_src, t,
+                                   data_ratio=float(config.tasks.data_ratio),
+                                   shots=int(config.tasks.shots), seed=int(config.tasks.seed))
+             for t in task_list]
+  return task_list, subsets
+
+
+def log_tasks(task_list, subsets) -> None:
+  for t, sub in enumerate(subsets):
+    log.info("task %d: forget %s; %s", t + 1, list(task_list[t].forget),
+             ", ".join(f"{k} {len(v)}" for k, v in sub.items()))
+
+
+def make_evaluate(config, model: vit.VisionTransformer, predict_step, mesh, *,
+                  use_margin: bool):
+  """evaluate(state, frozen, subsets, names=all test splits) -> `accuracies`.
+
+  `predict_step` returns the plain logits (no margin); the margin rule (s·m for CosFace,
+  nothing for a linear head) is applied on the host.
+  """
+  cosface = model.cfg.head == "cosface"
+  margin = model.cfg.cosface_scale * model.cfg.cosface_margin if cosface else 0.0
+
+  def evaluate(state, frozen, sub, names=tuple(TEST_SPLITS.values())):
+    preds = common.predict_splits(config, predict_step, state, frozen,
+                                  {v: sub[v] for v in names if v in sub}, mesh)
+    return accuracies(preds, margin=margin, use_margin=use_margin)
+  return evaluate
+
+
+def periodic_record(acc: dict, before: dict) -> dict:
+  """The in-task evaluation record: Acc_r, Acc_f and H against the task's start."""
+  return {"acc_r": acc["acc_r"], "acc_f": acc["acc_f"],
+          "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"])}
+
+
+def task_record(acc: dict, before: dict) -> dict:
+  """A finished task's record: its accuracies, H (both prediction rules) and the
+  accuracies at the task's start that H is measured against."""
+  return {
+      **acc,
+      "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"]),
+      "h_mean_nomargin": metrics.h_mean(before["acc_f_nomargin"], acc["acc_f_nomargin"],
+                                        acc["acc_r_nomargin"]),
+      "acc_f_before": before["acc_f"], "acc_r_before": before["acc_r"],
+  }
+
+
+# ----------------------------------------------------------------------------------------------
 # The run: one continual task per stage, on the shared task loop.
 
 def _check(config) -> None:
@@ -335,28 +415,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seed = int(config.seed)
 
   # Everything is validated before the workdir is touched or a pretraining run starts.
-  task_list = tasks_lib.tasks_from_config(config.tasks)
+  task_list, subsets = task_data(config)
   num_tasks = len(task_list)
   betas = tasks_lib.per_task(g.beta, num_tasks, "gs_lora.beta")
   pro_weights = tasks_lib.per_task(g.prototype.forget_weight, num_tasks,
                                    "gs_lora.prototype.forget_weight")
-  num_classes = int(config.tasks.num_classes)
-  if num_classes > int(config.model.num_classes):
-    raise ConfigError(f"tasks.num_classes: {num_classes} classes do not fit the "
-                      f"{config.model.num_classes}-row head (model.num_classes)")
-  if config.init.kind == "pretrain" and pretrain.num_classes(config) != num_classes:
-    raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)}, but the tasks "
-                      f"start from a model of tasks.num_classes = {num_classes} classes")
-  src = common.load_sources(config.data, roles=("old",))
-  train_src, test_src = src["old_train"], src["old_test"]
-  for source in (train_src, test_src):
-    if source.num_classes > num_classes:
-      raise ConfigError(f"tasks.num_classes: {num_classes}, but source {source.name!r} has "
-                        f"{source.num_classes} classes")
-  subsets = [tasks_lib.task_splits(train_src, test_src, t,
-                                   data_ratio=float(config.tasks.data_ratio),
-                                   shots=int(config.tasks.shots), seed=int(config.tasks.seed))
-             for t in task_list]
   bs = int(g.batch_size)
   task_streams = []
   for t, sub in enumerate(subsets):
@@ -381,13 +444,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = common.abstract_variables(model, model_cfg)["params"]
   lora.groups(jax.eval_shape(lambda: lora.init(abstract, spec, jax.random.key(0))), grouping)
   proximal = config.group_lasso.mode == "proximal"
-  cosface = model.cfg.head == "cosface"
-  margin = model.cfg.cosface_scale * model.cfg.cosface_margin if cosface else 0.0
 
   run_ = train.Run(workdir, config)
-  for t, sub in enumerate(subsets):
-    log.info("task %d: forget %s; %s", t + 1, list(task_list[t].forget),
-             ", ".join(f"{k} {len(v)}" for k, v in sub.items()))
+  log_tasks(task_list, subsets)
 
   pretrain.ensure_pretrained(config, workdir)
   k_head, k_lora = jax.random.split(jax.random.key(seed))
@@ -414,10 +473,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = run_.restore(state)
   results = run_.meta["results"]
 
-  def evaluate(state, frozen, sub, names=tuple(TEST_SPLITS.values())):
-    preds = common.predict_splits(config, predict_step, state, frozen,
-                                  {v: sub[v] for v in names if v in sub}, mesh)
-    return accuracies(preds, margin=margin, use_margin=use_margin)
+  evaluate = make_evaluate(config, model, predict_step, mesh, use_margin=use_margin)
 
   def prototypes(frozen, sub):
     """p_c: mean embedding of class c's training-subset images under this task's base."""
@@ -473,9 +529,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def periodic(state, frozen):
       acc = evaluate(state, frozen, sub, names=("retain_test", "forget_test"))
-      before = results[f"{task.name}_before"]
-      return {"acc_r": acc["acc_r"], "acc_f": acc["acc_f"],
-              "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"])}
+      return periodic_record(acc, results[f"{task.name}_before"])
 
     def after(state, frozen):
       # The task folded into the kernels, as the next task will see it.
@@ -483,14 +537,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                mesh)
       acc = evaluate(state._replace(params={}), merged, sub)
       before = results[f"{task.name}_before"]
-      record = {
-          **acc,
-          "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"]),
-          "h_mean_nomargin": metrics.h_mean(before["acc_f_nomargin"], acc["acc_f_nomargin"],
-                                            acc["acc_r_nomargin"]),
-          "acc_f_before": before["acc_f"], "acc_r_before": before["acc_r"],
-          **sparsity(jax.device_get(state.params), grouping),
-      }
+      record = {**task_record(acc, before),
+                **sparsity(jax.device_get(state.params), grouping)}
       if use_ema and int(g.epochs) > int(g.ema_epoch):
         ema_base = train.replicate(
             {"base": merge_products(frozen["base"], ema_products(state.opt_state))}, mesh)
@@ -522,7 +570,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  state, None, mesh, eval_every=int(config.eval.every_steps),
                                  extra_log=norm_log)
 
-  out = _results(config, task_list, results, use_margin)
+  out = results_envelope(config, task_list, results, use_margin)
   out["num_trainable"] = lora.count(first_lora)
   if run_.is_main:
     plot(out, os.path.join(run_.workdir, "gs_lora.png"))
@@ -539,7 +587,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return out
 
 
-def _results(config, task_list, results: dict, use_margin: bool) -> dict:
+def results_envelope(config, task_list: list[tasks_lib.ForgetTask], results: dict,
+                     use_margin: bool) -> dict:
+  """The results envelope of a continual-forgetting run: stages "pretrained" (the first
+  task's evaluation before training) and "task_1"...; `final` holds the last task's
+  acc_r, acc_f, acc_o, acc_m (those defined), h_mean, and the mean H over the tasks.
+
+  Args:
+    config: the run's config (recorded; `config.method`, `config.model.head`).
+    task_list: the tasks in order.
+    results: per-task records under the task names and the pre-task evaluations under
+      "<task>_before" (`run_.meta["results"]`).
+    use_margin: whether `acc_*` follow the margin rule (the prediction rule recorded).
+  """
   first = results[f"{task_list[0].name}_before"]
   stages = [{"name": "pretrained", **first}]
   for task in task_list:
@@ -564,10 +624,12 @@ def sparsity_table(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-  """Per-task accuracies (left) and each group's LoRA norm at the end of each task (right)."""
+  """Per-task accuracies (left) and, when the stages record them, each group's LoRA norm at
+  the end of each task (right; the baselines have no LoRA and get the left panel only)."""
   stages = [s for s in results["stages"] if s["name"] != "pretrained"]
-  fig = Figure(figsize=(11, 4))
-  ax_a, ax_n = fig.subplots(1, 2)
+  with_norms = any(s.get("group_norms") for s in stages)
+  fig = Figure(figsize=(11 if with_norms else 6, 4))
+  ax_a, ax_n = fig.subplots(1, 2) if with_norms else (fig.subplots(1, 1), None)
   xs = list(range(1, len(stages) + 1))
   for key, label in (("acc_r", "Acc_r ↑"), ("acc_f", "Acc_f ↓"), ("acc_o", "Acc_o ↓"),
                      ("acc_m", "Acc_m ↑"), ("h_mean", "H-Mean ↑")):
@@ -579,15 +641,17 @@ def plot(results: dict, path: str) -> None:
   ax_a.set_ylabel("accuracy [%]")
   ax_a.grid(alpha=0.3)
   ax_a.legend()
-  for s in stages:
-    norms = s.get("group_norms", [])
-    ax_n.plot(range(len(norms)), norms, marker="o", label=s["name"])
-  ax_n.set_xticks(range(max((len(s.get("group_norms", [])) for s in stages), default=0)))
-  ax_n.set_xlabel("group (the transformer block, for grouping=block)")
-  ax_n.set_ylabel("‖θ_g‖₂ at the end of the task")
-  ax_n.grid(alpha=0.3)
-  ax_n.legend()
-  fig.suptitle(f"{results['method']}: per-task accuracies and LoRA group norms")
+  if ax_n is not None:
+    for s in stages:
+      norms = s.get("group_norms", [])
+      ax_n.plot(range(len(norms)), norms, marker="o", label=s["name"])
+    ax_n.set_xticks(range(max((len(s.get("group_norms", [])) for s in stages), default=0)))
+    ax_n.set_xlabel("group (the transformer block, for grouping=block)")
+    ax_n.set_ylabel("‖θ_g‖₂ at the end of the task")
+    ax_n.grid(alpha=0.3)
+    ax_n.legend()
+  fig.suptitle(f"{results['method']}: per-task accuracies" +
+               (" and LoRA group norms" if with_norms else ""))
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 

@@ -1,0 +1,180 @@
+"""The continual-forgetting baselines: importances, penalties and distillation on hand-built
+cases, the relabelling rules, SCRUB's schedule, bad input, and what a tiny run records (the
+end-to-end runs, kills and resumptions are in tests/test_conformance.py)."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config, method_run
+from kswap_jax import losses, methods
+from kswap_jax.errors import ConfigError
+from kswap_jax.methods.baselines import continual_forgetting as cf
+
+
+# A two-parameter model: logits z = (w1·x, w2·x) for a scalar input x.
+def _logits(params, batch):
+  x = batch["image"]
+  return jnp.stack([params["w1"] * x, params["w2"] * x], axis=-1)
+
+
+# Two minibatches: x = (1, 2) and x = (1, padding); all labels 0.
+BATCHES = [
+    {"image": jnp.array([1.0, 2.0]), "label": jnp.array([0, 0]), "mask": jnp.array([1.0, 1.0])},
+    {"image": jnp.array([1.0, 9.0]), "label": jnp.array([0, 0]), "mask": jnp.array([1.0, 0.0])},
+]
+
+
+def test_ewc_importance_is_the_size_weighted_mean_of_squared_minibatch_gradients():
+  grad = jax.grad(lambda p, b: losses.cross_entropy(_logits(p, b), b["label"], b["mask"]))
+  params = {"w1": jnp.array(0.0), "w2": jnp.array(0.0)}
+  fisher = cf.ewc_importance(grad, params, BATCHES)
+  # At w = 0, p(class 1) = 1/2, so dℓ_i/dw1 = −x_i/2 and dℓ_i/dw2 = +x_i/2.
+  # Batch means: −0.75 (x = 1, 2) and −0.5 (x = 1); F = (2·0.75² + 1·0.5²)/2 = 0.6875.
+  np.testing.assert_allclose(fisher["w1"], 0.6875, rtol=1e-6)
+  np.testing.assert_allclose(fisher["w2"], 0.6875, rtol=1e-6)
+
+
+def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_outputs():
+  grad = jax.grad(lambda p, b: cf.squared_output_mean(_logits(p, b), b["mask"]))
+  params = {"w1": jnp.array(1.0), "w2": jnp.array(-2.0)}
+  omega = cf.mas_importance(grad, params, BATCHES)
+  # m_b = mean_i (w1² + w2²) x_i² / 2 ⇒ ∂m_b/∂w = w · mean_i x_i²: 2.5 and 1 for the batches.
+  # Ω_w1 = |1|·(2.5 + 1)/2 = 1.75; Ω_w2 = |−2|·(2.5 + 1)/2 = 3.5.
+  np.testing.assert_allclose(omega["w1"], 1.75, rtol=1e-6)
+  np.testing.assert_allclose(omega["w2"], 3.5, rtol=1e-6)
+
+
+def test_importances_reject_an_empty_pass():
+  grad = jax.grad(lambda p, b: cf.squared_output_mean(_logits(p, b), b["mask"]))
+  empty = [{**BATCHES[0], "mask": jnp.zeros(2)}]
+  with pytest.raises(ValueError, match="batches"):
+    cf.mas_importance(grad, {"w1": jnp.array(1.0), "w2": jnp.array(1.0)}, empty)
+
+
+def test_anchor_penalty_sums_weighted_importance_terms():
+  params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+  anchors = {"a": jnp.array([[0.0, 0.0], [1.0, 1.0]]), "b": jnp.array([1.0, 2.0])}
+  omega = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "b": jnp.array([5.0, 6.0])}
+  weights = jnp.array([1.0, 0.5])
+  # term 0: 1·1 + 2·4 + 5·4 = 29; term 1: 3·0 + 4·1 + 6·1 = 10; 29 + 0.5·10 = 34.
+  assert float(losses.anchor_penalty(params, anchors, omega, weights)) == pytest.approx(34.0)
+  # Plain L2 (Ω ≡ 1): 9 + 0.5·2 = 10; all terms on: 9 + 2 = 11.
+  assert float(losses.anchor_penalty(params, anchors, None, weights)) == pytest.approx(10.0)
+  assert float(losses.anchor_penalty(params, anchors)) == pytest.approx(11.0)
+  g = jax.grad(lambda p: losses.anchor_penalty(p, anchors, omega, weights))(params)
+  # ∂/∂b = Σ_s w_s 2 Ω_s (b − b*_s) = 2·5·2 + 0.5·2·6·1 = 26.
+  assert float(g["b"]) == pytest.approx(26.0)
+  np.testing.assert_allclose(g["a"], [2 * 1 * 1 + 0.5 * 2 * 3 * 0, 2 * 2 * 2 + 0.5 * 2 * 4 * 1])
+
+
+def test_distillation_is_a_kl_zero_only_when_student_agrees():
+  teacher = jnp.array([[math.log(3.0), 0.0]])
+  # T = 1: q = (3/4, 1/4), p = (1/2, 1/2): KL = 3/4·ln 1.5 + 1/4·ln 0.5.
+  want = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+  assert float(losses.distillation_kl(jnp.zeros((1, 2)), teacher, 1.0)) == pytest.approx(
+      want, rel=1e-5)
+  assert float(losses.distillation_kl(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-7)
+  student = jnp.array([[0.0, 1.0], [2.0, -1.0]])
+  teachers = jnp.array([[1.0, 0.0], [2.0, -1.0]])
+  kd = lambda s: losses.distillation_kl(s, teachers, 2.0, jnp.array([1.0, 1.0]))
+  assert float(kd(student)) > 0.01
+  g = jax.grad(kd)(student)
+  assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) < 1e-7
+
+
+def test_the_reference_lwf_kd_is_zero_with_zero_gradient():
+  student = jnp.array([[0.0, 1.0, -2.0], [3.0, 0.5, 0.1]])
+  teacher = jnp.array([[2.0, -1.0, 0.0], [0.0, 0.0, 4.0]])
+  value, g = jax.value_and_grad(lambda s: cf.reference_lwf_kd(s, teacher, 2.0))(student)
+  assert float(value) == 0.0
+  assert bool(jnp.all(g == 0.0))  # finite: no NaN leaks through the masked log
+  assert float(losses.distillation_kl(student, teacher, 2.0)) > 0.1
+
+
+@pytest.mark.parametrize("rule,low,high", [("reference", 0, 3), ("other", 0, 10)])
+def test_relabelled_forget_labels_are_wrong_fresh_and_in_range(rule, low, high):
+  is_forget = jnp.zeros(10).at[jnp.array([2, 5, 7])].set(1.0)
+  labels = jnp.array([2, 5, 7, 0, 1, 2, 7] * 30)
+  draws = [cf.relabel(jax.random.key(i), labels, is_forget, rule=rule, num_forget=3,
+                      num_classes=10) for i in range(2)]
+  forget = np.asarray(is_forget)[np.asarray(labels)] > 0
+  for y in draws:
+    y = np.asarray(y)
+    assert np.all(y[forget] != np.asarray(labels)[forget])
+    assert np.all((y[forget] >= low) & (y[forget] < high))
+    np.testing.assert_array_equal(y[~forget], np.asarray(labels)[~forget])
+  assert np.any(np.asarray(draws[0]) != np.asarray(draws[1]))  # a fresh draw per access
+  again = cf.relabel(jax.random.key(0), labels, is_forget, rule=rule, num_forget=3,
+                     num_classes=10)
+  np.testing.assert_array_equal(again, draws[0])  # a pure function of the key
+
+
+def test_reference_relabel_fixes_a_collision_with_the_true_label():
+  # Label 1 of 2 forget classes: (1 + r) mod 2 = 1 for every even r -> (1 + 1) mod 2 = 0.
+  y = cf.relabel(jax.random.key(3), jnp.array([1] * 64), jnp.ones(4), rule="reference",
+                 num_forget=2, num_classes=4)
+  assert set(np.asarray(y).tolist()) == {0}
+
+
+def test_scrub_schedule_and_retrain_lr():
+  kinds, epochs = cf.scrub_schedule(epochs=4, max_epochs=1, min_epochs=1, forget_steps=2,
+                                    retain_steps=3)
+  assert kinds == ["max"] * 2 + ["min"] * 3 + ["min"] * 3 + ["max"] * 2 + ["min"] * 3 + ["min"] * 3
+  assert epochs == [0] * 5 + [1] * 3 + [2] * 5 + [3] * 3
+  lr = cf.retrain_lr(base=3e-4, minimum=1e-5, epochs=100, warmup_epochs=5, warmup_lr=1e-6)
+  assert lr(0) == pytest.approx(1e-6) and lr(4) == pytest.approx(1e-6 + 4 * (3e-4 - 1e-6) / 5)
+  assert lr(50) == pytest.approx(1e-5 + 0.5 * (3e-4 - 1e-5))
+
+
+def test_decay_mask_follows_timm():
+  params = {"Dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))},
+            "Attn": {"bias": jnp.ones((2, 4))}, "LayerNorm": {"scale": jnp.ones((3,))},
+            "cls": jnp.ones((1, 1, 3))}
+  mask = cf.decay_mask(params)
+  assert mask["Dense"]["kernel"] and mask["cls"]
+  assert not (mask["Dense"]["bias"] or mask["Attn"]["bias"] or mask["LayerNorm"]["scale"])
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: setattr(c.cf, "relabel", "random"), "cf.relabel"),
+    (lambda c: setattr(c.cf, "teacher", "old"), "cf.teacher"),
+    (lambda c: setattr(c.cf, "epochs", 0), "cf.epochs"),
+    (lambda c: setattr(c.cf_ewc, "weight", -1.0), "cf_ewc.weight"),
+    (lambda c: setattr(c.cf_ewc, "lr", 0.0), "cf_ewc.lr"),
+    (lambda c: setattr(c.cf, "importance_data", "half"), "cf.importance_data"),
+    (lambda c: c.tasks.update(dict(per_task=0, forget_classes=((1,), (2,)))), "cf.relabel"),
+])
+def test_bad_input_is_one_config_error_and_leaves_nothing(change, field, tmp_path):
+  config = load_config("gs_lora_casia100", "runlocal,method=cf_ewc")
+  change(config)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match=f"^{field}:"):
+    methods.run(config, workdir)
+  assert not os.path.exists(workdir) or not os.listdir(workdir)
+
+
+def test_scrub_and_config_arg_errors():
+  config = load_config("gs_lora_casia100", "runlocal,method=cf_scrub")
+  config.cf_scrub.update(dict(max_epochs=0, min_epochs=0))
+  with pytest.raises(ConfigError, match="^cf_scrub.max_epochs:"):
+    methods.run(config, "/nonexistent/never")
+  with pytest.raises(ConfigError, match="method="):
+    load_config("gs_lora_digits", "method=cf_nope")
+
+
+@pytest.mark.slow
+def test_a_baseline_run_trains_all_but_the_head_and_records_the_tasks(tmp_path_factory):
+  _, results = method_run(tmp_path_factory, "gs_lora_casia100", "runlocal,method=cf_ewc")
+  config = load_config("gs_lora_casia100", "runlocal,method=cf_ewc")
+  width = 64  # the test/4 model: the CosFace head is (width, classes), frozen
+  model_classes = int(config.model.num_classes)
+  total = results["num_trainable"] + width * model_classes
+  assert results["num_trainable"] > 0 and total > results["num_trainable"]
+  assert [s["name"] for s in results["stages"]] == ["pretrained", "task_1", "task_2"]
+  assert "acc_o" in results["stages"][2] and set(results["final"]) >= {
+      "acc_r", "acc_f", "acc_o", "h_mean"}
