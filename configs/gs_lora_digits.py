@@ -30,7 +30,7 @@ margin even raises it); with `proximal` block 0's group is exactly zero after ta
 
 The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR 12) runs
 all 12 methods of the family in ~11 minutes on 2 busy CPU cores; its measured leaderboard and
-what the baselines do are in docs/baselines.md.
+what the baselines do are in docs/continual_forgetting_baselines.md.
 """
 
 from kswap_jax import methods
@@ -79,7 +79,7 @@ def get_config(arg=None):
 
   # The continual-forgetting baselines (methods cf_*): the reference's losses, weights,
   # relabelling and schedules, with the demo's batch and epochs and learning rates for a
-  # small model trained in a few hundred steps (docs/baselines.md).
+  # small model trained in a few hundred steps (docs/continual_forgetting_baselines.md).
   # LwF, DER, DER++ and FDR take their epoch from the forget subset, a fifth of the replay
   # set here as in the reference, so they get 4x the epochs: about as many steps per task
   # as the others (the reference's 100 epochs give them ~1500 steps; a few dozen do not

@@ -29,7 +29,7 @@ take their epoch from the relabelled forget subset and cycle the retain subset.
 
 Shipped hyper-parameters are the reference's CASIA-100 continual scripts
 (`scripts/run_cl_forget.sh`, `util/args.py` of github.com/bjzhb666/GS-LoRA), one section per
-method; see docs/baselines.md for the reconstructed choices and the reference's bugs.
+method; see docs/continual_forgetting_baselines.md for the reconstructed choices and the reference's bugs.
 
 References: Zhao et al., arXiv 2403.11530 (GS-LoRA) and arXiv 2501.09705 (GS-LoRA++), which
 tabulate these baselines; the methods' own papers are cited on their functions.
