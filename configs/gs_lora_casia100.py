@@ -164,9 +164,10 @@ def get_config(arg=None):
     c.eval.batch_size = 32
     c.eval.every_steps = 4
     c.train.log_every_steps = 5
-    # The baselines: 2 tasks of a few steps (batch 20: the "*" methods' replay stream has
-    # 3 steps per task, so a checkpoint every 4 steps lands inside task 2).
-    c.cf.update(dict(epochs=1, batch_size=20))
+    # The baselines: 2 tasks of a few steps (batch 24, a multiple of 8 devices: the "*"
+    # methods' replay stream has 3 + 2 steps, so a checkpoint every 4 steps lands inside
+    # task 2).
+    c.cf.update(dict(epochs=1, batch_size=24))
     c.cf_scrub.update(dict(max_epochs=1, min_epochs=0))
     if a.method in continual_forgetting.METHODS:
       # The test suite's smoke runs of the baselines: 2 tasks from a random model (no

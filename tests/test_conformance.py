@@ -47,15 +47,16 @@ CASES = {
     "clu_salun": ("ug_clu_digits", "runlocal,method=clu_salun", 17, r".*"),
     "clu_l1_sparse": ("ug_clu_digits", "runlocal,method=clu_l1_sparse", 17, r".*"),
     # Continual-forgetting baselines: 2 tasks; everything but the frozen head trains
-    # (Retrain: a fresh model, head included). Replay ("*") methods: 3 + 3 steps, a
-    # checkpoint at step 4 inside task 2 with the task-1 and task-2 anchors/importances in
-    # the carry, killed at 5; retain-only: 3 + 2; forget-epoch methods: 1 + 1; SCRUB 4 + 3.
+    # (Retrain: a fresh model, head included). Batch 24: replay ("*") methods 3 + 2 steps,
+    # a checkpoint at step 4 inside task 2 with the task-1 and task-2 anchors/importances
+    # in the carry, killed at 5; retain-only 2 + 2 (killed at 3, resumed from the task-1
+    # end); forget-epoch methods 1 + 1; SCRUB 3 + 3 (killed at 5, resumed inside task 2).
     **{f"cf_{m}": ("gs_lora_casia100", f"runlocal,method=cf_{m}", kill, trainable)
        for m, kill, trainable in (
-           ("retrain", 5, r".*"), ("ft", 5, r"(?!head/).*"), ("l2", 5, r"(?!head/).*"),
+           ("retrain", 3, r".*"), ("ft", 3, r"(?!head/).*"), ("l2", 5, r"(?!head/).*"),
            ("ewc", 5, r"(?!head/).*"), ("mas", 5, r"(?!head/).*"), ("lwf", 2, r"(?!head/).*"),
            ("der", 2, r"(?!head/).*"), ("der_pp", 2, r"(?!head/).*"),
-           ("fdr", 2, r"(?!head/).*"), ("scrub", 6, r"(?!head/).*"))},
+           ("fdr", 2, r"(?!head/).*"), ("scrub", 5, r"(?!head/).*"))},
 }
 
 

@@ -1,0 +1,136 @@
+"""Many devices and many processes, each check in a subprocess (the simulated device count
+must be set before jax starts):
+
+  - the sharded step and the fast-slow update on 4 simulated devices equal 1 device;
+  - every registered method trains identically on 1 and 8 devices (same global batch);
+  - two processes on localhost (CPU collectives) train like one, each reading only its
+    slice of every batch, and their checkpoints restore in a one-process run and vice versa.
+
+They live in one file so that a parallel run (`pytest -n 2 --dist loadfile`, the default
+in pyproject.toml) runs them one after another in one worker: two multi-device processes
+at once on 2 cores can starve each other's collectives.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, method_run
+from kswap_jax import methods
+
+pytestmark = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+_FLAGS = ["--config=configs/demo.py:runlocal", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=3"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run(workdir, processes, *flags):
+  """`python run.py` as 1 or 2 cooperating processes; returns their outputs."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  base = [sys.executable, "run.py", *_FLAGS, f"--workdir={workdir}", *flags]
+  if processes == 1:
+    procs = [subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+  else:
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        base + [f"--config.distributed.coordinator_address={address}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {x["step"]: x["loss"] for x in map(json.loads, f)}
+
+
+def test_two_processes_train_like_one_and_checkpoints_cross_restore(tmp_path_factory, tmp_path):
+  pretrained = method_run(tmp_path_factory, "demo", "runlocal,method=pretrain")[0]
+  workdirs = {}
+  for n in (1, 2):
+    workdirs[n] = tmp_path / f"p{n}"
+    shutil.copytree(pretrained, workdirs[n] / "pretrain")
+    for code, out in _run(workdirs[n], n, "--config.debug.interrupt_at_step=6"):
+      assert code != 0 and "interrupt_at_step" in out, out[-3000:]
+  one, two = _losses(workdirs[1]), _losses(workdirs[2])
+  assert sorted(one) == sorted(two) == list(range(1, 7))
+  for step in one:
+    assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+  # Each finishes from the other's checkpoint (step 6): 2 processes -> 1, 1 -> 2.
+  for n, workdir in ((1, workdirs[2]), (2, workdirs[1])):
+    for code, out in _run(workdir, n):
+      assert code == 0, out[-3000:]
+      assert "resumed from" in out and "at step 6" in out, out[-3000:]
+    with open(workdir / "results.json") as f:
+      assert json.load(f)["final"]["acc_f"] >= 0
+
+
+def test_four_device_sharded_step_equals_single_device_step():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py")],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices_4"] == 4                        # the state really lives on 4 devices
+  assert out["moved"] > 1e-4                          # two steps changed the LoRA tree
+  assert out["param_diff"] < 1e-4 * out["moved"]      # ... identically on 1 and 4 devices
+  assert out["loss_1"] == pytest.approx(out["loss_4"], rel=1e-5)
+  assert out["counts_1"] == out["counts_4"] and out["counts_4"]["count"] == 6.0
+
+
+
+def test_methods_train_identically_on_1_and_8_devices():
+  """Data parallelism changes nothing but speed: same global batch, same losses.
+
+  By default one method per method module (the first registered: pretrain, lbf, gs_lora,
+  sfr_on, clu_ft, cf_retrain): the sharding lives in the shared step and stage loop, and the
+  methods of one module build their steps the same way. KSWAP_TEST_EVERY_METHOD=1 checks
+  all registered methods (about 4 minutes more on 2 CPU cores).
+  """
+  from test_conformance import CASES  # pylint: disable=import-outside-toplevel
+  if os.environ.get("KSWAP_TEST_EVERY_METHOD") == "1":
+    names = list(methods.METHODS)
+  else:
+    first = {}
+    for name, module in methods.METHODS.items():
+      first.setdefault(module, name)
+    names = list(first.values())
+  cases = {m: CASES[m][:2] for m in names}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py"),
+                         json.dumps(cases)], capture_output=True, text=True, timeout=900,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(out) == set(cases)
+  for method, r in out.items():
+    assert r["steps"] >= 2 and r["steps"] == r["steps_8"], (method, r)
+    assert r["max_rel_diff"] < 1e-4, (method, r)
+
+def test_four_device_fast_slow_equals_single_device():
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "fast_slow_sharded_check.py")],
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices_4"] == 4 and out["moved"] > 1e-3
+  assert out["param_diff"] < 1e-4 * out["moved"]
+  assert out["stats_diff"] < 1e-5 and out["opt_diff"] < 1e-4
+  assert out["loss_1"] == pytest.approx(out["loss_4"], rel=1e-5)
