@@ -504,9 +504,12 @@ class Run:
         self.log_metrics(record)
         loss = flat.get("loss", next(
             (v for k, v in flat.items() if k.endswith("/loss")), float("nan")))
-        log.info("[%s] epoch %d/%d iteration %d/%d loss %.4f lr %.3g (%.1f it/s)", stage.name,
+        # The injected learning rate, or the schedule's next η that a method logs itself
+        # (fast-slow stages); nothing when neither is known.
+        lr = hparams.get("learning_rate", record.get("eta_next"))
+        log.info("[%s] epoch %d/%d iteration %d/%d loss %.4f%s (%.1f it/s)", stage.name,
                  epoch + 1, epochs, s + 1, total, loss,
-                 float(hparams.get("learning_rate", float("nan"))),
+                 "" if lr is None else f" lr {float(lr):.3g}",
                  done_since / max(1e-9, time.time() - t0))
         t0, done_since = time.time(), 0
       if eval_fn is not None and eval_every and (s + 1) % eval_every == 0:
