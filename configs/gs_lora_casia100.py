@@ -71,11 +71,9 @@ def get_config(arg=None):
   names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
   if a.method not in names:
     raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
-  c = methods.default_config(a.method)  # the shared base + the method's sections
-  for other in ("gs_lora", "cf_ft"):  # every section, so `compare` runs all on one config
-    for section, fields in methods.get(other).sections().items():
-      if section not in c:
-        c[section] = fields
+  # The shared base + the sections of every continual-forgetting method, so `compare`
+  # runs them all on this config.
+  c = methods.family_config(a.method)
   c.seed = 1337
 
   c.data.old.update(kind="tfds", name="casia100", train_split="train", test_split="test")

@@ -73,6 +73,19 @@ def default_config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
+def family_config(name: str) -> ml_collections.ConfigDict:
+  """`default_config(name)` plus the sections of every method of its comparison family, so
+  one config file can set them all and `python -m kswap_jax.compare` runs the family on it."""
+  config = default_config(name)
+  for family in FAMILIES.values():
+    if name in family:
+      for other in family:
+        for section, fields in get(other).sections().items():
+          if section not in config:
+            config[section] = fields
+  return config
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` in `workdir` and returns its results envelope."""
   return get(str(config.method)).run(config, workdir)
