@@ -104,10 +104,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, mo
   assert not workdir.exists()
 
 
-def test_sfr_on_refuses_a_fused_stage():
-  config = load_config("ug_clu_digits", "runlocal,method=sfr_on")
+@pytest.mark.parametrize("method", ["sfr_on", "clu_rl"])
+def test_methods_without_fused_stages_refuse_one(method):
+  """SFR-on and the unlearning baselines take no fused learn+forget stage (D_L = ∅)."""
+  config = load_config("ug_clu_digits", f"runlocal,method={method}")
   config.clu.requests = ("learn:1", "learn:2+forget:class:1")
-  with pytest.raises(ConfigError, match=r"clu\.requests\[1\]: .*sfr_on takes no fused"):
+  with pytest.raises(ConfigError, match=rf"clu\.requests\[1\]: .*{method} takes no fused"):
     methods.run(config, "/nonexistent/never/written")
 
 

@@ -155,13 +155,6 @@ def test_bad_values_name_the_field(override, field):
     methods.run(config, "/nonexistent/never/written")
 
 
-def test_a_fused_stage_is_refused():
-  config = load_config("ug_clu_digits", "runlocal,method=clu_rl")
-  config.clu.requests = ("learn:1", "learn:2+forget:class:1")
-  with pytest.raises(ConfigError, match=r"clu\.requests\[1\]: .*clu_rl takes no fused"):
-    methods.run(config, "/nonexistent/never/written")
-
-
 @pytest.mark.slow
 def test_baselines_share_the_stream_and_the_oracle_with_ug_clu(tmp_path_factory):
   """Same data, plan and learning stages as ug_clu (identical learning-stage records), the
