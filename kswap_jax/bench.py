@@ -181,7 +181,8 @@ def matmul_peak(dtype: str = "float32", size: int | None = None, reps: int = 5) 
           "median_flops_per_s": 2 * n ** 3 / statistics.median(times)}
 
 
-def _cpu_s() -> float:
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process so far (all threads)."""
   ru = resource.getrusage(resource.RUSAGE_SELF)
   return ru.ru_utime + ru.ru_stime
 
@@ -290,12 +291,12 @@ def bench_step(args, s: dict | None = None,
   mem0 = host_memory()
   times, cpu, other = [], [], []
   for _ in range(args.steps):
-    c0 = _cpu_s()
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     state, m = compiled(state, frozen, s["batch"], hp)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
-    cpu.append(_cpu_s() - c0)
+    cpu.append(cpu_seconds() - c0)
     if timed_other is not None:
       other.append(timed_other())
   mem1 = host_memory()
@@ -360,12 +361,12 @@ def bench_compare(args) -> dict:
                          images=s["images"], wall=[], cpu=[]))
   for _ in range(args.steps):
     for v in variants:
-      c0 = _cpu_s()
+      c0 = cpu_seconds()
       t0 = time.perf_counter()
       v["state"], m = v["compiled"](v["state"], v["frozen"], v["batch"], v["hp"])
       jax.block_until_ready(m)
       v["wall"].append(time.perf_counter() - t0)
-      v["cpu"].append(_cpu_s() - c0)
+      v["cpu"].append(cpu_seconds() - c0)
   out = []
   for v in variants:
     stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
@@ -459,8 +460,10 @@ def report(res: dict) -> None:
           f"{tr['step_s']['median']:.3f} s (range {tr['step_s']['min']:.3f}-"
           f"{tr['step_s']['max']:.3f}); peak RSS after both "
           f"{tr['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"  CPU time (user+sys, all threads): median {tr['step_cpu_s']['median']:.3f} s/step")
     print(f"  jax/torch step-time ratio: {tr['jax_over_torch']:.2f} "
-          f"({'jax faster' if tr['jax_over_torch'] < 1 else 'torch faster'})")
+          f"({'jax faster' if tr['jax_over_torch'] < 1 else 'torch faster'}); CPU-time ratio "
+          f"{tr['jax_over_torch_cpu']:.2f} (the figure to read on a shared machine)")
   if "pipeline" in res:
     p = res["pipeline"]
     line = f"input pipeline ({p['source']}, {p['num_threads']} threads): {p['images_per_s']:.0f} images/s"
@@ -564,11 +567,16 @@ def main(argv=None) -> int:
     if torch_bench is not None:
       times = st.pop("other_step_s")
       med = statistics.median(times)
+      cpu = torch_bench.cpu_s[-len(times):]  # the timed steps (after torch's warm-up)
       res["torch"] = {"version": torch_bench.version, "threads": torch_bench.threads,
                       "step_s": {"median": med, "min": min(times), "max": max(times),
                                  "all": times},
+                      "step_cpu_s": {"median": statistics.median(cpu), "min": min(cpu),
+                                     "max": max(cpu), "all": cpu},
                       "peak_rss_bytes": host_memory()["peak_rss_bytes"],
                       "jax_over_torch": st["step_s"]["median"] / med,
+                      "jax_over_torch_cpu": (st["step_cpu_s"]["median"]
+                                             / statistics.median(cpu)),
                       "last_loss": torch_bench.last_loss}
   if not args.no_pipeline and not args.compare:
     res["pipeline"] = bench_pipeline(args)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from kswap_jax import bench
+
 
 class TorchMissing(Exception):
   """PyTorch is not installed, or the requested step has no PyTorch version."""
@@ -72,6 +74,7 @@ class TorchStep:
                          torch.from_numpy(b["label"].astype(np.int64)))
                   for name, b in setup["host_batch"].items()}
     self.last_loss = float("nan")
+    self.cpu_s: list[float] = []
 
   def _loss(self):
     torch = self.torch
@@ -89,6 +92,8 @@ class TorchStep:
     return ce("retain")
 
   def time_step(self) -> float:
+    """Runs one step; returns its wall seconds and appends its CPU seconds to `cpu_s`."""
+    c0 = bench.cpu_seconds()
     t0 = time.perf_counter()
     self.model.train()
     loss = self._loss()
@@ -96,7 +101,9 @@ class TorchStep:
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
     self.last_loss = float(loss.detach())
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    self.cpu_s.append(bench.cpu_seconds() - c0)
+    return wall
 
 
 def _build_model(torch, cfg, base, tree, scale: float, approximate: str):

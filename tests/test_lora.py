@@ -87,6 +87,22 @@ def test_merged_forward_equals_unmerged(tiny, targets):
   assert float(jnp.abs(unmerged - base).max()) > 1e-2  # LoRA really changes the output
 
 
+def test_low_rank_gradients_are_those_of_the_plain_product():
+  """lora.low_rank's hand-written backward (cotangent read in the forward's layout) gives
+  jax's own gradients of (x a) b for every input, with leading batch axes."""
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (3, 5, 16))
+  a, b = jax.random.normal(k[1], (16, 4)), jax.random.normal(k[2], (4, 12))
+  w = jax.random.normal(k[3], (3, 5, 12))  # a non-uniform cotangent
+  mine = jax.grad(lambda *v: jnp.sum(lora.low_rank(*v) * w), argnums=(0, 1, 2))(x, a, b)
+  plain = jax.grad(lambda x, a, b: jnp.sum((x @ a) @ b * w), argnums=(0, 1, 2))(x, a, b)
+  np.testing.assert_array_equal(lora.low_rank(x, a, b), (x @ a) @ b)
+  for got, want in zip(mine, plain):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(want).max()) > 1.0
+
+
 def test_merge_by_hand_and_unmerge_restores_base(tiny):
   _, _, params = tiny
   spec = lora.LoraSpec(rank=2, alpha=1.0)
