@@ -5,12 +5,15 @@ r"""Runs a kswap_jax method from an ml_collections config.
     python run.py --config=configs/ks_imagenet100.py:learn=cub --config.ks.beta=0.3
 
 Bad input exits with code 2 and one line on stderr. Rerunning the same command resumes
-from the newest checkpoint in the workdir.
+from the newest checkpoint in the workdir. On Linux it restarts itself once with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (kswap_jax/hostmem.py; KSWAP_HUGEPAGES=0 opts out).
 """
 
 import sys
 
-from kswap_jax.cli import main
+from kswap_jax import hostmem
 
 if __name__ == "__main__":
+  hostmem.reexec_with_hugepages()  # before jax: glibc reads its tunables at start-up
+  from kswap_jax.cli import main
   sys.exit(main(sys.argv))

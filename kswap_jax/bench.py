@@ -30,10 +30,13 @@ be measured against its reference path; docs/speed.md records the figures.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -44,7 +47,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kswap_jax import lora, losses, train
+from kswap_jax import hostmem, lora, losses, train
 from kswap_jax.methods import common, knowledge_swap
 from kswap_jax.models import vit
 
@@ -328,7 +331,72 @@ def bench_step(args, s: dict | None = None,
   }
   if other:
     out["other_step_s"] = other
+  if args.profile:
+    # `state` was donated to the last step: profile one more from its output.
+    out["profile"] = profile_step(compiled, (state, frozen, s["batch"], hp), args.profile)
   return out
+
+
+_INSTRUCTION = re.compile(
+    r"^\s+%?([\w.\-]+) = \S+ ([\w\-]+)\((.*)$", re.M)
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.M | re.S)
+
+
+def _hlo_ops(hlo: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (kind, jax op name)} for the instructions of an optimised HLO text;
+  kind is "matmul" (a dot or convolution, alone or in a fusion), "transpose/copy" or
+  "elementwise/other"."""
+  bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
+  ops = {}
+  for m in _INSTRUCTION.finditer(hlo):
+    name, opcode, rest = m.groups()
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    body = bodies.get(called.group(1), "") if called else ""
+    text = f" {opcode}(" + body
+    if any(f" {k}(" in text for k in ("dot", "convolution")):
+      kind = "matmul"
+    elif opcode in ("copy", "transpose") or (opcode == "fusion" and re.search(
+        r"ROOT[^\n]*= \S+ (copy|transpose|bitcast)\(", body) and " transpose(" in body):
+      kind = "transpose/copy"
+    else:
+      kind = "elementwise/other"
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    ops[name] = (kind, op_name.group(1) if op_name else "")
+  return ops
+
+
+def profile_step(compiled, args_: tuple, directory: str, top: int = 15) -> dict:
+  """Traces one step of `compiled(*args_)` with `jax.profiler` into `directory` (readable
+  by TensorBoard / XProf) and sums the time of every HLO instruction in the trace.
+
+  On CPU the per-instruction events need `--xla_cpu_enable_xprof_traceme=true` in
+  XLA_FLAGS before jax starts (`main` sets it for `--profile`). Instructions that run
+  concurrently on different threads are each counted in full, so the sum can exceed the
+  step's wall time.
+
+  Returns:
+    {"wall_s", "by_kind": {kind: seconds}, "top": [{"name", "kind", "op", "s"}, ...]}.
+  """
+  ops = _hlo_ops(compiled.as_text())
+  t0 = time.perf_counter()
+  with jax.profiler.trace(directory):
+    jax.block_until_ready(compiled(*args_))
+  wall = time.perf_counter() - t0
+  traces = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True),
+                  key=os.path.getmtime)
+  data = jax.profiler.ProfileData.from_file(traces[-1])
+  seconds: dict[str, float] = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in ops:
+          seconds[event.name] += event.duration_ns / 1e9
+  by_kind: dict[str, float] = collections.Counter()
+  for name, sec in seconds.items():
+    by_kind[ops[name][0]] += sec
+  return {"wall_s": wall, "trace": traces[-1], "by_kind": dict(by_kind),
+          "top": [{"name": n, "kind": ops[n][0], "op": ops[n][1], "s": sec}
+                  for n, sec in seconds.most_common(top)]}
 
 
 def bench_compare(args) -> dict:
@@ -454,6 +522,14 @@ def report(res: dict) -> None:
     if mem["device"]:
       print(f"  device memory: {mem['device']}")
     print(f"  last loss {st['last_loss']:.4f}, grad norm {st['last_grad_norm']:.4g}")
+    if "profile" in st:
+      pr = st["profile"]
+      total = sum(pr["by_kind"].values())
+      print(f"  profile of one step ({pr['wall_s']:.3f} s wall; trace {pr['trace']}):")
+      for kind, sec in sorted(pr["by_kind"].items(), key=lambda kv: -kv[1]):
+        print(f"    {kind:18s} {sec:8.3f} s  {100 * sec / total:5.1f}%")
+      for op in pr["top"]:
+        print(f"    {op['s']:8.3f} s  {op['kind']:18s} {op['name']:28s} {op['op'][-80:]}")
   if "torch" in res:
     tr = res["torch"]
     print(f"torch {tr['version']} ({tr['threads']} threads), same step, alternating: median "
@@ -506,6 +582,9 @@ def parse_args(argv=None):
                  help="interleaved A/B in one process: 'name=flags;name=flags' (each "
                       "variant's flags on top of the others given)")
   p.add_argument("--json", default="", help="write the figures to this path")
+  p.add_argument("--profile", default="",
+                 help="trace one more step with jax.profiler into this folder and print "
+                      "where its time went, per HLO instruction")
   args = p.parse_args(argv)
   args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
   return args
@@ -526,6 +605,10 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.profile and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+    # Per-instruction trace events on CPU; read when the backend starts (below).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_xprof_traceme=true").strip()
   if not args.batch_size:
     args.batch_size = default_batch_size()
   res: dict[str, Any] = {
@@ -592,4 +675,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_hugepages()
   sys.exit(main())

@@ -12,7 +12,9 @@ from ml_collections import config_flags
 
 from kswap_jax.errors import ConfigError, NonFiniteLossError
 
-from kswap_jax import methods, train
+from kswap_jax import hostmem, methods, train
+
+log = logging.getLogger(__name__)
 
 
 def _packaged_configs() -> str:
@@ -139,11 +141,18 @@ def guarded(command) -> int:
   return 0
 
 
+def console_main() -> int:
+  """The `kswap-run` command: `main` after `hostmem.reexec_with_hugepages`."""
+  hostmem.reexec_with_hugepages()
+  return main()
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
 
   def command():
     config, workdir = load_config(argv)
+    log.info(hostmem.describe())
     train.initialize_distributed(config)
     dispatch(config, workdir)
   return guarded(command)

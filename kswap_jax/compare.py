@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from kswap_jax import methods, report, train
+from kswap_jax import hostmem, methods, report, train
 from kswap_jax.errors import ConfigError
 
 log = logging.getLogger("kswap_jax")
@@ -187,4 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_hugepages()
   sys.exit(main())

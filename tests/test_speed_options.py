@@ -5,6 +5,9 @@ float32, no remat, no scan. Correctness only: nothing here is timed (see kswap_j
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -299,6 +302,24 @@ def test_bench_writes_figures_and_its_model_gets_lora_gradients(tmp_path):
   assert 0 < res["matmul_peak_fraction"]
   assert st["last_grad_norm"] > 0  # the random head gives every LoRA factor a gradient
   assert st["memory"]["host_peak_rss_bytes"] > 0
+
+
+def test_bench_profile_attributes_the_step_to_hlo_instructions(tmp_path):
+  """--profile traces one step and sums per-instruction time; on CPU it must turn on XLA's
+  per-instruction trace events before jax starts, hence a fresh process."""
+  path = tmp_path / "bench.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, "-m", "kswap_jax.bench", "--variant=test/4",
+                         "--image_size=16", "--batch_size=2", "--steps=1", "--warmup=0",
+                         "--no_pipeline", f"--profile={tmp_path / 'trace'}", f"--json={path}"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  prof = json.loads(path.read_text())["step_result"]["profile"]
+  assert prof["by_kind"]["matmul"] > 0 and prof["by_kind"]["elementwise/other"] > 0
+  assert os.path.exists(prof["trace"])
+  ops = " ".join(op["op"] for op in prof["top"] if op["kind"] == "matmul")
+  assert "MlpBlock_3/Dense_0" in ops or "MultiHeadDotProductAttention_1" in ops, prof["top"]
+  assert "profile of one step" in proc.stdout
 
 
 @pytest.mark.parametrize("step,direction", [("ug_clu_fast", +1), ("ug_clu_slow", -1),
