@@ -213,7 +213,8 @@ def join(base: Tree, lora: Tree) -> Tree:
 
 
 def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale: float,
-          train: bool = False, rngs: dict[str, jax.Array] | None = None, **kwargs) -> jax.Array:
+          train: bool = False, rngs: dict[str, jax.Array] | None = None,
+          model_state: Tree | None = None, **kwargs) -> jax.Array:
   """The unmerged LoRA forward: `model` on `base` with y += s·(x a) b at every target.
 
   The base tree is never modified (no merge/unmerge drift).
@@ -226,7 +227,9 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
     scale: alpha / rank.
     train: passed to the model (dropout on).
     rngs: e.g. {"dropout": key} when training.
-    **kwargs: forwarded to `model.apply` (e.g. `features=True`).
+    model_state: the model's other variable collections (e.g. BatchNorm `batch_stats`);
+      with `mutable=[...]` in kwargs the result is (output, updated collections).
+    **kwargs: forwarded to `model.apply` (e.g. `features=True`, `mutable`).
 
   Returns:
     The model output.
@@ -256,8 +259,8 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
   # finds its own {a, b} by scope, also inside lifted transforms (a scanned encoder slices
   # it per block like the parameters).
   with nn.intercept_methods(interceptor):
-    return model.apply({"params": base, COLLECTION: lora}, images, train=train, rngs=rngs,
-                       **kwargs)
+    return model.apply({"params": base, COLLECTION: lora, **(model_state or {})}, images,
+                       train=train, rngs=rngs, **kwargs)
 
 
 def count(tree: Tree) -> int:
