@@ -117,9 +117,11 @@ def target_kernels(base: Tree, spec: LoraSpec) -> list[tuple[str, Any]]:
   found = [(n, x) for n, x in named_leaves(base)
            if n.endswith("/kernel") and pattern.fullmatch(n)]
   if not found:
+    kernels = [n for n, _ in named_leaves(base) if n.endswith("/kernel")]
     raise ConfigError(
         f"lora.targets: regex {spec.targets!r} matches no kernel of the model "
-        f"(kernel names look like 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel')")
+        f"(its {len(kernels)} kernels are named like {', '.join(map(repr, kernels[-2:]))}; "
+        f"LoRA applies to Dense/DenseGeneral kernels only)")
   return found
 
 
