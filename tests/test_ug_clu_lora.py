@@ -178,7 +178,10 @@ def test_lora_stream_results_and_its_oracle(lora_run):
   with open(os.path.join(workdir, "oracle", "results.json")) as f:
     oracle = json.load(f)
   assert oracle["params"] == "lora" and oracle["num_trainable"] == results["num_trainable"]
-  assert ug_clu.oracle_config(_with(lora_config(), "oracle.params", "full")).clu.params == "full"
+  # oracle.params = "full": a full-parameter oracle, the same as a full-parameter method's.
+  full_oracle = ug_clu.oracle_config(_with(lora_config(), "oracle.params", "full"))
+  assert full_oracle.clu.params == "full"
+  assert full_oracle == ug_clu.oracle_config(_with(lora_config(), "clu.params", "full"))
 
 
 def _with(config, field, value):

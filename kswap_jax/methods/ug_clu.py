@@ -726,8 +726,9 @@ def plot_against_oracle(stages: Sequence[dict], path: str, title: str) -> None:
 
 def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `clu_retrain` config of a run's oracle: the fields the oracle does not depend on
-  (unlearning hyper-parameters, routing, mask, buffer, debug) reset to their defaults, so
-  every method on the same stream shares one oracle. Sections the oracle does not read
+  (unlearning hyper-parameters, routing, mask, buffer, debug; the LoRA fields of a
+  full-parameter oracle) reset to their defaults, so every method on the same stream
+  shares one oracle. Sections the oracle does not read
   (a baseline's own) are dropped for the same reason."""
   from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
   defaults = sections()
@@ -740,7 +741,11 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
               "mask_recompute", "learn_alpha", "learn_lambda", "fused_iterations",
               "buffer_size", "buffer_seed"):
     oc.clu[key] = defaults["clu"][key]
-  oc.clu.params = params_kind(oc)  # what the oracle trains
+  oc.clu.params = params_kind(oc)  # what the oracle trains; the rest of the choice reset
+  oc.oracle.params = defaults["oracle"]["params"]
+  if oc.clu.params == "full":
+    oc.clu.lora_train = defaults["clu"]["lora_train"]
+    oc.lora = defaults["lora"]
   oc.oracle.workdir = ""
   oc.debug.interrupt_at_step = 0
   return oc
