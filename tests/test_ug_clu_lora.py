@@ -69,6 +69,7 @@ def _start(config):
   return model, trainable, params, tp, frozen
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_the_lora_tree_and_the_head(lora_run):
   workdir, results = lora_run
   config = lora_config()
@@ -166,6 +167,7 @@ def test_lora_forward_keeps_batchnorm_statistics():
     assert not np.allclose(a, old)  # the running statistics moved
 
 
+@pytest.mark.slow
 def test_lora_stream_results_and_its_oracle(lora_run):
   workdir, results = lora_run
   assert [s["name"] for s in results["stages"]] == ["1_learn", "2_learn", "3_forget"]
@@ -190,6 +192,7 @@ def _with(config, field, value):
   return config
 
 
+@pytest.mark.slow
 def test_lora_baseline_run(tmp_path):
   """SalUn in LoRA mode: the mask and the update are over the LoRA tree and the head."""
   config = lora_config("clu_salun")
@@ -207,6 +210,7 @@ def test_lora_baseline_run(tmp_path):
   assert all(re.fullmatch(f"{FFN}|base/head/(kernel|bias)", n) for n in names), names
 
 
+@pytest.mark.slow
 def test_lora_run_killed_mid_forget_resumes_to_the_same_results(lora_run, tmp_path):
   _, reference = lora_run
   config = lora_config()
@@ -256,6 +260,7 @@ class _Stop(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_fisher_augment_switches_the_training_augmentation_of_the_fisher_passes(
     monkeypatch, tmp_path):
   """The first Fisher pass (D_U) sees `data.augment` (crop_flip) with
