@@ -8,9 +8,9 @@ to the unlearning stages (AdamW lr 2e-5, wd 0.05, T 500, N_f 1, c₀ 500, λ 0.6
 clip 7, batch 128); learning stages and the oracle use the reference's TinyImageNet
 retrain recipe (AdamW lr 1e-4, wd 0.05, 10 epochs), the oracle re-fine-tuned from the
 same ImageNet weights (`oracle.start = init`). The reference uses Swin-T; we use the ViT
-(full weights), the architecture this library has, and a random horizontal flip where
-the reference's training transform is RandAugment(2, 2). The split, stream and epochs are
-our reconstruction, and no expected numbers are quoted.
+(full weights, or LoRA with `params=lora`), the architecture this library has, and a
+random horizontal flip where the reference's training transform is RandAugment(2, 2). The
+split, stream and epochs are our reconstruction, and no expected numbers are quoted.
 
 Prepare the data once as an array_record tfds dataset with class folders
 (TinyImageNet's val/ images need sorting into class folders from val_annotations.txt
@@ -20,6 +20,8 @@ first):
     python run.py --config=configs/ug_clu_tinyimagenet.py:request=class,data_dir=DIR \
         --config.init.checkpoint=/ckpt/ViT-B_16.npz
     python run.py --config=configs/ug_clu_tinyimagenet.py:runlocal   # synthetic, minutes
+    python run.py --config=configs/ug_clu_tinyimagenet.py:request=class,params=lora,...
+        # LoRA on the FFN kernels + the head instead of full weights (docs/ug_clu.md "LoRA")
 """
 
 import ml_collections
@@ -50,7 +52,8 @@ def stream(request: str, num_tasks: int, classes_per_task: int) -> tuple[str, ..
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="ug_clu", request="class", buffer=0, data_dir="", runlocal=False)
+  a = parse_arg(arg, method="ug_clu", request="class", buffer=0, data_dir="", params="full",
+                runlocal=False)
   c = methods.default_config(a.method)
   c.method = a.method
   c.seed = 0
@@ -72,6 +75,7 @@ def get_config(arg=None):
   c.clu.tasks = tuple(tuple(range(t * per_task, (t + 1) * per_task)) for t in range(num_tasks))
   c.clu.requests = stream(a.request, num_tasks, per_task)
   c.clu.buffer_size = a.buffer
+  c.clu.params = a.params        # full | lora (the `lora` section: FFN kernels, rank 8, s = 1)
 
   u = c.unlearn
   u.base, u.lr, u.weight_decay, u.iterations, u.forget_every = "adamw", 2e-5, 0.05, 500, 1

@@ -117,9 +117,11 @@ def target_kernels(base: Tree, spec: LoraSpec) -> list[tuple[str, Any]]:
   found = [(n, x) for n, x in named_leaves(base)
            if n.endswith("/kernel") and pattern.fullmatch(n)]
   if not found:
+    kernels = [n for n, _ in named_leaves(base) if n.endswith("/kernel")]
     raise ConfigError(
         f"lora.targets: regex {spec.targets!r} matches no kernel of the model "
-        f"(kernel names look like 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel')")
+        f"(its {len(kernels)} kernels are named like {', '.join(map(repr, kernels[-2:]))}; "
+        f"LoRA applies to Dense/DenseGeneral kernels only)")
   return found
 
 
@@ -255,7 +257,8 @@ low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale: float,
-          train: bool = False, rngs: dict[str, jax.Array] | None = None, **kwargs) -> jax.Array:
+          train: bool = False, rngs: dict[str, jax.Array] | None = None,
+          model_state: Tree | None = None, **kwargs) -> jax.Array:
   """The unmerged LoRA forward: `model` on `base` with y += s·(x a) b at every target.
 
   The base tree is never modified (no merge/unmerge drift).
@@ -268,7 +271,9 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
     scale: alpha / rank.
     train: passed to the model (dropout on).
     rngs: e.g. {"dropout": key} when training.
-    **kwargs: forwarded to `model.apply` (e.g. `features=True`).
+    model_state: the model's other variable collections (e.g. BatchNorm `batch_stats`);
+      with `mutable=[...]` in kwargs the result is (output, updated collections).
+    **kwargs: forwarded to `model.apply` (e.g. `features=True`, `mutable`).
 
   Returns:
     The model output.
@@ -298,8 +303,8 @@ def apply(model: nn.Module, base: Tree, lora: Tree, images: jax.Array, *, scale:
   # finds its own {a, b} by scope, also inside lifted transforms (a scanned encoder slices
   # it per block like the parameters).
   with nn.intercept_methods(interceptor):
-    return model.apply({"params": base, COLLECTION: lora}, images, train=train, rngs=rngs,
-                       **kwargs)
+    return model.apply({"params": base, COLLECTION: lora, **(model_state or {})}, images,
+                       train=train, rngs=rngs, **kwargs)
 
 
 def count(tree: Tree) -> int:

@@ -92,6 +92,8 @@ def test_replay_buffer_is_class_balanced_and_seeded():
     ("--config.unlearn.gamma=0", "unlearn.gamma"),
     ("--config.unlearn.gamma=-1", "unlearn.gamma"),
     ("--config.unlearn.forget_every=0", "unlearn.forget_every"),
+    ("--config.clu.params=bogus", "clu.params"),
+    ("--config.clu.params=lora", "lora.targets"),  # the ResNet has no FFN kernel
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
                                                             override, field):

@@ -16,6 +16,7 @@ from kswap_jax import methods
 from kswap_jax.data import sources, splits
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods.baselines import unlearning
+from kswap_jax.methods.trainable import Trainable
 from kswap_jax.optim import saliency
 from kswap_jax.optim import unlearning as unlearn_tx
 
@@ -89,7 +90,7 @@ def test_ga_ascends_the_forget_cross_entropy_with_a_torch_clip():
   params = model.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
   batch = {"train": {"image": jnp.array([[1.0, 0.0]]), "label": jnp.array([0]),
                      "mask": jnp.array([1.0])}}
-  ascent = unlearning.make_losses(model, config, "clu_ga")["ascent"]
+  ascent = unlearning.make_losses(Trainable(model), config, "clu_ga")["ascent"]
   (loss, (aux, _)), grads = jax.value_and_grad(ascent, has_aux=True)(
       params, {}, batch, jax.random.key(1), {})
   # W = 0: p = (1/3, 1/3, 1/3), CE = log 3; ∂(−CE)/∂W[0] = −(p − e_0) = (2/3, −1/3, −1/3).

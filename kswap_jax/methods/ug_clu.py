@@ -64,9 +64,11 @@ import numpy as np
 import optax
 
 from kswap_jax import losses, metrics, models, report, train
+from kswap_jax.config import lora_section
 from kswap_jax.data import splits, streams
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods import common, pretrain
+from kswap_jax.methods import trainable as trainable_lib
 from kswap_jax.optim import fast_slow, saliency
 
 log = logging.getLogger("kswap_jax")
@@ -97,6 +99,13 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           learn_alpha=1.0,       # [R] variant B: c^L(t) = learn_alpha·cos-shape(t)
           learn_lambda=0.0,      # [R] >0: weights ∝ ℓ^(+λ_L) on separate D_L batches (off)
           fused_iterations=0,    # [R] fused stage length; 0 = max(unlearn, learn iterations)
+          # Which parameters train (docs/ug_clu.md "LoRA"): full = every model parameter
+          # (the references); lora = a LoRA tree on lora.targets plus the base leaves that
+          # match lora_train, the rest frozen.
+          params="full",
+          lora_train=r"head/.*",  # [R] params=lora: base leaves trained in full beside the
+                                  # LoRA tree; the classifier head, so that new classes can
+                                  # be learned; "" = the LoRA tree alone
       )),
       unlearn=ml_collections.ConfigDict(dict(
           # SFR-on CIFAR-10 (released code): T 1500, N_f 5, η 0.01, c 25, clip 7, λ 0.5, γ 1.
@@ -125,7 +134,11 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           workdir="",            # "" = <workdir>/oracle; another run's oracle can be reused
           epochs=200, iterations=0,  # its training length (optimizer: the `learn` section)
           start="random",        # random: from scratch | init: from the init weights
+          params="clu",          # [R] clu: train what clu.params says (like for like) | full
       )),
+      # [R] params=lora: no source trains UG-CLU with LoRA; loralib's init (slope √5) and
+      # s = alpha / rank = 1 on the ViT's FFN kernels are our choices.
+      lora=lora_section(alpha=8.0, init_slope=math.sqrt(5.0)),
   )
 
 
@@ -405,6 +418,14 @@ def _validate(config) -> None:
     raise ConfigError("oracle.epochs: 0 with oracle.iterations 0; set one of them")
   _choice(o.stages, "oracle.stages", ("unlearn", "all"))
   _choice(o.start, "oracle.start", ("random", "init"))
+  _choice(c.params, "clu.params", trainable_lib.KINDS)
+  _choice(o.params, "oracle.params", ("clu", "full"))
+  oracle_lora = (o.params == "clu" and c.params == "lora" and
+                 (o.enabled or config.method == "clu_retrain"))
+  if oracle_lora and o.start == "random" and config.init.kind != "random":
+    raise ConfigError("oracle.start: 'random' with clu.params='lora' would train the "
+                      "oracle's LoRA tree on randomly initialised frozen weights; set "
+                      "oracle.start=init or oracle.params=full")
   _choice(c.variant, "clu.variant", ("A", "B"))
   _choice(c.slow_batches, "clu.slow_batches", ("mixed", "substeps"))
   _choice(c.mask_learn_in, "clu.mask_learn_in", saliency.LEARN_IN)
@@ -471,12 +492,13 @@ def _slot(slot: str, tx, init_all) -> optax.GradientTransformationExtraArgs:
 # ----------------------------------------------------------------------------------------------
 # Losses (all with `make_train_step(mutable=True)`: BatchNorm statistics in train mode).
 
-def _forward(model, params, model_state, b, rng):
+def _forward(trainable, params, frozen, model_state, b, rng):
+  """(logits, new model_state) in train mode (BatchNorm statistics of the batch)."""
   kwargs = dict(train=True, rngs={"dropout": rng})
   if model_state:
-    return model.apply({"params": params, **model_state}, b["image"], mask=b["mask"],
-                       mutable=list(model_state), **kwargs)
-  return model.apply({"params": params}, b["image"], **kwargs), model_state
+    return trainable.apply(params, frozen, model_state, b["image"], mask=b["mask"],
+                           mutable=list(model_state), **kwargs)
+  return trainable.apply(params, frozen, {}, b["image"], **kwargs), model_state
 
 
 def _learn_ce(logits, b, learn_lambda: float):
@@ -486,8 +508,9 @@ def _learn_ce(logits, b, learn_lambda: float):
   return jnp.sum(losses.adaptive_ascent_weights(ell, b["mask"], lambd=-learn_lambda) * ell)
 
 
-def make_losses(model, config) -> dict[str, Callable]:
-  """{"slow", "slow_learn", "fast", "fast_b", "joint"}: the phase losses.
+def make_losses(trainable, config) -> dict[str, Callable]:
+  """{"slow", "slow_learn", "fast", "fast_b", "joint"}: the phase losses of the trainable
+  tree (`trainable.Trainable`: the whole model, or LoRA + head with the rest frozen).
 
   FAST receives the gradient of the POSITIVE ascent loss (the transformation applies
   −c(t)); variant B adds −(c^L/c)·CE(D_L) so the masked FAST update is
@@ -499,40 +522,35 @@ def make_losses(model, config) -> dict[str, Callable]:
   learn_lambda = float(c.learn_lambda)
   ratio_b = float(c.learn_alpha) / float(u.forget_alpha) if float(u.forget_alpha) else 0.0
 
-  def ascent(params, ms, b, rng):
-    logits, ms = _forward(model, params, ms, b, rng)
+  def ascent(params, frozen, ms, b, rng):
+    logits, ms = _forward(trainable, params, frozen, ms, b, rng)
     return losses.adaptive_ascent_loss(logits, b["label"], b["mask"], lambd=lambd), ms
 
   def slow(params, frozen, batch, rng, ms):
-    del frozen
-    logits, ms = _forward(model, params, ms, batch["retain"], rng)
+    logits, ms = _forward(trainable, params, frozen, ms, batch["retain"], rng)
     loss = losses.cross_entropy(logits, batch["retain"]["label"], batch["retain"]["mask"])
     return loss, ({"ce_retain": loss}, ms)
 
   def slow_learn(params, frozen, batch, rng, ms):
-    del frozen
-    logits, ms = _forward(model, params, ms, batch["learn"], rng)
+    logits, ms = _forward(trainable, params, frozen, ms, batch["learn"], rng)
     loss = _learn_ce(logits, batch["learn"], learn_lambda)
     return loss, ({"ce_learn": loss}, ms)
 
   def fast(params, frozen, batch, rng, ms):
-    del frozen
-    loss, ms = ascent(params, ms, batch["forget"], rng)
+    loss, ms = ascent(params, frozen, ms, batch["forget"], rng)
     return loss, ({"ascent": loss}, ms)
 
   def fast_b(params, frozen, batch, rng, ms):
-    del frozen
     k_u, k_l = jax.random.split(rng)
-    l_u, ms = ascent(params, ms, batch["forget"], k_u)
-    logits, ms = _forward(model, params, ms, batch["learn"], k_l)
+    l_u, ms = ascent(params, frozen, ms, batch["forget"], k_u)
+    logits, ms = _forward(trainable, params, frozen, ms, batch["learn"], k_l)
     l_l = _learn_ce(logits, batch["learn"], learn_lambda)
     return l_u - ratio_b * l_l, ({"ascent": l_u, "ce_learn": l_l}, ms)
 
   def joint(params, frozen, batch, rng, ms, hparams):
-    del frozen
     k_u, k_r = jax.random.split(rng)
-    l_u, ms = ascent(params, ms, batch["forget"], k_u)
-    logits, ms = _forward(model, params, ms, batch["retain"], k_r)
+    l_u, ms = ascent(params, frozen, ms, batch["forget"], k_u)
+    logits, ms = _forward(trainable, params, frozen, ms, batch["retain"], k_r)
     l_r = losses.cross_entropy(logits, batch["retain"]["label"], batch["retain"]["mask"])
     return l_r - hparams["forget_coef"] * l_u, ({"ascent": l_u, "ce_retain": l_r}, ms)
 
@@ -708,8 +726,9 @@ def plot_against_oracle(stages: Sequence[dict], path: str, title: str) -> None:
 
 def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `clu_retrain` config of a run's oracle: the fields the oracle does not depend on
-  (unlearning hyper-parameters, routing, mask, buffer, debug) reset to their defaults, so
-  every method on the same stream shares one oracle. Sections the oracle does not read
+  (unlearning hyper-parameters, routing, mask, buffer, debug; the LoRA fields of a
+  full-parameter oracle) reset to their defaults, so every method on the same stream
+  shares one oracle. Sections the oracle does not read
   (a baseline's own) are dropped for the same reason."""
   from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
   defaults = sections()
@@ -722,9 +741,30 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
               "mask_recompute", "learn_alpha", "learn_lambda", "fused_iterations",
               "buffer_size", "buffer_seed"):
     oc.clu[key] = defaults["clu"][key]
+  oc.clu.params = params_kind(oc)  # what the oracle trains; the rest of the choice reset
+  oc.oracle.params = defaults["oracle"]["params"]
+  if oc.clu.params == "full":
+    oc.clu.lora_train = defaults["clu"]["lora_train"]
+    oc.lora = defaults["lora"]
   oc.oracle.workdir = ""
   oc.debug.interrupt_at_step = 0
   return oc
+
+
+def params_kind(config) -> str:
+  """What a run trains: `clu.params`, or "full" for the oracle with oracle.params=full."""
+  if config.method == "clu_retrain" and config.oracle.params == "full":
+    return "full"
+  return str(config.clu.params)
+
+
+def make_trainable(config, model, abstract_params) -> trainable_lib.Trainable:
+  """The run's trainable/frozen split (`clu.params`, `clu.lora_train`, `lora`), validated
+  on shapes; a LoRA run starts from `init.lora_checkpoint` when set."""
+  return trainable_lib.from_config(
+      model, params_kind(config), config.lora, str(config.clu.lora_train), abstract_params,
+      kind_field="clu.params", train_field="clu.lora_train",
+      init_lora=lambda base, spec, rng: common.initial_lora(config, base, spec, rng))
 
 
 def _initial_tasks(value, num_tasks: int) -> tuple[int, ...]:
@@ -762,6 +802,8 @@ class StageTools:
   Attributes:
     config: the run's config.
     model: the flax module.
+    trainable: the trainable/frozen split (`trainable.Trainable`): losses and forwards go
+      through `trainable.apply(params, frozen, model_state, images, ...)`.
     mesh: the data mesh.
     train_src: the training source every plan indexes into.
     first_unlearn: index of the first unlearning stage of the stream (None if none).
@@ -772,13 +814,15 @@ class StageTools:
     eval_batches: (indices, name, batch_size, augment=False) -> one pass of global batches
       with eval preprocessing (Fisher diagonals, saliency passes); augment=True adds the
       training augmentation `data.augment` (SFR-on's Fisher passes).
-    eval_grad: (params, model_state, global batch) -> ∇ mean CE with the model in eval mode.
+    eval_grad: (params, frozen, model_state, global batch) -> ∇ mean CE with respect to the
+      trainable tree, the model in eval mode.
     compiled: (key, build) -> build() once per key, model and mesh in this process (a key
       must name everything the built step depends on).
     slot: tx -> tx acting on opt_state["unlearn"] of the two-slot optimizer state.
   """
   config: ml_collections.ConfigDict
   model: Any
+  trainable: trainable_lib.Trainable
   mesh: Any
   train_src: Any
   first_unlearn: int | None
@@ -821,7 +865,7 @@ def _fast_slow_unlearner(method: str) -> Unlearner:
     config, mesh = tools.config, tools.mesh
     u, lc, c = config.unlearn, config.learn, config.clu
     k = plan.index
-    loss_fns = make_losses(tools.model, config)
+    loss_fns = make_losses(tools.trainable, config)
     loss_key = (u.loss, float(u.lambd), float(c.learn_lambda), float(c.learn_alpha),
                 float(u.forget_alpha))
     hyper = json.dumps(u.to_dict(), sort_keys=True, default=str)
@@ -882,20 +926,21 @@ def _fast_slow_unlearner(method: str) -> Unlearner:
         if c.mask_recompute == "once" and k != tools.first_unlearn:
           mask = state.opt_state["unlearn"].mask  # computed at the first unlearning stage
         else:
-          mask = stage_mask(tools, state, plan, buffer)
+          mask = stage_mask(tools, state, frozen, plan, buffer)
         new = fast_slow.set_mask(new, mask)
       return state._replace(opt_state={**state.opt_state, "unlearn": new}), frozen
     return train.Stage(name=plan.name, step_fn=None, streams=streams_, iterations=total,
                        plan=plan_fn, hparams_fn=hparams_fn, on_start=on_start)
 
-  def stage_mask(tools: StageTools, state, plan: StagePlan, buffer):
-    """The saliency mask at the stage's starting weights (eval-mode Fisher diagonals)."""
+  def stage_mask(tools: StageTools, state, frozen, plan: StagePlan, buffer):
+    """The saliency mask of the trainable tree at the stage's starting weights (eval-mode
+    Fisher diagonals)."""
     u, c = tools.config.unlearn, tools.config.clu
     t0 = time.time()
 
     def fisher(indices, name):
       return saliency.fisher_diagonal(
-          lambda p, b: tools.eval_grad(p, state.model_state, b), state.params,
+          lambda p, b: tools.eval_grad(p, frozen, state.model_state, b), state.params,
           tools.eval_batches(indices, name, int(u.fisher_batch_size),
                              augment=bool(u.fisher_augment)))
     f_u = fisher(plan.forget, f"{plan.name}_fisher_u")
@@ -998,7 +1043,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     common.check_batch_size(value, field, mesh)
   model_cfg = common.model_config(config)
   model = models.build(model_cfg)
-  common.abstract_variables(model, model_cfg)
+  trainable = make_trainable(config, model, common.abstract_variables(model, model_cfg)["params"])
   use_oracle = bool(config.oracle.enabled) and not retrain
   run_plans = [p for p in plans if not retrain or p.unlearns or config.oracle.stages == "all"]
   buffers = {p.index: replay_buffer(train_src.labels, p.retain, int(c.buffer_size),
@@ -1017,17 +1062,21 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d", p.name, p.request.text,
              p.retain.size, p.forget.size, p.learn.size)
 
-  # Model, optimizer state (two fast-slow slots) and the train state.
+  # Model, trainable/frozen split, optimizer state (two fast-slow slots), train state.
   pretrain.ensure_pretrained(config, workdir)
   seed = int(config.seed)
 
   def init_model(start: str):
+    """(trainable tree, frozen tree (replicated), model_state) at `start`."""
     if start == "random" and config.init.kind != "random":
       variables = models.init_variables(model, model_cfg, jax.random.key(seed))
-      return variables.pop("params"), variables
-    return common.load_base(config, model_cfg, model, jax.random.key(seed))
+      params, model_state = variables.pop("params"), variables
+    else:
+      params, model_state = common.load_base(config, model_cfg, model, jax.random.key(seed))
+    params, frozen = trainable.split(params, jax.random.fold_in(jax.random.key(seed), 1))
+    return params, train.replicate(frozen, mesh), model_state
 
-  params, model_state = init_model("init")
+  params, frozen, model_state = init_model("init")
   learn_any, unlearn_any = _fast_slow(lc, 1), unlearner.init_tx(config)
 
   def init_opt(p):
@@ -1038,16 +1087,16 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       rng=jax.random.key_data(jax.random.key(seed)), model_state=model_state), mesh)
   state = run_.restore(state)
 
-  loss_fns = make_losses(model, config)
-  # Compiled functions are shared by every run in this process with the same model, mesh
-  # and hyper-parameters (the oracle run, tests): one compilation each.
-  base_key = (model_cfg.to_json(), tuple(d.id for d in mesh.devices.flat))
+  loss_fns = make_losses(trainable, config)
+  # Compiled functions are shared by every run in this process with the same model, mesh,
+  # trainable split and hyper-parameters (the oracle run, tests): one compilation each.
+  base_key = (model_cfg.to_json(), tuple(d.id for d in mesh.devices.flat), trainable.key)
   predict_step = _cached(base_key + ("predict",), lambda: train.make_predict_step(
-      lambda p, ms, f, b: model.apply({"params": p, **ms}, b["image"]), mesh))
+      lambda p, ms, f, b: trainable.apply(p, f, ms, b["image"]), mesh))
 
-  def eval_grad_fn(p, ms, b):
+  def eval_grad_fn(p, f, ms, b):
     def loss(p):
-      logits = model.apply({"params": p, **ms}, b["image"])  # eval mode (running stats)
+      logits = trainable.apply(p, f, ms, b["image"])  # eval mode (running stats)
       return losses.cross_entropy(logits, b["label"], b["mask"])
     return jax.grad(loss)(p)
   eval_grad = _cached(base_key + ("eval_grad",), lambda: jax.jit(eval_grad_fn))
@@ -1082,7 +1131,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
         loss_fns[kind], tx, mesh, mutable=True, update_kwargs=update_kwargs))
 
   tools = StageTools(
-      config=config, model=model, mesh=mesh, train_src=train_src,
+      config=config, model=model, trainable=trainable, mesh=mesh, train_src=train_src,
       first_unlearn=next((p.index for p in run_plans if p.unlearns), None),
       subset=lambda indices, name: _subset(train_src, indices, name), stream=stream_of,
       eval_batches=eval_batches, eval_grad=eval_grad,
@@ -1101,8 +1150,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       slow = step("slow", ("learn", total), tx, {"phase": fast_slow.SLOW})
 
       def on_start(state, frozen, fresh):
+        # The frozen tree is not checkpointed: it comes from `oracle.start` also on resume.
+        p, frozen, ms = init_model(config.oracle.start)
         if fresh:  # from scratch (or from the init weights), fresh optimizer
-          p, ms = init_model(config.oracle.start)
           state = state._replace(params=train.replicate(p, mesh),
                                  model_state=train.replicate(ms, mesh),
                                  opt_state=train.replicate(init_opt(p), mesh))
@@ -1130,10 +1180,10 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     return unlearner.build(tools, plan, buffers[k])  # an unlearning (or fused) stage
 
   # Evaluation of the current model on what a stage needs.
-  def outputs(state, plan_list) -> _Outputs:
+  def outputs(state, frozen, plan_list) -> _Outputs:
     needed = np.unique(np.concatenate(
         [np.concatenate([p.kept_after, p.forget, p.learn]) for p in plan_list]))
-    res = common.predict_splits(config, predict_step, state, {},
+    res = common.predict_splits(config, predict_step, state, frozen,
                                 {"train": _subset(train_src, needed, "eval_train"),
                                  "test": _subset(test_src, np.arange(len(test_src)),
                                                  "eval_test")}, mesh)
@@ -1141,7 +1191,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
   results = run_.meta["results"]
   if "before" not in results:
-    out = outputs(state, plans[:1])
+    out = outputs(state, frozen, plans[:1])
     results["before"] = {"task_acc": [_acc(*out.test(t)) for t in tasks]}
   oracle_dir = (config.oracle.workdir or os.path.join(run_.workdir, "oracle")) if use_oracle \
       else None
@@ -1162,12 +1212,12 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   for plan in run_plans:
     start = time.time()
     stage = build_stage(plan)
-    state, _ = run_.run_stage(run_plans.index(plan), stage, state, {}, mesh,
-                              extra_log=schedule_log(plan, stage))
+    state, frozen = run_.run_stage(run_plans.index(plan), stage, state, frozen, mesh,
+                                   extra_log=schedule_log(plan, stage))
     if plan.name in results:
       continue
     seconds = time.time() - start
-    m, probs_u = stage_metrics(outputs(state, [plan]), plan, tasks)
+    m, probs_u = stage_metrics(outputs(state, frozen, [plan]), plan, tasks)
     if use_oracle and (plan.unlearns or config.oracle.stages == "all"):
       if oracle_results is None:
         oracle_results = _oracle(config, oracle_dir)
@@ -1187,6 +1237,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
   out = _envelope(config, method, run_plans, plans, results, tasks, initial_tasks)
   out["num_trainable"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  out["params"] = trainable.kind
   if oracle_dir:
     out["oracle_workdir"] = oracle_dir
   if run_.is_main:

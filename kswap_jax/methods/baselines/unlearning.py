@@ -16,7 +16,9 @@ D_R (the replay buffer when `clu.buffer_size` > 0):
   * `clu_l1_sparse` (ℓ1-sparse): descent on CE(D_R) + α(e)·‖θ‖₁ with
     α(e) = α·(1 − e/(E − E₀)) (0 for the last E₀ epochs).
 
-All use torch SGD (momentum 0.9, coupled weight decay 5e-4) and update every parameter.
+All use torch SGD (momentum 0.9, coupled weight decay 5e-4) and update every trainable
+parameter: the whole model, or with `clu.params = "lora"` the LoRA tree and the head
+(`kswap_jax.methods.trainable`; SalUn's mask and the ℓ1 term are then over that tree).
 A stage lasts `epochs` passes over its set (D_R for FT/ℓ1, D_U for GA, D_R ∪ D_U for
 RL/SalUn): iterations = epochs·⌈|set| / batch_size⌉, each epoch one permutation of the set
 with a last, partially filled batch (padded slots carry mask 0), as a torch loader;
@@ -180,20 +182,20 @@ def relabel_other(subset: splits.Subset, num_classes: int, seed: int) -> splits.
 # ----------------------------------------------------------------------------------------------
 # Losses (`make_train_step(mutable=True)`).
 
-def make_losses(model, config, method: str):
+def make_losses(trainable, config, method: str):
   """{"descent": CE on batch["train"] (BatchNorm in train mode), "ascent": −CE on
   batch["train"] (BatchNorm per `ga.batchnorm`), "retain": CE on batch["retain"],
   "random_labels": CE on batch["forget"] against labels drawn uniformly from all classes
-  afresh per batch (RL's `mix = "sequential"`)}."""
+  afresh per batch (RL's `mix = "sequential"`)}, of the trainable tree of `trainable`
+  (`kswap_jax.methods.trainable.Trainable`: the whole model, or LoRA + head)."""
   eval_bn = method == "clu_ga" and config.ga.batchnorm == "eval"
   num_classes = int(config.model.num_classes)
 
   def ce_on(key, relabel=False):
     def loss_fn(params, frozen, batch, rng, ms):
-      del frozen
       b = batch[key]
       k_fwd, k_lab = jax.random.split(rng)
-      logits, ms = _forward(model, params, ms, b, k_fwd)
+      logits, ms = _forward(trainable, params, frozen, ms, b, k_fwd)
       labels = (jax.random.randint(k_lab, b["label"].shape, 0, num_classes) if relabel
                 else b["label"])
       loss = losses.cross_entropy(logits, labels, b["mask"])
@@ -201,12 +203,11 @@ def make_losses(model, config, method: str):
     return loss_fn
 
   def ascent(params, frozen, batch, rng, ms):
-    del frozen
     b = batch["train"]
     if eval_bn:  # the reference's model.eval(): running statistics, nothing updated
-      logits = model.apply({"params": params, **ms}, b["image"])
+      logits = trainable.apply(params, frozen, ms, b["image"])
     else:
-      logits, ms = _forward(model, params, ms, b, rng)
+      logits, ms = _forward(trainable, params, frozen, ms, b, rng)
     ce = losses.gradient_ascent_loss(logits, b["label"], b["mask"])
     return -ce, ({"ce_forget": ce}, ms)
   return {"descent": ce_on("train"), "ascent": ascent, "retain": ce_on("retain"),
@@ -287,7 +288,7 @@ def unlearner(method: str) -> ug_clu.Unlearner:
       streams_ = {"train": tools.stream(subsets, k, "forget" if name == "ga" else "retain",
                                         bs, field, cycle=False)}
     tx = make_tx(config, method, spe, epochs)
-    loss_fns = make_losses(tools.model, config, method)
+    loss_fns = make_losses(tools.trainable, config, method)
 
     def step_of(kind):
       key = ("baseline", method, kind, spe, epochs,
@@ -307,19 +308,20 @@ def unlearner(method: str) -> ug_clu.Unlearner:
         return state, frozen  # optimizer state (and SalUn's mask) restored
       new = train.replicate(tx.init(state.params), mesh)
       if name == "salun":
-        new = unlearn_tx.set_saliency_mask(new, salun_mask(tools, state, plan))
+        new = unlearn_tx.set_saliency_mask(new, salun_mask(tools, state, frozen, plan))
       return state._replace(opt_state={**state.opt_state, "unlearn": new}), frozen
     log.info("[%s] %s: %d iterations (%d epoch(s) of %d over %s, %d samples)", plan.name,
              method, total, epochs, spe, EPOCH_SETS[name], n)
     return train.Stage(name=plan.name, step_fn=step, streams=streams_, iterations=total,
                        plan=plan_fn, on_start=on_start)
 
-  def salun_mask(tools, state, plan):
-    """M = top-`fraction` of |Σ_b ∇(−CE_b)| over the forget batches (eval mode)."""
+  def salun_mask(tools, state, frozen, plan):
+    """M = top-`fraction` of |Σ_b ∇(−CE_b)| over the forget batches (eval mode), over the
+    trainable tree."""
     t0 = time.time()
     s = tools.config.salun
     grad_abs = saliency.gradient_magnitude(
-        lambda p, b: tools.eval_grad(p, state.model_state, b), state.params,
+        lambda p, b: tools.eval_grad(p, frozen, state.model_state, b), state.params,
         tools.eval_batches(plan.forget, f"{plan.name}_saliency", int(s.mask_batch_size)))
     mask = saliency.topk_mask(grad_abs, float(s.fraction))
     log.info("[%s] SalUn mask: top %.0f%% of the forget-gradient magnitudes (%.1f s)",
