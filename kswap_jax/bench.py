@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import time
@@ -184,18 +183,6 @@ def matmul_peak(dtype: str = "float32", size: int | None = None, reps: int = 5) 
           "median_flops_per_s": 2 * n ** 3 / statistics.median(times)}
 
 
-def cpu_seconds() -> float:
-  """User + system CPU seconds of this process so far (all threads)."""
-  ru = resource.getrusage(resource.RUSAGE_SELF)
-  return ru.ru_utime + ru.ru_stime
-
-
-def host_memory() -> dict:
-  """Peak RSS of this process (bytes) and its minor page faults so far."""
-  ru = resource.getrusage(resource.RUSAGE_SELF)
-  return {"peak_rss_bytes": ru.ru_maxrss * 1024, "minor_faults": ru.ru_minflt}
-
-
 def device_memory() -> dict | None:
   stats = jax.devices()[0].memory_stats()
   if not stats:
@@ -275,9 +262,16 @@ def _state(s: dict, seed: int) -> train.TrainState:
 
 
 def bench_step(args, s: dict | None = None,
-               timed_other: Callable[[], float] | None = None) -> dict:
-  """Compiles and times the step of `setup(args)`; `timed_other()` (if given) runs after
-  every timed jax step (the PyTorch step), so both see the same machine state."""
+               timed_other: Callable[[], tuple[float, float]] | None = None) -> dict:
+  """Compiles and times the step of `setup(args)`.
+
+  With `timed_other` (a function running one PyTorch step and returning its wall and CPU
+  seconds) the two alternate in blocks of `args.block` steps, first ours, then theirs, until
+  each has `args.steps` timed steps; the first step of every block is run but not timed.
+  Blocks keep both frameworks in the steady state of a training loop, where steps follow
+  each other without a gap, while a changing machine load still hits both alike. (A step
+  that follows seconds of idleness is not representative: XLA:CPU's next step then spends
+  seconds more in the kernel re-faulting its freed buffers, see docs/speed.md.)"""
   s = s or setup(args)
   mesh = s["mesh"]
   state = train.replicate(_state(s, args.seed), mesh)
@@ -291,18 +285,27 @@ def bench_step(args, s: dict | None = None,
   for _ in range(args.warmup):
     state, m = compiled(state, frozen, s["batch"], hp)
     jax.block_until_ready(m)
-  mem0 = host_memory()
-  times, cpu, other = [], [], []
-  for _ in range(args.steps):
-    c0 = cpu_seconds()
-    t0 = time.perf_counter()
-    state, m = compiled(state, frozen, s["batch"], hp)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-    cpu.append(cpu_seconds() - c0)
-    if timed_other is not None:
-      other.append(timed_other())
-  mem1 = host_memory()
+  # Peak memory of the steps themselves (weights, optimizer state, batch and the step's
+  # buffers), not of the compilation before them.
+  hostmem.reset_peak_rss()
+  faults0 = hostmem.minor_faults()
+  times, cpu, other, other_cpu = [], [], [], []
+  block = args.block if timed_other is not None else 1
+  while len(times) < args.steps:
+    for i in range(block):
+      c0 = hostmem.cpu_seconds()
+      t0 = time.perf_counter()
+      state, m = compiled(state, frozen, s["batch"], hp)
+      jax.block_until_ready(m)
+      if (i > 0 or block == 1) and len(times) < args.steps:
+        times.append(time.perf_counter() - t0)
+        cpu.append(hostmem.cpu_seconds() - c0)
+    for i in range(block if timed_other is not None else 0):
+      wall, cpu_s = timed_other()
+      if i > 0 and len(other) < args.steps:
+        other.append(wall)
+        other_cpu.append(cpu_s)
+  peak_rss, faults = hostmem.peak_rss_bytes(), hostmem.minor_faults() - faults0
   m = jax.device_get(m)
   med = statistics.median(times)
   out = {
@@ -324,13 +327,12 @@ def bench_step(args, s: dict | None = None,
       "achieved_flops_per_s": cost["flops"] / med if cost.get("flops") else None,
       "last_loss": float(m["loss"]),
       "last_grad_norm": float(m["grad_norm"]),
-      "memory": {"host_peak_rss_bytes": mem1["peak_rss_bytes"],
-                 "minor_faults_per_step": (mem1["minor_faults"] - mem0["minor_faults"])
-                                          / args.steps,
+      "memory": {"host_peak_rss_bytes": peak_rss,
+                 "minor_faults_per_step": faults / args.steps,
                  "device": None if on_cpu() else device_memory()},
   }
   if other:
-    out["other_step_s"] = other
+    out["other_step_s"], out["other_cpu_s"] = other, other_cpu
   if args.profile:
     # `state` was donated to the last step: profile one more from its output.
     out["profile"] = profile_step(compiled, (state, frozen, s["batch"], hp), args.profile)
@@ -429,12 +431,12 @@ def bench_compare(args) -> dict:
                          images=s["images"], wall=[], cpu=[]))
   for _ in range(args.steps):
     for v in variants:
-      c0 = cpu_seconds()
+      c0 = hostmem.cpu_seconds()
       t0 = time.perf_counter()
       v["state"], m = v["compiled"](v["state"], v["frozen"], v["batch"], v["hp"])
       jax.block_until_ready(m)
       v["wall"].append(time.perf_counter() - t0)
-      v["cpu"].append(cpu_seconds() - c0)
+      v["cpu"].append(hostmem.cpu_seconds() - c0)
   out = []
   for v in variants:
     stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
@@ -532,14 +534,15 @@ def report(res: dict) -> None:
         print(f"    {op['s']:8.3f} s  {op['kind']:18s} {op['name']:28s} {op['op'][-80:]}")
   if "torch" in res:
     tr = res["torch"]
-    print(f"torch {tr['version']} ({tr['threads']} threads), same step, alternating: median "
-          f"{tr['step_s']['median']:.3f} s (range {tr['step_s']['min']:.3f}-"
-          f"{tr['step_s']['max']:.3f}); peak RSS after both "
+    print(f"torch {tr['version']} ({tr['threads']} threads, own process), same step, "
+          f"alternating: median {tr['step_s']['median']:.3f} s (range "
+          f"{tr['step_s']['min']:.3f}-{tr['step_s']['max']:.3f}); peak RSS "
           f"{tr['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"  CPU time (user+sys, all threads): median {tr['step_cpu_s']['median']:.3f} s/step")
     print(f"  jax/torch step-time ratio: {tr['jax_over_torch']:.2f} "
           f"({'jax faster' if tr['jax_over_torch'] < 1 else 'torch faster'}); CPU-time ratio "
-          f"{tr['jax_over_torch_cpu']:.2f} (the figure to read on a shared machine)")
+          f"{tr['jax_over_torch_cpu']:.2f} (the figure to read on a shared machine); "
+          f"peak-RSS ratio {tr['jax_over_torch_peak_rss']:.2f}")
   if "pipeline" in res:
     p = res["pipeline"]
     line = f"input pipeline ({p['source']}, {p['num_threads']} threads): {p['images_per_s']:.0f} images/s"
@@ -577,7 +580,11 @@ def parse_args(argv=None):
   p.add_argument("--pipeline_only", action="store_true")
   p.add_argument("--no_pipeline", action="store_true")
   p.add_argument("--compare_torch", action="store_true",
-                 help="time the same step in plain PyTorch, alternating (needs the [torch] extra)")
+                 help="time the same step in plain PyTorch, in its own process, alternating in "
+                      "blocks (needs the [torch] extra)")
+  p.add_argument("--block", type=int, default=3,
+                 help="--compare_torch: steps per framework per turn (>= 2; the first of each "
+                      "turn is not timed)")
   p.add_argument("--compare", default="",
                  help="interleaved A/B in one process: 'name=flags;name=flags' (each "
                       "variant's flags on top of the others given)")
@@ -586,6 +593,9 @@ def parse_args(argv=None):
                  help="trace one more step with jax.profiler into this folder and print "
                       "where its time went, per HLO instruction")
   args = p.parse_args(argv)
+  if args.block < 2:
+    p.error(f"--block: expected an int >= 2 (the first step of each turn is not timed), "
+            f"got {args.block}")
   args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
   return args
 
@@ -631,15 +641,20 @@ def main(argv=None) -> int:
     if args.compare_torch:
       from kswap_jax import bench_torch  # pylint: disable=import-outside-toplevel
       try:
-        torch_bench = bench_torch.TorchStep(args, s)
+        torch_bench = bench_torch.TorchProcess(args, s)  # its own process, stepped in turn
       except bench_torch.TorchMissing as e:
         print(e, file=sys.stderr)
         return 2
       for _ in range(args.warmup + 1):  # torch's first steps allocate and tune
         torch_bench.time_step()
-    peak_before = matmul_peak(args.dtype)
-    st = bench_step(args, s, timed_other=torch_bench.time_step if torch_bench else None)
-    peak_after = matmul_peak(args.dtype)
+      torch_bench.reset_peak_rss()
+    try:
+      peak_before = matmul_peak(args.dtype)
+      st = bench_step(args, s, timed_other=(
+          (lambda: (torch_bench.time_step(), torch_bench.cpu_s[-1])) if torch_bench else None))
+      peak_after = matmul_peak(args.dtype)
+    finally:
+      torch_end = torch_bench.close() if torch_bench else None
     best = max(peak_before, peak_after, key=lambda d: d["flops_per_s"])
     res["matmul_peak"] = dict(best, before=peak_before["flops_per_s"],
                               after=peak_after["flops_per_s"])
@@ -648,16 +663,17 @@ def main(argv=None) -> int:
       res["matmul_peak_fraction"] = st["achieved_flops_per_s"] / best["flops_per_s"]
       res["matmul_floor_s"] = st["flops_per_step"] / best["flops_per_s"]
     if torch_bench is not None:
-      times = st.pop("other_step_s")
+      times, cpu = st.pop("other_step_s"), st.pop("other_cpu_s")
       med = statistics.median(times)
-      cpu = torch_bench.cpu_s[-len(times):]  # the timed steps (after torch's warm-up)
       res["torch"] = {"version": torch_bench.version, "threads": torch_bench.threads,
                       "step_s": {"median": med, "min": min(times), "max": max(times),
                                  "all": times},
                       "step_cpu_s": {"median": statistics.median(cpu), "min": min(cpu),
                                      "max": max(cpu), "all": cpu},
-                      "peak_rss_bytes": host_memory()["peak_rss_bytes"],
+                      "peak_rss_bytes": torch_end["peak_rss_bytes"],
                       "jax_over_torch": st["step_s"]["median"] / med,
+                      "jax_over_torch_peak_rss": (st["memory"]["host_peak_rss_bytes"]
+                                                  / torch_end["peak_rss_bytes"]),
                       "jax_over_torch_cpu": (st["step_cpu_s"]["median"]
                                              / statistics.median(cpu)),
                       "last_loss": torch_bench.last_loss}

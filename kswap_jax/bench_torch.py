@@ -16,12 +16,20 @@ without it.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+import types
 from typing import Any
 
 import numpy as np
 
-from kswap_jax import bench
+from kswap_jax import hostmem
 
 
 class TorchMissing(Exception):
@@ -42,28 +50,36 @@ def _np(x) -> np.ndarray:
   return np.array(x, dtype=np.float32)  # a host copy torch may own
 
 
+STEP_KINDS = ("forget", "learn", "ce")
+
+
+def _check_step(step: str) -> None:
+  if step not in STEP_KINDS:
+    raise TorchMissing(f"--compare_torch: no PyTorch version of --step={step}")
+
+
 class TorchStep:
   """Builds the PyTorch model and optimizer; `time_step()` runs one step and returns seconds.
 
   Args:
-    args: the bench's parsed arguments (variant, step, dropout, gelu, rank...).
-    setup: the bench's `setup(args)` dict: model config, base parameters (random head),
-      LoRA tree, LoRA scale and the host batch.
+    step: "forget", "learn" or "ce".
+    gelu: the bench's `--gelu` ("tanh" gives torch's tanh GELU, anything else the exact one).
+    cfg: the ViT's fields (`vit.ViTConfig` or any object with the same attributes).
+    base: base parameters (vit_jax names, random head).
+    tree: the LoRA tree (unscanned layout).
+    scale: the LoRA scale alpha / rank.
+    host_batch: {stream: {"image", "label", ...}} numpy arrays.
   """
 
-  def __init__(self, args, setup: dict[str, Any]):
+  def __init__(self, step: str, gelu: str, cfg, base, tree, scale: float, host_batch):
     torch = _import_torch()
-    if args.step not in ("forget", "learn", "ce"):
-      raise TorchMissing(f"--compare_torch: no PyTorch version of --step={args.step}")
-    from kswap_jax.models import vit  # pylint: disable=import-outside-toplevel
+    _check_step(step)
     self.torch = torch
     self.version = torch.__version__
     self.threads = torch.get_num_threads()
-    self.step_kind = args.step
-    cfg = vit.vit_config(setup["model_cfg"])
-    base, tree = setup["base"], setup["lora_tree_unscanned"]
-    self.model = _build_model(torch, cfg, base, tree, setup["spec"].scale,
-                              approximate="tanh" if args.gelu == "tanh" else "none")
+    self.step_kind = step
+    self.model = _build_model(torch, cfg, base, tree, scale,
+                              approximate="tanh" if gelu == "tanh" else "none")
     self.lora_params = [p for n, p in self.model.named_parameters() if p.requires_grad]
     self.blocks = [[p for n, p in blk.named_parameters() if p.requires_grad]
                    for blk in self.model.blocks]
@@ -72,9 +88,16 @@ class TorchStep:
     self.batch = {name: (torch.from_numpy(np.ascontiguousarray(
                              b["image"].transpose(0, 3, 1, 2))),
                          torch.from_numpy(b["label"].astype(np.int64)))
-                  for name, b in setup["host_batch"].items()}
+                  for name, b in host_batch.items()}
     self.last_loss = float("nan")
     self.cpu_s: list[float] = []
+
+  @classmethod
+  def from_setup(cls, args, setup: dict[str, Any]) -> "TorchStep":
+    """The bench's model, weights and batch (`kswap_jax.bench.setup(args)`), in this process."""
+    from kswap_jax.models import vit  # pylint: disable=import-outside-toplevel
+    return cls(args.step, args.gelu, vit.vit_config(setup["model_cfg"]), setup["base"],
+               setup["lora_tree_unscanned"], setup["spec"].scale, setup["host_batch"])
 
   def _loss(self):
     torch = self.torch
@@ -93,7 +116,7 @@ class TorchStep:
 
   def time_step(self) -> float:
     """Runs one step; returns its wall seconds and appends its CPU seconds to `cpu_s`."""
-    c0 = bench.cpu_seconds()
+    c0 = hostmem.cpu_seconds()
     t0 = time.perf_counter()
     self.model.train()
     loss = self._loss()
@@ -102,8 +125,120 @@ class TorchStep:
     self.opt.zero_grad(set_to_none=True)
     self.last_loss = float(loss.detach())
     wall = time.perf_counter() - t0
-    self.cpu_s.append(bench.cpu_seconds() - c0)
+    self.cpu_s.append(hostmem.cpu_seconds() - c0)
     return wall
+
+
+def _flatten(prefix: str, tree, out: dict) -> dict:
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      _flatten(f"{prefix}/{k}", v, out)
+    else:
+      out[f"{prefix}/{k}"] = np.asarray(v)
+  return out
+
+
+def _unflatten(arrays) -> dict:
+  tree: dict = {}
+  for key in arrays.files:
+    *path, leaf = key.split("/")
+    node = tree
+    for k in path:
+      node = node.setdefault(k, {})
+    node[leaf] = arrays[key]
+  return tree
+
+
+class TorchProcess:
+  """The PyTorch step in a child process, run one step at a time on request.
+
+  Each framework then has its own process: its own threads, allocator and peak memory,
+  as when either runs alone, while alternating steps still expose both to the same
+  machine state. The child gets the parent's environment (thread counts, glibc tunables)
+  and the very same weights and batch, handed over as an `.npz` (no pickle).
+
+  Args:
+    args: the bench's parsed arguments (`step`, `gelu`).
+    setup: the bench's `setup(args)` dict.
+  """
+
+  def __init__(self, args, setup: dict[str, Any]):
+    if importlib.util.find_spec("torch") is None:
+      _import_torch()  # raises TorchMissing with the install hint
+    _check_step(args.step)
+    from kswap_jax.models import vit  # pylint: disable=import-outside-toplevel
+    self._dir = tempfile.mkdtemp(prefix="kswap_bench_torch_")
+    arrays = _flatten("base", setup["base"], {})
+    _flatten("lora", setup["lora_tree_unscanned"], arrays)
+    _flatten("batch", setup["host_batch"], arrays)
+    np.savez(os.path.join(self._dir, "arrays.npz"), **arrays)
+    with open(os.path.join(self._dir, "spec.json"), "w") as f:
+      json.dump({"step": args.step, "gelu": args.gelu, "scale": setup["spec"].scale,
+                 "vit": dataclasses.asdict(vit.vit_config(setup["model_cfg"]))}, f)
+    self._proc = subprocess.Popen([sys.executable, "-m", "kswap_jax.bench_torch", self._dir],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hello = self._read()
+    self.version, self.threads = hello["version"], hello["threads"]
+    self.cpu_s: list[float] = []
+    self.last_loss = float("nan")
+
+  def _read(self) -> dict:
+    line = self._proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the PyTorch worker stopped (exit {self._proc.wait()}); its "
+                         "error is above")
+    return json.loads(line)
+
+  def _ask(self, command: str) -> dict:
+    self._proc.stdin.write(command + "\n")
+    self._proc.stdin.flush()
+    return self._read()
+
+  def time_step(self) -> float:
+    """Runs one step in the child; returns its wall seconds (CPU seconds to `cpu_s`)."""
+    r = self._ask("step")
+    self.cpu_s.append(r["cpu_s"])
+    self.last_loss = r["loss"]
+    return r["wall_s"]
+
+  def reset_peak_rss(self) -> None:
+    """Restarts the child's peak-memory count (call after its warm-up)."""
+    self._ask("reset_peak")
+
+  def close(self) -> dict:
+    """Stops the child; returns {"peak_rss_bytes"}: its peak since `reset_peak_rss`."""
+    try:
+      return self._ask("exit")
+    finally:
+      self._proc.wait()
+      for name in ("arrays.npz", "spec.json"):
+        os.remove(os.path.join(self._dir, name))
+      os.rmdir(self._dir)
+
+
+def _worker(directory: str) -> None:
+  """The child of `TorchProcess`: answers one JSON line per command read from stdin."""
+  with open(os.path.join(directory, "spec.json")) as f:
+    spec = json.load(f)
+  with np.load(os.path.join(directory, "arrays.npz"), allow_pickle=False) as arrays:
+    tree = _unflatten(arrays)
+  step = TorchStep(spec["step"], spec["gelu"], types.SimpleNamespace(**spec["vit"]),
+                   tree["base"], tree.get("lora", {}), spec["scale"], tree["batch"])
+  del tree
+  say = lambda **kw: print(json.dumps(kw), flush=True)
+  say(version=step.version, threads=step.threads)
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "step":
+      wall = step.time_step()
+      say(wall_s=wall, cpu_s=step.cpu_s[-1], loss=step.last_loss)
+    elif command == "reset_peak":
+      say(reset=hostmem.reset_peak_rss())
+    elif command == "exit":
+      say(peak_rss_bytes=hostmem.peak_rss_bytes())
+      return
+    else:
+      raise ValueError(f"bench_torch worker: unknown command {command!r}")
 
 
 def _build_model(torch, cfg, base, tree, scale: float, approximate: str):
@@ -193,3 +328,7 @@ def _build_model(torch, cfg, base, tree, scale: float, approximate: str):
   if cfg.representation_size or cfg.head != "linear":
     raise TorchMissing("--compare_torch: only the plain linear-head ViT has a PyTorch version")
   return ViT()
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])

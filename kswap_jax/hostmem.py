@@ -1,4 +1,4 @@
-"""Host memory: back XLA:CPU's large per-step buffers with transparent huge pages.
+"""Host process: huge pages for XLA:CPU's per-step buffers; CPU time and peak memory.
 
 XLA:CPU allocates each step's temporary buffer (GBs for a ViT-B/16 training step) with
 `malloc` and frees it at the end of the step. glibc serves such sizes with a fresh `mmap`,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -74,3 +75,36 @@ def describe() -> str:
   who = ("restarted by kswap_jax.hostmem; KSWAP_HUGEPAGES=0 opts out"
          if os.environ.get(_MARK) == "1" and value == TUNABLE else "set by the caller")
   return f"host memory: GLIBC_TUNABLES={value} ({who})"
+
+
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process so far (all threads)."""
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return ru.ru_utime + ru.ru_stime
+
+
+def minor_faults() -> int:
+  """Minor page faults of this process so far."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def reset_peak_rss() -> bool:
+  """Restarts the peak-RSS count (Linux: `/proc/self/clear_refs`); False where it cannot."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident memory since the process started or since `reset_peak_rss`."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

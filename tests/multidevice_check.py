@@ -13,6 +13,7 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -58,12 +59,15 @@ def main():
     config = load_config("demo", "runlocal,method=pretrain")
     methods.run(config, pretrained)
     for method, (config_name, arg) in cases.items():
-      runs = [losses(config_name, arg, n, os.path.join(tmp, f"{method}_{n}"), pretrained)
-              for n in (1, 8)]
+      runs, seconds = [], []
+      for n in (1, 8):
+        t0 = time.perf_counter()
+        runs.append(losses(config_name, arg, n, os.path.join(tmp, f"{method}_{n}"), pretrained))
+        seconds.append(round(time.perf_counter() - t0, 1))
       diffs = [abs(a[k] - b[k]) / max(1e-6, abs(a[k]))
                for a, b in zip(*runs) for k in a]
       out[method] = {"steps": len(runs[0]), "steps_8": len(runs[1]),
-                     "max_rel_diff": max(diffs) if diffs else None}
+                     "max_rel_diff": max(diffs) if diffs else None, "seconds": seconds}
   print(json.dumps(out))
 
 

@@ -25,7 +25,7 @@ def test_torch_step_has_the_jax_loss_and_lora_gradients(step):
   batch = {k: {kk: jax.numpy.asarray(v) for kk, v in b.items()} for k, b in s["host_batch"].items()}
   (loss, _), grads = jax.value_and_grad(s["loss_fn"], has_aux=True)(
       tree, s["base"], batch, jax.random.key(0))
-  ts = bench_torch.TorchStep(args, s)
+  ts = bench_torch.TorchStep.from_setup(args, s)
   ts.model.train()
   t_loss = ts._loss()  # pylint: disable=protected-access
   t_loss.backward()
@@ -39,3 +39,23 @@ def test_torch_step_has_the_jax_loss_and_lora_gradients(step):
         want = np.asarray(lora.leaf_by_name(grads, f"{prefix}/{factor}"))
         got = param.grad.numpy()
         assert np.abs(got - want).max() <= 1e-4 * scale, (prefix, factor)
+
+
+def test_torch_process_steps_the_same_model_in_a_child():
+  """--compare_torch's child process gets the very same weights and batch: without dropout
+  its first loss is the JAX loss, and it reports its own time and peak memory."""
+  args = bench.parse_args(["--variant=test/4", "--image_size=16", "--batch_size=4",
+                           "--step=forget", "--dropout=0", "--no_pipeline"])
+  s = bench.setup(args)
+  batch = {k: {kk: jax.numpy.asarray(v) for kk, v in b.items()} for k, b in s["host_batch"].items()}
+  loss, _ = s["loss_fn"](s["tree"], s["base"], batch, jax.random.key(0))
+  proc = bench_torch.TorchProcess(args, s)
+  try:
+    assert proc.time_step() > 0 and proc.cpu_s[-1] > 0
+    np.testing.assert_allclose(proc.last_loss, float(loss), rtol=1e-5)
+    proc.reset_peak_rss()
+    proc.time_step()
+  finally:
+    end = proc.close()
+  assert end["peak_rss_bytes"] > 0
+  assert proc._proc.returncode == 0  # pylint: disable=protected-access
