@@ -18,6 +18,8 @@ are off. Code that calls the functional API from its own process sets the variab
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import resource
@@ -108,3 +110,17 @@ def peak_rss_bytes() -> int:
   except OSError:
     pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_free_memory() -> bool:
+  """Hands the C heap's free pages back to the system (glibc `malloc_trim(0)`).
+
+  Compiling an XLA program leaves ~0.5 GB of freed heap in a ViT-B/16 process that glibc
+  keeps mapped; releasing it after compilation lowers the peak resident memory of the
+  steps that follow by as much. Returns False where the C library has no `malloc_trim`.
+  """
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.malloc_trim(0)) or True
+  except (OSError, AttributeError):
+    return False
