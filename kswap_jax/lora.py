@@ -122,6 +122,13 @@ def target_kernels(base: Tree, spec: LoraSpec) -> list[tuple[str, Any]]:
         f"lora.targets: regex {spec.targets!r} matches no kernel of the model "
         f"(its {len(kernels)} kernels are named like {', '.join(map(repr, kernels[-2:]))}; "
         f"LoRA applies to Dense/DenseGeneral kernels only)")
+  # In the checkpoint layout only convolutions have 4-D kernels (h, w, in, out), and
+  # `apply` adds the low-rank branch to Dense/DenseGeneral calls alone: factors for a
+  # convolution would be trained without ever reaching the forward.
+  convs = [n for n, x in found if len(x.shape) == 4]
+  if convs:
+    raise ConfigError(f"lora.targets: regex {spec.targets!r} matches the convolution kernel "
+                      f"{convs[0]!r}; LoRA applies to Dense/DenseGeneral kernels only")
   return found
 
 

@@ -103,6 +103,15 @@ def test_low_rank_gradients_are_those_of_the_plain_product():
     assert float(jnp.abs(want).max()) > 1.0
 
 
+def test_a_convolution_target_is_refused(tiny):
+  """apply adds LoRA to Dense calls only, so a conv target (the patch embedding here) would
+  train factors that never reach the forward: refused, naming the kernel."""
+  _, _, params = tiny
+  with pytest.raises(ConfigError, match=r"lora.targets: .*convolution kernel 'embedding/kernel'"):
+    lora.init(params, lora.LoraSpec(targets=r"embedding/kernel|.*MlpBlock_3/Dense_0/kernel"),
+              jax.random.key(0))
+
+
 def test_merge_by_hand_and_unmerge_restores_base(tiny):
   _, _, params = tiny
   spec = lora.LoraSpec(rank=2, alpha=1.0)
