@@ -261,6 +261,18 @@ def _state(s: dict, seed: int) -> train.TrainState:
   return train.create_state(s["tree"], s["tx"], seed)._replace(opt_state=s["opt_state"])
 
 
+def _summary(xs: list[float]) -> dict:
+  return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
+
+
+def _frozen(s: dict, args, mesh):
+  """The frozen base on the mesh, stacked for `--scan`. It is never donated, so it goes
+  there without a second copy (`train.replicate` copies, for donated state)."""
+  return jax.device_put(vit.scan_params(s["base"]) if args.scan else s["base"],
+                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                        may_alias=True)
+
+
 CPU_SCHEDULERS = {"default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
@@ -288,10 +300,7 @@ def bench_step(args, s: dict | None = None,
   s = s or setup(args)
   mesh = s["mesh"]
   state = train.replicate(_state(s, args.seed), mesh)
-  # The frozen base is never donated: put it on the mesh without a second copy.
-  frozen = jax.device_put(vit.scan_params(s["base"]) if args.scan else s["base"],
-                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                          may_alias=True)
+  frozen = _frozen(s, args, mesh)
   hp = s["hp"]
   # The compiled initialisers (B/16: ~0.15 GB) are not needed by the steps: drop them, as a
   # training process that has loaded its weights would not hold them either.
@@ -337,11 +346,10 @@ def bench_step(args, s: dict | None = None,
       "trainable_parameters": lora.count(s["tree"]),
       "compile_s": compile_s,
       "cpu_scheduler": args.cpu_scheduler,
-      "step_s": {"median": med, "min": min(times), "max": max(times), "all": times},
+      "step_s": _summary(times),
       # CPU seconds (user + system, all threads) per step: on a shared machine this moves
       # far less than the wall time when other processes compete for the cores.
-      "step_cpu_s": {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu),
-                     "all": cpu},
+      "step_cpu_s": _summary(cpu),
       "images_per_s": s["images"] / med,
       "flops_per_step": cost.get("flops"),
       "bytes_accessed_per_step": cost.get("bytes accessed"),
@@ -438,7 +446,7 @@ def bench_compare(args) -> dict:
     s = setup(vargs)
     mesh = s["mesh"]
     state = train.replicate(_state(s, args.seed), mesh)
-    frozen = train.replicate(vit.scan_params(s["base"]) if vargs.scan else s["base"], mesh)
+    frozen = _frozen(s, vargs, mesh)
     hp = s["hp"]
     t0 = time.perf_counter()
     compiled = s["step"].lower(state, frozen, s["batch"], hp).compile(
@@ -461,11 +469,9 @@ def bench_compare(args) -> dict:
       v["cpu"].append(hostmem.cpu_seconds() - c0)
   out = []
   for v in variants:
-    stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
-                       "all": xs}
     out.append({"name": v["name"], "flags": v["flags"], "compile_s": v["compile_s"],
                 "flops_per_step": v["flops"], "images_per_step": v["images"],
-                "step_s": stat(v["wall"]), "step_cpu_s": stat(v["cpu"])})
+                "step_s": _summary(v["wall"]), "step_cpu_s": _summary(v["cpu"])})
   return {"variants": out}
 
 
@@ -690,10 +696,7 @@ def main(argv=None) -> int:
       times, cpu = st.pop("other_step_s"), st.pop("other_cpu_s")
       med = statistics.median(times)
       res["torch"] = {"version": torch_bench.version, "threads": torch_bench.threads,
-                      "step_s": {"median": med, "min": min(times), "max": max(times),
-                                 "all": times},
-                      "step_cpu_s": {"median": statistics.median(cpu), "min": min(cpu),
-                                     "max": max(cpu), "all": cpu},
+                      "step_s": _summary(times), "step_cpu_s": _summary(cpu),
                       "peak_rss_bytes": torch_end["peak_rss_bytes"],
                       "jax_over_torch": st["step_s"]["median"] / med,
                       "jax_over_torch_peak_rss": (st["memory"]["host_peak_rss_bytes"]

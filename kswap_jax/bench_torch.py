@@ -129,6 +129,8 @@ class TorchStep:
     return wall
 
 
+# The child process imports neither jax nor flax (its memory is PyTorch's alone), so these
+# two stand in for `lora.named_leaves` / `lora.set_by_name` on plain nested dicts.
 def _flatten(prefix: str, tree, out: dict) -> dict:
   for k, v in tree.items():
     if isinstance(v, dict):
