@@ -273,17 +273,11 @@ def _frozen(s: dict, args, mesh):
                         may_alias=True)
 
 
-CPU_SCHEDULERS = {"default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
 def compiler_options(args) -> dict | None:
-  """XLA options of the benchmarked step: `--cpu_scheduler=memory` orders XLA:CPU's
-  instructions to keep fewer buffers alive (less memory, fewer independent instructions
-  to run side by side). The same as XLA_FLAGS=--xla_cpu_scheduler_type=... for a run."""
-  scheduler = CPU_SCHEDULERS[args.cpu_scheduler]
-  if scheduler is None or not on_cpu():
-    return None
-  return {"xla_cpu_scheduler_type": scheduler}
+  """XLA options of the benchmarked step (`train.compiler_options`): on CPU the scheduler
+  named by `--cpu_scheduler`, "memory" by default like a run's train step."""
+  return train.compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
+                                args.cpu_scheduler)
 
 
 def bench_step(args, s: dict | None = None,
@@ -604,8 +598,9 @@ def parse_args(argv=None):
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat_policy", default="nothing_saveable")
   p.add_argument("--scan", action="store_true")
-  p.add_argument("--cpu_scheduler", default="default", choices=sorted(CPU_SCHEDULERS),
-                 help="XLA:CPU's instruction scheduler: memory keeps fewer buffers alive")
+  p.add_argument("--cpu_scheduler", default="memory", choices=sorted(train.CPU_SCHEDULERS),
+                 help="XLA:CPU's instruction scheduler (memory: the train step's default, "
+                      "keeps fewer buffers alive)")
   p.add_argument("--num_threads", type=int, default=0, help="input pipeline threads")
   p.add_argument("--pipeline_only", action="store_true")
   p.add_argument("--no_pipeline", action="store_true")

@@ -213,3 +213,34 @@ def test_injected_learning_rate_is_found_inside_a_wrapping_transform():
   assert float(m["loss"]) == 0.0
 
 
+
+
+@pytest.mark.parametrize("bound", [0.5, 50.0])  # the bounded term active, then inactive
+def test_in_passes_gives_the_loss_and_gradients_of_the_whole_loss(bound):
+  """Pass by pass, ∇L = Σ ∂combine/∂v_i ∇f_i: the same loss and gradients as autodiff of L."""
+  from kswap_jax import losses  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5))
+  params = {"w": jax.random.normal(jax.random.key(1), (5, 3)), "v": jnp.arange(3.0)}
+
+  def ce(i):
+    def f(p, frozen, batch, rng):
+      logits = jnp.tanh(batch[i] @ p["w"]) * frozen + p["v"]
+      noise = jax.random.normal(jax.random.split(rng)[i], logits.shape)  # its own key
+      return jnp.mean(jax.nn.logsumexp(logits + 0.1 * noise, -1) - logits[..., 0])
+    return f
+
+  penalty = lambda p, frozen, batch, rng: jnp.sum(p["w"] ** 2)
+
+  def combine(ce_f, ce_r, omega):
+    return ce_r + 2.0 * losses.bounded_forgetting(ce_f, bound) + 0.3 * omega, {"ce_f": ce_f}
+
+  loss_fn = train.in_passes([ce(0), ce(1), penalty], combine)
+  args = (params, 1.5, {0: x[0], 1: x[1]}, jax.random.key(2))
+  (loss, aux), grads = jax.jit(loss_fn.value_and_grad)(*args)
+  (want, want_aux), want_grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(*args)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(aux["ce_f"], want_aux["ce_f"], rtol=1e-6)
+  for k in params:
+    np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-7)
+  active = float(aux["ce_f"]) < bound
+  assert active == (bound == 50.0)  # both branches of the bound are exercised

@@ -70,38 +70,32 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
   )
 
 
-def _stage_terms(model, scale, grouping, aux: str):
-  """(CE on the `aux` batch, CE on the retain batch, Ω): the terms both stages combine."""
-  def terms(params, base, batch, rng):
-    k_aux, k_r = jax.random.split(rng)
-    ce_aux = _ce(model, base, params, batch[aux], scale, k_aux)
-    ce_r = _ce(model, base, params, batch["retain"], scale, k_r)
-    return ce_aux, ce_r, group_lasso.group_lasso_penalty(params, grouping)
-  return terms
+def _passes(model, scale, grouping, aux: str):
+  """The three passes both stages combine: CE on the `aux` batch, CE on the retain batch
+  (each with its own dropout key), and Ω (`train.in_passes` runs them one at a time)."""
+  def ce(name, index):
+    return lambda params, base, batch, rng: _ce(
+        model, base, params, batch[name], scale, jax.random.split(rng)[index])
+  return [ce(aux, 0), ce("retain", 1),
+          lambda params, base, batch, rng: group_lasso.group_lasso_penalty(params, grouping)]
 
 
 def learn_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
                grouping: str):
   """L_learn = CE(b_n) + β·CE(b_r) + α·Ω over batches {"learn", "retain"}."""
-  terms = _stage_terms(model, scale, grouping, "learn")
-
-  def loss_fn(params, base, batch, rng):
-    ce_n, ce_r, omega = terms(params, base, batch, rng)
+  def combine(ce_n, ce_r, omega):
     loss = ce_n + ks.beta * ce_r + alpha_penalty * omega
     return loss, {"ce_learn": ce_n, "ce_retain": ce_r, "omega": omega}
-  return loss_fn
+  return train.in_passes(_passes(model, scale, grouping, "learn"), combine)
 
 
 def forget_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
                 grouping: str):
   """L_forget = CE(b_r) + β·ReLU(BND − CE(b_f)) + α·Ω over batches {"forget", "retain"}."""
-  terms = _stage_terms(model, scale, grouping, "forget")
-
-  def loss_fn(params, base, batch, rng):
-    ce_f, ce_r, omega = terms(params, base, batch, rng)
+  def combine(ce_f, ce_r, omega):
     loss = ce_r + ks.beta * losses.bounded_forgetting(ce_f, ks.bound) + alpha_penalty * omega
     return loss, {"ce_forget": ce_f, "ce_retain": ce_r, "omega": omega}
-  return loss_fn
+  return train.in_passes(_passes(model, scale, grouping, "forget"), combine)
 
 
 def _ce(model, base, params, b, scale, rng):

@@ -51,7 +51,7 @@ VARIANTS = {
 HEADS = ("linear", "cosface")
 ATTENTION_SCALES = ("head_dim", "width")
 POOLS = ("cls", "gap")
-GELUS = ("erf", "erf_custom_vjp", "tanh")
+GELUS = ("erf", "erf_autodiff", "erf_custom_vjp", "tanh")
 DROPOUT_MASKS = ("compact", "flax")
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
 DROPOUT_BITS = (32, 16, 8)
@@ -83,11 +83,14 @@ DEFAULTS = dict(
     cosface_scale=64.0,    # CosFace s
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
     # Speed options (docs/speed.md). The defaults compute the reference function exactly:
-    gelu="erf",            # erf: exact GELU, nn.gelu(approximate=False) differentiated by jax
-                           # (fastest exact form measured on CPU); erf_custom_vjp: the same
-                           # values, backward from the saved erfc (gradients equal to a few
-                           # ulp); tanh: the tanh approximation (other numerics; the
-                           # GELU of vit_jax / big_vision checkpoints)
+    gelu="erf",            # erf: exact GELU, nn.gelu(approximate=False), whose backward
+                           # recomputes the derivative from the saved input (`erf_gelu`:
+                           # bitwise jax's gradients, fastest and smallest exact form measured
+                           # on CPU); erf_autodiff: nn.gelu differentiated by jax as is (the
+                           # same values; it keeps erfc and exp(-x^2/2) for the backward);
+                           # erf_custom_vjp: the same values, backward from the saved erfc
+                           # (gradients equal to a few ulp); tanh: the tanh approximation
+                           # (other numerics; the GELU of vit_jax / big_vision checkpoints)
     dropout_mask="compact",  # compact: flax nn.Dropout's mask drawn once, kept as bool;
                            # flax: nn.Dropout as is (its mask is rebuilt in the backward pass)
     dropout_rng="threefry",  # threefry: the same masks as flax nn.Dropout; rbg | unsafe_rbg:
@@ -259,9 +262,57 @@ def _gelu_bwd(res, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def _erf_gelu(x: jax.Array) -> jax.Array:
+  return nn.gelu(x, approximate=False)
+
+
+@jax.custom_vjp
+def erf_gelu(x: jax.Array) -> jax.Array:
+  r"""Exact (erf) GELU that keeps only its input for the backward pass (`model.gelu="erf"`).
+
+  The forward is `nn.gelu(x, approximate=False)`; the backward runs jax's own derivative of
+  it, `jax.vjp(nn.gelu)`, from the saved x once the cotangent exists: the same derivative,
+  bitwise jax's when computed alone; inside a model XLA fuses it with other instructions
+  than autodiff's, so it rounds differently (~1e-7 relative, tested on the whole model;
+  `model.gelu="erf_autodiff"` is the bitwise path). Differentiated as is, `nn.gelu` keeps x, erfc
+  and exp(−x²/2) alive from the forward to the backward pass: three (tokens, mlp_dim)
+  arrays per block and forward pass instead of one. For ViT-B/16 that is ~0.8 GiB of a
+  Knowledge Swapping forget step's temporaries at 8 + 8 images, and on XLA:CPU the
+  recomputation costs less than writing and re-reading those arrays (docs/speed.md).
+
+  The optimisation barrier ties the recomputation to the cotangent: without it XLA would
+  merge it with the forward's identical computation (or schedule it there) and keep the
+  arrays alive again.
+
+  Args:
+    x: pre-activations (any float dtype).
+
+  Returns:
+    gelu(x), same shape and dtype.
+
+  Example:
+    >>> y = vit.erf_gelu(jnp.linspace(-3., 3., 7))
+  """
+  return _erf_gelu(x)
+
+
+def _erf_gelu_fwd(x):
+  return _erf_gelu(x), x
+
+
+def _erf_gelu_bwd(x, g):
+  x, g = lax.optimization_barrier((x, g))
+  return jax.vjp(_erf_gelu, x)[1](g)
+
+
+erf_gelu.defvjp(_erf_gelu_fwd, _erf_gelu_bwd)
+
+
 def activation(x: jax.Array, kind: str) -> jax.Array:
   """The MLP activation named by `model.gelu` (see `GELUS`)."""
   if kind == "erf":
+    return erf_gelu(x)
+  if kind == "erf_autodiff":
     return nn.gelu(x, approximate=False)
   if kind == "erf_custom_vjp":
     return gelu(x)
