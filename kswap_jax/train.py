@@ -159,10 +159,13 @@ def in_passes(passes: Sequence[LossFn], combine: Callable[..., tuple[jax.Array, 
   ∇L = Σ_i ∂combine/∂v_i · ∇f_i. An optimisation barrier makes each pass's inputs wait
   for the gradients accumulated so far, so one pass's activations are alive at a time;
   differentiated as one function, XLA schedules both forward passes before both backward
-  passes. For the Knowledge Swapping forget step (ViT-B/16, 8 + 8 images, 2 CPU cores)
-  this takes ~20 % off the step time and ~1 GiB off its temporaries (docs/speed.md).
-  Gradients equal those of `jax.value_and_grad(loss_fn)` up to the order of the float
-  additions; the loss value is the same.
+  passes unless its scheduler orders them otherwise. For the Knowledge Swapping forget step
+  at depth 4 (ViT-B/16 blocks, 8 + 8 images, 2 CPU cores) the step went from 2.76x to
+  2.34x the CPU time of one 8-image CE step; at full depth XLA:CPU's memory-optimised
+  scheduler already ordered the passes so (docs/speed.md), and the barrier keeps that
+  order on every scheduler. Gradients equal those of `jax.value_and_grad(loss_fn)` up to
+  the order of the float additions; the loss value is the same. Losses that take
+  `hparams=` are not supported.
 
   Args:
     passes: the f_i; each draws its own keys from `rng` (the same rng for all).
@@ -203,8 +206,8 @@ def compiler_options(mesh: Mesh, cpu_scheduler: str | None = None) -> dict | Non
   XLA:CPU's default scheduler runs independent instructions early, so it starts the
   backward pass's recomputations (and keeps their outputs) long before they are needed;
   the memory-optimised order keeps fewer buffers alive. For the ViT-B/16 Knowledge
-  Swapping step (8 + 8 images) it needs 2.7 GiB of temporaries instead of 4.5 and runs
-  ~20 % faster on 2 cores (docs/speed.md). A scheduler named in XLA_FLAGS
+  Swapping step (8 + 8 images) it needs 2.67 GiB of temporaries instead of 4.51 and runs
+  ~17 % faster on 2 cores (docs/speed.md). A scheduler named in XLA_FLAGS
   (`--xla_cpu_scheduler_type=...`) is left to win; accelerators get no options.
 
   Args:

@@ -84,10 +84,11 @@ DEFAULTS = dict(
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
     # Speed options (docs/speed.md). The defaults compute the reference function exactly:
     gelu="erf",            # erf: exact GELU, nn.gelu(approximate=False), whose backward
-                           # recomputes the derivative from the saved input (`erf_gelu`:
-                           # bitwise jax's gradients, fastest and smallest exact form measured
-                           # on CPU); erf_autodiff: nn.gelu differentiated by jax as is (the
-                           # same values; it keeps erfc and exp(-x^2/2) for the backward);
+                           # recomputes jax's derivative from the saved input (`erf_gelu`:
+                           # gradients equal to autodiff's up to rounding; the fastest and
+                           # smallest exact form measured on CPU); erf_autodiff: nn.gelu
+                           # differentiated by jax as is (bitwise the reference; it keeps
+                           # erfc and exp(-x^2/2) for the backward pass);
                            # erf_custom_vjp: the same values, backward from the saved erfc
                            # (gradients equal to a few ulp); tanh: the tanh approximation
                            # (other numerics; the GELU of vit_jax / big_vision checkpoints)
