@@ -205,7 +205,8 @@ def model_config(args) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(vit.DEFAULTS)
   cfg.update(variant=args.variant, depth=args.depth, num_classes=NUM_CLASSES,
              image_size=args.image_size,
-             dropout=args.dropout, gelu=args.gelu, dropout_mask=args.dropout_mask,
+             dropout=args.dropout, gelu=args.gelu, attention=args.attention,
+             dropout_mask=args.dropout_mask,
              dropout_rng=args.dropout_rng, dropout_bits=args.dropout_bits, dtype=args.dtype,
              remat=args.remat,
              remat_policy=args.remat_policy, scan=args.scan)
@@ -521,7 +522,7 @@ def report(res: dict) -> None:
   st = res.get("step_result")
   if st:
     mc = st["model"]
-    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "dropout_mask", "dropout_rng",
+    opts = ", ".join(f"{k}={mc[k]}" for k in ("gelu", "attention", "dropout_mask", "dropout_rng",
                                               "dropout_bits", "dtype", "remat", "scan"))
     depth = f" depth {mc['depth']}" if mc["depth"] else ""
     print(f"model {mc['variant']}{depth} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
@@ -591,6 +592,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dropout", type=float, default=0.1)
   p.add_argument("--gelu", default="erf", choices=vit.GELUS)
+  p.add_argument("--attention", default=vit.DEFAULTS["attention"], choices=vit.ATTENTIONS)
   p.add_argument("--dropout_mask", default="compact", choices=vit.DROPOUT_MASKS)
   p.add_argument("--dropout_rng", default="threefry", choices=vit.DROPOUT_RNGS)
   p.add_argument("--dropout_bits", type=int, default=32, choices=vit.DROPOUT_BITS)

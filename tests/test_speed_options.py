@@ -200,6 +200,40 @@ def test_custom_vjp_gelu_model_keeps_logits_and_grads_to_rounding(monkeypatch):
   assert _max_rel(grads, rgrads) < 1e-5
 
 
+# -- Attention layout -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_heads_first_attention_is_flax_attention_to_rounding(dtype):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 3, 8)).astype(dtype)
+             for i in range(3))
+  low = dtype != jnp.float32
+  got = vit.heads_first_attention(q, k, v, softmax_float32=low)
+  want = nn.dot_product_attention(q, k, v, dtype=dtype,
+                                  **({"force_fp32_for_softmax": True} if low else {}))
+  assert got.dtype == want.dtype  # float32 when the softmax is (flax's convention)
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0, atol=tol)
+  # the contraction really is over keys: a shuffled value order changes the output
+  assert float(jnp.max(jnp.abs(got - vit.heads_first_attention(q, k, v[:, ::-1])))) > 1e-2
+
+
+def test_heads_first_model_keeps_logits_and_grads_to_rounding():
+  _, base, tree = _setup(_cfg())
+  _, logits, grads = _loss_and_grads(vit.build(_cfg()), base, tree)
+  _, h_logits, h_grads = _loss_and_grads(vit.build(_cfg(attention="heads_first")), base, tree)
+  np.testing.assert_allclose(h_logits, logits, rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(logits))))
+  assert _max_rel(h_grads, grads) < 1e-5
+
+
+def test_heads_first_falls_back_to_flax_under_attention_dropout():
+  _, base, tree = _setup(_cfg())
+  a = _loss_and_grads(vit.build(_cfg(attention_dropout=0.2)), base, tree)[1]
+  b = _loss_and_grads(vit.build(_cfg(attention_dropout=0.2, attention="heads_first")),
+                      base, tree)[1]
+  np.testing.assert_array_equal(a, b)  # same masks, same code path
+
+
 def test_tanh_gelu_is_a_different_function():
   _, base, tree = _setup(_cfg())
   _, a, _ = _loss_and_grads(vit.build(_cfg()), base, tree, train=False)
@@ -299,7 +333,8 @@ def test_face_transformer_with_speed_options():
   np.testing.assert_allclose(got, ref, atol=0.05 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("field,value", [("gelu", "relu"), ("dropout_mask", "bits"),
+@pytest.mark.parametrize("field,value", [("gelu", "relu"), ("attention", "flash"),
+                                         ("dropout_mask", "bits"),
                                          ("dropout_rng", "philox"), ("dtype", "float16"),
                                          ("dropout_bits", 4),
                                          ("remat_policy", "save_only_these_names"),
@@ -338,10 +373,12 @@ def test_bench_profile_attributes_the_step_to_hlo_instructions(tmp_path):
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   prof = json.loads(path.read_text())["step_result"]["profile"]
-  assert prof["by_kind"]["matmul"] > 0 and prof["by_kind"]["elementwise/other"] > 0
+  kinds = prof["by_kind"]
+  assert kinds.get("matmul", 0) > 0 and kinds.get("elementwise/other", 0) > 0, prof
   assert os.path.exists(prof["trace"])
-  ops = " ".join(op["op"] for op in prof["top"] if op["kind"] == "matmul")
-  assert "MlpBlock_3/Dense_0" in ops or "MultiHeadDotProductAttention_1" in ops, prof["top"]
+  # The slowest instructions are named by the jax operations they come from (which ones
+  # lead depends on the machine's load: on a tiny model any kind can).
+  assert any("VisionTransformer" in op["op"] for op in prof["top"]), prof["top"]
   assert "profile of one step" in proc.stdout
 
 
