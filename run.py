@@ -5,8 +5,9 @@ r"""Runs a kswap_jax method from an ml_collections config.
     python run.py --config=configs/ks_imagenet100.py:learn=cub --config.ks.beta=0.3
 
 Bad input exits with code 2 and one line on stderr. Rerunning the same command resumes
-from the newest checkpoint in the workdir. On Linux it restarts itself once with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (kswap_jax/hostmem.py; KSWAP_HUGEPAGES=0 opts out).
+from the newest checkpoint in the workdir. On Linux it restarts itself once with glibc
+tunables that keep XLA:CPU's per-step buffers mapped between steps (kswap_jax/hostmem.py;
+KSWAP_HOST_MEMORY=retain|hugepages|glibc chooses, the run log's first line says which).
 """
 
 import sys
@@ -14,6 +15,6 @@ import sys
 from kswap_jax import hostmem
 
 if __name__ == "__main__":
-  hostmem.reexec_with_hugepages()  # before jax: glibc reads its tunables at start-up
+  hostmem.reexec_with_tunables()  # before jax: glibc reads its tunables at start-up
   from kswap_jax.cli import main
   sys.exit(main(sys.argv))

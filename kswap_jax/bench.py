@@ -313,17 +313,18 @@ def bench_step(args, s: dict | None = None,
   # buffers), not of the compilation before them.
   hostmem.reset_peak_rss()
   faults0 = hostmem.minor_faults()
-  times, cpu, other, other_cpu = [], [], [], []
+  times, cpu, system, other, other_cpu = [], [], [], [], []
   block = args.block if timed_other is not None else 1
   while len(times) < args.steps:
     for i in range(block):
-      c0 = hostmem.cpu_seconds()
+      c0, k0 = hostmem.cpu_seconds(), hostmem.system_seconds()
       t0 = time.perf_counter()
       state, m = compiled(state, frozen, s["batch"], hp)
       jax.block_until_ready(m)
       if (i > 0 or block == 1) and len(times) < args.steps:
         times.append(time.perf_counter() - t0)
         cpu.append(hostmem.cpu_seconds() - c0)
+        system.append(hostmem.system_seconds() - k0)
     for i in range(block if timed_other is not None else 0):
       wall, cpu_s = timed_other()
       if i > 0 and len(other) < args.steps:
@@ -345,6 +346,9 @@ def bench_step(args, s: dict | None = None,
       # CPU seconds (user + system, all threads) per step: on a shared machine this moves
       # far less than the wall time when other processes compete for the cores.
       "step_cpu_s": _summary(cpu),
+      # The kernel's share of it: page zeroing for freshly mapped buffers (docs/speed.md,
+      # "Host memory"), which `hostmem`'s `retain` mode removes.
+      "step_system_cpu_s": _summary(system),
       "images_per_s": s["images"] / med,
       "flops_per_step": cost.get("flops"),
       "bytes_accessed_per_step": cost.get("bytes accessed"),
@@ -516,6 +520,8 @@ def _fmt_flops(x):
 def report(res: dict) -> None:
   if "devices" in res:
     print(f"devices: {res['devices']}   jax {res['jax']}")
+  if "host_memory" in res:
+    print(res["host_memory"])
   if "matmul_peak" in res:
     mp = res["matmul_peak"]
     print(f"matmul peak ({mp['n']}x{mp['n']} {mp['dtype']}): {_fmt_flops(mp['flops_per_s'])}")
@@ -535,7 +541,8 @@ def report(res: dict) -> None:
           f"{len(t['all'])} steps)  {st['images_per_s']:.2f} images/s")
     c = st["step_cpu_s"]
     print(f"  CPU time (user+sys, all threads): median {c['median']:.3f} s/step "
-          f"(range {c['min']:.3f}-{c['max']:.3f})")
+          f"(range {c['min']:.3f}-{c['max']:.3f}), of which system "
+          f"{st['step_system_cpu_s']['median']:.3f}")
     if st["flops_per_step"]:
       print(f"  XLA cost: {st['flops_per_step'] / 1e12:.3f} TFLOP/step -> "
             f"{_fmt_flops(st['achieved_flops_per_s'])} = "
@@ -654,6 +661,7 @@ def main(argv=None) -> int:
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "host_memory": hostmem.describe(),
   }
   if args.compare:
     res["compare"] = bench_compare(args)
@@ -715,5 +723,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  hostmem.reexec_with_hugepages()
+  hostmem.reexec_with_tunables()
   sys.exit(main())

@@ -142,8 +142,8 @@ def guarded(command) -> int:
 
 
 def console_main() -> int:
-  """The `kswap-run` command: `main` after `hostmem.reexec_with_hugepages`."""
-  hostmem.reexec_with_hugepages()
+  """The `kswap-run` command: `main` after `hostmem.reexec_with_tunables`."""
+  hostmem.reexec_with_tunables()
   return main()
 
 

@@ -187,5 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  hostmem.reexec_with_hugepages()
+  hostmem.reexec_with_tunables()
   sys.exit(main())

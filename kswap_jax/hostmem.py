@@ -1,19 +1,39 @@
-"""Host process: huge pages for XLA:CPU's per-step buffers; CPU time and peak memory.
+"""Host process: how XLA:CPU's per-step buffers get their memory; CPU time and peak memory.
 
-XLA:CPU allocates each step's temporary buffer (GBs for a ViT-B/16 training step) with
-`malloc` and frees it at the end of the step. glibc serves such sizes with a fresh `mmap`,
-so every step touches new 4 KiB pages: ~1.2 M minor page faults and several seconds of
-system time per Knowledge Swapping forget step on 2 cores. With the glibc tunable
-`glibc.malloc.hugetlb=1` (glibc ≥ 2.35) those mappings are marked for transparent huge
-pages, which cuts the faults ~50-fold. Numerics do not change.
+XLA:CPU allocates each step's temporary buffer (2.7 GiB for the ViT-B/16 Knowledge Swapping
+forget step at 8 + 8 images) with `malloc` and frees it at the end of the step. glibc serves
+such sizes with a fresh `mmap` and hands them back with `munmap`, so every step the kernel
+zeroes every page of that buffer again: ~3 s of system CPU time per step on 2 cores, ~17 %
+of the step's CPU time, spent inside the first forward pass (docs/speed.md).
 
-glibc reads tunables only when a process starts, so `run.py` and `python -m kswap_jax.bench`
-restart themselves once, before any work, with the variable set (`reexec_with_hugepages`).
-They leave the environment alone when `GLIBC_TUNABLES` is already set, when
-`KSWAP_HUGEPAGES=0`, when the C library is not glibc ≥ 2.35, or when transparent huge pages
-are off. Code that calls the functional API from its own process sets the variable itself:
+Three modes, chosen by the environment variable `KSWAP_HOST_MEMORY`:
 
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py
+- `retain` (the default where no accelerator is present): glibc keeps freed memory for
+  the next step instead of returning it to the kernel. Tunables: one malloc arena, no
+  `mmap` for single allocations and no trimming of the heap's top
+  (`glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1 TiB`),
+  plus transparent huge pages where the kernel offers them (`glibc.malloc.hugetlb=1`). The
+  step's buffer is then faulted in once per process and reused; the resident memory stays
+  at its high-water mark instead of dropping between steps. jax then runs single-device
+  CPU computations inline (`jax_cpu_enable_async_dispatch=False`, `configure_dispatch`), so
+  a step's buffer is freed before the next step allocates its own; with asynchronous
+  dispatch two steps' buffers can be alive at once and the kept heap can grow to twice the
+  size.
+- `hugepages` (the default where an accelerator is present: its step buffers are device
+  memory): only `glibc.malloc.hugetlb=1`, ~50x fewer page faults than glibc's defaults;
+  the pages are still zeroed afresh every step.
+- `glibc`: the C library's defaults. `KSWAP_HUGEPAGES=0` (the older switch) means the same.
+
+Numerics do not change in any mode. glibc reads tunables only when a process starts, so
+`run.py`, `kswap-run`, `python -m kswap_jax.bench` and `python -m kswap_jax.compare` restart
+themselves once, before any work, with the variables set (`reexec_with_tunables`). They
+leave the environment alone when `GLIBC_TUNABLES` is already set, or when the C library is
+not glibc (≥ 2.26; huge pages need ≥ 2.35 and the kernel's transparent huge pages). Code
+that calls the functional API from its own process sets the variables itself:
+
+    export GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:\
+glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776
+    python my_script.py      # which calls hostmem.configure_dispatch() before using jax
 """
 
 from __future__ import annotations
@@ -25,9 +45,15 @@ import re
 import resource
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+MODES = ("retain", "hugepages", "glibc")
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+RETAIN = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+          "glibc.malloc.trim_threshold=1099511627776")
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-_MARK = "KSWAP_HUGEPAGES_RESTARTED"  # set in the restarted process, for `describe`
+# Device files of the accelerators jax drives (NVIDIA, TPU, AMD): where one exists the
+# step's buffers are device memory and `retain` has nothing to keep.
+ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
+_MARK = "KSWAP_HOST_MEMORY_RESTARTED"  # set in the restarted process, for `describe`
 
 
 def _glibc_version() -> tuple[int, int] | None:
@@ -46,43 +72,110 @@ def _thp_enabled() -> bool:
     return False
 
 
-def hugepages_applicable(environ=os.environ) -> bool:
-  """Whether `reexec_with_hugepages` would restart this process."""
-  if environ.get("KSWAP_HUGEPAGES", "1") == "0" or "GLIBC_TUNABLES" in environ:
-    return False
-  version = _glibc_version()
-  return sys.platform == "linux" and version is not None and version >= (2, 35) \
-      and _thp_enabled()
+def _accelerator_present(environ) -> bool:
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() not in ("cpu", "")
+  return any(os.path.exists(p) for p in ACCELERATOR_FILES)
 
 
-def reexec_with_hugepages() -> None:
-  """Restarts this process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where it helps.
+def host_mode(environ=os.environ) -> str:
+  """The mode `KSWAP_HOST_MEMORY` asks for, or the default for this machine.
 
-  Call it first thing in a `__main__` block (never inside a library call: it replaces the
-  running process). Returns without doing anything where it does not apply (see the module
-  docstring); otherwise it does not return.
+  Raises:
+    ValueError: `KSWAP_HOST_MEMORY` is not one of `MODES`.
   """
-  if not hugepages_applicable():
+  value = environ.get("KSWAP_HOST_MEMORY")
+  if value is not None:
+    if value not in MODES:
+      raise ValueError(f"KSWAP_HOST_MEMORY={value!r}: expected one of {', '.join(MODES)}")
+    return value
+  if environ.get("KSWAP_HUGEPAGES", "1") == "0":
+    return "glibc"
+  return "hugepages" if _accelerator_present(environ) else "retain"
+
+
+def planned_environment(environ=os.environ) -> dict[str, str]:
+  """The variables `reexec_with_tunables` would set; {} where it would not restart."""
+  if "GLIBC_TUNABLES" in environ or environ.get(_MARK):
+    return {}
+  mode = host_mode(environ)
+  version = _glibc_version()
+  if mode == "glibc" or sys.platform != "linux" or version is None or version < (2, 26):
+    return {}
+  tunables = [HUGEPAGES] if version >= (2, 35) and _thp_enabled() else []
+  if mode == "retain":
+    tunables.append(RETAIN)
+  if not tunables:
+    return {}
+  return {"GLIBC_TUNABLES": ":".join(tunables)}
+
+
+def retains_freed_memory(environ=os.environ) -> bool:
+  """Whether glibc keeps freed memory in this process (the `retain` tunables)."""
+  return "glibc.malloc.mmap_max=0" in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def configure_dispatch() -> bool:
+  """Where glibc retains freed memory, makes jax run single-device CPU computations inline.
+
+  Call it before jax starts its CPU backend (the first computation or device query). With
+  asynchronous dispatch the next step can allocate its temporary buffer before the previous
+  one is freed; a heap that keeps freed memory would then hold both. Returns whether it
+  changed the setting.
+  """
+  if not retains_freed_memory():
+    return False
+  import jax  # pylint: disable=import-outside-toplevel  (hostmem runs before jax otherwise)
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
+
+
+def reexec_with_tunables() -> None:
+  """Restarts this process once with the glibc tunables of its `host_mode`.
+
+  Call it first thing in a `__main__` block, before jax starts a backend (never inside a
+  library call: it replaces the running process). Where no restart applies (see the module
+  docstring), or in the restarted process, it returns after `configure_dispatch`;
+  otherwise it does not return. A bad `KSWAP_HOST_MEMORY` exits with code 2 and one line
+  on stderr.
+  """
+  try:
+    planned = planned_environment()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if not planned:
+    configure_dispatch()
     return
-  os.environ["GLIBC_TUNABLES"] = TUNABLE
-  os.environ[_MARK] = "1"
+  os.environ.update(planned)
+  os.environ[_MARK] = host_mode()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def describe() -> str:
-  """One line for a run's log: the glibc tunables in effect and who set them."""
+  """One line for a run's log: the host-memory settings in effect and who set them."""
   value = os.environ.get("GLIBC_TUNABLES")
-  if value is None:
-    return "host memory: glibc defaults (GLIBC_TUNABLES unset)"
-  who = ("restarted by kswap_jax.hostmem; KSWAP_HUGEPAGES=0 opts out"
-         if os.environ.get(_MARK) == "1" and value == TUNABLE else "set by the caller")
-  return f"host memory: GLIBC_TUNABLES={value} ({who})"
+  jax = sys.modules.get("jax")
+  inline = jax is not None and not jax.config.read("jax_cpu_enable_async_dispatch")
+  settings = (f"GLIBC_TUNABLES={value}" if value is not None else "glibc defaults") + (
+      ", CPU computations dispatched inline" if inline else "")
+  mode = os.environ.get(_MARK)
+  if mode:
+    return (f"host memory: {mode} ({settings}; restarted by kswap_jax.hostmem; "
+            f"KSWAP_HOST_MEMORY={'|'.join(m for m in MODES if m != mode)} changes it)")
+  return f"host memory: {settings}" + (" (set by the caller)" if value is not None else "")
 
 
 def cpu_seconds() -> float:
   """User + system CPU seconds of this process so far (all threads)."""
   ru = resource.getrusage(resource.RUSAGE_SELF)
   return ru.ru_utime + ru.ru_stime
+
+
+def system_seconds() -> float:
+  """System (kernel) CPU seconds of this process so far (all threads)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def minor_faults() -> int:

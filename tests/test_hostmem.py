@@ -1,5 +1,7 @@
-"""hostmem: the one-time restart with glibc's huge-page tunable, and when it is skipped."""
+"""hostmem: the one-time restart with glibc's tunables, when it is skipped, and what the
+`retain` mode does to a step's temporary buffer."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,32 +10,93 @@ import pytest
 
 from kswap_jax import hostmem
 
-SCRIPT = ("import os; from kswap_jax import hostmem; hostmem.reexec_with_hugepages(); "
-          "print(hostmem.describe()); print('TUNABLES', os.environ.get('GLIBC_TUNABLES'))")
+SCRIPT = ("import os; from kswap_jax import hostmem; hostmem.reexec_with_tunables(); "
+          "import jax; print(hostmem.describe()); print('TUNABLES', os.environ.get('GLIBC_TUNABLES')); "
+          "print('ASYNC', jax.config.read('jax_cpu_enable_async_dispatch'))")
+OURS = ("GLIBC_TUNABLES", "KSWAP_HUGEPAGES", "KSWAP_HOST_MEMORY", "KSWAP_HOST_MEMORY_RESTARTED",
+        "JAX_PLATFORMS")
 
 
-def _run(**env):
-  environ = {k: v for k, v in os.environ.items()
-             if k not in ("GLIBC_TUNABLES", "KSWAP_HUGEPAGES", "KSWAP_HUGEPAGES_RESTARTED")}
+def _run(script=SCRIPT, check=True, **env):
+  environ = {k: v for k, v in os.environ.items() if k not in OURS}
   environ.update(env)
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=environ, capture_output=True,
-                       text=True, timeout=60, check=True)
-  return out.stdout.strip().splitlines(), out.stderr
+  return subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True,
+                        text=True, timeout=120, check=check)
 
 
-@pytest.mark.skipif(not hostmem.hugepages_applicable({}), reason="needs glibc >= 2.35 and THP")
-def test_restarts_once_with_the_tunable():
-  lines, err = _run()
-  assert lines == ["host memory: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (restarted by "
-                   "kswap_jax.hostmem; KSWAP_HUGEPAGES=0 opts out)",
-                   "TUNABLES glibc.malloc.hugetlb=1"]  # one process printed, once
-  assert err == ""  # silent: run.py's bad-input contract is one line on stderr
+@pytest.mark.skipif(not hostmem.planned_environment({}), reason="needs glibc >= 2.26 on Linux")
+def test_restarts_once_with_the_tunables_of_the_default_mode():
+  planned = hostmem.planned_environment({})
+  mode = hostmem.host_mode({})
+  out = _run()
+  lines = out.stdout.strip().splitlines()
+  inline = ", CPU computations dispatched inline" if mode == "retain" else ""
+  others = "|".join(m for m in hostmem.MODES if m != mode)
+  assert lines == [  # one process printed, once
+      f"host memory: {mode} (GLIBC_TUNABLES={planned['GLIBC_TUNABLES']}{inline}; restarted by "
+      f"kswap_jax.hostmem; KSWAP_HOST_MEMORY={others} changes it)",
+      f"TUNABLES {planned['GLIBC_TUNABLES']}",
+      f"ASYNC {mode != 'retain'}"]
+  assert out.stderr == ""  # silent: run.py's bad-input contract is one line on stderr
 
 
-def test_opt_out_and_a_user_setting_are_left_alone():
-  assert _run(KSWAP_HUGEPAGES="0")[0][-1] == "TUNABLES None"
-  lines = _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0]
-  assert lines == ["host memory: GLIBC_TUNABLES=glibc.malloc.arena_max=2 (set by the caller)",
-                   "TUNABLES glibc.malloc.arena_max=2"]
-  assert not hostmem.hugepages_applicable({"KSWAP_HUGEPAGES": "0"})
-  assert not hostmem.hugepages_applicable({"GLIBC_TUNABLES": ""})
+def test_modes_opt_outs_and_a_user_setting():
+  assert _run(KSWAP_HOST_MEMORY="glibc").stdout.split("\n")[1:3] == ["TUNABLES None", "ASYNC True"]
+  assert _run(KSWAP_HUGEPAGES="0").stdout.split("\n")[1] == "TUNABLES None"
+  user = _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2").stdout.strip().splitlines()
+  assert user == ["host memory: GLIBC_TUNABLES=glibc.malloc.arena_max=2 (set by the caller)",
+                  "TUNABLES glibc.malloc.arena_max=2", "ASYNC True"]
+  # A caller's own retaining tunables still get inline dispatch (the heap would grow otherwise).
+  keep = _run(GLIBC_TUNABLES=hostmem.RETAIN).stdout.strip().splitlines()
+  assert keep[0].endswith("CPU computations dispatched inline (set by the caller)")
+  assert keep[2] == "ASYNC False"
+  if hostmem.planned_environment({}):
+    huge = _run(KSWAP_HOST_MEMORY="hugepages").stdout.strip().splitlines()
+    assert huge[1:] == [f"TUNABLES {hostmem.planned_environment({'KSWAP_HOST_MEMORY': 'hugepages'}).get('GLIBC_TUNABLES')}",
+                        "ASYNC True"]
+  assert not hostmem.planned_environment({"KSWAP_HOST_MEMORY": "glibc"})
+  assert not hostmem.planned_environment({"GLIBC_TUNABLES": ""})
+  assert hostmem.host_mode({"JAX_PLATFORMS": "cuda"}) == "hugepages"
+  assert hostmem.host_mode({"JAX_PLATFORMS": "cpu"}) == "retain"
+  assert hostmem.host_mode({"KSWAP_HUGEPAGES": "0"}) == "glibc"
+
+
+def test_a_bad_mode_is_one_line_and_exit_2():
+  out = _run(check=False, KSWAP_HOST_MEMORY="keep")
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.strip().splitlines() == [
+      "error: KSWAP_HOST_MEMORY='keep': expected one of retain, hugepages, glibc"]
+
+
+# A jitted function with a 256 MiB temporary buffer (XLA materialises exp(x) and its reversal),
+# called repeatedly: the minor page faults of each call after the first two, and the
+# resident memory after the call.
+STEPS = """
+import json, resource
+from kswap_jax import hostmem
+hostmem.reexec_with_tunables()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: (jnp.exp(x)[::-1] * jnp.exp(x)).reshape(4096, -1).T.sum(0))
+x = jnp.ones((32 * 2**20,), jnp.float32)
+assert f.lower(x).compile().memory_analysis().temp_size_in_bytes == 256 * 2**20
+faults, rss = [], []
+for i in range(6):
+  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(f(x))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  rss.append(int(open('/proc/self/statm').read().split()[1]) * 4096)
+print(json.dumps({"faults": faults[2:], "rss": rss[2:]}))
+"""
+
+
+@pytest.mark.skipif(hostmem.planned_environment({"KSWAP_HOST_MEMORY": "retain"}) == {},
+                    reason="needs glibc >= 2.26 on Linux")
+def test_retain_reuses_the_temporary_buffer_instead_of_faulting_it_in_every_call():
+  temp_pages = 256 * 2**20 // 4096
+  kept = json.loads(_run(STEPS, KSWAP_HOST_MEMORY="retain").stdout)
+  fresh = json.loads(_run(STEPS, KSWAP_HOST_MEMORY="glibc").stdout)
+  # glibc's defaults map the buffer afresh every call: every 4 KiB page faults again.
+  assert min(fresh["faults"]) > temp_pages // 2, fresh
+  # Retained: the pages are already there, and the heap does not grow from call to call.
+  assert max(kept["faults"]) < temp_pages // 100, kept
+  assert max(kept["rss"]) - min(kept["rss"]) < 16 * 2**20, kept
