@@ -4,7 +4,8 @@ XLA:CPU allocates each step's temporary buffer (2.7 GiB for the ViT-B/16 Knowled
 forget step at 8 + 8 images) with `malloc` and frees it at the end of the step. glibc serves
 such sizes with a fresh `mmap` and hands them back with `munmap`, so every step the kernel
 zeroes every page of that buffer again: ~3 s of system CPU time per step on 2 cores, ~17 %
-of the step's CPU time, spent inside the first forward pass (docs/speed.md).
+of the step's CPU time, mostly in the first forward pass, which touches the fresh pages
+first (docs/speed.md).
 
 Three modes, chosen by the environment variable `KSWAP_HOST_MEMORY`:
 
@@ -14,11 +15,12 @@ Three modes, chosen by the environment variable `KSWAP_HOST_MEMORY`:
   (`glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1 TiB`),
   plus transparent huge pages where the kernel offers them (`glibc.malloc.hugetlb=1`). The
   step's buffer is then faulted in once per process and reused; the resident memory stays
-  at its high-water mark instead of dropping between steps. jax then runs single-device
-  CPU computations inline (`jax_cpu_enable_async_dispatch=False`, `configure_dispatch`), so
-  a step's buffer is freed before the next step allocates its own; with asynchronous
-  dispatch two steps' buffers can be alive at once and the kept heap can grow to twice the
-  size.
+  at its high-water mark instead of dropping between steps. Where the next step allocates
+  before the previous step's buffer is back in the heap, the heap grows by one buffer. jax
+  therefore runs single-device CPU computations inline (`jax_cpu_enable_async_dispatch=
+  False`, `configure_dispatch`), which makes that rare for a training step, not
+  impossible: the buffer is freed from a worker thread after the step's outputs are ready
+  (docs/speed.md, "Host memory", has the measured frequency).
 - `hugepages` (the default where an accelerator is present: its step buffers are device
   memory): only `glibc.malloc.hugetlb=1`, ~50x fewer page faults than glibc's defaults;
   the pages are still zeroed afresh every step.

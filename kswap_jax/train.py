@@ -416,9 +416,9 @@ class Run:
   continues where the previous one stopped and ends with the same final metrics.
 
   Guarantees of the stage loop (`run_stage`): the host never waits for the device between
-  steps, except at log steps and checkpoints (where single-device CPU computations run
-  inline, as in `hostmem`'s `retain` mode, each step returns when it is done); every step's loss is checked for finiteness
-  at the next log step and before the next checkpoint, so a non-finite loss stops the run
+  steps, except at log steps and checkpoints (and on CPU in `hostmem`'s `retain` mode,
+  where single-device computations run inline: each step returns when it is done); every
+  step's loss is checked for finiteness at the next log step and before the next checkpoint, so a non-finite loss stops the run
   (exit 1, naming the first bad step) before anything computed after it is saved.
   """
 

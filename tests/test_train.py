@@ -213,11 +213,9 @@ def test_injected_learning_rate_is_found_inside_a_wrapping_transform():
   assert float(m["loss"]) == 0.0
 
 
-
-
 @pytest.mark.parametrize("bound", [0.5, 50.0])  # the bounded term active, then inactive
 def test_in_passes_gives_the_loss_and_gradients_of_the_whole_loss(bound):
-  """Pass by pass, ∇L = Σ ∂combine/∂v_i ∇f_i: the same loss and gradients as autodiff of L."""
+  """Pass by pass, ∇L = Σ ∂combine/∂v_i ∇f_i: the loss and gradients of autodiff of L."""
   from kswap_jax import losses  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(0), (2, 6, 5))
   params = {"w": jax.random.normal(jax.random.key(1), (5, 3)), "v": jnp.arange(3.0)}
