@@ -19,8 +19,8 @@ Three modes, chosen by the environment variable `KSWAP_HOST_MEMORY`:
   before the previous step's buffer is back in the heap, the heap grows by one buffer. jax
   therefore runs single-device CPU computations inline (`jax_cpu_enable_async_dispatch=
   False`, `configure_dispatch`), which makes that rare for a training step, not
-  impossible: the buffer is freed from a worker thread after the step's outputs are ready
-  (docs/speed.md, "Host memory", has the measured frequency).
+  impossible (the buffer seems to be freed from a worker thread after the step's outputs
+  are ready; docs/speed.md, "Host memory", has the measured frequency).
 - `hugepages` (the default where an accelerator is present: its step buffers are device
   memory): only `glibc.malloc.hugetlb=1`, ~50x fewer page faults than glibc's defaults;
   the pages are still zeroed afresh every step.
