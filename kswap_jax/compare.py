@@ -24,7 +24,6 @@ import time
 
 import ml_collections
 import numpy as np
-from matplotlib.figure import Figure
 
 from kswap_jax import hostmem, methods, report, train
 from kswap_jax.errors import ConfigError
@@ -138,7 +137,7 @@ def markdown(board: dict) -> str:
 def plot(board: dict, path: str) -> None:
   """Grouped bars: one group per headline metric, one bar per method, std as error bars."""
   head, names = board["headline"], list(board["methods"])
-  fig = Figure(figsize=(max(6, 1.5 * len(head) * max(1, len(names)) / 2), 4))
+  fig = report.figure(figsize=(max(6, 1.5 * len(head) * max(1, len(names)) / 2), 4))
   ax = fig.add_subplot(1, 1, 1)
   width = 0.8 / max(1, len(names))
   for j, name in enumerate(names):

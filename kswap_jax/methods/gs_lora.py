@@ -35,8 +35,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from matplotlib.figure import Figure
-
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import config as config_lib
 from kswap_jax import lora, losses, metrics, models, report, train
@@ -628,7 +626,7 @@ def plot(results: dict, path: str) -> None:
   the end of each task (right; the baselines have no LoRA and get the left panel only)."""
   stages = [s for s in results["stages"] if s["name"] != "pretrained"]
   with_norms = any(s.get("group_norms") for s in stages)
-  fig = Figure(figsize=(11 if with_norms else 6, 4))
+  fig = report.figure(figsize=(11 if with_norms else 6, 4))
   ax_a, ax_n = fig.subplots(1, 2) if with_norms else (fig.subplots(1, 1), None)
   xs = list(range(1, len(stages) + 1))
   for key, label in (("acc_r", "Acc_r ↑"), ("acc_f", "Acc_f ↓"), ("acc_o", "Acc_o ↓"),

@@ -683,9 +683,8 @@ def cl_measures(order, raw, initial_acc, suffix: str = "") -> dict:
 
 def plot_accuracy_matrix(stage_names, tasks, raw, path: str, title: str) -> None:
   """Per-stage test accuracy of every task (rows: stages, columns: tasks) as a PNG."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   a = np.asarray([[np.nan if v is None else v for v in row] for row in raw], np.float64)
-  fig = Figure(figsize=(1.0 * len(tasks) + 3, 0.5 * len(stage_names) + 2))
+  fig = report.figure(figsize=(1.0 * len(tasks) + 3, 0.5 * len(stage_names) + 2))
   ax = fig.add_subplot(1, 1, 1)
   im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis", aspect="auto")
   for (i, j), v in np.ndenumerate(a):
@@ -703,8 +702,7 @@ def plot_accuracy_matrix(stage_names, tasks, raw, path: str, title: str) -> None
 
 def plot_against_oracle(stages: Sequence[dict], path: str, title: str) -> None:
   """UA, RA, TA per stage (solid) against the Retrain oracle's (dashed) as a PNG."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  fig = Figure(figsize=(max(5, 1.2 * len(stages) + 3), 4))
+  fig = report.figure(figsize=(max(5, 1.2 * len(stages) + 3), 4))
   ax = fig.add_subplot(1, 1, 1)
   x = list(range(len(stages)))
   nan = float("nan")
