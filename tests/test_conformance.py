@@ -9,23 +9,31 @@ at, and which trainable leaves it may have):
   - killed at a step in the middle and rerun with the same command, it ends with the same
     stages and final metrics as the uninterrupted run (so it is deterministic for a seed
     and resumes exactly);
-  - its checkpointed trainable tree holds only the leaves it may train.
+  - its checkpointed trainable tree holds only the leaves it may train;
+  - resumed on 8 simulated devices at the start of its own stage (same global batch), it
+    logs the same losses, step by step, as on 1 (data parallelism changes nothing but
+    speed).
 
 A new method joins by adding one entry to `CASES`.
 """
 
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
-from conftest import load_config, method_run
+from conftest import load_config, method_run, one_multidevice_process
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import methods
 
 pytestmark = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (config file, config arg, debug.interrupt_at_step for the kill, trainable regex)
 CASES = {
@@ -111,3 +119,48 @@ def test_trains_only_the_leaves_it_may(name, tmp_path_factory):
            for p, _ in jax.tree_util.tree_flatten_with_path(metadata["params"])[0]]
   pattern = re.compile(CASES[name][3])
   assert names and all(pattern.fullmatch(n) for n in names), names[:5]
+
+
+def _losses(workdir) -> dict:
+  """{(stage, step): {name: value}} of the training records (those with a `*loss` field)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for record in map(json.loads, f):
+      losses = {k: v for k, v in record.items() if k.endswith("loss")}
+      if losses:
+        out[(record["stage"], record["step"])] = losses
+  return out
+
+
+def test_every_method_trains_identically_on_1_and_8_devices(tmp_path_factory, tmp_path):
+  """Data parallelism changes nothing but speed. Each method's run above, resumed on 8
+  simulated devices from the start of the stage that holds its kill step (the stage that is
+  the method's own: the unlearning baselines' first unlearning stage, UG-CLU's masked
+  forgetting, the second GS-LoRA task, ...), logs the same losses, step by step, as it did
+  on 1 device, for at least 3 steps or to its end.
+
+  Last in this file so that the 1-device runs are the ones the tests above made (pytest's
+  `--dist loadfile` keeps a file in one worker); the 8-device runs share one subprocess.
+  """
+  spec = {"out": str(tmp_path), "methods": {
+      name: {"config": CASES[name][:2], "kill": CASES[name][2],
+             "reference": method_run(tmp_path_factory, *CASES[name][:2])[0]}
+      for name in sorted(CASES)}}
+  with one_multidevice_process():
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py"),
+                           json.dumps(spec)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(runs) == set(CASES)
+  for name, case in spec["methods"].items():
+    start = runs[name]["resumed_from"]
+    want = {k: v for k, v in _losses(case["reference"]).items() if k[1] > start}
+    got = {k: v for k, v in _losses(tmp_path / name).items() if k[1] > start}
+    # The steps after the resumed one, at least 3 of them (or all there are).
+    assert list(got) == list(want)[:len(got)], (name, list(got), list(want))
+    assert len(got) >= min(3, len(want)), (name, list(got), list(want))
+    for key, losses in got.items():
+      assert losses.keys() == want[key].keys(), (name, key)
+      for k, v in losses.items():
+        assert v == pytest.approx(want[key][k], rel=1e-5, abs=1e-6), (name, key, k, v, want[key])

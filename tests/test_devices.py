@@ -2,13 +2,12 @@
 must be set before jax starts):
 
   - the sharded step and the fast-slow update on 4 simulated devices equal 1 device;
-  - every registered method trains identically on 1 and 8 devices (same global batch);
   - two processes on localhost (CPU collectives) train like one, each reading only its
     slice of every batch, and their checkpoints restore in a one-process run and vice versa.
 
-They live in one file so that a parallel run (`pytest -n 2 --dist loadfile`, the default
-in pyproject.toml) runs them one after another in one worker: two multi-device processes
-at once on 2 cores can starve each other's collectives.
+(Every registered method on 1 and 8 devices: `test_conformance.py`.) Each subprocess holds
+`conftest.one_multidevice_process`: two multi-device processes at once on 2 cores can starve
+each other's collectives.
 """
 
 import json
@@ -20,8 +19,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, method_run
-from kswap_jax import methods
+from conftest import REPO, method_run, one_multidevice_process
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +43,16 @@ def _run(workdir, processes, *flags):
   if processes == 1:
     procs = [subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)]
+    outs = [procs[0].communicate(timeout=600)[0]]
   else:
     address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(
-        base + [f"--config.distributed.coordinator_address={address}",
-                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
+    with one_multidevice_process():
+      procs = [subprocess.Popen(
+          base + [f"--config.distributed.coordinator_address={address}",
+                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+      outs = [p.communicate(timeout=600)[0] for p in procs]
   return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
@@ -84,8 +84,9 @@ def test_two_processes_train_like_one_and_checkpoints_cross_restore(tmp_path_fac
 
 def test_four_device_sharded_step_equals_single_device_step():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py")],
-                        capture_output=True, text=True, timeout=300, env=env)
+  with one_multidevice_process():
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py")],
+                          capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["devices_4"] == 4                        # the state really lives on 4 devices
@@ -96,40 +97,11 @@ def test_four_device_sharded_step_equals_single_device_step():
 
 
 
-def test_methods_train_identically_on_1_and_8_devices():
-  """Data parallelism changes nothing but speed: same global batch, same losses.
-
-  By default one method per method module (the first registered: pretrain, lbf, gs_lora,
-  sfr_on, clu_ft, cf_retrain): the sharding lives in the shared step and stage loop, and the
-  methods of one module build their steps the same way. KSWAP_TEST_EVERY_METHOD=1 checks
-  all registered methods (207 s alone on 2 CPU cores; the default suite with all 24 took
-  15 min 14 s in a fresh clone, over its 15-minute budget).
-  """
-  from test_conformance import CASES  # pylint: disable=import-outside-toplevel
-  if os.environ.get("KSWAP_TEST_EVERY_METHOD") == "1":
-    names = list(methods.METHODS)
-  else:
-    first = {}
-    for name, module in methods.METHODS.items():
-      first.setdefault(module, name)
-    names = list(first.values())
-  cases = {m: CASES[m][:2] for m in names}
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py"),
-                         json.dumps(cases)], capture_output=True, text=True, timeout=900,
-                        env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert set(out) == set(cases)
-  for method, r in out.items():
-    assert r["steps"] >= 2 and r["steps"] == r["steps_8"], (method, r)
-    assert r["max_rel_diff"] < 1e-4, (method, r)
-
-
 def test_four_device_fast_slow_equals_single_device():
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "fast_slow_sharded_check.py")],
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  with one_multidevice_process():
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "fast_slow_sharded_check.py")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["devices_4"] == 4 and out["moved"] > 1e-3
