@@ -98,8 +98,8 @@ def method_run(tmp_path_factory, config_name, arg):
 
 # The files that take longest (minutes on 2 CPU cores), longest first: pytest-xdist's
 # `--dist loadfile` hands files to workers in collection order, so these start first and
-# the short ones fill the gaps (measured on 2 cores: the suite took 980 s in alphabetical
-# order, 907 s in this one).
+# the short ones fill the gaps (one full run each on 2 cores, same day: 980 s in
+# alphabetical order, 907 s in this one; runs on this machine vary by minutes).
 _LONGEST_FIRST = ("test_conformance.py", "test_speed_options.py", "test_bad_input.py",
                   "test_devices.py", "test_end_to_end.py", "test_gs_lora.py")
 
