@@ -445,13 +445,9 @@ class Run:
     path = os.path.join(self.workdir, "config.json")
     self._pending_config = None
     record = json.loads(self.config.to_json_best_effort())
-    # May change between a run and its resumption (and differ between processes).
-    ignore = {"debug", "train", "distributed"}
     if os.path.exists(path):
       with open(path) as f:
-        old = json.load(f)
-      diff = _first_difference({k: v for k, v in old.items() if k not in ignore},
-                               {k: v for k, v in record.items() if k not in ignore})
+        diff = config_difference(json.load(f), self.config)
       if diff:
         raise ConfigError(
             f"--workdir {self.workdir}: holds a run with a different config ({diff}); "
@@ -650,6 +646,19 @@ def _prepare_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror or e})") from None
+
+
+# Config sections that may change between a run and its resumption (and differ between
+# processes); every other field must match the workdir's record.
+RESUMABLE_SECTIONS = ("debug", "train", "distributed")
+
+
+def config_difference(recorded: dict, config: ml_collections.ConfigDict) -> str:
+  """The first field in which `config` differs from `recorded` (a config's JSON record),
+  outside `RESUMABLE_SECTIONS`, as "field: was X, now Y"; "" when they agree."""
+  new = json.loads(config.to_json_best_effort())
+  return _first_difference({k: v for k, v in recorded.items() if k not in RESUMABLE_SECTIONS},
+                           {k: v for k, v in new.items() if k not in RESUMABLE_SECTIONS})
 
 
 def _first_difference(a, b, prefix: str = "") -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO, load_config, method_run
 from kswap_jax import compare, methods
+from kswap_jax.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +72,12 @@ def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch
   assert list(board["methods"]) == ["clu_ft", "clu_salun"] and board["family"] == "unlearning"
   for row in board["methods"].values():
     assert row["avg_gap"]["n"] == 1 and row["seconds"]["mean"] > 0
+
+  # That oracle is another stream's for a run with another seed: refused before training.
+  other = load_config("ug_clu_digits", "runlocal,method=clu_ga")
+  other.seed = 1
+  other.oracle.workdir = str(tmp_path / "oracle" / "seed_0")
+  with pytest.raises(ConfigError, match=r"oracle\.workdir .*seed_0: .*seed: was 0, now 1"):
+    methods.run(other, str(tmp_path / "other"))
+  assert not (tmp_path / "other" / "checkpoints").exists() or \
+      not os.listdir(tmp_path / "other" / "checkpoints")

@@ -1194,6 +1194,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   oracle_dir = (config.oracle.workdir or os.path.join(run_.workdir, "oracle")) if use_oracle \
       else None
   oracle_results = None
+  if oracle_dir and os.path.exists(os.path.join(oracle_dir, "results.json")):
+    oracle_results = _oracle(config, oracle_dir)  # another run's: checked before training
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
 
   def schedule_log(plan: StagePlan, stage: train.Stage):
@@ -1254,13 +1256,19 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
 
 def _oracle(config, oracle_dir: str) -> dict:
-  """The oracle's results (trained now unless `oracle_dir` holds a finished run)."""
+  """The oracle's results (trained now unless `oracle_dir` holds a finished run of this
+  run's oracle config; a finished run of another one is an error, not a silent reuse)."""
   path = os.path.join(oracle_dir, "results.json")
   if not os.path.exists(path):
     log.info("training the Retrain oracle in %s", oracle_dir)
     run(oracle_config(config), oracle_dir)
   with open(path) as f:
     results = json.load(f)
+  diff = train.config_difference(results.get("config", {}), oracle_config(config))
+  if diff:
+    raise ConfigError(f"oracle.workdir {oracle_dir}: holds the oracle of another stream "
+                      f"or model ({diff}); point oracle.workdir elsewhere or leave it "
+                      f"empty")
   results["by_name"] = {s["name"]: s for s in results["stages"]}
   return results
 
