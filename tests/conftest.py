@@ -78,22 +78,47 @@ def one_multidevice_process():
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def method_config(config_name, arg, shared_dir):
+  """`load_config(config_name, arg)` for `method_run` and the runs that resume it: methods
+  measured against a Retrain oracle share one per config file, trained once in
+  `shared_dir` (as `python -m kswap_jax.compare` shares it; a method that finds another
+  stream's oracle there fails, so sharing cannot hide a difference)."""
+  config = load_config(config_name, arg)
+  if "oracle" in config:
+    config.oracle.workdir = os.path.join(shared_dir, f"oracle_{config_name}")
+  return config
+
+
 _METHOD_RUNS = {}
 
 
 def method_run(tmp_path_factory, config_name, arg):
-  """(workdir, results) of one uninterrupted run of configs/<config_name>.py:<arg>, made
-  once per test session and shared by the tests that inspect it. It keeps every checkpoint
-  (each stage's end is one), so a test can resume it from any stage."""
+  """(workdir, results) of one uninterrupted run of `method_config(config_name, arg)`,
+  made once per test session and shared by the tests that inspect it. It keeps every
+  checkpoint (each stage's end is one), so a test can resume it from any stage."""
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   key = (config_name, arg)
   if key not in _METHOD_RUNS:
     workdir = str(tmp_path_factory.mktemp(f"{config_name}_{arg}".replace(",", "_")
                                           .replace("=", "-")))
-    config = load_config(config_name, arg)
+    config = method_config(config_name, arg, str(tmp_path_factory.getbasetemp()))
     config.train.max_checkpoints_to_keep = 1000
     _METHOD_RUNS[key] = (workdir, methods.run(config, workdir))
   return _METHOD_RUNS[key]
+
+
+def resumable_copy(reference: str, workdir: str, step: int) -> int:
+  """Copies the run in `reference` to `workdir` without its checkpoints from `step` on, as
+  if it had been stopped there after its last checkpoint; returns that checkpoint's step
+  (0: none left, a rerun starts from step 1)."""
+  shutil.copytree(reference, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  start = max((s for s in steps if s < step), default=0)
+  for s in steps:
+    if s > start:
+      shutil.rmtree(os.path.join(checkpoints, str(s)))
+  return start
 
 
 # The files that take longest (minutes on 2 CPU cores), longest first: pytest-xdist's

@@ -1,10 +1,11 @@
 """Run in a subprocess with 8 simulated CPU devices: each method's 1-device run, resumed on
 all 8 devices from the start of the stage that holds its conformance kill step.
 
-argv[1]: JSON {"out": DIR, "methods": {method: {"config": [name, arg], "reference": WORKDIR,
-"kill": STEP}}}. For each method, WORKDIR (an uninterrupted run that kept every checkpoint)
-is copied to DIR/<method> without its checkpoints from STEP on; the newest one left (a
-stage's end, or none: then it starts from step 1) is resumed on 8 devices, and the run is
+argv[1]: JSON {"out": DIR, "shared": SHARED, "methods": {method: {"config": [name, arg],
+"reference": WORKDIR, "kill": STEP}}}, SHARED being `conftest.method_config`'s shared_dir.
+For each method, WORKDIR (an uninterrupted run that kept every checkpoint) is copied to
+DIR/<method> without its checkpoints from STEP on; the newest one left (a stage's end, or
+none: then it starts from step 1) is resumed on 8 devices, and the run is
 stopped after step max(STEP, resumed step + 3), or after its last step (before the final
 evaluation, which trains nothing), appending to DIR/<method>/metrics.jsonl.
 Prints one JSON line {method: {"resumed_from": step, "seconds": s}}.
@@ -17,27 +18,14 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import load_config  # noqa: E402
+from conftest import method_config, resumable_copy  # noqa: E402
 from kswap_jax import methods  # noqa: E402
-
-
-def resumable_copy(reference: str, workdir: str, kill: int) -> int:
-  """Copies the run, drops its checkpoints from step `kill` on; returns the newest left."""
-  shutil.copytree(reference, workdir)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
-  start = max((s for s in steps if s < kill), default=0)
-  for s in steps:
-    if s > start:
-      shutil.rmtree(os.path.join(checkpoints, str(s)))
-  return start
 
 
 def last_step(workdir: str) -> int:
@@ -52,7 +40,7 @@ def main():
   for method, case in spec["methods"].items():
     workdir = os.path.join(spec["out"], method)
     start = resumable_copy(case["reference"], workdir, case["kill"])
-    config = load_config(*case["config"])
+    config = method_config(*case["config"], spec["shared"])
     config.train.num_devices = 8
     config.debug.interrupt_at_step = min(max(case["kill"], start + 3),
                                          last_step(case["reference"]))

@@ -8,12 +8,14 @@ at, and which trainable leaves it may have):
     `train.make_train_step`) and writes the shared results envelope, complete;
   - killed at a step in the middle and rerun with the same command, it ends with the same
     stages and final metrics as the uninterrupted run (so it is deterministic for a seed
-    and resumes exactly);
+    and resumes exactly); the killed run starts from the uninterrupted run's checkpoint at
+    the start of the stage it is killed in;
   - its checkpointed trainable tree holds only the leaves it may train;
   - resumed on 8 simulated devices at the start of its own stage (same global batch), it
     logs the same losses, step by step, as on 1 (data parallelism changes nothing but
     speed).
 
+Methods measured against a Retrain oracle share one per config file (`conftest.method_config`).
 A new method joins by adding one entry to `CASES`.
 """
 
@@ -27,7 +29,7 @@ import sys
 import jax
 import pytest
 
-from conftest import load_config, method_run, one_multidevice_process
+from conftest import method_config, method_run, one_multidevice_process, resumable_copy
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import methods
 
@@ -95,16 +97,21 @@ def _deterministic(stages: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kill_and_rerun_gives_the_same_results(name, tmp_path_factory, tmp_path):
+  """Killed in the stage that holds its kill step, then rerun: the results of the run that
+  was never killed. The killed run starts where the uninterrupted one began that stage (a
+  copy of it without its later checkpoints: the earlier stages are not run again)."""
   config_name, arg, interrupt, _ = CASES[name]
-  _, reference = method_run(tmp_path_factory, config_name, arg)
+  reference_dir, reference = method_run(tmp_path_factory, config_name, arg)
+  shared = str(tmp_path_factory.getbasetemp())
   workdir = str(tmp_path / "killed")
-  config = load_config(config_name, arg)
+  resumable_copy(reference_dir, workdir, interrupt)
+  config = method_config(config_name, arg, shared)
   config.debug.interrupt_at_step = interrupt
   config.train.checkpoint_every_steps = 4  # resume from the middle of a stage
   with pytest.raises(SystemExit, match="interrupt_at_step"):
     methods.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  resumed = methods.run(load_config(config_name, arg), workdir)
+  resumed = methods.run(method_config(config_name, arg, shared), workdir)
   assert _deterministic(resumed["stages"]) == _deterministic(reference["stages"])
   assert resumed["final"] == reference["final"]
 
@@ -142,7 +149,7 @@ def test_every_method_trains_identically_on_1_and_8_devices(tmp_path_factory, tm
   Last in this file so that the 1-device runs are the ones the tests above made (pytest's
   `--dist loadfile` keeps a file in one worker); the 8-device runs share one subprocess.
   """
-  spec = {"out": str(tmp_path), "methods": {
+  spec = {"out": str(tmp_path), "shared": str(tmp_path_factory.getbasetemp()), "methods": {
       name: {"config": CASES[name][:2], "kill": CASES[name][2],
              "reference": method_run(tmp_path_factory, *CASES[name][:2])[0]}
       for name in sorted(CASES)}}

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_config
+from conftest import load_config, resumable_copy
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import lora, methods, models
 from kswap_jax.data import sources, streams
@@ -39,10 +39,13 @@ _RUNS = {}
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-  """(workdir, results) of one uninterrupted `ug_clu` LoRA run, shared by this module."""
+  """(workdir, results) of one uninterrupted `ug_clu` LoRA run, shared by this module; it
+  keeps every checkpoint, so a test can resume it from any stage's start."""
   if "run" not in _RUNS:
     workdir = str(tmp_path_factory.mktemp("ug_clu_lora"))
-    _RUNS["run"] = (workdir, methods.run(lora_config(), workdir))
+    config = lora_config()
+    config.train.max_checkpoints_to_keep = 1000
+    _RUNS["run"] = (workdir, methods.run(config, workdir))
   return _RUNS["run"]
 
 
@@ -212,13 +215,17 @@ def test_lora_baseline_run(tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_killed_mid_forget_resumes_to_the_same_results(lora_run, tmp_path):
-  _, reference = lora_run
+  """Killed in the masked stage (steps 9-12 after 4 + 4 learning steps) and rerun. The
+  killed run starts from the uninterrupted run's checkpoint at step 8, its oracle done."""
+  reference_dir, reference = lora_run
+  workdir = str(tmp_path / "killed")
+  assert resumable_copy(reference_dir, workdir, 12) == 8
   config = lora_config()
-  config.debug.interrupt_at_step = 12   # 4 + 4 learning steps, then the masked stage
-  config.train.checkpoint_every_steps = 4
+  config.debug.interrupt_at_step = 12
+  config.train.checkpoint_every_steps = 2  # a checkpoint inside the masked stage, at 10
   with pytest.raises(SystemExit, match="interrupt_at_step"):
-    methods.run(config, str(tmp_path))
-  resumed = methods.run(lora_config(), str(tmp_path))
+    methods.run(config, workdir)
+  resumed = methods.run(lora_config(), workdir)
   strip = lambda stages: [{k: v for k, v in s.items() if k != "seconds"} for s in stages]
   assert strip(resumed["stages"]) == strip(reference["stages"])
   assert resumed["final"] == reference["final"]
