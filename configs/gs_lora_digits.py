@@ -10,7 +10,7 @@ the backbone.
     python run.py --config=configs/gs_lora_digits.py
     python run.py --config=configs/gs_lora_digits.py:method=gs_lora_pp
     python run.py --config=configs/gs_lora_digits.py:proximal     # exact zero groups
-    python run.py --config=configs/gs_lora_digits.py:runlocal     # a few-second smoke run
+    python run.py --config=configs/gs_lora_digits.py:runlocal     # smoke run, ~35 s on 2 CPU cores
     python run.py --config=configs/gs_lora_digits.py:method=cf_ewc  # a baseline (cf_*)
     # GS-LoRA, GS-LoRA++ and the 10 continual-forgetting baselines on identical data:
     python -m kswap_jax.compare --config=configs/gs_lora_digits.py:compare

@@ -13,7 +13,7 @@ groups), 5 % of the training images per task, b 48, BND 105, β (0.2, 0.25, 0.25
         --config.init.checkpoint=/ckpt/vit_b16_imagenet100_head.npz --workdir=/runs/gs_in100
     python run.py --config=configs/gs_lora_imagenet100.py:method=gs_lora_pp ...
 
-Arg keys: method (gs_lora | gs_lora_pp); runlocal (tiny model, synthetic data, seconds).
+Arg keys: method (gs_lora | gs_lora_pp); runlocal (tiny model, synthetic data, ~20 s on 2 CPU cores).
 
 Preprocessing: the reference resizes to 256 and centre-crops 224 with ImageNet mean/std;
 here images are resized to 224 by the data layer (store them centre-cropped to match).

@@ -14,7 +14,7 @@ Oxford-IIIT Pet, RESISC45 or PlantVillage. 5 epochs per stage, batch 80, AdamW 1
         --config.init.checkpoint=/ckpt/vit_b16_imagenet100.npz --workdir=/runs/ks_cub5
 
 Arg keys: method (lbf | laf), learn (cub | pets | resisc45 | plantvillage), n_learn (5 | 10),
-runlocal (tiny model on synthetic data: checks the wiring in seconds, no downloads).
+runlocal (tiny model on synthetic data: checks the wiring in ~30 s on 2 CPU cores, no downloads).
 
 [unknown] in the paper, so config fields with reconstructed defaults: which 5 ImageNet-100
 classes are forgotten (`swap.forget_classes`, default 0..4) and which learn classes are used

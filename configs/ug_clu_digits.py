@@ -19,7 +19,7 @@ BasicBlock per stage, BatchNorm) on 16x16 upsampled digits.
     python run.py --config=configs/ug_clu_digits.py:method=sfr_on      # = ug_clu here (D_L = ∅)
     python run.py --config=configs/ug_clu_digits.py:method=clu_joint   # one-step ablation
     python run.py --config=configs/ug_clu_digits.py:method=clu_retrain # the oracle alone
-    python run.py --config=configs/ug_clu_digits.py:runlocal           # seconds-long smoke run
+    python run.py --config=configs/ug_clu_digits.py:runlocal           # smoke run, ~30 s on 2 CPU cores
     python run.py --config=configs/ug_clu_digits.py:method=clu_salun   # a baseline (also clu_ft,
                                                    # clu_ga, clu_rl, clu_l1_sparse)
     python run.py --config=configs/ug_clu_digits.py:request=random     # one request (10 % random
