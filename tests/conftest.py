@@ -121,14 +121,22 @@ def resumable_copy(reference: str, workdir: str, step: int) -> int:
   return start
 
 
-# The files that take longest (minutes on 2 CPU cores), longest first: pytest-xdist's
-# `--dist loadfile` hands files to workers in collection order, so these start first and
-# the short ones fill the gaps (one full run each on 2 cores, same day: 980 s in
-# alphabetical order, 907 s in this one; runs on this machine vary by minutes).
+# The files that take longest (minutes on 2 CPU cores), longest first: pytest-xdist hands
+# work to workers in collection order, so these start first and the short ones fill the
+# gaps (one full run each on 2 cores, same day: 980 s in alphabetical order, 907 s in this
+# one; runs on this machine vary by minutes).
 _LONGEST_FIRST = ("test_conformance.py", "test_speed_options.py", "test_bad_input.py",
                   "test_devices.py", "test_end_to_end.py", "test_gs_lora.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
+  """Longest files first; every test without an xdist group of its own goes in its file's
+  (`--dist loadgroup` then keeps a file in one worker, as `loadfile` would, so module-scoped
+  fixtures and `method_run` are made once). The conformance suite groups its tests by
+  config file, so its three families spread over the workers."""
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+  for item in items:
+    if item.get_closest_marker("xdist_group") is None:
+      item.add_marker(pytest.mark.xdist_group(item.path.name))

@@ -70,6 +70,17 @@ CASES = {
 }
 
 
+def _grouped(names):
+  """The cases as parameters in the xdist group of their config file: one worker runs a
+  file's methods and then checks them on 8 devices, reusing the runs it made."""
+  return [pytest.param(n, marks=pytest.mark.xdist_group(f"conformance_{CASES[n][0]}"))
+          for n in names]
+
+
+CONFIG_FILES = [pytest.param(c, marks=pytest.mark.xdist_group(f"conformance_{c}"))
+                for c in sorted({case[0] for case in CASES.values()})]
+
+
 def test_every_registered_method_has_a_conformance_case():
   assert set(CASES) == set(methods.METHODS)
 
@@ -80,7 +91,7 @@ def _numbers(d: dict):
       yield v
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", _grouped(sorted(CASES)))
 def test_results_envelope_is_complete(name, tmp_path_factory):
   workdir, results = method_run(tmp_path_factory, *CASES[name][:2])
   assert results["method"] == name
@@ -95,7 +106,7 @@ def _deterministic(stages: list[dict]) -> list[dict]:
   return [{k: v for k, v in s.items() if k != "seconds"} for s in stages]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", _grouped(sorted(CASES)))
 def test_kill_and_rerun_gives_the_same_results(name, tmp_path_factory, tmp_path):
   """Killed in the stage that holds its kill step, then rerun: the results of the run that
   was never killed. The killed run starts where the uninterrupted one began that stage (a
@@ -116,7 +127,7 @@ def test_kill_and_rerun_gives_the_same_results(name, tmp_path_factory, tmp_path)
   assert resumed["final"] == reference["final"]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", _grouped(sorted(CASES)))
 def test_trains_only_the_leaves_it_may(name, tmp_path_factory):
   workdir, _ = method_run(tmp_path_factory, *CASES[name][:2])
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -139,27 +150,31 @@ def _losses(workdir) -> dict:
   return out
 
 
-def test_every_method_trains_identically_on_1_and_8_devices(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("config_file", CONFIG_FILES)
+def test_every_method_trains_identically_on_1_and_8_devices(config_file, tmp_path_factory,
+                                                            tmp_path):
   """Data parallelism changes nothing but speed. Each method's run above, resumed on 8
   simulated devices from the start of the stage that holds its kill step (the stage that is
   the method's own: the unlearning baselines' first unlearning stage, UG-CLU's masked
   forgetting, the second GS-LoRA task, ...), logs the same losses, step by step, as it did
   on 1 device, for at least 3 steps or to its end.
 
-  Last in this file so that the 1-device runs are the ones the tests above made (pytest's
-  `--dist loadfile` keeps a file in one worker); the 8-device runs share one subprocess.
+  Last in this file, one test per config file, so that the 1-device runs are the ones the
+  tests above made (the xdist group of a config file keeps its tests in one worker); the
+  8-device runs of a config file's methods share one subprocess.
   """
+  names = sorted(n for n, case in CASES.items() if case[0] == config_file)
   spec = {"out": str(tmp_path), "shared": str(tmp_path_factory.getbasetemp()), "methods": {
       name: {"config": CASES[name][:2], "kill": CASES[name][2],
              "reference": method_run(tmp_path_factory, *CASES[name][:2])[0]}
-      for name in sorted(CASES)}}
+      for name in names}}
   with one_multidevice_process():
     proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py"),
                            json.dumps(spec)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   runs = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert set(runs) == set(CASES)
+  assert names and set(runs) == set(names)
   for name, case in spec["methods"].items():
     start = runs[name]["resumed_from"]
     want = {k: v for k, v in _losses(case["reference"]).items() if k[1] > start}
