@@ -129,14 +129,26 @@ _LONGEST_FIRST = ("test_conformance.py", "test_speed_options.py", "test_bad_inpu
                   "test_devices.py", "test_end_to_end.py", "test_gs_lora.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
-  """Longest files first; every test without an xdist group of its own goes in its file's
-  (`--dist loadgroup` then keeps a file in one worker, as `loadfile` would, so module-scoped
-  fixtures and `method_run` are made once). The conformance suite groups its tests by
-  config file, so its three families spread over the workers."""
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
-  for item in items:
-    if item.get_closest_marker("xdist_group") is None:
-      item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadfile` (a file's tests in one worker, so module-scoped fixtures and
+  `method_run` are made once), except for the conformance suite: its tests are
+  parametrized by "<config file>/<method>" (the 8-device check by "<config file>"), and
+  each config file's share is a unit of its own, so its three families spread over the
+  workers. A scheduler of our own because xdist's `loadgroup` silently stops grouping
+  under pytest 9.2 (pytest-xdist issue 1386)."""
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
+
+  class ConformanceByConfigFile(LoadFileScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      scope = super()._split_scope(nodeid)
+      if scope.endswith("test_conformance.py") and nodeid.endswith("]"):
+        return scope + "::" + nodeid[nodeid.rindex("[") + 1:-1].split("/")[0]
+      return scope
+  return ConformanceByConfigFile(config, log)

@@ -70,15 +70,14 @@ CASES = {
 }
 
 
-def _grouped(names):
-  """The cases as parameters in the xdist group of their config file: one worker runs a
-  file's methods and then checks them on 8 devices, reusing the runs it made."""
-  return [pytest.param(n, marks=pytest.mark.xdist_group(f"conformance_{CASES[n][0]}"))
-          for n in names]
+def _cases(names):
+  """The cases as parameters with ids "<config file>/<method>": the test scheduler
+  (`conftest.pytest_xdist_make_scheduler`) gives each config file's tests to one worker,
+  which runs its methods and then checks them on 8 devices, reusing the runs it made."""
+  return [pytest.param(n, id=f"{CASES[n][0]}/{n}") for n in names]
 
 
-CONFIG_FILES = [pytest.param(c, marks=pytest.mark.xdist_group(f"conformance_{c}"))
-                for c in sorted({case[0] for case in CASES.values()})]
+CONFIG_FILES = sorted({case[0] for case in CASES.values()})
 
 
 def test_every_registered_method_has_a_conformance_case():
@@ -91,7 +90,7 @@ def _numbers(d: dict):
       yield v
 
 
-@pytest.mark.parametrize("name", _grouped(sorted(CASES)))
+@pytest.mark.parametrize("name", _cases(sorted(CASES)))
 def test_results_envelope_is_complete(name, tmp_path_factory):
   workdir, results = method_run(tmp_path_factory, *CASES[name][:2])
   assert results["method"] == name
@@ -106,7 +105,7 @@ def _deterministic(stages: list[dict]) -> list[dict]:
   return [{k: v for k, v in s.items() if k != "seconds"} for s in stages]
 
 
-@pytest.mark.parametrize("name", _grouped(sorted(CASES)))
+@pytest.mark.parametrize("name", _cases(sorted(CASES)))
 def test_kill_and_rerun_gives_the_same_results(name, tmp_path_factory, tmp_path):
   """Killed in the stage that holds its kill step, then rerun: the results of the run that
   was never killed. The killed run starts where the uninterrupted one began that stage (a
@@ -127,7 +126,7 @@ def test_kill_and_rerun_gives_the_same_results(name, tmp_path_factory, tmp_path)
   assert resumed["final"] == reference["final"]
 
 
-@pytest.mark.parametrize("name", _grouped(sorted(CASES)))
+@pytest.mark.parametrize("name", _cases(sorted(CASES)))
 def test_trains_only_the_leaves_it_may(name, tmp_path_factory):
   workdir, _ = method_run(tmp_path_factory, *CASES[name][:2])
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -160,7 +159,7 @@ def test_every_method_trains_identically_on_1_and_8_devices(config_file, tmp_pat
   on 1 device, for at least 3 steps or to its end.
 
   Last in this file, one test per config file, so that the 1-device runs are the ones the
-  tests above made (the xdist group of a config file keeps its tests in one worker); the
+  tests above made (the test scheduler keeps a config file's tests in one worker); the
   8-device runs of a config file's methods share one subprocess.
   """
   names = sorted(n for n, case in CASES.items() if case[0] == config_file)
