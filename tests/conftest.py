@@ -124,9 +124,9 @@ def resumable_copy(reference: str, workdir: str, step: int) -> int:
 # The files that take longest (minutes on 2 CPU cores), longest first. This is the order of
 # an `-n 0` run. Under xdist it decides only ties: xdist hands out work units with the most
 # tests first (its `--loadscope-reorder`, on by default). Handing out the longest units
-# first instead, with the multi-device lock holders kept apart, measured slower (full runs
-# of 850 and 880 s against 804 s with xdist's order, same machine and day); runs on this
-# machine vary by a minute or more.
+# first instead, with the multi-device lock holders kept apart, measured slower (two
+# orders, full runs of 904 and 880 s, against 804 and 868 s with xdist's order, same machine
+# and day); runs on this machine vary by a minute or more.
 _LONGEST_FIRST = ("test_conformance.py", "test_speed_options.py", "test_bad_input.py",
                   "test_devices.py", "test_end_to_end.py", "test_gs_lora.py")
 
