@@ -26,11 +26,12 @@ Acc_f = 0 %, Acc_n ~ 85 %, Acc_r within ~2 points of its value before.
 """
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="lbf", runlocal=False)
+  require_method(a.method, ("pretrain",) + methods.FAMILIES["knowledge_swap"])
   c = methods.default_config("lbf")  # Knowledge Swapping's sections; pretrain shares them
   c.method = a.method
   c.seed = 0

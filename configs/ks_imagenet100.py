@@ -26,7 +26,7 @@ close to the pretrained baseline; before the swap Acc_n ≈ 0 (the learn rows ar
 """
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 
 LEARN_SETS = {
     # arg -> (tfds name, train split, test split)
@@ -39,6 +39,7 @@ LEARN_SETS = {
 
 def get_config(arg=None):
   a = parse_arg(arg, method="lbf", learn="cub", n_learn=5, runlocal=False)
+  require_method(a.method, ("pretrain",) + methods.FAMILIES["knowledge_swap"])
   c = methods.default_config("lbf")  # Knowledge Swapping's sections; pretrain shares them
   c.method = a.method
   if a.learn not in LEARN_SETS:

@@ -15,21 +15,19 @@ with `models.resnet.from_torch_state_dict`) the run starts from that model inste
 
     python run.py --config=configs/sfr_on_cifar10.py:data_dir=~/tensorflow_datasets
     python run.py --config=configs/sfr_on_cifar10.py:data_dir=DIR,pretrained=/ckpt/r18.npz
-    python run.py --config=configs/sfr_on_cifar10.py:runlocal     # synthetic data, minutes
+    python run.py --config=configs/sfr_on_cifar10.py:runlocal     # synthetic data, ~40 s
 
 Prepare CIFAR-10 once: `tfds build cifar10 --data_dir DIR --file_format array_record`.
 
-Differences from the reference run: the data pipeline has no training augmentation
-(the reference uses RandomCrop(32, 4) + flip for training and for the Fisher passes), and
-the reference keeps the best-test-accuracy epoch of the original and Retrain models where
-we keep the last. Expected numbers: the sources available to us give none for this
+Differences from the reference run: the reference keeps the best-test-accuracy epoch of
+the original and Retrain models where we keep the last. Expected numbers: the sources available to us give none for this
 setting, so none are quoted; compare against the oracle this run trains.
 """
 
 import ml_collections
 
 from kswap_jax import methods, models
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -38,6 +36,7 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 def get_config(arg=None):
   a = parse_arg(arg, method="sfr_on", data_dir="", pretrained="", forget_perc=0.1,
                 runlocal=False)
+  require_method(a.method, methods.FAMILIES["unlearning"])
   c = methods.default_config(a.method)
   c.method = a.method
   c.seed = 0

@@ -37,7 +37,7 @@ docs/ug_clu.md.
 """
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 from kswap_jax.errors import ConfigError
 
 
@@ -58,6 +58,7 @@ def baseline_sections(c, *, batch_size: int, iterations: int = 0):
 
 def get_config(arg=None):
   a = parse_arg(arg, method="ug_clu", request="stream", runlocal=False)
+  require_method(a.method, methods.FAMILIES["unlearning"])
   c = methods.default_config(a.method)
   c.method = a.method
   c.seed = 0

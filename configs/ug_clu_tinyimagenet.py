@@ -27,7 +27,7 @@ first):
 import ml_collections
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +54,7 @@ def stream(request: str, num_tasks: int, classes_per_task: int) -> tuple[str, ..
 def get_config(arg=None):
   a = parse_arg(arg, method="ug_clu", request="class", buffer=0, data_dir="", params="full",
                 runlocal=False)
+  require_method(a.method, methods.FAMILIES["unlearning"])
   c = methods.default_config(a.method)
   c.method = a.method
   c.seed = 0

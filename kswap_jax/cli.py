@@ -41,6 +41,31 @@ def _define_flags() -> flags.FlagValues:
   return values
 
 
+USAGE = """\
+usage: python run.py [--config=FILE[:ARG]] [--workdir=DIR] [--config.FIELD=VALUE ...]
+       (or kswap-run with the same flags)
+
+  --config=FILE[:ARG]   a config file with get_config(arg=None), default configs/demo.py;
+                        a shipped config also by name (--config=gs_lora_digits:runlocal).
+                        ARG is comma-separated key=value pairs the file documents.
+  --workdir=DIR         where checkpoints, metrics.jsonl and results.json go
+                        (default ./workdir/<config name>[_<arg>]). Rerunning the same
+                        command in it resumes from its newest checkpoint.
+  --config.FIELD=VALUE  overrides one field, e.g. --config.train.batch_size=32.
+                        List a method's fields and defaults: python -m kswap_jax.config METHOD
+
+Bad input exits with code 2 and one `error:` line on stderr.
+"""
+
+
+def wants_help(argv, usage: str = USAGE) -> bool:
+  """Prints `usage` and returns True when argv asks for help (-h, --help, --helpfull)."""
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(usage)
+    return True
+  return False
+
+
 def default_workdir(config_spec: str) -> str:
   path, _, arg = config_spec.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
@@ -104,15 +129,19 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
   if isinstance(error, flags.UnrecognizedFlagError):
     bad_field = str(error.flagname)
   elif any(isinstance(x, KeyError) for x in chain):
-    key = str(next(x for x in chain if isinstance(x, KeyError)).args[0]).strip("'\"")
+    # ml_collections' message: "'key'", or "'key'\nDid you mean "other" instead of "key"?"
+    lines = str(next(x for x in chain if isinstance(x, KeyError)).args[0]).splitlines()
+    key = lines[0].strip("'\"") if lines else ""
+    hint = next((line.strip() for line in lines[1:] if line.strip().startswith("Did you mean")),
+                "")
     bad_field = next((a[2:].split("=", 1)[0] for a in argv[1:]
-                      if a.startswith("--config.") and a.split("=", 1)[0].endswith("." + key)),
-                     None)
+                      if a.startswith("--config.") and ("." + key + ".") in
+                      (a.split("=", 1)[0] + ".")), None) if key else None
   if bad_field and bad_field.startswith("config."):
     value = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{bad_field}=")), None)
     return ConfigError(f"--{bad_field}: unknown config field or a value of the wrong type "
-                       f"({value!r}); list the fields and defaults with: "
-                       f"python -m kswap_jax.config METHOD")
+                       f"({value!r}){'; ' + hint[0].lower() + hint[1:] if hint else ''}; list the fields and "
+                       f"defaults with: python -m kswap_jax.config METHOD")
   for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
       return ConfigError(f"--{flag}: cannot use {value!r} ({str(chain[-1]).splitlines()[0]})")
@@ -149,6 +178,8 @@ def console_main() -> int:
 
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  if wants_help(argv):
+    return 0
 
   def command():
     config, workdir = load_config(argv)

@@ -20,7 +20,8 @@ from kswap_jax.lora import FFN_TARGETS
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses a config arg like "method=laf,runlocal" into a ConfigDict over `defaults`.
 
-  A bare word sets a boolean to True. Values are converted to the default's type.
+  A bare word sets a boolean to True; a boolean's value is one of 1/true/yes, 0/false/no
+  (any case). Other values are converted to the default's type.
 
   Raises:
     ConfigError: unknown key or unparsable value.
@@ -38,10 +39,26 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       out[key] = True
       continue
     try:
-      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+      if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+          raise ValueError(value)
+        out[key] = value.lower() in ("1", "true", "yes")
+      else:
+        out[key] = kind(value)
     except ValueError:
       raise ConfigError(f"--config arg: {key}={value!r} is not a valid {kind.__name__}") from None
   return out
+
+
+def require_method(method: str, allowed) -> None:
+  """For a config file: `method` (its `method=` arg) must be one of `allowed`, the methods
+  the file sets up (e.g. a family of `kswap_jax.methods.FAMILIES`).
+
+  Raises:
+    ConfigError: naming the method and the allowed ones.
+  """
+  if method not in allowed:
+    raise ConfigError(f"--config arg: method={method!r} (expected one of {', '.join(allowed)})")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -635,6 +636,14 @@ class Run:
   def close(self) -> None:
     self.checkpointer.wait()
     self.checkpointer.close()
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir is a filesystem path: checkpoints, metrics and results are written with the
+  os module, so a URL (`gs://...`) would become a local folder named after it."""
+  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(workdir)):
+    raise ConfigError(f"--workdir {workdir}: a URL; expected a filesystem path (mount a bucket "
+                      f"with Cloud Storage FUSE and give the mounted path)")
 
 
 def _prepare_workdir(workdir: str) -> None:

@@ -92,6 +92,21 @@ _CASES = {
         ["--config=configs/demo.py:method=nope"], ["method", "nope"], False),
     "unknown_config_arg_key": (["--config=configs/demo.py:bogus=1"], ["bogus"], False),
     "unknown_override_field": (["--config.nope=1"], ["--config.nope"], False),
+    # ml_collections' own hint survives in the one line.
+    "misspelled_field": (["--config.ks.betta=0.3"],
+                         ["--config.ks.betta", 'did you mean "beta"'], False),
+    "misspelled_section": (["--config.kss.beta=0.3"], ["--config.kss.beta", '"ks"'], False),
+    "bad_bool_config_arg": (["--config=configs/demo.py:runlocal=maybe"],
+                            ["runlocal", "maybe", "bool"], False),
+    "method_of_another_family": (["--config=configs/ug_clu_digits.py:method=lbf"],
+                                 ["method", "lbf", "ug_clu"], False),
+    "workdir_url": (["--workdir=gs://bucket/run"], ["--workdir", "gs://bucket/run"], False),
+    # File inputs are checked before the workdir or a pretraining run (which the demo would
+    # start first: it has no pretrained model yet).
+    "missing_lora_checkpoint": (["--config.init.lora_checkpoint={tmp}/missing.lora.npz"],
+                                ["init.lora_checkpoint", "{tmp}/missing.lora.npz"], False),
+    "npz_init_without_checkpoint": (["--config.init.kind=npz"], ["init.checkpoint", "empty"],
+                                    False),
     "missing_config_file": (
         ["--config=configs/no_such_config.py"], ["configs/no_such_config.py"], False),
     "missing_npz_checkpoint": (
@@ -291,7 +306,26 @@ def test_bad_lora_config_fails_before_pretraining(runs):
   assert not (workdir / "pretrain" / "params.npz").exists()
 
 
+def test_bad_input_files_fail_before_the_workdir_is_touched(runs):
+  for case in ("missing_lora_checkpoint", "npz_init_without_checkpoint", "workdir_url"):
+    workdir, _ = _get(runs, case)
+    assert not workdir.exists(), (case, sorted(os.listdir(workdir)))
+  assert not (_REPO / "gs:").exists()
+
+
 def test_unwritable_workdir(runs):
   workdir, (proc,) = runs["unwritable_workdir"]
   _assert_clean_failure(proc, workdir, "--workdir", str(workdir))
   assert workdir.parent.is_file()
+
+
+@pytest.mark.parametrize("module", ["cli", "compare"])
+def test_help_prints_usage_and_exits_0(module, capsys):
+  """`python run.py --help` and `python -m kswap_jax.compare --help` (their `main`)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  main = importlib.import_module(f"kswap_jax.{module}").main
+  for flag in ("--help", "-h"):
+    assert main(["prog", "--config=configs/demo.py:runlocal", flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:" if module == "cli" else "One command") and "--workdir" in out
+    assert "--config.FIELD=VALUE" in out and ("--methods" in out) == (module == "compare")

@@ -88,4 +88,8 @@ def family_config(name: str) -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` in `workdir` and returns its results envelope."""
+  from kswap_jax import train  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  train.check_workdir(workdir)
+  common.check_init_files(config)
   return get(str(config.method)).run(config, workdir)

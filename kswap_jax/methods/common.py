@@ -106,6 +106,28 @@ def abstract_variables(model, model_cfg) -> dict:
   return jax.eval_shape(lambda: models.init_variables(model, model_cfg, jax.random.key(0)))
 
 
+def check_init_files(config) -> None:
+  """`init.kind` and the files `init` names, before a run touches its workdir or pretrains:
+  a missing checkpoint should cost seconds, not a pretraining run. (Their contents are
+  checked when they are loaded.)"""
+  init = config.get("init")
+  if init is None:
+    return
+  kind = init.get("kind", "random")
+  if kind not in ("npz", "pretrain", "random"):
+    raise ConfigError(f"init.kind: unknown value {kind!r} (expected npz, pretrain or random)")
+  files = [("init.lora_checkpoint", str(init.get("lora_checkpoint", "") or ""))]
+  if kind == "npz":
+    path = str(init.get("checkpoint", "") or "")
+    if not path:
+      raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
+                        "checkpoint (python -m kswap_jax.convert writes one)")
+    files.append(("init.checkpoint", path))
+  for field, path in files:
+    if path and not os.path.isfile(path):
+      raise ConfigError(f"{field}: file {path!r} does not exist")
+
+
 def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
   """(params, model_state) per `config.init`: "npz" (a checkpoint in our layout),
   "pretrain" (the pretrain method's output in `init.pretrain_workdir`) or "random".
