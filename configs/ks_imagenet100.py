@@ -8,7 +8,8 @@ Oxford-IIIT Pet, RESISC45 or PlantVillage. 5 epochs per stage, batch 80, AdamW 1
     python -m kswap_jax.data.image_folder --root /data/imagenet100 --name imagenet100 \
         --data_dir ~/tensorflow_datasets --label_rule imagenet_prefix
     # once: the learn set (needs the optional TensorFlow extra to build official datasets)
-    pip install -e '.[tf]' && tfds build caltech_birds2011 --file_format array_record
+    pip install -e '.[tf]' && tfds build caltech_birds2011 --data_dir ~/tensorflow_datasets \
+        --file_format array_record
     # the pretrained ViT-B/16 (ImageNet-100) as a vit_jax .npz, then:
     python run.py --config=configs/ks_imagenet100.py:learn=cub,n_learn=5 \
         --config.init.checkpoint=/ckpt/vit_b16_imagenet100.npz --workdir=/runs/ks_cub5

@@ -255,10 +255,12 @@ def test_trainable_split_errors_name_the_field(tiny):
   assert make("full").split(params)[1] == {}
 
 
-def test_lora_oracle_from_random_weights_under_a_pretrained_base_is_refused():
+def test_lora_oracle_from_random_weights_under_a_pretrained_base_is_refused(tmp_path):
   config = load_config("ug_clu_digits", "runlocal")
   config.clu.params = "lora"
   config.init.kind = "npz"
+  config.init.checkpoint = str(tmp_path / "base.npz")  # exists (`methods.run` checks first);
+  (tmp_path / "base.npz").write_bytes(b"")             # refused before it is read
   with pytest.raises(ConfigError, match=r"^oracle\.start: 'random' with clu\.params='lora'"):
     methods.run(config, "/nonexistent/never/written")
 

@@ -260,7 +260,8 @@ class TfdsSource:
     not_found = ConfigError(
         f"{field}.name: tfds dataset {name!r} not found in data_dir {shown_dir!r} (prepare it "
         f"once with: pip install -e '.[tf]' && tfds build {base_name} --data_dir {shown_dir} "
-        "--file_format array_record)")
+        "--file_format array_record; a dataset tfds does not ship, e.g. ImageNet-100 or "
+        "CASIA-100, from a folder of images: python -m kswap_jax.data.image_folder --help)")
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
