@@ -106,4 +106,5 @@ def test_tfds_source_missing_dataset(tmp_path, name):
   assert str(e.value) == (
       f"data.old.name: tfds dataset '{name}' not found in data_dir '{tmp_path}' (prepare it "
       f"once with: pip install -e '.[tf]' && tfds build {name} --data_dir {tmp_path} "
-      "--file_format array_record)")
+      "--file_format array_record; a dataset tfds does not ship, e.g. ImageNet-100 or "
+      "CASIA-100, from a folder of images: python -m kswap_jax.data.image_folder --help)")
