@@ -56,7 +56,7 @@ and λ_f to reproduce Table 3):
 import math
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods.baselines import continual_forgetting
 
@@ -68,9 +68,7 @@ def get_config(arg=None):
   if a.setting not in SETTINGS:
     raise ConfigError(f"--config arg: setting={a.setting!r} (expected one of "
                       f"{', '.join(SETTINGS)})")
-  names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
-  if a.method not in names:
-    raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
+  require_method(a.method, methods.FAMILIES["continual_forgetting"])
   # The shared base + the sections of every continual-forgetting method, so `compare`
   # runs them all on this config.
   c = methods.family_config(a.method)

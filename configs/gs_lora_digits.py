@@ -34,16 +34,12 @@ what the baselines do are in docs/continual_forgetting_baselines.md.
 """
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
-from kswap_jax.errors import ConfigError
-from kswap_jax.methods.baselines import continual_forgetting
+from kswap_jax.config import parse_arg, require_method
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="gs_lora", proximal=False, runlocal=False, compare=False)
-  names = ("gs_lora", "gs_lora_pp") + continual_forgetting.METHODS
-  if a.method not in names:
-    raise ConfigError(f"--config arg: method={a.method!r} (expected one of {', '.join(names)})")
+  require_method(a.method, methods.FAMILIES["continual_forgetting"])
   # The shared base + the sections of every continual-forgetting method, so `compare`
   # runs them all on this config.
   c = methods.family_config(a.method)

@@ -31,14 +31,12 @@ import math
 import ml_collections
 
 from kswap_jax import methods
-from kswap_jax.config import parse_arg
-from kswap_jax.errors import ConfigError
+from kswap_jax.config import parse_arg, require_method
 
 
 def get_config(arg=None):
   a = parse_arg(arg, method="gs_lora", runlocal=False)
-  if a.method not in ("gs_lora", "gs_lora_pp"):
-    raise ConfigError(f"--config arg: method={a.method!r} (expected gs_lora or gs_lora_pp)")
+  require_method(a.method, ("gs_lora", "gs_lora_pp"))
   c = methods.default_config(a.method)  # the shared base + GS-LoRA's sections
   c.seed = 1337
 

@@ -20,8 +20,9 @@ with `models.resnet.from_torch_state_dict`) the run starts from that model inste
 Prepare CIFAR-10 once: `tfds build cifar10 --data_dir DIR --file_format array_record`.
 
 Differences from the reference run: the reference keeps the best-test-accuracy epoch of
-the original and Retrain models where we keep the last. Expected numbers: the sources available to us give none for this
-setting, so none are quoted; compare against the oracle this run trains.
+the original and Retrain models where we keep the last. Expected numbers: the sources
+available to us give none for this setting, so none are quoted; compare against the oracle
+this run trains.
 """
 
 import ml_collections

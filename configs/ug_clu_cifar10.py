@@ -26,7 +26,7 @@ numbers are quoted.
 import ml_collections
 
 from kswap_jax import methods, models
-from kswap_jax.config import parse_arg
+from kswap_jax.config import parse_arg, require_method
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -52,6 +52,7 @@ def stream(request: str, fused: bool) -> tuple[str, ...]:
 def get_config(arg=None):
   a = parse_arg(arg, method="ug_clu", request="class", fused=False, buffer=0, data_dir="",
                 runlocal=False)
+  require_method(a.method, methods.FAMILIES["unlearning"])
   c = methods.default_config(a.method)
   c.method = a.method
   c.seed = 0

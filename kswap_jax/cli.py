@@ -41,10 +41,7 @@ def _define_flags() -> flags.FlagValues:
   return values
 
 
-USAGE = """\
-usage: python run.py [--config=FILE[:ARG]] [--workdir=DIR] [--config.FIELD=VALUE ...]
-       (or kswap-run with the same flags)
-
+_FLAGS_HELP = """\
   --config=FILE[:ARG]   a config file with get_config(arg=None), default configs/demo.py;
                         a shipped config also by name (--config=gs_lora_digits:runlocal).
                         ARG is comma-separated key=value pairs the file documents.
@@ -58,10 +55,18 @@ Bad input exits with code 2 and one `error:` line on stderr.
 """
 
 
-def wants_help(argv, usage: str = USAGE) -> bool:
-  """Prints `usage` and returns True when argv asks for help (-h, --help, --helpfull)."""
+def usage(command: str = "python run.py", extra: str = "(or kswap-run with the same flags)"
+          ) -> str:
+  """The usage text of a command that takes the config flags (`extra`: its own, one line)."""
+  return (f"usage: {command} [--config=FILE[:ARG]] [--workdir=DIR] [--config.FIELD=VALUE ...]\n"
+          f"       {extra}\n\n{_FLAGS_HELP}")
+
+
+def wants_help(argv, text: str | None = None) -> bool:
+  """Prints `text` (default: run.py's `usage()`) and returns True when argv asks for help
+  (-h, --help, --helpfull)."""
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(usage)
+    print(text or usage())
     return True
   return False
 
@@ -132,16 +137,16 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
     # ml_collections' message: "'key'", or "'key'\nDid you mean "other" instead of "key"?"
     lines = str(next(x for x in chain if isinstance(x, KeyError)).args[0]).splitlines()
     key = lines[0].strip("'\"") if lines else ""
-    hint = next((line.strip() for line in lines[1:] if line.strip().startswith("Did you mean")),
-                "")
+    hint = next(("; did" + line.strip()[3:] for line in lines[1:]
+                 if line.strip().startswith("Did you mean")), "")
     bad_field = next((a[2:].split("=", 1)[0] for a in argv[1:]
                       if a.startswith("--config.") and ("." + key + ".") in
                       (a.split("=", 1)[0] + ".")), None) if key else None
   if bad_field and bad_field.startswith("config."):
     value = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{bad_field}=")), None)
     return ConfigError(f"--{bad_field}: unknown config field or a value of the wrong type "
-                       f"({value!r}){'; ' + hint[0].lower() + hint[1:] if hint else ''}; list the fields and "
-                       f"defaults with: python -m kswap_jax.config METHOD")
+                       f"({value!r}){hint}; list the fields and defaults with: "
+                       f"python -m kswap_jax.config METHOD")
   for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
       return ConfigError(f"--{flag}: cannot use {value!r} ({str(chain[-1]).splitlines()[0]})")

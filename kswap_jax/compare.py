@@ -173,10 +173,8 @@ def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list |
 def main(argv=None) -> int:
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
-  if cli.wants_help(argv, __doc__.strip() + "\n\n" + cli.USAGE.replace(
-      "python run.py", "python -m kswap_jax.compare").replace(
-          "(or kswap-run with the same flags)",
-          "[--methods=a,b,...] [--seeds=0,1,...]")):
+  if cli.wants_help(argv, __doc__.strip() + "\n\n" + cli.usage(
+      "python -m kswap_jax.compare", "[--methods=a,b,...] [--seeds=0,1,...]")):
     return 0
 
   def command():

@@ -307,9 +307,11 @@ def test_bad_lora_config_fails_before_pretraining(runs):
 
 
 def test_bad_input_files_fail_before_the_workdir_is_touched(runs):
-  for case in ("missing_lora_checkpoint", "npz_init_without_checkpoint", "workdir_url"):
+  for case in ("missing_lora_checkpoint", "npz_init_without_checkpoint"):
     workdir, _ = _get(runs, case)
     assert not workdir.exists(), (case, sorted(os.listdir(workdir)))
+  # A URL workdir used to become a folder named after it, relative to the working directory.
+  _get(runs, "workdir_url")
   assert not (_REPO / "gs:").exists()
 
 

@@ -113,19 +113,28 @@ def check_init_files(config) -> None:
   init = config.get("init")
   if init is None:
     return
-  kind = init.get("kind", "random")
-  if kind not in ("npz", "pretrain", "random"):
-    raise ConfigError(f"init.kind: unknown value {kind!r} (expected npz, pretrain or random)")
-  files = [("init.lora_checkpoint", str(init.get("lora_checkpoint", "") or ""))]
-  if kind == "npz":
-    path = str(init.get("checkpoint", "") or "")
-    if not path:
+  _check_init_kind(init.get("kind", "random"))
+  if init.get("kind") == "npz":
+    if not init.get("checkpoint"):
       raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
                         "checkpoint (python -m kswap_jax.convert writes one)")
-    files.append(("init.checkpoint", path))
-  for field, path in files:
-    if path and not os.path.isfile(path):
-      raise ConfigError(f"{field}: file {path!r} does not exist")
+    _require_file("init.checkpoint", str(init.checkpoint), "a .npz checkpoint in our layout")
+  if init.get("lora_checkpoint"):
+    _require_file("init.lora_checkpoint", str(init.lora_checkpoint), _LORA_FILE)
+
+
+_INIT_KINDS = ("npz", "pretrain", "random")
+_LORA_FILE = "the .lora.npz written by python -m kswap_jax.convert"
+
+
+def _check_init_kind(kind) -> None:
+  if kind not in _INIT_KINDS:
+    raise ConfigError(f"init.kind: unknown value {kind!r} (expected {', '.join(_INIT_KINDS)})")
+
+
+def _require_file(field: str, path: str, expected: str) -> None:
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}: file {path!r} does not exist (expected {expected})")
 
 
 def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
@@ -146,7 +155,7 @@ def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
   elif kind == "pretrain":
     path, field = os.path.join(config.init.pretrain_workdir, "params.npz"), "init.pretrain_workdir"
   else:
-    raise ConfigError(f"init.kind: unknown value {kind!r} (expected npz, pretrain or random)")
+    _check_init_kind(kind)
   params = ckpt_lib.load_npz(path, abstract["params"], head=config.init.head, rng=rng,
                              field=field)
   model_state = {}
@@ -164,9 +173,7 @@ def initial_lora(config, base: dict, spec, rng) -> dict:
   path = str(config.init.get("lora_checkpoint", "") or "")
   if not path:
     return fresh
-  if not os.path.isfile(path):
-    raise ConfigError(f"init.lora_checkpoint: file {path!r} does not exist (expected the "
-                      f".lora.npz written by python -m kswap_jax.convert)")
+  _require_file("init.lora_checkpoint", path, _LORA_FILE)
   try:
     loaded = interop.load_lora(path)
   except (ValueError, OSError) as e:
