@@ -75,6 +75,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
   for name in names:
     methods.get(name)  # unknown names fail before anything runs
+    if name not in methods.FAMILIES[family]:
+      # Another family's method needs sections, data and metrics this config does not set up.
+      raise ConfigError(
+          f"--methods: {name!r} is not a {family} method; this config's method "
+          f"{config.method!r} compares against {', '.join(methods.FAMILIES[family])}")
   seeds = seeds or [int(config.seed)]
   os.makedirs(workdir, exist_ok=True)
   rows = {}

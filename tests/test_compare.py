@@ -55,6 +55,15 @@ def test_compare_command_rejects_bad_lists(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_compare_refuses_a_method_of_another_family(tmp_path, monkeypatch):
+  """The demo sets up Knowledge Swapping; GS-LoRA is refused by name before anything runs
+  (it used to fail on the head size after a pretraining run)."""
+  monkeypatch.setattr(methods, "run", lambda *a: pytest.fail("a method ran"))
+  with pytest.raises(ConfigError, match=r"--methods: 'gs_lora' is not a knowledge_swap method"):
+    compare.run(load_config("demo", "runlocal"), str(tmp_path / "cmp"), ["lbf", "gs_lora"])
+  assert not os.listdir(tmp_path)
+
+
 def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch):
   """Two baselines on the UG-CLU stream: one Retrain oracle in <workdir>/oracle/seed_0."""
   from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
