@@ -50,6 +50,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def given_keys(arg: str | None) -> set[str]:
+  """The keys a config arg like "method=laf,runlocal" sets explicitly (to refuse a key the
+  chosen setting would ignore)."""
+  return {part.partition("=")[0].strip() for part in filter(None, (arg or "").split(","))}
+
+
 def require_method(method: str, allowed) -> None:
   """For a config file: `method` (its `method=` arg) must be one of `allowed`, the methods
   the file sets up (e.g. a family of `kswap_jax.methods.FAMILIES`).

@@ -100,6 +100,10 @@ _CASES = {
                             ["runlocal", "maybe", "bool"], False),
     "method_of_another_family": (["--config=configs/ug_clu_digits.py:method=lbf"],
                                  ["method", "lbf", "ug_clu"], False),
+    # An arg the chosen setting would ignore is refused.
+    "arg_the_setting_ignores": (
+        ["--config=configs/gs_lora_casia100.py:setting=continual,forget=50"],
+        ["forget", "setting=continual"], False),
     "workdir_url": (["--workdir=gs://bucket/run"], ["--workdir", "gs://bucket/run"], False),
     # File inputs are checked before the workdir or a pretraining run (which the demo would
     # start first: it has no pretrained model yet).
