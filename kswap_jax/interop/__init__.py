@@ -17,12 +17,14 @@ Example:
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import struct
 import zipfile
 from typing import Any, Iterable
 
+import ml_collections
 import numpy as np
 
 from kswap_jax.interop import layouts, safetensors_file, torch_pickle
@@ -170,11 +172,44 @@ def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterabl
   except ValueError as e:
     hint = _guess(everything, layout) if "not a" in str(e) else ""
     raise ValueError(f"{path}: {e}{hint}") from None
+  if layout == "vit_jax":
+    conv = _from_run_record(path, conv)
   # Report the file's own key names (with the prefix) for everything used or ignored.
   return conv._replace(
       used=[prefix + k for k in conv.used],
       ignored={**ignored, **{prefix + k: why for k, why in conv.ignored.items()}},
       notes=notes + conv.notes)
+
+
+# `model` fields a vit_jax-layout .npz cannot record: its reader reports vit_jax's own
+# conventions for them (tanh GELU, eps 1e-6, 1/sqrt(head dim)).
+UNRECORDED = ("gelu", "layer_norm_eps", "attention_scale")
+
+
+def _from_run_record(path: str, conv: Converted) -> Converted:
+  """This repo's own export (a run's `merged_params.npz`): the fields the file cannot record
+  are taken from the `config.json` beside it when that run's ViT has the file's sizes;
+  otherwise a note says they are vit_jax's conventions, not read from the file."""
+  record = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  try:
+    with open(record) as f:
+      model = json.load(f)["model"]
+    same = model["name"] == conv.model["name"] and _sizes(model) == _sizes(conv.model)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    same = False  # no record, or not one of ours
+  if not same:
+    guessed = ", ".join(f"{k}={conv.model[k]}" for k in UNRECORDED)
+    return conv._replace(notes=conv.notes + [
+        f"{guessed}: vit_jax's conventions, not stored in the file (for a run of this repo, "
+        f"use the model fields of its config.json)"])
+  taken = {k: model[k] for k in UNRECORDED if k in model}
+  return conv._replace(model={**conv.model, **taken}, notes=conv.notes + [
+      f"{', '.join(f'{k}={v}' for k, v in taken.items())}: from the run's {record}"])
+
+
+def _sizes(model: dict) -> tuple:
+  c = layouts.vit_lib.vit_config(ml_collections.ConfigDict(model))
+  return (c.width, c.depth, c.mlp_dim, c.num_heads, c.patch_size, c.num_classes)
 
 
 def lora_path(out: str) -> str:

@@ -3,6 +3,7 @@
 forward written from the layout's own description."""
 
 import collections
+import json
 
 import jax
 import numpy as np
@@ -145,6 +146,24 @@ def test_vit_jax_npz(tmp_path):
   assert conv.model["gelu"] == "tanh" and conv.model["num_heads"] == S.HEADS
   images = _images()
   _close(_ours(conv, tmp_path / "o.npz", images), ref.vit_jax_forward(p, images))
+
+
+def test_vit_jax_npz_of_our_run_takes_unrecorded_fields_from_its_config_json(tmp_path):
+  """A run's merged_params.npz: the fields the file cannot hold come from the run's
+  config.json beside it, and only when that run's model has the file's sizes."""
+  src = tmp_path / "merged_params.npz"
+  np.savez(src, **S.vit_jax_params())
+  guessed = interop.convert(str(src), "vit_jax")
+  assert any("not stored in the file" in n for n in guessed.notes)
+  run_model = dict(guessed.model, gelu="erf", layer_norm_eps=1e-5, attention_scale="width")
+  (tmp_path / "config.json").write_text(json.dumps({"method": "lbf", "model": run_model}))
+  conv = interop.convert(str(src), "vit_jax")
+  assert conv.model == run_model
+  assert any(n.endswith(f"from the run's {tmp_path / 'config.json'}") for n in conv.notes)
+  # Another run's record (another head size) says nothing about this file.
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"model": dict(run_model, num_classes=S.CLASSES + 1)}))
+  assert interop.convert(str(src), "vit_jax").model == guessed.model
 
 
 @pytest.mark.parametrize("pool", ["tok", "gap"])
