@@ -10,7 +10,7 @@ the backbone.
     python run.py --config=configs/gs_lora_digits.py
     python run.py --config=configs/gs_lora_digits.py:method=gs_lora_pp
     python run.py --config=configs/gs_lora_digits.py:proximal     # exact zero groups
-    python run.py --config=configs/gs_lora_digits.py:runlocal     # smoke run, ~35 s on 2 CPU cores
+    python run.py --config=configs/gs_lora_digits.py:runlocal     # smoke run, ~40 s on 2 CPU cores
     python run.py --config=configs/gs_lora_digits.py:method=cf_ewc  # a baseline (cf_*)
     # GS-LoRA, GS-LoRA++ and the 10 continual-forgetting baselines on identical data:
     python -m kswap_jax.compare --config=configs/gs_lora_digits.py:compare
@@ -98,7 +98,9 @@ def get_config(arg=None):
 
   if a.runlocal:
     c.model.variant = "test/4"
-    c.pretrain.epochs = 2
+    # 8 epochs (160 steps, ~3 s): enough for the CosFace margin rule to score above 0, so
+    # the smoke run's table shows forgetting, not a column of zeros.
+    c.pretrain.epochs = 8
     c.gs_lora.epochs = 1
     baselines(1)
     c.cf_retrain.warmup_epochs = 0
