@@ -73,13 +73,20 @@ def test_two_processes_train_like_one_and_checkpoints_cross_restore(tmp_path_fac
   assert sorted(one) == sorted(two) == list(range(1, 7))
   for step in one:
     assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
-  # Each finishes from the other's checkpoint (step 6): 2 processes -> 1, 1 -> 2.
-  for n, workdir in ((1, workdirs[2]), (2, workdirs[1])):
-    for code, out in _run(workdir, n):
-      assert code == 0, out[-3000:]
+  # Each resumes from the other's checkpoint (step 6). 2 processes -> 1 stops at step 12 (the
+  # learning stage); 1 -> 2 runs the swap to its end, so two processes also finish one.
+  for n, workdir, flags in ((1, workdirs[2], ["--config.debug.interrupt_at_step=12"]),
+                            (2, workdirs[1], [])):
+    for code, out in _run(workdir, n, *flags):
+      assert (code != 0) == bool(flags), out[-3000:]
       assert "resumed from" in out and "at step 6" in out, out[-3000:]
-    with open(workdir / "results.json") as f:
-      assert json.load(f)["final"]["acc_f"] >= 0
+  one_after, two_after = _losses(workdirs[2]), _losses(workdirs[1])
+  assert sorted(one_after) == list(range(1, 13)) and max(two_after) > 12
+  for step in range(7, 13):  # the same steps after either restore
+    assert two_after[step] == pytest.approx(one_after[step], rel=1e-4), step
+  with open(workdirs[1] / "results.json") as f:
+    assert set(json.load(f)["final"]) == {"acc_r", "acc_f", "acc_n", "h_mean"}
+  assert not os.path.exists(workdirs[2] / "results.json")
 
 
 def test_four_device_sharded_step_equals_single_device_step():
