@@ -81,7 +81,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           f"--methods: {name!r} is not a {family} method; this config's method "
           f"{config.method!r} compares against {', '.join(methods.FAMILIES[family])}")
   seeds = seeds or [int(config.seed)]
-  os.makedirs(workdir, exist_ok=True)
+  for flag, values in (("--methods", names), ("--seeds", seeds)):
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+      raise ConfigError(f"{flag}: {', '.join(repeated)} given twice (each entry is one run)")
+  train.check_workdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir}: not a writable folder ({e.strerror or e})") from None
   rows = {}
   for name in names:
     per_seed = []
@@ -89,13 +97,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
       sub = os.path.join(workdir, name, f"seed_{seed}")
       results_path = os.path.join(sub, "results.json")
       timing_path = os.path.join(sub, "compare_seconds.json")
+      sub_config = _config_for(config, name, seed, workdir)
       if not os.path.exists(results_path):
         log.info("[compare] %s, seed %d -> %s", name, seed, sub)
         start = time.time()
-        methods.run(_config_for(config, name, seed, workdir), sub)
+        methods.run(sub_config, sub)
         train.write_json(timing_path, {"seconds": time.time() - start})
       with open(results_path) as f:
         results = json.load(f)
+      # A finished run is reused only if it is this config's run (an unfinished one is
+      # checked by its own workdir record when it resumes).
+      diff = train.config_difference(results["config"], sub_config)
+      if diff:
+        raise ConfigError(f"--workdir {workdir}: {name}/seed_{seed} finished with a different "
+                          f"config ({diff}); use a new --workdir or delete {sub}")
       seconds = float("nan")
       if os.path.exists(timing_path):
         with open(timing_path) as f:

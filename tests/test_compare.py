@@ -64,6 +64,27 @@ def test_compare_refuses_a_method_of_another_family(tmp_path, monkeypatch):
   assert not os.listdir(tmp_path)
 
 
+def test_compare_refuses_finished_runs_of_another_config_and_repeated_seeds(tmp_path):
+  """A rerun with a changed field names it instead of printing the old runs' leaderboard."""
+  workdir = tmp_path / "cmp"
+  config = load_config("demo", "runlocal")
+  sub = workdir / "lbf" / "seed_0"
+  sub.mkdir(parents=True)
+  # A finished run as compare left it (its results envelope records its config).
+  from kswap_jax import train  # pylint: disable=import-outside-toplevel
+  finished = compare._config_for(config, "lbf", 0, str(workdir))
+  train.write_json(str(sub / "results.json"), {"config": finished.to_dict(), "final": {}})
+  compare.run(config, str(workdir), ["lbf"])   # the same config: reused, nothing runs
+  config.ks.beta = 0.3
+  with pytest.raises(ConfigError, match=r"lbf/seed_0 finished with a different config "
+                                        r"\(ks.beta: was 0.2, now 0.3\)"):
+    compare.run(config, str(workdir), ["lbf"])
+  with pytest.raises(ConfigError, match=r"--seeds: 0 given twice"):
+    compare.run(config, str(tmp_path / "other"), ["lbf"], [0, 0])
+  with pytest.raises(ConfigError, match=r"--workdir .*results.json: not a writable folder"):
+    compare.run(config, str(sub / "results.json"), ["lbf"])
+
+
 def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch):
   """Two baselines on the UG-CLU stream: one Retrain oracle in <workdir>/oracle/seed_0."""
   from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
