@@ -46,7 +46,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from kswap_jax import hostmem, lora, losses, train
+from kswap_jax import errors, hostmem, lora, losses, train
+from kswap_jax.errors import ConfigError
 from kswap_jax.methods import common, knowledge_swap
 from kswap_jax.models import vit
 
@@ -582,9 +583,10 @@ def report(res: dict) -> None:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 2)[2])
+  p = errors.ArgumentParser(prog="python -m kswap_jax.bench",
+                            description=__doc__.splitlines()[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=__doc__.split("\n", 2)[2])
   p.add_argument("--variant", default="B/16", help="ViT variant '<name>/<patch>' (vit.VARIANTS)")
   p.add_argument("--depth", type=int, default=0,
                  help="number of encoder blocks; 0 = the variant's (a shallower model of the "
@@ -630,6 +632,12 @@ def parse_args(argv=None):
   if args.block < 2:
     p.error(f"--block: expected an int >= 2 (the first step of each turn is not timed), "
             f"got {args.block}")
+  for flag, least in (("batch_size", 0), ("rank", 1), ("steps", 1), ("warmup", 0),
+                      ("depth", 0), ("image_size", 1), ("num_threads", 0)):
+    if getattr(args, flag) < least:
+      p.error(f"--{flag}: expected an int >= {least}, got {getattr(args, flag)}")
+  if not 0 <= args.dropout < 1:
+    p.error(f"--dropout: expected a rate in [0, 1), got {args.dropout}")
   args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
   return args
 
@@ -649,6 +657,14 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  try:
+    return _main(args, argv)
+  except ConfigError as e:  # a model option the model refuses (variant, depth, image size)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
+def _main(args, argv) -> int:
   if args.profile and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
     # Per-instruction trace events on CPU; read when the backend starts (below).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -185,6 +186,10 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
   """
   if not os.path.isfile(path):
     raise ConfigError(f"{field}: file {path!r} does not exist (expected a vit_jax .npz)")
+  if not zipfile.is_zipfile(path):  # numpy would call it pickled data and suggest unpickling
+    raise ConfigError(f"{field}: {path!r} is not an .npz file (convert a .safetensors or torch "
+                      f"checkpoint first: python -m kswap_jax.convert SRC --layout ... --out "
+                      f"OUT.npz)")
   try:
     with np.load(path, allow_pickle=False) as f:
       flat = {k: f[k] for k in f.files}

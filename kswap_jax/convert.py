@@ -22,25 +22,19 @@ one line `error: ...` and exits with status 2, leaving no partial output.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
-from kswap_jax import interop
+from kswap_jax import errors, interop
 from kswap_jax.interop import layouts
 
 MAX_LISTED = 20
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse, but a usage error is the same single `error: ...` line (exit 2) as bad input."""
-
-  def error(self, message):
-    self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m kswap_jax.convert", description=__doc__.split(
+  p = errors.ArgumentParser(prog="python -m kswap_jax.convert", description=__doc__.split(
       "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="checkpoint: .pth/.pt/.bin (torch.save), .safetensors or .npz")
   p.add_argument("--layout", required=True, choices=sorted(interop.LAYOUTS))
@@ -95,8 +89,24 @@ def _summary(conv: interop.Converted, args, written: list[str]) -> str:
   return "\n".join(lines)
 
 
+def _check_args(args) -> None:
+  """--out names a file this command can write, with the extension of what --to writes;
+  --num_heads, when given, is positive."""
+  want = ".safetensors" if args.to == "timm" else ".npz"
+  folder = os.path.dirname(os.path.abspath(args.out)) if args.out else ""
+  if not args.out or os.path.isdir(args.out):
+    raise ValueError(f"--out {args.out!r}: expected a file path ending in {want}")
+  if not args.out.endswith(want):
+    raise ValueError(f"--out {args.out}: --to {args.to} writes a {want} file; name it so")
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    raise ValueError(f"--out {args.out}: its folder {folder} does not exist or is not writable")
+  if args.num_heads is not None and args.num_heads < 1:
+    raise ValueError(f"--num_heads: expected a positive int, got {args.num_heads}")
+
+
 def run(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
+  _check_args(args)
   options = dict(num_heads=args.num_heads, lora=args.lora, lora_alpha=args.lora_alpha,
                  pool=args.pool, posemb=args.posemb, image_size=args.image_size,
                  num_classes=args.num_classes, face_head=args.face_head, channels=args.channels)

@@ -4,6 +4,8 @@
 traceback; everything else is a bug or a runtime failure and keeps its traceback.
 """
 
+import argparse
+
 
 class ConfigError(ValueError):
   """Bad user input; the message names the field or file and what was expected."""
@@ -11,3 +13,10 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/inf loss; the message names the stage and step."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, but a usage error is one `error: ...` line (exit 2), as other bad input."""
+
+  def error(self, message):
+    self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")

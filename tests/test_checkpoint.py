@@ -80,7 +80,14 @@ def test_mismatched_and_missing_checkpoints_raise_config_errors(tiny, tmp_path):
     checkpoint.load_npz(path, _abstract(deep)[1], head="keep")
   with pytest.raises(ConfigError, match="does not exist"):
     checkpoint.load_npz(str(tmp_path / "missing.npz"), _abstract(cfg)[1])
-  (tmp_path / "junk.npz").write_text("not a zip")
+  # A .safetensors file (or any non-zip) is named as such, not as numpy's "pickled data".
+  (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + bytes(8))
+  with pytest.raises(ConfigError, match=r"model\.safetensors' is not an \.npz file .*"
+                                        r"python -m kswap_jax\.convert"):
+    checkpoint.load_npz(str(tmp_path / "model.safetensors"), _abstract(cfg)[1])
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(tmp_path / "junk.npz", "w") as z:
+    z.writestr("cls.npy", b"\x93NUMPY\x01\x00garbage")
   with pytest.raises(ConfigError, match="cannot read"):
     checkpoint.load_npz(str(tmp_path / "junk.npz"), _abstract(cfg)[1])
 

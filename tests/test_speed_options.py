@@ -413,6 +413,22 @@ def test_compare_torch_without_torch_exits_2(capsys):
   assert "pip install" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--steps=0"], "error: --steps: expected an int >= 1, got 0"),
+    (["--batch_size=-1"], "error: --batch_size: expected an int >= 0"),
+    (["--rank=0"], "error: --rank: expected an int >= 1"),
+    (["--dropout=1.5"], "error: --dropout: expected a rate in [0, 1)"),
+    (["--variant=foo"], "error: model.variant: unknown variant 'foo'"),
+])
+def test_bad_bench_flags_exit_2_with_one_line(flags, message, capsys):
+  try:
+    code = bench.main([*flags, "--no_pipeline"])
+  except SystemExit as e:  # argparse's usage errors
+    code = e.code
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
 # -- XLA:CPU options --------------------------------------------------------------------------
 
 def _compiled_temp_bytes(*flags, **compile_kw):

@@ -104,6 +104,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_bad_out_and_num_heads_are_named(tmp_path, capsys):
+  timm = _timm_file(tmp_path)
+  args = [timm, "--layout", "timm", "--num_heads", "4"]
+  for out, to, message in (
+      ("", "ours", "--out '': expected a file path ending in .npz"),
+      (tmp_path, "ours", f"--out '{tmp_path}': expected a file path"),
+      (tmp_path / "y.npz", "timm", "--to timm writes a .safetensors file"),
+      (tmp_path / "no" / "x.npz", "ours", f"its folder {tmp_path / 'no'} does not exist")):
+    code, _, err = _cli(capsys, *args, "--to", to, "--out", out)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+  code, _, err = _cli(capsys, timm, "--layout", "timm", "--num_heads", "-2",
+                      "--out", tmp_path / "x.npz")
+  assert code == 2 and "--num_heads: expected a positive int, got -2" in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == [timm.name]
+
+
 class _Hostile:
   def __init__(self, marker):
     self.marker = marker
