@@ -427,7 +427,7 @@ class Run:
     self.workdir = os.path.abspath(workdir)
     self.config = config
     self.is_main = jax.process_index() == 0
-    _prepare_workdir(self.workdir)
+    prepare_workdir(self.workdir)
     self._check_config()
     tcfg = config.train
     self.log_every = int(tcfg.log_every_steps)
@@ -638,15 +638,16 @@ class Run:
     self.checkpointer.close()
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str, field: str = "--workdir") -> None:
   """A workdir is a filesystem path: checkpoints, metrics and results are written with the
   os module, so a URL (`gs://...`) would become a local folder named after it."""
   if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(workdir)):
-    raise ConfigError(f"--workdir {workdir}: a URL; expected a filesystem path (mount a bucket "
+    raise ConfigError(f"{field} {workdir}: a URL; expected a filesystem path (mount a bucket "
                       f"with Cloud Storage FUSE and give the mounted path)")
 
 
-def _prepare_workdir(workdir: str) -> None:
+def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
+  """Creates `workdir` and checks that this process can write into it."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
@@ -654,7 +655,7 @@ def _prepare_workdir(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror or e})") from None
+    raise ConfigError(f"{field} {workdir}: not a writable folder ({e.strerror or e})") from None
 
 
 # Config sections that may change between a run and its resumption (and differ between

@@ -94,6 +94,8 @@ def test_replay_buffer_is_class_balanced_and_seeded():
     ("--config.unlearn.forget_every=0", "unlearn.forget_every"),
     ("--config.clu.params=bogus", "clu.params"),
     ("--config.clu.params=lora", "lora.targets"),  # the ResNet has no FFN kernel
+    ("--config.clu.random_seed=-1", "clu.random_seed"),
+    ("--config.data.old.seed=-1", "data.old.seed"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
                                                             override, field):
@@ -104,6 +106,20 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, mo
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and field in err, err
   assert not workdir.exists()
+
+
+def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys, monkeypatch):
+  """The oracle trains after the learning stages; its folder is checked before them, and the
+  failed run records no config, so the same workdir takes a corrected path."""
+  (tmp_path / "a_file").write_text("")
+  workdir = tmp_path / "run"
+  argv = ["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}",
+          f"--config.oracle.workdir={tmp_path / 'a_file' / 'oracle'}"]
+  monkeypatch.setattr("sys.argv", argv)
+  code = cli.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith("error: oracle.workdir ") and "not a writable folder" in err
+  assert not (workdir / "config.json").exists() and not os.listdir(workdir / "checkpoints")
 
 
 @pytest.mark.parametrize("method", ["sfr_on", "clu_rl"])

@@ -352,6 +352,8 @@ def load_source(cfg: Any, split: str, *, field: str = "data") -> Any:
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   kind = cfg["kind"] if "kind" in cfg else None
+  if kind in ("digits", "synthetic") and int(_field(cfg, "seed", field, 0)) < 0:
+    raise ConfigError(f"{field}.seed: expected an int >= 0, got {cfg['seed']}")
   if kind == "digits":
     return digits_source(split, seed=int(_field(cfg, "seed", field, 0)),
                          test_fraction=float(_field(cfg, "test_fraction", field, 0.3)),

@@ -435,6 +435,7 @@ def _validate(config) -> None:
   _positive(c.learn_alpha, "clu.learn_alpha", strict=False)
   _positive(c.learn_lambda, "clu.learn_lambda", strict=False)
   _positive(c.fused_iterations, "clu.fused_iterations", int, strict=False)
+  _positive(c.random_seed, "clu.random_seed", int, strict=False)
   if c.variant == "A" and c.slow_batches == "mixed" and float(c.learn_lambda):
     raise ConfigError("clu.learn_lambda: needs separate D_L batches (clu.slow_batches="
                       "substeps or clu.variant=B)")
@@ -1196,6 +1197,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   oracle_results = None
   if oracle_dir and os.path.exists(os.path.join(oracle_dir, "results.json")):
     oracle_results = _oracle(config, oracle_dir)  # another run's: checked before training
+  elif oracle_dir:  # trained later, after stages that a bad path would then waste
+    train.check_workdir(oracle_dir, "oracle.workdir")
+    train.prepare_workdir(oracle_dir, "oracle.workdir")
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
 
   def schedule_log(plan: StagePlan, stage: train.Stage):
