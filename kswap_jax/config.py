@@ -175,11 +175,15 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[s
 
 
 def main(argv=None) -> int:
-  """`python -m kswap_jax.config [METHOD ...]`: every config field of a method and its
-  default (all methods when none is named)."""
+  """Prints every config field of each METHOD and its default (all methods when none is
+  named)."""
   import sys  # pylint: disable=import-outside-toplevel
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   names = list(sys.argv[1:] if argv is None else argv) or sorted(methods.METHODS)
+  if any(n in ("-h", "--help", "-help") for n in names):
+    print(f"usage: python -m kswap_jax.config [METHOD ...]\n\n{' '.join(main.__doc__.split())}"
+          f"\n\nmethods: {', '.join(sorted(methods.METHODS))}")
+    return 0
   try:
     for name in names:
       config = methods.default_config(name)

@@ -469,7 +469,7 @@ class Run:
     state, meta = restored
     self.meta = {"evals": {}, **meta}
     step = int(state.step)
-    log.info("resumed from %s at step %d (stage %d, %d steps into it)",
+    log.info("resumed from %s at step %d (%d stage(s) finished, %d steps into the next)",
              self.checkpointer.directory, step, self.meta["stage_index"],
              self.meta["stage_step"])
     self._truncate_metrics(step)

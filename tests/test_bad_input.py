@@ -335,3 +335,13 @@ def test_help_prints_usage_and_exits_0(module, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage:" if module == "cli" else "One command") and "--workdir" in out
     assert "--config.FIELD=VALUE" in out and ("--methods" in out) == (module == "compare")
+
+
+def test_config_listing_help_and_unknown_method(capsys):
+  """`python -m kswap_jax.config --help` is usage (it was read as a method name)."""
+  from kswap_jax import config  # pylint: disable=import-outside-toplevel
+  assert config.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: python -m kswap_jax.config [METHOD ...]") and "ug_clu" in out
+  assert config.main(["bogus"]) == 2
+  assert capsys.readouterr().err.startswith("error: method: unknown method 'bogus'")
