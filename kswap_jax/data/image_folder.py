@@ -214,6 +214,13 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
     names[label] = folder
 
   version_dir = pathlib.Path(data_dir).expanduser() / name / VERSION
+  try:
+    os.makedirs(version_dir.parent.parent, exist_ok=True)
+    if not os.access(version_dir.parent.parent, os.W_OK):
+      raise PermissionError(13, "Permission denied")
+  except OSError as e:
+    raise ConfigError(f"--data_dir {data_dir}: not a writable folder "
+                      f"({e.strerror or e})") from None
   if version_dir.exists():
     if not overwrite:
       raise ConfigError(f"--name: {str(version_dir)!r} already exists (pass --overwrite to "

@@ -115,6 +115,9 @@ def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
     image_folder.build([empty], "toy_empty", out)
   with pytest.raises(ConfigError, match="already exists"):
     image_folder.build([root], "toy_cli", out)
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ConfigError, match=r"^--data_dir .*a_file/tfds: not a writable folder"):
+    image_folder.build([root], "toy_x", str(tmp_path / "a_file" / "tfds"))
   with pytest.raises(ConfigError, match="already a tfds catalog dataset"):
     image_folder.build([root], "mnist", out)
   with pytest.raises(ConfigError, match="^--label_rule: class folder 'ant'"):
