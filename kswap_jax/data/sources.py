@@ -266,6 +266,12 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       raise not_found from None
+    except Exception as e:  # noqa: BLE001 - a folder tfds cannot open is the user's data
+      reason = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+      raise ConfigError(
+          f"{field}.name: tfds dataset {name!r} in {shown_dir!r} cannot be opened ({reason}); "
+          f"an interrupted tfds build leaves such a folder: delete "
+          f"{os.path.join(shown_dir, base_name)} and build it again") from None
     try:
       self._data = builder.as_data_source(split=split)
     except (NotImplementedError, ValueError, FileNotFoundError) as e:

@@ -108,3 +108,14 @@ def test_tfds_source_missing_dataset(tmp_path, name):
       f"once with: pip install -e '.[tf]' && tfds build {name} --data_dir {tmp_path} "
       "--file_format array_record; a dataset tfds does not ship, e.g. ImageNet-100 or "
       "CASIA-100, from a folder of images: python -m kswap_jax.data.image_folder --help)")
+
+
+def test_tfds_source_half_built_dataset(tmp_path):
+  """A version folder whose dataset_info.json is empty (an interrupted `tfds build`)."""
+  (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+  (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+  cfg = dict(kind="tfds", name="cifar10", data_dir=str(tmp_path), train_split="train")
+  with pytest.raises(ConfigError, match=(
+      rf"^data\.old\.name: tfds dataset 'cifar10' in '{tmp_path}' cannot be opened \(.*\); an "
+      rf"interrupted tfds build leaves such a folder: delete {tmp_path}/cifar10 and build")):
+    sources.load_source(cfg, "train", field="data.old")
