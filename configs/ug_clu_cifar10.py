@@ -20,7 +20,7 @@ numbers are quoted.
     python run.py --config=configs/ug_clu_cifar10.py:request=class,data_dir=DIR
     python run.py --config=configs/ug_clu_cifar10.py:request=random,fused,buffer=2000,data_dir=DIR
     python run.py --config=configs/ug_clu_cifar10.py:request=task,method=sfr_on,data_dir=DIR
-    python run.py --config=configs/ug_clu_cifar10.py:request=class,runlocal   # synthetic, minutes
+    python run.py --config=configs/ug_clu_cifar10.py:request=class,runlocal   # synthetic, ~35 s
 """
 
 import ml_collections

@@ -19,7 +19,7 @@ first):
         --data_dir DIR
     python run.py --config=configs/ug_clu_tinyimagenet.py:request=class,data_dir=DIR \
         --config.init.checkpoint=/ckpt/ViT-B_16.npz
-    python run.py --config=configs/ug_clu_tinyimagenet.py:runlocal   # synthetic, minutes
+    python run.py --config=configs/ug_clu_tinyimagenet.py:runlocal   # synthetic, ~50 s
     python run.py --config=configs/ug_clu_tinyimagenet.py:request=class,params=lora,...
         # LoRA on the FFN kernels + the head instead of full weights (docs/ug_clu.md "LoRA")
 """

@@ -360,6 +360,10 @@ class Stage:
     on_start: (state, frozen, fresh) -> (state, frozen), called when the stage starts or
       resumes (`fresh` is False when resuming mid-stage), e.g. to reset an optimizer,
       merge LoRA into the base or compute a saliency mask.
+    log_first: log iterations 0, n, 2n, ... (n = `train.log_every_steps`) instead of
+      n-1, 2n-1, ...: a plan whose rarer sub-step falls on iteration 0 mod N (UG-CLU's FAST)
+      then has it in every logged row when n is a multiple of N. The last iteration is
+      always logged.
   """
   name: str
   step_fn: Callable | None
@@ -370,6 +374,7 @@ class Stage:
   iterations: int = 0
   plan: Callable[[int], Sequence[SubStep]] | None = None
   on_start: Callable[[TrainState, Tree, bool], tuple[TrainState, Tree]] | None = None
+  log_first: bool = False
 
   @property
   def steps_per_epoch(self) -> int:
@@ -566,7 +571,7 @@ class Run:
       done_since += 1
       self.meta.update(stage_index=index, stage_step=s + 1, streams=dict(positions))
       last = s + 1 == total
-      log_now = (s + 1) % self.log_every == 0 or last
+      log_now = (s + (0 if stage.log_first else 1)) % self.log_every == 0 or last
       save_now = not last and self.checkpointer.should_save(step)
       if log_now or save_now:
         self._check_finite(unchecked, stage.name, spe)
@@ -578,13 +583,14 @@ class Run:
         if extra_log is not None:
           record.update(extra_log(state))
         self.log_metrics(record)
-        loss = flat.get("loss", next(
-            (v for k, v in flat.items() if k.endswith("/loss")), float("nan")))
+        # One loss, or each labelled sub-step's ("fast/loss 1.2 slow/loss 0.3").
+        losses = " ".join(f"{k} {v:.4f}" for k, v in flat.items() if k.endswith("/loss"))
+        losses = f"loss {flat['loss']:.4f}" if "loss" in flat else losses or "loss nan"
         # The injected learning rate, or the schedule's next η that a method logs itself
         # (fast-slow stages); nothing when neither is known.
         lr = hparams.get("learning_rate", record.get("eta_next"))
-        log.info("[%s] epoch %d/%d iteration %d/%d loss %.4f%s (%.1f it/s)", stage.name,
-                 epoch + 1, epochs, s + 1, total, loss,
+        log.info("[%s] epoch %d/%d iteration %d/%d %s%s (%.1f it/s)", stage.name,
+                 epoch + 1, epochs, s + 1, total, losses,
                  "" if lr is None else f" lr {float(lr):.3g}",
                  done_since / max(1e-9, time.time() - t0))
         t0, done_since = time.time(), 0

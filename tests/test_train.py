@@ -152,6 +152,30 @@ def test_plan_runs_fast_every_n_iterations_and_resumes_each_stream(tmp_path):
   assert "fast/loss" in lines[0] and "fast/loss" not in lines[1] and "slow/loss" in lines[1]
 
 
+@pytest.mark.parametrize("log_first, logged", [(False, [2, 5, 6]), (True, [0, 3, 6])])
+def test_log_first_puts_the_fast_step_in_every_logged_row(tmp_path, log_first, logged):
+  """Logging every 3rd iteration with FAST on iterations 0 mod 3: iterations 2, 5 hold no
+  FAST step; with `log_first` (UG-CLU's unlearning stages) iterations 0, 3 do."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = optax.sgd(1.0)
+  step = train.make_train_step(
+      lambda params, frozen, batch, rng: (jnp.sum(params * jnp.mean(
+          next(iter(batch.values()))["x"])), {}), tx, mesh)
+  run = _toy_run(tmp_path, log_every_steps=3)
+  stage = train.Stage(
+      name="clu", step_fn=None, streams={"forget": _Counter(), "remain": _Counter()},
+      iterations=7, log_first=log_first,
+      plan=lambda t: ([("fast", step, ("forget",))] if t % 3 == 0 else [])
+      + [("slow", step, ("remain",))])
+  run.run_stage(0, stage, train.replicate(train.create_state(jnp.zeros(()), tx, 0), mesh),
+                {}, mesh)
+  run.close()
+  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  # Steps: iteration t ends at step t + 1 + (FAST steps in 0..t).
+  assert [x["step"] for x in lines] == [t + 1 + t // 3 + 1 for t in logged]
+  assert ["fast/loss" in x for x in lines] == [t % 3 == 0 for t in logged]
+
+
 def _toy_run(tmp_path, **train_cfg):
   config = ml_collections.ConfigDict(dict(
       train=dict(dict(log_every_steps=1, checkpoint_every_steps=0, max_checkpoints_to_keep=2),

@@ -928,8 +928,10 @@ def _fast_slow_unlearner(method: str) -> Unlearner:
           mask = stage_mask(tools, state, frozen, plan, buffer)
         new = fast_slow.set_mask(new, mask)
       return state._replace(opt_state={**state.opt_state, "unlearn": new}), frozen
+    # Logged rows hold the FAST step too (it falls on iterations 0 mod N_f).
     return train.Stage(name=plan.name, step_fn=None, streams=streams_, iterations=total,
-                       plan=plan_fn, hparams_fn=hparams_fn, on_start=on_start)
+                       plan=plan_fn, hparams_fn=hparams_fn, on_start=on_start,
+                       log_first=method != "clu_joint")
 
   def stage_mask(tools: StageTools, state, frozen, plan: StagePlan, buffer):
     """The saliency mask of the trainable tree at the stage's starting weights (eval-mode
