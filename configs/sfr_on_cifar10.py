@@ -28,7 +28,8 @@ this run trains.
 import ml_collections
 
 from kswap_jax import methods, models
-from kswap_jax.config import parse_arg, require_method
+from kswap_jax.config import given_keys, parse_arg, require_method
+from kswap_jax.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -38,6 +39,10 @@ def get_config(arg=None):
   a = parse_arg(arg, method="sfr_on", data_dir="", pretrained="", forget_perc=0.1,
                 runlocal=False)
   require_method(a.method, methods.FAMILIES["unlearning"])
+  ignored = sorted({"data_dir", "pretrained"} & given_keys(arg)) if a.runlocal else []
+  if ignored:
+    raise ConfigError(f"--config arg: {ignored[0]} with runlocal, which trains a tiny "
+                      f"model from scratch on synthetic data and would ignore it")
   c = methods.default_config(a.method)
   c.method = a.method
   c.seed = 0

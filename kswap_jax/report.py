@@ -139,6 +139,11 @@ def main(argv=None) -> int:
   parser.add_argument("workdir")
   args = parser.parse_args(argv)
   path = os.path.join(args.workdir, "results.json")
+  board = os.path.join(args.workdir, "leaderboard.md")
+  if not os.path.exists(path) and os.path.exists(board):
+    print(f"error: {args.workdir}: a `python -m kswap_jax.compare` workdir; its table is "
+          f"{board}, each run's is in <method>/seed_<s>/", file=sys.stderr)
+    return 2
   try:
     with open(path) as f:
       results = json.load(f)

@@ -104,6 +104,8 @@ _CASES = {
     "arg_the_setting_ignores": (
         ["--config=configs/gs_lora_casia100.py:setting=continual,forget=50"],
         ["forget", "setting=continual"], False),
+    "arg_runlocal_ignores": (["--config=configs/sfr_on_cifar10.py:runlocal,pretrained=/x.npz"],
+                             ["pretrained", "runlocal"], False),
     "workdir_url": (["--workdir=gs://bucket/run"], ["--workdir", "gs://bucket/run"], False),
     # File inputs are checked before the workdir or a pretraining run (which the demo would
     # start first: it has no pretrained model yet).

@@ -111,3 +111,14 @@ def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch
     methods.run(other, str(tmp_path / "other"))
   assert not (tmp_path / "other" / "checkpoints").exists() or \
       not os.listdir(tmp_path / "other" / "checkpoints")
+
+
+def test_report_on_a_compare_workdir_points_at_the_leaderboard(tmp_path, capsys):
+  from kswap_jax import report  # pylint: disable=import-outside-toplevel
+  assert report.main([str(tmp_path)]) == 2
+  assert "not a finished run's results envelope" in capsys.readouterr().err
+  (tmp_path / "leaderboard.md").write_text("| method |\n")
+  assert report.main([str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path}: a `python -m kswap_jax.compare` workdir") and (
+      str(tmp_path / "leaderboard.md") in err)
