@@ -11,10 +11,13 @@ renames it when complete, so a run killed mid-save restarts from the previous on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 import zipfile
 from typing import Any
 
@@ -76,11 +79,12 @@ class Checkpointer:
     `meta` must not be mutated afterwards (orbax serialises it in the background): pass
     a snapshot.
     """
-    if step in self.manager.all_steps():
-      self.manager.wait_until_finished()
-      self.manager.delete(step)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    with _interrupts_deferred():
+      if step in self.manager.all_steps():
+        self.manager.wait_until_finished()
+        self.manager.delete(step)
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
     """(state, meta) from the newest complete checkpoint, or None when there is none.
@@ -113,10 +117,34 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with _interrupts_deferred():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+  """Ctrl-C inside the block is raised when it ends (a second one at once): an orbax save
+  or wait cut short in the main thread leaves its background commit failing."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  caught = []
+
+  def handler(signum, frame):
+    caught.append(signum)
+    if len(caught) > 1:
+      raise KeyboardInterrupt
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if caught:
+    raise KeyboardInterrupt
 
 
 def _path_name(path) -> str:

@@ -160,7 +160,8 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
 def guarded(command) -> int:
   """Runs `command()` as a command-line program: our progress at INFO, libraries from
   WARNING (jax reports the TPU backend it did not find at INFO, normal on CPU and GPU
-  machines); bad input -> one `error:` line and exit 2, a non-finite loss -> exit 1."""
+  machines); bad input -> one `error:` line and exit 2, a non-finite loss -> exit 1,
+  Ctrl-C -> pending checkpoint saves finish, one line, exit 130."""
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   logging.getLogger("kswap_jax").setLevel(logging.INFO)
@@ -172,13 +173,32 @@ def guarded(command) -> int:
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    train.finish_pending_saves()
+    print("interrupted: every finished checkpoint is kept; rerun the same command to resume "
+          "from the last one", file=sys.stderr)
+    return INTERRUPTED
   return 0
 
 
-def console_main() -> int:
+INTERRUPTED = 130
+
+
+def exit_program(code: int) -> None:
+  """Ends a command-line program with `code`. After Ctrl-C (`INTERRUPTED`, pending saves
+  already finished) the interpreter's teardown is skipped: an XLA compilation cut short
+  makes it crash with SIGSEGV."""
+  if code == INTERRUPTED:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+def console_main() -> None:
   """The `kswap-run` command: `main` after `hostmem.reexec_with_tunables`."""
   hostmem.reexec_with_tunables()
-  return main()
+  exit_program(main())
 
 
 def main(argv=None) -> int:

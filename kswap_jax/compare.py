@@ -210,4 +210,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   hostmem.reexec_with_tunables()
-  sys.exit(main())
+  from kswap_jax.cli import exit_program  # pylint: disable=ungrouped-imports
+  exit_program(main())

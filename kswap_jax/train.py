@@ -16,6 +16,7 @@ import math
 import os
 import re
 import time
+import weakref
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -30,6 +31,10 @@ from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger("kswap_jax")
+
+# Runs whose checkpointer is open, so an interrupted program can let their pending saves
+# finish (`finish_pending_saves`) before it exits.
+_OPEN_RUNS: "weakref.WeakSet[Run]" = weakref.WeakSet()
 
 Tree = Any
 # loss_fn(trainable, frozen, batch, rng) -> (scalar loss, {name: scalar}). Optional extras:
@@ -440,6 +445,7 @@ class Run:
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), max_to_keep=int(tcfg.max_checkpoints_to_keep),
         every_steps=int(tcfg.checkpoint_every_steps))
+    _OPEN_RUNS.add(self)
     self.meta: dict = {"stage_index": 0, "stage_step": 0, "streams": {}, "results": {},
                        "evals": {}}
     results = os.path.join(self.workdir, "results.json")
@@ -642,6 +648,14 @@ class Run:
   def close(self) -> None:
     self.checkpointer.wait()
     self.checkpointer.close()
+    _OPEN_RUNS.discard(self)
+
+
+def finish_pending_saves() -> None:
+  """Waits for the checkpoint saves still being written by open runs (after an interrupt:
+  a save that was under way completes; a later one never started)."""
+  for run in list(_OPEN_RUNS):
+    run.checkpointer.wait()
 
 
 def check_workdir(workdir: str, field: str = "--workdir") -> None:

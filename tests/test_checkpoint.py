@@ -140,3 +140,25 @@ def test_initial_lora_from_a_converted_file_or_a_config_error(tiny, tmp_path):
   config.init.lora_checkpoint = str(tmp_path / "missing.npz")
   with pytest.raises(ConfigError, match="init.lora_checkpoint"):
     common.initial_lora(config, base, spec, jax.random.key(1))
+
+
+def test_ctrl_c_inside_a_save_is_raised_after_it():
+  """An interrupt while orbax saves or waits is held until the save call returns (cut short,
+  orbax's background commit fails with a traceback); a second one is raised at once."""
+  import os, signal  # pylint: disable=import-outside-toplevel,multiple-imports
+  reached = []
+  with pytest.raises(KeyboardInterrupt):
+    with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # the Python handler runs between bytecodes
+        pass
+      reached.append(True)
+  assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  with pytest.raises(KeyboardInterrupt):
+    with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):
+        pass
+      reached.append(False)
+  assert reached == [True]

@@ -128,3 +128,26 @@ def test_scanned_encoder_run_matches_the_unrolled_one(lbf_run, tmp_path):
     with np.load(scan_dir / name) as got_npz, np.load(os.path.join(workdir, name)) as ref_npz:
       assert {k: got_npz[k].shape for k in got_npz.files} == \
           {k: ref_npz[k].shape for k in ref_npz.files}, name
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
+  """SIGINT to `python run.py` (as Ctrl-C sends it to the process group) while it trains:
+  exit 130, one line saying how to resume, no traceback and no crash at exit."""
+  import signal, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  proc = subprocess.Popen(
+      [sys.executable, "run.py", "--config=configs/demo.py:runlocal",
+       f"--workdir={tmp_path / 'run'}", "--config.train.log_every_steps=1"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), start_new_session=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if "[pretrain] epoch 1/2 iteration 3/" in line:  # training, a few steps in
+      os.killpg(proc.pid, signal.SIGINT)
+      break
+  out = "".join(seen) + proc.stdout.read()
+  assert proc.wait(timeout=120) == 130, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  assert out.rstrip().splitlines()[-1].startswith("interrupted: every finished checkpoint is "
+                                                  "kept; rerun the same command"), out[-3000:]
