@@ -128,8 +128,11 @@ class Checkpointer:
 def _interrupts_deferred():
   """Ctrl-C inside the block is raised when it ends (a second one at once): an orbax save
   or wait cut short in the main thread leaves its background commit failing."""
+  # Several processes keep the default: one holding an interrupt inside a save could wait at
+  # orbax's barrier for another that has already stopped.
   if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+      or jax.process_count() > 1):
     yield
     return
   caught = []

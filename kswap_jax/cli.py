@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -48,7 +49,7 @@ _FLAGS_HELP = """\
   --workdir=DIR         where checkpoints, metrics.jsonl and results.json go
                         (default ./workdir/<config name>[_<arg>]). Rerunning the same
                         command in it resumes from its newest checkpoint.
-  --config.FIELD=VALUE  overrides one field, e.g. --config.train.batch_size=32.
+  --config.FIELD=VALUE  overrides one field, e.g. --config.ks.beta=0.3.
                         List a method's fields and defaults: python -m kswap_jax.config METHOD
 
 Bad input exits with code 2 and one `error:` line on stderr.
@@ -174,7 +175,10 @@ def guarded(command) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
-    train.finish_pending_saves()
+    try:
+      train.finish_pending_saves()
+    except KeyboardInterrupt:
+      pass  # a second Ctrl-C: stop waiting
     print("interrupted: every finished checkpoint is kept; rerun the same command to resume "
           "from the last one", file=sys.stderr)
     return INTERRUPTED
@@ -186,9 +190,10 @@ INTERRUPTED = 130
 
 def exit_program(code: int) -> None:
   """Ends a command-line program with `code`. After Ctrl-C (`INTERRUPTED`, pending saves
-  already finished) the interpreter's teardown is skipped: an XLA compilation cut short
-  makes it crash with SIGSEGV."""
-  if code == INTERRUPTED:
+  already finished) a single process skips the interpreter's teardown: an XLA compilation
+  cut short makes it crash with SIGSEGV. (Several processes keep it: it shuts the
+  distributed runtime down.)"""
+  if code == INTERRUPTED and jax.process_count() == 1:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access

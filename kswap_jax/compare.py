@@ -5,7 +5,8 @@ r"""One command to compare a method with the methods it is measured against.
 
 Runs the config's method and every other registered method of the same family
 (`methods.FAMILIES`, or `--methods=a,b`) on identical data, splits and seeds, each in its own
-sub-workdir `<workdir>/<method>/seed_<s>`. A rerun skips finished (method, seed) pairs and
+sub-workdir `<workdir>/<method>/seed_<s>`. A rerun skips finished (method, seed) pairs of
+the same config, refuses ones that finished with another (before anything trains) and
 resumes an interrupted one from its checkpoints. It then writes a leaderboard: per method,
 the family's headline metrics (mean ± std over seeds), the number of trainable parameters
 and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png`.
@@ -60,6 +61,20 @@ def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workd
   return out
 
 
+def _check_finished(workdir: str, name: str, seed: int, sub_config) -> None:
+  """ConfigError when `<workdir>/<name>/seed_<seed>` finished with another config."""
+  path = os.path.join(workdir, name, f"seed_{seed}", "results.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    diff = train.config_difference(json.load(f).get("config", {}), sub_config)
+  if diff:
+    raise ConfigError(
+        f"--workdir {workdir}: {name}/seed_{seed} finished with a different config ({diff}); "
+        f"use a new --workdir or delete {os.path.dirname(path)} (and {workdir}/pretrain when "
+        f"the change concerns pretraining, the data or the model)")
+
+
 def _summary(values: list[float]) -> dict:
   arr = np.asarray([v for v in values if isinstance(v, (int, float))], np.float64)
   if arr.size == 0:
@@ -86,10 +101,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     if repeated:
       raise ConfigError(f"{flag}: {', '.join(repeated)} given twice (each entry is one run)")
   train.check_workdir(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir {workdir}: not a writable folder ({e.strerror or e})") from None
+  train.prepare_workdir(workdir)
+  workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
+  # A finished run is reused only if it is this config's run; all are checked before anything
+  # trains (an unfinished one is checked by its own workdir record when it resumes).
+  for name in names:
+    for seed in seeds:
+      _check_finished(workdir, name, seed, _config_for(config, name, seed, workdir))
   rows = {}
   for name in names:
     per_seed = []
@@ -97,20 +115,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
       sub = os.path.join(workdir, name, f"seed_{seed}")
       results_path = os.path.join(sub, "results.json")
       timing_path = os.path.join(sub, "compare_seconds.json")
-      sub_config = _config_for(config, name, seed, workdir)
       if not os.path.exists(results_path):
         log.info("[compare] %s, seed %d -> %s", name, seed, sub)
         start = time.time()
-        methods.run(sub_config, sub)
+        methods.run(_config_for(config, name, seed, workdir), sub)
         train.write_json(timing_path, {"seconds": time.time() - start})
       with open(results_path) as f:
         results = json.load(f)
-      # A finished run is reused only if it is this config's run (an unfinished one is
-      # checked by its own workdir record when it resumes).
-      diff = train.config_difference(results["config"], sub_config)
-      if diff:
-        raise ConfigError(f"--workdir {workdir}: {name}/seed_{seed} finished with a different "
-                          f"config ({diff}); use a new --workdir or delete {sub}")
       seconds = float("nan")
       if os.path.exists(timing_path):
         with open(timing_path) as f:

@@ -508,8 +508,9 @@ class Run:
             kept.append(line)
         except json.JSONDecodeError:
           pass  # a line torn by the kill
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # replaced at once: an interrupt loses no line
       f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
   # -- logging --------------------------------------------------------------------------------
   def log_metrics(self, record: dict) -> None:

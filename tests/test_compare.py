@@ -64,8 +64,10 @@ def test_compare_refuses_a_method_of_another_family(tmp_path, monkeypatch):
   assert not os.listdir(tmp_path)
 
 
-def test_compare_refuses_finished_runs_of_another_config_and_repeated_seeds(tmp_path):
-  """A rerun with a changed field names it instead of printing the old runs' leaderboard."""
+def test_compare_refuses_finished_runs_of_another_config_and_repeated_seeds(tmp_path,
+                                                                             monkeypatch):
+  """A rerun with a changed field names it instead of printing the old runs' leaderboard,
+  before any other method trains."""
   workdir = tmp_path / "cmp"
   config = load_config("demo", "runlocal")
   sub = workdir / "lbf" / "seed_0"
@@ -76,9 +78,10 @@ def test_compare_refuses_finished_runs_of_another_config_and_repeated_seeds(tmp_
   train.write_json(str(sub / "results.json"), {"config": finished.to_dict(), "final": {}})
   compare.run(config, str(workdir), ["lbf"])   # the same config: reused, nothing runs
   config.ks.beta = 0.3
+  monkeypatch.setattr(methods, "run", lambda *a: pytest.fail("a method ran"))
   with pytest.raises(ConfigError, match=r"lbf/seed_0 finished with a different config "
                                         r"\(ks.beta: was 0.2, now 0.3\)"):
-    compare.run(config, str(workdir), ["lbf"])
+    compare.run(config, str(workdir), ["laf", "lbf"])   # laf has not run yet
   with pytest.raises(ConfigError, match=r"--seeds: 0 given twice"):
     compare.run(config, str(tmp_path / "other"), ["lbf"], [0, 0])
   with pytest.raises(ConfigError, match=r"--workdir .*results.json: not a writable folder"):

@@ -141,13 +141,17 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), start_new_session=True)
   seen = []
-  for line in proc.stdout:
-    seen.append(line)
-    if "[pretrain] epoch 1/2 iteration 3/" in line:  # training, a few steps in
-      os.killpg(proc.pid, signal.SIGINT)
-      break
-  out = "".join(seen) + proc.stdout.read()
-  assert proc.wait(timeout=120) == 130, out[-3000:]
+  try:
+    for line in proc.stdout:
+      seen.append(line)
+      if "[pretrain] epoch 1/2 iteration 3/" in line:  # training, a few steps in
+        os.killpg(proc.pid, signal.SIGINT)
+        break
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 130, out[-3000:]
   assert "Traceback" not in out, out[-3000:]
   assert out.rstrip().splitlines()[-1].startswith("interrupted: every finished checkpoint is "
                                                   "kept; rerun the same command"), out[-3000:]

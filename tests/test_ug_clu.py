@@ -108,17 +108,28 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, mo
   assert not workdir.exists()
 
 
-def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys, monkeypatch):
-  """The oracle trains after the learning stages; its folder is checked before them, and the
-  failed run records no config, so the same workdir takes a corrected path."""
-  (tmp_path / "a_file").write_text("")
+@pytest.mark.parametrize("case", ["a_file", "another_oracle"])
+def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys, monkeypatch,
+                                                                case):
+  """The oracle trains after the learning stages; its folder (a path under a file, or the
+  unfinished oracle of another config) is checked before them, and the failed run records
+  no config, so the same workdir takes a corrected path."""
+  if case == "a_file":
+    (tmp_path / "a_file").write_text("")
+    oracle_dir, message = tmp_path / "a_file" / "oracle", "not a writable folder"
+  else:
+    other = ug_clu.oracle_config(load_config("ug_clu_digits", "runlocal"))
+    other.learn.lr = 0.5
+    oracle_dir, message = tmp_path / "oracle", "holds the oracle of another stream"
+    oracle_dir.mkdir()
+    (oracle_dir / "config.json").write_text(other.to_json_best_effort())
   workdir = tmp_path / "run"
   argv = ["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}",
-          f"--config.oracle.workdir={tmp_path / 'a_file' / 'oracle'}"]
+          f"--config.oracle.workdir={oracle_dir}"]
   monkeypatch.setattr("sys.argv", argv)
   code = cli.main(argv)
   err = capsys.readouterr().err.strip()
-  assert code == 2 and err.startswith("error: oracle.workdir ") and "not a writable folder" in err
+  assert code == 2 and err.startswith("error: oracle.workdir ") and message in err, err
   assert not (workdir / "config.json").exists() and not os.listdir(workdir / "checkpoints")
 
 

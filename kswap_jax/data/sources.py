@@ -270,7 +270,7 @@ class TfdsSource:
       reason = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
       raise ConfigError(
           f"{field}.name: tfds dataset {name!r} in {shown_dir!r} cannot be opened ({reason}); "
-          f"an interrupted tfds build leaves such a folder: delete "
+          f"if a build of it was interrupted, remove that build's version folder under "
           f"{os.path.join(shown_dir, base_name)} and build it again") from None
     try:
       self._data = builder.as_data_source(split=split)

@@ -1202,6 +1202,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   elif oracle_dir:  # trained later, after stages that a bad path would then waste
     train.check_workdir(oracle_dir, "oracle.workdir")
     train.prepare_workdir(oracle_dir, "oracle.workdir")
+    _check_oracle_record(config, oracle_dir)  # an unfinished oracle of another config
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
 
   def schedule_log(plan: StagePlan, stage: train.Stage):
@@ -1261,6 +1262,22 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   return out
 
 
+def _check_oracle_record(config, oracle_dir: str, recorded: dict | None = None) -> None:
+  """ConfigError when `oracle_dir` holds (or started) the oracle of another config;
+  `recorded` defaults to its workdir record, `config.json`, when there is one."""
+  path = os.path.join(oracle_dir, "config.json")
+  if recorded is None:
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      recorded = json.load(f)
+  diff = train.config_difference(recorded, oracle_config(config))
+  if diff:
+    raise ConfigError(f"oracle.workdir {oracle_dir}: holds the oracle of another stream "
+                      f"or model ({diff}); point oracle.workdir elsewhere or leave it "
+                      f"empty")
+
+
 def _oracle(config, oracle_dir: str) -> dict:
   """The oracle's results (trained now unless `oracle_dir` holds a finished run of this
   run's oracle config; a finished run of another one is an error, not a silent reuse)."""
@@ -1270,11 +1287,7 @@ def _oracle(config, oracle_dir: str) -> dict:
     run(oracle_config(config), oracle_dir)
   with open(path) as f:
     results = json.load(f)
-  diff = train.config_difference(results.get("config", {}), oracle_config(config))
-  if diff:
-    raise ConfigError(f"oracle.workdir {oracle_dir}: holds the oracle of another stream "
-                      f"or model ({diff}); point oracle.workdir elsewhere or leave it "
-                      f"empty")
+  _check_oracle_record(config, oracle_dir, results.get("config", {}))
   results["by_name"] = {s["name"]: s for s in results["stages"]}
   return results
 

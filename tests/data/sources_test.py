@@ -116,6 +116,7 @@ def test_tfds_source_half_built_dataset(tmp_path):
   (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
   cfg = dict(kind="tfds", name="cifar10", data_dir=str(tmp_path), train_split="train")
   with pytest.raises(ConfigError, match=(
-      rf"^data\.old\.name: tfds dataset 'cifar10' in '{tmp_path}' cannot be opened \(.*\); an "
-      rf"interrupted tfds build leaves such a folder: delete {tmp_path}/cifar10 and build")):
+      rf"^data\.old\.name: tfds dataset 'cifar10' in '{tmp_path}' cannot be opened \(.*\); if "
+      rf"a build of it was interrupted, remove that build's version folder under "
+      rf"{tmp_path}/cifar10 and build it again")):
     sources.load_source(cfg, "train", field="data.old")
