@@ -158,6 +158,9 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
   return ConfigError(f"--config: {msg[-1] if msg else type(chain[-1]).__name__}")
 
 
+INTERRUPTED = 130  # the exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+
+
 def guarded(command) -> int:
   """Runs `command()` as a command-line program: our progress at INFO, libraries from
   WARNING (jax reports the TPU backend it did not find at INFO, normal on CPU and GPU
@@ -183,9 +186,6 @@ def guarded(command) -> int:
           "from the last one", file=sys.stderr)
     return INTERRUPTED
   return 0
-
-
-INTERRUPTED = 130
 
 
 def exit_program(code: int) -> None:

@@ -100,7 +100,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
       raise ConfigError(f"{flag}: {', '.join(repeated)} given twice (each entry is one run)")
-  train.check_workdir(workdir)
   train.prepare_workdir(workdir)
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
   # A finished run is reused only if it is this config's run; all are checked before anything

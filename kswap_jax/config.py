@@ -180,9 +180,10 @@ def main(argv=None) -> int:
   import sys  # pylint: disable=import-outside-toplevel
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   names = list(sys.argv[1:] if argv is None else argv) or sorted(methods.METHODS)
-  if any(n in ("-h", "--help", "-help") for n in names):
-    print(f"usage: python -m kswap_jax.config [METHOD ...]\n\n{' '.join(main.__doc__.split())}"
-          f"\n\nmethods: {', '.join(sorted(methods.METHODS))}")
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  if cli.wants_help(["config", *names], f"usage: python -m kswap_jax.config [METHOD ...]\n\n"
+                    f"{' '.join(main.__doc__.split())}\n\nmethods: "
+                    f"{', '.join(sorted(methods.METHODS))}"):
     return 0
   try:
     for name in names:

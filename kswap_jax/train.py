@@ -668,7 +668,9 @@ def check_workdir(workdir: str, field: str = "--workdir") -> None:
 
 
 def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
-  """Creates `workdir` and checks that this process can write into it."""
+  """Creates `workdir` (a filesystem path, `check_workdir`) and checks that this process can
+  write into it."""
+  check_workdir(workdir, field)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")

@@ -76,9 +76,9 @@ def test_compare_refuses_finished_runs_of_another_config_and_repeated_seeds(tmp_
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   finished = compare._config_for(config, "lbf", 0, str(workdir))
   train.write_json(str(sub / "results.json"), {"config": finished.to_dict(), "final": {}})
+  monkeypatch.setattr(methods, "run", lambda *a: pytest.fail("a method ran"))
   compare.run(config, str(workdir), ["lbf"])   # the same config: reused, nothing runs
   config.ks.beta = 0.3
-  monkeypatch.setattr(methods, "run", lambda *a: pytest.fail("a method ran"))
   with pytest.raises(ConfigError, match=r"lbf/seed_0 finished with a different config "
                                         r"\(ks.beta: was 0.2, now 0.3\)"):
     compare.run(config, str(workdir), ["laf", "lbf"])   # laf has not run yet

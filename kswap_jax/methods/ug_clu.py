@@ -1200,7 +1200,6 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   if oracle_dir and os.path.exists(os.path.join(oracle_dir, "results.json")):
     oracle_results = _oracle(config, oracle_dir)  # another run's: checked before training
   elif oracle_dir:  # trained later, after stages that a bad path would then waste
-    train.check_workdir(oracle_dir, "oracle.workdir")
     train.prepare_workdir(oracle_dir, "oracle.workdir")
     _check_oracle_record(config, oracle_dir)  # an unfinished oracle of another config
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
