@@ -136,6 +136,15 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
 
 
+# Units handed out before xdist's order (most tests first), one to each worker at the start.
+# Both hold the multi-device lock for a long time, and under xdist's order they ran where it
+# cost a worker: UG-CLU's 8-device check started while GS-LoRA's held the lock, and its
+# worker waited 50-58 s for it (3 full runs of 3), and test_devices (3 tests, ~90 s) came
+# last, so one worker ran on alone for 70-90 s. Started first, UG-CLU's check comes ~200 s
+# in, long before GS-LoRA's (~300 s), and the 2-process test before both.
+_START_FIRST = ("tests/test_conformance.py::ug_clu_digits", "tests/test_devices.py")
+
+
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadfile` (a file's tests in one worker, so module-scoped fixtures and
   `method_run` are made once), except for the conformance suite: its tests are
@@ -153,4 +162,11 @@ def pytest_xdist_make_scheduler(config, log):
       if scope.endswith("test_conformance.py") and nodeid.endswith("]"):
         return scope + "::" + nodeid[nodeid.rindex("[") + 1:-1].split("/")[0]
       return scope
+
+    def _assign_work_unit(self, node) -> None:
+      for scope in self.workqueue:  # the first unit of _START_FIRST still waiting
+        if scope.endswith(_START_FIRST):
+          self.workqueue.move_to_end(scope, last=False)
+          break
+      super()._assign_work_unit(node)
   return ConformanceByConfigFile(config, log)
