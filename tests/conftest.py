@@ -140,8 +140,8 @@ def pytest_collection_modifyitems(items):
 # Both hold the multi-device lock for a long time, and under xdist's order they ran where it
 # cost a worker: UG-CLU's 8-device check started while GS-LoRA's held the lock, and its
 # worker waited 50-58 s for it (3 full runs of 3), and test_devices (3 tests, ~90 s) came
-# last, so one worker ran on alone for 70-90 s. Started first, UG-CLU's check comes ~200 s
-# in, long before GS-LoRA's (~300 s), and the 2-process test before both.
+# last, so one worker ran on alone for 67-89 s. Started first (one full run): the 2-process
+# test at 0-134 s, UG-CLU's check at 165-253 s, GS-LoRA's at 542-718 s; no wait.
 _START_FIRST = ("tests/test_conformance.py::ug_clu_digits", "tests/test_devices.py")
 
 
