@@ -1,13 +1,14 @@
 """FAST + SLOW steps of a BatchNorm ResNet on 1 device and on a 4-device mesh; prints diffs.
 
-Run by tests/test_fast_slow.py in a subprocess (the simulated device count must be set
+Run by tests/test_devices.py in a subprocess (the simulated device count must be set
 before jax is imported). The batch has padded slots, so the masked BatchNorm statistics
 must be global over the mesh and ignore the padding on every shard.
 """
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402

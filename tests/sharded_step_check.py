@@ -1,12 +1,13 @@
 """Runs one train step and one eval on 1 device and on a 4-device mesh; prints max |diff|.
 
-Executed by tests/test_train.py in a subprocess because the simulated device count must be
+Run by tests/test_devices.py in a subprocess because the simulated device count must be
 set (XLA_FLAGS) before jax is imported.
 """
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402

@@ -38,7 +38,9 @@ def _free_port() -> int:
 def _run(workdir, processes, *flags):
   """`python run.py` as 1 or 2 cooperating processes; returns their outputs."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  # One device per process, whatever device count the caller's XLA_FLAGS simulate.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "xla_force_host_platform_device_count" not in f)
   base = [sys.executable, "run.py", *_FLAGS, f"--workdir={workdir}", *flags]
   if processes == 1:
     procs = [subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
