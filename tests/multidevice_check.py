@@ -13,9 +13,9 @@ Prints one JSON line {method: {"resumed_from": step, "seconds": s}}.
 
 import os
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import simulated_devices
+
+simulated_devices.use(8)
 
 import json  # noqa: E402
 import sys  # noqa: E402

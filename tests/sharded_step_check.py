@@ -6,9 +6,9 @@ set (XLA_FLAGS) before jax is imported.
 
 import os
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+import simulated_devices
+
+simulated_devices.use(4)
 
 import json  # noqa: E402
 import sys  # noqa: E402
