@@ -31,7 +31,7 @@ The baselines keep the reference's CIFAR-10 epochs and learning rates with batch
 (docs/unlearning_baselines.md, with the measured leaderboards: the stream compare took
 15 min 22 s wall / 11 min 14 s CPU on 2 shared cores).
 
-The demo's schedule (iterations, learning rates, forget_alpha) is ours, sized for 1,257
+The demo's schedule (iterations, learning rates, forget_alpha) is ours, sized for 1,258
 training images; the method and its other constants are SFR-on's. Measured table: see
 docs/ug_clu.md.
 """

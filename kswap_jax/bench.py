@@ -52,7 +52,7 @@ from kswap_jax.methods import common, knowledge_swap
 from kswap_jax.models import vit
 
 NUM_CLASSES = 200
-# Knowledge Swapping's loss weights and AdamW (spec defaults; see methods/knowledge_swap.py).
+# Knowledge Swapping's loss weights and AdamW (the method's defaults, methods/knowledge_swap.py).
 KS = dict(beta=0.2, bound=105.0)
 ALPHA = 0.005
 OPTIM = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, min_lr=1e-5)

@@ -62,7 +62,7 @@ def test_accuracy_of_empty_split_is_nan_not_zero():
   assert metrics.accuracy(3, 4) == 75.0
 
 
-def test_epoch_cosine_matches_spec_per_epoch_values():
+def test_epoch_cosine_matches_the_reference_per_epoch_values():
   lr = schedules.epoch_cosine(base=1e-2, minimum=1e-5, epochs=5)
   np.testing.assert_allclose([lr(e) for e in range(5)],
                              [1.0000e-2, 9.0460e-3, 6.5485e-3, 3.4615e-3, 9.640e-4], rtol=2e-4)
