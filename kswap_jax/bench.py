@@ -686,7 +686,7 @@ def _main(args, argv) -> int:
     try:
       s = setup(args)
     except NotAvailable as e:
-      print(e, file=sys.stderr)
+      print(f"error: {e}", file=sys.stderr)
       return 2
     torch_bench = None
     if args.compare_torch:
@@ -694,7 +694,7 @@ def _main(args, argv) -> int:
       try:
         torch_bench = bench_torch.TorchProcess(args, s)  # its own process, stepped in turn
       except bench_torch.TorchMissing as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
       for _ in range(args.warmup + 1):  # torch's first steps allocate and tune
         torch_bench.time_step()

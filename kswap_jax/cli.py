@@ -113,11 +113,15 @@ def load_config(argv):
   argv = _resolve_shipped(argv)
   try:
     values = _define_flags()
-    values(argv)
+    rest = values(argv)
     config = values.config
     config.method  # pylint: disable=pointless-statement  # forces the lazy file load
   except Exception as e:  # noqa: BLE001 - config files and overrides are user input
     raise _as_config_error(e, argv) from None
+  if len(rest) > 1:  # absl leaves the program name and the arguments that are not flags
+    hint = f"; did you mean --config={rest[1]}?" if rest[1].split(":")[0].endswith(".py") else ""
+    raise ConfigError(f"unexpected argument {rest[1]!r}: every argument is a flag "
+                      f"(--config=FILE[:ARG], --workdir=DIR, --config.FIELD=VALUE){hint}")
   return config, values.workdir or default_workdir(_config_spec(argv))
 
 
@@ -143,19 +147,70 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
     bad_field = next((a[2:].split("=", 1)[0] for a in argv[1:]
                       if a.startswith("--config.") and ("." + key + ".") in
                       (a.split("=", 1)[0] + ".")), None) if key else None
+  if bad_field and not bad_field.startswith("config"):
+    said = str(error)
+    hint = (f"; did you mean --{said.split('Did you mean:', 1)[1].strip(' ?')}?"
+            if "Did you mean:" in said else "")
+    return ConfigError(f"--{bad_field}: unknown flag (expected --config=FILE[:ARG], "
+                       f"--workdir=DIR or --config.FIELD=VALUE){hint}")
   if bad_field and bad_field.startswith("config."):
     value = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{bad_field}=")), None)
+    what, fields = _missing_in_file(argv, bad_field.split(".")[1:])
+    if what:
+      return ConfigError(f"--{bad_field}: {what}{hint} (its fields: {fields})")
     return ConfigError(f"--{bad_field}: unknown config field or a value of the wrong type "
                        f"({value!r}){hint}; list the fields and defaults with: "
                        f"python -m kswap_jax.config METHOD")
   for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
       return ConfigError(f"--{flag}: cannot use {value!r} ({str(chain[-1]).splitlines()[0]})")
+  path = _config_spec(argv).split(":")[0]
   if any(isinstance(x, OSError) for x in chain):
-    return ConfigError(f"--config: cannot load config file {_config_spec(argv).split(':')[0]!r} "
+    return ConfigError(f"--config: cannot load config file {path!r} "
                        f"(expected a Python file with get_config(arg=None))")
+  if any(isinstance(x, AttributeError) and "get_config" in str(x) for x in chain):
+    return ConfigError(f"--config: {path} has no get_config(arg=None) function")
   msg = str(chain[-1]).strip().splitlines()
-  return ConfigError(f"--config: {msg[-1] if msg else type(chain[-1]).__name__}")
+  text = msg[-1] if msg else type(chain[-1]).__name__
+  line = _line_in(path, chain)
+  if line:  # an error raised by the config file's own code
+    return ConfigError(f"--config: {path}, line {line}: {type(chain[-1]).__name__}: {text}")
+  return ConfigError(f"--config: {text}")
+
+
+def _missing_in_file(argv, field: list[str]) -> tuple[str, str]:
+  """Why `field` (a path of keys) is not in the config the file builds, when a section on
+  its path lacks the next key: ("this config's data.old has no field 'name'", "kind, seed,
+  ..."). ("", "") when the file's config cannot be built or the field is there."""
+  try:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    file, _, arg = _config_spec(argv).partition(":")
+    spec = importlib.util.spec_from_file_location("_kswap_config_file", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    node, path = module.get_config(arg or None), []
+    for key in field:
+      if not hasattr(node, "keys"):
+        break
+      if key not in node:
+        where = f"this config's {'.'.join(path)}" if path else "this config"
+        return f"{where} has no field {key!r}", ", ".join(sorted(node.keys()))
+      node, path = node[key], path + [key]
+  except Exception:  # noqa: BLE001 - only a better message; the caller has a plain one
+    pass
+  return "", ""
+
+
+def _line_in(path: str, chain: list[BaseException]) -> int | None:
+  """The line of the config file `path` in the innermost traceback that passes through it."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  target = os.path.realpath(path)
+  for e in reversed(chain):
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.realpath(f.filename) == target]
+    if frames:
+      return frames[-1].lineno
+  return None
 
 
 INTERRUPTED = 130  # the exit status after Ctrl-C (128 + SIGINT, as a shell reports it)

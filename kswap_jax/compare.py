@@ -88,8 +88,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   """Runs every method of the comparison and returns the leaderboard dict."""
   family = _family(str(config.method))
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
+  methods.check_sections(config)  # the config file must set up its own method
   for name in names:
-    methods.get(name)  # unknown names fail before anything runs
+    if name not in methods.METHODS:  # unknown names fail before anything runs
+      raise ConfigError(f"--methods: unknown method {name!r} (this config's family: "
+                        f"{', '.join(methods.FAMILIES[family])})")
     if name not in methods.FAMILIES[family]:
       # Another family's method needs sections, data and metrics this config does not set up.
       raise ConfigError(
@@ -115,23 +118,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
       results_path = os.path.join(sub, "results.json")
       timing_path = os.path.join(sub, "compare_seconds.json")
       if not os.path.exists(results_path):
-        log.info("[compare] %s, seed %d -> %s", name, seed, sub)
+        ckpts = os.path.join(sub, "checkpoints")
+        resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+        log.info("[compare] %s, seed %d -> %s%s", name, seed, sub,
+                 " (resuming an earlier attempt)" if resumed else "")
         start = time.time()
         methods.run(_config_for(config, name, seed, workdir), sub)
-        train.write_json(timing_path, {"seconds": time.time() - start})
+        # A resumed run's seconds are this attempt's only: the killed ones left no time.
+        train.write_json(timing_path, {"seconds": time.time() - start, "resumed": resumed})
+      else:
+        log.info("[compare] %s, seed %d: finished earlier, results read from %s", name, seed,
+                 results_path)
       with open(results_path) as f:
         results = json.load(f)
-      seconds = float("nan")
+      timing = {"seconds": float("nan")}
       if os.path.exists(timing_path):
         with open(timing_path) as f:
-          seconds = json.load(f)["seconds"]
-      per_seed.append((results, seconds))
+          timing = json.load(f)
+      per_seed.append((results, timing))
     headline = methods.HEADLINES[family]
     rows[name] = {
         **{k: _summary([r["final"].get(k, float("nan")) for r, _ in per_seed])
            for k in headline},
         "num_trainable": per_seed[0][0].get("num_trainable"),
-        "seconds": _summary([s for _, s in per_seed]),
+        "seconds": _summary([t["seconds"] for _, t in per_seed]),
+        "seconds_resumed": any(t.get("resumed") for _, t in per_seed),
     }
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows}
@@ -159,9 +170,13 @@ def markdown(board: dict) -> str:
   for name, row in board["methods"].items():
     cells = [_cell(row[k]) for k in head]
     trainable = f"{row['num_trainable']:,}" if row.get("num_trainable") else "–"
-    lines.append(f"| {name} | {' | '.join(cells)} | {trainable} | {_cell(row['seconds'])} |")
+    mark = "*" if row.get("seconds_resumed") else ""
+    lines.append(f"| {name} | {' | '.join(cells)} | {trainable} | "
+                 f"{_cell(row['seconds'])}{mark} |")
   seeds = ", ".join(map(str, board["seeds"]))
-  return "\n".join(lines) + f"\n\n{board['family']}, seeds {seeds}."
+  note = ("\n*: resumed after an interruption; seconds of the last attempt only."
+          if any(r.get("seconds_resumed") for r in board["methods"].values()) else "")
+  return "\n".join(lines) + f"\n\n{board['family']}, seeds {seeds}.{note}"
 
 
 def plot(board: dict, path: str) -> None:

@@ -96,6 +96,10 @@ _CASES = {
     "misspelled_field": (["--config.ks.betta=0.3"],
                          ["--config.ks.betta", 'did you mean "beta"'], False),
     "misspelled_section": (["--config.kss.beta=0.3"], ["--config.kss.beta", '"ks"'], False),
+    # A field of the method's defaults that this file's section does not have.
+    "field_the_file_does_not_set": (
+        ["--config.data.old.name=pets"],
+        ["data.old has no field 'name'", "its fields: kind, seed, test_fraction"], False),
     "bad_bool_config_arg": (["--config=configs/demo.py:runlocal=maybe"],
                             ["runlocal", "maybe", "bool"], False),
     "method_of_another_family": (["--config=configs/ug_clu_digits.py:method=lbf"],
@@ -118,6 +122,16 @@ _CASES = {
     "missing_npz_checkpoint": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/missing.npz"],
         ["init.checkpoint", "{tmp}/missing.npz"], False),
+    # A config set up for one method, run as another (it used to end in a traceback).
+    "method_override_of_another_family": (
+        ["--config.method=gs_lora"], ["method", "'gs_lora'", "configs/gs_lora_digits.py"], False),
+    "negative_seed": (["--config.seed=-1"], ["seed", "-1"], False),
+    "argument_that_is_not_a_flag": (["configs/gs_lora_digits.py"],
+                                    ["unexpected argument", "--config=configs/gs_lora_digits.py"],
+                                    False),
+    "misspelled_flag": (["--workdr={tmp}/x"], ["--workdr", "did you mean --workdir"], False),
+    "config_file_raises": (["--config={tmp}/raising_config.py"],
+                           ["raising_config.py, line 3", "ZeroDivisionError"], False),
     "npz_checkpoint_wrong_shape": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/wrong_shape.npz"],
         ["init.checkpoint", _MLP_KERNEL], True),
@@ -171,6 +185,10 @@ def _write_tfds_config(tmp):
       "  c.data.old = dict(kind='tfds', name='kswap_no_such_dataset',\n"
       f"                    data_dir={str(tmp / 'tfds_data')!r})\n"
       "  return c\n")
+
+
+def _write_raising_config(tmp):
+  (tmp / "raising_config.py").write_text("def get_config(arg=None):\n  n = 0\n  return 1 / n\n")
 
 
 def _write_wrong_shape_npz(tmp, params_npz):
@@ -241,6 +259,7 @@ def runs(tmp_path_factory):
   """{case: (workdir, [CompletedProcess, ...])}; "control" is the valid run."""
   tmp = tmp_path_factory.mktemp("runs")
   _write_tfds_config(tmp)
+  _write_raising_config(tmp)
   control_dir = tmp / "control"
   params_npz = control_dir / "pretrain" / "params.npz"
   out = {}
@@ -319,6 +338,20 @@ def test_bad_input_files_fail_before_the_workdir_is_touched(runs):
   # A URL workdir used to become a folder named after it, relative to the working directory.
   _get(runs, "workdir_url")
   assert not (_REPO / "gs:").exists()
+
+
+def test_a_run_refused_after_it_started_leaves_no_empty_folders(runs):
+  """The wrong-shape checkpoint is found once the run has made its checkpoint folder."""
+  workdir, _ = _get(runs, "npz_checkpoint_wrong_shape")
+  assert sorted(os.listdir(workdir)) == ["pretrain"]  # what the case put there
+
+
+def test_workdir_that_is_a_file_is_named(tmp_path):
+  from kswap_jax import train  # pylint: disable=import-outside-toplevel
+  from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(ConfigError, match=r"^--workdir .*afile: a file; expected a folder"):
+    train.prepare_workdir(str(tmp_path / "afile"))
 
 
 def test_unwritable_workdir(runs):

@@ -23,8 +23,8 @@ def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_facto
   real_run = methods.run
 
   def killed_in_laf(cfg, wd):
-    if cfg.method == "laf":
-      raise SystemExit("killed")
+    if cfg.method == "laf":  # stopped after its first checkpoint, at step 4
+      cfg.train.checkpoint_every_steps = cfg.debug.interrupt_at_step = 4
     return real_run(cfg, wd)
   monkeypatch.setattr(methods, "run", killed_in_laf)
   with pytest.raises(SystemExit):
@@ -38,10 +38,14 @@ def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_facto
   for row in board["methods"].values():
     assert all(row[k]["n"] == 1 for k in board["headline"])
     assert row["num_trainable"] > 0 and row["seconds"]["mean"] > 0
+  # laf resumed from its checkpoint: its seconds are that attempt's, and the table says so.
+  assert board["methods"]["laf"]["seconds_resumed"]
+  assert not board["methods"]["lbf"]["seconds_resumed"]
   on_disk = json.load(open(workdir / "leaderboard.json"))
   assert on_disk["methods"]["laf"]["acc_f"]["mean"] == board["methods"]["laf"]["acc_f"]["mean"]
   table = open(workdir / "leaderboard.md").read()
   assert "| lbf |" in table and "| laf |" in table and "Acc_f" in table
+  assert "*: resumed after an interruption" in table
   assert os.path.getsize(workdir / "leaderboard.png") > 0
 
 
@@ -61,6 +65,13 @@ def test_compare_refuses_a_method_of_another_family(tmp_path, monkeypatch):
   monkeypatch.setattr(methods, "run", lambda *a: pytest.fail("a method ran"))
   with pytest.raises(ConfigError, match=r"--methods: 'gs_lora' is not a knowledge_swap method"):
     compare.run(load_config("demo", "runlocal"), str(tmp_path / "cmp"), ["lbf", "gs_lora"])
+  with pytest.raises(ConfigError, match=r"--methods: unknown method 'lbff'"):
+    compare.run(load_config("demo", "runlocal"), str(tmp_path / "cmp"), ["lbf", "lbff"])
+  # The config's own method must be one the file sets up (`--config.method=gs_lora`).
+  config = load_config("demo", "runlocal")
+  config.method = "gs_lora"
+  with pytest.raises(ConfigError, match=r"method: 'gs_lora' needs config fields .*tasks"):
+    compare.run(config, str(tmp_path / "cmp"))
   assert not os.listdir(tmp_path)
 
 
@@ -84,7 +95,7 @@ def test_compare_refuses_finished_runs_of_another_config_and_repeated_seeds(tmp_
     compare.run(config, str(workdir), ["laf", "lbf"])   # laf has not run yet
   with pytest.raises(ConfigError, match=r"--seeds: 0 given twice"):
     compare.run(config, str(tmp_path / "other"), ["lbf"], [0, 0])
-  with pytest.raises(ConfigError, match=r"--workdir .*results.json: not a writable folder"):
+  with pytest.raises(ConfigError, match=r"--workdir .*results.json: a file; expected a folder"):
     compare.run(config, str(sub / "results.json"), ["lbf"])
 
 

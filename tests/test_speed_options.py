@@ -410,7 +410,8 @@ def test_compare_torch_without_torch_exits_2(capsys):
     pass
   assert bench.main(["--variant=test/4", "--image_size=16", "--batch_size=2",
                      "--compare_torch", "--no_pipeline"]) == 2
-  assert "pip install" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert err.startswith("error: --compare_torch: PyTorch is not installed") and "pip install" in err
 
 
 @pytest.mark.parametrize("flags, message", [

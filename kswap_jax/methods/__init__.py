@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 
 import ml_collections
 
@@ -86,10 +87,87 @@ def family_config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
+# A shipped config file that sets up each family (named in errors about a config that does
+# not set up its method).
+FAMILY_CONFIGS = {"knowledge_swap": "configs/demo.py",
+                  "continual_forgetting": "configs/gs_lora_digits.py",
+                  "unlearning": "configs/ug_clu_digits.py"}
+
+
+def family_of(name: str) -> str | None:
+  return next((f for f, members in FAMILIES.items() if name in members), None)
+
+
+def check_sections(config: ml_collections.ConfigDict) -> None:
+  """`config` has every section and field that `config.method` owns (a config set up for
+  another method, with `--config.method` changed, has not).
+
+  Raises:
+    ConfigError: naming the method, the first missing fields and a config that has them.
+  """
+  name = str(config.method)
+  missing: list[str] = []
+
+  def walk(ref, got, path):
+    for key, value in ref.items():
+      if key not in got:
+        missing.append(path + key)
+      elif isinstance(value, ml_collections.ConfigDict) and hasattr(got[key], "items"):
+        walk(value, got[key], f"{path}{key}.")
+
+  for section, fields in get(name).sections().items():
+    if section not in config:
+      missing.append(section)
+    else:
+      walk(fields, config[section], section + ".")
+  if missing:
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    example = FAMILY_CONFIGS.get(family_of(name) or "")
+    where = (f"--config={example}:method={name}" if example else "a config file that sets it up")
+    raise ConfigError(f"method: {name!r} needs config fields this config does not set up "
+                      f"({shown}); it was made for another method: use {where}, or start "
+                      f"from methods.default_config({name!r})")
+
+
+def check_seeds(config: ml_collections.ConfigDict, path: str = "") -> None:
+  """Every `seed` / `*_seed` field is None or an int >= 0 (numpy and grain refuse others)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      check_seeds(value, f"{path}{key}.")
+    elif (key == "seed" or key.endswith("_seed")) and value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 0):
+      raise ConfigError(f"{path}{key}: expected an int >= 0, got {value!r}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs `config.method` in `workdir` and returns its results envelope."""
+  """Runs `config.method` in `workdir` and returns its results envelope.
+
+  The config is checked first (its method's sections, seeds, the files `init` names), so
+  bad input costs seconds; folders a failed attempt created and left empty are removed.
+  """
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   train.check_workdir(workdir)
+  check_sections(config)
+  check_seeds(config)
   common.check_init_files(config)
-  return get(str(config.method)).run(config, workdir)
+  existing = _folders(workdir)
+  try:
+    return get(str(config.method)).run(config, workdir)
+  except ConfigError:
+    _remove_new_empty_folders(workdir, existing)
+    raise
+
+
+def _folders(root: str) -> set[str]:
+  return {os.path.join(d, "") for d, _, _ in os.walk(root)}
+
+
+def _remove_new_empty_folders(root: str, existing: set[str]) -> None:
+  """Removes the folders under `root` (itself included) created since `existing` was taken
+  that hold nothing: a run refused after it started leaves no empty workdir behind."""
+  for folder in sorted(_folders(root) - existing, key=len, reverse=True):
+    try:
+      os.rmdir(folder)
+    except OSError:
+      pass  # not empty, or removed by another process

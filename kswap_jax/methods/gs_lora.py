@@ -450,8 +450,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   k_head, k_lora = jax.random.split(jax.random.key(seed))
   base0, _ = common.load_base(config, model_cfg, model, k_head)
   first_lora = lora.init(base0, spec, jax.random.fold_in(k_lora, 0))
-  log.info("LoRA: %d trainable parameters in %d tensors; base %d", lora.count(first_lora),
-           len(jax.tree_util.tree_leaves(first_lora)), lora.count(base0))
+  log.info("LoRA: %d trainable parameters in %d target kernels (%d frozen)",
+           lora.count(first_lora), len(lora.target_kernels(base0, spec)), lora.count(base0))
   use_ema = int(g.ema_epoch) >= 0
   tx = make_optimizer(ocfg, proximal=proximal, grouping=grouping,
                       ema_scale=spec.scale if use_ema else None)
