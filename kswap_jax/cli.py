@@ -86,10 +86,9 @@ def dispatch(config, workdir: str) -> dict:
 
 
 def _config_spec(argv) -> str:
-  for a in argv[1:]:
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-  return DEFAULT_CONFIG
+  """FILE[:ARG] of the last `--config=` (the one absl keeps), else the default config."""
+  specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  return specs[-1] if specs else DEFAULT_CONFIG
 
 
 def _resolve_shipped(argv) -> list[str]:
@@ -108,9 +107,32 @@ def _resolve_shipped(argv) -> list[str]:
   return out
 
 
+def _joined(argv) -> list[str]:
+  """`--config FILE` (absl's space form) as `--config=FILE`, the form read below."""
+  out, i = [], 0
+  while i < len(argv):
+    if argv[i] in ("--config", "-config") and i + 1 < len(argv):
+      out.append(f"--config={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(argv[i])
+      i += 1
+  return out
+
+
+# The module name ml_collections loads a config file under (`<flag>_config`). It loads with
+# the deprecated `load_module`, which re-executes an existing module in place: a second file
+# loaded in this process would keep the first one's names (its get_config among them).
+_CONFIG_MODULE = "config_config"
+
+
 def load_config(argv):
-  """Parses flags and returns (config, workdir); every failure becomes a one-line ConfigError."""
-  argv = _resolve_shipped(argv)
+  """Parses flags and returns (config, workdir); every failure becomes a one-line ConfigError.
+
+  `--config.FIELD=VALUE` overrides are read from `sys.argv` (ml_collections' config flag
+  does so), so `argv` should be `sys.argv` or a copy of it."""
+  argv = _resolve_shipped(_joined(argv))
+  sys.modules.pop(_CONFIG_MODULE, None)
   try:
     values = _define_flags()
     rest = values(argv)
@@ -126,7 +148,7 @@ def load_config(argv):
 
 
 def _as_config_error(error: BaseException, argv) -> ConfigError:
-  chain, e = [], error
+  chain, e, hint = [], error, ""
   while e is not None and len(chain) < 20:
     chain.append(e)
     e = e.__cause__ or e.__context__
@@ -147,7 +169,7 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
     bad_field = next((a[2:].split("=", 1)[0] for a in argv[1:]
                       if a.startswith("--config.") and ("." + key + ".") in
                       (a.split("=", 1)[0] + ".")), None) if key else None
-  if bad_field and not bad_field.startswith("config"):
+  if bad_field and bad_field != "config" and not bad_field.startswith("config."):
     said = str(error)
     hint = (f"; did you mean --{said.split('Did you mean:', 1)[1].strip(' ?')}?"
             if "Did you mean:" in said else "")

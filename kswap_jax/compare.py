@@ -88,7 +88,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   """Runs every method of the comparison and returns the leaderboard dict."""
   family = _family(str(config.method))
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
-  methods.check_sections(config)  # the config file must set up its own method
+  # The config file must set up its method's family: the sections every member reads (the
+  # rest `_config_for` adds with their defaults).
+  shared = set.intersection(*(set(methods.sections_used(m)) for m in methods.FAMILIES[family]))
+  methods.check_sections(config, only=tuple(sorted(shared)))
   for name in names:
     if name not in methods.METHODS:  # unknown names fail before anything runs
       raise ConfigError(f"--methods: unknown method {name!r} (this config's family: "
@@ -99,6 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           f"--methods: {name!r} is not a {family} method; this config's method "
           f"{config.method!r} compares against {', '.join(methods.FAMILIES[family])}")
   seeds = seeds or [int(config.seed)]
+  if any(s < 0 for s in seeds):
+    raise ConfigError(f"--seeds: expected ints >= 0, got {', '.join(map(str, seeds))}")
   for flag, values in (("--methods", names), ("--seeds", seeds)):
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
@@ -200,8 +205,11 @@ def plot(board: dict, path: str) -> None:
 
 
 def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list | None]:
-  rest, value = [], None
-  for a in argv:
+  """(argv without `--flag=a,b` / `--flag a,b`, [kind(a), kind(b)] or None)."""
+  rest, value, args = [], None, iter(argv)
+  for a in args:
+    if a == f"--{flag}":
+      a = f"--{flag}={next(args, '')}"
     if a.startswith(f"--{flag}="):
       raw = a.split("=", 1)[1]
       try:
@@ -226,7 +234,7 @@ def main(argv=None) -> int:
     rest, names = _split_list(argv, "methods")
     rest, seeds = _split_list(rest, "seeds", int)
     config, workdir = cli.load_config(rest)
-    if not any(a.startswith("--workdir=") for a in rest):
+    if not any(a == "--workdir" or a.startswith("--workdir=") for a in rest):
       workdir = workdir + "_compare"
     train.initialize_distributed(config)
     run(config, workdir, names, seeds)

@@ -132,6 +132,14 @@ _CASES = {
     "misspelled_flag": (["--workdr={tmp}/x"], ["--workdr", "did you mean --workdir"], False),
     "config_file_raises": (["--config={tmp}/raising_config.py"],
                            ["raising_config.py, line 3", "ZeroDivisionError"], False),
+    # After other files in the same process (ml_collections reloads into one module name).
+    "config_file_without_get_config": (["--config={tmp}/no_get_config.py"],
+                                       ["no_get_config.py has no get_config"], False),
+    # absl's space form, given after the default --config=: the last one counts.
+    "config_flag_space_form": (["--config", "configs/gs_lora_digits.py:runlocal",
+                                "--config.gs_lora.nope=1"],
+                               ["--config.gs_lora.nope", "this config's gs_lora has no field"],
+                               False),
     "npz_checkpoint_wrong_shape": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/wrong_shape.npz"],
         ["init.checkpoint", _MLP_KERNEL], True),
@@ -189,6 +197,7 @@ def _write_tfds_config(tmp):
 
 def _write_raising_config(tmp):
   (tmp / "raising_config.py").write_text("def get_config(arg=None):\n  n = 0\n  return 1 / n\n")
+  (tmp / "no_get_config.py").write_text("CONFIG = None\n")
 
 
 def _write_wrong_shape_npz(tmp, params_npz):
@@ -344,6 +353,24 @@ def test_a_run_refused_after_it_started_leaves_no_empty_folders(runs):
   """The wrong-shape checkpoint is found once the run has made its checkpoint folder."""
   workdir, _ = _get(runs, "npz_checkpoint_wrong_shape")
   assert sorted(os.listdir(workdir)) == ["pretrain"]  # what the case put there
+
+
+def test_only_new_empty_folders_are_removed(tmp_path, monkeypatch):
+  """`methods.run`'s clean-up after a refusal: new empty folders go (deepest first, the new
+  workdir itself too); pre-existing ones, and new ones holding a file, stay."""
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "run" / "old_empty").mkdir(parents=True)
+  before = methods._folders("run")  # pylint: disable=protected-access
+  for new in ("run/checkpoints", "run/pretrain/checkpoints", "run/kept"):
+    (tmp_path / new).mkdir(parents=True)
+  (tmp_path / "run" / "kept" / "file").write_text("x")
+  methods._remove_new_empty_folders("run", before)  # pylint: disable=protected-access
+  assert sorted(os.listdir(tmp_path / "run")) == ["kept", "old_empty"]
+  fresh = methods._folders("new")  # pylint: disable=protected-access
+  (tmp_path / "new" / "checkpoints").mkdir(parents=True)
+  methods._remove_new_empty_folders("new", fresh)  # pylint: disable=protected-access
+  assert not (tmp_path / "new").exists()
 
 
 def test_workdir_that_is_a_file_is_named(tmp_path):

@@ -113,7 +113,8 @@ def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys,
                                                                 case):
   """The oracle trains after the learning stages; its folder (a path under a file, or the
   unfinished oracle of another config) is checked before them, and the failed run records
-  no config, so the same workdir takes a corrected path."""
+  no config and leaves no empty checkpoint folder, so the same workdir takes a corrected
+  path."""
   if case == "a_file":
     (tmp_path / "a_file").write_text("")
     oracle_dir, message = tmp_path / "a_file" / "oracle", "not a writable folder"
@@ -130,7 +131,7 @@ def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys,
   code = cli.main(argv)
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith("error: oracle.workdir ") and message in err, err
-  assert not (workdir / "config.json").exists() and not os.listdir(workdir / "checkpoints")
+  assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("method", ["sfr_on", "clu_rl"])

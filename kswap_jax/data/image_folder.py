@@ -4,8 +4,10 @@
         --data_dir OUT [--label_rule sorted_rank|imagenet_prefix] [--image_size N]
 
 Layouts: `root/<split>/<class>/<image>` (the splits are the subfolders, e.g. train/test)
-or `root/<class>/<image>` (one split, "train"). Several roots are merged split by split,
-e.g. the reference's separate retain and forget folders into one ImageNet-100 dataset.
+or `root/<class>/<image>` (one split, "train"; `--test_fraction F` holds out round(F·n) of
+each class's n images as a "test" split, drawn by a seeded permutation). Several roots are
+merged split by split, e.g. the reference's separate retain and forget folders into one
+ImageNet-100 dataset.
 
 Labels (docs/knowledge_swapping.md):
   sorted_rank      rank of the class folder among all class folders, sorted by name;
@@ -37,6 +39,7 @@ import sys
 import types
 from typing import Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 
 from kswap_jax.errors import ConfigError
@@ -108,6 +111,22 @@ def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pa
   return {split: dict(sorted(merged[split].items())) for split in sorted(merged)}
 
 
+def hold_out(classes: dict[str, list[pathlib.Path]], fraction: float, seed: int = 0
+             ) -> dict[str, dict[str, list[pathlib.Path]]]:
+  """{"test": ..., "train": ...} from one split's {class: sorted files}: round(fraction·n)
+  of each class's n files go to test, chosen by numpy's default_rng([seed, class rank])
+  over the sorted files; both splits keep sorted file order."""
+  out: dict[str, dict[str, list[pathlib.Path]]] = {"test": {}, "train": {}}
+  for rank, (name, files) in enumerate(sorted(classes.items())):
+    perm = np.random.default_rng([seed, rank]).permutation(len(files))
+    test = set(perm[:int(round(fraction * len(files)))].tolist())
+    out["test"][name] = [f for i, f in enumerate(files) if i in test]
+    out["train"][name] = [f for i, f in enumerate(files) if i not in test]
+  for split in out:
+    out[split] = {name: files for name, files in out[split].items() if files}
+  return out
+
+
 def class_labels(class_names: Sequence[str], rule: str) -> dict[str, int]:
   """Label of every class folder name under a labelling rule.
 
@@ -164,7 +183,8 @@ def _load(path: pathlib.Path, mode: str, image_size: int | None,
 def build(roots: Sequence[str | os.PathLike[str]], name: str,
           data_dir: str | os.PathLike[str], *, label_rule: str = "sorted_rank",
           image_size: int | None = None, channels: int = 3, num_classes: int | None = None,
-          encoding: str = "png", overwrite: bool = False) -> pathlib.Path:
+          encoding: str = "png", overwrite: bool = False, test_fraction: float = 0.0,
+          split_seed: int = 0) -> pathlib.Path:
   """Writes the image folders as tfds dataset NAME (version 1.0.0) under data_dir.
 
   Args:
@@ -178,6 +198,9 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
     num_classes: size of the label space; default max label + 1.
     encoding: "png" (lossless) or "jpeg" for images that have to be re-encoded.
     overwrite: replace an existing dataset of the same name and version.
+    test_fraction: for roots without split folders, the share of each class's images held
+      out as the "test" split (`hold_out`); 0 writes "train" only.
+    split_seed: the seed of that draw.
 
   Returns:
     The dataset's version folder.
@@ -202,6 +225,18 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
   if encoding not in ("png", "jpeg"):
     raise ConfigError(f"--encoding: expected png or jpeg, got {encoding!r}")
   layout = scan(roots)
+  if test_fraction:
+    if not 0 < test_fraction < 1:
+      raise ConfigError(f"--test_fraction: expected a value in (0, 1), got {test_fraction}")
+    if set(layout) != {"train"}:
+      raise ConfigError(f"--test_fraction: the roots already have split folders "
+                        f"({', '.join(layout)}); it applies to root/<class>/<image> only")
+    if split_seed < 0:
+      raise ConfigError(f"--split_seed: expected an int >= 0, got {split_seed}")
+    layout = hold_out(layout["train"], test_fraction, split_seed)
+    if not layout["test"]:
+      raise ConfigError(f"--test_fraction: {test_fraction} holds out no image (classes "
+                        f"too small); use a larger fraction")
   labels = class_labels([c for classes in layout.values() for c in classes], label_rule)
   needed = max(labels.values()) + 1
   if num_classes is None:
@@ -242,7 +277,9 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
 
   description = (f"Image folders {[os.fspath(r) for r in roots]} converted by "
                  f"kswap_jax.data.image_folder (label_rule={label_rule}, "
-                 f"image_size={image_size}, channels={channels}).")
+                 f"image_size={image_size}, channels={channels}"
+                 + (f", test_fraction={test_fraction}, split_seed={split_seed}"
+                    if test_fraction else "") + ").")
 
   def info(self):
     # Unshuffled, so record order is the sorted file order.
@@ -292,12 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--encoding", choices=("png", "jpeg"), default="png",
                       help="format of re-encoded images (originals are kept when possible)")
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--test_fraction", type=float, default=0.0,
+                      help="root/<class>/<image> only: hold out this share of each class "
+                           "as the test split (default 0: train only)")
+  parser.add_argument("--split_seed", type=int, default=0, help="seed of that hold-out")
   args = parser.parse_args(argv)
   try:
     path = build(args.root, args.name, args.data_dir, label_rule=args.label_rule,
                  image_size=args.image_size, channels=args.channels,
                  num_classes=args.num_classes, encoding=args.encoding,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, test_fraction=args.test_fraction,
+                 split_seed=args.split_seed)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -4,6 +4,8 @@ A method module provides
 
     run(config, workdir) -> results        # the whole run, resumable, results envelope
     sections() -> {name: ConfigDict}        # its own config sections with their defaults
+    sections_used(name) -> (section, ...)   # optional: the ones variant `name` reads, when
+                                            # its variants do not all read every section
 
 Variants of one method share a module (`lbf`/`laf`). A new method is a new module plus
 one entry in `METHODS`; nothing in shared code branches on the method's name.
@@ -95,15 +97,28 @@ FAMILY_CONFIGS = {"knowledge_swap": "configs/demo.py",
 
 
 def family_of(name: str) -> str | None:
+  """The comparison family (a key of `FAMILIES`) method `name` belongs to, if any."""
   return next((f for f, members in FAMILIES.items() if name in members), None)
 
 
-def check_sections(config: ml_collections.ConfigDict) -> None:
-  """`config` has every section and field that `config.method` owns (a config set up for
-  another method, with `--config.method` changed, has not).
+def sections_used(name: str) -> dict[str, ml_collections.ConfigDict]:
+  """The sections (with their defaults) method `name` reads: all its module's, unless the
+  module says which ones each variant reads (`sections_used`)."""
+  module = get(name)
+  own = module.sections()
+  if hasattr(module, "sections_used"):
+    return {s: own[s] for s in module.sections_used(name)}
+  return own
+
+
+def check_sections(config: ml_collections.ConfigDict, only: tuple[str, ...] | None = None
+                   ) -> None:
+  """`config` has every section and field that `config.method` reads (`only`: of these
+  sections); a config set up for another method, with `--config.method` changed, has not.
 
   Raises:
-    ConfigError: naming the method, the first missing fields and a config that has them.
+    ConfigError: naming the method, the first missing fields and how to choose a config
+      that has them.
   """
   name = str(config.method)
   missing: list[str] = []
@@ -115,7 +130,9 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
       elif isinstance(value, ml_collections.ConfigDict) and hasattr(got[key], "items"):
         walk(value, got[key], f"{path}{key}.")
 
-  for section, fields in get(name).sections().items():
+  for section, fields in sections_used(name).items():
+    if only is not None and section not in only:
+      continue
     if section not in config:
       missing.append(section)
     else:
@@ -123,10 +140,10 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   if missing:
     shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
     example = FAMILY_CONFIGS.get(family_of(name) or "")
-    where = (f"--config={example}:method={name}" if example else "a config file that sets it up")
+    where = f" (e.g. --config={example}:method={name})" if example else ""
     raise ConfigError(f"method: {name!r} needs config fields this config does not set up "
-                      f"({shown}); it was made for another method: use {where}, or start "
-                      f"from methods.default_config({name!r})")
+                      f"({shown}); choose the method with the `method=` arg of a config file "
+                      f"that sets it up{where}, or start from methods.default_config({name!r})")
 
 
 def check_seeds(config: ml_collections.ConfigDict, path: str = "") -> None:
@@ -159,8 +176,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise
 
 
-def _folders(root: str) -> set[str]:
-  return {os.path.join(d, "") for d, _, _ in os.walk(root)}
+def _folders(root: str, depth: int = 2) -> set[str]:
+  """`root` and the folders under it, `depth` levels down (a run makes its folders there:
+  checkpoints/, pretrain/checkpoints/, oracle/...); not the whole tree, which can be large."""
+  out = set()
+  if os.path.isdir(root):
+    out.add(os.path.join(root, ""))
+    if depth > 0:
+      with os.scandir(root) as entries:
+        for e in entries:
+          if e.is_dir(follow_symlinks=False):
+            out |= _folders(e.path, depth - 1)
+  return out
 
 
 def _remove_new_empty_folders(root: str, existing: set[str]) -> None:

@@ -77,6 +77,30 @@ def test_flat_layout_sorted_rank_grayscale_resized(tmp_path):
     np.testing.assert_array_equal(image[..., 0], resized)
 
 
+def test_flat_layout_test_fraction_holds_out_each_class(tmp_path):
+  """A flat folder gets a per-class test split: round(0.4 * 5) = 2 of each class's 5 images,
+  drawn by the seed, the same on a rebuild; train and test share no file."""
+  rng = np.random.default_rng(2)
+  root = tmp_path / "flat"
+  for cls in ("b", "a"):
+    _write(root / cls, rng, count=5)
+  read = {}
+  for name, seed in (("toy_hold", 0), ("toy_hold_again", 0), ("toy_hold_seed1", 1)):
+    image_folder.build([root], name, tmp_path / "tfds", test_fraction=0.4, split_seed=seed)
+    read[name] = {split: sources.TfdsSource(name, split, str(tmp_path / "tfds"))
+                  for split in ("train", "test")}
+  hold = read["toy_hold"]
+  assert hold["test"].labels.tolist() == [0, 0, 1, 1]
+  assert hold["train"].labels.tolist() == [0, 0, 0, 1, 1, 1]
+  images = lambda src: {src[i]["image"].tobytes() for i in range(len(src))}
+  assert not images(hold["test"]) & images(hold["train"])
+  assert len(images(hold["test"]) | images(hold["train"])) == 10
+  assert images(read["toy_hold_again"]["test"]) == images(hold["test"])
+  assert images(read["toy_hold_seed1"]["test"]) != images(hold["test"])
+  with pytest.raises(ConfigError, match="--test_fraction: expected a value in"):
+    image_folder.build([root], "toy_bad", tmp_path / "tfds", test_fraction=1.5)
+
+
 def test_jpeg_bytes_are_kept_when_no_conversion_is_needed(tmp_path):
   rng = np.random.default_rng(2)
   _write(tmp_path / "root" / "cat", rng, count=1, fmt="jpg")

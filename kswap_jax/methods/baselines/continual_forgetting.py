@@ -68,6 +68,12 @@ TEACHERS = ("pretrained", "task_start")
 IMPORTANCE_DATA = ("full", "subset")
 
 
+def sections_used(method: str) -> tuple[str, ...]:
+  """The sections `method` reads: the shared `cf`, the task list and its own
+  (`methods.check_sections`)."""
+  return ("cf", "tasks", method)
+
+
 def sections() -> dict[str, ml_collections.ConfigDict]:
   """The baselines' config sections with the reference's CASIA-100 values as defaults.
 

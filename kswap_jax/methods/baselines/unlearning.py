@@ -71,6 +71,11 @@ def _sgd_section(**fields) -> ml_collections.ConfigDict:
            weight_decay=5e-4, batch_size=128), **fields))
 
 
+def sections_used(method: str) -> tuple[str, ...]:
+  """The sections `method` reads: UG-CLU's and its own (`methods.check_sections`)."""
+  return (*ug_clu.sections(), SECTIONS[method])
+
+
 def sections() -> dict[str, ml_collections.ConfigDict]:
   """UG-CLU's sections (stream, learning, oracle) plus one section per baseline.
 
