@@ -29,7 +29,8 @@ CASIA-100 hyper-parameters: docs/continual_forgetting_baselines.md); setting:
                     β (0.14, 0.14, 0.2, 0.15), α 0 until epoch 30 then 0.015, λ_f 0.0003
 EMA of the merged weights as the scripts (from epoch 50 single-step, 30 continual, none for
 missing; d 0.9), reported per task as "ema", never carried forward.
-forget (Y of single-step "100-Y": 5, 10, 50 or 90; default 10; single settings only);
+forget (Y of single-step "100-Y": 5, 10, 50 or 90; default 10; single settings only;
+with runlocal the Y of 10-Y, default 3);
 runlocal (a tiny model on synthetic data with the same wiring: seconds, no downloads; its
 one-epoch pretraining leaves every margin-rule accuracy at 0.00, so it checks the wiring,
 not the method).
@@ -72,6 +73,9 @@ def get_config(arg=None):
                       f"{', '.join(SETTINGS)})")
   require_method(a.method, methods.FAMILIES["continual_forgetting"])
   if a.setting.startswith("single"):
+    if a.runlocal and "forget" in given_keys(arg) and not 0 < a.forget < 10:
+      raise ConfigError(f"--config arg: forget={a.forget} with runlocal (expected the Y of "
+                        f"10-Y on its 10 synthetic classes, 1 to 9)")
     if not 0 < a.forget < 100:
       raise ConfigError(f"--config arg: forget={a.forget} (expected the Y of 100-Y, 1 to 99)")
   elif "forget" in given_keys(arg):
@@ -148,7 +152,7 @@ def get_config(arg=None):
     c.model.update(dict(variant="test/4", image_size=16, num_classes=10))
     c.tasks.num_classes = 10
     if a.setting.startswith("single"):
-      c.tasks.per_task = 3
+      c.tasks.per_task = int(a.forget) if "forget" in given_keys(arg) else 3
     else:
       c.tasks.per_task = 2
     if c.tasks.shots:

@@ -195,15 +195,17 @@ def js_to_retrain(probs_retrain: np.ndarray, probs_unlearned: np.ndarray) -> flo
   return float(np.mean(0.5 * _kl_rows(p, m) + 0.5 * _kl_rows(q, m)))
 
 
-AVG_GAP_KEYS = ("ua", "ra", "ta", "mia")
+AVG_GAP_KEYS = ("ua", "ra", "ta", "mia_efficacy")  # the keys of our results
 
 
 def avg_gap(values: Mapping[str, float], retrain: Mapping[str, float],
             keys: Sequence[str] = AVG_GAP_KEYS) -> float:
   """Mean absolute gap to the Retrain model: (1/|K|) Σ_{k∈K} |v_k − v_k^rt|.
 
-  Over {UA, RA, TA, MIA} by default (SalUn's convention, MIA = the SVC efficacy). When
-  another MIA variant is used, name the result accordingly (e.g. "avg_gap_entropy_logreg").
+  Over {UA, RA, TA, MIA} by default (SalUn's convention, MIA = the SVC efficacy), read
+  under the keys our results use: "ua", "ra", "ta", "mia_efficacy". When another MIA
+  variant is used, pass its key and name the result accordingly (e.g.
+  "avg_gap_entropy_logreg").
 
   Example: (UA, RA, TA, MIA) = (5, 99, 94, 12) against (8, 100, 94.5, 18) gives 2.625.
   """

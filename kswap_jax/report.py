@@ -6,8 +6,9 @@ Every method writes `results.json` as
      "final": {<metric>: value, ...}, ...method-specific keys}
 
 with metrics named as in `METRICS` (accuracies in %). `stage_table` prints it,
-`plot_stages` draws each metric across the stages; `python -m kswap_jax.report WORKDIR`
-does both for a finished run. Plots use `matplotlib.figure.Figure` directly (`figure`), so
+`plot_stages` draws each metric across the stages; `present` shows a finished run as its
+method does (a method module may add tables and plots), and `python -m kswap_jax.report
+WORKDIR` calls it on a run's results. Plots use `matplotlib.figure.Figure` directly (`figure`), so
 importing this module never changes matplotlib's backend for the process, and matplotlib is
 imported only when a plot is drawn (it is ~0.5 s of every run's start-up otherwise).
 """
@@ -133,8 +134,27 @@ def plot_block_norms(block_norms: dict, path: str, title: str = "") -> None:
   fig.savefig(path, dpi=100)
 
 
+def present(results: dict, workdir: str | None) -> str:
+  """What a finished run shows: its text (returned) and its figures (written in `workdir`;
+  None draws none, e.g. on processes other than the first).
+
+  The method's module decides when it has a `present(results, workdir)` (its own tables and
+  plots); otherwise `stage_table` and `stages.png`. A run and `python -m kswap_jax.report`
+  on its workdir both call this, so they show the same.
+  """
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  name = str(results.get("method", ""))
+  module = methods.get(name) if name in methods.METHODS else None
+  if module is not None and hasattr(module, "present"):
+    return module.present(results, workdir)
+  if workdir:
+    plot_stages(results, os.path.join(workdir, "stages.png"))
+  return stage_table(results)
+
+
 def main(argv=None) -> int:
-  """`python -m kswap_jax.report WORKDIR`: prints the table, writes WORKDIR/stages.png."""
+  """`python -m kswap_jax.report WORKDIR`: prints a finished run's tables and writes its
+  plots into WORKDIR, as the run did."""
   parser = argparse.ArgumentParser(prog="python -m kswap_jax.report", description=main.__doc__)
   parser.add_argument("workdir")
   args = parser.parse_args(argv)
@@ -147,12 +167,11 @@ def main(argv=None) -> int:
   try:
     with open(path) as f:
       results = json.load(f)
-    table = stage_table(results)
+    text = present(results, args.workdir)
   except (OSError, ValueError, KeyError, TypeError) as e:
     print(f"error: {path}: not a finished run's results envelope ({e})", file=sys.stderr)
     return 2
-  print(table)
-  plot_stages(results, os.path.join(args.workdir, "stages.png"))
+  print(text)
   return 0
 
 

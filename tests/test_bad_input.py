@@ -140,6 +140,15 @@ _CASES = {
                                 "--config.gs_lora.nope=1"],
                                ["--config.gs_lora.nope", "this config's gs_lora has no field"],
                                False),
+    # The one-step ablation has no sub-steps (it used to ignore D_L and size the schedule
+    # for twice the steps).
+    "clu_joint_with_substeps": (["--config=configs/ug_clu_digits.py:runlocal,method=clu_joint",
+                                 "--config.clu.slow_batches=substeps"],
+                                ["clu.slow_batches", "clu_joint"], False),
+    "negative_eval_interval": (["--config.eval.every_steps=-3"], ["eval.every_steps", "-3"],
+                               False),
+    "zero_log_interval": (["--config.train.log_every_steps=0"],
+                          ["train.log_every_steps", ">= 1"], False),
     "npz_checkpoint_wrong_shape": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/wrong_shape.npz"],
         ["init.checkpoint", _MLP_KERNEL], True),

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config, method_run
-from kswap_jax import lora, losses, methods
+from kswap_jax import lora, losses, methods, report
+from kswap_jax.data import tasks as data_tasks
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods import continual, gs_lora
 from kswap_jax.optim import group_lasso
@@ -202,6 +204,23 @@ def test_continual_run_writes_the_results_envelope(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_report_shows_the_sparsity_table_and_plot_as_the_run(tmp_path_factory, tmp_path,
+                                                            capsys):
+  workdir, results = method_run(tmp_path_factory, *CASE)
+  shutil.copy(os.path.join(workdir, "results.json"), tmp_path)
+  capsys.readouterr()  # the run's own output, when it ran in this test
+  assert report.main([str(tmp_path)]) == 0
+  rows = capsys.readouterr().out.splitlines()
+  start = rows.index(f"{'task':<10}{'zero groups':>13}{'non-zero LoRA':>15}{'seconds':>10}")
+  assert rows[start - 1].startswith("final: Acc_r ")
+  for row, stage in zip(rows[start + 1:], results["stages"][1:], strict=True):
+    assert row.split() == [stage["name"], str(stage["zero_groups"]), "/",
+                           str(stage["num_groups"]), f"{stage['nonzero_lora_fraction']:.4f}",
+                           f"{stage['seconds']:.1f}"]
+  assert [p.name for p in tmp_path.glob("*.png")] == ["gs_lora.png"]
+
+
+@pytest.mark.slow
 def test_only_lora_targets_change_and_they_are_the_folded_tasks(tmp_path_factory):
   workdir, _ = method_run(tmp_path_factory, *CASE)
   pre = np.load(os.path.join(workdir, "pretrain", "params.npz"))
@@ -233,6 +252,23 @@ def test_bad_input_is_one_config_error_and_leaves_nothing(change, field, tmp_pat
   with pytest.raises(ConfigError, match=f"^{field}:"):
     methods.run(config, workdir)
   assert not os.path.exists(workdir) or not os.listdir(workdir)
+
+
+@pytest.mark.parametrize("order,named", [
+    ((0, 1, 1, 3), r"twice: \[1\]; missing: \[2\]"),
+    ((0, 1, 2, 9), r"missing: \[3\]; outside: \[9\]"),
+    (tuple(range(20)), r"outside: \[4, 5, 6, 7, 8, 9, 10, 11, \.\.\. \(\+8\)\]"),
+])
+def test_a_class_order_that_is_no_permutation_names_the_ids(order, named):
+  with pytest.raises(ConfigError, match=rf"^tasks\.order: .*\({named}\)$"):
+    data_tasks.make_tasks(num_classes=4, per_task=1, order=order)
+
+
+def test_runlocal_single_step_honours_the_forget_arg():
+  assert load_config("gs_lora_casia100", "setting=single,runlocal").tasks.per_task == 3
+  assert load_config("gs_lora_casia100", "setting=single,runlocal,forget=5").tasks.per_task == 5
+  with pytest.raises(ConfigError, match="forget=10 with runlocal"):
+    load_config("gs_lora_casia100", "setting=single,runlocal,forget=10")
 
 
 @pytest.mark.slow

@@ -7,13 +7,14 @@ stage) are in tests/test_conformance.py; the runs here reuse its session-scoped 
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import REPO, load_config, method_run
-from kswap_jax import cli, losses, methods, models
+from kswap_jax import cli, losses, methods, models, report
 from kswap_jax.data import sources
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods import common, ug_clu
@@ -70,6 +71,7 @@ def test_task_and_cross_task_class_requests_and_a_fused_stage():
     (("learn:4",), r"not in 1\.\.3"),
     (("learn:1", "forget:task:1"), "nothing to retain"),
     (("learn:1", "forget:cls:1"), "cannot parse"),
+    (("learn:1", "forget:class:1,1"), "class 1 is listed twice"),
 ])
 def test_bad_requests_name_the_entry(requests, match):
   with pytest.raises(ConfigError, match=rf"clu\.requests\[\d\]: .*{match}"):
@@ -132,6 +134,7 @@ def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys,
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith("error: oracle.workdir ") and message in err, err
   assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+  assert not (workdir / "random_idx.npy").exists()
 
 
 @pytest.mark.parametrize("method", ["sfr_on", "clu_rl"])
@@ -159,15 +162,37 @@ def test_without_new_data_ug_clu_is_sfr_on(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_report_shows_the_oracle_table_and_plots_as_the_run(tmp_path_factory, tmp_path, capsys):
+  workdir, results = method_run(tmp_path_factory, "ug_clu_digits", "runlocal")
+  shutil.copy(os.path.join(workdir, "results.json"), tmp_path)
+  capsys.readouterr()  # the run's own output, when it ran in this test
+  assert report.main([str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  head, oracle = out.split("\n\nRetrain oracle (")
+  assert head.splitlines()[-1].startswith("final: UA ")
+  rows = oracle.splitlines()
+  assert rows[0] == f"{results['oracle_workdir']})" and rows[1].split() == [
+      "stage", "UA", "RA", "TA", "MIA"]
+  for row, stage in zip(rows[2:], results["stages"][2:], strict=True):
+    o = stage["oracle"]
+    assert row.split() == [stage["name"]] + [f"{o[k]:.2f}" for k in ("ua", "ra", "ta",
+                                                                       "mia_efficacy")]
+  assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+      "acc_matrix.png", "stages.png", "stages_vs_oracle.png"]
+
+
+@pytest.mark.slow
 def test_without_forget_data_a_stage_is_replay_fine_tuning(tmp_path):
   """D_U = ∅: the losses of every step equal a hand-written SGD loop (momentum 0.9,
   coupled weight decay, cosine over the stage, a fresh buffer per stage, BatchNorm in
   train mode) on the same batches of D_R ∪ D_L."""
   config = load_config("ug_clu_digits", "runlocal")
   config.clu.requests = ("learn:1", "learn:2")
-  config.oracle.enabled = False
   config.train.log_every_steps = 1
-  methods.run(config, str(tmp_path))
+  assert config.oracle.enabled and config.oracle.stages == "unlearn"
+  results = methods.run(config, str(tmp_path))
+  # No stage to compare with the oracle: none trained, no folder made for it.
+  assert not (tmp_path / "oracle").exists() and "oracle_workdir" not in results
   with open(tmp_path / "metrics.jsonl") as f:
     logged = [json.loads(line)["loss"] for line in f if '"loss"' in line]
 

@@ -14,12 +14,12 @@ def test_ua_ra_ta_and_avg_gap():
   assert metrics.ua(logits, labels) == pytest.approx(25.0)
   assert metrics.ra(logits, labels) == pytest.approx(75.0)
   assert math.isnan(metrics.ta(np.zeros((0, 2)), np.zeros(0, np.int64)))
-  method = {"ua": 5.0, "ra": 99.0, "ta": 94.0, "mia": 12.0}
-  retrain = {"ua": 8.0, "ra": 100.0, "ta": 94.5, "mia": 18.0}
+  method = {"ua": 5.0, "ra": 99.0, "ta": 94.0, "mia_efficacy": 12.0}
+  retrain = {"ua": 8.0, "ra": 100.0, "ta": 94.5, "mia_efficacy": 18.0}
   assert metrics.avg_gap(method, retrain) == pytest.approx(2.625)
   assert metrics.avg_gap(retrain, retrain) == 0.0
   assert metrics.avg_gap(method, retrain, keys=("ua",)) == pytest.approx(3.0)
-  with pytest.raises(ValueError, match="mia"):
+  with pytest.raises(ValueError, match="mia_efficacy"):
     metrics.avg_gap({"ua": 1, "ra": 1, "ta": 1}, retrain)
 
 

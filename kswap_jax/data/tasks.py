@@ -40,6 +40,14 @@ ORDER_SEED_1337 = (
     51, 54, 13, 88, 84, 26, 50, 39, 96, 81, 49, 42, 21, 93, 74, 73, 46, 90, 68, 79)
 
 
+def _short(ids: Sequence[int], n: int = 8) -> str:
+  """`ids` as a list, the first `n` of a long one: "[3, 5]", "[0, 1, ... (+12)]"."""
+  ids = list(ids)
+  if len(ids) <= n:
+    return str(ids)
+  return "[" + ", ".join(map(str, ids[:n])) + f", ... (+{len(ids) - n})]"
+
+
 def class_order(num_classes: int, seed: int | None = 1337) -> tuple[int, ...]:
   """The order in which classes are assigned to tasks.
 
@@ -151,8 +159,13 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
     order = class_order(num_classes)
   order = _ids(order, f"{field}.order")
   if sorted(order) != list(range(num_classes)):
+    twice = sorted({c for c in order if order.count(c) > 1})
+    absent = sorted(set(range(num_classes)) - set(order))
+    outside = sorted({c for c in order if not 0 <= c < num_classes})
+    what = "; ".join(f"{name} {_short(ids)}" for name, ids in (
+        ("twice:", twice), ("missing:", absent), ("outside:", outside)) if ids)
     raise ConfigError(f"{field}.order: expected a permutation of 0..{num_classes - 1}, got "
-                      f"{len(order)} ids")
+                      f"{len(order)} ids ({what})")
   if forget_classes:
     lists = [_ids(v, f"{field}.forget_classes") for v in forget_classes]
     if len(lists) != num_tasks:

@@ -6,6 +6,7 @@ A method module provides
     sections() -> {name: ConfigDict}        # its own config sections with their defaults
     sections_used(name) -> (section, ...)   # optional: the ones variant `name` reads, when
                                             # its variants do not all read every section
+    present(results, workdir) -> text       # optional: its tables and plots (report.present)
 
 Variants of one method share a module (`lbf`/`laf`). A new method is a new module plus
 one entry in `METHODS`; nothing in shared code branches on the method's name.
@@ -156,17 +157,34 @@ def check_seeds(config: ml_collections.ConfigDict, path: str = "") -> None:
       raise ConfigError(f"{path}{key}: expected an int >= 0, got {value!r}")
 
 
+# The shared sections' counts: (section, field, least value allowed).
+_COUNTS = (("eval", "every_steps", 0), ("train", "log_every_steps", 1),
+           ("train", "checkpoint_every_steps", 0), ("train", "max_checkpoints_to_keep", 1))
+
+
+def check_counts(config: ml_collections.ConfigDict) -> None:
+  """The shared sections' step counts are ints in range (a negative `eval.every_steps` would
+  evaluate at the wrong iterations, a zero `train.log_every_steps` divide by zero)."""
+  for section, key, least in _COUNTS:
+    if section in config and key in config[section]:
+      value = config[section][key]
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{section}.{key}: expected an int >= {least}, got {value!r}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` in `workdir` and returns its results envelope.
 
-  The config is checked first (its method's sections, seeds, the files `init` names), so
-  bad input costs seconds; folders a failed attempt created and left empty are removed.
+  The config is checked first (its method's sections, seeds, step counts, the files `init`
+  names), so bad input costs seconds; folders a failed attempt created and left empty are
+  removed.
   """
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   train.check_workdir(workdir)
   check_sections(config)
   check_seeds(config)
+  check_counts(config)
   common.check_init_files(config)
   existing = _folders(workdir)
   try:

@@ -570,16 +570,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   out = results_envelope(config, task_list, results, use_margin)
   out["num_trainable"] = lora.count(first_lora)
+  text = report.present(out, run_.workdir if run_.is_main else None)
   if run_.is_main:
-    plot(out, os.path.join(run_.workdir, "gs_lora.png"))
     if config.export.merged_npz:  # the base after the last task, every LoRA folded in
       final_base = task_base(base0, jax.device_get(state.carry["loras"]), num_tasks,
                              spec.scale)
       ckpt_lib.save_npz(jax.device_get(final_base),
                         os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
-  print(report.stage_table(out), flush=True)
-  print(sparsity_table(out), flush=True)
+  print(text, flush=True)
   log.info("results written to %s", path)
   run_.close()
   return out
@@ -610,6 +609,14 @@ def results_envelope(config, task_list: list[tasks_lib.ForgetTask], results: dic
           if use_margin and config.model.head == "cosface" else "arg-max over all head rows")
   return {"method": config.method, "config": config.to_dict(), "prediction_rule": rule,
           "stages": stages, "final": final}
+
+
+def present(results: dict, workdir: str | None) -> str:
+  """The stage table and the sparsity table (printed by the run and by
+  `python -m kswap_jax.report`); `gs_lora.png` (`plot`) written in `workdir` unless None."""
+  if workdir:
+    plot(results, os.path.join(workdir, "gs_lora.png"))
+  return report.stage_table(results) + "\n" + sparsity_table(results)
 
 
 def sparsity_table(results: dict) -> str:

@@ -245,18 +245,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "block_norms": {n: results[n]["block_norms"] for n in STAGE_ORDER[method]},
       "num_trainable": lora.count(lora_tree),
   }
+  text = report.present(out, run_.workdir if run_.is_main else None)
   if run_.is_main:
-    report.plot_stages(out, os.path.join(run_.workdir, "stages.png"))
-    report.plot_block_norms(out["block_norms"], os.path.join(run_.workdir, "lora_norms.png"),
-                            title=f"Knowledge Swapping ({method}): per-block LoRA norms")
     if config.export.merged_npz:
       ckpt_lib.export_merged(base, jax.device_get(state.params), spec.scale,
                              os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
-  print(report.stage_table(out), flush=True)
+  print(text, flush=True)
   log.info("results written to %s", path)
   run_.close()
   return out
+
+
+def present(results: dict, workdir: str | None) -> str:
+  """The stage table (printed by the run and by `python -m kswap_jax.report`);
+  `stages.png` and `lora_norms.png` (per-block LoRA norms) written in `workdir` unless None."""
+  if workdir:
+    report.plot_stages(results, os.path.join(workdir, "stages.png"))
+    report.plot_block_norms(results["block_norms"], os.path.join(workdir, "lora_norms.png"),
+                            title=f"Knowledge Swapping ({results['method']}): per-block "
+                                  f"LoRA norms")
+  return report.stage_table(results)
 
 
 def _fmt(accs: dict) -> str:

@@ -184,9 +184,13 @@ def parse_requests(requests: Sequence[str], num_tasks: int) -> list[Request]:
           arg = _task_id(bits[2], num_tasks, i, text)
         elif kind == "class":
           try:
-            arg = tuple(sorted({int(c) for c in bits[2].split(",") if c.strip()}))
+            ids = [int(c) for c in bits[2].split(",") if c.strip()]
           except ValueError:
             raise ConfigError(f"{_field(i)}: {text!r}: class ids must be ints") from None
+          twice = sorted({c for c in ids if ids.count(c) > 1})
+          if twice:
+            raise ConfigError(f"{_field(i)}: {text!r}: class {twice[0]} is listed twice")
+          arg = tuple(sorted(ids))
           if not arg:
             raise ConfigError(f"{_field(i)}: {text!r}: the forget set is empty (no class)")
         else:
@@ -628,7 +632,7 @@ def stage_metrics(out: _Outputs, plan: StagePlan, tasks) -> tuple[dict, np.ndarr
   return m, p_u
 
 
-GAP_KEYS = {"avg_gap": ("ua", "ra", "ta", "mia_efficacy"),
+GAP_KEYS = {"avg_gap": metrics.AVG_GAP_KEYS,
             "avg_gap_entropy_logreg": ("ua", "ra", "ta", "mia_member_rate_entropy_logreg")}
 ORACLE_KEYS = ("ua", "ra", "ta", "mia_efficacy", "mia_member_rate_entropy_logreg",
                "acc_learn_test", "acc_forget_test")
@@ -718,6 +722,40 @@ def plot_against_oracle(stages: Sequence[dict], path: str, title: str) -> None:
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+def oracle_table(results: dict) -> str:
+  """The Retrain oracle's UA, RA, TA, MIA at the stages compared with it, in the stage
+  table's columns ("" when no stage was)."""
+  compared = [s for s in results["stages"] if s.get("oracle")]
+  if not compared:
+    return ""
+  columns = [k for k in ("ua", "ra", "ta", "mia_efficacy")
+             if any(k in s["oracle"] for s in compared)]
+  width = max([10] + [len(s["name"]) + 2 for s in results["stages"]])
+  rows = [f"Retrain oracle ({results.get('oracle_workdir', 'oracle')})",
+          f"{'stage':<{width}}" + "".join(f"{report.label(c):>10}" for c in columns)]
+  for s in compared:
+    rows.append(f"{s['name']:<{width}}" + "".join(
+        f"{s['oracle'][c]:>10.2f}" if c in s["oracle"] else f"{'-':>10}" for c in columns))
+  return "\n".join(rows)
+
+
+def present(results: dict, workdir: str | None) -> str:
+  """The stage table and the oracle's (printed by the run and by
+  `python -m kswap_jax.report`); `stages.png`, `acc_matrix.png` and `stages_vs_oracle.png`
+  written in `workdir` unless None."""
+  method, stages = results["method"], results["stages"]
+  if workdir:
+    report.plot_stages(results, os.path.join(workdir, "stages.png"))
+    tasks = results["config"]["clu"]["tasks"]
+    plot_accuracy_matrix([s["name"] for s in stages], tasks, [s["task_acc"] for s in stages],
+                         os.path.join(workdir, "acc_matrix.png"),
+                         f"{method}: test accuracy per task after each stage")
+    plot_against_oracle(stages, os.path.join(workdir, "stages_vs_oracle.png"),
+                        f"{method}: UA/RA/TA per stage vs the Retrain oracle (dashed)")
+  oracle = oracle_table(results)
+  return report.stage_table(results) + ("\n\n" + oracle if oracle else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1037,6 +1075,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
                       f"no fused learn+forget stage (D_L = ∅); use ug_clu")
   if method == "clu_joint" and c.variant != "A":
     raise ConfigError("clu.variant: clu_joint has one step per iteration (variant A only)")
+  if method == "clu_joint" and c.slow_batches != "mixed":
+    raise ConfigError("clu.slow_batches: clu_joint has one step per iteration on one "
+                      "D_R ∪ D_L batch ('mixed' only)")
   train_bs = {"unlearn.batch_size": int(u.batch_size), "learn.batch_size": int(lc.batch_size),
               "unlearn.fisher_batch_size": int(u.fisher_batch_size),
               "eval.batch_size": int(config.eval.batch_size)}
@@ -1045,8 +1086,10 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   model_cfg = common.model_config(config)
   model = models.build(model_cfg)
   trainable = make_trainable(config, model, common.abstract_variables(model, model_cfg)["params"])
-  use_oracle = bool(config.oracle.enabled) and not retrain
   run_plans = [p for p in plans if not retrain or p.unlearns or config.oracle.stages == "all"]
+  # No oracle (nor its folder) for a stream whose stages it would not be compared with.
+  use_oracle = bool(config.oracle.enabled) and not retrain and any(
+      p.unlearns or config.oracle.stages == "all" for p in plans)
   buffers = {p.index: replay_buffer(train_src.labels, p.retain, int(c.buffer_size),
                                     int(c.buffer_seed) + p.index) for p in run_plans}
   for p in run_plans:
@@ -1057,8 +1100,6 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
                         f"for the slow steps (D_R is empty)")
 
   run_ = train.Run(workdir, config)
-  if run_.is_main:
-    np.save(os.path.join(run_.workdir, "random_idx.npy"), permutation)
   for p in plans:
     log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d", p.name, p.request.text,
              p.retain.size, p.forget.size, p.learn.size)
@@ -1202,6 +1243,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   elif oracle_dir:  # trained later, after stages that a bad path would then waste
     train.prepare_workdir(oracle_dir, "oracle.workdir")
     _check_oracle_record(config, oracle_dir)  # an unfinished oracle of another config
+  if run_.is_main:  # after the checks: a refused run leaves no file behind
+    np.save(os.path.join(run_.workdir, "random_idx.npy"), permutation)
   probs_dir = os.path.join(run_.workdir, "oracle_probs")
 
   def schedule_log(plan: StagePlan, stage: train.Stage):
@@ -1246,16 +1289,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   out["params"] = trainable.kind
   if oracle_dir:
     out["oracle_workdir"] = oracle_dir
-  if run_.is_main:
-    report.plot_stages(out, os.path.join(run_.workdir, "stages.png"))
-    plot_accuracy_matrix([s["name"] for s in out["stages"]], tasks,
-                         [s["task_acc"] for s in out["stages"]],
-                         os.path.join(run_.workdir, "acc_matrix.png"),
-                         f"{method}: test accuracy per task after each stage")
-    plot_against_oracle(out["stages"], os.path.join(run_.workdir, "stages_vs_oracle.png"),
-                        f"{method}: UA/RA/TA per stage vs the Retrain oracle (dashed)")
+  text = report.present(out, run_.workdir if run_.is_main else None)
   path = run_.write_results(out)
-  print(report.stage_table(out), flush=True)
+  print(text, flush=True)
   log.info("results written to %s", path)
   run_.close()
   return out

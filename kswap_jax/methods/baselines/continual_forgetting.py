@@ -613,16 +613,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   out = gs_lora.results_envelope(config, task_list, results, use_margin)
   out["num_trainable"] = num_trainable
-  if run_.is_main:
-    gs_lora.plot(out, os.path.join(run_.workdir, f"{method}.png"))
+  text = report.present(out, run_.workdir if run_.is_main else None)
   path = run_.write_results(out)
-  print(report.stage_table(out), flush=True)
+  print(text, flush=True)
   log.info("results written to %s", path)
   run_.close()
   return out
 
 
 _COMPILED: dict = {}
+
+
+def present(results: dict, workdir: str | None) -> str:
+  """The stage table (printed by the run and by `python -m kswap_jax.report`);
+  `<method>.png` (GS-LoRA's accuracy panel) written in `workdir` unless None."""
+  if workdir:
+    gs_lora.plot(results, os.path.join(workdir, f"{results['method']}.png"))
+  return report.stage_table(results)
 
 
 def _compiled(config, model, trainable0: Tree, mesh):

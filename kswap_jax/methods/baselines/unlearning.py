@@ -354,3 +354,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if method not in SECTIONS:
     raise ConfigError(f"method: {method!r} is not one of {', '.join(METHOD_NAMES)}")
   return ug_clu.run_stream(config, workdir, unlearner(method))
+
+
+def present(results: dict, workdir: str | None) -> str:
+  """As for the stream's other methods (`ug_clu.present`): tables and plots."""
+  return ug_clu.present(results, workdir)
