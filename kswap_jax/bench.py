@@ -677,7 +677,7 @@ def _main(args, argv) -> int:
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-      "host_memory": hostmem.describe(),
+      "host_memory": hostmem.describe(verbose=True),
   }
   if args.compare:
     res["compare"] = bench_compare(args)

@@ -155,18 +155,30 @@ def reexec_with_tunables() -> None:
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def describe() -> str:
-  """One line for a run's log: the host-memory settings in effect and who set them."""
+# What each mode does, in a few words (`describe`).
+_SUMMARY = {"retain": "glibc keeps each step's freed buffers for the next",
+            "hugepages": "glibc backs the heap with huge pages", "glibc": "glibc defaults"}
+
+
+def describe(verbose: bool = False) -> str:
+  """One line for a run's log: the host-memory settings in effect and who set them.
+
+  A mode this module restarted the process for is named with what it does (`verbose`:
+  with the exact `GLIBC_TUNABLES`, as the benchmark records it); settings a caller made
+  are given as they are.
+  """
   value = os.environ.get("GLIBC_TUNABLES")
   jax = sys.modules.get("jax")
-  inline = jax is not None and not jax.config.read("jax_cpu_enable_async_dispatch")
-  settings = (f"GLIBC_TUNABLES={value}" if value is not None else "glibc defaults") + (
-      ", CPU computations dispatched inline" if inline else "")
+  inline = ", CPU computations dispatched inline" if (
+      jax is not None and not jax.config.read("jax_cpu_enable_async_dispatch")) else ""
   mode = os.environ.get(_MARK)
   if mode:
-    return (f"host memory: {mode} ({settings}; restarted by kswap_jax.hostmem; "
-            f"KSWAP_HOST_MEMORY={'|'.join(m for m in MODES if m != mode)} changes it)")
-  return f"host memory: {settings}" + (" (set by the caller)" if value is not None else "")
+    what = f"GLIBC_TUNABLES={value}" if verbose else _SUMMARY.get(mode, mode)
+    return (f"host memory: {mode} ({what}{inline}; KSWAP_HOST_MEMORY="
+            f"{'|'.join(m for m in MODES if m != mode)} changes it)")
+  settings = f"GLIBC_TUNABLES={value}" if value is not None else "glibc defaults"
+  return f"host memory: {settings}{inline}" + (" (set by the caller)" if value is not None
+                                               else "")
 
 
 def cpu_seconds() -> float:

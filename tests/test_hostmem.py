@@ -11,7 +11,7 @@ import pytest
 from kswap_jax import hostmem
 
 SCRIPT = ("import os; from kswap_jax import hostmem; hostmem.reexec_with_tunables(); "
-          "import jax; print(hostmem.describe()); "
+          "import jax; print(hostmem.describe()); print(hostmem.describe(verbose=True)); "
           "print('TUNABLES', os.environ.get('GLIBC_TUNABLES')); "
           "print('ASYNC', jax.config.read('jax_cpu_enable_async_dispatch'))")
 OURS = ("GLIBC_TUNABLES", "KSWAP_HUGEPAGES", "KSWAP_HOST_MEMORY", "KSWAP_HOST_MEMORY_RESTARTED",
@@ -33,28 +33,31 @@ def test_restarts_once_with_the_tunables_of_the_default_mode():
   lines = out.stdout.strip().splitlines()
   inline = ", CPU computations dispatched inline" if mode == "retain" else ""
   others = "|".join(m for m in hostmem.MODES if m != mode)
+  what = {"retain": "glibc keeps each step's freed buffers for the next",
+          "hugepages": "glibc backs the heap with huge pages"}[mode]
   assert lines == [  # one process printed, once
-      f"host memory: {mode} (GLIBC_TUNABLES={planned['GLIBC_TUNABLES']}{inline}; restarted by "
-      f"kswap_jax.hostmem; KSWAP_HOST_MEMORY={others} changes it)",
+      f"host memory: {mode} ({what}{inline}; KSWAP_HOST_MEMORY={others} changes it)",
+      f"host memory: {mode} (GLIBC_TUNABLES={planned['GLIBC_TUNABLES']}{inline}; "
+      f"KSWAP_HOST_MEMORY={others} changes it)",
       f"TUNABLES {planned['GLIBC_TUNABLES']}",
       f"ASYNC {mode != 'retain'}"]
   assert out.stderr == ""  # silent: run.py's bad-input contract is one line on stderr
 
 
 def test_modes_opt_outs_and_a_user_setting():
-  assert _run(KSWAP_HOST_MEMORY="glibc").stdout.split("\n")[1:3] == ["TUNABLES None", "ASYNC True"]
-  assert _run(KSWAP_HUGEPAGES="0").stdout.split("\n")[1] == "TUNABLES None"
+  assert _run(KSWAP_HOST_MEMORY="glibc").stdout.split("\n")[2:4] == ["TUNABLES None", "ASYNC True"]
+  assert _run(KSWAP_HUGEPAGES="0").stdout.split("\n")[2] == "TUNABLES None"
   user = _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2").stdout.strip().splitlines()
-  assert user == ["host memory: GLIBC_TUNABLES=glibc.malloc.arena_max=2 (set by the caller)",
-                  "TUNABLES glibc.malloc.arena_max=2", "ASYNC True"]
+  assert user == 2 * ["host memory: GLIBC_TUNABLES=glibc.malloc.arena_max=2 (set by the caller)"
+                      ] + ["TUNABLES glibc.malloc.arena_max=2", "ASYNC True"]
   # A caller's own retaining tunables still get inline dispatch (the heap would grow otherwise).
   keep = _run(GLIBC_TUNABLES=hostmem.RETAIN).stdout.strip().splitlines()
   assert keep[0].endswith("CPU computations dispatched inline (set by the caller)")
-  assert keep[2] == "ASYNC False"
+  assert keep[3] == "ASYNC False"
   if hostmem.planned_environment({}):
     huge = _run(KSWAP_HOST_MEMORY="hugepages").stdout.strip().splitlines()
     planned = hostmem.planned_environment({"KSWAP_HOST_MEMORY": "hugepages"})
-    assert huge[1:] == [f"TUNABLES {planned.get('GLIBC_TUNABLES')}", "ASYNC True"]
+    assert huge[2:] == [f"TUNABLES {planned.get('GLIBC_TUNABLES')}", "ASYNC True"]
   assert not hostmem.planned_environment({"KSWAP_HOST_MEMORY": "glibc"})
   assert not hostmem.planned_environment({"GLIBC_TUNABLES": ""})
   assert hostmem.host_mode({"JAX_PLATFORMS": "cuda"}) == "hugepages"
