@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import pathlib
 import re
 import shutil
 import sys
+import time
 import types
 from typing import Iterator, Sequence
 
@@ -43,6 +45,9 @@ import numpy as np
 from PIL import Image
 
 from kswap_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0  # a progress line per split this often while images are read
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                             ".tiff", ".ppm", ".pgm"})
@@ -247,6 +252,11 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
   names = [f"unused_{i}" for i in range(num_classes)]
   for folder, label in labels.items():
     names[label] = folder
+  shown = ", ".join(f"{folder} -> {label}" for folder, label in list(labels.items())[:4])
+  log.info("%s: %d class folder(s) (%s%s), label space %d; %s", name, len(labels), shown,
+           ", ..." if len(labels) > 4 else "", num_classes, ", ".join(
+               f"{split} {sum(len(files) for files in classes.values())} images"
+               for split, classes in layout.items()))
 
   version_dir = pathlib.Path(data_dir).expanduser() / name / VERSION
   try:
@@ -269,11 +279,18 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
       "label": tfds.features.ClassLabel(names=names),
   })
 
-  def examples(classes: dict[str, list[pathlib.Path]]) -> Iterator[tuple[str, dict]]:
+  def examples(split: str, classes: dict[str, list[pathlib.Path]]
+               ) -> Iterator[tuple[str, dict]]:
+    total, done = sum(len(files) for files in classes.values()), 0
+    start = last = time.monotonic()
     for folder, files in classes.items():
       for path in files:
         yield f"{folder}/{path.name}", {
             "image": _load(path, mode, image_size, encoding), "label": labels[folder]}
+        done += 1
+        if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
+          last = time.monotonic()
+          log.info("%s: %d/%d images (%.0f s)", split, done, total, last - start)
 
   description = (f"Image folders {[os.fspath(r) for r in roots]} converted by "
                  f"kswap_jax.data.image_folder (label_rule={label_rule}, "
@@ -288,7 +305,7 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
 
   def split_generators(self, dl_manager):
     del self, dl_manager  # Everything is local.
-    return {split: examples(classes) for split, classes in layout.items()}
+    return {split: examples(split, classes) for split, classes in layout.items()}
 
   def generate_examples(self):
     raise NotImplementedError  # `split_generators` hands tfds the generators directly.
@@ -298,7 +315,11 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
       "ImageFolderBuilder", (tfds.core.GeneratorBasedBuilder,), {"skip_registration": True},
       lambda ns: ns.update(name=name, VERSION=tfds.core.Version(VERSION), _info=info,
                            _split_generators=split_generators,
-                           _generate_examples=generate_examples))
+                           _generate_examples=generate_examples,
+                           # tfds prints "Downloading and preparing ... Unknown size" and
+                           # "downloaded"; nothing downloads here (our log line says what).
+                           _log_download_bytes=lambda self: None,
+                           _log_download_done=lambda self: None))
   builder = builder_cls(data_dir=os.fspath(pathlib.Path(data_dir).expanduser()),
                         file_format="array_record")
   try:
@@ -334,6 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "as the test split (default 0: train only)")
   parser.add_argument("--split_seed", type=int, default=0, help="seed of that hold-out")
   args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout,
+                      force=True)
+  log.setLevel(logging.INFO)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  tfds.disable_progress_bar()  # ours: a line per split every PROGRESS_EVERY_S and at its end
   try:
     path = build(args.root, args.name, args.data_dir, label_rule=args.label_rule,
                  image_size=args.image_size, channels=args.channels,
@@ -344,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {path}")
+  print(f"read it with data.old = dict(kind='tfds', name='{args.name}', "
+        f"data_dir='{args.data_dir}') (README, 'Data')")
   return 0
 
 

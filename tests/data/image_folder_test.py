@@ -132,6 +132,15 @@ def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
   assert image_folder.main(["--root", str(root), "--name", "toy_cli", "--data_dir", out,
                             "--label_rule", "sorted_rank"]) == 0
   assert sources.TfdsSource("toy_cli", "train", out).labels.tolist() == [0, 0, 1, 1, 2, 2]
+  # What was read and how the folders became labels, progress per split, where it went;
+  # not tfds' "Downloading and preparing dataset Unknown size" (nothing downloads).
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].startswith("toy_cli: 3 class folder(s) (") and "label space 3" in printed[0]
+  assert [line for line in printed if "/6 images" in line] == [
+      line for line in printed if line.startswith("train: ")]
+  assert printed[-2:] == [f"wrote {out}/toy_cli/1.0.0", f"read it with data.old = dict("
+                          f"kind='tfds', name='toy_cli', data_dir='{out}') (README, 'Data')"]
+  assert not any("Downloading" in line or "%|" in line for line in printed), printed
 
   empty = tmp_path / "empty"
   empty.mkdir()
