@@ -30,8 +30,8 @@ digits, Acc_o = 0 on the digits forgotten before, Acc_r 88-95 (the retain CE wit
 margin even raises it); with `proximal` block 0's group is exactly zero after tasks 1 and 2.
 
 The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR 12) runs
-all 12 methods of the family in ~11 minutes on 2 busy CPU cores; its measured leaderboard and
-what the baselines do are in docs/continual_forgetting_baselines.md.
+all 12 methods of the family in 683 s (11.4 min) on 2 busy CPU cores; its measured
+leaderboard and what the baselines do are in docs/continual_forgetting_baselines.md.
 """
 
 from kswap_jax import methods
@@ -95,7 +95,7 @@ def get_config(arg=None):
   c.cf_retrain.warmup_epochs = 1
   c.cf_scrub.update(dict(max_epochs=1, min_epochs=1))
 
-  if a.compare:  # every method of the family within ~15 minutes on 2 CPU cores
+  if a.compare:  # every method of the family in ~11 minutes on 2 busy CPU cores
     c.gs_lora.epochs = 4
     baselines(3)
 

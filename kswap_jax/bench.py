@@ -638,8 +638,33 @@ def parse_args(argv=None):
       p.error(f"--{flag}: expected an int >= {least}, got {getattr(args, flag)}")
   if not 0 <= args.dropout < 1:
     p.error(f"--dropout: expected a rate in [0, 1), got {args.dropout}")
+  if args.pipeline_only and args.no_pipeline:
+    p.error("--pipeline_only with --no_pipeline leaves nothing to measure; pass one")
+  # Output paths are checked now, not after minutes of benchmarking.
+  for flag, path, kind in (("--json", args.json, "file"), ("--profile", args.profile, "folder")):
+    if path:
+      problem = _unwritable(path, kind)
+      if problem:
+        p.error(f"{flag} {path}: {problem}")
   args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
   return args
+
+
+def _unwritable(path: str, kind: str) -> str:
+  """Why `path` (a file or a folder to write) cannot be written, or ""."""
+  path = os.path.abspath(path)
+  if kind == "file" and os.path.isdir(path):
+    return "is a folder; expected a file path"
+  if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+    return "is a file; expected a folder"
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"{parent} is a file, not a folder"
+  if not os.access(parent, os.W_OK):
+    return f"{parent} is not writable"
+  return ""
 
 
 def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:

@@ -9,8 +9,11 @@ sub-workdir `<workdir>/<method>/seed_<s>`. A rerun skips finished (method, seed)
 the same config, refuses ones that finished with another (before anything trains) and
 resumes an interrupted one from its checkpoints. It then writes a leaderboard: per method,
 the family's headline metrics (mean ± std over seeds), the number of trainable parameters
-and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png`.
-`--config.<field>=<value>` overrides apply to every method.
+and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png` in the
+workdir (default `./workdir/<config name>[_<arg>]_compare`); `python -m kswap_jax.report
+WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
+The first run of a seed also does the work its family shares (pretraining, the Retrain
+oracle), which its seconds include.
 """
 
 from __future__ import annotations
@@ -75,10 +78,13 @@ def _check_finished(workdir: str, name: str, seed: int, sub_config) -> None:
         f"the change concerns pretraining, the data or the model)")
 
 
-def _summary(values: list[float]) -> dict:
-  arr = np.asarray([v for v in values if isinstance(v, (int, float))], np.float64)
+def _summary(values: list[float | None]) -> dict:
+  """mean, std (ddof 1) and n over the finite numbers in `values` (None when n = 0: a
+  metric a method does not report, e.g. clu_retrain's gap to itself; strict JSON)."""
+  arr = np.asarray([v for v in values if isinstance(v, (int, float))
+                    and not isinstance(v, bool) and math.isfinite(v)], np.float64)
   if arr.size == 0:
-    return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": None, "std": None, "n": 0}
   return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
           "n": int(arr.size)}
 
@@ -101,9 +107,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
       raise ConfigError(
           f"--methods: {name!r} is not a {family} method; this config's method "
           f"{config.method!r} compares against {', '.join(methods.FAMILIES[family])}")
+  field = "--seeds" if seeds else "seed"
   seeds = seeds or [int(config.seed)]
-  if any(s < 0 for s in seeds):
-    raise ConfigError(f"--seeds: expected ints >= 0, got {', '.join(map(str, seeds))}")
+  negative = [s for s in seeds if s < 0]
+  if negative:
+    raise ConfigError(f"{field}: expected ints >= 0, got {', '.join(map(str, negative))}")
   for flag, values in (("--methods", names), ("--seeds", seeds)):
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
@@ -115,25 +123,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   for name in names:
     for seed in seeds:
       _check_finished(workdir, name, seed, _config_for(config, name, seed, workdir))
-  rows = {}
+  rows, total, count = {}, len(names) * len(seeds), 0
   for name in names:
     per_seed = []
     for seed in seeds:
+      count += 1
       sub = os.path.join(workdir, name, f"seed_{seed}")
       results_path = os.path.join(sub, "results.json")
       timing_path = os.path.join(sub, "compare_seconds.json")
       if not os.path.exists(results_path):
         ckpts = os.path.join(sub, "checkpoints")
         resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
-        log.info("[compare] %s, seed %d -> %s%s", name, seed, sub,
+        log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, name, seed, sub,
                  " (resuming an earlier attempt)" if resumed else "")
         start = time.time()
-        methods.run(_config_for(config, name, seed, workdir), sub)
+        try:
+          methods.run(_config_for(config, name, seed, workdir), sub)
+        except ConfigError:
+          try:  # the method's folder, when the refused run's was its only content
+            os.rmdir(os.path.join(workdir, name))
+          except OSError:
+            pass
+          raise
         # A resumed run's seconds are this attempt's only: the killed ones left no time.
         train.write_json(timing_path, {"seconds": time.time() - start, "resumed": resumed})
       else:
-        log.info("[compare] %s, seed %d: finished earlier, results read from %s", name, seed,
-                 results_path)
+        log.info("[compare] %d/%d %s, seed %d: finished earlier, results read from %s", count,
+                 total, name, seed, results_path)
       with open(results_path) as f:
         results = json.load(f)
       timing = {"seconds": float("nan")}
@@ -157,11 +173,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     f.write(table + "\n")
   plot(board, os.path.join(workdir, "leaderboard.png"))
   print(table, flush=True)
+  log.info("leaderboard written to %s.{md,json,png}", os.path.join(workdir, "leaderboard"))
   return board
 
 
 def _cell(s: dict) -> str:
-  if not s["n"] or math.isnan(s["mean"]):
+  if not s["n"] or s["mean"] is None or math.isnan(s["mean"]):  # NaN: an older board
     return "–"
   return f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["n"] > 1 else "")
 
@@ -181,23 +198,29 @@ def markdown(board: dict) -> str:
   seeds = ", ".join(map(str, board["seeds"]))
   note = ("\n*: resumed after an interruption; seconds of the last attempt only."
           if any(r.get("seconds_resumed") for r in board["methods"].values()) else "")
-  return "\n".join(lines) + f"\n\n{board['family']}, seeds {seeds}.{note}"
+  return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}. Seconds: wall time of "
+                             f"each run; a seed's first run includes the work shared by all "
+                             f"(pretraining, the Retrain oracle).{note}")
 
 
 def plot(board: dict, path: str) -> None:
   """Grouped bars: one group per headline metric, one bar per method, std as error bars."""
   head, names = board["headline"], list(board["methods"])
-  fig = report.figure(figsize=(max(6, 1.5 * len(head) * max(1, len(names)) / 2), 4))
+  # ~0.3 in per bar, at most 16 in wide (12 methods x 4 metrics used to take 36 in).
+  fig = report.figure(figsize=(min(16, max(6, 0.3 * len(head) * max(1, len(names)) + 2)), 4))
   ax = fig.add_subplot(1, 1, 1)
   width = 0.8 / max(1, len(names))
   for j, name in enumerate(names):
     row = board["methods"][name]
-    ax.bar([i + j * width for i in range(len(head))], [row[k]["mean"] for k in head], width,
-           yerr=[row[k]["std"] for k in head], label=name, capsize=3)
+    nan = float("nan")
+    ax.bar([i + j * width for i in range(len(head))],
+           [nan if row[k]["mean"] is None else row[k]["mean"] for k in head], width,
+           yerr=[nan if row[k]["std"] is None else row[k]["std"] for k in head], label=name,
+           capsize=3)
   ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(head))],
                 [report.METRICS.get(k, (k,))[0] for k in head])
   ax.set_ylabel("%")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, ncol=2 if len(names) > 6 else 1)
   ax.grid(alpha=0.3, axis="y")
   ax.set_title(f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}")
   fig.tight_layout()
@@ -212,10 +235,13 @@ def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list |
       a = f"--{flag}={next(args, '')}"
     if a.startswith(f"--{flag}="):
       raw = a.split("=", 1)[1]
-      try:
-        value = [kind(x) for x in raw.split(",") if x.strip()]
-      except ValueError:
-        raise ConfigError(f"--{flag}: expected a comma-separated list, got {raw!r}") from None
+      value = []
+      for x in (x.strip() for x in raw.split(",")):
+        try:
+          value += [kind(x)] if x else []
+        except ValueError:
+          raise ConfigError(f"--{flag}: {x!r} is not an int (expected a comma-separated list "
+                            f"of ints, e.g. 0,1,2)") from None
       if not value:
         raise ConfigError(f"--{flag}: expected at least one entry")
     else:

@@ -116,8 +116,13 @@ def run(argv: list[str] | None = None) -> int:
   if args.lora_file:
     if conv.lora:
       raise ValueError("lora_file: the source already holds a LoRA tree")
-    with np.load(args.lora_file, allow_pickle=False) as f:
-      lora = {k: np.asarray(f[k], np.float32) for k in f.files}
+    if not os.path.isfile(args.lora_file):
+      raise ValueError(f"--lora_file {args.lora_file}: no such file")
+    try:
+      lora = {k: np.asarray(v, np.float32)
+              for k, v in interop.load_lora_flat(args.lora_file).items()}
+    except ValueError as e:
+      raise ValueError(f"--lora_file {e}") from None
     missing = [k[:-2] for k in lora if k.endswith("/a") and k[:-2] + "/kernel" not in conv.params]
     if missing:
       raise ValueError(f"lora_file: {args.lora_file}: module {missing[0]} has no kernel in "

@@ -39,6 +39,7 @@ METRICS = {
     "avg_gap_mean": ("Avg.Gap mean", "down"),
 }
 _ARROWS = {"up": " ↑", "down": " ↓", "": ""}
+FINAL_WIDTH = 100  # the stage table's `final:` line is wrapped at this many characters
 
 
 def figure(**kwargs):
@@ -76,9 +77,16 @@ def stage_table(results: dict) -> str:
     rows.append(f"{s['name']:<{width}}" + "".join(
         f"{_fmt(s[c]) if c in s else '-':>10}" for c in columns))
   final = results.get("final", {})
-  if final:
-    rows.append("final: " + ", ".join(
-        f"{METRICS[k][0] if k in METRICS else k} {_fmt(v)}" for k, v in final.items()))
+  if final:  # wrapped between entries: the unlearning methods' line has ~20 of them
+    entries = [f"{METRICS[k][0] if k in METRICS else k} {_fmt(v)}" for k, v in final.items()]
+    line = "final:"
+    for i, entry in enumerate(entries):
+      entry += "," if i < len(entries) - 1 else ""
+      if len(line) + 1 + len(entry) > FINAL_WIDTH and line.strip() != "final:":
+        rows.append(line)
+        line = " " * len("final:")
+      line += " " + entry
+    rows.append(line)
   return "\n".join(rows)
 
 
@@ -154,24 +162,52 @@ def present(results: dict, workdir: str | None) -> str:
 
 def main(argv=None) -> int:
   """`python -m kswap_jax.report WORKDIR`: prints a finished run's tables and writes its
-  plots into WORKDIR, as the run did."""
+  plots into WORKDIR, as the run did (for a `python -m kswap_jax.compare` workdir: the
+  leaderboard and its plot)."""
   parser = argparse.ArgumentParser(prog="python -m kswap_jax.report", description=main.__doc__)
   parser.add_argument("workdir")
   args = parser.parse_args(argv)
   path = os.path.join(args.workdir, "results.json")
-  board = os.path.join(args.workdir, "leaderboard.md")
+  board = os.path.join(args.workdir, "leaderboard.json")
+  if not os.path.isdir(args.workdir):
+    what = "a file" if os.path.exists(args.workdir) else "no such folder"
+    print(f"error: {args.workdir}: {what}; expected a run's workdir (it holds results.json)",
+          file=sys.stderr)
+    return 2
   if not os.path.exists(path) and os.path.exists(board):
-    print(f"error: {args.workdir}: a `python -m kswap_jax.compare` workdir; its table is "
-          f"{board}, each run's is in <method>/seed_<s>/", file=sys.stderr)
+    return _leaderboard(args.workdir, board)
+  seeds = sorted(d for d in os.listdir(args.workdir) if re.fullmatch(r"seed_\d+", d))
+  if not os.path.exists(path) and seeds:
+    print(f"error: {args.workdir}: one method of a `python -m kswap_jax.compare` workdir; "
+          f"its runs are {', '.join(seeds)} (pass one of them)", file=sys.stderr)
     return 2
   try:
     with open(path) as f:
       results = json.load(f)
+    if not isinstance(results, dict) or not results.get("stages"):
+      raise ValueError("no stages")
     text = present(results, args.workdir)
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     print(f"error: {path}: not a finished run's results envelope ({e})", file=sys.stderr)
     return 2
   print(text)
+  return 0
+
+
+def _leaderboard(workdir: str, path: str) -> int:
+  """A `python -m kswap_jax.compare` workdir: its table printed, its plot redrawn."""
+  from kswap_jax import compare  # pylint: disable=import-outside-toplevel
+  try:
+    with open(path) as f:
+      board = json.load(f)
+    table = compare.markdown(board)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    print(f"error: {path}: not a leaderboard written by kswap_jax.compare ({e})",
+          file=sys.stderr)
+    return 2
+  print(table)
+  compare.plot(board, os.path.join(workdir, "leaderboard.png"))
+  print(f"each run's own tables: python -m kswap_jax.report {workdir}/<method>/seed_<s>")
   return 0
 
 

@@ -659,6 +659,18 @@ def finish_pending_saves() -> None:
     run.checkpointer.wait()
 
 
+def close_runs_under(folder: str) -> None:
+  """Closes the open runs whose workdir is `folder` or below it (a refused run's, before
+  its empty folders are removed: orbax's background clean-up would list them)."""
+  root = os.path.join(os.path.abspath(folder), "")
+  for run in list(_OPEN_RUNS):
+    if os.path.join(os.path.abspath(run.workdir), "").startswith(root):
+      try:
+        run.close()
+      except Exception:  # pylint: disable=broad-except  (the refusal is what is reported)
+        _OPEN_RUNS.discard(run)
+
+
 def check_workdir(workdir: str, field: str = "--workdir") -> None:
   """A workdir is a filesystem path: checkpoints, metrics and results are written with the
   os module, so a URL (`gs://...`) would become a local folder named after it."""
@@ -688,12 +700,40 @@ def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
 RESUMABLE_SECTIONS = ("debug", "train", "distributed")
 
 
-def config_difference(recorded: dict, config: ml_collections.ConfigDict) -> str:
+def config_difference(recorded: dict, config: ml_collections.ConfigDict,
+                      fields: Sequence[str] | None = None, ignore: Sequence[str] = ()) -> str:
   """The first field in which `config` differs from `recorded` (a config's JSON record),
-  outside `RESUMABLE_SECTIONS`, as "field: was X, now Y"; "" when they agree."""
+  outside `RESUMABLE_SECTIONS`, as "field: was X, now Y"; "" when they agree.
+
+  `fields`: compare only these (dotted paths: "seed", "data.old", "pretrain"), less the
+  dotted paths in `ignore`.
+  """
   new = json.loads(config.to_json_best_effort())
+  if fields is not None:
+    a, b = _pick(recorded, fields), _pick(new, fields)
+    for path in ignore:
+      for d in (a, b):
+        *parents, leaf = path.split(".")
+        for key in parents:
+          d = d.get(key, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+          d.pop(leaf, None)
+    return _first_difference(a, b)
   return _first_difference({k: v for k, v in recorded.items() if k not in RESUMABLE_SECTIONS},
                            {k: v for k, v in new.items() if k not in RESUMABLE_SECTIONS})
+
+
+def _pick(record: dict, fields: Sequence[str]) -> dict:
+  """The nested dict of `record` holding only the dotted `fields` it has."""
+  out: dict = {}
+  for field in fields:
+    node, target, keys = record, out, field.split(".")
+    for key in keys[:-1]:
+      node = node.get(key, {}) if isinstance(node, dict) else {}
+      target = target.setdefault(key, {})
+    if isinstance(node, dict) and keys[-1] in node:
+      target[keys[-1]] = node[keys[-1]]
+  return out
 
 
 def _first_difference(a, b, prefix: str = "") -> str:

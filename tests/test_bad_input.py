@@ -149,6 +149,14 @@ _CASES = {
                                False),
     "zero_log_interval": (["--config.train.log_every_steps=0"],
                           ["train.log_every_steps", ">= 1"], False),
+    "checkpoint_the_init_kind_ignores": (  # the demo pretrains its own model
+        ["--config.init.checkpoint=/x/vit.npz"], ["init.checkpoint", "init.kind=pretrain"],
+        False),
+    "negative_swap_epochs": (["--config.ks.forget_epochs=-1"], ["ks.forget_epochs", "-1"],
+                             False),
+    "negative_pretrain_epochs": (["--config.pretrain.epochs=-2"], ["pretrain.epochs", "-2"],
+                                 False),
+    "adam_beta_out_of_range": (["--config.optim.b1=2.0"], ["optim.b1", "[0, 1)"], False),
     "npz_checkpoint_wrong_shape": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/wrong_shape.npz"],
         ["init.checkpoint", _MLP_KERNEL], True),
@@ -380,6 +388,26 @@ def test_only_new_empty_folders_are_removed(tmp_path, monkeypatch):
   (tmp_path / "new" / "checkpoints").mkdir(parents=True)
   methods._remove_new_empty_folders("new", fresh)  # pylint: disable=protected-access
   assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_run_removes_the_parent_folders_it_created(tmp_path, monkeypatch):
+  """`--workdir=/new/parents/run`: makedirs made /new and /new/parents too; a refusal
+  removes them when empty, and nothing above them."""
+  import types  # pylint: disable=import-outside-toplevel
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  def refusing_run(config, workdir):
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    raise ConfigError("init.checkpoint: wrong shapes")
+  config = methods.default_config("lbf")
+  config.init.kind = "random"
+  monkeypatch.setattr(methods, "get", lambda name: types.SimpleNamespace(run=refusing_run))
+  monkeypatch.setattr(methods, "check_sections", lambda config: None)
+  (tmp_path / "kept").mkdir()
+  with pytest.raises(ConfigError, match="wrong shapes"):
+    methods.run(config, str(tmp_path / "kept" / "new" / "parents" / "run"))
+  assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
 
 
 def test_workdir_that_is_a_file_is_named(tmp_path):

@@ -137,6 +137,14 @@ def test_initial_lora_from_a_converted_file_or_a_config_error(tiny, tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ConfigError, match="init.lora_checkpoint"):
     common.initial_lora(config, base, lora.LoraSpec(rank=8), jax.random.key(1))
+  # A run's own lora_<stage>.npz (leaves .../lora_a, .../lora_b) is read the same way.
+  run_file = str(tmp_path / "lora_forget.npz")
+  checkpoint.save_npz(jax.device_get(lora.join({}, tree)), run_file)
+  assert any(k.endswith("/lora_a") for k in np.load(run_file).files)
+  config.init.lora_checkpoint = run_file
+  got = common.initial_lora(config, base, spec, jax.random.key(1))
+  for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
   config.init.lora_checkpoint = str(tmp_path / "missing.npz")
   with pytest.raises(ConfigError, match="init.lora_checkpoint"):
     common.initial_lora(config, base, spec, jax.random.key(1))

@@ -3,6 +3,7 @@ nothing that finished."""
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -41,7 +42,9 @@ def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_facto
   # laf resumed from its checkpoint: its seconds are that attempt's, and the table says so.
   assert board["methods"]["laf"]["seconds_resumed"]
   assert not board["methods"]["lbf"]["seconds_resumed"]
-  on_disk = json.load(open(workdir / "leaderboard.json"))
+  def strict(constant):
+    raise AssertionError(f"leaderboard.json holds {constant}, which is not JSON")
+  on_disk = json.load(open(workdir / "leaderboard.json"), parse_constant=strict)
   assert on_disk["methods"]["laf"]["acc_f"]["mean"] == board["methods"]["laf"]["acc_f"]["mean"]
   table = open(workdir / "leaderboard.md").read()
   assert "| lbf |" in table and "| laf |" in table and "Acc_f" in table
@@ -49,14 +52,36 @@ def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_facto
   assert os.path.getsize(workdir / "leaderboard.png") > 0
 
 
+def test_a_shared_pretrained_model_of_another_config_is_refused(tmp_path_factory, tmp_path):
+  """A pretrained model (compare shares one per seed) is reused only by a config that
+  pretrains the same way; it used to be reused whatever pretrain.* said."""
+  pretrained = method_run(tmp_path_factory, "demo", "runlocal,method=pretrain")[0]
+  config = load_config("demo", "runlocal")
+  config.init.pretrain_workdir = pretrained
+  epochs = config.pretrain.epochs
+  config.pretrain.epochs = epochs + 1
+  with pytest.raises(ConfigError, match=rf"^init\.pretrain_workdir {re.escape(pretrained)}: "
+                                        rf".*\(pretrain\.epochs: was {epochs}, now {epochs + 1}\)"):
+    methods.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_compare_command_rejects_bad_lists(tmp_path):
   import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   proc = subprocess.run([sys.executable, "-m", "kswap_jax.compare",
                          "--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
-                         "--seeds=a,b"], cwd=REPO, capture_output=True, text=True,
+                         "--seeds=0, 1.5"], cwd=REPO, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
-  assert proc.returncode == 2 and proc.stderr.startswith("error: --seeds"), proc.stderr
+  assert proc.returncode == 2 and proc.stderr.startswith(
+      "error: --seeds: '1.5' is not an int"), proc.stderr
   assert not os.listdir(tmp_path)
+  assert compare._split_list(["--methods= lbf, laf,"], "methods") == ([], ["lbf", "laf"])
+  config = load_config("demo", "runlocal")
+  config.seed = -1  # the config's seed, not a --seeds entry, is named
+  with pytest.raises(ConfigError, match=r"^seed: expected ints >= 0, got -1$"):
+    compare.run(config, str(tmp_path / "cmp"))
+  with pytest.raises(ConfigError, match=r"^--seeds: expected ints >= 0, got -2$"):
+    compare.run(load_config("demo", "runlocal"), str(tmp_path / "cmp"), seeds=[0, -2])
 
 
 def test_compare_refuses_a_method_of_another_family(tmp_path, monkeypatch):
@@ -127,12 +152,42 @@ def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch
       not os.listdir(tmp_path / "other" / "checkpoints")
 
 
-def test_report_on_a_compare_workdir_points_at_the_leaderboard(tmp_path, capsys):
+def test_report_on_a_compare_workdir_prints_the_leaderboard(tmp_path, capsys):
   from kswap_jax import report  # pylint: disable=import-outside-toplevel
   assert report.main([str(tmp_path)]) == 2
   assert "not a finished run's results envelope" in capsys.readouterr().err
-  (tmp_path / "leaderboard.md").write_text("| method |\n")
-  assert report.main([str(tmp_path)]) == 2
-  err = capsys.readouterr().err
-  assert err.startswith(f"error: {tmp_path}: a `python -m kswap_jax.compare` workdir") and (
-      str(tmp_path / "leaderboard.md") in err)
+  for bad in ("[1, 2]", '{"method": "nosuch", "stages": []}'):
+    (tmp_path / "results.json").write_text(bad)
+    assert report.main([str(tmp_path)]) == 2
+    assert "not a finished run's results envelope" in capsys.readouterr().err
+  (tmp_path / "results.json").unlink()
+  (tmp_path / "a_file").write_text("")
+  assert report.main([str(tmp_path / "a_file")]) == 2
+  assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'a_file'}: a file; expected")
+  (tmp_path / "lbf" / "seed_0").mkdir(parents=True)
+  assert report.main([str(tmp_path / "lbf")]) == 2
+  assert "its runs are seed_0 (pass one of them)" in capsys.readouterr().err
+  # A metric one method does not report (clu_retrain's gap to itself) is null, not NaN.
+  row = {"ua": compare._summary([1.0, 3.0]), "avg_gap": compare._summary([float("nan")]),
+         "num_trainable": 10, "seconds": compare._summary([2.0]), "seconds_resumed": False}
+  assert row["avg_gap"] == {"mean": None, "std": None, "n": 0}
+  board = {"family": "unlearning", "config_method": "sfr_on", "seeds": [0, 1],
+           "headline": ["ua", "avg_gap"], "methods": {"clu_retrain": row}}
+  (tmp_path / "leaderboard.json").write_text(json.dumps(board, allow_nan=False))
+  assert report.main([str(tmp_path)]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[2] == "| clu_retrain | 2.00 ± 1.41 | – | 10 | 2.00 |", out
+  assert os.path.getsize(tmp_path / "leaderboard.png") > 0
+
+
+def test_a_refused_run_leaves_no_empty_method_folder(tmp_path, monkeypatch):
+  """methods.run removes the empty folders a refused run made under its own workdir; compare
+  removes the method's folder above it."""
+  def refused(cfg, wd):
+    os.makedirs(os.path.join(wd, "checkpoints"))
+    shutil.rmtree(wd)  # what methods.run's clean-up leaves
+    raise ConfigError("oracle.workdir x: holds the oracle of another stream")
+  monkeypatch.setattr(methods, "run", refused)
+  with pytest.raises(ConfigError, match="^oracle.workdir"):
+    compare.run(load_config("demo", "runlocal"), str(tmp_path / "cmp"), ["lbf", "laf"])
+  assert os.listdir(tmp_path / "cmp") == []

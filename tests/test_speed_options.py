@@ -420,6 +420,10 @@ def test_compare_torch_without_torch_exits_2(capsys):
     (["--rank=0"], "error: --rank: expected an int >= 1"),
     (["--dropout=1.5"], "error: --dropout: expected a rate in [0, 1)"),
     (["--variant=foo"], "error: model.variant: unknown variant 'foo'"),
+    # Checked before anything compiles (they used to fail after the whole benchmark).
+    ([f"--json={__file__}/x.json"], f"error: --json {__file__}/x.json: {__file__} is a file"),
+    ([f"--profile={__file__}"], f"error: --profile {__file__}: is a file; expected a folder"),
+    (["--pipeline_only"], "error: --pipeline_only with --no_pipeline leaves nothing"),
 ])
 def test_bad_bench_flags_exit_2_with_one_line(flags, message, capsys):
   try:

@@ -169,7 +169,10 @@ def test_report_shows_the_oracle_table_and_plots_as_the_run(tmp_path_factory, tm
   assert report.main([str(tmp_path)]) == 0
   out = capsys.readouterr().out
   head, oracle = out.split("\n\nRetrain oracle (")
-  assert head.splitlines()[-1].startswith("final: UA ")
+  finals = [line for line in head.splitlines() if line.startswith("final: ")]
+  assert len(finals) == 1 and finals[0].startswith("final: UA ")
+  assert head.splitlines()[-1].startswith(" " * len("final: "))  # the wrapped rest
+  assert max(map(len, head.splitlines())) <= report.FINAL_WIDTH
   rows = oracle.splitlines()
   assert rows[0] == f"{results['oracle_workdir']})" and rows[1].split() == [
       "stage", "UA", "RA", "TA", "MIA"]

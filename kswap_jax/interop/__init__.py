@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import re
 import struct
 import zipfile
 from typing import Any, Iterable
@@ -239,15 +240,25 @@ def save(conv: Converted, out: str) -> list[str]:
   return [path for _, path in tmps]
 
 
-def load_lora(path: str) -> dict:
-  """The LoRA tree ({module path: {"a", "b"}}) of an OUT.lora.npz written by `save`."""
-  from kswap_jax import checkpoint  # local import: checkpoint pulls in orbax
-  with np.load(path, allow_pickle=False) as f:
-    flat = {k: f[k] for k in f.files}
+def load_lora_flat(path: str) -> dict[str, np.ndarray]:
+  """{"<module>/a" | "<module>/b": array} of an OUT.lora.npz written by `save`, or of a
+  run's `lora_<stage>.npz` (its leaves named `<module>/lora_a`, `<module>/lora_b`)."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      flat = {re.sub(r"/lora_([ab])$", r"/\1", k): f[k] for k in f.files}
+  except (ValueError, OSError, zipfile.BadZipFile) as e:  # numpy's names neither file nor why
+    raise ValueError(f"{path}: not a LoRA .npz of plain arrays ({e})") from None
   bad = [k for k in flat if not k.endswith(("/a", "/b"))]
-  if bad:
-    raise ValueError(f"{path}: {bad[0]!r} is not a LoRA leaf (names end in /a or /b)")
-  return checkpoint.unflatten(flat)
+  if bad or not flat:
+    raise ValueError(f"{path}: {bad[0]!r} is not a LoRA leaf (names end in /a or /b, or "
+                     f"/lora_a or /lora_b)" if bad else f"{path}: holds no arrays")
+  return flat
+
+
+def load_lora(path: str) -> dict:
+  """The LoRA tree ({module path: {"a", "b"}}) of `load_lora_flat(path)`."""
+  from kswap_jax import checkpoint  # local import: checkpoint pulls in orbax
+  return checkpoint.unflatten(load_lora_flat(path))
 
 
 def merged(conv: Converted) -> dict[str, np.ndarray]:

@@ -159,24 +159,43 @@ def check_seeds(config: ml_collections.ConfigDict, path: str = "") -> None:
 
 # The shared sections' counts: (section, field, least value allowed).
 _COUNTS = (("eval", "every_steps", 0), ("train", "log_every_steps", 1),
-           ("train", "checkpoint_every_steps", 0), ("train", "max_checkpoints_to_keep", 1))
+           ("train", "checkpoint_every_steps", 0), ("train", "max_checkpoints_to_keep", 1),
+           ("pretrain", "epochs", 1), ("pretrain", "warmup_epochs", 0),
+           ("pretrain", "batch_size", 1))
 
 
-def check_counts(config: ml_collections.ConfigDict) -> None:
-  """The shared sections' step counts are ints in range (a negative `eval.every_steps` would
-  evaluate at the wrong iterations, a zero `train.log_every_steps` divide by zero)."""
-  for section, key, least in _COUNTS:
-    if section in config and key in config[section]:
-      value = config[section][key]
-      if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{section}.{key}: expected an int >= {least}, got {value!r}")
+def check_counts(config: ml_collections.ConfigDict, path: str = "") -> None:
+  """The shared sections' counts are ints in range (a negative `eval.every_steps` would
+  evaluate at the wrong iterations, a zero `train.log_every_steps` divide by zero, negative
+  `pretrain.epochs` train nothing), and every AdamW section (one with b1 and b2, e.g.
+  `optim`, `pretrain.optim`) has lr > 0, b1 and b2 in [0, 1), eps > 0, weight_decay >= 0."""
+  if not path:
+    for section, key, least in _COUNTS:
+      if section in config and key in config[section]:
+        value = config[section][key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+          raise ConfigError(f"{section}.{key}: expected an int >= {least}, got {value!r}")
+  if "b1" in config and "b2" in config:
+    for key, ok, expected in (("lr", lambda v: v > 0, "> 0"),
+                              ("min_lr", lambda v: v >= 0, ">= 0"),
+                              ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+                              ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                              ("eps", lambda v: v > 0, "> 0"),
+                              ("weight_decay", lambda v: v >= 0, ">= 0")):
+      value = config.get(key, None)
+      if key in config and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not ok(value)):
+        raise ConfigError(f"{path}{key}: expected a number {expected}, got {value!r}")
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      check_counts(value, f"{path}{key}.")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` in `workdir` and returns its results envelope.
 
   The config is checked first (its method's sections, seeds, step counts, the files `init`
-  names), so bad input costs seconds; folders a failed attempt created and left empty are
+  names, a shared pretrained model's config), so bad input costs seconds; folders a failed attempt created and left empty are
   removed.
   """
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
@@ -186,11 +205,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_seeds(config)
   check_counts(config)
   common.check_init_files(config)
+  from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
+  pretrain.check_pretrained(config, workdir)
   existing = _folders(workdir)
+  above = os.path.abspath(workdir)  # the nearest folder that exists: none above it is new
+  while not os.path.exists(above) and os.path.dirname(above) != above:
+    above = os.path.dirname(above)
   try:
     return get(str(config.method)).run(config, workdir)
   except ConfigError:
+    train.close_runs_under(workdir)  # orbax's background clean-up would list removed folders
     _remove_new_empty_folders(workdir, existing)
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while len(parent) > len(above):  # the workdir's parents the run created, when empty
+      try:
+        os.rmdir(parent)
+      except OSError:
+        break
+      parent = os.path.dirname(parent)
     raise
 
 

@@ -119,6 +119,10 @@ def check_init_files(config) -> None:
       raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
                         "checkpoint (python -m kswap_jax.convert writes one)")
     _require_file("init.checkpoint", str(init.checkpoint), "a .npz checkpoint in our layout")
+  elif init.get("checkpoint"):  # would be ignored: the run would not start from it
+    raise ConfigError(f"init.checkpoint: {init.checkpoint} is set, but init.kind="
+                      f"{init.get('kind')} does not read it; add --config.init.kind=npz to "
+                      f"start from it, or leave init.checkpoint empty")
   if init.get("lora_checkpoint"):
     _require_file("init.lora_checkpoint", str(init.lora_checkpoint), _LORA_FILE)
 

@@ -110,6 +110,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if method not in STAGE_ORDER:
     raise ConfigError(f"method: {method!r} is not a Knowledge Swapping order (lbf, laf)")
   ks, ocfg = config.ks, config.optim
+  for field in ("learn_epochs", "forget_epochs"):
+    value = ks[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"ks.{field}: expected an int >= 1, got {value!r}")
   mesh = train.mesh_for(config)
 
   # Everything is validated before the workdir is touched or a pretraining run starts.

@@ -14,6 +14,7 @@ Outputs in the workdir: `params.npz`, `results.json` ({"method": "pretrain", "st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -23,6 +24,7 @@ import ml_collections
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import losses, models, report, train
 from kswap_jax.data import splits
+from kswap_jax.errors import ConfigError
 from kswap_jax.methods import common
 from kswap_jax.optim import schedules
 
@@ -36,6 +38,15 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
 
 def num_classes(config) -> int:
   return int(config.pretrain.num_classes) or int(config.model.num_classes)
+
+
+# The config fields pretraining reads (not data.new, the swap's, nor the resumable ones):
+# a pretrained model is reused by a run whose config agrees with its own in all of them.
+PRETRAIN_FIELDS = ("seed", "model", "data.old", "data.mean", "data.std", "data.augment",
+                   "data.crop_padding", "pretrain")
+# Model fields that change how the model computes, not its parameters' names or values:
+# a model pretrained unscanned is reused by a scanned run (its checkpoint is converted).
+PRETRAIN_LAYOUT = ("model.scan", "model.remat", "model.remat_policy")
 
 
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -54,6 +65,31 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not os.path.exists(path):
     log.info("no pretrained model at %s: running the pretrain method first", path)
     run(config, config.init.pretrain_workdir)
+    return
+  check_pretrained(config, workdir)
+
+
+def check_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """With `init.kind = "pretrain"`, a finished pretraining run in `init.pretrain_workdir`
+  (default `<workdir>/pretrain`) must have pretrained the way `config` would
+  (`PRETRAIN_FIELDS`, less `PRETRAIN_LAYOUT`); `methods.run` checks it before the method
+  starts.
+
+  Raises:
+    ConfigError: naming the first field that differs.
+  """
+  if config.init.kind != "pretrain":
+    return
+  folder = str(config.init.pretrain_workdir or os.path.join(workdir, "pretrain"))
+  record = os.path.join(folder, "config.json")
+  if not (os.path.exists(os.path.join(folder, "params.npz")) and os.path.exists(record)):
+    return
+  with open(record) as f:
+    diff = train.config_difference(json.load(f), config, PRETRAIN_FIELDS, PRETRAIN_LAYOUT)
+  if diff:
+    raise ConfigError(f"init.pretrain_workdir {folder}: holds a model pretrained with "
+                      f"another config ({diff}); use another init.pretrain_workdir, or "
+                      f"delete it to pretrain again")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -116,7 +152,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     acc = common.eval_accuracies(config, predict_step, state, {}, {"test": test_set}, mesh)
     run_.finish_stage(state, "pretrain", {"acc": acc["test"]})
   acc = run_.meta["results"]["pretrain"]["acc"]
-  log.info("[pretrain] test accuracy on %d classes: %.2f%%", n, acc)
+  log.info("[pretrain] test accuracy on classes 0..%d (argmax over the pretraining head's %d "
+           "rows; a method's own evaluation may use more): %.2f%%", n - 1, n, acc)
   if run_.is_main:
     path = os.path.join(run_.workdir, "params.npz")
     if state.model_state:

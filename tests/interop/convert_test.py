@@ -179,6 +179,20 @@ def test_round_trip_vit_jax_and_merged_lora_export(tmp_path, capsys):
   want = p[f"{name}/kernel"] + 2.0 * lora[f"{name}/a"] @ lora[f"{name}/b"]
   np.testing.assert_allclose(back.params[f"{name}/kernel"], want, rtol=1e-6, atol=1e-6)
   assert back.params["cls"].tobytes() == p["cls"].tobytes()
+  # A run's lora_<stage>.npz names its leaves .../lora_a, .../lora_b: merged the same way.
+  np.savez(tmp_path / "lora_forget.npz", **{f"{name}/lora_{k[-1]}": v for k, v in lora.items()})
+  code, _, err = _cli(capsys, tmp_path / "b.npz", "--layout", "vit_jax", "--to", "vit_jax",
+                      "--lora_file", tmp_path / "lora_forget.npz", "--lora_alpha", 4,
+                      "--out", tmp_path / "m.npz")
+  assert code == 0, err
+  with np.load(tmp_path / "m.npz") as f:
+    np.testing.assert_allclose(f[f"{name}/kernel"], want, rtol=1e-6, atol=1e-6)
+  # Not a LoRA file: one line naming the flag and the file, nothing written.
+  code, _, err = _cli(capsys, tmp_path / "b.npz", "--layout", "vit_jax", "--lora_file",
+                      tmp_path / "a.npz", "--out", tmp_path / "n.npz")
+  assert code == 2 and err.startswith(f"error: --lora_file {tmp_path / 'a.npz'}: ") and (
+      "is not a LoRA leaf" in err), err
+  assert not (tmp_path / "n.npz").exists()
 
 
 def test_export_refuses_what_timm_cannot_express(tmp_path):
