@@ -133,8 +133,8 @@ def test_scanned_encoder_run_matches_the_unrolled_one(lbf_run, tmp_path):
 def test_ctrl_c_ends_a_run_with_one_line_and_status_130_and_the_rerun_resumes(tmp_path):
   """SIGINT to `python run.py` (as Ctrl-C sends it to the process group) while it trains and
   saves a checkpoint every step: exit 130, one line saying how to resume, no traceback and
-  no crash at exit. The same command then completes, resumed from step 2 or later: step 3
-  was logged before the signal, and the save of step 2, started before step 3 ran (saves
+  no crash at exit. The same command then resumes from step 2 or later: step 3 was logged
+  before the signal, and the save of step 2, started before step 3 ran (saves
   are asynchronous), was finished on Ctrl-C, not lost."""
   import re, signal, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   from conftest import REPO  # pylint: disable=import-outside-toplevel
@@ -159,9 +159,18 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130_and_the_rerun_resumes(tm
   assert "Traceback" not in out, out[-3000:]
   assert out.rstrip().splitlines()[-1].startswith("interrupted: every finished checkpoint is "
                                                   "kept; rerun the same command"), out[-3000:]
-  rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
-                         timeout=600)
-  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-  resumed = re.search(r"resumed from \S+/pretrain/checkpoints at step (\d+)", rerun.stdout)
-  assert resumed and int(resumed.group(1)) >= 2, rerun.stdout[-3000:]
-  assert (tmp_path / "run" / "results.json").exists()
+  # The rerun is stopped once it says where it resumed (resumed runs finishing are tested
+  # elsewhere; this saves the suite the rest of the demo).
+  rerun = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+  seen, resumed = [], None
+  try:
+    for line in rerun.stdout:
+      seen.append(line)
+      resumed = re.search(r"resumed from \S+/pretrain/checkpoints at step (\d+)", line)
+      if resumed or "iteration" in line:  # resumed, or training without having resumed
+        break
+  finally:
+    os.killpg(rerun.pid, signal.SIGKILL)
+    rerun.communicate(timeout=60)
+  assert resumed and int(resumed.group(1)) >= 2, "".join(seen)[-3000:]
