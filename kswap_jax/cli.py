@@ -185,7 +185,10 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
                        f"python -m kswap_jax.config METHOD")
   for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
-      return ConfigError(f"--{flag}: cannot use {value!r} ({str(chain[-1]).splitlines()[0]})")
+      reason = str(chain[-1]).splitlines()[0]
+      hint = (" (a tuple is written as Python: --config.FIELD=\"('a','b')\", quoted for the "
+              "shell)" if "," in value and "syntax" in reason else "")
+      return ConfigError(f"--{flag}: cannot use {value!r} ({reason}){hint}")
   path = _config_spec(argv).split(":")[0]
   if any(isinstance(x, OSError) for x in chain):
     return ConfigError(f"--config: cannot load config file {path!r} "

@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     rest, names = _split_list(argv, "methods")
     rest, seeds = _split_list(rest, "seeds", int)
     config, workdir = cli.load_config(rest)
+    log.info(hostmem.describe())  # the first line of the log, as run.py's
     if not any(a == "--workdir" or a.startswith("--workdir=") for a in rest):
       workdir = workdir + "_compare"
     train.initialize_distributed(config)

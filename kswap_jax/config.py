@@ -185,7 +185,14 @@ def main(argv=None) -> int:
                     f"{' '.join(main.__doc__.split())}\n\nmethods: "
                     f"{', '.join(sorted(methods.METHODS))}"):
     return 0
+  options = [n for n in names if n.startswith("-")]
+  if options:
+    print(f"error: unknown option {options[0]} (usage: python -m kswap_jax.config "
+          f"[METHOD ...])", file=sys.stderr)
+    return 2
   try:
+    for name in names:  # all checked before anything is printed
+      methods.get(name)
     for name in names:
       config = methods.default_config(name)
       print(f"# method={name}: --config.<field>=<value> overrides any of these")

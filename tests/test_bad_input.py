@@ -152,6 +152,10 @@ _CASES = {
     "checkpoint_the_init_kind_ignores": (  # the demo pretrains its own model
         ["--config.init.checkpoint=/x/vit.npz"], ["init.checkpoint", "init.kind=pretrain"],
         False),
+    "tuple_override_without_parentheses": (
+        ["--config=configs/ug_clu_digits.py:runlocal",
+         "--config.clu.requests=learn:1,forget:bogus:1"],
+        ["--config.clu.requests", "a tuple is written as Python"], False),
     "negative_swap_epochs": (["--config.ks.forget_epochs=-1"], ["ks.forget_epochs", "-1"],
                              False),
     "negative_pretrain_epochs": (["--config.pretrain.epochs=-2"], ["pretrain.epochs", "-2"],
@@ -444,3 +448,9 @@ def test_config_listing_help_and_unknown_method(capsys):
   assert out.startswith("usage: python -m kswap_jax.config [METHOD ...]") and "ug_clu" in out
   assert config.main(["bogus"]) == 2
   assert capsys.readouterr().err.startswith("error: method: unknown method 'bogus'")
+  # Every name is checked before anything is listed; an option is not a method name.
+  assert config.main(["lbf", "bogus"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.startswith("error: method: unknown method 'bogus'")
+  assert config.main(["gs_lora", "--foo"]) == 2
+  assert capsys.readouterr().err.startswith("error: unknown option --foo")
