@@ -188,14 +188,20 @@ UNRECORDED = ("gelu", "layer_norm_eps", "attention_scale")
 
 
 def _from_run_record(path: str, conv: Converted) -> Converted:
-  """This repo's own export (a run's `merged_params.npz`): the fields the file cannot record
-  are taken from the `config.json` beside it when that run's ViT has the file's sizes;
+  """This repo's own export (a run's `merged_params.npz`, a pretraining run's `params.npz`):
+  the fields the file cannot record are taken from the `config.json` beside it when that
+  run's ViT has the file's sizes (its head: model.num_classes or pretrain.num_classes);
   otherwise a note says they are vit_jax's conventions, not read from the file."""
   record = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
   try:
     with open(record) as f:
-      model = json.load(f)["model"]
-    same = model["name"] == conv.model["name"] and _sizes(model) == _sizes(conv.model)
+      recorded = json.load(f)
+    model = recorded["model"]
+    # A pretraining run's params.npz has the pretraining head (pretrain.num_classes, when
+    # set), not model.num_classes.
+    heads = {model["num_classes"], (recorded.get("pretrain") or {}).get("num_classes")}
+    same = model["name"] == conv.model["name"] and any(
+        _sizes({**model, "num_classes": n}) == _sizes(conv.model) for n in heads if n)
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     same = False  # no record, or not one of ours
   if not same:

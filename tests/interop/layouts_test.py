@@ -149,8 +149,9 @@ def test_vit_jax_npz(tmp_path):
 
 
 def test_vit_jax_npz_of_our_run_takes_unrecorded_fields_from_its_config_json(tmp_path):
-  """A run's merged_params.npz: the fields the file cannot hold come from the run's
-  config.json beside it, and only when that run's model has the file's sizes."""
+  """A run's merged_params.npz (or a pretraining run's params.npz): the fields the file
+  cannot hold come from the run's config.json beside it, and only when that run's model
+  (with the pretraining head) has the file's sizes."""
   src = tmp_path / "merged_params.npz"
   np.savez(src, **S.vit_jax_params())
   guessed = interop.convert(str(src), "vit_jax")
@@ -164,6 +165,11 @@ def test_vit_jax_npz_of_our_run_takes_unrecorded_fields_from_its_config_json(tmp
   (tmp_path / "config.json").write_text(json.dumps(
       {"model": dict(run_model, num_classes=S.CLASSES + 1)}))
   assert interop.convert(str(src), "vit_jax").model == guessed.model
+  # A pretraining run's params.npz: its head is pretrain.num_classes, not model.num_classes.
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"method": "pretrain", "model": dict(run_model, num_classes=S.CLASSES + 1),
+       "pretrain": {"num_classes": S.CLASSES}}))
+  assert interop.convert(str(src), "vit_jax").model == run_model
 
 
 @pytest.mark.parametrize("pool", ["tok", "gap"])
