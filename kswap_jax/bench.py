@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
+import io
 import json
 import os
 import platform
@@ -533,6 +535,9 @@ def report(res: dict) -> None:
                                               "dropout_bits", "dtype", "remat", "scan"))
     depth = f" depth {mc['depth']}" if mc["depth"] else ""
     print(f"model {mc['variant']}{depth} @ {mc['image_size']}px, dropout {mc['dropout']}, {opts}")
+    if mc["variant"].startswith("test/"):
+      print("  (the test ViT: its step is too small for the speed figures below to say anything "
+            "about a real model; it checks the wiring)")
     print(f"step {st['step']}: batch {st['batch_size_per_stream']} per stream "
           f"({st['images_per_step']} images), LoRA r{st['lora_rank']} "
           f"({st['trainable_parameters']:,} trainable)")
@@ -647,7 +652,37 @@ def parse_args(argv=None):
       if problem:
         p.error(f"{flag} {path}: {problem}")
   args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
+  if args.compare:
+    _check_compare(p, args)
   return args
+
+
+def _check_compare(p: argparse.ArgumentParser, args) -> None:
+  """`--compare 'name=flags;name=flags'`: two or more named variants, names distinct, each
+  variant's flags valid on top of the command line's (checked now, before any compile)."""
+  items = [x.strip() for x in args.compare.split(";") if x.strip()]
+  names = []
+  for item in items:
+    name, eq, flags = item.partition("=")
+    if not eq or not name.strip():
+      p.error(f"--compare: {item!r} is not NAME=FLAGS (e.g. 'before=--dropout_mask=flax;"
+              f"after=')")
+    if name.strip() in names:
+      p.error(f"--compare: variant name {name.strip()!r} given twice")
+    names.append(name.strip())
+    if "--compare" in flags or "--json" in flags:
+      p.error(f"--compare: variant {name.strip()!r}: its flags cannot hold --compare or --json")
+    said = io.StringIO()
+    try:
+      with contextlib.redirect_stderr(said):
+        parse_args(args.argv + flags.split())
+    except SystemExit:
+      why = said.getvalue().strip().splitlines()[-1:] or ["refused"]
+      why = why[0].removeprefix("error: ").removesuffix(" (see --help)")
+      p.error(f"--compare: variant {name.strip()!r}: {why}")
+  if len(items) < 2:
+    p.error(f"--compare: expected two or more variants 'NAME=FLAGS;NAME=FLAGS', got "
+            f"{len(items)}")
 
 
 def _unwritable(path: str, kind: str) -> str:

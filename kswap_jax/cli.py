@@ -140,11 +140,26 @@ def load_config(argv):
     config.method  # pylint: disable=pointless-statement  # forces the lazy file load
   except Exception as e:  # noqa: BLE001 - config files and overrides are user input
     raise _as_config_error(e, argv) from None
+  _warn_repeated(argv)
   if len(rest) > 1:  # absl leaves the program name and the arguments that are not flags
     hint = f"; did you mean --config={rest[1]}?" if rest[1].split(":")[0].endswith(".py") else ""
     raise ConfigError(f"unexpected argument {rest[1]!r}: every argument is a flag "
                       f"(--config=FILE[:ARG], --workdir=DIR, --config.FIELD=VALUE){hint}")
   return config, values.workdir or default_workdir(_config_spec(argv))
+
+
+def _warn_repeated(argv) -> None:
+  """A flag given twice keeps its last value (absl's rule, handy for appending overrides
+  to a base command); a warning names the flag and the value kept, so it is no surprise."""
+  given: dict[str, list[str]] = {}
+  for a in argv[1:]:
+    if a.startswith("-") and "=" in a:
+      name, value = a.split("=", 1)
+      given.setdefault(name.lstrip("-"), []).append(value)
+  for name, values in given.items():
+    if len(values) > 1 and len(set(values)) > 1:
+      log.warning("warning: --%s given %d times (%s); the last, %s, is used", name,
+                  len(values), ", ".join(values), values[-1])
 
 
 def _as_config_error(error: BaseException, argv) -> ConfigError:

@@ -422,6 +422,20 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
     train.prepare_workdir(str(tmp_path / "afile"))
 
 
+def test_a_flag_given_twice_keeps_the_last_value_and_says_so(monkeypatch, caplog):
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  argv = ["run.py", "--config=configs/demo.py:runlocal", "--config.seed=1", "--workdir=/tmp/a",
+          "--config.seed=2", "--workdir=/tmp/b", "--config.ks.beta=0.3", "--config.ks.beta=0.3"]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads overrides from sys.argv
+  with caplog.at_level("WARNING", logger="kswap_jax.cli"):
+    config, workdir = cli.load_config(argv)
+  assert (config.seed, workdir) == (2, "/tmp/b")
+  warned = [r.getMessage() for r in caplog.records]
+  assert warned == ["warning: --config.seed given 2 times (1, 2); the last, 2, is used",
+                    "warning: --workdir given 2 times (/tmp/a, /tmp/b); the last, /tmp/b, "
+                    "is used"]  # the same value twice is no surprise: no warning
+
+
 def test_unwritable_workdir(runs):
   workdir, (proc,) = runs["unwritable_workdir"]
   _assert_clean_failure(proc, workdir, "--workdir", str(workdir))

@@ -424,6 +424,10 @@ def test_compare_torch_without_torch_exits_2(capsys):
     ([f"--json={__file__}/x.json"], f"error: --json {__file__}/x.json: {__file__} is a file"),
     ([f"--profile={__file__}"], f"error: --profile {__file__}: is a file; expected a folder"),
     (["--pipeline_only"], "error: --pipeline_only with --no_pipeline leaves nothing"),
+    (["--compare=garbage"], "error: --compare: 'garbage' is not NAME=FLAGS"),
+    (["--compare=a=;b=--gelu=tanh;a=--scan"], "error: --compare: variant name 'a' given twice"),
+    (["--compare=a=--rank=0;b="], "error: --compare: variant 'a': --rank: expected an int >= 1"),
+    (["--compare=only="], "error: --compare: expected two or more variants"),
 ])
 def test_bad_bench_flags_exit_2_with_one_line(flags, message, capsys):
   try:

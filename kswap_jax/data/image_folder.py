@@ -67,6 +67,10 @@ def _images(path: pathlib.Path) -> list[pathlib.Path]:
                 and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pathlib.Path]]]:
   """{split: {class folder name: sorted image paths}} over one or more roots.
 
@@ -253,9 +257,9 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
   for folder, label in labels.items():
     names[label] = folder
   shown = ", ".join(f"{folder} -> {label}" for folder, label in list(labels.items())[:4])
-  log.info("%s: %d class folder(s) (%s%s), label space %d; %s", name, len(labels), shown,
+  log.info("%s: %s (%s%s), label space %d; %s", name, _count(len(labels), "class folder"), shown,
            ", ..." if len(labels) > 4 else "", num_classes, ", ".join(
-               f"{split} {sum(len(files) for files in classes.values())} images"
+               f"{split} {_count(sum(len(files) for files in classes.values()), 'image')}"
                for split, classes in layout.items()))
 
   version_dir = pathlib.Path(data_dir).expanduser() / name / VERSION
@@ -290,7 +294,7 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
         done += 1
         if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
           last = time.monotonic()
-          log.info("%s: %d/%d images (%.0f s)", split, done, total, last - start)
+          log.info("%s: %d/%s (%.0f s)", split, done, _count(total, "image"), last - start)
 
   description = (f"Image folders {[os.fspath(r) for r in roots]} converted by "
                  f"kswap_jax.data.image_folder (label_rule={label_rule}, "

@@ -135,12 +135,20 @@ def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
   # What was read and how the folders became labels, progress per split, where it went;
   # not tfds' "Downloading and preparing dataset Unknown size" (nothing downloads).
   printed = capsys.readouterr().out.splitlines()
-  assert printed[0].startswith("toy_cli: 3 class folder(s) (") and "label space 3" in printed[0]
+  assert printed[0].startswith("toy_cli: 3 class folders (") and "label space 3" in printed[0]
   assert [line for line in printed if "/6 images" in line] == [
       line for line in printed if line.startswith("train: ")]
   assert printed[-2:] == [f"wrote {out}/toy_cli/1.0.0", f"read it with data.old = dict("
                           f"kind='tfds', name='toy_cli', data_dir='{out}') (README, 'Data')"]
   assert not any("Downloading" in line or "%|" in line for line in printed), printed
+
+  # One class folder holding one image (one task's data may be a single class).
+  _write(tmp_path / "one" / "cat", np.random.default_rng(1), count=1)
+  assert image_folder.main(["--root", str(tmp_path / "one"), "--name", "toy_one",
+                            "--data_dir", out]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].startswith("toy_one: 1 class folder (cat -> 0)"), printed
+  assert printed[0].endswith("; train 1 image") and "train: 1/1 image (" in printed[1], printed
 
   empty = tmp_path / "empty"
   empty.mkdir()
