@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -25,11 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from kswap_jax import lora as lora_lib
 from kswap_jax.errors import ConfigError
 
 log = logging.getLogger("kswap_jax")
+
+# Training steps this process has asked jax's preemption sync about (`stop_requested`).
+_SYNC_CALLS = itertools.count(1)
 
 
 @dataclasses.dataclass
@@ -41,26 +46,26 @@ class CrossedIntervalPolicy:
   """
   interval: int
 
-  def should_save(self, step, previous_steps, *, context) -> bool:
+  def crossed(self, step: int, last: int) -> bool:
+    """Whether `step` is past a multiple of the interval that `last` (the last save) is not."""
+    return self.interval > 0 and step // self.interval > last // self.interval
+
+  def should_save(self, step, previous_steps, *, context) -> bool:  # orbax's policy protocol
     del context
-    if self.interval <= 0:
-      return False
-    last = previous_steps[-1].step if previous_steps else 0
-    return step.step // self.interval > last // self.interval
+    return self.crossed(step.step, previous_steps[-1].step if previous_steps else 0)
 
 
 class Checkpointer:
   """An orbax `CheckpointManager` over `<workdir>/checkpoints` with state + JSON meta items.
 
-  Periodic saves follow orbax's save-decision policies: every `every_steps` optimizer
-  steps (`CrossedIntervalPolicy`) and whenever a preemption signal is received.
+  Periodic saves follow a save-decision policy: every `every_steps` optimizer steps
+  (`CrossedIntervalPolicy`). A multi-process run's stop request (a preemption notice, or
+  Ctrl-C: `request_stop`) is the training loop's, through `stop_requested`.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2, every_steps: int = 0):
     self.directory = os.path.abspath(directory)
-    policy = ocp.checkpoint_managers.AnySavePolicy([
-        CrossedIntervalPolicy(int(every_steps)),
-        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+    self.policy = policy = CrossedIntervalPolicy(int(every_steps))
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -70,8 +75,10 @@ class Checkpointer:
                                              save_decision_policy=policy))
 
   def should_save(self, step: int) -> bool:
-    """Whether the periodic policy asks for a checkpoint at `step`."""
-    return self.manager.should_save(step)
+    """Whether the periodic policy asks for a checkpoint at `step`. Decided here, not by
+    orbax's `CheckpointManager.should_save`: that also asks jax's preemption sync, with
+    the train state's step, which would mix with `stop_requested`'s count."""
+    return self.policy.crossed(step, self.manager.latest_step() or 0)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves asynchronously, whatever the policy says; a checkpoint at `step` is replaced.
@@ -85,6 +92,23 @@ class Checkpointer:
         self.manager.delete(step)
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  @staticmethod
+  def stop_requested() -> bool:
+    """Whether every process of a multi-process run has reached the training step at which
+    a stop request is honoured: after a preemption notice (SIGTERM) or `request_stop`
+    reached any process, jax's preemption sync picks the same step on all of them (one past
+    the furthest any had reached). Every process must call this once per training step.
+
+    The steps are counted per process from its first call, not by the train state's step:
+    a request that arrives before the first call (while a resumed run compiles) is then due
+    at the first call; with the state's step it would wait for a step already passed."""
+    if jax.process_count() == 1:
+      return False
+    try:
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
+    except RuntimeError:  # jax_enable_preemption_service is off: no stop requests
+      return False
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
     """(state, meta) from the newest complete checkpoint, or None when there is none.

@@ -11,7 +11,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from kswap_jax.errors import ConfigError, NonFiniteLossError
+from kswap_jax.errors import ConfigError, NonFiniteLossError, StopRequested
 
 from kswap_jax import hostmem, methods, train
 
@@ -254,13 +254,15 @@ def _line_in(path: str, chain: list[BaseException]) -> int | None:
 
 
 INTERRUPTED = 130  # the exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+_CUT_SHORT = [False]  # Ctrl-C raised where it landed (not a stop all processes agreed on)
 
 
 def guarded(command) -> int:
   """Runs `command()` as a command-line program: our progress at INFO, libraries from
   WARNING (jax reports the TPU backend it did not find at INFO, normal on CPU and GPU
   machines); bad input -> one `error:` line and exit 2, a non-finite loss -> exit 1,
-  Ctrl-C -> pending checkpoint saves finish, one line, exit 130."""
+  Ctrl-C -> pending checkpoint saves finish, one line, exit 130 (several processes: all
+  stop together after a checkpoint, `train.stop_on_interrupt`)."""
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   logging.getLogger("kswap_jax").setLevel(logging.INFO)
@@ -272,7 +274,12 @@ def guarded(command) -> int:
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except StopRequested as e:  # several processes, stopped together after a checkpoint
+    print(f"interrupted: {e}; rerun the same command (every process) to resume from it",
+          file=sys.stderr)
+    return INTERRUPTED
   except KeyboardInterrupt:
+    _CUT_SHORT[0] = True
     try:
       train.finish_pending_saves()
     except KeyboardInterrupt:
@@ -285,10 +292,12 @@ def guarded(command) -> int:
 
 def exit_program(code: int) -> None:
   """Ends a command-line program with `code`. After Ctrl-C (`INTERRUPTED`, pending saves
-  already finished) a single process skips the interpreter's teardown: an XLA compilation
-  cut short makes it crash with SIGSEGV. (Several processes keep it: it shuts the
-  distributed runtime down.)"""
-  if code == INTERRUPTED and jax.process_count() == 1:
+  already finished) a process that was cut short skips the interpreter's teardown: after
+  an XLA compilation cut short it crashed (SIGSEGV), and in a multi-process run it waited
+  for the others at the distributed runtime's shutdown (measured: still there after 120 s).
+  Processes that stopped together (`errors.StopRequested`) keep it: it shuts the
+  distributed runtime down cleanly."""
+  if code == INTERRUPTED and (jax.process_count() == 1 or _CUT_SHORT[0]):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access
@@ -309,6 +318,7 @@ def main(argv=None) -> int:
   def command():
     config, workdir = load_config(argv)
     log.info(hostmem.describe())
-    train.initialize_distributed(config)
+    if train.initialize_distributed(config):
+      train.stop_on_interrupt()
     dispatch(config, workdir)
   return guarded(command)

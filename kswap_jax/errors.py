@@ -15,6 +15,11 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/inf loss; the message names the stage and step."""
 
 
+class StopRequested(KeyboardInterrupt):
+  """A multi-process run stopped on request (Ctrl-C or a preemption notice) at a step all
+  processes agreed on, its checkpoint written; the command line ends it as Ctrl-C (130)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse, but a usage error is one `error: ...` line (exit 2), as other bad input."""
 

@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 import weakref
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -24,11 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax._src import distributed as jax_distributed  # the preemption service's state
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax.errors import ConfigError, NonFiniteLossError
+from kswap_jax.errors import ConfigError, NonFiniteLossError, StopRequested
 
 log = logging.getLogger("kswap_jax")
 
@@ -114,6 +117,42 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
   log.info("process %d of %d, %d device(s) in all", jax.process_index(), jax.process_count(),
            jax.device_count())
   return True
+
+
+_STOP = {"requested": False}
+
+
+def stop_on_interrupt() -> bool:
+  """In a multi-process run (after `initialize_distributed`), makes Ctrl-C a stop request
+  for all processes (`request_stop`): each trains on to the step jax's preemption sync
+  picks, saves a checkpoint there and raises `StopRequested`. A second Ctrl-C raises
+  KeyboardInterrupt at once. Does nothing (False) in a single process, outside the main
+  thread, or without jax's preemption service; there Ctrl-C raises at once.
+
+  Without it, processes interrupted at different steps wait for each other's collectives
+  or checkpoint barriers, and each ends killed or hung."""
+  if (jax.process_count() == 1 or threading.current_thread() is not threading.main_thread()
+      or getattr(jax_distributed.global_state, "preemption_sync_manager", None) is None):
+    return False
+
+  def handler(signum, frame):
+    del signum, frame
+    if _STOP["requested"]:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    _STOP["requested"] = True
+    log.warning("stop requested: every process saves a checkpoint at the next step all of "
+                "them reach, then stops (Ctrl-C again stops this process at once)")
+    request_stop()
+  signal.signal(signal.SIGINT, handler)
+  return True
+
+
+def request_stop() -> None:
+  """Asks every process of a multi-process run to stop at a common step after saving a
+  checkpoint: sends this process the preemption notice jax's preemption sync listens for
+  (SIGTERM), which reaches the others through the coordination service."""
+  os.kill(os.getpid(), signal.SIGTERM)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -579,7 +618,9 @@ class Run:
       self.meta.update(stage_index=index, stage_step=s + 1, streams=dict(positions))
       last = s + 1 == total
       log_now = (s + (0 if stage.log_first else 1)) % self.log_every == 0 or last
-      save_now = not last and self.checkpointer.should_save(step)
+      # Every process asks at every step (jax's preemption sync needs it), the last too.
+      stop = self.checkpointer.stop_requested()
+      save_now = stop or (not last and self.checkpointer.should_save(step))
       if log_now or save_now:
         self._check_finite(unchecked, stage.name, spe)
         unchecked = []
@@ -608,6 +649,10 @@ class Run:
                           "eval": result})
       if save_now:
         self.save(state, step)
+      if stop:
+        self.checkpointer.wait()
+        raise StopRequested(f"[{stage.name}] stopped at step {step} on a stop request, all "
+                            f"processes together; its checkpoint is written")
       if self.interrupt_at_step and step >= self.interrupt_at_step:
         self.checkpointer.wait()
         raise SystemExit(f"debug.interrupt_at_step: stopped at step {step} as requested")

@@ -12,10 +12,13 @@ each other's collectives.
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -35,12 +38,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(workdir, processes, *flags):
-  """`python run.py` as 1 or 2 cooperating processes; returns their outputs."""
+def _env() -> dict:
+  """The environment of a `run.py` process: CPU, one device per process, whatever device
+  count the caller's XLA_FLAGS simulate."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  # One device per process, whatever device count the caller's XLA_FLAGS simulate.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "xla_force_host_platform_device_count" not in f)
+  return env
+
+
+def _run(workdir, processes, *flags):
+  """`python run.py` as 1 or 2 cooperating processes; returns their outputs."""
+  env = _env()
   base = [sys.executable, "run.py", *_FLAGS, f"--workdir={workdir}", *flags]
   if processes == 1:
     procs = [subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -89,6 +98,51 @@ def test_two_processes_train_like_one_and_checkpoints_cross_restore(tmp_path_fac
   with open(workdirs[1] / "results.json") as f:
     assert set(json.load(f)["final"]) == {"acc_r", "acc_f", "acc_n", "h_mean"}
   assert not os.path.exists(workdirs[2] / "results.json")
+
+
+def test_ctrl_c_in_one_process_stops_every_process_at_one_step_after_a_checkpoint(
+    tmp_path_factory, tmp_path):
+  """Ctrl-C reaching one process of two: both train on to the step jax's preemption sync
+  picks, save there, print one line and exit 130 (before, each was cut short where the
+  signal landed and the other hung in a collective or the runtime's shutdown); the
+  rerun resumes from that checkpoint."""
+  workdir = tmp_path / "run"
+  shutil.copytree(method_run(tmp_path_factory, "demo", "runlocal,method=pretrain")[0],
+                  workdir / "pretrain")
+  env = _env()
+  address = f"127.0.0.1:{_free_port()}"
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  with one_multidevice_process():
+    procs = []
+    for i, log in enumerate(logs):
+      with open(log, "w") as out:
+        procs.append(subprocess.Popen(
+            [sys.executable, "run.py", *_FLAGS, f"--workdir={workdir}",
+             "--config.train.checkpoint_every_steps=0",
+             f"--config.distributed.coordinator_address={address}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+      deadline = time.monotonic() + 300
+      while "iteration 2/" not in logs[0].read_text() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+        time.sleep(0.2)
+      procs[1].send_signal(signal.SIGINT)
+      codes = [p.wait(timeout=120) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+  outs = [log.read_text() for log in logs]
+  assert codes == [130, 130], outs[0][-3000:] + outs[1][-3000:]
+  stopped = [re.findall(r"interrupted: \[learn\] stopped at step (\d+) on a stop request", o)
+             for o in outs]
+  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, outs
+  step = int(stopped[0][0])
+  assert step >= 2 and os.listdir(workdir / "checkpoints") == [str(step)]
+  assert "Traceback" not in outs[0] + outs[1]
+  for code, out in _run(workdir, 2, f"--config.debug.interrupt_at_step={step + 1}"):
+    assert code != 0 and f"at step {step}" in out and "resumed from" in out, out[-3000:]
+  assert max(_losses(workdir)) == step + 1
 
 
 def test_four_device_sharded_step_equals_single_device_step():
