@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, Iterable
 
@@ -64,6 +65,16 @@ class LoraSpec:
   alpha: float = 1.0
   init_slope: float = math.sqrt(50.0)
 
+  def __post_init__(self):
+    """ConfigError on a rank that is not a positive int or a targets regex that does not
+    compile, whether built from a config or in user code."""
+    if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank <= 0:
+      raise ConfigError(f"lora.rank: expected a positive integer, got {self.rank!r}")
+    try:
+      re.compile(self.targets)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"lora.targets: invalid regex {self.targets!r} ({e})") from None
+
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
@@ -71,15 +82,8 @@ class LoraSpec:
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "LoraSpec":
     """Reads `lora.{targets, rank, alpha, init_slope}`; raises ConfigError on bad values."""
-    spec = cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
+    return cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
                init_slope=float(cfg.init_slope))
-    if spec.rank <= 0:
-      raise ConfigError(f"lora.rank: expected a positive integer, got {spec.rank}")
-    try:
-      re.compile(spec.targets)
-    except re.error as e:
-      raise ConfigError(f"lora.targets: invalid regex {spec.targets!r} ({e})") from None
-    return spec
 
 
 def _name(path) -> str:
@@ -181,8 +185,26 @@ def _add(base: Tree, lora: Tree, scale: float, sign: float) -> Tree:
     if module is None or "kernel" not in module:
       raise ConfigError(f"lora: module {'/'.join(path)} has no kernel in the base parameters")
     kernel = module["kernel"]
+    _check_fits(path, leaf, kernel.shape)
     module["kernel"] = kernel + sign * delta(leaf, kernel.shape, scale).astype(kernel.dtype)
   return merged
+
+
+def _check_fits(path: list[str], leaf: Tree, kernel_shape: tuple[int, ...]) -> None:
+  """ConfigError unless a is (fan_in, r) and b is (r, fan_out) for this kernel (after any
+  leading axes a stacked tree shares with it): a product of the right size but the wrong
+  orientation would merge into garbage weights without a word."""
+  a, b = tuple(leaf["a"].shape), tuple(leaf["b"].shape)
+  lead = len(a) - 2
+  name = "/".join(path)
+  k = _in_axes(name + "/kernel", len(kernel_shape) - lead)
+  stack, rest = tuple(kernel_shape[:lead]), kernel_shape[lead:]
+  rank = a[-1] if a else 0
+  want_a = stack + (math.prod(rest[:k]), rank)
+  want_b = stack + (rank, math.prod(rest[k:]))
+  if lead < 0 or a != want_a or b != want_b:
+    raise ConfigError(f"lora: module {name}: a {a} and b {b} do not fit its kernel "
+                      f"{tuple(kernel_shape)} (expected a {want_a}, b {want_b})")
 
 
 def merge(base: Tree, lora: Tree, scale: float) -> Tree:

@@ -414,6 +414,32 @@ def test_a_refused_run_removes_the_parent_folders_it_created(tmp_path, monkeypat
   assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
 
 
+def test_a_run_leaves_the_callers_config_as_given(tmp_path, monkeypatch):
+  """A default the run fills in (the demo's `init.pretrain_workdir`) must not carry into the
+  caller's next run with the same ConfigDict: it silently reused the first workdir's
+  pretrained model, and a resume check blamed that field instead of the one changed."""
+  import types  # pylint: disable=import-outside-toplevel
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def filling_run(config, workdir):
+    with config.unlocked():
+      config.init.pretrain_workdir = os.path.join(workdir, "pretrain")
+    seen.append(config.init.pretrain_workdir)
+    return {}
+  config = methods.default_config("lbf")
+  monkeypatch.setattr(methods, "get", lambda name: types.SimpleNamespace(run=filling_run))
+  monkeypatch.setattr(pretrain, "check_pretrained", lambda config, workdir: None)
+  monkeypatch.setattr(methods, "check_sections", lambda config: None)
+  config.init.kind = "pretrain"
+  assert config.init.pretrain_workdir == ""
+  for name in ("a", "b"):
+    methods.run(config, str(tmp_path / name))
+  assert seen == [str(tmp_path / "a" / "pretrain"), str(tmp_path / "b" / "pretrain")]
+  assert config.init.pretrain_workdir == ""
+
+
 def test_workdir_that_is_a_file_is_named(tmp_path):
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel

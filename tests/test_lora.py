@@ -131,6 +131,28 @@ def test_merge_by_hand_and_unmerge_restores_base(tiny):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_merge_refuses_factors_that_do_not_fit_the_kernel(tiny):
+  """A transposed pair (a (fan_out, r), b (r, fan_in)) has a product of the kernel's size:
+  reshaped, it would merge into garbage weights."""
+  _, _, params = tiny
+  tree = lora.init(params, lora.LoraSpec(rank=2), jax.random.key(1))
+  mod = tree["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+  a, b = mod["a"], mod["b"]
+  mod["a"], mod["b"] = b.T, a.T
+  for fn in (lora.merge, lora.unmerge):
+    with pytest.raises(ConfigError, match=r"lora: module Transformer/encoderblock_0/MlpBlock_3/"
+                                          r"Dense_0: a \(\d+, 2\) and b \(2, \d+\) do not fit"):
+      fn(params, tree, 0.5)
+
+
+@pytest.mark.parametrize("rank", [0, -2, 1.5, True])
+def test_a_spec_built_in_code_refuses_a_bad_rank(rank):
+  with pytest.raises(ConfigError, match=r"^lora.rank: expected a positive integer"):
+    lora.LoraSpec(rank=rank)
+  with pytest.raises(ConfigError, match=r"^lora.targets: invalid regex"):
+    lora.LoraSpec(targets="(")
+
+
 def test_split_inverts_join(tiny):
   _, _, params = tiny
   tree = lora.init(params, lora.LoraSpec(rank=2), jax.random.key(1))

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 
@@ -195,9 +196,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` in `workdir` and returns its results envelope.
 
   The config is checked first (its method's sections, seeds, step counts, the files `init`
-  names, a shared pretrained model's config), so bad input costs seconds; folders a failed attempt created and left empty are
-  removed.
+  names, a shared pretrained model's config), so bad input costs seconds; folders a failed
+  attempt created and left empty are removed. The run works on a copy: `config` is left as
+  given (a default it fills in, such as `init.pretrain_workdir`, is not carried into the
+  caller's next run).
   """
+  config = copy.deepcopy(config)
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   train.check_workdir(workdir)
