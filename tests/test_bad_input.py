@@ -438,6 +438,9 @@ def test_a_run_leaves_the_callers_config_as_given(tmp_path, monkeypatch):
     methods.run(config, str(tmp_path / name))
   assert seen == [str(tmp_path / "a" / "pretrain"), str(tmp_path / "b" / "pretrain")]
   assert config.init.pretrain_workdir == ""
+  as_dict = config.to_dict()  # a plain dict is taken too
+  methods.run(as_dict, str(tmp_path / "c"))
+  assert seen[-1] == str(tmp_path / "c" / "pretrain") and as_dict == config.to_dict()
 
 
 def test_workdir_that_is_a_file_is_named(tmp_path):

@@ -75,3 +75,9 @@ def test_prox_with_injected_learning_rate_is_jittable():
   new, _ = step(t, state)
   np.testing.assert_allclose(new["Transformer"]["encoderblock_0"]["M"]["a"],
                              [[3 * 0.98, 4 * 0.98]], rtol=1e-6)
+
+
+def test_an_empty_tree_is_named():
+  from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=r"^group_lasso: the LoRA tree has no leaves"):
+    group_lasso.group_lasso_penalty({})

@@ -83,6 +83,20 @@ def test_bad_model_fields_raise_config_error_naming_the_field(field, value):
     vit.build(cfg)
 
 
+def test_build_takes_a_dict_and_refuses_a_whole_run_config():
+  from kswap_jax import methods, models  # pylint: disable=import-outside-toplevel
+  cfg = tiny_model_config()
+  model = models.build(cfg.to_dict())
+  variables = models.init_variables(model, cfg.to_dict(), jax.random.key(0))
+  images = jnp.zeros(models.input_shape(cfg, 2))
+  assert model.apply(variables, images).shape == (2, cfg.num_classes)
+  with pytest.raises(ValueError, match=r"^images: expected a batch \(batch, height, width, "
+                                       r"channels\), got shape \(16, 16, 3\)"):
+    model.apply(variables, images[0])
+  with pytest.raises(ConfigError, match=r"pass its model section \(config.model\)"):
+    models.build(methods.default_config("lbf"))
+
+
 def test_bad_pool_raises_config_error():
   cfg = tiny_model_config()
   cfg.pool = "map"

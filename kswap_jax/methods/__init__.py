@@ -201,7 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   given (a default it fills in, such as `init.pretrain_workdir`, is not carried into the
   caller's next run).
   """
-  config = copy.deepcopy(config)
+  config = (ml_collections.ConfigDict(config) if isinstance(config, dict)
+            else copy.deepcopy(config))
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   train.check_workdir(workdir)

@@ -53,12 +53,27 @@ def default_config(name: str = "vit") -> ml_collections.ConfigDict:
 
 
 def build(model_cfg: Any):
-  """The linen module for `model_cfg`; ConfigError names a bad field."""
+  """The linen module for `model_cfg` (the `model` section, a ConfigDict or a dict);
+  ConfigError names a bad field."""
+  model_cfg = _section(model_cfg)
   return module(model_cfg).build(model_cfg)
+
+
+def _section(model_cfg: Any) -> ml_collections.ConfigDict:
+  """`model_cfg` as a ConfigDict; ConfigError for a whole run config instead of its `model`."""
+  if isinstance(model_cfg, dict):
+    model_cfg = ml_collections.ConfigDict(model_cfg)
+  if not isinstance(model_cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"model: expected the model section (a ConfigDict or dict), got "
+                      f"{type(model_cfg).__name__}")
+  if "model" in model_cfg and "variant" not in model_cfg:
+    raise ConfigError("model: got a whole run config; pass its model section (config.model)")
+  return model_cfg
 
 
 def init_variables(model: Any, model_cfg: Any, rng) -> dict[str, Any]:
   """Random variables {"params", ...} for the configured input shape."""
+  model_cfg = _section(model_cfg)
   return module(model_cfg).init_variables(model, model_cfg, rng)
 
 

@@ -772,6 +772,9 @@ class VisionTransformer(nn.Module):
     `labels` matter only for the CosFace head, which subtracts its margin from the
     true-class cosine when they are given (training, and GS-LoRA's evaluation).
     """
+    if images.ndim != 4:
+      raise ValueError(f"images: expected a batch (batch, height, width, channels), got shape "
+                       f"{images.shape}")
     x = nn.Conv(self.cfg.width, (self.cfg.patch_size,) * 2, strides=(self.cfg.patch_size,) * 2,
                 padding="VALID", dtype=self.cfg.compute_dtype, name="embedding")(images)
     n, h, w, c = x.shape

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from kswap_jax import lora as lora_lib
+from kswap_jax.errors import ConfigError
 
 
 def safe_norm(sq: jax.Array) -> jax.Array:
@@ -34,6 +35,9 @@ def group_norms(tree: lora_lib.Tree, grouping: str = "block") -> jax.Array:
     sq = sum(jnp.sum(jnp.square(lora_lib.leaf_by_name(tree, n).astype(jnp.float32)))
              for n in names)
     norms.append(safe_norm(sq))
+  if not norms:
+    raise ConfigError("group_lasso: the LoRA tree has no leaves (expected a tree of "
+                      "{'a', 'b'} pairs, as lora.init makes)")
   return jnp.stack(norms)
 
 
