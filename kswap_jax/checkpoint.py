@@ -35,6 +35,8 @@ log = logging.getLogger("kswap_jax")
 
 # Training steps this process has asked jax's preemption sync about (`stop_requested`).
 _SYNC_CALLS = itertools.count(1)
+# A single process's stop request (set on SIGTERM by `train.stop_on_signals`).
+STOP = threading.Event()
 
 
 @dataclasses.dataclass
@@ -98,13 +100,14 @@ class Checkpointer:
     """Whether every process of a multi-process run has reached the training step at which
     a stop request is honoured: after a preemption notice (SIGTERM) or `request_stop`
     reached any process, jax's preemption sync picks the same step on all of them (one past
-    the furthest any had reached). Every process must call this once per training step.
+    the furthest any had reached). Every process must call this once per training step. A
+    single process stops at the first step after `STOP` is set (SIGTERM).
 
     The steps are counted per process from its first call, not by the train state's step:
     a request that arrives before the first call (while a resumed run compiles) is then due
     at the first call; with the state's step it would wait for a step already passed."""
     if jax.process_count() == 1:
-      return False
+      return STOP.is_set()
     try:
       return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
     except RuntimeError:  # jax_enable_preemption_service is off: no stop requests

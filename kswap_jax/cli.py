@@ -262,7 +262,7 @@ def guarded(command) -> int:
   WARNING (jax reports the TPU backend it did not find at INFO, normal on CPU and GPU
   machines); bad input -> one `error:` line and exit 2, a non-finite loss -> exit 1,
   Ctrl-C -> pending checkpoint saves finish, one line, exit 130 (several processes: all
-  stop together after a checkpoint, `train.stop_on_interrupt`)."""
+  stop together after a checkpoint, `train.stop_on_signals`; so does one on SIGTERM)."""
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   logging.getLogger("kswap_jax").setLevel(logging.INFO)
@@ -274,8 +274,9 @@ def guarded(command) -> int:
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except StopRequested as e:  # several processes, stopped together after a checkpoint
-    print(f"interrupted: {e}; rerun the same command (every process) to resume from it",
+  except StopRequested as e:  # stopped at a step after its checkpoint (SIGTERM; processes)
+    every = " (every process)" if jax.process_count() > 1 else ""
+    print(f"interrupted: {e}; rerun the same command{every} to resume from it",
           file=sys.stderr)
     return INTERRUPTED
   except KeyboardInterrupt:
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
   def command():
     config, workdir = load_config(argv)
     log.info(hostmem.describe())
-    if train.initialize_distributed(config):
-      train.stop_on_interrupt()
+    train.initialize_distributed(config)
+    train.stop_on_signals()
     dispatch(config, workdir)
   return guarded(command)

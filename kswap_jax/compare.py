@@ -263,8 +263,8 @@ def main(argv=None) -> int:
     log.info(hostmem.describe())  # the first line of the log, as run.py's
     if not any(a == "--workdir" or a.startswith("--workdir=") for a in rest):
       workdir = workdir + "_compare"
-    if train.initialize_distributed(config):
-      train.stop_on_interrupt()
+    train.initialize_distributed(config)
+    train.stop_on_signals()
     run(config, workdir, names, seeds)
   return cli.guarded(command)
 

@@ -122,20 +122,39 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
 _STOP = {"requested": False}
 
 
-def stop_on_interrupt() -> bool:
-  """In a multi-process run (after `initialize_distributed`), makes Ctrl-C a stop request
-  for all processes (`request_stop`): each trains on to the step jax's preemption sync
-  picks, saves a checkpoint there and raises `StopRequested`. A second Ctrl-C raises
-  KeyboardInterrupt at once. Does nothing (False) in a single process, outside the main
-  thread, or without jax's preemption service; there Ctrl-C raises at once.
+def stop_on_signals() -> str:
+  """Makes stopping a run save its place first; the command line calls it after
+  `initialize_distributed` (in the main thread). Returns what it set up:
 
-  Without it, processes interrupted at different steps wait for each other's collectives
-  or checkpoint barriers, and each ends killed or hung."""
-  if (jax.process_count() == 1 or threading.current_thread() is not threading.main_thread()
-      or getattr(jax_distributed.global_state, "preemption_sync_manager", None) is None):
-    return False
+  - "processes": a multi-process run. Ctrl-C becomes a stop request for all processes
+    (`request_stop`), as a preemption notice (SIGTERM) already is through jax's preemption
+    sync: each trains on to the step the sync picks, saves a checkpoint there and raises
+    `StopRequested`. A second Ctrl-C raises KeyboardInterrupt at once. Without it,
+    processes interrupted at different steps wait for each other's collectives or
+    checkpoint barriers, and each ends killed or hung.
+  - "sigterm": one process. SIGTERM (`kill`, `timeout`, a spot VM's or a scheduler's
+    notice) stops the run at its next training step after a checkpoint there
+    (`StopRequested`); a second SIGTERM ends it at once. Ctrl-C still raises at once.
+  - "": outside the main thread, or several processes without jax's preemption service.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return ""
+  if jax.process_count() == 1:
+    def on_sigterm(signum, frame):
+      del frame
+      if ckpt_lib.STOP.is_set():
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+      ckpt_lib.STOP.set()
+      log.warning("SIGTERM: the run stops at its next training step, after a checkpoint "
+                  "there (a second SIGTERM ends it at once)")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return "sigterm"
+  if getattr(jax_distributed.global_state, "preemption_sync_manager", None) is None:
+    return ""
 
-  def handler(signum, frame):
+  def on_sigint(signum, frame):
     del signum, frame
     if _STOP["requested"]:
       signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -144,8 +163,8 @@ def stop_on_interrupt() -> bool:
     log.warning("stop requested: every process saves a checkpoint at the next step all of "
                 "them reach, then stops (Ctrl-C again stops this process at once)")
     request_stop()
-  signal.signal(signal.SIGINT, handler)
-  return True
+  signal.signal(signal.SIGINT, on_sigint)
+  return "processes"
 
 
 def request_stop() -> None:
@@ -651,8 +670,9 @@ class Run:
         self.save(state, step)
       if stop:
         self.checkpointer.wait()
-        raise StopRequested(f"[{stage.name}] stopped at step {step} on a stop request, all "
-                            f"processes together; its checkpoint is written")
+        together = ", all processes together" if jax.process_count() > 1 else ""
+        raise StopRequested(f"[{stage.name}] stopped at step {step} on a stop request"
+                            f"{together}; its checkpoint is written")
       if self.interrupt_at_step and step >= self.interrupt_at_step:
         self.checkpointer.wait()
         raise SystemExit(f"debug.interrupt_at_step: stopped at step {step} as requested")

@@ -130,7 +130,8 @@ def test_scanned_encoder_run_matches_the_unrolled_one(lbf_run, tmp_path):
           {k: ref_npz[k].shape for k in ref_npz.files}, name
 
 
-def test_ctrl_c_ends_a_run_with_one_line_and_status_130_and_the_rerun_resumes(tmp_path):
+def test_ctrl_c_ends_a_run_with_one_line_and_status_130_and_the_rerun_resumes_and_stops_on_sigterm(
+    tmp_path):
   """SIGINT to `python run.py` (as Ctrl-C sends it to the process group) while it trains and
   saves a checkpoint every step: exit 130, one line saying how to resume, no traceback and
   no crash at exit. The same command then resumes from step 2 or later: step 3 was logged
@@ -159,8 +160,9 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130_and_the_rerun_resumes(tm
   assert "Traceback" not in out, out[-3000:]
   assert out.rstrip().splitlines()[-1].startswith("interrupted: every finished checkpoint is "
                                                   "kept; rerun the same command"), out[-3000:]
-  # The rerun is stopped once it says where it resumed (resumed runs finishing are tested
-  # elsewhere; this saves the suite the rest of the demo).
+  # The rerun gets SIGTERM once it says where it resumed (`kill`, a scheduler's or a spot
+  # VM's notice): it stops at its next training step after a checkpoint there, exit 130.
+  # (Resumed runs finishing are tested elsewhere; this saves the suite the rest of the demo.)
   rerun = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
   seen, resumed = [], None
@@ -170,7 +172,17 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130_and_the_rerun_resumes(tm
       resumed = re.search(r"resumed from \S+/pretrain/checkpoints at step (\d+)", line)
       if resumed or "iteration" in line:  # resumed, or training without having resumed
         break
+    assert resumed and int(resumed.group(1)) >= 2, "".join(seen)[-3000:]
+    rerun.send_signal(signal.SIGTERM)
+    out = "".join(seen) + rerun.communicate(timeout=120)[0]
   finally:
-    os.killpg(rerun.pid, signal.SIGKILL)
-    rerun.communicate(timeout=60)
-  assert resumed and int(resumed.group(1)) >= 2, "".join(seen)[-3000:]
+    if rerun.poll() is None:
+      os.killpg(rerun.pid, signal.SIGKILL)
+      rerun.communicate(timeout=60)
+  stopped = re.search(r"^interrupted: \[pretrain\] stopped at step (\d+) on a stop request; "
+                      r"its checkpoint is written; rerun the same command to resume from it$",
+                      out.rstrip().splitlines()[-1])
+  assert rerun.returncode == 130 and stopped and "Traceback" not in out, out[-3000:]
+  step = int(stopped.group(1))
+  assert step > int(resumed.group(1))
+  assert str(step) in os.listdir(tmp_path / "run" / "pretrain" / "checkpoints")
