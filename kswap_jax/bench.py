@@ -443,6 +443,7 @@ def bench_compare(args) -> dict:
   variants = []
   for item in filter(None, (x.strip() for x in args.compare.split(";"))):
     name, _, flags = item.partition("=")
+    name = name.strip()
     vargs = parse_args(args.argv + flags.split())
     vargs.batch_size = vargs.batch_size or args.batch_size
     s = setup(vargs)
@@ -457,7 +458,7 @@ def bench_compare(args) -> dict:
     for _ in range(args.warmup):
       state, m = compiled(state, frozen, s["batch"], hp)
       jax.block_until_ready(m)
-    variants.append(dict(name=name.strip(), flags=flags.strip(), compiled=compiled,
+    variants.append(dict(name=name, flags=flags.strip(), compiled=compiled,
                          state=state, frozen=frozen, batch=s["batch"], hp=hp,
                          compile_s=compile_s, flops=_cost(compiled).get("flops"),
                          images=s["images"], wall=[], cpu=[]))

@@ -57,18 +57,30 @@ class CrossedIntervalPolicy:
     return self.crossed(step.step, previous_steps[-1].step if previous_steps else 0)
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, kept away from jax's preemption sync: its `save`, its finalize thread
+  and `should_save` ask `reached_preemption` with the train state's step, and the sync keeps
+  only the last id it was given, so those calls would move the step at which a stop request
+  is honoured (`Checkpointer.stop_requested`, which passes its own count)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """An orbax `CheckpointManager` over `<workdir>/checkpoints` with state + JSON meta items.
 
   Periodic saves follow a save-decision policy: every `every_steps` optimizer steps
-  (`CrossedIntervalPolicy`). A multi-process run's stop request (a preemption notice, or
-  Ctrl-C: `request_stop`) is the training loop's, through `stop_requested`.
+  (`CrossedIntervalPolicy`). A stop request (a preemption notice or Ctrl-C in a
+  multi-process run, SIGTERM to a single process: `train.stop_on_signals`) is the training
+  loop's, through `stop_requested`.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2, every_steps: int = 0):
     self.directory = os.path.abspath(directory)
     self.policy = policy = CrossedIntervalPolicy(int(every_steps))
-    self.manager = ocp.CheckpointManager(
+    self.manager = _Manager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
@@ -77,9 +89,8 @@ class Checkpointer:
                                              save_decision_policy=policy))
 
   def should_save(self, step: int) -> bool:
-    """Whether the periodic policy asks for a checkpoint at `step`. Decided here, not by
-    orbax's `CheckpointManager.should_save`: that also asks jax's preemption sync, with
-    the train state's step, which would mix with `stop_requested`'s count."""
+    """Whether the periodic policy asks for a checkpoint at `step` (decided here: orbax's
+    `should_save` would also consult the preemption sync)."""
     return self.policy.crossed(step, self.manager.latest_step() or 0)
 
   def save(self, step: int, state: Any, meta: dict) -> None:

@@ -288,6 +288,8 @@ def guarded(command) -> int:
     print("interrupted: every finished checkpoint is kept; rerun the same command to resume "
           "from the last one", file=sys.stderr)
     return INTERRUPTED
+  finally:
+    train.restore_signals()
   return 0
 
 

@@ -16,8 +16,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequested(KeyboardInterrupt):
-  """A multi-process run stopped on request (Ctrl-C or a preemption notice) at a step all
-  processes agreed on, its checkpoint written; the command line ends it as Ctrl-C (130)."""
+  """A run stopped on request at a training step, its checkpoint written: SIGTERM to one
+  process, or Ctrl-C / a preemption notice in a multi-process run (at a step all processes
+  agreed on). The command line ends it as Ctrl-C (130)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

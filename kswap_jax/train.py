@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax._src import distributed as jax_distributed  # the preemption service's state
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -120,11 +119,19 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
 
 
 _STOP = {"requested": False}
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+def _say(message: str) -> None:
+  """A line on stderr from a signal handler: os.write, as the main thread may be inside a
+  buffered write to the same stream when the signal lands."""
+  os.write(2, f"{time.strftime('%H:%M:%S')} {message}\n".encode())
 
 
 def stop_on_signals() -> str:
   """Makes stopping a run save its place first; the command line calls it after
-  `initialize_distributed` (in the main thread). Returns what it set up:
+  `initialize_distributed` (in the main thread) and `restore_signals` when the command
+  ends. Returns what it set up:
 
   - "processes": a multi-process run. Ctrl-C becomes a stop request for all processes
     (`request_stop`), as a preemption notice (SIGTERM) already is through jax's preemption
@@ -137,6 +144,8 @@ def stop_on_signals() -> str:
     (`StopRequested`); a second SIGTERM ends it at once. Ctrl-C still raises at once.
   - "": outside the main thread, or several processes without jax's preemption service.
   """
+  ckpt_lib.STOP.clear()
+  _STOP["requested"] = False
   if threading.current_thread() is not threading.main_thread():
     return ""
   if jax.process_count() == 1:
@@ -147,11 +156,11 @@ def stop_on_signals() -> str:
         os.kill(os.getpid(), signum)
         return
       ckpt_lib.STOP.set()
-      log.warning("SIGTERM: the run stops at its next training step, after a checkpoint "
-                  "there (a second SIGTERM ends it at once)")
-    signal.signal(signal.SIGTERM, on_sigterm)
+      _say("SIGTERM: the run stops at its next training step, after a checkpoint there "
+           "(a second SIGTERM ends it at once)")
+    _PREVIOUS_HANDLERS.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, on_sigterm))
     return "sigterm"
-  if getattr(jax_distributed.global_state, "preemption_sync_manager", None) is None:
+  if not (jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service):
     return ""
 
   def on_sigint(signum, frame):
@@ -160,17 +169,40 @@ def stop_on_signals() -> str:
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt
     _STOP["requested"] = True
-    log.warning("stop requested: every process saves a checkpoint at the next step all of "
-                "them reach, then stops (Ctrl-C again stops this process at once)")
+    _say("stop requested: every process saves a checkpoint at the next step all of them "
+         "reach, then stops (Ctrl-C again stops this process at once)")
     request_stop()
-  signal.signal(signal.SIGINT, on_sigint)
+  _PREVIOUS_HANDLERS.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_sigint))
   return "processes"
 
 
+def restore_signals() -> None:
+  """Puts back the handlers `stop_on_signals` replaced and clears a pending request (the
+  command is over; user code in the same process gets its own handlers back)."""
+  if threading.current_thread() is threading.main_thread():
+    while _PREVIOUS_HANDLERS:
+      signum, handler = _PREVIOUS_HANDLERS.popitem()
+      signal.signal(signum, handler)
+  ckpt_lib.STOP.clear()
+  _STOP["requested"] = False
+
+
 def request_stop() -> None:
-  """Asks every process of a multi-process run to stop at a common step after saving a
-  checkpoint: sends this process the preemption notice jax's preemption sync listens for
-  (SIGTERM), which reaches the others through the coordination service."""
+  """Asks the run to stop at its next training step after a checkpoint there: one process
+  sets `checkpoint.STOP`; several send this process the preemption notice jax's preemption
+  sync listens for (SIGTERM), which reaches the others through the coordination service,
+  so all stop at the same step.
+
+  Raises:
+    RuntimeError: several processes without jax's preemption service (nothing would
+      catch the SIGTERM: it would kill the process).
+  """
+  if jax.process_count() == 1:
+    ckpt_lib.STOP.set()
+    return
+  if not (jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service):
+    raise RuntimeError("request_stop: several processes need jax's preemption service "
+                       "(jax_enable_preemption_service) to stop together")
   os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -671,6 +703,7 @@ class Run:
       if stop:
         self.checkpointer.wait()
         together = ", all processes together" if jax.process_count() > 1 else ""
+        ckpt_lib.STOP.clear()  # honoured: a later run in this process is not stopped by it
         raise StopRequested(f"[{stage.name}] stopped at step {step} on a stop request"
                             f"{together}; its checkpoint is written")
       if self.interrupt_at_step and step >= self.interrupt_at_step:

@@ -104,11 +104,17 @@ def test_ctrl_c_in_one_process_stops_every_process_at_one_step_after_a_checkpoin
     tmp_path_factory, tmp_path):
   """Ctrl-C reaching one process of two: both train on to the step jax's preemption sync
   picks, save there, print one line and exit 130 (before, each was cut short where the
-  signal landed and the other hung in a collective or the runtime's shutdown); the
-  rerun resumes from that checkpoint."""
+  signal landed and the other hung in a collective or the runtime's shutdown).
+
+  The run resumes from step 12 and saves every step, so the train state's step (13, 14,
+  ...) differs from the per-process count the sync is asked with (1, 2, ...): had orbax's
+  saves still reported the state's step to the sync, the stop would come about 12 steps
+  late, in the next stage."""
   workdir = tmp_path / "run"
   shutil.copytree(method_run(tmp_path_factory, "demo", "runlocal,method=pretrain")[0],
                   workdir / "pretrain")
+  for code, out in _run(workdir, 1, "--config.debug.interrupt_at_step=12"):
+    assert code != 0 and "interrupt_at_step" in out, out[-3000:]
   env = _env()
   address = f"127.0.0.1:{_free_port()}"
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
@@ -118,15 +124,15 @@ def test_ctrl_c_in_one_process_stops_every_process_at_one_step_after_a_checkpoin
       with open(log, "w") as out:
         procs.append(subprocess.Popen(
             [sys.executable, "run.py", *_FLAGS, f"--workdir={workdir}",
-             "--config.train.checkpoint_every_steps=0",
+             "--config.train.checkpoint_every_steps=1",
              f"--config.distributed.coordinator_address={address}",
              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     try:
       deadline = time.monotonic() + 300
-      while "iteration 2/" not in logs[0].read_text() and time.monotonic() < deadline:
+      while "iteration 14/" not in logs[0].read_text() and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
       procs[1].send_signal(signal.SIGINT)
       codes = [p.wait(timeout=120) for p in procs]
     finally:
@@ -134,15 +140,15 @@ def test_ctrl_c_in_one_process_stops_every_process_at_one_step_after_a_checkpoin
         p.kill()
   outs = [log.read_text() for log in logs]
   assert codes == [130, 130], outs[0][-3000:] + outs[1][-3000:]
-  stopped = [re.findall(r"interrupted: \[learn\] stopped at step (\d+) on a stop request", o)
-             for o in outs]
+  assert "resumed from" in outs[0] and "at step 12" in outs[0], outs[0][-3000:]
+  stopped = [re.findall(r"interrupted: \[(\w+)\] stopped at step (\d+) on a stop request, "
+                        r"all processes together", o) for o in outs]
   assert stopped[0] == stopped[1] and len(stopped[0]) == 1, outs
-  step = int(stopped[0][0])
-  assert step >= 2 and os.listdir(workdir / "checkpoints") == [str(step)]
+  stage, step = stopped[0][0][0], int(stopped[0][0][1])
+  assert stage == "learn" and 14 <= step < 24, (stage, step)  # the learning stage: 24 steps
+  assert str(step) in os.listdir(workdir / "checkpoints")
+  assert max(_losses(workdir)) == step
   assert "Traceback" not in outs[0] + outs[1]
-  for code, out in _run(workdir, 2, f"--config.debug.interrupt_at_step={step + 1}"):
-    assert code != 0 and f"at step {step}" in out and "resumed from" in out, out[-3000:]
-  assert max(_losses(workdir)) == step + 1
 
 
 def test_four_device_sharded_step_equals_single_device_step():

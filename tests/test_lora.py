@@ -149,8 +149,12 @@ def test_merge_refuses_factors_that_do_not_fit_the_kernel(tiny):
 def test_a_spec_built_in_code_refuses_a_bad_rank(rank):
   with pytest.raises(ConfigError, match=r"^lora.rank: expected a positive integer"):
     lora.LoraSpec(rank=rank)
+
+
+def test_a_spec_built_in_code_refuses_a_bad_targets_regex():
   with pytest.raises(ConfigError, match=r"^lora.targets: invalid regex"):
     lora.LoraSpec(targets="(")
+  assert lora.LoraSpec(rank=np.int64(4)).scale == 0.25  # numpy ints are ints
 
 
 def test_split_inverts_join(tiny):

@@ -266,3 +266,25 @@ def test_in_passes_gives_the_loss_and_gradients_of_the_whole_loss(bound):
     np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-7)
   active = float(aux["ce_f"]) < bound
   assert active == (bound == 50.0)  # both branches of the bound are exercised
+
+
+def test_sigterm_to_one_process_sets_a_stop_request_and_the_handlers_come_back():
+  """`train.stop_on_signals` in a single process: SIGTERM sets `checkpoint.STOP` (the loop
+  then saves and stops) instead of killing; `restore_signals` puts the previous handler
+  back and clears the request, so later runs in this process are not stopped by it."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from kswap_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  before = signal.getsignal(signal.SIGTERM)
+  try:
+    assert train.stop_on_signals() == "sigterm"
+    assert signal.getsignal(signal.SIGTERM) is not before  # else the kill below ends pytest
+    assert not checkpoint.Checkpointer.stop_requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert checkpoint.Checkpointer.stop_requested()
+  finally:
+    train.restore_signals()
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert not checkpoint.Checkpointer.stop_requested()
+  train.request_stop()  # the functional route to the same request
+  assert checkpoint.Checkpointer.stop_requested()
+  checkpoint.STOP.clear()
