@@ -441,10 +441,7 @@ def bench_compare(args) -> dict:
   per variant here (run the variants alone for that).
   """
   variants = []
-  for item in filter(None, (x.strip() for x in args.compare.split(";"))):
-    name, _, flags = item.partition("=")
-    name = name.strip()
-    vargs = parse_args(args.argv + flags.split())
+  for name, flags, vargs in args.variants:
     vargs.batch_size = vargs.batch_size or args.batch_size
     s = setup(vargs)
     mesh = s["mesh"]
@@ -458,7 +455,7 @@ def bench_compare(args) -> dict:
     for _ in range(args.warmup):
       state, m = compiled(state, frozen, s["batch"], hp)
       jax.block_until_ready(m)
-    variants.append(dict(name=name, flags=flags.strip(), compiled=compiled,
+    variants.append(dict(name=name, flags=flags, compiled=compiled,
                          state=state, frozen=frozen, batch=s["batch"], hp=hp,
                          compile_s=compile_s, flops=_cost(compiled).get("flops"),
                          images=s["images"], wall=[], cpu=[]))
@@ -653,37 +650,37 @@ def parse_args(argv=None):
       if problem:
         p.error(f"{flag} {path}: {problem}")
   args.argv = _without(list(sys.argv[1:] if argv is None else argv), ("--compare", "--json"))
-  if args.compare:
-    _check_compare(p, args)
+  args.variants = _compare_variants(p, args) if args.compare else []
   return args
 
 
-def _check_compare(p: argparse.ArgumentParser, args) -> None:
-  """`--compare 'name=flags;name=flags'`: two or more named variants, names distinct, each
-  variant's flags valid on top of the command line's (checked now, before any compile)."""
+def _compare_variants(p: argparse.ArgumentParser, args) -> list[tuple[str, str, Any]]:
+  """[(name, flags, parsed args)] of `--compare 'name=flags;name=flags'`: two or more named
+  variants, names distinct, each variant's flags valid on top of the command line's
+  (checked now, before any compile)."""
   items = [x.strip() for x in args.compare.split(";") if x.strip()]
-  names = []
+  variants: list[tuple[str, str, Any]] = []
   for item in items:
-    name, eq, flags = item.partition("=")
-    if not eq or not name.strip():
+    name, eq, flags = (x.strip() for x in item.partition("="))
+    if not eq or not name:
       p.error(f"--compare: {item!r} is not NAME=FLAGS (e.g. 'before=--dropout_mask=flax;"
               f"after=')")
-    if name.strip() in names:
-      p.error(f"--compare: variant name {name.strip()!r} given twice")
-    names.append(name.strip())
+    if name in [v[0] for v in variants]:
+      p.error(f"--compare: variant name {name!r} given twice")
     if "--compare" in flags or "--json" in flags:
-      p.error(f"--compare: variant {name.strip()!r}: its flags cannot hold --compare or --json")
+      p.error(f"--compare: variant {name!r}: its flags cannot hold --compare or --json")
     said = io.StringIO()
     try:
       with contextlib.redirect_stderr(said):
-        parse_args(args.argv + flags.split())
+        variants.append((name, flags, parse_args(args.argv + flags.split())))
     except SystemExit:
       why = said.getvalue().strip().splitlines()[-1:] or ["refused"]
       why = why[0].removeprefix("error: ").removesuffix(" (see --help)")
-      p.error(f"--compare: variant {name.strip()!r}: {why}")
+      p.error(f"--compare: variant {name!r}: {why}")
   if len(items) < 2:
     p.error(f"--compare: expected two or more variants 'NAME=FLAGS;NAME=FLAGS', got "
             f"{len(items)}")
+  return variants
 
 
 def _unwritable(path: str, kind: str) -> str:

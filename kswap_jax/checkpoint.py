@@ -12,7 +12,6 @@ renames it when complete, so a run killed mid-save restarts from the previous on
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import logging
 import math
@@ -35,33 +34,19 @@ log = logging.getLogger("kswap_jax")
 
 # Training steps this process has asked jax's preemption sync about (`stop_requested`).
 _SYNC_CALLS = itertools.count(1)
-# A single process's stop request (set on SIGTERM by `train.stop_on_signals`).
+# This process's stop request (`train.stop_on_signals`): one process stops at its next
+# training step once it is set; in a multi-process run it only records a first Ctrl-C (jax's
+# preemption sync decides the step).
 STOP = threading.Event()
 
 
-@dataclasses.dataclass
-class CrossedIntervalPolicy:
-  """Saves when the step count has crossed a multiple of `interval` since the last save.
-
-  orbax's `FixedIntervalPolicy` needs `step % interval == 0`; a stage whose iterations take
-  several optimizer steps (UG-CLU's FAST + SLOW) can jump over that multiple.
-  """
-  interval: int
-
-  def crossed(self, step: int, last: int) -> bool:
-    """Whether `step` is past a multiple of the interval that `last` (the last save) is not."""
-    return self.interval > 0 and step // self.interval > last // self.interval
-
-  def should_save(self, step, previous_steps, *, context) -> bool:  # orbax's policy protocol
-    del context
-    return self.crossed(step.step, previous_steps[-1].step if previous_steps else 0)
-
-
 class _Manager(ocp.CheckpointManager):
-  """orbax's manager, kept away from jax's preemption sync: its `save`, its finalize thread
-  and `should_save` ask `reached_preemption` with the train state's step, and the sync keeps
-  only the last id it was given, so those calls would move the step at which a stop request
-  is honoured (`Checkpointer.stop_requested`, which passes its own count)."""
+  """orbax's manager, kept away from jax's preemption sync: its `save` and its finalize
+  thread ask `reached_preemption` with the train state's step, and the sync keeps only the
+  last id it was given, so those calls would move the step at which a stop request is
+  honoured (`Checkpointer.stop_requested`, which passes its own count). Its save-decision
+  policy is not used: every save is forced, when `Checkpointer.should_save` or the loop
+  says so."""
 
   def reached_preemption(self, step: int) -> bool:
     del step
@@ -71,27 +56,28 @@ class _Manager(ocp.CheckpointManager):
 class Checkpointer:
   """An orbax `CheckpointManager` over `<workdir>/checkpoints` with state + JSON meta items.
 
-  Periodic saves follow a save-decision policy: every `every_steps` optimizer steps
-  (`CrossedIntervalPolicy`). A stop request (a preemption notice or Ctrl-C in a
+  Periodic saves: whenever the optimizer step count has crossed a multiple of
+  `every_steps` since the last save (`should_save`; orbax's fixed-interval policy needs
+  `step % every_steps == 0`, which a stage whose iterations take several optimizer steps,
+  UG-CLU's FAST + SLOW, can jump over). A stop request (a preemption notice or Ctrl-C in a
   multi-process run, SIGTERM to a single process: `train.stop_on_signals`) is the training
   loop's, through `stop_requested`.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2, every_steps: int = 0):
     self.directory = os.path.abspath(directory)
-    self.policy = policy = CrossedIntervalPolicy(int(every_steps))
+    self.every_steps = int(every_steps)
     self.manager = _Manager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             cleanup_tmp_directories=True,
-                                             save_decision_policy=policy))
+                                             cleanup_tmp_directories=True))
 
   def should_save(self, step: int) -> bool:
-    """Whether the periodic policy asks for a checkpoint at `step` (decided here: orbax's
-    `should_save` would also consult the preemption sync)."""
-    return self.policy.crossed(step, self.manager.latest_step() or 0)
+    """Whether `step` is past a multiple of `every_steps` that the last save is not."""
+    last = self.manager.latest_step() or 0
+    return self.every_steps > 0 and step // self.every_steps > last // self.every_steps
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves asynchronously, whatever the policy says; a checkpoint at `step` is replaced.

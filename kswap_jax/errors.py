@@ -5,6 +5,7 @@ traceback; everything else is a bug or a runtime failure and keeps its traceback
 """
 
 import argparse
+import numbers
 
 
 class ConfigError(ValueError):
@@ -19,6 +20,14 @@ class StopRequested(KeyboardInterrupt):
   """A run stopped on request at a training step, its checkpoint written: SIGTERM to one
   process, or Ctrl-C / a preemption notice in a multi-process run (at a step all processes
   agreed on). The command line ends it as Ctrl-C (130)."""
+
+
+def require_int(value, field: str, least: int = 0) -> int:
+  """`value` as an int if it is one (numpy ints too, bools not) and >= `least`; else a
+  ConfigError naming `field`."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+    raise ConfigError(f"{field}: expected an int >= {least}, got {value!r}")
+  return int(value)
 
 
 class ArgumentParser(argparse.ArgumentParser):

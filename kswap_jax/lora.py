@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import re
 from typing import Any, Iterable
 
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, require_int
 
 Tree = dict[str, Any]
 
@@ -68,8 +67,7 @@ class LoraSpec:
   def __post_init__(self):
     """ConfigError on a rank that is not a positive int or a targets regex that does not
     compile, whether built from a config or in user code."""
-    if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank <= 0:
-      raise ConfigError(f"lora.rank: expected a positive integer, got {self.rank!r}")
+    require_int(self.rank, "lora.rank", 1)
     try:
       re.compile(self.targets)
     except (re.error, TypeError) as e:

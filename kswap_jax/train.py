@@ -118,7 +118,6 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-_STOP = {"requested": False}
 _PREVIOUS_HANDLERS: dict[int, Any] = {}
 
 
@@ -145,7 +144,6 @@ def stop_on_signals() -> str:
   - "": outside the main thread, or several processes without jax's preemption service.
   """
   ckpt_lib.STOP.clear()
-  _STOP["requested"] = False
   if threading.current_thread() is not threading.main_thread():
     return ""
   if jax.process_count() == 1:
@@ -165,10 +163,10 @@ def stop_on_signals() -> str:
 
   def on_sigint(signum, frame):
     del signum, frame
-    if _STOP["requested"]:
+    if ckpt_lib.STOP.is_set():  # the second Ctrl-C
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt
-    _STOP["requested"] = True
+    ckpt_lib.STOP.set()  # here only a record of the first: the sync decides when to stop
     _say("stop requested: every process saves a checkpoint at the next step all of them "
          "reach, then stops (Ctrl-C again stops this process at once)")
     request_stop()
@@ -184,7 +182,6 @@ def restore_signals() -> None:
       signum, handler = _PREVIOUS_HANDLERS.popitem()
       signal.signal(signum, handler)
   ckpt_lib.STOP.clear()
-  _STOP["requested"] = False
 
 
 def request_stop() -> None:

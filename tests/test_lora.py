@@ -147,7 +147,7 @@ def test_merge_refuses_factors_that_do_not_fit_the_kernel(tiny):
 
 @pytest.mark.parametrize("rank", [0, -2, 1.5, True])
 def test_a_spec_built_in_code_refuses_a_bad_rank(rank):
-  with pytest.raises(ConfigError, match=r"^lora.rank: expected a positive integer"):
+  with pytest.raises(ConfigError, match=r"^lora.rank: expected an int >= 1"):
     lora.LoraSpec(rank=rank)
 
 

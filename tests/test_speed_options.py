@@ -414,6 +414,14 @@ def test_compare_torch_without_torch_exits_2(capsys):
   assert err.startswith("error: --compare_torch: PyTorch is not installed") and "pip install" in err
 
 
+def test_bench_compare_times_each_named_variant(capsys):
+  assert bench.main(["--variant=test/4", "--image_size=16", "--batch_size=2", "--steps=2",
+                     "--no_pipeline", "--compare", " before = --dropout_mask=flax ; after="]) == 0
+  rows = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()
+          if "wall median" in line]
+  assert rows == ["before", "after"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps=0"], "error: --steps: expected an int >= 1, got 0"),
     (["--batch_size=-1"], "error: --batch_size: expected an int >= 0"),

@@ -24,7 +24,7 @@ import os
 
 import ml_collections
 
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, require_int
 
 METHODS = {
     "pretrain": "kswap_jax.methods.pretrain",
@@ -153,9 +153,8 @@ def check_seeds(config: ml_collections.ConfigDict, path: str = "") -> None:
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
       check_seeds(value, f"{path}{key}.")
-    elif (key == "seed" or key.endswith("_seed")) and value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 0):
-      raise ConfigError(f"{path}{key}: expected an int >= 0, got {value!r}")
+    elif (key == "seed" or key.endswith("_seed")) and value is not None:
+      require_int(value, f"{path}{key}")
 
 
 # The shared sections' counts: (section, field, least value allowed).
@@ -173,9 +172,7 @@ def check_counts(config: ml_collections.ConfigDict, path: str = "") -> None:
   if not path:
     for section, key, least in _COUNTS:
       if section in config and key in config[section]:
-        value = config[section][key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-          raise ConfigError(f"{section}.{key}: expected an int >= {least}, got {value!r}")
+        require_int(config[section][key], f"{section}.{key}", least)
   if "b1" in config and "b2" in config:
     for key, ok, expected in (("lr", lambda v: v > 0, "> 0"),
                               ("min_lr", lambda v: v >= 0, ">= 0"),

@@ -28,7 +28,7 @@ from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import config as config_lib
 from kswap_jax import lora, losses, metrics, models, report, train
 from kswap_jax.data import splits
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, require_int
 from kswap_jax.methods import common, pretrain
 from kswap_jax.optim import group_lasso, schedules
 
@@ -111,9 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"method: {method!r} is not a Knowledge Swapping order (lbf, laf)")
   ks, ocfg = config.ks, config.optim
   for field in ("learn_epochs", "forget_epochs"):
-    value = ks[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ConfigError(f"ks.{field}: expected an int >= 1, got {value!r}")
+    require_int(ks[field], f"ks.{field}", 1)
   mesh = train.mesh_for(config)
 
   # Everything is validated before the workdir is touched or a pretraining run starts.

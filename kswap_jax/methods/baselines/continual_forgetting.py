@@ -50,7 +50,7 @@ import optax
 from kswap_jax import losses, models, report, train
 from kswap_jax.data import streams
 from kswap_jax.data import tasks as tasks_lib
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, require_int
 from kswap_jax.methods import common, continual, gs_lora, pretrain
 from kswap_jax.optim import schedules
 
@@ -393,10 +393,7 @@ def _number(section, field: str, name: str, *, low: float = 0.0, strict: bool = 
 
 
 def _int(section, field: str, name: str, low: int) -> int:
-  value = section[field]
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    raise ConfigError(f"{name}.{field}: expected an int >= {low}, got {value!r}")
-  return int(value)
+  return require_int(section[field], f"{name}.{field}", low)
 
 
 def _check(config) -> None:
