@@ -9,6 +9,11 @@ A stream is an infinite, random-access sequence of global batches 0, 1, 2, ...:
   - cycled (the auxiliary stream): perm_0, perm_1, ... (one fresh permutation per pass)
     concatenated and cut into consecutive full batches; batches may straddle passes and
     the mask is all ones.
+  - cycled in passes, restarted every R batches (`restart_every=R`; the Knowledge
+    Swapping reference's auxiliary loader, re-created at every epoch of the retain
+    stream): batch i is batch q of pass p of round e, with e, j = divmod(i, R) and
+    p, q = divmod(j, S); pass p of round e is `default_rng([seed, e, p]).permutation(N)`,
+    and the last batch of each pass is padded and masked like an epoch's.
 
 Every batch is a pure function of its index, so resuming after k batches is `iterate(k)`
 and no iterator state has to be checkpointed. Process p of P reads only slots
@@ -257,15 +262,22 @@ class Stream:
     batch_size: global batch size B.
     local_batch_size: B / process_count, the leading dimension of every batch.
     steps_per_epoch: ceil(N / B).
-    cycle: whether batches straddle passes (auxiliary stream) or pad each epoch.
+    cycle: whether the stream cycles (auxiliary stream) or pads each epoch.
+    restart_every: R > 0: a cycled stream that pads each pass and starts afresh every R
+      batches (0: batches straddle passes).
     augment: the training augmentation (`kswap_jax.data.augment.KINDS`).
   """
 
   def __init__(self, subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: int,
                cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-               field: str = "data", augment: str = "none", crop_padding: int = 4):
+               field: str = "data", augment: str = "none", crop_padding: int = 4,
+               restart_every: int = 0):
     augment_lib.check(augment, crop_padding)
+    if restart_every < 0 or (restart_every and not cycle):
+      raise ValueError(f"restart_every: expected 0, or > 0 for a cycled stream, got "
+                       f"{restart_every} (cycle={cycle})")
+    self.restart_every = int(restart_every)
     self.augment = augment
     self.crop_padding = int(crop_padding)
     self._local = _local_slice(batch_size, process_index, process_count, field)
@@ -282,8 +294,8 @@ class Stream:
     # A few recent passes cover every batch in flight, even for prefetching threads.
     self._permutation = functools.lru_cache(maxsize=4)(self._draw_permutation)
 
-  def _draw_permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+  def _draw_permutation(self, *key: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, *key]).permutation(self.num_examples)
 
   def epoch_and_step(self, i: int) -> tuple[int, int]:
     """(epoch, step within the epoch) of global batch i of a non-cycled stream."""
@@ -297,6 +309,10 @@ class Stream:
     if i < 0:
       raise IndexError(f"batch index must be >= 0, got {i}")
     n, b = self.num_examples, self.batch_size
+    if self.restart_every:
+      rnd, j = divmod(i, self.restart_every)
+      pass_, step = divmod(j, self.steps_per_epoch)
+      return self._padded(self._permutation(rnd, pass_), step)
     if self.cycle:
       flat = i * b + np.arange(self._local.start, self._local.stop, dtype=np.int64)
       passes, offsets = np.divmod(flat, n)
@@ -306,7 +322,12 @@ class Stream:
         positions[where] = self._permutation(int(p))[offsets[where]]
       return positions, np.ones(flat.shape, np.float32)
     epoch, step = divmod(i, self.steps_per_epoch)
-    valid = self._permutation(epoch)[step * b:(step + 1) * b]
+    return self._padded(self._permutation(epoch), step)
+
+  def _padded(self, permutation: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch `step` of one pass over `permutation`, padded to full size and masked."""
+    b = self.batch_size
+    valid = permutation[step * b:(step + 1) * b]
     mask = (np.arange(b) < valid.size).astype(np.float32)
     # Padding repeats valid records so every slot holds a real, loadable example.
     positions = np.resize(valid, b)
@@ -333,13 +354,15 @@ class Stream:
   def __repr__(self) -> str:
     return (f"Stream(subsets={[s.name for s in self.subsets]}, N={self.num_examples}, "
             f"batch_size={self.batch_size}, steps_per_epoch={self.steps_per_epoch}, "
-            f"cycle={self.cycle}, augment={self.augment!r})")
+            f"cycle={self.cycle}, restart_every={self.restart_every}, "
+            f"augment={self.augment!r})")
 
 
 def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: int,
                 cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                 process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-                field: str = "data", augment: str = "none", crop_padding: int = 4) -> Stream:
+                field: str = "data", augment: str = "none", crop_padding: int = 4,
+                restart_every: int = 0) -> Stream:
   """A training stream over the union of `subsets`.
 
   Args:
@@ -358,6 +381,9 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
     field: config prefix used in error messages.
     augment: "none", "flip" or "crop_flip" (`kswap_jax.data.augment`).
     crop_padding: P of "crop_flip".
+    restart_every: with `cycle`, R > 0 pads the last batch of every pass and restarts the
+      stream with fresh shuffles every R batches (e.g. at every epoch of the stream it is
+      paired with); 0 cuts the concatenated passes into full batches.
 
   Returns:
     A `Stream`.
@@ -371,7 +397,7 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
                 image_size=image_size, channels=channels, mean=mean, std=std,
                 process_index=process_index, process_count=process_count,
                 num_threads=num_threads, field=field, augment=augment,
-                crop_padding=crop_padding)
+                crop_padding=crop_padding, restart_every=restart_every)
 
 
 def num_eval_batches(subset: splits_lib.Subset, *, batch_size: int) -> int:

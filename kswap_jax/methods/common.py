@@ -53,11 +53,26 @@ def check_batch_size(value: int, field: str, mesh) -> int:
   return value
 
 
-def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycle: bool, mesh):
+# How a cycled (auxiliary) stream paired with an epoch-defining stream forms its batches.
+AUX_BATCHES = ("per_epoch", "continuous")
+
+
+def aux_restart(mode: str, field: str, epoch_stream) -> int:
+  """`restart_every` of a cycled stream paired with `epoch_stream`: "per_epoch" (the
+  reference loaders, re-created at every epoch: a fresh shuffle each epoch and a partial,
+  padded last batch each pass) or "continuous" (0: full batches straddling passes)."""
+  if mode not in AUX_BATCHES:
+    raise ConfigError(f"{field}: {mode!r} (expected one of {', '.join(AUX_BATCHES)})")
+  return epoch_stream.steps_per_epoch if mode == "per_epoch" else 0
+
+
+def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycle: bool, mesh,
+                restart_every: int = 0):
   return streams.make_stream(
       subsets, batch_size=check_batch_size(batch_size, field, mesh), seed=seed, cycle=cycle,
       num_threads=int(config.data.num_threads), augment=str(config.data.augment),
-      crop_padding=int(config.data.crop_padding), **stream_kwargs(config))
+      crop_padding=int(config.data.crop_padding), restart_every=restart_every,
+      **stream_kwargs(config))
 
 
 def predict_splits(config, predict_step, state, frozen, subsets: dict, mesh

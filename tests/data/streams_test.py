@@ -63,9 +63,46 @@ def test_cycled_stream_straddles_passes_and_reshuffles():
     stream.epoch_and_step(0)
 
 
+def test_stream_restarted_every_r_batches_pads_each_pass_like_the_reference_loader():
+  # The Knowledge Swapping reference re-creates its auxiliary loader (shuffle=True,
+  # drop_last=False) at every retain epoch: 11 records in batches of 4 give passes of
+  # 4 + 4 + 3; a retain epoch of 7 steps restarts it after two passes and one batch.
+  stream = streams.make_stream([_indexed_subset(11)], batch_size=4, seed=5, cycle=True,
+                               restart_every=7, **RAW)
+  assert stream.steps_per_epoch == 3
+  for rnd in range(2):
+    batches = [stream.batch(rnd * 7 + j) for j in range(7)]
+    for pass_, first in enumerate((0, 3, 6)):
+      chunk = batches[first:first + 3]
+      valid = np.concatenate([_ids(b)[b["mask"] == 1] for b in chunk])
+      order = np.random.default_rng([5, rnd, pass_]).permutation(11)
+      # The round's last batch is the first of a third pass, which the restart cuts short.
+      np.testing.assert_array_equal(valid, order[:valid.size])
+      if len(chunk) == 3:
+        assert valid.size == 11
+        np.testing.assert_array_equal(chunk[-1]["mask"], [1, 1, 1, 0])
+        assert _ids(chunk[-1])[-1] in _ids(chunk[-1])[:3]
+    assert (batches[6]["mask"] == 1).all()
+  first_round = np.concatenate([_ids(stream.batch(j)) for j in range(7)])
+  second_round = np.concatenate([_ids(stream.batch(7 + j)) for j in range(7)])
+  assert not np.array_equal(first_round, second_round)  # a fresh shuffle every round
+  # A set smaller than the batch: each batch holds it once, padded.
+  small = streams.make_stream([_indexed_subset(3)], batch_size=4, seed=0, cycle=True,
+                              restart_every=5, **RAW)
+  for i in range(6):
+    b = small.batch(i)
+    assert sorted(_ids(b)[b["mask"] == 1]) == [0, 1, 2]
+  with pytest.raises(ValueError, match="restart_every"):
+    streams.make_stream([_indexed_subset(3)], batch_size=4, seed=0, cycle=False,
+                        restart_every=5, **RAW)
+
+
+CYCLES = (dict(cycle=False), dict(cycle=True), dict(cycle=True, restart_every=4))
+
+
 def test_iterate_resumes_exactly():
-  for cycle in (False, True):
-    stream = streams.make_stream([_indexed_subset(11)], batch_size=4, seed=0, cycle=cycle,
+  for cycle in CYCLES:
+    stream = streams.make_stream([_indexed_subset(11)], batch_size=4, seed=0, **cycle,
                                  **RAW)
     full = list(itertools.islice(stream.iterate(0), 9))
     resumed = list(itertools.islice(stream.iterate(5), 4))
@@ -75,7 +112,7 @@ def test_iterate_resumes_exactly():
     before = set(threading.enumerate())
     next(stream.iterate(0))
     assert not set(threading.enumerate()) - before  # num_threads=0 reads in this thread
-    threaded = streams.make_stream([_indexed_subset(11)], batch_size=4, seed=0, cycle=cycle,
+    threaded = streams.make_stream([_indexed_subset(11)], batch_size=4, seed=0, **cycle,
                                    num_threads=2, **RAW)
     for a, b in zip(full, itertools.islice(threaded.iterate(0), 9)):
       np.testing.assert_array_equal(a["image"], b["image"])
@@ -83,9 +120,9 @@ def test_iterate_resumes_exactly():
 
 def test_process_shards_reassemble_the_global_batch():
   subset = _indexed_subset(21)
-  for cycle in (False, True):
-    full = streams.make_stream([subset], batch_size=8, seed=2, cycle=cycle, **RAW)
-    shards = [streams.make_stream([subset], batch_size=8, seed=2, cycle=cycle,
+  for cycle in CYCLES:
+    full = streams.make_stream([subset], batch_size=8, seed=2, **cycle, **RAW)
+    shards = [streams.make_stream([subset], batch_size=8, seed=2, **cycle,
                                   process_index=p, process_count=4, **RAW) for p in range(4)]
     assert shards[0].local_batch_size == 2
     for i in range(5):
