@@ -382,6 +382,19 @@ def leaf_by_name(tree: Tree, name: str):
   return _get(tree, name.split("/"))
 
 
+def block_mean_abs(tree: Tree) -> jax.Array:
+  """(num_blocks,) mean |x| over each block's LoRA leaves, in block order; traceable.
+
+  With the step's gradients (`train.make_train_step(grad_measurements=...)`) this is the
+  per-block gradient-magnitude profile of the knock-on analysis (docs/knowledge_swapping.md).
+  """
+  means = []
+  for names in groups(tree, "block").values():
+    leaves = [leaf_by_name(tree, n) for n in names]
+    means.append(sum(jnp.abs(x).sum() for x in leaves) / sum(x.size for x in leaves))
+  return jnp.stack(means)
+
+
 def block_norms(lora: Tree, scale: float) -> dict[str, dict[str, float]]:
   """Per-block norms of the knock-on analysis (docs/knowledge_swapping.md), as host floats.
 

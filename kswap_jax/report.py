@@ -142,6 +142,56 @@ def plot_block_norms(block_norms: dict, path: str, title: str = "") -> None:
   fig.savefig(path, dpi=100)
 
 
+PROFILES = (("block_n", "n_l = Σ ||A||_F + ||B||_F"),
+            ("block_delta_w", "||ΔW_l||_F = Σ s·||A B||_F"),
+            ("block_grad_abs", "mean |gradient| of the block's LoRA"))
+
+
+def plot_block_profiles(metrics_path: str, path: str, title: str = "") -> bool:
+  """Per-block profiles over training from a run's `metrics.jsonl`: one panel per quantity
+  of `PROFILES` logged there, a line per block against the step, the stages marked.
+
+  Returns:
+    False (and draws nothing) when the log holds none of them (e.g. an older run).
+  """
+  rows = []
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      rows = [r for r in map(json.loads, f) if "block_n" in r or "block_grad_abs" in r]
+  keys = [(k, text) for k, text in PROFILES if any(k in r for r in rows)]
+  if not keys:
+    return False
+  fig = figure(figsize=(10, 3.2 * len(keys)))
+  axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+  starts = {}
+  for r in rows:
+    starts.setdefault(r.get("stage", ""), r["step"])
+  for ax, (key, text) in zip(axes, keys):
+    have = [r for r in rows if key in r]
+    values = [r[key] for r in have]
+    for b in range(len(values[0])):
+      ax.plot([r["step"] for r in have], [v[b] for v in values], label=f"block {b}",
+              color=_cmap(b, len(values[0])))
+    for stage, step in starts.items():
+      ax.axvline(step, color="0.6", lw=0.8, ls="--")
+      ax.text(step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), va="top",
+              fontsize=8, color="0.4")
+    ax.set_ylabel(text, fontsize=8)
+    ax.grid(alpha=0.3)
+  axes[-1].set_xlabel("step")
+  axes[0].legend(fontsize=7, ncol=min(6, len(values[0])))
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return True
+
+
+def _cmap(i: int, n: int):
+  """Block i of n on a dark-to-light ramp (early blocks dark), so depth reads at a glance."""
+  from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
+  return colormaps["viridis"](i / max(1, n - 1) * 0.9)
+
+
 def present(results: dict, workdir: str | None) -> str:
   """What a finished run shows: its text (returned) and its figures (written in `workdir`;
   None draws none, e.g. on processes other than the first).

@@ -319,7 +319,8 @@ def compiler_options(mesh: Mesh, cpu_scheduler: str | None = None) -> dict | Non
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
                     *, donate: bool = True, mutable: bool = False,
-                    update_kwargs: dict | None = None) -> Callable:
+                    update_kwargs: dict | None = None,
+                    grad_measurements: Callable[[Tree], dict] | None = None) -> Callable:
   """The pure train step, jitted with explicit shardings.
 
   `step(state, frozen, batch, hparams) -> (state, measurements)`: state and frozen tree are
@@ -336,6 +337,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
       (loss, (aux, new_model_state)), e.g. for BatchNorm statistics.
     update_kwargs: static keyword arguments for `tx.update` (an optax
       `GradientTransformationExtraArgs`), e.g. a fast/slow phase; one step per value.
+    grad_measurements: grads -> {name: array}, computed inside the step and added to the
+      measurements (e.g. per-block gradient magnitudes); arrays are logged as lists.
 
   Returns:
     The jitted step; measurements hold "loss", the aux entries and "grad_norm".
@@ -355,6 +358,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     updates, opt_state = tx.update(grads, opt_state, state.params, **(update_kwargs or {}))
     params = optax.apply_updates(state.params, updates)
     measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    if grad_measurements is not None:
+      measurements.update(grad_measurements(grads))
     return (TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng), model_state,
                        state.carry), measurements)
 
@@ -673,7 +678,7 @@ class Run:
         self._check_finite(unchecked, stage.name, spe)
         unchecked = []
       if log_now:
-        flat = {(f"{label}/{k}" if label else k): float(v)
+        flat = {(f"{label}/{k}" if label else k): v.tolist() if np.ndim(v) else float(v)
                 for label, m in jax.device_get(measurements).items() for k, v in m.items()}
         record = {"step": step, "stage": stage.name, "epoch": epoch + 1, **flat, **hparams}
         if extra_log is not None:

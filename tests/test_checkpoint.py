@@ -43,7 +43,7 @@ def test_head_extend_keeps_old_rows_and_adds_xavier_rows(tiny, tmp_path):
   np.testing.assert_array_equal(b[10:], 0.0)
   bound = math.sqrt(6 / (64 + 10))   # xavier on the new rows' (width, 20 - 10) slice
   assert np.abs(k[:, 10:]).max() <= bound and np.abs(k[:, 10:]).max() > 0.9 * bound
-  assert math.sqrt(6 / (768 + 100)) == pytest.approx(0.083141, rel=1e-5)  # spec §2.3
+  assert math.sqrt(6 / (768 + 100)) == pytest.approx(0.083141, rel=1e-5)  # docs/knowledge_swapping.md
   replaced = checkpoint.load_npz(path, _abstract(big)[1], head="replace")
   np.testing.assert_array_equal(replaced["head"]["kernel"], 0.0)
   with pytest.raises(ConfigError, match="head/(kernel|bias)"):

@@ -35,7 +35,20 @@ def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
   steps = [x["step"] for x in lines]
   assert steps == sorted(steps) and len(set(steps)) == len(steps)
   assert all(len(x["group_norms"]) == 2 and "learning_rate" in x for x in lines)
-  for name in ("lora_norms.png", "lora_learn.npz", "lora_forget.npz", "merged_params.npz",
+  # The knock-on profiles at every logged step; the last one of a stage is its end.
+  for key in ("block_n", "block_delta_w", "block_grad_abs"):
+    assert all(len(x[key]) == 2 for x in lines), key
+  assert all(min(x["block_grad_abs"]) > 0 for x in lines)
+  for stage in ("learn", "forget"):
+    last = [x for x in lines if x["stage"] == stage][-1]
+    ends = on_disk["block_norms"][stage]
+    np.testing.assert_allclose(last["block_n"], list(ends["sum_frobenius"].values()),
+                               atol=2e-6)
+    np.testing.assert_allclose(last["block_delta_w"], list(ends["delta_w"].values()),
+                               atol=2e-6)
+  first = [x for x in lines if x["stage"] == "learn"][0]
+  assert max(first["block_delta_w"]) < max(last["block_delta_w"])  # ΔW grows from 0
+  for name in ("lora_norms.png", "block_profiles.png", "lora_learn.npz", "lora_forget.npz", "merged_params.npz",
                "config.json", "pretrain/params.npz", "pretrain/results.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "checkpoints"))

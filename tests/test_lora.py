@@ -47,7 +47,7 @@ def test_init_bounds_match_the_reference_kaiming_sqrt50(b16_abstract):
     a = np.asarray(blk[name]["a"])
     assert np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound
     np.testing.assert_array_equal(blk[name]["b"], 0.0)
-    # E||A||_F for uniform(-c, c) entries: c * sqrt(n / 3) = 0.560 (spec §2.2).
+    # E||A||_F for uniform(-c, c) entries: c * sqrt(n / 3) = 0.560 (docs/knowledge_swapping.md).
     assert np.linalg.norm(a) == pytest.approx(bound * math.sqrt(a.size / 3), rel=0.02)
 
 

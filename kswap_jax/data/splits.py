@@ -6,8 +6,8 @@ keep their pretrained ids 0..num_old-1; learn class c of the new source becomes
 
     num_old_classes + rank of c in sorted(learn_classes).
 
-Sub-sampling is reproducible on any machine (docs/knowledge_swapping.md): candidates are sorted record
-ids, and the only randomness is `np.random.default_rng` with explicit seeds.
+Sub-sampling is reproducible on any machine (docs/knowledge_swapping.md): candidates are
+sorted record ids, and the only randomness is `np.random.default_rng` with explicit seeds.
 
 References: Xing et al., arXiv 2502.08075 (Knowledge Swapping).
 """
@@ -85,8 +85,8 @@ def select(source: Any, classes: Iterable[int], *, name: str, label_map: Mapping
     - few-shot (`n_per_class > 0`): for each class c, the first `n_per_class` ids of
       `default_rng([seed, c]).permutation(ids of c)`;
     - otherwise, ratio < 1: the first int(ratio * n) ids of
-      `default_rng(seed).permutation(candidates)` (docs/knowledge_swapping.md) indices
-      of a permutation, drawn once").
+      `default_rng(seed).permutation(candidates)`, over all candidates, not per class
+      (docs/knowledge_swapping.md).
 
   Args:
     source: random-access source with a `labels` array.
@@ -198,9 +198,10 @@ def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_tes
 
   Retain and forget come from the old (pretraining) source and keep their ids; learn comes
   from the new source and maps to num_old_classes + rank. Train splits are sub-sampled by
-  ratio or shots (shots win when both are set), each drawn once with `swap.seed` (docs/knowledge_swapping.md); test splits keep every test record of their classes. When old and new are the
-  same dataset (same name and labels, as in the digits demo), learn classes must not be
-  old classes.
+  ratio or shots (shots win when both are set), each drawn once with `swap.seed`
+  (docs/knowledge_swapping.md); test splits keep every test record of their classes. When
+  old and new are the same dataset (same name and labels, as in the digits demo), learn
+  classes must not be old classes.
 
   Args:
     old_train: old source, train split.

@@ -11,7 +11,8 @@ lasso of the LoRA factors (docs/knowledge_swapping.md):
 One AdamW (lr 1e-2, wd 0.05) is shared by both stages: its moments and count carry over
 while the per-epoch cosine LR restarts at stage 2. The head is frozen, with fixed random
 rows for the new classes; prediction is the arg-max over all head rows. In LBF the
-forgetting stage's retain stream is D_r^sub ∪ D_n^train; LAF never adds D_n (docs/knowledge_swapping.md).
+forgetting stage's retain stream is D_r^sub ∪ D_n^train; LAF never adds D_n
+(docs/knowledge_swapping.md).
 
 References: Xing et al., "Knowledge Swapping via Learning and Unlearning", arXiv 2502.08075.
 """
@@ -56,6 +57,11 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           learn_epochs=5,
           forget_epochs=5,
           batch_size=80,         # global batch of every stream
+          # The auxiliary (learn / forget) stream: "per_epoch" restarts it with a fresh
+          # shuffle at every retain epoch and ends each pass with a partial batch (padded,
+          # masked), as the reference's loader; "continuous" cuts the concatenated passes
+          # into full batches and never restarts.
+          aux_batches="per_epoch",
           reset_optimizer_between_stages=False,  # ablation; the reference carries it over
       )),
       swap=ml_collections.ConfigDict(dict(
@@ -104,6 +110,35 @@ def _ce(model, base, params, b, scale, rng):
   return losses.cross_entropy(logits, b["label"], b["mask"])
 
 
+def make_streams(config: ml_collections.ConfigDict, subsets: dict, mesh) -> dict:
+  """{stage: {"retain": stream, aux: stream}} for the "learn" and "forget" stages.
+
+  The retain stream defines each stage's epoch: D_r^sub in the first stage, and in the
+  second D_r^sub ∪ D_n^train (LBF) or D_r^sub alone (LAF), reshuffled with its own seed
+  either way (the reference builds new loaders). The auxiliary stream (D_n^train, D_f^sub)
+  cycles; with `ks.aux_batches = "per_epoch"` (the reference's loader) it restarts with a
+  fresh shuffle at every epoch of its stage's retain stream and ends each pass with a
+  padded, masked partial batch.
+  """
+  ks = config.ks
+  seed = int(config.seed)
+  mk = lambda subs, s, **kw: common.make_stream(
+      config, subs, batch_size=int(ks.batch_size), field="ks.batch_size", seed=s, mesh=mesh,
+      **kw)
+  first, second = STAGE_ORDER[config.method]
+  retain = {first: [subsets["retain_train"]],
+            second: [subsets["retain_train"]] + ([subsets["learn_train"]]
+                                                 if config.method == "lbf" else [])}
+  out = {}
+  for stage, key in ((first, "retain_stage1"), (second, "retain_stage2")):
+    epoch = mk(retain[stage], seed + STREAM_SEEDS[key], cycle=False)
+    restart = common.aux_restart(ks.aux_batches, "ks.aux_batches", epoch)
+    out[stage] = {"retain": epoch,
+                  stage: mk([subsets[f"{stage}_train"]], seed + STREAM_SEEDS[stage],
+                            cycle=True, restart_every=restart)}
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` ("lbf" or "laf") end to end; returns the results dict."""
   method = config.method
@@ -124,18 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"model.num_classes: head size {config.model.num_classes} cannot hold "
                       f"{config.swap.num_old_classes} old + {len(config.swap.learn_classes)} "
                       f"new classes")
+  stage_streams = make_streams(config, subsets, mesh)
   seed = int(config.seed)
-  bs = int(ks.batch_size)
-  mk = lambda subs, cycle, s: common.make_stream(config, subs, batch_size=bs,
-                                                 field="ks.batch_size", seed=s, cycle=cycle,
-                                                 mesh=mesh)
-  # Stage-2 retain stream: D_r^sub ∪ D_n^train in LBF, D_r^sub alone in LAF (docs/knowledge_swapping.md),
-  # reshuffled with its own seed either way (the reference builds new loaders).
-  stage2 = [subsets["retain_train"]] + ([subsets["learn_train"]] if method == "lbf" else [])
-  retain_stream = mk([subsets["retain_train"]], False, seed + STREAM_SEEDS["retain_stage1"])
-  stage2_retain = mk(stage2, False, seed + STREAM_SEEDS["retain_stage2"])
-  learn_stream = mk([subsets["learn_train"]], True, seed + STREAM_SEEDS["learn"])
-  forget_stream = mk([subsets["forget_train"]], True, seed + STREAM_SEEDS["forget"])
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
   # Model and LoRA spec (checked on shapes only; no parameters yet).
@@ -180,23 +205,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return lambda e, _: {"learning_rate": lr(e)}
 
   def reset_optimizer(state, frozen, fresh):
-    # Ablation only: the reference carries the AdamW state into stage 2 (docs/knowledge_swapping.md).
+    # Ablation only: the reference carries the AdamW state into stage 2
+    # (docs/knowledge_swapping.md).
     if fresh and ks.reset_optimizer_between_stages:
       state = state._replace(opt_state=train.replicate(tx.init(state.params), mesh))
     return state, frozen
 
+  grad_profile = lambda grads: {"block_grad_abs": lora.block_mean_abs(grads)}
   stages = {
       "learn": train.Stage(
           name="learn", step_fn=train.make_train_step(
-              learn_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh),
-          streams={"retain": retain_stream, "learn": learn_stream},
+              learn_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh,
+              grad_measurements=grad_profile),
+          streams=stage_streams["learn"],
           epoch_stream="retain", epochs=int(ks.learn_epochs),
           hparams_fn=lr_fn(int(ks.learn_epochs)),
           on_start=reset_optimizer if method == "laf" else None),
       "forget": train.Stage(
           name="forget", step_fn=train.make_train_step(
-              forget_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh),
-          streams={"retain": stage2_retain, "forget": forget_stream},
+              forget_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh,
+              grad_measurements=grad_profile),
+          streams=stage_streams["forget"],
           epoch_stream="retain", epochs=int(ks.forget_epochs),
           hparams_fn=lr_fn(int(ks.forget_epochs)),
           on_start=reset_optimizer if method == "lbf" else None),
@@ -212,9 +241,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return common.eval_accuracies(config, predict_step, state, frozen,
                                   {k: subsets[v] for k, v in splits_.items()}, mesh)
 
-  def group_norm_log(state):
-    norms = group_lasso.group_norms(jax.device_get(state.params), grouping)
-    return {"group_norms": [round(float(x), 6) for x in norms]}
+  def block_log(state):
+    # Logged iterations: Ω's group norms and the knock-on profiles n_ℓ and ‖ΔW_ℓ‖ (the
+    # step adds the mean |gradient| per block, `block_grad_abs`).
+    params = jax.device_get(state.params)
+    norms = group_lasso.group_norms(params, grouping)
+    profile = lora.block_norms(params, spec.scale)
+    return {"group_norms": [round(float(x), 6) for x in norms],
+            "block_n": [round(v, 6) for v in profile["sum_frobenius"].values()],
+            "block_delta_w": [round(v, 6) for v in profile["delta_w"].values()]}
 
   results = run_.meta["results"]
   if "before" not in results:
@@ -222,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("[before] %s", _fmt(results["before"]))
   for i, name in enumerate(STAGE_ORDER[method]):
     state, frozen = run_.run_stage(i, stages[name], state, frozen, mesh,
-                                   extra_log=group_norm_log, eval_fn=evaluate,
+                                   extra_log=block_log, eval_fn=evaluate,
                                    eval_every=int(config.eval.every_steps))
     if name not in results:
       accs = evaluate(state)
@@ -261,12 +296,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def present(results: dict, workdir: str | None) -> str:
   """The stage table (printed by the run and by `python -m kswap_jax.report`);
-  `stages.png` and `lora_norms.png` (per-block LoRA norms) written in `workdir` unless None."""
+  `stages.png`, `lora_norms.png` (per-block LoRA norms after each stage) and
+  `block_profiles.png` (the same norms and the gradient magnitude per block over training)
+  written in `workdir` unless None."""
   if workdir:
     report.plot_stages(results, os.path.join(workdir, "stages.png"))
+    name = f"Knowledge Swapping ({results['method']})"
     report.plot_block_norms(results["block_norms"], os.path.join(workdir, "lora_norms.png"),
-                            title=f"Knowledge Swapping ({results['method']}): per-block "
-                                  f"LoRA norms")
+                            title=f"{name}: per-block LoRA norms")
+    report.plot_block_profiles(os.path.join(workdir, "metrics.jsonl"),
+                               os.path.join(workdir, "block_profiles.png"),
+                               title=f"{name}: per-block profiles during training")
   return report.stage_table(results)
 
 
