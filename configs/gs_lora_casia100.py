@@ -18,7 +18,8 @@ Arg keys: method (gs_lora | gs_lora_pp, or a continual-forgetting baseline cf_re
 cf_l2, cf_ewc, cf_mas, cf_lwf, cf_der, cf_der_pp, cf_fdr, cf_scrub with the reference's
 CASIA-100 hyper-parameters: docs/continual_forgetting_baselines.md); setting:
   single            100-Y single-step, full data (ratio 0.1), b 48, BND 110, β 0.05,
-                    α 0 until epoch 20 then 0.01 (warm-up from 0.005), λ_f 0.005
+                    α 0 until epoch 20, then big_alpha 0.01 (group_lasso.alpha is not
+                    used), λ_f 0.005
   single_fewshot    100-Y single-step, 2 shots per class (the reference's active script;
                     the tables use 4: --config.tasks.shots=4), b 4, β 0.15, λ_f 0.5, BND_pro 18;
                     the longer of the two subsets defines the epoch

@@ -201,6 +201,17 @@ def test_continual_run_writes_the_results_envelope(tmp_path_factory):
     assert os.path.exists(os.path.join(workdir, name)), name
   evals = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl")) if '"eval"' in x]
   assert evals and all("h_mean" in x["eval"] for x in evals)
+  # The weights at each task's best H, merged, in the layout of merged_params.npz.
+  final = np.load(os.path.join(workdir, "merged_params.npz"))
+  with_evals = [s for s in on_disk["stages"][1:] if "best_h" in s]
+  assert with_evals
+  for stage in on_disk["stages"][1:]:
+    path = os.path.join(workdir, f"merged_best_h_{stage['name']}.npz")
+    assert os.path.exists(path) == (stage in with_evals), stage["name"]
+  for stage in with_evals:
+    best = np.load(os.path.join(workdir, f"merged_best_h_{stage['name']}.npz"))
+    assert sorted(best.files) == sorted(final.files)
+    assert all(best[k].shape == final[k].shape for k in final.files)
 
 
 @pytest.mark.slow
@@ -294,3 +305,31 @@ def test_every_shipped_setting_runs_end_to_end(config_name, arg, num_tasks, tmp_
   assert ("ema" in last) == ("missing" not in arg)   # the shipped scripts' EMA settings
   if "missing" in arg:  # the missing class is retained (in Acc_r's split) but never trained on
     assert config.tasks.num_missing == 1
+
+
+@pytest.mark.parametrize("epoch_stream", ["retain", "longer"])
+def test_the_cycled_stream_restarts_every_epoch_in_whole_passes(epoch_stream):
+  # The reference re-creates the forget loader (drop_last=False) at every epoch.
+  config = load_config("gs_lora_digits", "runlocal")
+  config.gs_lora.epoch_stream = epoch_stream
+  if epoch_stream == "longer":  # a forget set longer than the retain set swaps the roles
+    config.tasks.update(dict(num_tasks=1, per_task=6))
+  _, subsets = gs_lora.task_data(config)
+  mesh = gs_lora.train.mesh_for(config)
+  for (streams, epoch), sub in zip(gs_lora.make_task_streams(config, subsets, mesh), subsets):
+    assert epoch == ("forget" if epoch_stream == "longer" else "retain")
+    cycled = streams["retain" if epoch == "forget" else "forget"]
+    assert cycled.restart_every == streams[epoch].steps_per_epoch
+    assert cycled.cycle and not streams[epoch].cycle
+    n, passes = cycled.num_examples, cycled.restart_every // cycled.steps_per_epoch
+    for e in range(2):
+      masks = [cycled.batch(e * cycled.restart_every + i)["mask"]
+               for i in range(passes * cycled.steps_per_epoch)]
+      assert sum(m.sum() for m in masks) == passes * n  # whole passes, each record once
+  config.gs_lora.aux_batches = "continuous"
+  streams, epoch = gs_lora.make_task_streams(config, subsets, mesh)[0]
+  assert streams["retain" if epoch == "forget" else "forget"].restart_every == 0
+  config.gs_lora.aux_batches = "per_pass"
+  with pytest.raises(ConfigError, match=r"^gs_lora\.aux_batches: 'per_pass' \(expected one "
+                                        r"of per_epoch, continuous\)$"):
+    gs_lora.make_task_streams(config, subsets, mesh)

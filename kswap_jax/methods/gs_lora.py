@@ -55,7 +55,12 @@ EPOCH_STREAMS = ("retain", "longer")
 
 
 def sections() -> dict[str, ml_collections.ConfigDict]:
-  """The method's own config sections with their defaults (the continual CASIA scripts)."""
+  """The method's own config sections, with the continual CASIA scripts' method defaults.
+
+  The model, data and evaluation sections keep the shared defaults (ViT-B/16, linear head,
+  mean = std = 0.5, `eval.every_steps` 0); the shipped configs set the reference's (the Face
+  Transformer with a CosFace head, its normalisation, evaluation every 100 steps).
+  """
   return {
       "lora": config_lib.lora_section(init_slope=math.sqrt(5.0)),  # task 1: loralib's slope
       "group_lasso": config_lib.group_lasso_section(alpha=1e-4),   # the continual scripts' α
@@ -69,7 +74,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           forget_classes=(),     # explicit per-task tuples (override per_task)
           num_missing=0,         # M retained classes without training data (Acc_m)
           missing_classes=(),    # explicit missing classes (override num_missing)
-          data_ratio=0.1,        # share of the training images of each class kept per task
+          data_ratio=0.1,        # share of each task's retain / forget training split kept
+                                 # (first int(ratio·n) of a permutation, not per class)
           shots=0,               # >0: exactly this many images per class (few-shot)
           seed=0,                # subset draw [inferred]: torch's randperm cannot be matched
       )),
@@ -84,8 +90,15 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           reinit_slope=math.sqrt(50.0),  # A-init slope for tasks >= 2 (task 1: lora.init_slope)
           eval_margin=True,      # reported accuracy = arg-max of the margin logits (reference)
           epoch_stream="retain",  # retain | longer (the single-step few-shot exception)
+          # The cycled stream (forget; retain under "longer"): "per_epoch" restarts it with a
+          # fresh shuffle every epoch and ends each pass with a partial batch (padded,
+          # masked), as the reference's loader; "continuous": full batches, no restart.
+          aux_batches="per_epoch",
           ema_epoch=-1,          # >= 0: EMA of the merged weights from this epoch's end on
           ema_decay=0.9,         # EMA <- d·EMA + (1 − d)·current, once per epoch
+          # At every new best H of the periodic evaluation (eval.every_steps), write the
+          # merged weights as merged_best_h_<task>.npz (the reference saves them too).
+          save_best_h=True,
           prototype=dict(        # GS-LoRA++ only
               forget_weight=(0.01,),  # λ_f: one value for every task, or one per task
               retain_weight=0.0,   # λ_r (0 in every shipped reference run)
@@ -402,6 +415,33 @@ def _check(config) -> None:
     raise ConfigError("gs_lora.prototype: bound and retain_weight must be >= 0")
 
 
+def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) -> list:
+  """[({"retain": stream, "forget": stream}, epoch stream name)] per task.
+
+  The retain stream defines the epoch and the forget stream cycles; under
+  `gs_lora.epoch_stream = "longer"` a forget set longer than the retain set swaps the two
+  roles (the single-step few-shot exception). The cycled stream's batches follow
+  `gs_lora.aux_batches` (`common.aux_restart`).
+  """
+  g, seed = config.gs_lora, int(config.seed)
+  out = []
+  for t, sub in enumerate(subsets):
+    def mk(name, offset, epoch=None, sub=sub, t=t):
+      # epoch: None for the stream that defines the epoch, else that stream (this one cycles).
+      restart = common.aux_restart(g.aux_batches, "gs_lora.aux_batches", epoch) if epoch else 0
+      return common.make_stream(config, [sub[name]], batch_size=int(g.batch_size),
+                                field="gs_lora.batch_size", seed=seed + 10 * t + offset,
+                                cycle=epoch is not None, restart_every=restart, mesh=mesh)
+    retain, epoch_stream = mk("retain_train", 0), "retain"
+    forget = mk("forget_train", 1, epoch=retain)
+    if g.epoch_stream == "longer":
+      probe = mk("forget_train", 1)
+      if probe.steps_per_epoch > retain.steps_per_epoch:
+        retain, forget, epoch_stream = mk("retain_train", 0, epoch=probe), probe, "forget"
+    out.append(({"retain": retain, "forget": forget}, epoch_stream))
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns the
   results envelope (stages "pretrained", "task_1", ...)."""
@@ -418,19 +458,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   betas = tasks_lib.per_task(g.beta, num_tasks, "gs_lora.beta")
   pro_weights = tasks_lib.per_task(g.prototype.forget_weight, num_tasks,
                                    "gs_lora.prototype.forget_weight")
-  bs = int(g.batch_size)
-  task_streams = []
-  for t, sub in enumerate(subsets):
-    def mk(name, cycle, offset, sub=sub, t=t):
-      return common.make_stream(config, [sub[name]], batch_size=bs, field="gs_lora.batch_size",
-                                seed=seed + 10 * t + offset, cycle=cycle, mesh=mesh)
-    retain, forget, epoch_stream = mk("retain_train", False, 0), mk("forget_train", True, 1), \
-        "retain"
-    if g.epoch_stream == "longer":
-      probe = mk("forget_train", False, 1)
-      if probe.steps_per_epoch > retain.steps_per_epoch:
-        retain, forget, epoch_stream = mk("retain_train", True, 0), probe, "forget"
-    task_streams.append(({"retain": retain, "forget": forget}, epoch_stream))
+  task_streams = make_task_streams(config, subsets, mesh)
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
   model_cfg = common.model_config(config)
@@ -527,7 +555,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def periodic(state, frozen):
       acc = evaluate(state, frozen, sub, names=("retain_test", "forget_test"))
-      return periodic_record(acc, results[f"{task.name}_before"])
+      record = periodic_record(acc, results[f"{task.name}_before"])
+      best = continual.best_eval(run_, task.name, "h_mean")
+      if (g.save_best_h and run_.is_main
+          and (best is None or record["h_mean"] > best["h_mean"])):
+        # As the reference, the weights of every new best H (merged: loadable as is).
+        ckpt_lib.export_merged(jax.device_get(frozen["base"]), jax.device_get(state.params),
+                               spec.scale,
+                               os.path.join(run_.workdir, f"merged_best_h_{task.name}.npz"))
+      return record
 
     def after(state, frozen):
       # The task folded into the kernels, as the next task will see it.
