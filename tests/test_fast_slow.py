@@ -189,6 +189,26 @@ def test_schedules_and_outer_count():
   assert float(u_slow["w"][0]) == pytest.approx(0.0, abs=1e-12)
 
 
+
+def test_schedule_every_gives_torch_per_epoch_cosine():
+  # torch: CosineAnnealingLR(opt, T_max=E) stepped after every epoch of K iterations gives
+  # η_e = η₀·½(1 + cos(π·e/E)) for all K iterations of epoch e.
+  epochs, per_epoch, lr0 = 4, 3, 0.1
+  tx = fs.fast_slow(lr0, epochs * per_epoch, forget_alpha=0.0, momentum=0.0, weight_decay=0.0,
+                    max_norm=None, schedule_every=per_epoch)
+  params, ones = {"w": jnp.zeros((1,))}, {"w": jnp.ones((1,))}
+  slow = jax.jit(lambda s: tx.update(ones, s, params, phase=SLOW))
+  state = tx.init(params)
+  for t in range(epochs * per_epoch):
+    expected = lr0 * 0.5 * (1 + math.cos(math.pi * (t // per_epoch) / epochs))
+    assert fs.schedule_values(state, lr0, 0.0, epochs * per_epoch,
+                              schedule_every=per_epoch)[0] == pytest.approx(expected)
+    update, state = slow(state)
+    assert -float(update["w"][0]) == pytest.approx(expected, rel=1e-6), t
+  with pytest.raises(ValueError, match="schedule_every"):
+    fs.fast_slow(lr0, 10, forget_alpha=0.0, schedule_every=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Acceptance check 6: the mask is not a freeze.
 

@@ -285,3 +285,27 @@ def test_accuracy_matrix_rows_are_the_model_before_the_next_task():
   assert m["fwt"] == pytest.approx(((10 - 10) + (8 - 10)) / 2)
   assert m["forgetting_max"] == pytest.approx(((80 - 60) + (91 - 75)) / 2)
   assert ug_clu.cl_measures(order, [[1.0, None, 2.0]] * 3, [0, 0, 0]) == {}
+  # The average incremental accuracy weighs by test samples when the sizes are given:
+  # A_2 = (70·100 + 91·300) / 400, not (70 + 91) / 2.
+  equal = m["cl_avg_incremental_acc"]
+  weighted = ug_clu.cl_measures(order, raw, [10.0] * 3, test_sizes=[100, 300, 100])
+  a2, a3 = (70 * 100 + 91 * 300) / 400, (60 * 100 + 75 * 300 + 88 * 100) / 500
+  assert weighted["cl_avg_incremental_acc"] == pytest.approx((80 + a2 + a3) / 3)
+  assert equal == pytest.approx((80 + (70 + 91) / 2 + (60 + 75 + 88) / 3) / 3)
+
+
+def test_clu_joint_clips_its_summed_step_and_sfr_on_its_fast_step_only():
+  # The reference's `joint` clips the summed gradient at its fast step's bound; SFR-on's
+  # SLOW step is never clipped.
+  from kswap_jax.optim import fast_slow  # pylint: disable=import-outside-toplevel
+  config = methods.default_config("clu_joint")
+  config.unlearn.weight_decay = 0.0
+  params, grads = {"w": np.zeros(4, np.float32)}, {"w": np.full(4, 100.0, np.float32)}
+  lr, bound = float(config.unlearn.lr), float(config.unlearn.max_norm)
+  for joint, slow_norm in ((True, lr * bound), (False, lr * 200.0)):
+    tx = ug_clu._unlearn_tx(config, 10, joint=joint)
+    update, _ = tx.update(grads, tx.init(params), params, phase=fast_slow.SLOW)
+    assert float(np.linalg.norm(update["w"])) == pytest.approx(slow_norm, rel=1e-5), joint
+  fast, _ = ug_clu._unlearn_tx(config, 10).update(grads, tx.init(params), params,
+                                                  phase=fast_slow.FAST)
+  assert float(np.linalg.norm(fast["w"])) == pytest.approx(lr * bound, rel=1e-5)

@@ -127,6 +127,10 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           epochs=200, iterations=0,  # iterations > 0 overrides epochs (passes over D_R ∪ D_L)
           lr=0.1, base="sgd", momentum=0.9, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8,
           batch_size=128,
+          # Cosine η of learning stages and the oracle: "epoch" = one value per pass (the
+          # reference's CosineAnnealingLR(T_max=epochs)); "step" = every iteration. With
+          # `iterations` > 0 it moves every iteration either way.
+          schedule_unit="epoch",
       )),
       oracle=ml_collections.ConfigDict(dict(
           enabled=True,          # train the Retrain oracle (needed for JS/KL and Avg. Gap)
@@ -421,6 +425,7 @@ def _validate(config) -> None:
   if o.enabled and int(o.epochs) == 0 and int(o.iterations) == 0:
     raise ConfigError("oracle.epochs: 0 with oracle.iterations 0; set one of them")
   _choice(o.stages, "oracle.stages", ("unlearn", "all"))
+  _choice(lc.schedule_unit, "learn.schedule_unit", ("epoch", "step"))
   _choice(o.start, "oracle.start", ("random", "init"))
   _choice(c.params, "clu.params", trainable_lib.KINDS)
   _choice(o.params, "oracle.params", ("clu", "full"))
@@ -440,6 +445,9 @@ def _validate(config) -> None:
   _positive(c.learn_lambda, "clu.learn_lambda", strict=False)
   _positive(c.fused_iterations, "clu.fused_iterations", int, strict=False)
   _positive(c.random_seed, "clu.random_seed", int, strict=False)
+  if c.variant == "B" and float(c.learn_alpha) and not float(u.forget_alpha):
+    raise ConfigError("unlearn.forget_alpha: 0 with clu.variant=B leaves no FAST step, and "
+                      "its learning term c^L(t) with it; set it > 0 or use clu.variant=A")
   if c.variant == "A" and c.slow_batches == "mixed" and float(c.learn_lambda):
     raise ConfigError("clu.learn_lambda: needs separate D_L batches (clu.slow_batches="
                       "substeps or clu.variant=B)")
@@ -471,18 +479,41 @@ def _tasks(config, num_classes: int, train_labels: np.ndarray) -> tuple[tuple[in
 # side by side in the optimizer state, so its structure is the same at every stage.
 
 def _fast_slow(section, total: int, *, forget_alpha: float = 0.0, max_norm=None,
-               clip="torch", beta=1.0, lr=None) -> optax.GradientTransformationExtraArgs:
+               clip="torch", beta=1.0, lr=None, schedule_every: int = 1, slow_max_norm=None
+               ) -> optax.GradientTransformationExtraArgs:
   return fast_slow.fast_slow(
       float(section.lr if lr is None else lr), max(1, int(total)),
       forget_alpha=float(forget_alpha), base=section.base, momentum=float(section.momentum),
       weight_decay=float(section.weight_decay), b1=float(section.b1), b2=float(section.b2),
-      eps=float(section.eps), max_norm=max_norm, clip=clip, beta=beta)
+      eps=float(section.eps), max_norm=max_norm, clip=clip, beta=beta,
+      schedule_every=schedule_every, slow_max_norm=slow_max_norm)
 
 
-def _unlearn_tx(config, total: int):
+def _learn_tx(config, section, n: int):
+  """(transformation, iterations) of a training stage on n examples with the `learn`
+  optimizer for `section.epochs` passes (or `section.iterations`): a learning stage or
+  the oracle. With `learn.schedule_unit = "epoch"` and epochs, η takes one cosine value per
+  pass, as the reference's `CosineAnnealingLR(T_max=epochs)` stepped after each epoch."""
+  lc = config.learn
+  total = _iterations(section, n, int(lc.batch_size))
+  return _fast_slow(lc, total, schedule_every=_schedule_every(config, section, n)), total
+
+
+def _schedule_every(config, section, n: int) -> int:
+  """Iterations per η value in a `_learn_tx` stage: one pass over n examples, or 1."""
+  if config.learn.schedule_unit == "epoch" and int(section.iterations) <= 0:
+    return math.ceil(n / int(config.learn.batch_size))
+  return 1
+
+
+def _unlearn_tx(config, total: int, joint: bool = False):
+  """The unlearning optimizer; `joint` (clu_joint's single step, taken in the SLOW phase)
+  clips that step's summed gradient at `unlearn.max_norm`, as the reference's `joint` mode
+  clips it at the bound of its fast step."""
   u = config.unlearn
+  bound = None if u.max_norm is None else float(u.max_norm)
   return _fast_slow(u, total, forget_alpha=float(u.forget_alpha),
-                    max_norm=None if u.max_norm is None else float(u.max_norm),
+                    max_norm=None if joint else bound, slow_max_norm=bound if joint else None,
                     clip=u.clip, beta=float(u.beta))
 
 
@@ -670,13 +701,18 @@ def accuracy_matrix(stage_records: Sequence[dict], plans: Sequence[StagePlan],
   return order, [[row[key][t] for t in order] for row in rows_at]
 
 
-def cl_measures(order, raw, initial_acc, suffix: str = "") -> dict:
-  """The accuracy-matrix measures (GEM, Chaudhry, Avalanche), when ≥ 2 tasks and no gaps."""
+def cl_measures(order, raw, initial_acc, suffix: str = "", test_sizes=None) -> dict:
+  """The accuracy-matrix measures (GEM, Chaudhry, Avalanche), when ≥ 2 tasks and no gaps.
+
+  `test_sizes[t]`: task t's test-set size, which weighs the average incremental accuracy
+  by sample (the accuracy on the union of the tasks seen so far); None weighs tasks equally.
+  """
   if len(order) < 2 or any(v is None for row in raw for v in row):
     return {}
   a = np.asarray(raw, np.float64)
+  sizes = None if test_sizes is None else [test_sizes[t] for t in order]
   return {f"cl_final_avg_acc{suffix}": metrics.cl_final_avg_acc(a),
-          f"cl_avg_incremental_acc{suffix}": metrics.cl_avg_incremental_acc(a),
+          f"cl_avg_incremental_acc{suffix}": metrics.cl_avg_incremental_acc(a, sizes),
           f"bwt{suffix}": metrics.bwt(a),
           f"fwt{suffix}": metrics.fwt(a, [initial_acc[t] for t in order]),
           f"forgetting_max{suffix}": metrics.forgetting_max(a),
@@ -845,9 +881,11 @@ class StageTools:
     train_src: the training source every plan indexes into.
     first_unlearn: index of the first unlearning stage of the stream (None if none).
     subset: (indices, name) -> a `splits.Subset` of the training source.
-    stream: (subsets, k, key, batch_size, field, cycle=True) -> the training stream of
+    stream: (subsets, k, key, batch_size, field, cycle=False) -> the training stream of
       stage k over the union of `subsets`, seeded from seed + 1000·(k + 1) +
-      STREAM_SEEDS[key]; cycle=False gives padded epochs (`kswap_jax.data.streams`).
+      STREAM_SEEDS[key]: a fresh shuffle every pass, whose last batch is padded and
+      masked, as the reference's `cycle(DataLoader(shuffle=True))`; cycle=True cuts the
+      concatenated passes into full batches (`kswap_jax.data.streams`).
     eval_batches: (indices, name, batch_size, augment=False) -> one pass of global batches
       with eval preprocessing (Fisher diagonals, saliency passes); augment=True adds the
       training augmentation `data.augment` (SFR-on's Fisher passes).
@@ -931,7 +969,7 @@ def _fast_slow_unlearner(method: str) -> Unlearner:
     if variant_b or substeps:
       streams_["learn"] = stream(plan.learn, f"{plan.name}_learn", "learn")
     tx_total = 2 * total if substeps else total
-    unlearn_tx = _unlearn_tx(config, tx_total)
+    unlearn_tx = _unlearn_tx(config, tx_total, joint=method == "clu_joint")
     tx = tools.slot(unlearn_tx)
     tx_key = ("unlearn", tx_total)
     n_f = int(u.forget_every)
@@ -1152,7 +1190,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
                                   **kw, **aug):
       yield train.to_global(b, mesh)
 
-  def stream_of(subsets, k, key, bs, field, cycle=True):
+  def stream_of(subsets, k, key, bs, field, cycle=False):
     return common.make_stream(config, subsets, batch_size=bs, field=field,
                               seed=seed + 1000 * (k + 1) + STREAM_SEEDS[key], cycle=cycle,
                               mesh=mesh)
@@ -1184,9 +1222,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     k = plan.index
     buffer = buffers[k]
     if retrain:
-      n = plan.kept_after.size
-      total = _iterations(config.oracle, n, int(lc.batch_size))
-      tx = _slot("learn", _fast_slow(lc, total), init_opt)
+      oracle_tx, total = _learn_tx(config, config.oracle, plan.kept_after.size)
+      tx = _slot("learn", oracle_tx, init_opt)
       streams_ = {"retain": stream(plan.kept_after, f"{plan.name}_oracle", k, "retain",
                                    int(lc.batch_size), "learn.batch_size")}
       slow = step("slow", ("learn", total), tx, {"phase": fast_slow.SLOW})
@@ -1204,8 +1241,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
     if not plan.unlearns:  # learning stage: replay fine-tuning on buffer(D_R) ∪ D_L
       data = np.union1d(buffer, plan.learn)
-      total = _iterations(lc, data.size, int(lc.batch_size))
-      learn_tx = _fast_slow(lc, total)
+      learn_tx, total = _learn_tx(config, lc, data.size)
       tx = _slot("learn", learn_tx, init_opt)
       slow = step("slow", ("learn", total), tx, {"phase": fast_slow.SLOW})
 
@@ -1252,9 +1288,12 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     if plan.unlearns and not retrain:
       return unlearner.schedule_log(config, plan, stage)
 
+    every = _schedule_every(config, config.oracle if retrain else lc,
+                            stage.streams["retain"].num_examples)
+
     def extra(state):
       eta, _ = fast_slow.schedule_values(state.opt_state["learn"], float(lc.lr), 0.0,
-                                         stage.iterations)
+                                         stage.iterations, schedule_every=every)
       return {"eta_next": eta}
     return extra
 
@@ -1284,7 +1323,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     log.info("[%s] %s", plan.name, " ".join(
         f"{k} {v:.2f}" for k, v in m.items() if isinstance(v, float)))
 
-  out = _envelope(config, method, run_plans, plans, results, tasks, initial_tasks)
+  test_labels = np.asarray(test_src.labels)
+  test_sizes = [int(np.isin(test_labels, t).sum()) for t in tasks]
+  out = _envelope(config, method, run_plans, plans, results, test_sizes, initial_tasks)
   out["num_trainable"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
   out["params"] = trainable.kind
   if oracle_dir:
@@ -1327,7 +1368,7 @@ def _oracle(config, oracle_dir: str) -> dict:
   return results
 
 
-def _envelope(config, method, run_plans, plans, results, tasks, initial_tasks) -> dict:
+def _envelope(config, method, run_plans, plans, results, test_sizes, initial_tasks) -> dict:
   """The results envelope (timings kept apart from the metrics, so a resumed run's
   stages and final values equal an uninterrupted run's)."""
   stages, timing = [], {}
@@ -1353,7 +1394,8 @@ def _envelope(config, method, run_plans, plans, results, tasks, initial_tasks) -
     initial = results["before"]
     order, raw = accuracy_matrix(stages, plans, initial, initial_tasks)
     _, kept = accuracy_matrix(stages, plans, initial, initial_tasks, key="task_acc_kept")
-    final.update(cl_measures(order, raw, initial["task_acc"]))
+    final.update(cl_measures(order, raw, initial["task_acc"], test_sizes=test_sizes))
+    # Kept-only cells cover fewer test samples than their task has: tasks weigh equally.
     final.update(cl_measures(order, kept, initial["task_acc"], suffix="_kept"))
     out["acc_matrix"] = {"tasks": [t + 1 for t in order], "raw": raw, "kept": kept,
                          "per_stage": [s["task_acc"] for s in stages],

@@ -150,7 +150,7 @@ def fast_slow(learning_rate: float | None, total_iterations: int, *, forget_alph
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
               max_norm: float | None = 7.0, slow_max_norm: float | None = None,
               clip: str = "torch", beta: float = 1.0, schedule: str = "cosine",
-              forget_alpha_schedule: str = "cosine",
+              forget_alpha_schedule: str = "cosine", schedule_every: int = 1,
               ) -> optax.GradientTransformationExtraArgs:
   """SFR-on's alternating masked-ascent / remain-descent optimizer.
 
@@ -183,6 +183,10 @@ def fast_slow(learning_rate: float | None, total_iterations: int, *, forget_alph
     schedule: "cosine" (η(t) = η₀·½(1 + cos(πt/T))) or "constant" for η.
     forget_alpha_schedule: "cosine" (c(t) = c₀ times the same shape, as SFR-on's
       decayed `forget_alpha`) or "constant".
+    schedule_every: K ≥ 1: η and c move every K outer iterations (evaluated at
+      K·⌊t/K⌋): with T = E·K and K the iterations of one pass over the data, η follows a
+      per-epoch cosine over E epochs, as torch's `CosineAnnealingLR(T_max=E)` stepped once
+      per epoch. 1 (default): every iteration.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update(grads, state, params, *, phase)`
@@ -198,6 +202,8 @@ def fast_slow(learning_rate: float | None, total_iterations: int, *, forget_alph
   """
   if total_iterations < 1:
     raise ValueError(f"total_iterations: expected T >= 1, got {total_iterations}")
+  if schedule_every < 1:
+    raise ValueError(f"schedule_every: expected K >= 1, got {schedule_every}")
   if not 0.0 < beta <= 1.0:
     raise ValueError(f"beta: expected 0 < β <= 1, got {beta}")
   if clip not in CLIPS:
@@ -219,7 +225,9 @@ def fast_slow(learning_rate: float | None, total_iterations: int, *, forget_alph
   use_anchor = beta < 1.0
 
   def shape(kind, t):
-    return cosine_shape(t, total_iterations) if kind == "cosine" else jnp.float32(1.0)
+    if kind != "cosine":
+      return jnp.float32(1.0)
+    return cosine_shape(t // schedule_every * schedule_every, total_iterations)
 
   def init_fn(params):
     mask = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), jnp.float32), params)
@@ -326,8 +334,8 @@ def set_outer_count(opt_state: Any, count: int = 0) -> Any:
 
 
 def schedule_values(opt_state: Any, learning_rate: float, forget_alpha: float,
-                    total_iterations: int) -> tuple[float, float]:
+                    total_iterations: int, schedule_every: int = 1) -> tuple[float, float]:
   """Host-side (η(t), c(t)) of the cosine schedules at the state's t, for logging."""
   t = int(jax.device_get(get_state(opt_state).outer_count))
-  s = float(cosine_shape(t, total_iterations))
+  s = float(cosine_shape(t // schedule_every * schedule_every, total_iterations))
   return learning_rate * s, forget_alpha * s
