@@ -5,18 +5,25 @@ plain linear logits (no CosFace), LoRA r 8 on the 24 MLP kernels (737,280 parame
 groups), 5 % of the training images per task, b 48, BND 105, β (0.2, 0.25, 0.25, 0.25),
 α 1e-4 constant, λ_f 0.05, 100 epochs per task, AdamW 1e-2 / wd 0.05, per-epoch cosine.
 
-    # once: ImageNet-100 as image folders (`train/<wnid>/...`, `test/<wnid>/...`)
+    # once: ImageNet-100 as image folders (`train/<wnid>/...`, `test/<wnid>/...`), stored
+    # as the reference preprocesses them: shorter side 256, centre crop 224
     python -m kswap_jax.data.image_folder --root /data/imagenet100 --name imagenet100 \
-        --data_dir ~/tensorflow_datasets --label_rule sorted_rank
-    # the ViT-B/16 with the 100-row head as an .npz of our parameter names, then:
+        --data_dir ~/tensorflow_datasets --label_rule sorted_rank \
+        --image_size 224 --resize_shorter 256
+    # once: torchvision's ViT-B/16 (IMAGENET1K_V1) with its head cut to the 100 classes'
+    # ImageNet-1k indices (rows.txt: one per class, in sorted-wnid order; the reference's
+    # modify_head)
+    python -m kswap_jax.convert vit_b_16-c867db91.pth --layout torchvision --num_heads 12 \
+        --head_rows @rows.txt --out /ckpt/vit_b16_imagenet100_head.npz
     python run.py --config=configs/gs_lora_imagenet100.py \
         --config.init.checkpoint=/ckpt/vit_b16_imagenet100_head.npz --workdir=/runs/gs_in100
     python run.py --config=configs/gs_lora_imagenet100.py:method=gs_lora_pp ...
 
 Arg keys: method (gs_lora | gs_lora_pp); runlocal (tiny model, synthetic data, ~20 s on 2 CPU cores).
 
-Preprocessing: the reference resizes to 256 and centre-crops 224 with ImageNet mean/std;
-here images are resized to 224 by the data layer (store them centre-cropped to match).
+Preprocessing: the reference resizes the shorter side to 256 and centre-crops 224, with
+ImageNet mean/std; `--resize_shorter 256 --image_size 224` stores the images so (the data
+layer then leaves them as they are; without it, it would squash them to 224 x 224).
 
 Expect (paper, T-PAMI Table 4; H / Acc_r / Acc_f [/ Acc_o]; pretrained Acc_r / Acc_f 89.93 /
 87.40, 90.03 / 89.60, 89.65 / 90.80, 92.80 / 86.50):

@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--channels", type=int, help="image channels (gslora_face; default 3)")
   p.add_argument("--prefix", help="key prefix of the state dict in the file (e.g. 'module.'); "
                                   "found automatically when unique")
+  p.add_argument("--head_rows", metavar="ROWS",
+                 help="keep only these rows of the classifier head, in this order: "
+                      "'3,17,42' or @FILE (ints separated by commas or whitespace), e.g. "
+                      "ImageNet-1k indices of a 100-class subset (GS-LoRA's modify_head)")
   p.add_argument("--inert", action="append", default=[], metavar="MODULE.NAME",
                  help="a class a torch pickle may hold as an inert record, never called "
                       "(e.g. argparse.Namespace); repeatable")
@@ -104,6 +108,35 @@ def _check_args(args) -> None:
     raise ValueError(f"--num_heads: expected a positive int, got {args.num_heads}")
 
 
+def _select_head_rows(conv: interop.Converted, spec: str) -> interop.Converted:
+  """`conv` with its head cut to the rows named by `spec` ("3,17" or "@file"), in order."""
+  text = spec
+  if spec.startswith("@"):
+    if not os.path.isfile(spec[1:]):
+      raise ValueError(f"--head_rows {spec}: no such file")
+    with open(spec[1:]) as f:
+      text = f.read()
+  try:
+    rows = [int(t) for t in text.replace(",", " ").split()]
+  except ValueError:
+    raise ValueError(f"--head_rows {spec}: expected ints separated by commas or "
+                     f"whitespace") from None
+  if "head/kernel" not in conv.params:
+    raise ValueError("--head_rows: the source has no classifier head (head/kernel)")
+  kernel, bias = conv.params["head/kernel"], conv.params.get("head/bias")
+  n = kernel.shape[-1]
+  bad = [r for r in rows if not 0 <= r < n]
+  if not rows or bad or len(set(rows)) != len(rows):
+    raise ValueError(f"--head_rows: expected distinct rows in [0, {n}) of the {n}-row head, "
+                     f"got {'none' if not rows else bad[:3] or 'a repeated row'}")
+  params = dict(conv.params, **{"head/kernel": kernel[:, rows]})
+  if bias is not None:
+    params["head/bias"] = bias[rows]
+  model = dict(conv.model, num_classes=len(rows))
+  return conv._replace(params=params, model=model,
+                       notes=conv.notes + [f"head cut to {len(rows)} of its {n} rows"])
+
+
 def run(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   _check_args(args)
@@ -129,6 +162,8 @@ def run(argv: list[str] | None = None) -> int:
                        f"{args.src}")
     conv = conv._replace(lora=lora, lora_alpha=args.lora_alpha or 1.0,
                          notes=conv.notes + [f"LoRA from {args.lora_file}"])
+  if args.head_rows:
+    conv = _select_head_rows(conv, args.head_rows)
   if args.to == "ours":
     written = interop.save(conv, args.out)
   else:

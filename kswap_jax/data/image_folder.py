@@ -2,6 +2,7 @@
 
     python -m kswap_jax.data.image_folder --root DIR [--root DIR2 ...] --name NAME \\
         --data_dir OUT [--label_rule sorted_rank|imagenet_prefix] [--image_size N]
+        [--resize_shorter R]
 
 Layouts: `root/<split>/<class>/<image>` (the splits are the subfolders, e.g. train/test)
 or `root/<class>/<image>` (one split, "train"; `--test_fraction F` holds out round(F·n) of
@@ -168,17 +169,30 @@ def class_labels(class_names: Sequence[str], rule: str) -> dict[str, int]:
   return labels
 
 
+def resize_shorter_center_crop(image: Image.Image, shorter: int, size: int) -> Image.Image:
+  """torchvision's `Resize(shorter)` then `CenterCrop(size)` on a PIL image (bilinear)."""
+  w, h = image.size
+  if (w <= h and w != shorter) or (h < w and h != shorter):
+    # torchvision: the shorter side becomes `shorter`, the longer int(shorter·long/short).
+    w, h = (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
+    image = image.resize((w, h), Image.BILINEAR)
+  left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+  return image.crop((left, top, left + size, top + size))
+
+
 def _load(path: pathlib.Path, mode: str, image_size: int | None,
-          encoding: str) -> bytes | Image.Image:
+          encoding: str, resize_shorter: int | None = None) -> bytes | Image.Image:
   """What tfds should store for one file: its own bytes, or a converted PIL image."""
   try:
     with Image.open(path) as image:
       image.load()
-      if (image.format in _PASSTHROUGH and image.mode == mode
+      if (image.format in _PASSTHROUGH and image.mode == mode and resize_shorter is None
           and (image_size is None or image.size == (image_size, image_size))):
         return path.read_bytes()
       image = image.convert(mode)
-      if image_size is not None and image.size != (image_size, image_size):
+      if resize_shorter is not None:
+        image = resize_shorter_center_crop(image, resize_shorter, image_size)
+      elif image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
   except OSError as e:
     raise ConfigError(f"--root: cannot read image {str(path)!r} ({e})") from None
@@ -193,7 +207,7 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
           data_dir: str | os.PathLike[str], *, label_rule: str = "sorted_rank",
           image_size: int | None = None, channels: int = 3, num_classes: int | None = None,
           encoding: str = "png", overwrite: bool = False, test_fraction: float = 0.0,
-          split_seed: int = 0) -> pathlib.Path:
+          split_seed: int = 0, resize_shorter: int | None = None) -> pathlib.Path:
   """Writes the image folders as tfds dataset NAME (version 1.0.0) under data_dir.
 
   Args:
@@ -203,6 +217,9 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
     label_rule: "sorted_rank" or "imagenet_prefix".
     image_size: resize every image to (image_size, image_size) with PIL bilinear; None
       keeps the original sizes.
+    resize_shorter: R: resize the shorter side to R (bilinear, aspect kept) and centre-crop
+      image_size × image_size instead, as torchvision's Resize(R) + CenterCrop(image_size)
+      (the GS-LoRA ImageNet-100 reference: 256 then 224); needs image_size <= R.
     channels: 3 (RGB) or 1 (grayscale); images are converted with PIL.
     num_classes: size of the label space; default max label + 1.
     encoding: "png" (lossless) or "jpeg" for images that have to be re-encoded.
@@ -231,6 +248,9 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
     raise ConfigError(f"--channels: expected 1 or 3, got {channels}")
   if image_size is not None and image_size < 1:
     raise ConfigError(f"--image_size: expected a positive int, got {image_size}")
+  if resize_shorter is not None and (image_size is None or not image_size <= resize_shorter):
+    raise ConfigError(f"--resize_shorter: {resize_shorter} needs --image_size N with "
+                      f"N <= {resize_shorter} (the centre crop), got {image_size}")
   if encoding not in ("png", "jpeg"):
     raise ConfigError(f"--encoding: expected png or jpeg, got {encoding!r}")
   layout = scan(roots)
@@ -290,7 +310,8 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
     for folder, files in classes.items():
       for path in files:
         yield f"{folder}/{path.name}", {
-            "image": _load(path, mode, image_size, encoding), "label": labels[folder]}
+            "image": _load(path, mode, image_size, encoding, resize_shorter),
+            "label": labels[folder]}
         done += 1
         if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
           last = time.monotonic()
@@ -299,6 +320,7 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
   description = (f"Image folders {[os.fspath(r) for r in roots]} converted by "
                  f"kswap_jax.data.image_folder (label_rule={label_rule}, "
                  f"image_size={image_size}, channels={channels}"
+                 + (f", resize_shorter={resize_shorter}" if resize_shorter else "")
                  + (f", test_fraction={test_fraction}, split_seed={split_seed}"
                     if test_fraction else "") + ").")
 
@@ -348,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--label_rule", choices=LABEL_RULES, default="sorted_rank")
   parser.add_argument("--image_size", type=int, default=None,
                       help="resize to N x N (PIL bilinear); default keeps sizes")
+  parser.add_argument("--resize_shorter", type=int, default=None,
+                      help="resize the shorter side to R, then centre-crop --image_size "
+                           "(torchvision Resize(R) + CenterCrop(N))")
   parser.add_argument("--channels", type=int, choices=(1, 3), default=3)
   parser.add_argument("--num_classes", type=int, default=None,
                       help="label space size; default max label + 1")
@@ -369,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  image_size=args.image_size, channels=args.channels,
                  num_classes=args.num_classes, encoding=args.encoding,
                  overwrite=args.overwrite, test_fraction=args.test_fraction,
-                 split_seed=args.split_seed)
+                 split_seed=args.split_seed, resize_shorter=args.resize_shorter)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

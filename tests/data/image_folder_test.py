@@ -169,3 +169,24 @@ def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
   with pytest.raises(ConfigError, match=re.escape(f"cannot read image '{bad}'")):
     image_folder.build([root], "toy_broken", out)
   assert not (pathlib.Path(out) / "toy_broken").exists()
+
+
+def test_resize_shorter_then_centre_crop_as_torchvision(tmp_path):
+  # torchvision Resize(R) + CenterCrop(N): the shorter side becomes R, the longer
+  # int(R·long/short); the crop starts at int(round((side − N) / 2)).
+  rng = np.random.default_rng(3)
+  root = tmp_path / "flat"
+  wide = _write(root / "a", rng, count=1, size=(12, 8))[0]    # (h, w) = (8, 12): no resize
+  tall = _write(root / "b", rng, count=1, size=(8, 12))[0]    # (12, 8) -> (15, 10) at R = 10
+  out = tmp_path / "tfds"
+  image_folder.build([root], "toy_crop8", out, image_size=6, resize_shorter=8)
+  source = sources.TfdsSource("toy_crop8", "train", str(out))
+  np.testing.assert_array_equal(source[0]["image"], wide[1:7, 3:9])
+  np.testing.assert_array_equal(source[1]["image"], tall[3:9, 1:7])
+  image_folder.build([root], "toy_crop10", out, image_size=6, resize_shorter=10)
+  source = sources.TfdsSource("toy_crop10", "train", str(out))
+  resized = np.asarray(Image.fromarray(tall).resize((10, 15), Image.BILINEAR))
+  np.testing.assert_array_equal(source[1]["image"], resized[4:10, 2:8])  # round(4.5) = 4
+  with pytest.raises(ConfigError, match=r"^--resize_shorter: 4 needs --image_size N with "
+                                        r"N <= 4 \(the centre crop\), got 6$"):
+    image_folder.build([root], "toy_crop_bad", out, image_size=6, resize_shorter=4)

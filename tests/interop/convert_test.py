@@ -3,6 +3,7 @@ and bitwise round trips import -> export -> import."""
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -214,3 +215,26 @@ def test_options_a_layout_does_not_take_are_errors(tmp_path, capsys):
   assert "pool: the timm layout takes no pool option" in err
   with pytest.raises(ValueError, match="face_head: the ks_vit layout takes no face_head"):
     interop.convert(str(timm), "ks_vit", num_heads=4, face_head="cosface")
+
+
+def test_head_rows_keep_the_named_rows_in_order(tmp_path, capsys):
+  # GS-LoRA's ImageNet-100 model: torchvision's 1000-row head cut to the 100 classes' rows.
+  src, out = _timm_file(tmp_path), tmp_path / "cut.npz"
+  full = tmp_path / "full.npz"
+  assert _cli(capsys, src, "--layout", "timm", "--out", full, "--num_heads", S.HEADS)[0] == 0
+  (tmp_path / "rows.txt").write_text("4\n1, 3\n")
+  code, stdout, err = _cli(capsys, src, "--layout", "timm", "--out", out, "--num_heads",
+                           S.HEADS, "--head_rows", f"@{tmp_path / 'rows.txt'}")
+  assert code == 0, err
+  assert "head cut to 3 of its" in stdout and "num_classes=3" in stdout
+  with np.load(full) as f, np.load(out) as g:
+    np.testing.assert_array_equal(g["head/kernel"], f["head/kernel"][:, [4, 1, 3]])
+    np.testing.assert_array_equal(g["head/bias"], f["head/bias"][[4, 1, 3]])
+    assert all(np.array_equal(f[k], g[k]) for k in f.files if not k.startswith("head/"))
+  n = S.CLASSES
+  for rows, match in ((f"0,{n}", rf"expected distinct rows in \[0, {n}\)"),
+                      ("1,1", "a repeated row"), ("a,b", "expected ints"),
+                      ("@/nonexistent", "no such file")):
+    err = _bad(tmp_path, capsys, src, "--layout", "timm", "--num_heads", S.HEADS,
+               "--head_rows", rows)
+    assert match in err or re.search(match, err), err
