@@ -1,6 +1,6 @@
 r"""UG-CLU on TinyImageNet: 10 tasks x 20 classes with a pretrained ViT-B/16.
 
-TinyImageNet (200 classes, 64x64, resized to 224) as 10 class-incremental tasks of 20
+TinyImageNet (200 classes, 64x64, resized to 224 bicubic as the reference) as 10 class-incremental tasks of 20
 classes; after tasks 2, 4, 6 and 8 an unlearning request of the chosen type (task-aware:
 the task learned two stages before; cross-task category: one class from each of the two
 latest tasks; random: 10 % of the kept images). The SFR-on TinyImageNet constants apply
@@ -67,6 +67,7 @@ def get_config(arg=None):
   # The reference trains with RandAugment(2 ops, magnitude 2), which this library does not
   # have; the random flip is the closest augmentation it does have.
   c.data.augment = "flip"
+  c.data.resample = "bicubic"   # the reference's Resize(224, BICUBIC) of the 64 px images
   c.model.variant = "B/16"
   c.model.num_classes = 200
   c.model.image_size = 224

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_threads=0,         # grain read threads; 0 reads in the main thread
       augment="none",        # training streams: none | flip | crop_flip (kswap_jax.data.augment)
       crop_padding=4,        # crop_flip: pad this many black pixels per side, crop back
+      resample="bilinear",   # resizing images of another size: bilinear | bicubic (PIL)
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

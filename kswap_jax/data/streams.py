@@ -78,13 +78,16 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
   raise ValueError(f"cannot convert images with {have} channels to {channels}")
 
 
-def resize(image: np.ndarray, image_size: int) -> np.ndarray:
-  """PIL bilinear resize of one uint8 (H, W, C) image to (image_size, image_size, C)."""
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resize(image: np.ndarray, image_size: int, resample: str = "bilinear") -> np.ndarray:
+  """PIL resize (`RESAMPLE`) of one uint8 (H, W, C) image to (image_size, image_size, C)."""
   if image.shape[0] == image_size and image.shape[1] == image_size:
     return image
   squeeze = image.shape[-1] == 1
   pil = Image.fromarray(image[..., 0] if squeeze else image)
-  out = np.asarray(pil.resize((image_size, image_size), Image.BILINEAR))
+  out = np.asarray(pil.resize((image_size, image_size), RESAMPLE[resample]))
   return out[..., None] if squeeze else out
 
 
@@ -101,12 +104,17 @@ class Preprocess:
     mean: scalar or one value per channel, subtracted after x / 255.
     std: scalar or one value per channel, divides after the mean.
     field: config prefix used in error messages.
+    resample: "bilinear" (default) or "bicubic" (PIL), for images of another size.
   """
 
   CACHE_BYTES = 256 * 2**20
 
   def __init__(self, image_size: int, channels: int, mean: Any, std: Any,
-               field: str = "data"):
+               field: str = "data", resample: str = "bilinear"):
+    if resample not in RESAMPLE:
+      raise ConfigError(f"data.resample: expected one of {', '.join(RESAMPLE)}, got "
+                        f"{resample!r}")
+    self.resample = resample
     if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1:
       raise ConfigError(f"{field}.image_size: expected a positive int, got {image_size!r}")
     if channels not in (1, 3):
@@ -141,8 +149,8 @@ class Preprocess:
     # Drop channels before resizing and add them after, so the resize touches fewer
     # channels (for gray -> RGB the pixels are identical either way).
     if image.shape[-1] > self.channels:
-      return resize(convert_channels(image, self.channels), self.image_size)
-    return convert_channels(resize(image, self.image_size), self.channels)
+      return resize(convert_channels(image, self.channels), self.image_size, self.resample)
+    return convert_channels(resize(image, self.image_size, self.resample), self.channels)
 
   @property
   def black(self) -> np.ndarray:
@@ -156,7 +164,7 @@ class Preprocess:
   def _prepared_array(self, source: sources_lib.ArraySource) -> np.ndarray:
     """The source's images at target size/channels, converted once if that is cheap."""
     images = source.images
-    key = (self.image_size, self.channels)
+    key = (self.image_size, self.channels, self.resample)
     if images.shape[1:] == (self.image_size, self.image_size, self.channels):
       return images
     if len(images) * self.image_size**2 * self.channels > self.CACHE_BYTES:
@@ -272,7 +280,7 @@ class Stream:
                cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                process_index: int = 0, process_count: int = 1, num_threads: int = 0,
                field: str = "data", augment: str = "none", crop_padding: int = 4,
-               restart_every: int = 0):
+               restart_every: int = 0, resample: str = "bilinear"):
     augment_lib.check(augment, crop_padding)
     if restart_every < 0 or (restart_every and not cycle):
       raise ValueError(f"restart_every: expected 0, or > 0 for a cycled stream, got "
@@ -282,7 +290,7 @@ class Stream:
     self.crop_padding = int(crop_padding)
     self._local = _local_slice(batch_size, process_index, process_count, field)
     self._union = _Union(subsets)
-    self._preprocess = Preprocess(image_size, channels, mean, std, field)
+    self._preprocess = Preprocess(image_size, channels, mean, std, field, resample)
     self.subsets = self._union.subsets
     self.num_examples = len(self._union)
     self.batch_size = int(batch_size)
@@ -362,7 +370,7 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
                 cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                 process_index: int = 0, process_count: int = 1, num_threads: int = 0,
                 field: str = "data", augment: str = "none", crop_padding: int = 4,
-                restart_every: int = 0) -> Stream:
+                restart_every: int = 0, resample: str = "bilinear") -> Stream:
   """A training stream over the union of `subsets`.
 
   Args:
@@ -384,6 +392,7 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
     restart_every: with `cycle`, R > 0 pads the last batch of every pass and restarts the
       stream with fresh shuffles every R batches (e.g. at every epoch of the stream it is
       paired with); 0 cuts the concatenated passes into full batches.
+    resample: "bilinear" or "bicubic", for images that are not image_size already.
 
   Returns:
     A `Stream`.
@@ -397,7 +406,7 @@ def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: 
                 image_size=image_size, channels=channels, mean=mean, std=std,
                 process_index=process_index, process_count=process_count,
                 num_threads=num_threads, field=field, augment=augment,
-                crop_padding=crop_padding, restart_every=restart_every)
+                crop_padding=crop_padding, restart_every=restart_every, resample=resample)
 
 
 def num_eval_batches(subset: splits_lib.Subset, *, batch_size: int) -> int:
@@ -409,7 +418,7 @@ def eval_batches(subset: splits_lib.Subset, *, batch_size: int, image_size: int,
                  channels: int, mean: Any, std: Any, process_index: int = 0,
                  process_count: int = 1, num_threads: int = 0,
                  field: str = "data", augment: str = "none", crop_padding: int = 4,
-                 seed: int = 0) -> Iterator[Batch]:
+                 seed: int = 0, resample: str = "bilinear") -> Iterator[Batch]:
   """One pass over `subset` in index order; the last batch is padded with mask 0.
 
   Evaluation never augments; a pass that should see the training transform (SFR-on's
@@ -430,6 +439,7 @@ def eval_batches(subset: splits_lib.Subset, *, batch_size: int, image_size: int,
     augment: "none" (evaluation), "flip" or "crop_flip".
     crop_padding: P of "crop_flip".
     seed: seed of the augmentation draws.
+    resample: "bilinear" or "bicubic", for images that are not image_size already.
 
   Returns:
     An iterator of `num_eval_batches(subset, batch_size=batch_size)` batch dicts, each
@@ -438,7 +448,7 @@ def eval_batches(subset: splits_lib.Subset, *, batch_size: int, image_size: int,
   augment_lib.check(augment, crop_padding)
   local = _local_slice(batch_size, process_index, process_count, field)
   union = _Union([subset])
-  preprocess = Preprocess(image_size, channels, mean, std, field)
+  preprocess = Preprocess(image_size, channels, mean, std, field, resample)
   n = len(union)
 
   def batch(i: int) -> Batch:

@@ -214,3 +214,18 @@ def test_tfds_mock_through_stream(tmp_path):
     assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
   labels = np.concatenate([b["label"][b["mask"] == 1] for b in batches])
   np.testing.assert_array_equal(np.sort(labels), np.sort(source.labels))
+
+
+def test_resample_bicubic_and_a_bad_value():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  source = sources.ArraySource(images, np.array([0, 1]), 2, "toy")
+  subset = splits.select(source, range(2), name="t", label_map={0: 0, 1: 1})
+  kw = dict(image_size=9, channels=3, mean=0.0, std=1.0)
+  for resample, pil in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+    batch = next(streams.eval_batches(subset, batch_size=2, resample=resample, **kw))
+    want = np.stack([np.asarray(Image.fromarray(x).resize((9, 9), pil)) for x in images])
+    np.testing.assert_allclose(batch["image"] * 255, want, atol=1e-3)
+  with pytest.raises(ConfigError, match=r"^data\.resample: expected one of bilinear, "
+                                        r"bicubic, got 'nearest'$"):
+    streams.make_stream([subset], batch_size=2, seed=0, cycle=False, resample="nearest", **kw)
