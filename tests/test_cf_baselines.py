@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config, method_run
-from kswap_jax import losses, methods
+from kswap_jax import losses, methods, train
 from kswap_jax.errors import ConfigError
+from kswap_jax.methods import gs_lora
 from kswap_jax.methods.baselines import continual_forgetting as cf
 
 
@@ -165,6 +166,29 @@ def test_scrub_and_config_arg_errors():
     methods.run(config, "/nonexistent/never")
   with pytest.raises(ConfigError, match="method="):
     load_config("gs_lora_digits", "method=cf_nope")
+
+
+@pytest.mark.parametrize("method", ["cf_der", "cf_der_pp"])
+def test_the_cycled_retain_stream_restarts_every_epoch_and_der_pp_reads_it_twice(method):
+  # The reference re-creates the retain prefetcher in every train_one_epoch_* and DER++
+  # takes its CE batch as the next read of that same loader.
+  config = load_config("gs_lora_digits", f"runlocal,method={method}")
+  _, subsets = gs_lora.task_data(config)
+  streams_, epoch = cf.make_task_streams(config, subsets, train.mesh_for(config))[0]
+  forget, retain = streams_["forget"], streams_["retain"]
+  assert epoch == "forget"
+  if method == "cf_der":
+    assert retain.restart_every == forget.steps_per_epoch and "retain_plus" not in streams_
+    return
+  base = retain.stream
+  assert base.restart_every == 2 * forget.steps_per_epoch
+  plus = streams_["retain_plus"]
+  for i in range(3):
+    for view, read in ((retain, 2 * i), (plus, 2 * i + 1)):
+      np.testing.assert_array_equal(view.batch(i)["image"], base.batch(read)["image"])
+  config.cf.aux_batches = "continuous"
+  streams_, _ = cf.make_task_streams(config, subsets, train.mesh_for(config))[0]
+  assert streams_["retain"].stream.restart_every == 0
 
 
 @pytest.mark.slow

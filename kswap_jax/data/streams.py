@@ -366,6 +366,33 @@ class Stream:
             f"augment={self.augment!r})")
 
 
+class Strided:
+  """Every `stride`-th batch of a stream, from `offset`: batch i is `stream.batch(stride·i +
+  offset)`. Two views (offsets 0 and 1) of one stream take its batches in turns, as two
+  reads per step from one loader do (DER++'s second retain batch).
+
+  Attributes: those of `stream` that a stage reads (batch_size, local_batch_size,
+  num_examples, subsets, seed, cycle).
+  """
+
+  def __init__(self, stream: Stream, stride: int, offset: int):
+    if not 0 <= offset < stride:
+      raise ValueError(f"offset: expected 0 <= offset < stride = {stride}, got {offset}")
+    self.stream, self.stride, self.offset = stream, int(stride), int(offset)
+    for name in ("batch_size", "local_batch_size", "num_examples", "subsets", "seed", "cycle"):
+      setattr(self, name, getattr(stream, name))
+
+  def batch(self, i: int) -> Batch:
+    return self.stream.batch(self.stride * int(i) + self.offset)
+
+  def iterate(self, start: int = 0) -> Iterator[Batch]:
+    """Batches start, start + 1, ... of the view (resume with the number consumed)."""
+    return _prefetched(self.batch, int(start), sys.maxsize, self.stream.num_threads)
+
+  def __repr__(self) -> str:
+    return f"Strided({self.stream!r}, stride={self.stride}, offset={self.offset})"
+
+
 def make_stream(subsets: Sequence[splits_lib.Subset], *, batch_size: int, seed: int,
                 cycle: bool, image_size: int, channels: int, mean: Any, std: Any,
                 process_index: int = 0, process_count: int = 1, num_threads: int = 0,

@@ -111,6 +111,10 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           importance_data="full",  # EWC/MAS terms of tasks ≥ 2 on the full retain training set
                                    # [code, a quirk]; subset: the task's retain subset
           eval_margin=True,        # accuracy = arg-max of the margin logits (reference)
+          # LwF/DER/DER++/FDR's cycled retain stream: "per_epoch" restarts it every epoch and
+          # keeps each pass's partial batch, as the reference's prefetcher (re-created in
+          # every train_one_epoch_*); "continuous": full batches, no restart.
+          aux_batches="per_epoch",
       )),
       "cf_retrain": cd(dict(epochs=0, lr=3e-4, warmup_epochs=5, warmup_lr=1e-6)),
       "cf_ft": cd(dict(epochs=0, lr=1e-4)),
@@ -433,6 +437,48 @@ def _check(config) -> None:
 # ----------------------------------------------------------------------------------------------
 # The run.
 
+def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) -> list:
+  """[(streams, epoch stream name or None)] per task for `config.method`.
+
+  Retrain/FT: the retain subset defines the epoch. L2/EWC/MAS: forget ∪ retain (relabelled
+  forget) defines it. LwF/DER/DER++/FDR: the forget subset defines it and the retain subset
+  cycles (`cf.aux_batches`; DER++ reads it twice per step). SCRUB: both padded, no epoch
+  stream (its own schedule).
+  """
+  method, c, seed = config.method, config.cf, int(config.seed)
+  bs = int(c.batch_size)
+  def stream(subs, t, offset, cycle, restart_every=0):
+    return common.make_stream(config, subs, batch_size=bs, field="cf.batch_size",
+                              seed=seed + 10 * t + offset, cycle=cycle, mesh=mesh,
+                              restart_every=restart_every)
+
+  task_streams = []
+  for t, sub in enumerate(subsets):
+    if method in ("cf_retrain", "cf_ft"):
+      st, epoch_stream = {"retain": stream([sub["retain_train"]], t, 0, False)}, "retain"
+    elif method in ANCHORED:
+      st = {"replay": stream([sub["forget_train"], sub["retain_train"]], t, 2, False)}
+      epoch_stream = "replay"
+    elif method in PAIRED:
+      forget = stream([sub["forget_train"]], t, 1, False)
+      # DER++ reads two retain batches per step from the one loader: the DER batch and
+      # the next one for its CE term; two interleaved views of one stream do the same.
+      reads = 2 if method == "cf_der_pp" else 1
+      retain = stream([sub["retain_train"]], t, 0, True,
+                      reads * common.aux_restart(c.aux_batches, "cf.aux_batches", forget))
+      st = {"forget": forget, "retain": retain}
+      if method == "cf_der_pp":
+        st["retain"] = streams.Strided(retain, 2, 0)
+        st["retain_plus"] = streams.Strided(retain, 2, 1)
+      epoch_stream = "forget"
+    else:  # SCRUB: passes over each subset in its own schedule
+      st = {"forget": stream([sub["forget_train"]], t, 1, False),
+            "retain": stream([sub["retain_train"]], t, 0, False)}
+      epoch_stream = None
+    task_streams.append((st, epoch_stream))
+  return task_streams
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the baseline `config.method` over `config.tasks`; returns the results envelope
   (stages "pretrained", "task_1", ...; `final` acc_r, acc_f, acc_o, h_mean)."""
@@ -458,31 +504,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           src["old_train"], src["old_test"], task_list[t], data_ratio=1.0, shots=0,
           seed=int(config.tasks.seed))["retain_train"]
 
-  bs = int(c.batch_size)
   epochs = int(s.epochs) or int(c.epochs)
 
-  def stream(subs, t, offset, cycle):
-    return common.make_stream(config, subs, batch_size=bs, field="cf.batch_size",
-                              seed=seed + 10 * t + offset, cycle=cycle, mesh=mesh)
-
-  task_streams = []
-  for t, sub in enumerate(subsets):
-    if method in ("cf_retrain", "cf_ft"):
-      st, epoch_stream = {"retain": stream([sub["retain_train"]], t, 0, False)}, "retain"
-    elif method in ANCHORED:
-      st = {"replay": stream([sub["forget_train"], sub["retain_train"]], t, 2, False)}
-      epoch_stream = "replay"
-    elif method in PAIRED:
-      st = {"forget": stream([sub["forget_train"]], t, 1, False),
-            "retain": stream([sub["retain_train"]], t, 0, True)}
-      if method == "cf_der_pp":
-        st["retain_plus"] = stream([sub["retain_train"]], t, 3, True)
-      epoch_stream = "forget"
-    else:  # SCRUB: passes over each subset in its own schedule
-      st = {"forget": stream([sub["forget_train"]], t, 1, False),
-            "retain": stream([sub["retain_train"]], t, 0, False)}
-      epoch_stream = None
-    task_streams.append((st, epoch_stream))
+  task_streams = make_task_streams(config, subsets, mesh)
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
   model_cfg = common.model_config(config)
