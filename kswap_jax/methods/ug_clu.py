@@ -94,7 +94,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           variant="A",           # [R] A: D_L in the slow batches; B: D_L in the FAST direction
           slow_batches="mixed",  # [R] variant A: mixed (one D_R ∪ D_L batch) | substeps
           mask_learn_in="denominator",  # [R] F_L in the mask: denominator | numerator
-          partition_weights="ones",  # [R] ones (= SFR-on) | data_share (p_s = |D_s|/N)
+          partition_weights="ones",  # [R] ones (= SFR-on) | data_share (p_s = |D_s|/N), in the
+                                 # mask only (mixed slow batches follow the set sizes)
           mask_recompute="stage",  # [R] stage: at each unlearning stage's start | once
           learn_alpha=1.0,       # [R] variant B: c^L(t) = learn_alpha·cos-shape(t)
           learn_lambda=0.0,      # [R] >0: weights ∝ ℓ^(+λ_L) on separate D_L batches (off)
