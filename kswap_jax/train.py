@@ -798,6 +798,23 @@ def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
 # Config sections that may change between a run and its resumption (and differ between
 # processes); every other field must match the workdir's record.
 RESUMABLE_SECTIONS = ("debug", "train", "distributed")
+# Fields added after records were written, with the value that an older record's absence
+# means (the behaviour before the field existed): such a record still matches a config at
+# that value, so a run started before the field existed resumes.
+ADDED_FIELDS = {"data.resample": "bilinear", "gs_lora.save_best_h": True}
+
+
+def _with_added_fields(recorded: dict) -> dict:
+  """`recorded` with each `ADDED_FIELDS` entry filled in where its section exists."""
+  out = json.loads(json.dumps(recorded))
+  for path, value in ADDED_FIELDS.items():
+    *parents, leaf = path.split(".")
+    node = out
+    for key in parents:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.setdefault(leaf, value)
+  return out
 
 
 def config_difference(recorded: dict, config: ml_collections.ConfigDict,
@@ -809,6 +826,7 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
   dotted paths in `ignore`.
   """
   new = json.loads(config.to_json_best_effort())
+  recorded = _with_added_fields(recorded)
   if fields is not None:
     a, b = _pick(recorded, fields), _pick(new, fields)
     for path in ignore:

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from kswap_jax import train
+from kswap_jax import methods, train
 from kswap_jax.errors import NonFiniteLossError
 
 
@@ -288,3 +288,17 @@ def test_sigterm_to_one_process_sets_a_stop_request_and_the_handlers_come_back()
   train.request_stop()  # the functional route to the same request
   assert checkpoint.Checkpointer.stop_requested()
   checkpoint.STOP.clear()
+
+
+def test_a_record_written_before_a_field_was_added_still_matches_its_old_behaviour():
+  config = methods.default_config("lbf")
+  record = json.loads(config.to_json_best_effort())
+  del record["data"]["resample"]  # a workdir recorded before data.resample existed
+  assert train.config_difference(record, config) == ""
+  config.data.resample = "bicubic"
+  assert train.config_difference(record, config) == (
+      "data.resample: was 'bilinear', now 'bicubic'")
+  del record["ks"]["aux_batches"]  # a field whose addition changed the behaviour
+  config.data.resample = "bilinear"
+  assert train.config_difference(record, config) == (
+      "field ks.aux_batches is only in the new config")

@@ -43,7 +43,7 @@ def num_classes(config) -> int:
 # The config fields pretraining reads (not data.new, the swap's, nor the resumable ones):
 # a pretrained model is reused by a run whose config agrees with its own in all of them.
 PRETRAIN_FIELDS = ("seed", "model", "data.old", "data.mean", "data.std", "data.augment",
-                   "data.crop_padding", "pretrain")
+                   "data.crop_padding", "data.resample", "pretrain")
 # Model fields that change how the model computes, not its parameters' names or values:
 # a model pretrained unscanned is reused by a scanned run (its checkpoint is converted).
 PRETRAIN_LAYOUT = ("model.scan", "model.remat", "model.remat_policy")
