@@ -1203,11 +1203,12 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
               float(u.forget_alpha))
 
   def step(kind, tx_key, tx, update_kwargs):
-    slot, total = tx_key
+    # tx_key: (slot, everything else the optimizer is built from: iterations, ...).
+    slot = tx_key[0]
     hyper = json.dumps((config.learn if slot == "learn" else config.unlearn).to_dict(),
                        sort_keys=True, default=str)
-    key = base_key + (kind, slot, total, hyper, loss_key,
-                      tuple(sorted(update_kwargs.items())))
+    key = base_key + (kind,) + tuple(tx_key) + (hyper, loss_key,
+                                                tuple(sorted(update_kwargs.items())))
     return _cached(key, lambda: train.make_train_step(
         loss_fns[kind], tx, mesh, mutable=True, update_kwargs=update_kwargs))
 
@@ -1223,11 +1224,13 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     k = plan.index
     buffer = buffers[k]
     if retrain:
-      oracle_tx, total = _learn_tx(config, config.oracle, plan.kept_after.size)
+      n = plan.kept_after.size
+      oracle_tx, total = _learn_tx(config, config.oracle, n)
       tx = _slot("learn", oracle_tx, init_opt)
       streams_ = {"retain": stream(plan.kept_after, f"{plan.name}_oracle", k, "retain",
                                    int(lc.batch_size), "learn.batch_size")}
-      slow = step("slow", ("learn", total), tx, {"phase": fast_slow.SLOW})
+      slow = step("slow", ("learn", total, _schedule_every(config, config.oracle, n)), tx,
+                  {"phase": fast_slow.SLOW})
 
       def on_start(state, frozen, fresh):
         # The frozen tree is not checkpointed: it comes from `oracle.start` also on resume.
@@ -1244,7 +1247,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       data = np.union1d(buffer, plan.learn)
       learn_tx, total = _learn_tx(config, lc, data.size)
       tx = _slot("learn", learn_tx, init_opt)
-      slow = step("slow", ("learn", total), tx, {"phase": fast_slow.SLOW})
+      slow = step("slow", ("learn", total, _schedule_every(config, lc, data.size)), tx,
+                  {"phase": fast_slow.SLOW})
 
       def on_start(state, frozen, fresh):
         if fresh:  # a fresh optimizer per stage
