@@ -148,6 +148,7 @@ def test_decay_mask_follows_timm():
     (lambda c: setattr(c.cf_ewc, "weight", -1.0), "cf_ewc.weight"),
     (lambda c: setattr(c.cf_ewc, "lr", 0.0), "cf_ewc.lr"),
     (lambda c: setattr(c.cf, "importance_data", "half"), "cf.importance_data"),
+    (lambda c: setattr(c.cf, "aux_batches", "epoch"), "cf.aux_batches"),
     (lambda c: c.tasks.update(dict(per_task=0, forget_classes=((1,), (2,)))), "cf.relabel"),
 ])
 def test_bad_input_is_one_config_error_and_leaves_nothing(change, field, tmp_path):

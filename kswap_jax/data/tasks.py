@@ -12,7 +12,8 @@ classes forgotten per task, T tasks and M missing classes, task t = 0..T−1 has
 so single-step "100-Y" is T = 1, K = Y, and the continual benchmark is N = 100, K = 20,
 T = 4 (columns "100-20, 80-20, 60-20, 40-20"). Explicit per-task forget lists may replace
 the order-based ones. Training subsets (`task_splits`) are drawn per task from the retained
-classes that have data and from the forget classes, by `data_ratio` or `shots` per class.
+classes that have data and from the forget classes, by `data_ratio` (a share of the whole
+split) or `shots` (per class).
 
 The class order of the reference is Python's `random.seed(1337); random.shuffle(range(100))`,
 hard-coded in `ORDER_SEED_1337` so it does not depend on the interpreter.

@@ -410,7 +410,8 @@ def _check(config) -> None:
   for field in ("min_lr", "weight_decay", "eps"):
     _number(c, field, "cf")
   for field, allowed in (("relabel", RELABEL_RULES), ("teacher", TEACHERS),
-                         ("importance_data", IMPORTANCE_DATA)):
+                         ("importance_data", IMPORTANCE_DATA),
+                         ("aux_batches", common.AUX_BATCHES)):
     if c[field] not in allowed:
       raise ConfigError(f"cf.{field}: {c[field]!r} (expected one of {', '.join(allowed)})")
   m = config.method
