@@ -24,9 +24,9 @@ steps a smaller α zeroes nothing and a larger one, or one active from the first
 zeroes every group and nothing is forgotten (a LoRA group at a = b = 0 has zero gradient
 and never comes back).
 
-Expect (measured on 2 shared CPU cores, ~3-4 minutes with pretraining; docs/gs_lora.md):
+Expect (measured on 2 CPU cores, 1-4 minutes with pretraining; docs/gs_lora.md):
 pretrained Acc_r 89.8 / Acc_f 90.7; after each of the 3 tasks Acc_f = 0 on the task's
-digits, Acc_o = 0 on the digits forgotten before, Acc_r 88-95 (the retain CE with the
+digits, Acc_o = 0 on the digits forgotten before, Acc_r 87-97 (the retain CE with the
 margin even raises it); with `proximal` block 0's group is exactly zero after tasks 1 and 2.
 
 The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR 12) runs

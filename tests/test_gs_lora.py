@@ -333,3 +333,11 @@ def test_the_cycled_stream_restarts_every_epoch_in_whole_passes(epoch_stream):
   with pytest.raises(ConfigError, match=r"^gs_lora\.aux_batches: 'per_pass' \(expected one "
                                         r"of per_epoch, continuous\)$"):
     gs_lora.make_task_streams(config, subsets, mesh)
+
+
+def test_periodic_record_has_acc_m_only_with_missing_classes():
+  before = {"acc_f": 90.0, "acc_r": 80.0}
+  plain = gs_lora.periodic_record({"acc_r": 85.0, "acc_f": 0.0}, before)
+  assert set(plain) == {"acc_r", "acc_f", "h_mean"}
+  with_m = gs_lora.periodic_record({"acc_r": 85.0, "acc_f": 0.0, "acc_m": 70.0}, before)
+  assert with_m["acc_m"] == 70.0 and with_m["h_mean"] == plain["h_mean"]

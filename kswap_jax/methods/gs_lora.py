@@ -372,8 +372,10 @@ def make_evaluate(config, model: vit.VisionTransformer, predict_step, mesh, *,
 
 
 def periodic_record(acc: dict, before: dict) -> dict:
-  """The in-task evaluation record: Acc_r, Acc_f and H against the task's start."""
+  """The in-task evaluation record: Acc_r, Acc_f and H against the task's start, and
+  Acc_m when the task has missing classes (the reference evaluates them there too)."""
   return {"acc_r": acc["acc_r"], "acc_f": acc["acc_f"],
+          **({"acc_m": acc["acc_m"]} if "acc_m" in acc else {}),
           "h_mean": metrics.h_mean(before["acc_f"], acc["acc_f"], acc["acc_r"])}
 
 
@@ -554,7 +556,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return state, frozen
 
     def periodic(state, frozen):
-      acc = evaluate(state, frozen, sub, names=("retain_test", "forget_test"))
+      acc = evaluate(state, frozen, sub, names=("retain_test", "forget_test", "missing_test"))
       record = periodic_record(acc, results[f"{task.name}_before"])
       best = continual.best_eval(run_, task.name, "h_mean")
       if (g.save_best_h and run_.is_main
