@@ -41,6 +41,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -491,23 +492,56 @@ def report_compare(res: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Input pipeline.
 
+JPEG_IMAGES, JPEG_SIZE = 256, (500, 375)  # ImageNet's typical photo size (width, height)
+
+
+def _jpeg_dataset(folder: str) -> Any:
+  """A tfds array_record dataset of `JPEG_IMAGES` JPEGs written into `folder` (smooth
+  colour fields plus noise, which compress about as photos do); returns its train source."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from kswap_jax.data import image_folder, sources  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
+  rng = np.random.default_rng(0)
+  w, h = JPEG_SIZE
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  for i in range(JPEG_IMAGES):
+    fx, fy, phase = rng.uniform(0.005, 0.05, 3) * (1, 1, 600)
+    base = np.stack([np.sin(fx * xx + phase), np.cos(fy * yy - phase),
+                     np.sin(fx * xx + fy * yy)], -1)
+    pixels = 127.5 + 90 * base + rng.normal(0, 12, (h, w, 3))
+    path = os.path.join(folder, "images", f"c{i % 10}")
+    os.makedirs(path, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        os.path.join(path, f"{i}.jpg"), quality=90)
+  image_folder.build([os.path.join(folder, "images")], "bench_jpeg", os.path.join(folder, "tfds"))
+  return sources.TfdsSource("bench_jpeg", "train", os.path.join(folder, "tfds"))
+
+
 def bench_pipeline(args, n_batches: int = 20) -> dict:
-  """images/s of the training stream (decode-free synthetic 64 px images resized to the
-  model's size, normalised, batched) on this host."""
+  """images/s of the training stream on this host: images read, resized to the model's
+  size, normalised and batched. `--pipeline_data synthetic` (default): decode-free 64 px
+  arrays in memory; `jpeg`: 500 x 375 JPEGs in an array_record tfds dataset (written to a
+  temporary folder first), read and decoded as a real dataset is."""
   from kswap_jax.data import sources, splits, streams  # pylint: disable=import-outside-toplevel
-  src = sources.SyntheticSource(num_classes=10, num_examples=4000, image_size=64, channels=3,
-                                seed=0, split="train")
-  subset = splits.select(src, range(10), name="bench", label_map={c: c for c in range(10)})
-  stream = streams.make_stream([subset], batch_size=args.batch_size, seed=0, cycle=True,
-                               image_size=args.image_size, channels=3, mean=0.5, std=0.5,
-                               num_threads=args.num_threads)
-  it = stream.iterate(0)
-  next(it)
-  t0 = time.perf_counter()
-  for _ in range(n_batches):
+  with tempfile.TemporaryDirectory(prefix="kswap_bench_") as folder:
+    if args.pipeline_data == "jpeg":
+      src, source = _jpeg_dataset(folder), f"JPEG {JPEG_SIZE[0]}x{JPEG_SIZE[1]} array_record"
+    else:
+      src = sources.SyntheticSource(num_classes=10, num_examples=4000, image_size=64,
+                                    channels=3, seed=0, split="train")
+      source = "synthetic 64px"
+    subset = splits.select(src, range(10), name="bench", label_map={c: c for c in range(10)})
+    stream = streams.make_stream([subset], batch_size=args.batch_size, seed=0, cycle=True,
+                                 image_size=args.image_size, channels=3, mean=0.5, std=0.5,
+                                 num_threads=args.num_threads)
+    it = stream.iterate(0)
     next(it)
-  dt = time.perf_counter() - t0
-  return {"source": f"synthetic 64px -> {args.image_size}px", "num_threads": args.num_threads,
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+      next(it)
+    dt = time.perf_counter() - t0
+  return {"source": f"{source} -> {args.image_size}px", "num_threads": args.num_threads,
           "batch_size": args.batch_size, "images_per_s": n_batches * args.batch_size / dt}
 
 
@@ -617,6 +651,9 @@ def parse_args(argv=None):
                       "keeps fewer buffers alive)")
   p.add_argument("--num_threads", type=int, default=0, help="input pipeline threads")
   p.add_argument("--pipeline_only", action="store_true")
+  p.add_argument("--pipeline_data", default="synthetic", choices=("synthetic", "jpeg"),
+                 help="input pipeline data: in-memory arrays, or JPEGs in an array_record "
+                      "tfds dataset (decoded as a real dataset is)")
   p.add_argument("--no_pipeline", action="store_true")
   p.add_argument("--compare_torch", action="store_true",
                  help="time the same step in plain PyTorch, in its own process, alternating in "

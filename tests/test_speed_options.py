@@ -362,6 +362,19 @@ def test_bench_writes_figures_and_its_model_gets_lora_gradients(tmp_path):
   assert st["memory"]["host_peak_rss_bytes"] > 0
 
 
+def test_bench_jpeg_pipeline_reads_and_decodes_an_array_record_dataset(tmp_path):
+  # The JPEG pipeline's data: real JPEG files in a tfds array_record dataset, decoded.
+  source = bench._jpeg_dataset(str(tmp_path))  # pylint: disable=protected-access
+  assert len(source) == bench.JPEG_IMAGES
+  image = source[0]["image"]
+  assert image.shape == (bench.JPEG_SIZE[1], bench.JPEG_SIZE[0], 3) and image.std() > 20
+  path = tmp_path / "pipe.json"
+  assert bench.main(["--pipeline_only", "--pipeline_data=jpeg", "--image_size=32",
+                     "--batch_size=4", f"--json={path}"]) == 0
+  pipe = json.loads(path.read_text())["pipeline"]
+  assert pipe["source"] == "JPEG 500x375 array_record -> 32px" and pipe["images_per_s"] > 0
+
+
 def test_bench_profile_attributes_the_step_to_hlo_instructions(tmp_path):
   """--profile traces one step and sums per-instruction time; on CPU it must turn on XLA's
   per-instruction trace events before jax starts, hence a fresh process."""
