@@ -4,9 +4,11 @@ ViT-B/16 fine-tuned on ImageNet-100, 200-row head (rows 100..199 fixed random), 
 on FFN fc1/fc2, retain 95 / forget 5 ImageNet-100 classes, learn 5 or 10 classes of CUB-200,
 Oxford-IIIT Pet, RESISC45 or PlantVillage. 5 epochs per stage, batch 80, AdamW 1e-2.
 
-    # once: ImageNet-100 as image folders named like the authors' (`17_n01530575/...`)
+    # once: ImageNet-100 as image folders named like the authors' (`17_n01530575/...`),
+    # stored at 224 x 224 (the reference's bilinear squash, done once: decoding is then
+    # 1.3x cheaper as lossless PNG, 2.4x with --encoding jpeg; docs/speed.md "Input pipeline")
     python -m kswap_jax.data.image_folder --root /data/imagenet100 --name imagenet100 \
-        --data_dir ~/tensorflow_datasets --label_rule imagenet_prefix
+        --data_dir ~/tensorflow_datasets --label_rule imagenet_prefix --image_size 224
     # once: the learn set (needs the optional TensorFlow extra to build official datasets)
     pip install -e '.[tf]' && tfds build caltech_birds2011 --data_dir ~/tensorflow_datasets \
         --file_format array_record
