@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, method_run
-from kswap_jax import cli, losses, methods, models, report
+from kswap_jax import cli, losses, methods, metrics, models, report
 from kswap_jax.data import sources
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods import common, ug_clu
@@ -159,6 +159,24 @@ def test_without_new_data_ug_clu_is_sfr_on(tmp_path_factory):
   matrix = a["acc_matrix"]
   assert matrix["tasks"] == [1, 2] and len(matrix["raw"]) == 2
   assert "bwt" in a["final"] and "forgetting_max" in a["final"]
+  assert matrix["random_init"] == matrix["before"]  # a random start is FWT's baseline
+
+
+@pytest.mark.slow
+def test_fwt_baseline_is_a_random_model_also_when_the_run_starts_trained(tmp_path):
+  # GEM's b_i is a randomly initialised model's accuracy on task i; a pretrained start
+  # knows the tasks already, so it cannot serve.
+  config = load_config("ug_clu_digits", "runlocal,method=sfr_on")
+  config.init.kind = "pretrain"
+  config.pretrain.epochs = 12
+  config.oracle.enabled = False
+  results = methods.run(config, str(tmp_path / "w"))
+  matrix = results["acc_matrix"]
+  assert matrix["random_init"] != matrix["before"]
+  assert max(matrix["before"]) > 50 > max(matrix["random_init"])  # trained vs chance-level
+  order = [t - 1 for t in matrix["tasks"]]
+  want = metrics.fwt(np.asarray(matrix["raw"]), [matrix["random_init"][t] for t in order])
+  assert results["final"]["fwt"] == pytest.approx(want)
 
 
 @pytest.mark.slow

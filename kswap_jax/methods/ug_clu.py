@@ -702,8 +702,10 @@ def accuracy_matrix(stage_records: Sequence[dict], plans: Sequence[StagePlan],
   return order, [[row[key][t] for t in order] for row in rows_at]
 
 
-def cl_measures(order, raw, initial_acc, suffix: str = "", test_sizes=None) -> dict:
+def cl_measures(order, raw, random_acc, suffix: str = "", test_sizes=None) -> dict:
   """The accuracy-matrix measures (GEM, Chaudhry, Avalanche), when ≥ 2 tasks and no gaps.
+
+  `random_acc[t]`: a randomly initialised model's accuracy on task t, FWT's baseline.
 
   `test_sizes[t]`: task t's test-set size, which weighs the average incremental accuracy
   by sample (the accuracy on the union of the tasks seen so far); None weighs tasks equally.
@@ -715,7 +717,7 @@ def cl_measures(order, raw, initial_acc, suffix: str = "", test_sizes=None) -> d
   return {f"cl_final_avg_acc{suffix}": metrics.cl_final_avg_acc(a),
           f"cl_avg_incremental_acc{suffix}": metrics.cl_avg_incremental_acc(a, sizes),
           f"bwt{suffix}": metrics.bwt(a),
-          f"fwt{suffix}": metrics.fwt(a, [initial_acc[t] for t in order]),
+          f"fwt{suffix}": metrics.fwt(a, [random_acc[t] for t in order]),
           f"forgetting_max{suffix}": metrics.forgetting_max(a),
           f"forgetting_last{suffix}": metrics.forgetting_last(a)}
 
@@ -1276,6 +1278,16 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   if "before" not in results:
     out = outputs(state, frozen, plans[:1])
     results["before"] = {"task_acc": [_acc(*out.test(t)) for t in tasks]}
+  if "random_init" not in results:
+    # FWT's baseline b_i: a randomly initialised model's accuracy on each task (GEM), which
+    # is the starting model unless the run starts from trained weights.
+    if config.init.kind == "random":
+      results["random_init"] = results["before"]
+    else:
+      p, f, ms = init_model("random")
+      out = outputs(state._replace(params=train.replicate(p, mesh),
+                                   model_state=train.replicate(ms, mesh)), f, plans[:1])
+      results["random_init"] = {"task_acc": [_acc(*out.test(t)) for t in tasks]}
   oracle_dir = (config.oracle.workdir or os.path.join(run_.workdir, "oracle")) if use_oracle \
       else None
   oracle_results = None
@@ -1399,10 +1411,11 @@ def _envelope(config, method, run_plans, plans, results, test_sizes, initial_tas
     initial = results["before"]
     order, raw = accuracy_matrix(stages, plans, initial, initial_tasks)
     _, kept = accuracy_matrix(stages, plans, initial, initial_tasks, key="task_acc_kept")
-    final.update(cl_measures(order, raw, initial["task_acc"], test_sizes=test_sizes))
+    random_acc = results.get("random_init", initial)["task_acc"]
+    final.update(cl_measures(order, raw, random_acc, test_sizes=test_sizes))
     # Kept-only cells cover fewer test samples than their task has: tasks weigh equally.
-    final.update(cl_measures(order, kept, initial["task_acc"], suffix="_kept"))
+    final.update(cl_measures(order, kept, random_acc, suffix="_kept"))
     out["acc_matrix"] = {"tasks": [t + 1 for t in order], "raw": raw, "kept": kept,
                          "per_stage": [s["task_acc"] for s in stages],
-                         "before": initial["task_acc"]}
+                         "before": initial["task_acc"], "random_init": random_acc}
   return out
