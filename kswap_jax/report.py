@@ -163,9 +163,11 @@ def plot_block_profiles(metrics_path: str, path: str, title: str = "") -> bool:
     return False
   fig = figure(figsize=(10, 3.2 * len(keys)))
   axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
-  starts = {}
+  # A stage starts where the previous one ended (its last step is always logged).
+  starts, last = {}, 0
   for r in rows:
-    starts.setdefault(r.get("stage", ""), r["step"])
+    starts.setdefault(r.get("stage", ""), last)
+    last = r["step"]
   for ax, (key, text) in zip(axes, keys):
     have = [r for r in rows if key in r]
     values = [r[key] for r in have]
