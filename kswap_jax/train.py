@@ -798,9 +798,10 @@ def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
 # Config sections that may change between a run and its resumption (and differ between
 # processes); every other field must match the workdir's record.
 RESUMABLE_SECTIONS = ("debug", "train", "distributed")
-# Fields added after records were written, with the value that an older record's absence
-# means (the behaviour before the field existed): such a record still matches a config at
-# that value, so a run started before the field existed resumes.
+# Fields added after records were written, and the value an older record is read as
+# having: the behaviour before the field existed (data.resample), or the default of a field
+# that changes no trained value (save_best_h only writes extra files). Such a record still
+# matches a config at that value, so a run started before the field existed resumes.
 ADDED_FIELDS = {"data.resample": "bilinear", "gs_lora.save_best_h": True}
 
 

@@ -41,7 +41,7 @@ def stream_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Preprocessing and sharding arguments shared by all streams of a run."""
   d = config.data
   return dict(image_size=int(config.model.image_size), channels=int(config.model.channels),
-              mean=d.mean, std=d.std, resample=str(d.get("resample", "bilinear")),
+              mean=d.mean, std=d.std, resample=str(d.resample),
               process_index=jax.process_index(), process_count=jax.process_count())
 
 

@@ -491,13 +491,15 @@ def _fast_slow(section, total: int, *, forget_alpha: float = 0.0, max_norm=None,
 
 
 def _learn_tx(config, section, n: int):
-  """(transformation, iterations) of a training stage on n examples with the `learn`
-  optimizer for `section.epochs` passes (or `section.iterations`): a learning stage or
-  the oracle. With `learn.schedule_unit = "epoch"` and epochs, η takes one cosine value per
-  pass, as the reference's `CosineAnnealingLR(T_max=epochs)` stepped after each epoch."""
+  """(transformation, iterations, iterations per η value) of a training stage on n
+  examples with the `learn` optimizer for `section.epochs` passes (or
+  `section.iterations`): a learning stage or the oracle. With `learn.schedule_unit =
+  "epoch"` and epochs, η takes one cosine value per pass, as the reference's
+  `CosineAnnealingLR(T_max=epochs)` stepped after each epoch."""
   lc = config.learn
   total = _iterations(section, n, int(lc.batch_size))
-  return _fast_slow(lc, total, schedule_every=_schedule_every(config, section, n)), total
+  every = _schedule_every(config, section, n)
+  return _fast_slow(lc, total, schedule_every=every), total, every
 
 
 def _schedule_every(config, section, n: int) -> int:
@@ -1227,12 +1229,11 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     buffer = buffers[k]
     if retrain:
       n = plan.kept_after.size
-      oracle_tx, total = _learn_tx(config, config.oracle, n)
+      oracle_tx, total, every = _learn_tx(config, config.oracle, n)
       tx = _slot("learn", oracle_tx, init_opt)
       streams_ = {"retain": stream(plan.kept_after, f"{plan.name}_oracle", k, "retain",
                                    int(lc.batch_size), "learn.batch_size")}
-      slow = step("slow", ("learn", total, _schedule_every(config, config.oracle, n)), tx,
-                  {"phase": fast_slow.SLOW})
+      slow = step("slow", ("learn", total, every), tx, {"phase": fast_slow.SLOW})
 
       def on_start(state, frozen, fresh):
         # The frozen tree is not checkpointed: it comes from `oracle.start` also on resume.
@@ -1247,10 +1248,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
     if not plan.unlearns:  # learning stage: replay fine-tuning on buffer(D_R) ∪ D_L
       data = np.union1d(buffer, plan.learn)
-      learn_tx, total = _learn_tx(config, lc, data.size)
+      learn_tx, total, every = _learn_tx(config, lc, data.size)
       tx = _slot("learn", learn_tx, init_opt)
-      slow = step("slow", ("learn", total, _schedule_every(config, lc, data.size)), tx,
-                  {"phase": fast_slow.SLOW})
+      slow = step("slow", ("learn", total, every), tx, {"phase": fast_slow.SLOW})
 
       def on_start(state, frozen, fresh):
         if fresh:  # a fresh optimizer per stage
@@ -1411,7 +1411,7 @@ def _envelope(config, method, run_plans, plans, results, test_sizes, initial_tas
     initial = results["before"]
     order, raw = accuracy_matrix(stages, plans, initial, initial_tasks)
     _, kept = accuracy_matrix(stages, plans, initial, initial_tasks, key="task_acc_kept")
-    random_acc = results.get("random_init", initial)["task_acc"]
+    random_acc = results["random_init"]["task_acc"]
     final.update(cl_measures(order, raw, random_acc, test_sizes=test_sizes))
     # Kept-only cells cover fewer test samples than their task has: tasks weigh equally.
     final.update(cl_measures(order, kept, random_acc, suffix="_kept"))
