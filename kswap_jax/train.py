@@ -654,6 +654,12 @@ class Run:
     iters = {k: st.iterate(positions[k]) for k, st in stage.streams.items()}
     t0, done_since = time.time(), 0
     step = int(jax.device_get(state.step))  # from here on counted on the host
+    eval_due = lambda s: bool(eval_fn is not None and eval_every and (s + 1) % eval_every == 0)
+    if resuming and eval_due(start - 1) and not any(
+        e["step"] == step for e in self.meta["evals"].get(stage.name, [])):
+      # The run stopped at an evaluation step before evaluating (a stop request is honoured
+      # first): the restored state is the one the evaluation was due on.
+      self._periodic_eval(stage.name, (start - 1) // spe, step, state, frozen, eval_fn)
     unchecked: list[tuple] = []  # (step, epoch, iteration, label, device loss)
     for s in range(start, total):
       epoch = s // spe
@@ -673,11 +679,9 @@ class Run:
       log_now = (s + (0 if stage.log_first else 1)) % self.log_every == 0 or last
       # Every process asks at every step (jax's preemption sync needs it), the last too.
       stop = self.checkpointer.stop_requested()
-      save_now = stop or (not last and self.checkpointer.should_save(step))
-      if log_now or save_now:
+      if log_now:
         self._check_finite(unchecked, stage.name, spe)
         unchecked = []
-      if log_now:
         flat = {(f"{label}/{k}" if label else k): v.tolist() if np.ndim(v) else float(v)
                 for label, m in jax.device_get(measurements).items() for k, v in m.items()}
         record = {"step": step, "stage": stage.name, "epoch": epoch + 1, **flat, **hparams}
@@ -695,25 +699,37 @@ class Run:
                  "" if lr is None else f" lr {float(lr):.3g}",
                  done_since / max(1e-9, time.time() - t0))
         t0, done_since = time.time(), 0
-      if eval_fn is not None and eval_every and (s + 1) % eval_every == 0:
-        result = _jsonable(eval_fn(state, frozen))
-        self.meta["evals"].setdefault(stage.name, []).append({"step": step, **result})
-        self.log_metrics({"step": step, "stage": stage.name, "epoch": epoch + 1,
-                          "eval": result})
+      # A stop request is honoured before an evaluation (the resumed run evaluates first),
+      # and one that arrives during an evaluation right after it: every process evaluates
+      # at the same steps, so all of them ask the same number of times.
+      skipped_eval = eval_due(s) and stop
+      if eval_due(s) and not stop:
+        self._periodic_eval(stage.name, epoch, step, state, frozen, eval_fn)
+        stop = self.checkpointer.stop_requested()
+      save_now = stop or (not last and self.checkpointer.should_save(step))
       if save_now:
+        self._check_finite(unchecked, stage.name, spe)
+        unchecked = []
         self.save(state, step)
       if stop:
         self.checkpointer.wait()
         together = ", all processes together" if jax.process_count() > 1 else ""
+        pending = "; the evaluation due at this step runs when it resumes" if skipped_eval else ""
         ckpt_lib.STOP.clear()  # honoured: a later run in this process is not stopped by it
         raise StopRequested(f"[{stage.name}] stopped at step {step} on a stop request"
-                            f"{together}; its checkpoint is written")
+                            f"{together}; its checkpoint is written{pending}")
       if self.interrupt_at_step and step >= self.interrupt_at_step:
         self.checkpointer.wait()
         raise SystemExit(f"debug.interrupt_at_step: stopped at step {step} as requested")
     self._check_finite(unchecked, stage.name, spe)
     self.meta.update(stage_index=index + 1, stage_step=0, streams={})
     return state, frozen
+
+  def _periodic_eval(self, name: str, epoch: int, step: int, state: TrainState, frozen: Tree,
+                     eval_fn: Callable[[TrainState, Tree], dict]) -> None:
+    result = _jsonable(eval_fn(state, frozen))
+    self.meta["evals"].setdefault(name, []).append({"step": step, **result})
+    self.log_metrics({"step": step, "stage": name, "epoch": epoch + 1, "eval": result})
 
   @staticmethod
   def _check_finite(unchecked: list[tuple], stage: str, steps_per_epoch: int) -> None:

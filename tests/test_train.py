@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from kswap_jax import methods, train
-from kswap_jax.errors import NonFiniteLossError
+from kswap_jax import checkpoint, methods, train
+from kswap_jax.errors import NonFiniteLossError, StopRequested
 
 
 
@@ -174,6 +174,54 @@ def test_log_first_puts_the_fast_step_in_every_logged_row(tmp_path, log_first, l
   # Steps: iteration t ends at step t + 1 + (FAST steps in 0..t).
   assert [x["step"] for x in lines] == [t + 1 + t // 3 + 1 for t in logged]
   assert ["fast/loss" in x for x in lines] == [t % 3 == 0 for t in logged]
+
+
+def _evaluating_run(workdir, stop_in_step=0, stop_in_eval=0, calls=None):
+  """The toy stage (6 steps, evaluated every 2) with a stop request set during its
+  `stop_in_step`-th training step or its `stop_in_eval`-th evaluation; returns the
+  stage's evaluations and the number of evaluations made (also counted in `calls`)."""
+  run, stage, state, mesh = _run(workdir, 1.0)
+  calls = {"step": 0, "eval": 0} if calls is None else calls
+
+  def step_fn(*args):
+    calls["step"] += 1
+    if calls["step"] == stop_in_step:
+      checkpoint.STOP.set()
+    return inner(*args)
+
+  def eval_fn(state, frozen):
+    calls["eval"] += 1
+    if calls["eval"] == stop_in_eval:
+      checkpoint.STOP.set()
+    return {"w": float(state.params["w"][0])}
+  inner, stage.step_fn = stage.step_fn, step_fn
+  try:
+    run.run_stage(0, stage, state, {}, mesh, eval_fn=eval_fn, eval_every=2)
+  finally:
+    run.close()
+    checkpoint.STOP.clear()
+  return run.meta["evals"]["toy"], calls["eval"]
+
+
+@pytest.mark.parametrize("where", ["step", "eval"])
+def test_a_stop_request_is_honoured_before_or_right_after_an_evaluation(tmp_path, where):
+  """Stopped during the step an evaluation is due after, the run saves without evaluating
+  and the resumed run evaluates the restored state first; stopped during an evaluation, it
+  saves right after it. Either way the records equal an uninterrupted run's."""
+  whole, n_whole = _evaluating_run(tmp_path / "whole")
+  assert [e["step"] for e in whole] == [2, 4, 6] and n_whole == 3
+  stop = {"stop_in_step": 4} if where == "step" else {"stop_in_eval": 1}
+  calls = {"step": 0, "eval": 0}
+  with pytest.raises(StopRequested, match="runs when it resumes" if where == "step" else
+                     r"step 2 .*written$"):
+    _evaluating_run(tmp_path / "cut", calls=calls, **stop)
+  assert calls == ({"step": 4, "eval": 1} if where == "step" else {"step": 2, "eval": 1})
+  resumed, n_resumed = _evaluating_run(tmp_path / "cut")
+  assert resumed == whole
+  # Evaluations in the resumed run: the pending one at step 4 and the one at 6 / 4 and 6.
+  assert n_resumed == 2
+  lines = lambda w: [json.loads(x) for x in open(tmp_path / w / "metrics.jsonl")]
+  assert lines("cut") == lines("whole")
 
 
 def _toy_run(tmp_path, **train_cfg):
