@@ -327,3 +327,36 @@ def test_clu_joint_clips_its_summed_step_and_sfr_on_its_fast_step_only():
   fast, _ = ug_clu._unlearn_tx(config, 10).update(grads, tx.init(params), params,
                                                   phase=fast_slow.FAST)
   assert float(np.linalg.norm(fast["w"])) == pytest.approx(lr * bound, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_oracle_trained_in_the_run_s_process_trains_as_one_trained_alone(tmp_path):
+  """The run and its oracle share one process's compiled steps. A learning stage and an
+  oracle stage of equal length but different epoch sizes take different per-epoch cosine
+  schedules, so they must not share a compiled step: the oracle trained inside the run
+  (after the run's learning stage compiled its step) gives the losses of the oracle
+  trained alone."""
+  config = load_config("ug_clu_digits", "runlocal")
+  config.clu.requests = ("learn:1", "forget:class:1")
+  config.learn.schedule_unit = "epoch"
+  train_src = sources.load_source(config.data.old, "train")
+  plans = _plan(config.clu.requests, np.asarray(train_src.labels), config.clu.tasks)
+  per_epoch = lambda n: math.ceil(n / int(config.learn.batch_size))
+  learn_epoch, oracle_epoch = per_epoch(plans[0].learn.size), per_epoch(plans[1].kept_after.size)
+  assert learn_epoch != oracle_epoch
+  # Equal lengths (learn_epoch * oracle_epoch iterations), different epoch sizes.
+  config.learn.iterations = config.oracle.iterations = 0
+  config.learn.epochs, config.oracle.epochs = oracle_epoch, learn_epoch
+  config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = 0
+
+  def losses_of(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+  ug_clu._CACHE.clear()
+  methods.run(config, str(tmp_path / "run"))
+  ug_clu._CACHE.clear()
+  methods.run(ug_clu.oracle_config(config), str(tmp_path / "alone"))
+  inside, alone = losses_of(tmp_path / "run" / "oracle"), losses_of(tmp_path / "alone")
+  assert len(alone) == learn_epoch * oracle_epoch
+  np.testing.assert_array_equal(inside, alone)
