@@ -69,8 +69,8 @@ def get_config(arg=None):
   c.clu.tasks = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
   c.clu.requests = stream(a.request, a.fused)
   c.clu.buffer_size = a.buffer
-  c.learn.epochs = 30          # [NF] per learning stage
-  c.oracle.epochs = 60         # [NF] from scratch on D_R ∪ D_L
+  c.learn.epochs = 30          # [R] per learning stage (not given in the papers)
+  c.oracle.epochs = 60         # [R] from scratch on D_R ∪ D_L
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 1000
 

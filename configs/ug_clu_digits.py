@@ -29,7 +29,7 @@ BasicBlock per stage, BatchNorm) on 16x16 upsampled digits.
 
 The baselines keep the reference's CIFAR-10 epochs and learning rates with batch 64
 (docs/unlearning_baselines.md, with the measured leaderboards: the stream compare took
-7 min 24 s wall / 11 min 6 s CPU on 2 idle cores, 15 min 22 s wall on 2 busy ones).
+6 min 10 s wall on 2 idle cores).
 
 The demo's schedule (iterations, learning rates, forget_alpha) is ours, sized for 1,258
 training images; the method and its other constants are SFR-on's. Measured table: see

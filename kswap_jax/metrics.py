@@ -29,7 +29,7 @@ def h_mean(acc_f_before: float, acc_f: float, acc_r: float, eps: float = 1e-8) -
 
 
 def h_mean_learn(acc_n_before: float, acc_n: float, acc_r: float, eps: float = 1e-8) -> float:
-  """Learn-side analogue [inferred; docs/metrics.md, "H-Mean"]: the gain Acc_n − Acc_n^before in place of D."""
+  """Learn-side analogue [inferred; docs/knowledge_swapping.md]: the gain Acc_n − Acc_n^before in place of D."""
   gain = acc_n - acc_n_before
   return 2.0 * gain * acc_r / (gain + acc_r + eps)
 

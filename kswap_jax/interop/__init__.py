@@ -142,7 +142,7 @@ def convert(path: str, layout: str, *, prefix: str | None = None, inert: Iterabl
 
   Args:
     path: the checkpoint file.
-    layout: one of `LAYOUTS` (vit_jax, big_vision, timm, ks_vit, gslora_face).
+    layout: one of `LAYOUTS` (vit_jax, big_vision, timm, torchvision, ks_vit, gslora_face).
     prefix: the key prefix of the state dict inside the file ("module.", "model.", ...);
       found from the layout's patch-embedding key when None.
     inert: see `read`.

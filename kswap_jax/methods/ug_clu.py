@@ -88,7 +88,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           # [R] the request stream, one stage per entry (module docstring for the syntax).
           requests=("learn:1", "learn:2", "forget:class:1", "learn:3", "forget:random:0.1"),
           initial_tasks=(),      # tasks the init weights already know (init.kind npz/pretrain)
-          buffer_size=0,         # [NF] 0: full access to D_R; >0: class-balanced replay buffer
+          buffer_size=0,         # [R] 0: full access to D_R; >0: class-balanced replay buffer
           buffer_seed=0,
           random_seed=0,         # the saved permutation (random_idx.npy) of random requests
           variant="A",           # [R] A: D_L in the slow batches; B: D_L in the FAST direction

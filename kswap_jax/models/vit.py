@@ -96,7 +96,7 @@ DEFAULTS = dict(
     attention="flax",      # flax: nn.dot_product_attention; heads_first: the same products
                            # with q, k, v moved to (batch, heads, tokens, head_dim) first
                            # (other float rounding, ~5e-7; faster on XLA:CPU)
-    dropout_mask="compact",  # compact: flax nn.Dropout's mask drawn once, kept as bool;
+    dropout_mask="compact",  # compact: flax nn.Dropout's mask drawn once, kept packed 8 per byte;
                            # flax: nn.Dropout as is (its mask is rebuilt in the backward pass)
     dropout_rng="threefry",  # threefry: the same masks as flax nn.Dropout; rbg | unsafe_rbg:
                            # XLA's bit generator keyed from the threefry key (other masks)
