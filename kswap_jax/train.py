@@ -138,9 +138,10 @@ def stop_on_signals() -> str:
     `StopRequested`. A second Ctrl-C raises KeyboardInterrupt at once. Without it,
     processes interrupted at different steps wait for each other's collectives or
     checkpoint barriers, and each ends killed or hung.
-  - "sigterm": one process. SIGTERM (`kill`, `timeout`, a spot VM's or a scheduler's
-    notice) stops the run at its next training step after a checkpoint there
-    (`StopRequested`); a second SIGTERM ends it at once. Ctrl-C still raises at once.
+  - "process": one process. SIGTERM (`kill`, `timeout`, a spot VM's or a scheduler's
+    notice) and Ctrl-C stop the run at its next training step after a checkpoint there
+    (`StopRequested`), so no step since the last periodic checkpoint is lost; a second
+    SIGTERM ends it at once, a second Ctrl-C raises KeyboardInterrupt at once.
   - "": outside the main thread, or several processes without jax's preemption service.
   """
   ckpt_lib.STOP.clear()
@@ -156,8 +157,18 @@ def stop_on_signals() -> str:
       ckpt_lib.STOP.set()
       _say("SIGTERM: the run stops at its next training step, after a checkpoint there "
            "(a second SIGTERM ends it at once)")
+
+    def on_sigint_alone(signum, frame):
+      del signum, frame
+      if ckpt_lib.STOP.is_set():  # the second Ctrl-C (or one after SIGTERM)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+      ckpt_lib.STOP.set()
+      _say("Ctrl-C: the run stops at its next training step, after a checkpoint there "
+           "(Ctrl-C again stops it at once)")
     _PREVIOUS_HANDLERS.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, on_sigterm))
-    return "sigterm"
+    _PREVIOUS_HANDLERS.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_sigint_alone))
+    return "process"
   if not (jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service):
     return ""
 

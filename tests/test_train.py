@@ -316,22 +316,30 @@ def test_in_passes_gives_the_loss_and_gradients_of_the_whole_loss(bound):
   assert active == (bound == 50.0)  # both branches of the bound are exercised
 
 
-def test_sigterm_to_one_process_sets_a_stop_request_and_the_handlers_come_back():
-  """`train.stop_on_signals` in a single process: SIGTERM sets `checkpoint.STOP` (the loop
-  then saves and stops) instead of killing; `restore_signals` puts the previous handler
-  back and clears the request, so later runs in this process are not stopped by it."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_to_one_process_sets_a_stop_request_and_the_handlers_come_back(name):
+  """`train.stop_on_signals` in a single process: SIGTERM or Ctrl-C sets `checkpoint.STOP`
+  (the loop then saves and stops) instead of killing; a second Ctrl-C raises at once;
+  `restore_signals` puts the previous handlers back and clears the request, so later runs
+  in this process are not stopped by it."""
   import signal  # pylint: disable=import-outside-toplevel
   from kswap_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  before = signal.getsignal(signal.SIGTERM)
+  signum = getattr(signal, name)
+  before = signal.getsignal(signum)
   try:
-    assert train.stop_on_signals() == "sigterm"
-    assert signal.getsignal(signal.SIGTERM) is not before  # else the kill below ends pytest
+    assert train.stop_on_signals() == "process"
+    assert signal.getsignal(signum) is not before  # else the kill below ends pytest
     assert not checkpoint.Checkpointer.stop_requested()
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
     assert checkpoint.Checkpointer.stop_requested()
+    if name == "SIGINT":
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the Python handler runs between bytecodes
+          pass
   finally:
     train.restore_signals()
-  assert signal.getsignal(signal.SIGTERM) is before
+  assert signal.getsignal(signum) is before
   assert not checkpoint.Checkpointer.stop_requested()
   train.request_stop()  # the functional route to the same request
   assert checkpoint.Checkpointer.stop_requested()
@@ -350,3 +358,18 @@ def test_a_record_written_before_a_field_was_added_still_matches_its_old_behavio
   config.data.resample = "bilinear"
   assert train.config_difference(record, config) == (
       "field ks.aux_batches is only in the new config")
+
+
+def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys):
+  """A second Ctrl-C (or one outside a run's stage loop) raises KeyboardInterrupt: the
+  command waits for pending checkpoint saves, prints one line and returns 130."""
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+
+  def command():
+    raise KeyboardInterrupt
+  try:
+    assert cli.guarded(command) == cli.INTERRUPTED
+  finally:
+    cli._CUT_SHORT[0] = False  # pylint: disable=protected-access
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+      "interrupted: every finished checkpoint is kept; rerun the same command")
