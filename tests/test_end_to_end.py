@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -56,6 +57,25 @@ def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
   norms = on_disk["block_norms"]
   assert norms["learn"]["delta_w"] != norms["forget"]["delta_w"]
   assert all(v > 0 for v in norms["forget"]["delta_w"].values())
+
+
+def test_a_run_s_lora_over_its_rebuilt_base_is_its_merged_model(lbf_run):
+  """`knowledge_swap.run_base` rebuilds the frozen base (with the head's random new rows)
+  from the workdir: merged with the run's final LoRA it is `merged_params.npz`, bitwise."""
+  from kswap_jax import checkpoint, interop, lora  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import knowledge_swap  # pylint: disable=import-outside-toplevel
+  workdir, _ = lbf_run
+  model, base, spec = knowledge_swap.run_base(workdir)
+  tree = interop.load_lora(os.path.join(workdir, "lora_forget.npz"))
+  merged = lora.merge(base, tree, spec.scale)
+  saved = checkpoint.load_npz(os.path.join(workdir, "merged_params.npz"),
+                              jax.eval_shape(lambda: merged), head="keep")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, merged, saved)
+  model_cfg = json.load(open(os.path.join(workdir, "config.json")))["model"]
+  images = jax.random.normal(jax.random.key(0), (3, model_cfg["image_size"],
+                                                 model_cfg["image_size"], model_cfg["channels"]))
+  np.testing.assert_allclose(lora.apply(model, base, tree, images, scale=spec.scale),
+                             model.apply({"params": saved}, images), atol=1e-4)
 
 
 def test_kill_in_pretraining_then_in_the_swap_resumes_to_identical_results(lbf_run, tmp_path):

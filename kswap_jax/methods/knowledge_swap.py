@@ -19,6 +19,7 @@ References: Xing et al., "Knowledge Swapping via Learning and Unlearning", arXiv
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -139,6 +140,40 @@ def make_streams(config: ml_collections.ConfigDict, subsets: dict, mesh) -> dict
   return out
 
 
+def _frozen_base(config, model_cfg, model) -> tuple[dict, jax.Array]:
+  """(the frozen base: backbone and extended head, its new rows drawn from the seed; the
+  key of the LoRA initialisation)."""
+  k_head, k_lora = jax.random.split(jax.random.key(int(config.seed)))
+  base, _ = common.load_base(config, model_cfg, model, k_head)
+  return base, k_lora
+
+
+def run_base(workdir: str):
+  """(model, base, spec) of a Knowledge Swapping run, rebuilt from its `config.json`: the
+  frozen parameters its LoRA trees were trained over (the head's new rows are not saved
+  anywhere else) and its LoRA spec, so `lora.apply(model, base,
+  interop.load_lora(f"{workdir}/lora_forget.npz"), images, scale=spec.scale)` is the run's
+  model. The files `init` names (the pretrained model) must still be where the run read them.
+
+  Raises:
+    ConfigError: no `config.json` in `workdir`, or not a Knowledge Swapping run's.
+  """
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: not a run's config record ({e})") from None
+  if config.get("method") not in STAGE_ORDER:
+    raise ConfigError(f"{path}: a {config.get('method')!r} run, not Knowledge Swapping's "
+                      f"(lbf, laf)")
+  if config.init.kind == "pretrain":
+    pretrain.fill_pretrain_workdir(config, workdir)
+  model_cfg = common.model_config(config)
+  model = models.build(model_cfg)
+  return model, _frozen_base(config, model_cfg, model)[0], lora.LoraSpec.from_config(config.lora)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` ("lbf" or "laf") end to end; returns the results dict."""
   method = config.method
@@ -187,8 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Frozen base (backbone + extended head) and the trainable LoRA tree.
   pretrain.ensure_pretrained(config, workdir)
-  k_head, k_lora = jax.random.split(jax.random.key(seed))
-  base, _ = common.load_base(config, model_cfg, model, k_head)
+  base, k_lora = _frozen_base(config, model_cfg, model)
   lora_tree = common.initial_lora(config, base, spec, k_lora)
   log.info("LoRA: %d trainable parameters in %d target kernels (%d frozen)",
            lora.count(lora_tree), len(lora.target_kernels(base, spec)), lora.count(base))

@@ -49,6 +49,13 @@ PRETRAIN_FIELDS = ("seed", "model", "data.old", "data.mean", "data.std", "data.a
 PRETRAIN_LAYOUT = ("model.scan", "model.remat", "model.remat_policy")
 
 
+def fill_pretrain_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Sets an empty `init.pretrain_workdir` to its default, `<workdir>/pretrain`."""
+  if not config.init.get("pretrain_workdir"):
+    with config.unlocked():
+      config.init.pretrain_workdir = os.path.join(workdir, "pretrain")
+
+
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
   """With `init.kind = "pretrain"`, runs (or resumes) pretraining into
   `init.pretrain_workdir` (default `<workdir>/pretrain`) unless its params exist.
@@ -58,9 +65,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
   """
   if config.init.kind != "pretrain":
     return
-  if not config.init.pretrain_workdir:
-    with config.unlocked():
-      config.init.pretrain_workdir = os.path.join(workdir, "pretrain")
+  fill_pretrain_workdir(config, workdir)
   path = os.path.join(config.init.pretrain_workdir, "params.npz")
   if not os.path.exists(path):
     log.info("no pretrained model at %s: running the pretrain method first", path)
