@@ -194,7 +194,15 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 
 def save_npz(params: dict, path: str) -> None:
-  """Writes params as a vit_jax-layout `.npz`, atomically (tmp file + rename)."""
+  """Writes params as a vit_jax-layout `.npz`, atomically (tmp file + rename).
+
+  Raises:
+    TypeError: the arguments in `load_npz`'s order (path first).
+  """
+  if isinstance(params, (str, os.PathLike)) or not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"save_npz(params, path): expected a parameter tree and a path, got "
+                    f"{type(params).__name__} and {type(path).__name__}")
+  path = os.fspath(path)
   tmp = path + ".tmp.npz"
   np.savez(tmp, **flatten(params))
   os.replace(tmp, path)
@@ -240,7 +248,8 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
     ConfigError: missing file, missing parameters, or shapes that do not fit.
   """
   if not os.path.isfile(path):
-    raise ConfigError(f"{field}: file {path!r} does not exist (expected a vit_jax .npz)")
+    what = "is a folder" if os.path.isdir(path) else "does not exist"
+    raise ConfigError(f"{field}: {path!r} {what} (expected a vit_jax .npz file)")
   if not zipfile.is_zipfile(path):  # numpy would call it pickled data and suggest unpickling
     raise ConfigError(f"{field}: {path!r} is not an .npz file (convert a .safetensors or torch "
                       f"checkpoint first: python -m kswap_jax.convert SRC --layout ... --out "

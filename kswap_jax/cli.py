@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -47,20 +48,24 @@ _FLAGS_HELP = """\
                         a shipped config also by name (--config=gs_lora_digits:runlocal).
                         ARG is comma-separated key=value pairs the file documents.
   --workdir=DIR         where checkpoints, metrics.jsonl and results.json go
-                        (default ./workdir/<config name>[_<arg>]). Rerunning the same
+                        (default ./workdir/<config name>[_<arg>]{suffix}). Rerunning the same
                         command in it resumes from its newest checkpoint.
-  --config.FIELD=VALUE  overrides one field, e.g. --config.ks.beta=0.3.
-                        List a method's fields and defaults: python -m kswap_jax.config METHOD
-
+  --config.FIELD=VALUE  overrides one field, e.g. --config.ks.beta=0.3 (anywhere on the
+                        line; a boolean field alone means true). Print the config a
+                        command line gives: python -m kswap_jax.config --config=FILE[:ARG]
+                        [--config.FIELD=VALUE ...]; a method's fields and defaults:
+                        python -m kswap_jax.config METHOD
+{more}
 Bad input exits with code 2 and one `error:` line on stderr.
 """
 
 
-def usage(command: str = "python run.py", extra: str = "(or kswap-run with the same flags)"
-          ) -> str:
-  """The usage text of a command that takes the config flags (`extra`: its own, one line)."""
+def usage(command: str = "python run.py", extra: str = "(or kswap-run with the same flags)",
+          more: str = "", workdir_suffix: str = "") -> str:
+  """The usage text of a command that takes the config flags (`extra`: its own flags, one
+  line; `more`: their help lines; `workdir_suffix`: appended to the default workdir)."""
   return (f"usage: {command} [--config=FILE[:ARG]] [--workdir=DIR] [--config.FIELD=VALUE ...]\n"
-          f"       {extra}\n\n{_FLAGS_HELP}")
+          f"       {extra}\n\n" + _FLAGS_HELP.format(suffix=workdir_suffix, more=more))
 
 
 def wants_help(argv, text: str | None = None) -> bool:
@@ -108,16 +113,53 @@ def _resolve_shipped(argv) -> list[str]:
 
 
 def _joined(argv) -> list[str]:
-  """`--config FILE` (absl's space form) as `--config=FILE`, the form read below."""
+  """absl's space forms `--config FILE`, `--workdir DIR` and `--config.FIELD VALUE` as
+  `--flag=value`, the form read below. A `--config.FIELD` followed by another flag (or
+  nothing) is left alone: it is a boolean field's `True`, or a missing value that
+  `_bare_overrides` reports once the field's type is known.
+
+  Raises:
+    ConfigError: `--config` or `--workdir` without a value.
+  """
   out, i = [], 0
   while i < len(argv):
-    if argv[i] in ("--config", "-config") and i + 1 < len(argv):
-      out.append(f"--config={argv[i + 1]}")
-      i += 2
-    else:
-      out.append(argv[i])
-      i += 1
+    a, following = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+    name = a.lstrip("-")
+    if a.startswith("-") and "=" not in a and (name in ("config", "workdir")
+                                                or name.startswith("config.")):
+      if following is not None and not following.startswith("--"):
+        out.append(f"--{name}={following}")
+        i += 2
+        continue
+      if name in ("config", "workdir"):
+        expected = "FILE[:ARG]" if name == "config" else "DIR"
+        raise ConfigError(f"--{name}: expected a value (--{name}={expected})")
+    out.append(a)
+    i += 1
   return out
+
+
+def _in_order(argv) -> list[str]:
+  """The last `--config=` first, then the other flags: absl reads overrides only after a
+  config file and fails on a second `--config=` followed by an override, while the file
+  given last is the one used and overrides apply to it wherever they stand."""
+  specs = [a for a in argv[1:] if a.startswith("--config=")]
+  return argv[:1] + specs[-1:] + [a for a in argv[1:] if not a.startswith("--config=")]
+
+
+def _bare_overrides(argv, config) -> None:
+  """A `--config.FIELD` without a value is only a boolean field's `True`.
+
+  Raises:
+    ConfigError: naming the first such flag whose field is not a boolean.
+  """
+  for a in argv[1:]:
+    if a.startswith("--config.") and "=" not in a:
+      node = config
+      for key in a[len("--config."):].split("."):
+        node = node.get(key) if hasattr(node, "get") else None
+      if not isinstance(node, bool):
+        raise ConfigError(f"{a}: expected a value ({a}=VALUE)")
 
 
 # The module name ml_collections loads a config file under (`<flag>_config`). It loads with
@@ -132,20 +174,39 @@ def load_config(argv):
   `--config.FIELD=VALUE` overrides are read from `sys.argv` (ml_collections' config flag
   does so), so `argv` should be `sys.argv` or a copy of it."""
   argv = _resolve_shipped(_joined(argv))
+  _check_config_file(argv)
   sys.modules.pop(_CONFIG_MODULE, None)
+  saved, sys.argv = sys.argv, _in_order(argv)  # ml_collections scans sys.argv
   try:
     values = _define_flags()
-    rest = values(argv)
+    rest = values(sys.argv)
     config = values.config
     config.method  # pylint: disable=pointless-statement  # forces the lazy file load
   except Exception as e:  # noqa: BLE001 - config files and overrides are user input
     raise _as_config_error(e, argv) from None
+  finally:
+    sys.argv = saved
+  _bare_overrides(argv, config)
   _warn_repeated(argv)
   if len(rest) > 1:  # absl leaves the program name and the arguments that are not flags
     hint = f"; did you mean --config={rest[1]}?" if rest[1].split(":")[0].endswith(".py") else ""
     raise ConfigError(f"unexpected argument {rest[1]!r}: every argument is a flag "
                       f"(--config=FILE[:ARG], --workdir=DIR, --config.FIELD=VALUE){hint}")
   return config, values.workdir or default_workdir(_config_spec(argv))
+
+
+def _check_config_file(argv) -> None:
+  """Raises ConfigError when the config file does not exist, with the shipped configs' names."""
+  path = _config_spec(argv).split(":")[0]
+  if os.path.isfile(path):
+    return
+  shipped = sorted(os.path.splitext(f)[0] for f in os.listdir(_packaged_configs())
+                   if f.endswith(".py") and not f.startswith("_"))
+  close = difflib.get_close_matches(os.path.splitext(os.path.basename(path))[0], shipped, 1)
+  hint = f"; did you mean --config={close[0]}?" if close else ""
+  what = "is a folder" if os.path.isdir(path) else "does not exist"
+  raise ConfigError(f"--config: {path!r} {what} (expected a Python file with "
+                    f"get_config(arg=None), or a shipped config: {', '.join(shipped)}){hint}")
 
 
 def _warn_repeated(argv) -> None:
@@ -172,6 +233,12 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
   ours = [x for x in chain if isinstance(x, ConfigError) and "Traceback" not in str(x)]
   if ours:
     return ours[-1]
+  for i, a in enumerate(argv[1:], 1):  # a bare --config.FIELD that absl gave the next flag to
+    following = argv[i + 1] if i + 1 < len(argv) else None
+    if a.startswith("--config.") and "=" not in a and (
+        any(isinstance(x, StopIteration) for x in chain) if following is None else
+        repr(following) in str(chain[-1])):
+      return ConfigError(f"{a}: expected a value ({a}=VALUE)")
   bad_field = None
   if isinstance(error, flags.UnrecognizedFlagError):
     bad_field = str(error.flagname)
@@ -198,9 +265,13 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
     return ConfigError(f"--{bad_field}: unknown config field or a value of the wrong type "
                        f"({value!r}){hint}; list the fields and defaults with: "
                        f"python -m kswap_jax.config METHOD")
-  for flag, _, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
+  for flag, eq, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
+    if eq and not value and any(isinstance(x, ValueError) for x in chain):
+      return ConfigError(f"--{flag}: expected a value after '=' (--{flag}=VALUE)")
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
       reason = str(chain[-1]).splitlines()[0]
+      if "Non-boolean argument" in reason:
+        return ConfigError(f"--{flag}: cannot use {value!r} (expected true or false)")
       hint = (" (a tuple is written as Python: --config.FIELD=\"('a','b')\", quoted for the "
               "shell)" if "," in value and "syntax" in reason else "")
       return ConfigError(f"--{flag}: cannot use {value!r} ({reason}){hint}")

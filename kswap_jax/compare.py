@@ -253,7 +253,11 @@ def main(argv=None) -> int:
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
   if cli.wants_help(argv, __doc__.strip() + "\n\n" + cli.usage(
-      "python -m kswap_jax.compare", "[--methods=a,b,...] [--seeds=0,1,...]")):
+      "python -m kswap_jax.compare", "[--methods=a,b,...] [--seeds=0,1,...]", more=(
+          "  --methods=a,b,...     the methods to run (default: the config's method and the\n"
+          "                        rest of its family)\n"
+          "  --seeds=0,1,...       a run per seed (default: the config's seed)\n"),
+      workdir_suffix="_compare")):
     return 0
 
   def command():

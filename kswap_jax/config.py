@@ -9,6 +9,7 @@ Fields for reconstructed choices say so in their comment.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -177,32 +178,63 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[s
 
 def main(argv=None) -> int:
   """Prints every config field of each METHOD and its default (all methods when none is
-  named)."""
+  named); or, given run.py's flags, the config that command line runs, checked as a run
+  checks it before it starts (nothing is trained or written)."""
   import sys  # pylint: disable=import-outside-toplevel
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   names = list(sys.argv[1:] if argv is None else argv) or sorted(methods.METHODS)
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
-  if cli.wants_help(["config", *names], f"usage: python -m kswap_jax.config [METHOD ...]\n\n"
+  usage = "python -m kswap_jax.config [METHOD ...] | --config=FILE[:ARG] [--config.FIELD=VALUE ...]"
+  if cli.wants_help(["config", *names], f"usage: {usage}\n\n"
                     f"{' '.join(main.__doc__.split())}\n\nmethods: "
                     f"{', '.join(sorted(methods.METHODS))}"):
     return 0
+  if any(n.startswith(("--config", "-config")) for n in names):
+    return _print_command_line(names)
   options = [n for n in names if n.startswith("-")]
   if options:
-    print(f"error: unknown option {options[0]} (usage: python -m kswap_jax.config "
-          f"[METHOD ...])", file=sys.stderr)
+    print(f"error: unknown option {options[0]} (usage: {usage})", file=sys.stderr)
     return 2
   try:
     for name in names:  # all checked before anything is printed
       methods.get(name)
+    lines = []
     for name in names:
-      config = methods.default_config(name)
-      print(f"# method={name}: --config.<field>=<value> overrides any of these")
-      for field, value in flatten(config):
-        print(f"{field} = {value!r}")
-      print()
+      lines.append(f"# method={name}: --config.<field>=<value> overrides any of these")
+      lines += [f"{field} = {value!r}" for field, value in flatten(methods.default_config(name))]
+      lines.append("")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  return _write("\n".join(lines) + "\n")
+
+
+def _print_command_line(flags: list[str]) -> int:
+  """The config `python run.py FLAGS` would run, every field with its value."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from kswap_jax import cli, methods  # pylint: disable=import-outside-toplevel
+  try:
+    config, _ = cli.load_config(["config", *flags])
+    methods.get(str(config.method))
+    methods.check_sections(config)
+    methods.check_seeds(config)
+    methods.check_counts(config)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  lines = [f"# python run.py {' '.join(flags)}  (method={config.method})"]
+  lines += [f"{field} = {value!r}" for field, value in flatten(config)]
+  return _write("\n".join(lines) + "\n")
+
+
+def _write(text: str) -> int:
+  """Prints `text`; a reader that stops early (`| head`) ends the command quietly."""
+  import sys  # pylint: disable=import-outside-toplevel
+  try:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
   return 0
 
 

@@ -233,6 +233,12 @@ def main(argv=None) -> int:
     print(f"error: {args.workdir}: one method of a `python -m kswap_jax.compare` workdir; "
           f"its runs are {', '.join(seeds)} (pass one of them)", file=sys.stderr)
     return 2
+  if not os.path.exists(path):
+    started = os.path.exists(os.path.join(args.workdir, "config.json"))
+    what = ("the run has not finished (rerun its command to resume it; metrics.jsonl holds "
+            "what it logged so far)" if started else "no run's results here")
+    print(f"error: {args.workdir}: no results.json: {what}", file=sys.stderr)
+    return 2
   try:
     with open(path) as f:
       results = json.load(f)

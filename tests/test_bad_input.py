@@ -118,7 +118,23 @@ _CASES = {
     "npz_init_without_checkpoint": (["--config.init.kind=npz"], ["init.checkpoint", "empty"],
                                     False),
     "missing_config_file": (
-        ["--config=configs/no_such_config.py"], ["configs/no_such_config.py"], False),
+        ["--config=configs/no_such_config.py"],
+        ["configs/no_such_config.py", "does not exist", "a shipped config: demo,"], False),
+    "misspelled_shipped_config": (["--config=demoo:runlocal"],
+                                  ["'demoo'", "did you mean --config=demo?"], False),
+    # A field flag without its value (absl would take the next flag as the value).
+    "override_without_value": (["--config.seed", "--config.ks.beta=0.3"],
+                               ["--config.seed: expected a value (--config.seed=VALUE)"], False),
+    "override_without_value_at_the_end": (["--config.ks.beta"], ["--config.ks.beta",
+                                                                 "expected a value"], False),
+    "override_with_empty_value": (["--config.ks.beta="],
+                                  ["--config.ks.beta", "expected a value after '='"], False),
+    "bool_override_not_true_or_false": (["--config.model.remat=yes"],
+                                        ["--config.model.remat", "'yes'",
+                                         "expected true or false"], False),
+    "checkpoint_that_is_a_folder": (
+        ["--config.init.kind=npz", "--config.init.checkpoint={tmp}"],
+        ["init.checkpoint", "is a folder", ".npz"], False),
     "missing_npz_checkpoint": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/missing.npz"],
         ["init.checkpoint", "{tmp}/missing.npz"], False),
@@ -451,6 +467,63 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
     train.prepare_workdir(str(tmp_path / "afile"))
 
 
+def test_overrides_apply_to_the_last_config_file_wherever_they_stand(monkeypatch, caplog):
+  """absl reads an override only after a --config=, and failed on a second --config=
+  followed by an override; the last file is the one used and every override applies to it."""
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  for argv in (["run.py", "--config.seed=3", "--config=configs/demo.py:runlocal"],
+               ["run.py", "--config=configs/demo.py", "--config=configs/demo.py:runlocal",
+                "--config.seed=3"],
+               ["run.py", "--config.seed", "3", "--config", "configs/demo.py:runlocal",
+                "--config.model.remat"]):
+    monkeypatch.setattr(sys, "argv", argv)
+    config, workdir = cli.load_config(argv)
+    assert (config.seed, workdir, config.swap.forget_classes) == (3, "workdir/demo_runlocal",
+                                                                   (4, 6)), argv
+    assert config.model.remat == (argv[-1] == "--config.model.remat")
+  with pytest.raises(cli.ConfigError, match=r"^--workdir: expected a value \(--workdir=DIR\)$"):
+    cli.load_config(["run.py", "--workdir", "--config.seed=3"])
+
+
+def test_a_workdir_of_another_method_is_named_before_anything_else(tmp_path):
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from conftest import load_config  # pylint: disable=import-outside-toplevel
+  (tmp_path / "config.json").write_text(json.dumps({"method": "gs_lora"}))
+  with pytest.raises(ConfigError, match=r"holds a run of method 'gs_lora', not 'lbf'; use a "
+                     r"new --workdir"):
+    methods.run(load_config("demo", "runlocal"), str(tmp_path))
+
+
+def test_a_run_stopped_by_a_non_finite_loss_leaves_no_empty_folders(tmp_path):
+  """Nothing to resume: the checkpoint folder it made is removed, the logged lines stay."""
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.errors import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  from conftest import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("demo", "runlocal")
+  config.init.kind, config.optim.lr, config.ks.bound = "random", 1e30, 1e30
+  with pytest.raises(NonFiniteLossError, match=r"stage 'learn', step \d+ .*loss is"):
+    methods.run(config, str(tmp_path / "w"))
+  assert os.listdir(tmp_path / "w") == ["metrics.jsonl"]
+
+
+def test_config_prints_what_a_command_line_runs(capsys):
+  """`python -m kswap_jax.config --config=FILE[:ARG] [overrides]`: the resolved config,
+  checked as a run checks it; bad input is one line and exit 2."""
+  from kswap_jax import config  # pylint: disable=import-outside-toplevel
+  assert config.main(["--config=ug_clu_digits:runlocal", "--config.seed=4"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("# python run.py --config=ug_clu_digits:runlocal") and \
+      "(method=ug_clu)" in lines[0]
+  assert "seed = 4" in lines and "model.name = 'resnet18_cifar'" in lines
+  assert "learn.iterations = 6" in lines  # the file's runlocal value, not the default
+  for argv, said in ((["--config=demo", "--config.seed=-1"], "error: seed: expected an int"),
+                     (["--config=demo", "--config.sed=1"], "error: --config.sed: ")):
+    assert config.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(said), err
+
+
 def test_a_flag_given_twice_keeps_the_last_value_and_says_so(monkeypatch, caplog):
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = ["run.py", "--config=configs/demo.py:runlocal", "--config.seed=1", "--workdir=/tmp/a",
@@ -488,7 +561,8 @@ def test_config_listing_help_and_unknown_method(capsys):
   from kswap_jax import config  # pylint: disable=import-outside-toplevel
   assert config.main(["--help"]) == 0
   out = capsys.readouterr().out
-  assert out.startswith("usage: python -m kswap_jax.config [METHOD ...]") and "ug_clu" in out
+  assert out.startswith("usage: python -m kswap_jax.config [METHOD ...] | --config=") and \
+      "ug_clu" in out
   assert config.main(["bogus"]) == 2
   assert capsys.readouterr().err.startswith("error: method: unknown method 'bogus'")
   # Every name is checked before anything is listed; an option is not a method name.

@@ -26,6 +26,9 @@ def test_npz_round_trip_uses_vit_jax_names(tiny, tmp_path):
     assert "Transformer/posembed_input/pos_embedding" in f.files
   loaded = checkpoint.load_npz(path, _abstract(cfg)[1], head="keep")
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+  with pytest.raises(TypeError, match=r"save_npz\(params, path\): expected a parameter tree "
+                     r"and a path, got str and dict"):
+    checkpoint.save_npz(path, params)  # load_npz's order
 
 
 def test_head_extend_keeps_old_rows_and_adds_xavier_rows(tiny, tmp_path):

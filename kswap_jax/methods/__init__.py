@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 
 import ml_collections
 
-from kswap_jax.errors import ConfigError, require_int
+from kswap_jax.errors import ConfigError, NonFiniteLossError, require_int
 
 METHODS = {
     "pretrain": "kswap_jax.methods.pretrain",
@@ -203,6 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   train.check_workdir(workdir)
+  _check_recorded_method(config, workdir)
   check_sections(config)
   check_seeds(config)
   check_counts(config)
@@ -215,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     above = os.path.dirname(above)
   try:
     return get(str(config.method)).run(config, workdir)
-  except ConfigError:
+  except (ConfigError, NonFiniteLossError):  # nothing to resume: no empty folders left
     train.close_runs_under(workdir)  # orbax's background clean-up would list removed folders
     _remove_new_empty_folders(workdir, existing)
     parent = os.path.dirname(os.path.abspath(workdir))
@@ -226,6 +228,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       parent = os.path.dirname(parent)
     raise
+
+
+def _check_recorded_method(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir that holds another method's run is reported as such before anything else
+  about it (a shared pretrained model's config, the full config comparison)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      method = json.load(f).get("method")
+  except (OSError, ValueError, AttributeError):
+    return  # the full comparison, later, reports an unreadable record
+  if method is not None and method != str(config.method):
+    raise ConfigError(f"--workdir {workdir}: holds a run of method {method!r}, not "
+                      f"{str(config.method)!r}; use a new --workdir or delete this one")
 
 
 def _folders(root: str, depth: int = 2) -> set[str]:

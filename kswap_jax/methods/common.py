@@ -153,7 +153,8 @@ def _check_init_kind(kind) -> None:
 
 def _require_file(field: str, path: str, expected: str) -> None:
   if not os.path.isfile(path):
-    raise ConfigError(f"{field}: file {path!r} does not exist (expected {expected})")
+    what = "is a folder" if os.path.isdir(path) else "does not exist"
+    raise ConfigError(f"{field}: {path!r} {what} (expected {expected})")
 
 
 def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
