@@ -362,6 +362,27 @@ def test_bench_writes_figures_and_its_model_gets_lora_gradients(tmp_path):
   assert st["memory"]["host_peak_rss_bytes"] > 0
 
 
+def test_bench_counts_the_whole_step_s_flops_on_several_devices(tmp_path):
+  """XLA's cost analysis of a partitioned step is one device's share; the bench reports the
+  whole step's, so the same global batch costs the same FLOPs on 1 and on 4 devices."""
+  from conftest import REPO, one_multidevice_process  # pylint: disable=import-outside-toplevel
+  args = ["--variant=test/4", "--image_size=16", "--batch_size=4", "--steps=1", "--warmup=0",
+          "--no_pipeline"]
+  assert bench.main([*args, f"--json={tmp_path / 'one.json'}"]) == 0
+  env = dict(os.environ, JAX_PLATFORMS="cpu", KSWAP_HOST_MEMORY="glibc", XLA_FLAGS=" ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip())
+  with one_multidevice_process():
+    proc = subprocess.run([sys.executable, "-m", "kswap_jax.bench", *args,
+                           f"--json={tmp_path / 'four.json'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one, four = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "four"))
+  assert four["devices"].startswith("4 x") and one["devices"].startswith("1 x")
+  np.testing.assert_allclose(four["step_result"]["flops_per_step"],
+                             one["step_result"]["flops_per_step"], rtol=0.1)
+  assert "per device, x 4 devices" in proc.stdout
+
+
 def test_bench_jpeg_pipeline_reads_and_decodes_an_array_record_dataset(tmp_path):
   # The JPEG pipeline's data: real JPEG files in a tfds array_record dataset, decoded.
   source = bench._jpeg_dataset(str(tmp_path))  # pylint: disable=protected-access
