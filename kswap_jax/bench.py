@@ -22,7 +22,8 @@ the time the step's FLOPs would take at that matmul rate (`matmul_floor_s`, a lo
 the step on this machine), peak memory (host RSS and minor page faults on CPU, device memory
 statistics on accelerators) and the input pipeline's images/s. `--json PATH` writes them all.
 The step runs sharded over every device (`--batch_size` is the global batch): FLOPs are the
-whole step's, and the peak is one device's times the number of devices.
+whole step's, and the peak is one device's times the number of accelerators (simulated CPU
+devices share the host's cores: one device's peak).
 
 Model options are the `model` config fields of `kswap_jax.models.vit` (`--gelu`,
 `--dropout_mask`, `--dropout_rng`, `--dtype`, `--remat`, `--scan`), so each speed option can
@@ -187,6 +188,12 @@ def matmul_peak(dtype: str = "float32", size: int | None = None, reps: int = 5) 
     times.append(time.perf_counter() - t0)
   return {"n": n, "dtype": dtype, "flops_per_s": 2 * n ** 3 / min(times),
           "median_flops_per_s": 2 * n ** 3 / statistics.median(times)}
+
+
+def _peak_devices() -> int:
+  """The devices whose matmul peaks add up: every accelerator; simulated CPU devices share
+  the host's cores, which one device's matmul already uses."""
+  return 1 if on_cpu() else jax.device_count()
 
 
 def device_memory() -> dict | None:
@@ -565,7 +572,7 @@ def report(res: dict) -> None:
     print(res["host_memory"])
   if "matmul_peak" in res:
     mp = res["matmul_peak"]
-    per = f" per device, x {jax.device_count()} devices" if jax.device_count() > 1 else ""
+    per = f" per device, x {_peak_devices()} devices" if _peak_devices() > 1 else ""
     print(f"matmul peak ({mp['n']}x{mp['n']} {mp['dtype']}): {_fmt_flops(mp['flops_per_s'])}"
           f"{per}")
   st = res.get("step_result")
@@ -814,9 +821,9 @@ def _main(args, argv) -> int:
                               after=peak_after["flops_per_s"])
     res["step_result"] = st
     if st["achieved_flops_per_s"]:  # against the peak of every device the step runs on
-      res["matmul_peak_fraction"] = (st["achieved_flops_per_s"]
-                                     / (best["flops_per_s"] * jax.device_count()))
-      res["matmul_floor_s"] = st["flops_per_step"] / (best["flops_per_s"] * jax.device_count())
+      peak = best["flops_per_s"] * _peak_devices()
+      res["matmul_peak_fraction"] = st["achieved_flops_per_s"] / peak
+      res["matmul_floor_s"] = st["flops_per_step"] / peak
     if torch_bench is not None:
       times, cpu = st.pop("other_step_s"), st.pop("other_cpu_s")
       med = statistics.median(times)

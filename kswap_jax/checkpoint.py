@@ -38,6 +38,9 @@ _SYNC_CALLS = itertools.count(1)
 # training step once it is set; in a multi-process run it only records a first Ctrl-C (jax's
 # preemption sync decides the step).
 STOP = threading.Event()
+# Set on `train.stop_on_signals`' Ctrl-C handler: its first Ctrl-C asks for a stop, the
+# next one raises (held by `_interrupts_deferred` until a save returns).
+STOPS_ON_CTRL_C = "kswap_stops_on_ctrl_c"
 
 
 class _Manager(ocp.CheckpointManager):
@@ -60,8 +63,8 @@ class Checkpointer:
   `every_steps` since the last save (`should_save`; orbax's fixed-interval policy needs
   `step % every_steps == 0`, which a stage whose iterations take several optimizer steps,
   UG-CLU's FAST + SLOW, can jump over). A stop request (a preemption notice or Ctrl-C in a
-  multi-process run, SIGTERM to a single process: `train.stop_on_signals`) is the training
-  loop's, through `stop_requested`.
+  multi-process run, SIGTERM or Ctrl-C to a single process: `train.stop_on_signals`) is the
+  training loop's, through `stop_requested`.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2, every_steps: int = 0):
@@ -97,8 +100,9 @@ class Checkpointer:
     """Whether every process of a multi-process run has reached the training step at which
     a stop request is honoured: after a preemption notice (SIGTERM) or `request_stop`
     reached any process, jax's preemption sync picks the same step on all of them (one past
-    the furthest any had reached). Every process must call this once per training step. A
-    single process stops at the first step after `STOP` is set (SIGTERM).
+    the furthest any had reached). Every process must call this the same number of times:
+    the stage loop asks once per training step and once after each due evaluation. A single
+    process stops at the first step after `STOP` is set (SIGTERM, Ctrl-C).
 
     The steps are counted per process from its first call, not by the train state's step:
     a request that arrives before the first call (while a resumed run compiles) is then due
@@ -153,23 +157,30 @@ def _interrupts_deferred():
   """Ctrl-C inside the block is raised when it ends (a second one at once): an orbax save
   or wait cut short in the main thread leaves its background commit failing."""
   # Several processes keep the default: one holding an interrupt inside a save could wait at
-  # orbax's barrier for another that has already stopped.
+  # orbax's barrier for another that has already stopped. With the command line's handler
+  # (`train.stop_on_signals`) a Ctrl-C that only asks for a stop goes to it; the one that
+  # would raise is held.
+  previous = signal.getsignal(signal.SIGINT)
+  stops = getattr(previous, STOPS_ON_CTRL_C, False)
   if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+      or not (previous is signal.default_int_handler or stops)
       or jax.process_count() > 1):
     yield
     return
   caught = []
 
   def handler(signum, frame):
+    if stops and not STOP.is_set():
+      previous(signum, frame)  # a stop request: the run saves and stops at its next step
+      return
     caught.append(signum)
     if len(caught) > 1:
       raise KeyboardInterrupt
-  previous = signal.signal(signal.SIGINT, handler)
+  signal.signal(signal.SIGINT, handler)
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, signal.default_int_handler if caught else previous)
   if caught:
     raise KeyboardInterrupt
 

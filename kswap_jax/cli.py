@@ -121,22 +121,39 @@ def _joined(argv) -> list[str]:
   Raises:
     ConfigError: `--config` or `--workdir` without a value.
   """
-  out, i = [], 0
+  out, i = argv[:1], 1
   while i < len(argv):
     a, following = argv[i], argv[i + 1] if i + 1 < len(argv) else None
-    name = a.lstrip("-")
-    if a.startswith("-") and "=" not in a and (name in ("config", "workdir")
-                                                or name.startswith("config.")):
-      if following is not None and not following.startswith("--"):
-        out.append(f"--{name}={following}")
-        i += 2
-        continue
-      if name in ("config", "workdir"):
-        expected = "FILE[:ARG]" if name == "config" else "DIR"
-        raise ConfigError(f"--{name}: expected a value (--{name}={expected})")
-    out.append(a)
+    name, eq, value = a.lstrip("-").partition("=")
+    ours = a.startswith("-") and (name in ("config", "workdir") or name.startswith("config."))
+    if ours and eq:  # absl's single-dash form too
+      out.append(f"--{name}={value}")
+    elif ours and following is not None and not _is_flag(following):
+      out.append(f"--{name}={following}")
+      i += 1
+    elif ours and name in ("config", "workdir"):
+      expected = "FILE[:ARG]" if name == "config" else "DIR"
+      raise ConfigError(f"--{name}: expected a value (--{name}={expected})")
+    else:
+      out.append(a)
     i += 1
   return out
+
+
+def _is_flag(arg: str) -> bool:
+  """Whether `arg` is a flag rather than a value (a negative number is a value)."""
+  if not arg.startswith("-"):
+    return False
+  try:
+    float(arg)
+  except ValueError:
+    return True
+  return False
+
+
+def workdir_given(argv) -> bool:
+  """Whether the command line names a workdir (in any of absl's forms)."""
+  return any(a.startswith("--workdir=") for a in _joined(list(argv)))
 
 
 def _in_order(argv) -> list[str]:
@@ -147,6 +164,14 @@ def _in_order(argv) -> list[str]:
   return argv[:1] + specs[-1:] + [a for a in argv[1:] if not a.startswith("--config=")]
 
 
+def _field(config, dotted: str):
+  """The value at a dotted path of `config` (None where the path leads nowhere)."""
+  node = config
+  for key in dotted.split("."):
+    node = node.get(key) if hasattr(node, "get") else None
+  return node
+
+
 def _bare_overrides(argv, config) -> None:
   """A `--config.FIELD` without a value is only a boolean field's `True`.
 
@@ -155,10 +180,7 @@ def _bare_overrides(argv, config) -> None:
   """
   for a in argv[1:]:
     if a.startswith("--config.") and "=" not in a:
-      node = config
-      for key in a[len("--config."):].split("."):
-        node = node.get(key) if hasattr(node, "get") else None
-      if not isinstance(node, bool):
+      if not isinstance(_field(config, a[len("--config."):]), bool):
         raise ConfigError(f"{a}: expected a value ({a}=VALUE)")
 
 
@@ -171,23 +193,25 @@ _CONFIG_MODULE = "config_config"
 def load_config(argv):
   """Parses flags and returns (config, workdir); every failure becomes a one-line ConfigError.
 
-  `--config.FIELD=VALUE` overrides are read from `sys.argv` (ml_collections' config flag
-  does so), so `argv` should be `sys.argv` or a copy of it."""
+  `argv` is a command line (the program name first). ml_collections' config flag reads
+  overrides from `sys.argv`, which is set to the normalised `argv` while it parses and
+  restored afterwards."""
   argv = _resolve_shipped(_joined(argv))
   _check_config_file(argv)
   sys.modules.pop(_CONFIG_MODULE, None)
-  saved, sys.argv = sys.argv, _in_order(argv)  # ml_collections scans sys.argv
+  ordered = _in_order(argv)
+  saved, sys.argv = sys.argv, ordered  # ml_collections scans sys.argv for overrides
   try:
     values = _define_flags()
-    rest = values(sys.argv)
+    rest = values(ordered)
     config = values.config
     config.method  # pylint: disable=pointless-statement  # forces the lazy file load
   except Exception as e:  # noqa: BLE001 - config files and overrides are user input
-    raise _as_config_error(e, argv) from None
+    raise _as_config_error(e, ordered) from None
   finally:
     sys.argv = saved
   _bare_overrides(argv, config)
-  _warn_repeated(argv)
+  _warn_repeated(argv, config)
   if len(rest) > 1:  # absl leaves the program name and the arguments that are not flags
     hint = f"; did you mean --config={rest[1]}?" if rest[1].split(":")[0].endswith(".py") else ""
     raise ConfigError(f"unexpected argument {rest[1]!r}: every argument is a flag "
@@ -200,8 +224,10 @@ def _check_config_file(argv) -> None:
   path = _config_spec(argv).split(":")[0]
   if os.path.isfile(path):
     return
-  shipped = sorted(os.path.splitext(f)[0] for f in os.listdir(_packaged_configs())
-                   if f.endswith(".py") and not f.startswith("_"))
+  folder = _packaged_configs()
+  shipped = sorted(os.path.splitext(f)[0] for f in (os.listdir(folder) if os.path.isdir(folder)
+                                                    else []) if f.endswith(".py")
+                   and not f.startswith("_"))
   close = difflib.get_close_matches(os.path.splitext(os.path.basename(path))[0], shipped, 1)
   hint = f"; did you mean --config={close[0]}?" if close else ""
   what = "is a folder" if os.path.isdir(path) else "does not exist"
@@ -209,9 +235,10 @@ def _check_config_file(argv) -> None:
                     f"get_config(arg=None), or a shipped config: {', '.join(shipped)}){hint}")
 
 
-def _warn_repeated(argv) -> None:
+def _warn_repeated(argv, config) -> None:
   """A flag given twice keeps its last value (absl's rule, handy for appending overrides
-  to a base command); a warning names the flag and the value kept, so it is no surprise."""
+  to a base command), except a tuple field, which ml_collections gives every value; a
+  warning names the flag and the value used, so neither is a surprise."""
   given: dict[str, list[str]] = {}
   for a in argv[1:]:
     if a.startswith("-") and "=" in a:
@@ -219,8 +246,13 @@ def _warn_repeated(argv) -> None:
       given.setdefault(name.lstrip("-"), []).append(value)
   for name, values in given.items():
     if len(values) > 1 and len(set(values)) > 1:
-      log.warning("warning: --%s given %d times (%s); the last, %s, is used", name,
-                  len(values), ", ".join(values), values[-1])
+      node = _field(config, name[len("config."):]) if name.startswith("config.") else None
+      if isinstance(node, (tuple, list)):
+        log.warning("warning: --%s given %d times; a tuple field keeps every value: %r",
+                    name, len(values), tuple(node))
+      else:
+        log.warning("warning: --%s given %d times (%s); the last, %s, is used", name,
+                    len(values), ", ".join(values), values[-1])
 
 
 def _as_config_error(error: BaseException, argv) -> ConfigError:
@@ -266,7 +298,7 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
                        f"({value!r}){hint}; list the fields and defaults with: "
                        f"python -m kswap_jax.config METHOD")
   for flag, eq, value in (a[2:].partition("=") for a in argv[1:] if a.startswith("--config.")):
-    if eq and not value and any(isinstance(x, ValueError) for x in chain):
+    if eq and not value and f"flag --{flag}=:" in str(error):  # absl names the flag it refused
       return ConfigError(f"--{flag}: expected a value after '=' (--{flag}=VALUE)")
     if value and any(isinstance(x, ValueError) and repr(value) in str(x) for x in chain):
       reason = str(chain[-1]).splitlines()[0]
@@ -332,8 +364,9 @@ def guarded(command) -> int:
   """Runs `command()` as a command-line program: our progress at INFO, libraries from
   WARNING (jax reports the TPU backend it did not find at INFO, normal on CPU and GPU
   machines); bad input -> one `error:` line and exit 2, a non-finite loss -> exit 1,
-  Ctrl-C -> pending checkpoint saves finish, one line, exit 130 (several processes: all
-  stop together after a checkpoint, `train.stop_on_signals`; so does one on SIGTERM)."""
+  a stop request (Ctrl-C or SIGTERM, `train.stop_on_signals`: the run stops after a
+  checkpoint at its next step; several processes together) -> one line, exit 130; a second
+  Ctrl-C (KeyboardInterrupt) -> pending checkpoint saves finish, one line, exit 130."""
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   logging.getLogger("kswap_jax").setLevel(logging.INFO)

@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     rest, seeds = _split_list(rest, "seeds", int)
     config, workdir = cli.load_config(rest)
     log.info(hostmem.describe())  # the first line of the log, as run.py's
-    if not any(a == "--workdir" or a.startswith("--workdir=") for a in rest):
+    if not cli.workdir_given(rest):
       workdir = workdir + "_compare"
     train.initialize_distributed(config)
     train.stop_on_signals()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import ml_collections
 
@@ -178,9 +179,9 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[s
 
 def main(argv=None) -> int:
   """Prints every config field of each METHOD and its default (all methods when none is
-  named); or, given run.py's flags, the config that command line runs, checked as a run
-  checks it before it starts (nothing is trained or written)."""
-  import sys  # pylint: disable=import-outside-toplevel
+  named); or, given run.py's flags, the config that command line runs, with the checks a
+  run makes first: its method's sections, seeds, counts and the files `init` names (the
+  data, model and LoRA are checked when a run starts; nothing is trained or written)."""
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   names = list(sys.argv[1:] if argv is None else argv) or sorted(methods.METHODS)
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
@@ -211,14 +212,15 @@ def main(argv=None) -> int:
 
 def _print_command_line(flags: list[str]) -> int:
   """The config `python run.py FLAGS` would run, every field with its value."""
-  import sys  # pylint: disable=import-outside-toplevel
   from kswap_jax import cli, methods  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   try:
     config, _ = cli.load_config(["config", *flags])
     methods.get(str(config.method))
     methods.check_sections(config)
     methods.check_seeds(config)
     methods.check_counts(config)
+    common.check_init_files(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -229,12 +231,15 @@ def _print_command_line(flags: list[str]) -> int:
 
 def _write(text: str) -> int:
   """Prints `text`; a reader that stops early (`| head`) ends the command quietly."""
-  import sys  # pylint: disable=import-outside-toplevel
+  if sys.stdout is None:  # no standard output at all
+    return 0
   try:
     sys.stdout.write(text)
     sys.stdout.flush()
   except BrokenPipeError:
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the flush at exit then fails no second time
+    os.close(devnull)
   return 0
 
 

@@ -234,9 +234,11 @@ def main(argv=None) -> int:
           f"its runs are {', '.join(seeds)} (pass one of them)", file=sys.stderr)
     return 2
   if not os.path.exists(path):
-    started = os.path.exists(os.path.join(args.workdir, "config.json"))
-    what = ("the run has not finished (rerun its command to resume it; metrics.jsonl holds "
-            "what it logged so far)" if started else "no run's results here")
+    started = any(os.path.exists(os.path.join(args.workdir, f))
+                  for f in ("config.json", "metrics.jsonl"))
+    what = ("the run has not finished: it is running, was stopped (rerun its command to "
+            "resume it) or failed; metrics.jsonl holds what it logged"
+            if started else "no run's results here")
     print(f"error: {args.workdir}: no results.json: {what}", file=sys.stderr)
     return 2
   try:

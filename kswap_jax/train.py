@@ -148,12 +148,15 @@ def stop_on_signals() -> str:
   if threading.current_thread() is not threading.main_thread():
     return ""
   if jax.process_count() == 1:
+    terms = []  # SIGTERMs so far: a Ctrl-C's stop request does not make the first one kill
+
     def on_sigterm(signum, frame):
       del frame
-      if ckpt_lib.STOP.is_set():
+      if terms:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+      terms.append(signum)
       ckpt_lib.STOP.set()
       _say("SIGTERM: the run stops at its next training step, after a checkpoint there "
            "(a second SIGTERM ends it at once)")
@@ -166,6 +169,7 @@ def stop_on_signals() -> str:
       ckpt_lib.STOP.set()
       _say("Ctrl-C: the run stops at its next training step, after a checkpoint there "
            "(Ctrl-C again stops it at once)")
+    setattr(on_sigint_alone, ckpt_lib.STOPS_ON_CTRL_C, True)
     _PREVIOUS_HANDLERS.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, on_sigterm))
     _PREVIOUS_HANDLERS.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_sigint_alone))
     return "process"

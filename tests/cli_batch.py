@@ -21,8 +21,8 @@ from kswap_jax.cli import main  # noqa: E402  (after the tunables, as in run.py)
 
 
 def run_one(args: list[str]) -> dict:
-  """`main()` under `sys.argv = ["run.py", *args]` (ml_collections' config flag reads its
-  overrides from sys.argv), file descriptor 2 sent to a file of its own."""
+  """`main()` under `sys.argv = ["run.py", *args]` (its command line, as run.py's), file
+  descriptor 2 sent to a file of its own."""
   with tempfile.TemporaryFile() as err:
     sys.stderr.flush()
     saved = os.dup(2)

@@ -467,22 +467,51 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
     train.prepare_workdir(str(tmp_path / "afile"))
 
 
-def test_overrides_apply_to_the_last_config_file_wherever_they_stand(monkeypatch, caplog):
+def test_overrides_apply_to_the_last_config_file_wherever_they_stand():
   """absl reads an override only after a --config=, and failed on a second --config=
-  followed by an override; the last file is the one used and every override applies to it."""
+  followed by an override; the last file is the one used and every override applies to it,
+  in absl's space and single-dash forms too. `sys.argv` is left as it was."""
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  before = list(sys.argv)
   for argv in (["run.py", "--config.seed=3", "--config=configs/demo.py:runlocal"],
                ["run.py", "--config=configs/demo.py", "--config=configs/demo.py:runlocal",
                 "--config.seed=3"],
                ["run.py", "--config.seed", "3", "--config", "configs/demo.py:runlocal",
-                "--config.model.remat"]):
-    monkeypatch.setattr(sys, "argv", argv)
+                "--config.model.remat"],
+               ["run.py", "--config.model.remat", "-config", "configs/demo.py:runlocal",
+                "-config.seed=3"]):
     config, workdir = cli.load_config(argv)
     assert (config.seed, workdir, config.swap.forget_classes) == (3, "workdir/demo_runlocal",
                                                                    (4, 6)), argv
-    assert config.model.remat == (argv[-1] == "--config.model.remat")
-  with pytest.raises(cli.ConfigError, match=r"^--workdir: expected a value \(--workdir=DIR\)$"):
-    cli.load_config(["run.py", "--workdir", "--config.seed=3"])
+    assert config.model.remat == ("--config.model.remat" in argv)
+    assert sys.argv == before
+  assert cli.workdir_given(["run.py", "-workdir", "/tmp/x"])
+  assert not cli.workdir_given(["run.py", "--config=configs/demo.py"])
+  for argv, said in (
+      (["run.py", "--workdir", "--config.seed=3"], r"^--workdir: expected a value"),
+      # Given before --config (reordered for absl), a bare override is still named.
+      (["run.py", "--config.seed", "--config=configs/demo.py:runlocal"],
+       r"^--config\.seed: expected a value \(--config\.seed=VALUE\)$"),
+      (["run.py", "--config.seed", "--config=configs/demo.py", "--workdir=/tmp/x"],
+       r"^--config\.seed: expected a value"),
+      # An empty value is a string field's right; the flag absl refused is named.
+      (["run.py", "--config=configs/demo.py", "--config.init.pretrain_workdir=",
+        "--config.seed=x"], r"^--config\.seed: cannot use 'x'")):
+    with pytest.raises(cli.ConfigError, match=said):
+      cli.load_config(argv)
+    assert sys.argv == before
+
+
+def test_a_repeated_tuple_override_is_said_to_keep_every_value(caplog):
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  argv = ["run.py", "--config=configs/ug_clu_digits.py:runlocal",
+          "--config.clu.requests=('learn:1',)", "--config.clu.requests=('learn:2',)"]
+  with caplog.at_level("WARNING", logger="kswap_jax.cli"):
+    config, _ = cli.load_config(argv)
+  assert config.clu.requests == ("learn:1", "learn:2")
+  assert [r.getMessage() for r in caplog.records] == [
+      "warning: --config.clu.requests given 2 times; a tuple field keeps every value: "
+      "('learn:1', 'learn:2')"]
 
 
 def test_a_workdir_of_another_method_is_named_before_anything_else(tmp_path):
@@ -518,17 +547,17 @@ def test_config_prints_what_a_command_line_runs(capsys):
   assert "seed = 4" in lines and "model.name = 'resnet18_cifar'" in lines
   assert "learn.iterations = 6" in lines  # the file's runlocal value, not the default
   for argv, said in ((["--config=demo", "--config.seed=-1"], "error: seed: expected an int"),
-                     (["--config=demo", "--config.sed=1"], "error: --config.sed: ")):
+                     (["--config=demo", "--config.sed=1"], "error: --config.sed: "),
+                     (["--config=demo", "--config.init.kind=npz"], "error: init.checkpoint: ")):
     assert config.main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(said), err
 
 
-def test_a_flag_given_twice_keeps_the_last_value_and_says_so(monkeypatch, caplog):
+def test_a_flag_given_twice_keeps_the_last_value_and_says_so(caplog):
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = ["run.py", "--config=configs/demo.py:runlocal", "--config.seed=1", "--workdir=/tmp/a",
           "--config.seed=2", "--workdir=/tmp/b", "--config.ks.beta=0.3", "--config.ks.beta=0.3"]
-  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads overrides from sys.argv
   with caplog.at_level("WARNING", logger="kswap_jax.cli"):
     config, workdir = cli.load_config(argv)
   assert (config.seed, workdir) == (2, "/tmp/b")

@@ -173,3 +173,30 @@ def test_ctrl_c_inside_a_save_is_raised_after_it():
         pass
       reached.append(False)
   assert reached == [True]
+
+
+def test_with_the_command_line_s_handler_ctrl_c_in_a_save_asks_for_a_stop_then_is_held():
+  """Under `train.stop_on_signals` the first Ctrl-C inside a save only asks for a stop (the
+  save and the run go on to the next step); the second is held until the save returns."""
+  import os, signal  # pylint: disable=import-outside-toplevel,multiple-imports
+  from kswap_jax import train  # pylint: disable=import-outside-toplevel
+  reached = []
+  try:
+    assert train.stop_on_signals() == "process"
+    ours = signal.getsignal(signal.SIGINT)
+    with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):
+        pass
+      reached.append(checkpoint.STOP.is_set())
+    assert reached == [True] and signal.getsignal(signal.SIGINT) is ours
+    with pytest.raises(KeyboardInterrupt):
+      with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+          pass
+        reached.append("save finished")
+    assert reached == [True, "save finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    train.restore_signals()

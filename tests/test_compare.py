@@ -158,7 +158,8 @@ def test_report_on_a_compare_workdir_prints_the_leaderboard(tmp_path, capsys):
   assert "no results.json: no run's results here" in capsys.readouterr().err
   (tmp_path / "config.json").write_text("{}")  # a run that started and has not finished
   assert report.main([str(tmp_path)]) == 2
-  assert "no results.json: the run has not finished (rerun" in capsys.readouterr().err
+  assert "no results.json: the run has not finished: it is running, was stopped" in \
+      capsys.readouterr().err
   for bad in ("[1, 2]", '{"method": "nosuch", "stages": []}'):
     (tmp_path / "results.json").write_text(bad)
     assert report.main([str(tmp_path)]) == 2

@@ -103,7 +103,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, mo
                                                             override, field):
   workdir = tmp_path / "run"
   argv = ["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}", override]
-  monkeypatch.setattr("sys.argv", argv)  # config_flags reads overrides from sys.argv
   code = cli.main(argv)
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and field in err, err
@@ -129,7 +128,6 @@ def test_unusable_oracle_workdir_fails_before_any_stage_trains(tmp_path, capsys,
   workdir = tmp_path / "run"
   argv = ["run.py", f"--config={DIGITS}:runlocal", f"--workdir={workdir}",
           f"--config.oracle.workdir={oracle_dir}"]
-  monkeypatch.setattr("sys.argv", argv)
   code = cli.main(argv)
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith("error: oracle.workdir ") and message in err, err

@@ -149,20 +149,29 @@ def _frozen_base(config, model_cfg, model) -> tuple[dict, jax.Array]:
 
 
 def run_base(workdir: str):
-  """(model, base, spec) of a Knowledge Swapping run, rebuilt from its `config.json`: the
-  frozen parameters its LoRA trees were trained over (the head's new rows are not saved
-  anywhere else) and its LoRA spec, so `lora.apply(model, base,
-  interop.load_lora(f"{workdir}/lora_forget.npz"), images, scale=spec.scale)` is the run's
-  model. The files `init` names (the pretrained model) must still be where the run read them.
+  """The frozen base a Knowledge Swapping run trained its LoRA over, rebuilt from its
+  `config.json` (the head's new rows are drawn from the seed and saved nowhere else). The
+  files `init` names (the pretrained model) must still be where the run read them.
+
+  Args:
+    workdir: a Knowledge Swapping run's workdir.
+
+  Returns:
+    (model, base, spec): the linen model, its frozen parameters and the run's LoRA spec.
 
   Raises:
-    ConfigError: no `config.json` in `workdir`, or not a Knowledge Swapping run's.
+    ConfigError: no readable `config.json` in `workdir`, or not a Knowledge Swapping run's.
+
+  Example:
+    >>> model, base, spec = knowledge_swap.run_base(workdir)
+    >>> tree = interop.load_lora(f"{workdir}/lora_forget.npz")
+    >>> logits = lora.apply(model, base, tree, images, scale=spec.scale)  # the run's model
   """
   path = os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
       config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, TypeError, AttributeError) as e:
     raise ConfigError(f"{path}: not a run's config record ({e})") from None
   if config.get("method") not in STAGE_ORDER:
     raise ConfigError(f"{path}: a {config.get('method')!r} run, not Knowledge Swapping's "
