@@ -34,17 +34,20 @@ def h_mean_learn(acc_n_before: float, acc_n: float, acc_r: float, eps: float = 1
   return 2.0 * gain * acc_r / (gain + acc_r + eps)
 
 
-def top1(logits, labels) -> float:
-  """Top-1 accuracy (%) under the arg-max over all logits; NaN for an empty split.
+def top1(logits, labels, rows: int | None = None) -> float:
+  """Top-1 accuracy (%) under the arg-max over all logits, or over the first `rows`; NaN
+  for an empty split.
 
   Args:
     logits: (n, classes) outputs of `train.predict` (padded slots already dropped).
     labels: (n,) integer labels.
+    rows: the head rows in use (a masked arg-max: rows beyond it can never be predicted).
   """
   labels = np.asarray(labels)
   if labels.size == 0:
     return accuracy(0, 0)
-  correct = int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
+  logits = np.asarray(logits)[:, :rows] if rows is not None else np.asarray(logits)
+  correct = int(np.sum(np.argmax(logits, axis=-1) == labels))
   return accuracy(correct, labels.size)
 
 

@@ -47,6 +47,15 @@ def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
                                atol=2e-6)
     np.testing.assert_allclose(last["block_delta_w"], list(ends["delta_w"].values()),
                                atol=2e-6)
+  # The masked arg-max (an extra): over the 10 rows in use, never below the 16-row rule,
+  # whose true class is always among those rows.
+  masked = on_disk["masked_argmax"]
+  assert masked["rows"] == 10 and [s["name"] for s in masked["stages"]] == \
+      ["before", "learn", "forget"]
+  for plain, restricted in zip(on_disk["stages"], masked["stages"]):
+    assert all(restricted[k] >= plain[k] for k in ("acc_r", "acc_f", "acc_n")), restricted
+  assert masked["final"] == {k: masked["stages"][-1][k] for k in ("acc_r", "acc_f", "acc_n")}
+  assert any(m["acc_r"] > p["acc_r"] for p, m in zip(on_disk["stages"], masked["stages"]))
   first = [x for x in lines if x["stage"] == "learn"][0]
   assert max(first["block_delta_w"]) < max(last["block_delta_w"])  # ΔW grows from 0
   for name in ("lora_norms.png", "block_profiles.png", "lora_learn.npz", "lora_forget.npz", "merged_params.npz",

@@ -48,6 +48,8 @@ def test_top1_argmax_over_all_rows():
   # Row 3 (an unused "random" head row) wins for sample 0, as in the reference's arg-max.
   assert metrics.top1(logits, np.array([1, 0])) == 50.0
   assert math.isnan(metrics.top1(np.zeros((0, 4)), np.zeros((0,), np.int64)))
+  # The masked arg-max over the 3 rows in use: row 3 cannot win, sample 0 is right.
+  assert metrics.top1(logits, np.array([1, 0]), rows=3) == 100.0
 
 
 @pytest.mark.parametrize("before,after,retain,want", [
