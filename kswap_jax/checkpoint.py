@@ -237,6 +237,32 @@ def _resize_posemb(posemb: np.ndarray, target_shape: tuple[int, ...],
   return np.concatenate([cls, grid.reshape(1, g_new * g_new, -1)], axis=1)
 
 
+_CONVERT_FIRST = ("convert it first: python -m kswap_jax.convert SRC --layout ... --out "
+                  "OUT.npz")
+
+
+def npz_problem(path: str) -> str | None:
+  """Why the file at `path` is not an `.npz` of parameters (None when it may be one): a
+  torch checkpoint (a zip holding `data.pkl`) and a `.safetensors` file are named as such,
+  since both are converted, not loaded."""
+  if not zipfile.is_zipfile(path):  # numpy would call it pickled data and suggest unpickling
+    return f"is not an .npz file (a .safetensors or torch checkpoint? {_CONVERT_FIRST})"
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+  except (OSError, zipfile.BadZipFile) as e:
+    return f"is not a readable .npz file ({e})"
+  if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+    return f"is a PyTorch checkpoint, not an .npz ({_CONVERT_FIRST})"
+  return None
+
+
+def head_rows(path: str) -> int | None:
+  """The number of classes of the `head/kernel` in a vit_jax `.npz` (None without one)."""
+  with np.load(path, allow_pickle=False) as f:
+    return int(f["head/kernel"].shape[-1]) if "head/kernel" in f.files else None
+
+
 def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
              rng: jax.Array | None = None, field: str = "init.checkpoint") -> dict:
   """Loads base parameters from a vit_jax `.npz`, adapting head and resolution.
@@ -261,10 +287,9 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
   if not os.path.isfile(path):
     what = "is a folder" if os.path.isdir(path) else "does not exist"
     raise ConfigError(f"{field}: {path!r} {what} (expected a vit_jax .npz file)")
-  if not zipfile.is_zipfile(path):  # numpy would call it pickled data and suggest unpickling
-    raise ConfigError(f"{field}: {path!r} is not an .npz file (convert a .safetensors or torch "
-                      f"checkpoint first: python -m kswap_jax.convert SRC --layout ... --out "
-                      f"OUT.npz)")
+  problem = npz_problem(path)
+  if problem:
+    raise ConfigError(f"{field}: {path!r} {problem}")
   try:
     with np.load(path, allow_pickle=False) as f:
       flat = {k: f[k] for k in f.files}

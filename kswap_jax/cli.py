@@ -157,11 +157,16 @@ def workdir_given(argv) -> bool:
 
 
 def _in_order(argv) -> list[str]:
-  """The last `--config=` first, then the other flags: absl reads overrides only after a
-  config file and fails on a second `--config=` followed by an override, while the file
-  given last is the one used and overrides apply to it wherever they stand."""
+  """The last `--config=` first, then the other flags, each override once (its last value):
+  absl reads overrides only after a config file and fails on a second `--config=`
+  followed by an override, and ml_collections would join a tuple field's repeated values,
+  while the file and the values given last are the ones used, wherever they stand."""
   specs = [a for a in argv[1:] if a.startswith("--config=")]
-  return argv[:1] + specs[-1:] + [a for a in argv[1:] if not a.startswith("--config=")]
+  rest = [a for a in argv[1:] if not a.startswith("--config=")]
+  name = lambda a: a.split("=", 1)[0] if a.startswith("--config.") and "=" in a else None
+  last = {name(a): i for i, a in enumerate(rest) if name(a)}
+  return argv[:1] + specs[-1:] + [a for i, a in enumerate(rest)
+                                  if name(a) is None or last[name(a)] == i]
 
 
 def _field(config, dotted: str):
@@ -211,7 +216,7 @@ def load_config(argv):
   finally:
     sys.argv = saved
   _bare_overrides(argv, config)
-  _warn_repeated(argv, config)
+  _warn_repeated(argv)
   if len(rest) > 1:  # absl leaves the program name and the arguments that are not flags
     hint = f"; did you mean --config={rest[1]}?" if rest[1].split(":")[0].endswith(".py") else ""
     raise ConfigError(f"unexpected argument {rest[1]!r}: every argument is a flag "
@@ -235,10 +240,10 @@ def _check_config_file(argv) -> None:
                     f"get_config(arg=None), or a shipped config: {', '.join(shipped)}){hint}")
 
 
-def _warn_repeated(argv, config) -> None:
+def _warn_repeated(argv) -> None:
   """A flag given twice keeps its last value (absl's rule, handy for appending overrides
-  to a base command), except a tuple field, which ml_collections gives every value; a
-  warning names the flag and the value used, so neither is a surprise."""
+  to a base command; `_in_order` keeps it for tuple fields too); a warning names the flag
+  and the value used, so it is no surprise."""
   given: dict[str, list[str]] = {}
   for a in argv[1:]:
     if a.startswith("-") and "=" in a:
@@ -246,13 +251,8 @@ def _warn_repeated(argv, config) -> None:
       given.setdefault(name.lstrip("-"), []).append(value)
   for name, values in given.items():
     if len(values) > 1 and len(set(values)) > 1:
-      node = _field(config, name[len("config."):]) if name.startswith("config.") else None
-      if isinstance(node, (tuple, list)):
-        log.warning("warning: --%s given %d times; a tuple field keeps every value: %r",
-                    name, len(values), tuple(node))
-      else:
-        log.warning("warning: --%s given %d times (%s); the last, %s, is used", name,
-                    len(values), ", ".join(values), values[-1])
+      log.warning("warning: --%s given %d times (%s); the last, %s, is used", name,
+                  len(values), ", ".join(values), values[-1])
 
 
 def _as_config_error(error: BaseException, argv) -> ConfigError:

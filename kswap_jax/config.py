@@ -214,6 +214,9 @@ def _print_command_line(flags: list[str]) -> int:
   """The config `python run.py FLAGS` would run, every field with its value."""
   from kswap_jax import cli, methods  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
+  import shlex  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")  # warnings as one line
   try:
     config, _ = cli.load_config(["config", *flags])
     methods.get(str(config.method))
@@ -224,7 +227,7 @@ def _print_command_line(flags: list[str]) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  lines = [f"# python run.py {' '.join(flags)}  (method={config.method})"]
+  lines = [f"# python run.py {shlex.join(flags)}  (method={config.method})"]
   lines += [f"{field} = {value!r}" for field, value in flatten(config)]
   return _write("\n".join(lines) + "\n")
 

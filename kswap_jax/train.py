@@ -777,6 +777,13 @@ class Run:
       write_json(path, results)
     return path
 
+  def announce(self, text: str, path: str) -> None:
+    """Prints a finished run's table and where its results went (the first process only:
+    the others wrote nothing and would repeat it)."""
+    if self.is_main:
+      print(text, flush=True)
+      log.info("results written to %s", path)
+
   def close(self) -> None:
     self.checkpointer.wait()
     self.checkpointer.close()

@@ -177,6 +177,15 @@ _CASES = {
     "negative_pretrain_epochs": (["--config.pretrain.epochs=-2"], ["pretrain.epochs", "-2"],
                                  False),
     "adam_beta_out_of_range": (["--config.optim.b1=2.0"], ["optim.b1", "[0, 1)"], False),
+    # A torch checkpoint (a zip holding data.pkl) named where an .npz belongs.
+    "torch_checkpoint_as_npz": (
+        ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/model.pth"],
+        ["init.checkpoint", "is a PyTorch checkpoint", "python -m kswap_jax.convert"], False),
+    # The new classes' rows start at row num_old_classes: inside an 8-row trained head.
+    "npz_head_rows_differ_from_num_old_classes": (
+        ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/control/pretrain/params.npz",
+         "--config.swap.num_old_classes=7"],
+        ["swap.num_old_classes: 7", "8 rows", "set swap.num_old_classes = 8"], True),
     "npz_checkpoint_wrong_shape": (
         ["--config.init.kind=npz", "--config.init.checkpoint={tmp}/wrong_shape.npz"],
         ["init.checkpoint", _MLP_KERNEL], True),
@@ -235,6 +244,10 @@ def _write_tfds_config(tmp):
 def _write_raising_config(tmp):
   (tmp / "raising_config.py").write_text("def get_config(arg=None):\n  n = 0\n  return 1 / n\n")
   (tmp / "no_get_config.py").write_text("CONFIG = None\n")
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(tmp / "model.pth", "w") as z:  # torch.save's layout, in outline
+    z.writestr("model/data.pkl", b"not read")
+    z.writestr("model/version", b"3")
 
 
 def _write_wrong_shape_npz(tmp, params_npz):
@@ -502,16 +515,17 @@ def test_overrides_apply_to_the_last_config_file_wherever_they_stand():
     assert sys.argv == before
 
 
-def test_a_repeated_tuple_override_is_said_to_keep_every_value(caplog):
+def test_a_repeated_tuple_override_keeps_its_last_value_as_any_other(caplog):
+  """ml_collections would join a tuple field's repeated values ('learn:1', 'learn:2')."""
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = ["run.py", "--config=configs/ug_clu_digits.py:runlocal",
           "--config.clu.requests=('learn:1',)", "--config.clu.requests=('learn:2',)"]
   with caplog.at_level("WARNING", logger="kswap_jax.cli"):
     config, _ = cli.load_config(argv)
-  assert config.clu.requests == ("learn:1", "learn:2")
+  assert config.clu.requests == ("learn:2",)
   assert [r.getMessage() for r in caplog.records] == [
-      "warning: --config.clu.requests given 2 times; a tuple field keeps every value: "
-      "('learn:1', 'learn:2')"]
+      "warning: --config.clu.requests given 2 times (('learn:1',), ('learn:2',)); the last, "
+      "('learn:2',), is used"]
 
 
 def test_a_workdir_of_another_method_is_named_before_anything_else(tmp_path):

@@ -399,8 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {path}")
-  print(f"read it with data.old = dict(kind='tfds', name='{args.name}', "
-        f"data_dir='{args.data_dir}') (README, 'Data')")
+  print(f"read it with data.old (or data.new) = dict(kind='tfds', name='{args.name}', "
+        f"data_dir='{args.data_dir}') (README, 'Data'); class names by label: "
+        f"{os.path.join(path, 'label.labels.txt')}")
   return 0
 
 

@@ -134,6 +134,9 @@ def check_init_files(config) -> None:
       raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
                         "checkpoint (python -m kswap_jax.convert writes one)")
     _require_file("init.checkpoint", str(init.checkpoint), "a .npz checkpoint in our layout")
+    problem = ckpt_lib.npz_problem(str(init.checkpoint))
+    if problem:
+      raise ConfigError(f"init.checkpoint: {str(init.checkpoint)!r} {problem}")
   elif init.get("checkpoint"):  # would be ignored: the run would not start from it
     raise ConfigError(f"init.checkpoint: {init.checkpoint} is set, but init.kind="
                       f"{init.get('kind')} does not read it; add --config.init.kind=npz to "

@@ -616,8 +616,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt_lib.save_npz(jax.device_get(final_base),
                         os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
-  print(text, flush=True)
-  log.info("results written to %s", path)
+  run_.announce(text, path)
   run_.close()
   return out
 

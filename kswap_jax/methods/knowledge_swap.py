@@ -225,6 +225,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       f"starts from a model of swap.num_old_classes = "
                       f"{config.swap.num_old_classes} classes; set them equal")
 
+  if config.init.kind == "npz" and config.init.head == "extend":  # new rows follow the old
+    rows = ckpt_lib.head_rows(str(config.init.checkpoint))
+    if rows is not None and rows != int(config.swap.num_old_classes):
+      raise ConfigError(
+          f"swap.num_old_classes: {config.swap.num_old_classes}, but init.checkpoint's head "
+          f"has {rows} rows (its classes): the new classes' rows start at row "
+          f"{config.swap.num_old_classes}, "
+          + ("inside the trained ones" if rows > int(config.swap.num_old_classes) else
+             "leaving old classes with untrained rows")
+          + f"; set swap.num_old_classes = {rows}")
+
   run_ = train.Run(workdir, config)
   for name, subset in subsets.items():
     log.info("split %-12s %6d images", name, len(subset))
@@ -303,6 +314,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "before" not in results:
     results["before"] = {**evaluate(state), **evaluate(state, splits_=TRAIN_SPLITS)}
     log.info("[before] %s", _fmt(results["before"]))
+    before = results["before"]
+    if before["acc_r_masked"] - before["acc_r"] > 5:  # worth a look before training
+      log.warning(
+          "warning: before the swap the head's unused random rows win retain images the "
+          "rows in use get right (Acc_r %.2f over all %d rows, %.2f over the %d in use): "
+          "the all-rows results (the reference's rule) count those as errors; "
+          "results.json's masked_argmax does not", before["acc_r"],
+          int(config.model.num_classes), before["acc_r_masked"], num_valid)
   for i, name in enumerate(STAGE_ORDER[method]):
     state, frozen = run_.run_stage(i, stages[name], state, frozen, mesh,
                                    extra_log=block_log, eval_fn=evaluate,
@@ -344,8 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt_lib.export_merged(base, jax.device_get(state.params), spec.scale,
                              os.path.join(run_.workdir, "merged_params.npz"))
   path = run_.write_results(out)
-  print(text, flush=True)
-  log.info("results written to %s", path)
+  run_.announce(text, path)
   run_.close()
   return out
 

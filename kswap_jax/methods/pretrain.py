@@ -167,7 +167,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_lib.save_npz(jax.device_get(state.params), path)  # last: its presence means done
   results = {"method": "pretrain", "config": config.to_dict(),
              "stages": [{"name": "pretrain", "acc": acc}], "final": {"acc": acc}}
-  run_.write_results(results)
-  print(report.stage_table(results), flush=True)
+  run_.announce(report.stage_table(results), run_.write_results(results))
   run_.close()
   return results

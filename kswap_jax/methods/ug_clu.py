@@ -1349,8 +1349,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     out["oracle_workdir"] = oracle_dir
   text = report.present(out, run_.workdir if run_.is_main else None)
   path = run_.write_results(out)
-  print(text, flush=True)
-  log.info("results written to %s", path)
+  run_.announce(text, path)
   run_.close()
   return out
 

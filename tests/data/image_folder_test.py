@@ -138,8 +138,12 @@ def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
   assert printed[0].startswith("toy_cli: 3 class folders (") and "label space 3" in printed[0]
   assert [line for line in printed if "/6 images" in line] == [
       line for line in printed if line.startswith("train: ")]
-  assert printed[-2:] == [f"wrote {out}/toy_cli/1.0.0", f"read it with data.old = dict("
-                          f"kind='tfds', name='toy_cli', data_dir='{out}') (README, 'Data')"]
+  assert printed[-2:] == [f"wrote {out}/toy_cli/1.0.0", f"read it with data.old (or data.new)"
+                          f" = dict(kind='tfds', name='toy_cli', data_dir='{out}') (README, "
+                          f"'Data'); class names by label: {out}/toy_cli/1.0.0/label.labels.txt"]
+  # sorted_rank: labels 0, 1, 2 are the folders in sorted order, one name per line.
+  assert (pathlib.Path(out) / "toy_cli" / "1.0.0" / "label.labels.txt").read_text().split() == \
+      sorted(CLASSES)
   assert not any("Downloading" in line or "%|" in line for line in printed), printed
 
   # One class folder holding one image (one task's data may be a single class).

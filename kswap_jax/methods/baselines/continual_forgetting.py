@@ -637,8 +637,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out["num_trainable"] = num_trainable
   text = report.present(out, run_.workdir if run_.is_main else None)
   path = run_.write_results(out)
-  print(text, flush=True)
-  log.info("results written to %s", path)
+  run_.announce(text, path)
   run_.close()
   return out
 
