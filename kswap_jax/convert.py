@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--posemb", choices=("learn", "sincos2d"),
                  help="big_vision position embedding (default learn)")
   p.add_argument("--image_size", type=int, help="input size (big_vision --posemb sincos2d)")
-  p.add_argument("--num_classes", type=int, help="zero head size for a big_vision file without one")
+  p.add_argument("--num_classes", type=int, help="zero head size for a big_vision or timm file without a head")
   p.add_argument("--face_head", choices=layouts.FACE_HEADS,
                  help="gslora_face head type of loss.weight (default cosface)")
   p.add_argument("--channels", type=int, help="image channels (gslora_face; default 3)")

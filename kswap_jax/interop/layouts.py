@@ -289,15 +289,28 @@ def _mlp(src: "_Source", flat: dict[str, np.ndarray], lr: "_Lora", block: str,
 
 
 def _classifier(src: "_Source", flat: dict[str, np.ndarray], pre_logits: str, head: str,
-                width: int) -> tuple[int, int]:
-  """Optional `pre_logits` Linear + `head` Linear; returns (representation size, classes)."""
+                width: int, notes: list[str] | None = None,
+                num_classes: int | None = None) -> tuple[int, int]:
+  """Optional `pre_logits` Linear + `head` Linear; returns (representation size, classes).
+  A checkpoint without a head (timm's `num_classes=0`) gets a zero head of `num_classes`."""
   rep = 0
   if src.has(f"{pre_logits}.weight"):
     rep = src.take(f"{pre_logits}.weight").shape[0]
     _put(flat, "pre_logits", _dense(src, pre_logits, width, rep))
-  num_classes = src.take(f"{head}.weight").shape[0]
-  _put(flat, "head", _dense(src, head, rep or width, num_classes))
-  return rep, num_classes
+  if not src.has(f"{head}.weight") and notes is not None:
+    if not num_classes:
+      raise ValueError(f"num_classes: the checkpoint has no {head}.weight (a headless model); "
+                       f"pass --num_classes for a zero head")
+    _put(flat, "head", {"kernel": np.zeros((rep or width, int(num_classes)), np.float32),
+                        "bias": np.zeros((int(num_classes),), np.float32)})
+    notes.append(f"no head in the checkpoint: a zero head of {int(num_classes)} classes")
+    return rep, int(num_classes)
+  n_cls = src.take(f"{head}.weight").shape[0]
+  if num_classes and int(num_classes) != n_cls:
+    raise ValueError(f"num_classes: the checkpoint has a head of {n_cls} classes; "
+                     f"--num_classes is only for a headless one")
+  _put(flat, "head", _dense(src, head, rep or width, n_cls))
+  return rep, n_cls
 
 
 def _block(i: int) -> str:
@@ -530,7 +543,7 @@ _TIMM_UNSUPPORTED = {
 
 
 def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | None = None,
-         lora_alpha: float = 1.0) -> Converted:
+         lora_alpha: float = 1.0, num_classes: int | None = None) -> Converted:
   """timm `VisionTransformer` state dict (class token, learned posemb, token pooling).
 
   Args:
@@ -538,6 +551,8 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
     num_heads: heads of the fused qkv projection (required).
     lora: what to do with loralib A/B if present (see `LORA_MODES`); required when present.
     lora_alpha: loralib alpha (scale = alpha / r), default 1 as in loralib.
+    num_classes: only for a headless checkpoint (timm's `num_classes=0`): a zero head of
+      this many classes.
   """
   src = _Source(tensors, "timm")
   for pattern, what in _TIMM_UNSUPPORTED.items():
@@ -578,7 +593,7 @@ def timm(tensors: dict[str, Any], *, num_heads: int | None = None, lora: str | N
     _put(flat, f"{b}/LayerNorm_2", _norm(src, f"{t}.norm2", width))
     _mlp(src, flat, lr, b, f"{t}.mlp.fc1", f"{t}.mlp.fc2", width, mlp_dim)
   _put(flat, "Transformer/encoder_norm", _norm(src, "norm", width))
-  rep, num_classes = _classifier(src, flat, "pre_logits.fc", "head", width)
+  rep, num_classes = _classifier(src, flat, "pre_logits.fc", "head", width, notes, num_classes)
   lora_tree = lr.resolve(flat, notes)
   model = model_fields("vit", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
                        patch=patch, num_classes=num_classes, image_size=grid * patch,

@@ -53,6 +53,27 @@ def test_timm_zip_pickle_converts_to_equal_logits(tmp_path):
   _close(_ours(conv, tmp_path / "o.npz", images), ref.timm_forward(sd, images, S.HEADS))
 
 
+def test_a_headless_timm_checkpoint_gets_a_zero_head_of_num_classes(tmp_path):
+  """timm's `num_classes=0` saves no head: --num_classes gives a zero head (as big_vision),
+  and the backbone converts as it does with a head."""
+  sd = {k: v for k, v in S.timm_state().items() if not k.startswith("head.")}
+  src = tmp_path / "vit.safetensors"
+  safetensors_file.save(dict(sd), str(src))
+  with pytest.raises(ValueError, match=r"no head\.weight \(a headless model\); pass "
+                     r"--num_classes"):
+    interop.convert(str(src), "timm", num_heads=S.HEADS)
+  conv = interop.convert(str(src), "timm", num_heads=S.HEADS, num_classes=5)
+  assert conv.model["num_classes"] == 5 and any("zero head of 5" in n for n in conv.notes)
+  assert not np.any(conv.params["head/kernel"]) and conv.params["head/kernel"].shape[1] == 5
+  safetensors_file.save(dict(S.timm_state()), str(tmp_path / "h.safetensors"))
+  with_head = interop.convert(str(tmp_path / "h.safetensors"), "timm", num_heads=S.HEADS)
+  for name, x in with_head.params.items():
+    if not name.startswith("head/"):
+      np.testing.assert_array_equal(conv.params[name], x, err_msg=name)
+  with pytest.raises(ValueError, match="has a head of"):
+    interop.convert(str(tmp_path / "h.safetensors"), "timm", num_heads=S.HEADS, num_classes=5)
+
+
 def test_timm_safetensors_without_qkv_bias(tmp_path):
   sd = S.timm_state(qkv_bias=False)
   src = tmp_path / "vit.safetensors"
