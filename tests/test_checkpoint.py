@@ -156,19 +156,19 @@ def test_initial_lora_from_a_converted_file_or_a_config_error(tiny, tmp_path):
 def test_ctrl_c_inside_a_save_is_raised_after_it():
   """An interrupt while orbax saves or waits is held until the save call returns (cut short,
   orbax's background commit fails with a traceback); a second one is raised at once."""
-  import os, signal  # pylint: disable=import-outside-toplevel,multiple-imports
+  import signal  # pylint: disable=import-outside-toplevel
   reached = []
   with pytest.raises(KeyboardInterrupt):
     with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
       for _ in range(1000):  # the Python handler runs between bytecodes
         pass
       reached.append(True)
   assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
   with pytest.raises(KeyboardInterrupt):
     with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
       for _ in range(1000):
         pass
       reached.append(False)
@@ -178,21 +178,21 @@ def test_ctrl_c_inside_a_save_is_raised_after_it():
 def test_with_the_command_line_s_handler_ctrl_c_in_a_save_asks_for_a_stop_then_is_held():
   """Under `train.stop_on_signals` the first Ctrl-C inside a save only asks for a stop (the
   save and the run go on to the next step); the second is held until the save returns."""
-  import os, signal  # pylint: disable=import-outside-toplevel,multiple-imports
+  import signal  # pylint: disable=import-outside-toplevel
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
   reached = []
   try:
     assert train.stop_on_signals() == "process"
     ours = signal.getsignal(signal.SIGINT)
     with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
       for _ in range(1000):
         pass
       reached.append(checkpoint.STOP.is_set())
     assert reached == [True] and signal.getsignal(signal.SIGINT) is ours
     with pytest.raises(KeyboardInterrupt):
       with checkpoint._interrupts_deferred():  # pylint: disable=protected-access
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         for _ in range(1000):
           pass
         reached.append("save finished")

@@ -330,11 +330,11 @@ def test_sigterm_or_ctrl_c_to_one_process_sets_a_stop_request_and_the_handlers_c
     assert train.stop_on_signals() == "process"
     assert signal.getsignal(signum) is not before  # else the kill below ends pytest
     assert not checkpoint.Checkpointer.stop_requested()
-    os.kill(os.getpid(), signum)
+    signal.raise_signal(signum)  # to this thread: handled before the next line
     assert checkpoint.Checkpointer.stop_requested()
     if name == "SIGINT":
       with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signum)
+        signal.raise_signal(signum)  # to this thread: handled before the next line
         for _ in range(1000):  # the Python handler runs between bytecodes
           pass
   finally:

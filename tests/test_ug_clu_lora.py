@@ -259,8 +259,8 @@ def test_lora_oracle_from_random_weights_under_a_pretrained_base_is_refused(tmp_
   config = load_config("ug_clu_digits", "runlocal")
   config.clu.params = "lora"
   config.init.kind = "npz"
-  config.init.checkpoint = str(tmp_path / "base.npz")  # exists (`methods.run` checks first);
-  (tmp_path / "base.npz").write_bytes(b"")             # refused before it is read
+  config.init.checkpoint = str(tmp_path / "base.npz")  # an .npz (`methods.run` checks first);
+  np.savez(tmp_path / "base.npz", unused=np.zeros(1))  # refused before it is read
   with pytest.raises(ConfigError, match=r"^oracle\.start: 'random' with clu\.params='lora'"):
     methods.run(config, "/nonexistent/never/written")
 
