@@ -153,7 +153,17 @@ def test_initial_lora_from_a_converted_file_or_a_config_error(tiny, tmp_path):
     common.initial_lora(config, base, spec, jax.random.key(1))
 
 
-def test_ctrl_c_inside_a_save_is_raised_after_it():
+@pytest.fixture
+def default_sigint():
+  """Python's own SIGINT handler for the test (an xdist worker starts with SIGINT ignored,
+  as a background job does), the one before it put back after."""
+  import signal  # pylint: disable=import-outside-toplevel
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_inside_a_save_is_raised_after_it(default_sigint):
   """An interrupt while orbax saves or waits is held until the save call returns (cut short,
   orbax's background commit fails with a traceback); a second one is raised at once."""
   import signal  # pylint: disable=import-outside-toplevel
@@ -175,7 +185,8 @@ def test_ctrl_c_inside_a_save_is_raised_after_it():
   assert reached == [True]
 
 
-def test_with_the_command_line_s_handler_ctrl_c_in_a_save_asks_for_a_stop_then_is_held():
+def test_with_the_command_line_s_handler_ctrl_c_in_a_save_asks_for_a_stop_then_is_held(
+    default_sigint):
   """Under `train.stop_on_signals` the first Ctrl-C inside a save only asks for a stop (the
   save and the run go on to the next step); the second is held until the save returns."""
   import signal  # pylint: disable=import-outside-toplevel
