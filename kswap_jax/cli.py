@@ -169,14 +169,6 @@ def _in_order(argv) -> list[str]:
                                   if name(a) is None or last[name(a)] == i]
 
 
-def _field(config, dotted: str):
-  """The value at a dotted path of `config` (None where the path leads nowhere)."""
-  node = config
-  for key in dotted.split("."):
-    node = node.get(key) if hasattr(node, "get") else None
-  return node
-
-
 def _bare_overrides(argv, config) -> None:
   """A `--config.FIELD` without a value is only a boolean field's `True`.
 
@@ -185,7 +177,10 @@ def _bare_overrides(argv, config) -> None:
   """
   for a in argv[1:]:
     if a.startswith("--config.") and "=" not in a:
-      if not isinstance(_field(config, a[len("--config."):]), bool):
+      node = config
+      for key in a[len("--config."):].split("."):
+        node = node.get(key) if hasattr(node, "get") else None
+      if not isinstance(node, bool):
         raise ConfigError(f"{a}: expected a value ({a}=VALUE)")
 
 

@@ -8,8 +8,10 @@ Fields for reconstructed choices say so in their comment.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shlex
 import sys
 
 import ml_collections
@@ -213,17 +215,10 @@ def main(argv=None) -> int:
 def _print_command_line(flags: list[str]) -> int:
   """The config `python run.py FLAGS` would run, every field with its value."""
   from kswap_jax import cli, methods  # pylint: disable=import-outside-toplevel
-  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
-  import logging  # pylint: disable=import-outside-toplevel
-  import shlex  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.WARNING, format="%(message)s")  # warnings as one line
   try:
     config, _ = cli.load_config(["config", *flags])
-    methods.get(str(config.method))
-    methods.check_sections(config)
-    methods.check_seeds(config)
-    methods.check_counts(config)
-    common.check_init_files(config)
+    methods.check(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

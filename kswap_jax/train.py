@@ -147,7 +147,23 @@ def stop_on_signals() -> str:
   ckpt_lib.STOP.clear()
   if threading.current_thread() is not threading.main_thread():
     return ""
-  if jax.process_count() == 1:
+  alone = jax.process_count() == 1
+
+  def on_sigint(signum, frame):
+    del signum, frame
+    if ckpt_lib.STOP.is_set():  # the second Ctrl-C (one process: or one after SIGTERM)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    # Several processes: here only a record of the first; the sync decides when to stop.
+    ckpt_lib.STOP.set()
+    _say("Ctrl-C: the run stops at its next training step, after a checkpoint there "
+         "(Ctrl-C again stops it at once)" if alone else
+         "stop requested: every process saves a checkpoint at the next step all of them "
+         "reach, then stops (Ctrl-C again stops this process at once)")
+    request_stop()
+  setattr(on_sigint, ckpt_lib.STOPS_ON_CTRL_C, True)
+
+  if alone:
     terms = []  # SIGTERMs so far: a Ctrl-C's stop request does not make the first one kill
 
     def on_sigterm(signum, frame):
@@ -160,31 +176,11 @@ def stop_on_signals() -> str:
       ckpt_lib.STOP.set()
       _say("SIGTERM: the run stops at its next training step, after a checkpoint there "
            "(a second SIGTERM ends it at once)")
-
-    def on_sigint_alone(signum, frame):
-      del signum, frame
-      if ckpt_lib.STOP.is_set():  # the second Ctrl-C (or one after SIGTERM)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise KeyboardInterrupt
-      ckpt_lib.STOP.set()
-      _say("Ctrl-C: the run stops at its next training step, after a checkpoint there "
-           "(Ctrl-C again stops it at once)")
-    setattr(on_sigint_alone, ckpt_lib.STOPS_ON_CTRL_C, True)
     _PREVIOUS_HANDLERS.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, on_sigterm))
-    _PREVIOUS_HANDLERS.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_sigint_alone))
+    _PREVIOUS_HANDLERS.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_sigint))
     return "process"
   if not (jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service):
     return ""
-
-  def on_sigint(signum, frame):
-    del signum, frame
-    if ckpt_lib.STOP.is_set():  # the second Ctrl-C
-      signal.signal(signal.SIGINT, signal.default_int_handler)
-      raise KeyboardInterrupt
-    ckpt_lib.STOP.set()  # here only a record of the first: the sync decides when to stop
-    _say("stop requested: every process saves a checkpoint at the next step all of them "
-         "reach, then stops (Ctrl-C again stops this process at once)")
-    request_stop()
   _PREVIOUS_HANDLERS.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_sigint))
   return "processes"
 

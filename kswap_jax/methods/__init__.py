@@ -202,13 +202,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = (ml_collections.ConfigDict(config) if isinstance(config, dict)
             else copy.deepcopy(config))
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
-  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   train.check_workdir(workdir)
   _check_recorded_method(config, workdir)
-  check_sections(config)
-  check_seeds(config)
-  check_counts(config)
-  common.check_init_files(config)
+  check(config)
   from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
   pretrain.check_pretrained(config, workdir)
   existing = _folders(workdir)
@@ -228,6 +224,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       parent = os.path.dirname(parent)
     raise
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """The checks `run` makes of a config before it looks at a workdir: its method's sections,
+  every seed, the shared sections' counts and the files `init` names (`python -m
+  kswap_jax.config --config=...` makes them too). Data, model and LoRA are checked when
+  the method starts.
+
+  Raises:
+    ConfigError: naming the first field that fails.
+  """
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  check_sections(config)
+  check_seeds(config)
+  check_counts(config)
+  common.check_init_files(config)
 
 
 def _check_recorded_method(config: ml_collections.ConfigDict, workdir: str) -> None:
