@@ -10,7 +10,8 @@ chosen type:
 
 With `fused` each request is fused with the following learning stage (L3+U, L5+U: D_L and
 D_U in the same stage, which only ug_clu accepts). `buffer=N` limits the old data to a
-class-balanced replay buffer of N images (0: full access). Each unlearning stage uses the
+class-balanced replay memory of N images kept across the stream (0: full access;
+`clu.buffer_kind=resample` draws it afresh from all old data each stage). Each unlearning stage uses the
 SFR-on constants (T 1500, N_f 5, lr 0.01, c₀ 25, λ 0.5, γ 1, clip 7, batch 128); the
 learning stages (30 epochs per task) and the oracle (60 epochs from scratch) use SGD
 lr 0.1, momentum 0.9, wd 5e-4, batch 128. The task split, stream, epochs and buffer are

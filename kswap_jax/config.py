@@ -182,8 +182,9 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[s
 def main(argv=None) -> int:
   """Prints every config field of each METHOD and its default (all methods when none is
   named); or, given run.py's flags, the config that command line runs, with the checks a
-  run makes first: its method's sections, seeds, counts and the files `init` names (the
-  data, model and LoRA are checked when a run starts; nothing is trained or written)."""
+  run makes first: its method's sections and field values, seeds, counts and the files
+  `init` names (the data, model and LoRA are checked when a run starts; nothing is trained
+  or written)."""
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   names = list(sys.argv[1:] if argv is None else argv) or sorted(methods.METHODS)
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel

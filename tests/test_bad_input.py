@@ -568,6 +568,24 @@ def test_config_prints_what_a_command_line_runs(capsys):
     assert out == "" and err.startswith(said), err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--config=demo", "--config.group_lasso.mode=lasso"], "group_lasso.mode: 'lasso'"),
+    (["--config=demo", "--config.ks.forget_epochs=0"], "ks.forget_epochs: "),
+    (["--config=gs_lora_digits", "--config.gs_lora.ema_decay=2"], "gs_lora.ema_decay: "),
+    (["--config=gs_lora_digits:method=cf_scrub", "--config.cf.teacher=self"], "cf.teacher: "),
+    (["--config=ug_clu_digits", "--config.clu.buffer_kind=fifo"], "clu.buffer_kind: 'fifo'"),
+    (["--config=ug_clu_digits:method=clu_salun", "--config.salun.fraction=2"],
+     "salun.fraction: "),
+])
+def test_config_printer_makes_each_methods_own_value_checks(argv, said, capsys):
+  """Each family's `validate` runs in `methods.check`: the printer refuses a bad method
+  value as a run would, before any data is read."""
+  from kswap_jax import config  # pylint: disable=import-outside-toplevel
+  assert config.main(argv) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.startswith(f"error: {said}") and err.count("\n") == 1, err
+
+
 def test_a_flag_given_twice_keeps_the_last_value_and_says_so(caplog):
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = ["run.py", "--config=configs/demo.py:runlocal", "--config.seed=1", "--workdir=/tmp/a",

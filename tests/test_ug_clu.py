@@ -88,6 +88,43 @@ def test_replay_buffer_is_class_balanced_and_seeded():
   np.testing.assert_array_equal(ug_clu.replay_buffer(labels, idx, 0, seed=1), idx)
 
 
+_STREAM = ("learn:1", "learn:2", "forget:class:1", "learn:3", "forget:random:0.2")
+
+
+def test_persistent_replay_memory_never_reads_old_data_again():
+  labels = np.repeat(np.arange(6), 30)
+  plans = _plan(_STREAM, labels, ((0, 1), (2, 3), (4, 5)))
+  buffers = ug_clu.replay_buffers(labels, plans, 20, seed=3)
+  counts = [np.bincount(labels[buffers[p.index]], minlength=6).tolist() for p in plans]
+  # 20 // 2 per class after task 1; 20 // 4 after task 2, then class 1 removed and its
+  # slots left free (its data is gone, the other classes' data outside the memory too);
+  # 20 // 5 after task 3, then the random request's samples leave the memory.
+  assert counts[:4] == [[0] * 6, [10, 10, 0, 0, 0, 0], [5, 0, 5, 5, 0, 0], [5, 0, 5, 5, 0, 0]]
+  assert all(c <= 4 for c in counts[4]) and sum(counts[4]) < 20
+  for prev, p in zip(plans, plans[1:]):
+    # Only what the memory held or the previous stage learned: old data is not re-read.
+    assert np.all(np.isin(buffers[p.index], np.union1d(buffers[prev.index], prev.learn)))
+    assert np.all(np.isin(buffers[p.index], p.retain))  # nothing forgotten is replayed
+  np.testing.assert_array_equal(buffers[4], ug_clu.replay_buffers(labels, plans, 20, 3)[4])
+  # resample draws every stage afresh from all of D_R: the same class counts need not be
+  # a subset of the previous buffer.
+  fresh = ug_clu.replay_buffers(labels, plans, 20, 3, kind="resample")
+  assert not np.all(np.isin(fresh[3], np.union1d(fresh[2], plans[2].learn)))
+  assert np.bincount(labels[fresh[2]], minlength=6).tolist() == [6, 0, 6, 6, 0, 0]
+  full = ug_clu.replay_buffers(labels, plans, 0, 3)
+  assert all(np.array_equal(full[p.index], p.retain) for p in plans)
+
+
+def test_persistent_memory_starts_with_the_tasks_the_init_weights_know():
+  labels = np.repeat(np.arange(6), 30)
+  plans = _plan(("forget:class:0", "learn:3"), labels, ((0, 1), (2, 3), (4, 5)),
+                initial=(0, 1))  # 0-based here
+  buffers = ug_clu.replay_buffers(labels, plans, 40, seed=0)
+  # Four classes known at the start: 10 each, class 0 then forgotten.
+  assert np.bincount(labels[buffers[0]], minlength=6).tolist() == [0, 10, 10, 10, 0, 0]
+  assert np.bincount(labels[buffers[1]], minlength=6).tolist() == [0, 10, 10, 10, 0, 0]
+
+
 @pytest.mark.parametrize("override, field", [
     ("--config.clu.requests=('learn:1','forget:class:9')", "clu.requests[1]"),
     ("--config.clu.requests=('learn:1','forget:random:0.0001')", "clu.requests[1]"),
@@ -280,6 +317,9 @@ def test_fused_stage_with_a_buffer_and_a_task_request(tmp_path, variant, slow_ba
               "kl_to_retrain", "mask_kept_fraction"):
     assert math.isfinite(fused[key]), key
   assert fused["task_acc_kept"][0] is None  # task 1 is forgotten entirely
+  # The persistent memory: 20 per class of task 1, then 10 per class of tasks 1-2, of
+  # which task 1's leave with the request (resample would draw 20 per class of task 2).
+  assert results["replay_sizes"] == {"1_learn": 0, "2_learn": 60, "3_learn+forget": 30}
   for png in ("acc_matrix.png", "stages_vs_oracle.png", "stages.png"):
     assert os.path.getsize(tmp_path / png) > 0
   assert os.path.exists(tmp_path / "oracle" / "results.json")

@@ -7,6 +7,8 @@ A method module provides
     sections_used(name) -> (section, ...)   # optional: the ones variant `name` reads, when
                                             # its variants do not all read every section
     present(results, workdir) -> text       # optional: its tables and plots (report.present)
+    validate(config)                        # optional: its fields' values, before any data
+                                            # is read (`check` and the config printer)
 
 Variants of one method share a module (`lbf`/`laf`). A new method is a new module plus
 one entry in `METHODS`; nothing in shared code branches on the method's name.
@@ -228,9 +230,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def check(config: ml_collections.ConfigDict) -> None:
   """The checks `run` makes of a config before it looks at a workdir: its method's sections,
-  every seed, the shared sections' counts and the files `init` names (`python -m
-  kswap_jax.config --config=...` makes them too). Data, model and LoRA are checked when
-  the method starts.
+  every seed, the shared sections' counts, the files `init` names and the method's own
+  `validate` (`python -m kswap_jax.config --config=...` makes them too). Data, model and
+  LoRA are checked when the method starts.
 
   Raises:
     ConfigError: naming the first field that fails.
@@ -240,6 +242,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   check_seeds(config)
   check_counts(config)
   common.check_init_files(config)
+  module = get(str(config.method))
+  if hasattr(module, "validate"):
+    module.validate(config)
 
 
 def _check_recorded_method(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -394,7 +394,8 @@ def task_record(acc: dict, before: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The run: one continual task per stage, on the shared task loop.
 
-def _check(config) -> None:
+def validate(config) -> None:
+  """The GS-LoRA fields' values (no data or file read); ConfigError names the field."""
   g = config.gs_lora
   if config.method not in METHODS:
     raise ConfigError(f"method: {config.method!r} is not a GS-LoRA method ({', '.join(METHODS)})")
@@ -447,7 +448,7 @@ def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) ->
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns the
   results envelope (stages "pretrained", "task_1", ...)."""
-  _check(config)
+  validate(config)
   g, ocfg = config.gs_lora, config.optim
   use_prototypes = config.method == "gs_lora_pp"
   use_margin = bool(g.eval_margin)

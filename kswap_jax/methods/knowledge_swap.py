@@ -186,14 +186,44 @@ def run_base(workdir: str):
   return model, _frozen_base(config, model_cfg, model)[0], lora.LoraSpec.from_config(config.lora)
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The swap's fields' values, and the head an `.npz` start brings (no data read);
+  ConfigError names the field."""
+  if config.method not in STAGE_ORDER:
+    raise ConfigError(f"method: {config.method!r} is not a Knowledge Swapping order (lbf, laf)")
+  for field in ("learn_epochs", "forget_epochs"):
+    require_int(config.ks[field], f"ks.{field}", 1)
+  num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
+  if num_valid > int(config.model.num_classes):
+    raise ConfigError(f"model.num_classes: head size {config.model.num_classes} cannot hold "
+                      f"{config.swap.num_old_classes} old + {len(config.swap.learn_classes)} "
+                      f"new classes")
+  if config.group_lasso.mode not in ("penalty", "proximal"):
+    raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
+                      f"proximal)")
+  if (config.init.kind == "pretrain"
+      and pretrain.num_classes(config) != int(config.swap.num_old_classes)):
+    raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)} but the swap "
+                      f"starts from a model of swap.num_old_classes = "
+                      f"{config.swap.num_old_classes} classes; set them equal")
+  if config.init.kind == "npz" and config.init.head == "extend":  # new rows follow the old
+    rows = ckpt_lib.head_rows(str(config.init.checkpoint))
+    if rows is not None and rows != int(config.swap.num_old_classes):
+      raise ConfigError(
+          f"swap.num_old_classes: {config.swap.num_old_classes}, but init.checkpoint's head "
+          f"has {rows} rows (its classes): the new classes' rows start at row "
+          f"{config.swap.num_old_classes}, "
+          + ("inside the trained ones" if rows > int(config.swap.num_old_classes) else
+             "leaving old classes with untrained rows")
+          + f"; set swap.num_old_classes = {rows}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` ("lbf" or "laf") end to end; returns the results dict."""
+  validate(config)
   method = config.method
-  if method not in STAGE_ORDER:
-    raise ConfigError(f"method: {method!r} is not a Knowledge Swapping order (lbf, laf)")
   ks, ocfg = config.ks, config.optim
-  for field in ("learn_epochs", "forget_epochs"):
-    require_int(ks[field], f"ks.{field}", 1)
+  num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
   mesh = train.mesh_for(config)
 
   # Everything is validated before the workdir is touched or a pretraining run starts.
@@ -201,11 +231,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   src = common.load_sources(config.data)
   subsets = splits.knowledge_swap_splits(src["old_train"], src["old_test"], src["new_train"],
                                          src["new_test"], config.swap)
-  num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
-  if num_valid > int(config.model.num_classes):
-    raise ConfigError(f"model.num_classes: head size {config.model.num_classes} cannot hold "
-                      f"{config.swap.num_old_classes} old + {len(config.swap.learn_classes)} "
-                      f"new classes")
   stage_streams = make_streams(config, subsets, mesh)
   seed = int(config.seed)
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
@@ -218,26 +243,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   grouping = config.group_lasso.grouping
   lora.groups(jax.eval_shape(lambda: lora.init(abstract_base, spec, jax.random.key(0))),
               grouping)
-  if config.group_lasso.mode not in ("penalty", "proximal"):
-    raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
-                      f"proximal)")
-
-  if (config.init.kind == "pretrain"
-      and pretrain.num_classes(config) != int(config.swap.num_old_classes)):
-    raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)} but the swap "
-                      f"starts from a model of swap.num_old_classes = "
-                      f"{config.swap.num_old_classes} classes; set them equal")
-
-  if config.init.kind == "npz" and config.init.head == "extend":  # new rows follow the old
-    rows = ckpt_lib.head_rows(str(config.init.checkpoint))
-    if rows is not None and rows != int(config.swap.num_old_classes):
-      raise ConfigError(
-          f"swap.num_old_classes: {config.swap.num_old_classes}, but init.checkpoint's head "
-          f"has {rows} rows (its classes): the new classes' rows start at row "
-          f"{config.swap.num_old_classes}, "
-          + ("inside the trained ones" if rows > int(config.swap.num_old_classes) else
-             "leaving old classes with untrained rows")
-          + f"; set swap.num_old_classes = {rows}")
 
   run_ = train.Run(workdir, config)
   for name, subset in subsets.items():

@@ -89,6 +89,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           requests=("learn:1", "learn:2", "forget:class:1", "learn:3", "forget:random:0.1"),
           initial_tasks=(),      # tasks the init weights already know (init.kind npz/pretrain)
           buffer_size=0,         # [R] 0: full access to D_R; >0: class-balanced replay buffer
+          buffer_kind="persistent",  # [R] persistent: one memory kept across stages |
+                                 # resample: drawn afresh from all of D_R at every stage
           buffer_seed=0,
           random_seed=0,         # the saved permutation (random_idx.npy) of random requests
           variant="A",           # [R] A: D_L in the slow batches; B: D_L in the FAST direction
@@ -378,6 +380,47 @@ def replay_buffer(labels: np.ndarray, indices: np.ndarray, size: int, seed: int)
   return np.sort(np.concatenate(chosen))
 
 
+def replay_buffers(labels: np.ndarray, plans: Sequence[StagePlan], size: int, seed: int,
+                   kind: str = "persistent") -> dict[int, np.ndarray]:
+  """The replay buffer of D_R that each stage sees (stage index -> sorted indices).
+
+  `size` 0 gives every stage all of its D_R. Otherwise:
+  - "resample": `replay_buffer` of the stage's D_R with seed `seed + stage index`, drawn
+    afresh every stage (over a run, every kept sample can be seen);
+  - "persistent": one memory of at most `size` samples kept across the stream. It starts
+    with the data known before the first stage (`clu.initial_tasks`); a class enters it
+    when it is learned, as the first entries of `default_rng([seed, class]).permutation` of
+    its D_L indices, and every class then holds at most max(1, ⌊size / classes held⌋)
+    (a class already held keeps its first entries: it shrinks, it is never redrawn). An
+    unlearning request removes its D_U from the memory, and what it frees stays free
+    until the next learning stage: the old data outside the memory is not available.
+  """
+  labels = np.asarray(labels)
+  if size <= 0:
+    return {p.index: p.retain for p in plans}
+  if kind == "resample":
+    return {p.index: replay_buffer(labels, p.retain, size, seed + p.index) for p in plans}
+  memory: dict[int, np.ndarray] = {}  # class -> its samples, in the order they were drawn
+
+  def admit(indices: np.ndarray) -> None:
+    for c in np.unique(labels[indices]):
+      drawn = np.random.default_rng([seed, int(c)]).permutation(indices[labels[indices] == c])
+      held = memory.get(int(c), np.zeros(0, np.int64))
+      memory[int(c)] = np.concatenate([held, drawn[~np.isin(drawn, held)]])
+    per_class = max(1, size // max(1, len(memory)))
+    for c in memory:
+      memory[c] = memory[c][:per_class]
+
+  admit(np.union1d(plans[0].retain, plans[0].forget) if plans else np.zeros(0, np.int64))
+  buffers = {}
+  for p in plans:
+    memory = {c: m[np.isin(m, p.retain)] for c, m in memory.items()}
+    memory = {c: m for c, m in memory.items() if m.size}
+    buffers[p.index] = np.sort(np.concatenate([np.zeros(0, np.int64), *memory.values()]))
+    admit(p.learn)
+  return buffers
+
+
 # ----------------------------------------------------------------------------------------------
 # Config validation.
 
@@ -442,6 +485,7 @@ def _validate(config) -> None:
   _choice(c.partition_weights, "clu.partition_weights", ("ones", "data_share"))
   _choice(c.mask_recompute, "clu.mask_recompute", ("stage", "once"))
   _positive(c.buffer_size, "clu.buffer_size", int, strict=False)
+  _choice(c.buffer_kind, "clu.buffer_kind", ("persistent", "resample"))
   _positive(c.learn_alpha, "clu.learn_alpha", strict=False)
   _positive(c.learn_lambda, "clu.learn_lambda", strict=False)
   _positive(c.fused_iterations, "clu.fused_iterations", int, strict=False)
@@ -817,7 +861,7 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   oc.unlearn = defaults["unlearn"]
   for key in ("variant", "slow_batches", "mask_learn_in", "partition_weights",
               "mask_recompute", "learn_alpha", "learn_lambda", "fused_iterations",
-              "buffer_size", "buffer_seed"):
+              "buffer_size", "buffer_kind", "buffer_seed"):
     oc.clu[key] = defaults["clu"][key]
   oc.clu.params = params_kind(oc)  # what the oracle trains; the rest of the choice reset
   oc.oracle.params = defaults["oracle"]["params"]
@@ -1067,12 +1111,23 @@ def _fast_slow_unlearner(method: str) -> Unlearner:
                    measures=measures, schedule_log=schedule_log, fused=method != "sfr_on")
 
 
+def _method(config) -> str:
+  if config.method not in METHOD_NAMES:
+    raise ConfigError(f"method: {config.method!r} is not one of {', '.join(METHOD_NAMES)}")
+  return config.method
+
+
+def validate(config: ml_collections.ConfigDict, unlearner: Unlearner | None = None) -> None:
+  """The stream's and the method's fields' values (no data or file read; the tasks and
+  requests are checked against the data when the run starts); ConfigError names the
+  field. `unlearner` defaults to `config.method`'s own."""
+  _validate(config)
+  (unlearner or _fast_slow_unlearner(_method(config))).validate(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config.method` (sfr_on, ug_clu, clu_joint, clu_retrain) on the request stream."""
-  method = config.method
-  if method not in METHOD_NAMES:
-    raise ConfigError(f"method: {method!r} is not one of {', '.join(METHOD_NAMES)}")
-  return run_stream(config, workdir, _fast_slow_unlearner(method))
+  return run_stream(config, workdir, _fast_slow_unlearner(_method(config)))
 
 
 def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlearner) -> dict:
@@ -1095,8 +1150,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   method = config.method
   retrain = method == "clu_retrain"
   mesh = train.mesh_for(config)
-  _validate(config)
-  unlearner.validate(config)
+  validate(config, unlearner)
   u, lc, c = config.unlearn, config.learn, config.clu
 
   # Data and the stage plan, validated before the workdir is touched.
@@ -1133,8 +1187,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   # No oracle (nor its folder) for a stream whose stages it would not be compared with.
   use_oracle = bool(config.oracle.enabled) and not retrain and any(
       p.unlearns or config.oracle.stages == "all" for p in plans)
-  buffers = {p.index: replay_buffer(train_src.labels, p.retain, int(c.buffer_size),
-                                    int(c.buffer_seed) + p.index) for p in run_plans}
+  buffers = replay_buffers(train_src.labels, plans, int(c.buffer_size), int(c.buffer_seed),
+                           c.buffer_kind)
   for p in run_plans:
     separate = p.learns and (c.variant == "B" or c.slow_batches == "substeps")
     slow_size = buffers[p.index].size + (0 if separate else p.learn.size)
@@ -1144,8 +1198,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
 
   run_ = train.Run(workdir, config)
   for p in plans:
-    log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d", p.name, p.request.text,
-             p.retain.size, p.forget.size, p.learn.size)
+    replay = f"  replay {buffers[p.index].size:6d}" if int(c.buffer_size) > 0 else ""
+    log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d%s", p.name, p.request.text,
+             p.retain.size, p.forget.size, p.learn.size, replay)
 
   # Model, trainable/frozen split, optimizer state (two fast-slow slots), train state.
   pretrain.ensure_pretrained(config, workdir)
@@ -1345,6 +1400,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   out = _envelope(config, method, run_plans, plans, results, test_sizes, initial_tasks)
   out["num_trainable"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
   out["params"] = trainable.kind
+  if int(c.buffer_size) > 0 and not retrain:
+    out["replay_sizes"] = {p.name: int(buffers[p.index].size) for p in run_plans}
   if oracle_dir:
     out["oracle_workdir"] = oracle_dir
   text = report.present(out, run_.workdir if run_.is_main else None)

@@ -400,7 +400,8 @@ def _int(section, field: str, name: str, low: int) -> int:
   return require_int(section[field], f"{name}.{field}", low)
 
 
-def _check(config) -> None:
+def validate(config) -> None:
+  """The baseline's fields' values (no data or file read); ConfigError names the field."""
   if config.method not in METHODS:
     raise ConfigError(f"method: {config.method!r} is not a continual-forgetting baseline "
                       f"({', '.join(METHODS)})")
@@ -483,7 +484,7 @@ def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) ->
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the baseline `config.method` over `config.tasks`; returns the results envelope
   (stages "pretrained", "task_1", ...; `final` acc_r, acc_f, acc_o, h_mean)."""
-  _check(config)
+  validate(config)
   method, c, s = str(config.method), config.cf, config[str(config.method)]
   use_margin = bool(c.eval_margin)
   mesh = train.mesh_for(config)

@@ -348,12 +348,20 @@ def unlearner(method: str) -> ug_clu.Unlearner:
                           measures=measures, fused=False, validate=validate)
 
 
+def _method(config) -> str:
+  if config.method not in SECTIONS:
+    raise ConfigError(f"method: {config.method!r} is not one of {', '.join(METHOD_NAMES)}")
+  return config.method
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The stream's and the baseline's fields' values (no data or file read)."""
+  ug_clu.validate(config, unlearner(_method(config)))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs baseline `config.method` on the request stream (`ug_clu.run_stream`)."""
-  method = config.method
-  if method not in SECTIONS:
-    raise ConfigError(f"method: {method!r} is not one of {', '.join(METHOD_NAMES)}")
-  return ug_clu.run_stream(config, workdir, unlearner(method))
+  return ug_clu.run_stream(config, workdir, unlearner(_method(config)))
 
 
 def present(results: dict, workdir: str | None) -> str:
