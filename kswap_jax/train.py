@@ -834,9 +834,13 @@ def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
 RESUMABLE_SECTIONS = ("debug", "train", "distributed")
 # Fields added after records were written, and the value an older record is read as
 # having: the behaviour before the field existed (data.resample), or the default of a field
-# that changes no trained value (save_best_h only writes extra files). Such a record still
-# matches a config at that value, so a run started before the field existed resumes.
-ADDED_FIELDS = {"data.resample": "bilinear", "gs_lora.save_best_h": True}
+# that changes no trained value (save_best_h only writes extra files), or a function of
+# the record's section giving either (clu.buffer_kind: the former per-stage draw is
+# "resample", and with no buffer the kind changes nothing). Such a record still matches a
+# config at that value, so a run started before the field existed resumes.
+ADDED_FIELDS = {"data.resample": "bilinear", "gs_lora.save_best_h": True,
+                "clu.buffer_kind": lambda clu: "resample" if clu.get("buffer_size") else
+                "persistent"}
 
 
 def _with_added_fields(recorded: dict) -> dict:
@@ -848,7 +852,7 @@ def _with_added_fields(recorded: dict) -> dict:
     for key in parents:
       node = node.get(key) if isinstance(node, dict) else None
     if isinstance(node, dict):
-      node.setdefault(leaf, value)
+      node.setdefault(leaf, value(node) if callable(value) else value)
   return out
 
 

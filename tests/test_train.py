@@ -358,6 +358,17 @@ def test_a_record_written_before_a_field_was_added_still_matches_its_old_behavio
   config.data.resample = "bilinear"
   assert train.config_difference(record, config) == (
       "field ks.aux_batches is only in the new config")
+  # A UG-CLU record from before clu.buffer_kind: read as its former behaviour, the per-stage
+  # draw, when it had a buffer; without one the kind changes nothing.
+  config = methods.default_config("ug_clu")
+  record = json.loads(config.to_json_best_effort())
+  del record["clu"]["buffer_kind"]
+  assert train.config_difference(record, config) == ""
+  record["clu"]["buffer_size"] = config.clu.buffer_size = 500
+  assert train.config_difference(record, config) == (
+      "clu.buffer_kind: was 'resample', now 'persistent'")
+  config.clu.buffer_kind = "resample"
+  assert train.config_difference(record, config) == ""
 
 
 def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys):
