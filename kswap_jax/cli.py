@@ -85,9 +85,9 @@ def default_workdir(config_spec: str) -> str:
   return os.path.join("workdir", name)
 
 
-def dispatch(config, workdir: str) -> dict:
-  """Runs `config.method` in `workdir`; the functional entry point for user code."""
-  return methods.run(config, workdir)
+def dispatch(config, workdir: str, dry_run: bool = False) -> dict | None:
+  """Runs `config.method` in `workdir` (`methods.run`, `dry_run` included)."""
+  return methods.run(config, workdir, dry_run=dry_run)
 
 
 def _config_spec(argv) -> str:
@@ -412,15 +412,27 @@ def console_main() -> None:
   exit_program(main())
 
 
+DRY_RUN_HELP = """\
+  --dry_run             make every check a run makes before it writes (the config, the data
+                        it reads, the model's shapes, LoRA targets, batch sizes against the
+                        devices, the workdir's record), print the plan, then stop: nothing
+                        is written or trained
+"""
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  if wants_help(argv):
+  if wants_help(argv, usage(more=DRY_RUN_HELP)):
     return 0
+  dry_run = "--dry_run" in argv[1:]
+  argv = [a for a in argv if a != "--dry_run"]
 
   def command():
     config, workdir = load_config(argv)
-    log.info(hostmem.describe())
+    if not dry_run:
+      log.info(hostmem.describe())
     train.initialize_distributed(config)
-    train.stop_on_signals()
-    dispatch(config, workdir)
+    if not dry_run:
+      train.stop_on_signals()
+    dispatch(config, workdir, dry_run=dry_run)
   return guarded(command)

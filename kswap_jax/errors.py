@@ -22,6 +22,21 @@ class StopRequested(KeyboardInterrupt):
   agreed on). The command line ends it as Ctrl-C (130)."""
 
 
+class DryRunComplete(Exception):
+  """A dry run (`methods.run(..., dry_run=True)`, `run.py --dry_run`) got to where the run
+  would first write to its workdir: everything checked before that passed.
+
+  Attributes:
+    workdir: the run's workdir.
+    resumes: whether the workdir already holds a run of this config (which the same
+      command without the dry run continues).
+  """
+
+  def __init__(self, workdir: str, resumes: bool):
+    super().__init__(workdir)
+    self.workdir, self.resumes = workdir, resumes
+
+
 def require_int(value, field: str, least: int = 0) -> int:
   """`value` as an int if it is one (numpy ints too, bools not) and >= `least`; else a
   ConfigError naming `field`."""

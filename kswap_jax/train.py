@@ -9,6 +9,7 @@ top of these pieces (see `kswap_jax.methods.knowledge_swap`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,13 +31,27 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kswap_jax import checkpoint as ckpt_lib
-from kswap_jax.errors import ConfigError, NonFiniteLossError, StopRequested
+from kswap_jax.errors import ConfigError, DryRunComplete, NonFiniteLossError, StopRequested
 
 log = logging.getLogger("kswap_jax")
 
 # Runs whose checkpointer is open, so an interrupted program can let their pending saves
 # finish (`finish_pending_saves`) before it exits.
 _OPEN_RUNS: "weakref.WeakSet[Run]" = weakref.WeakSet()
+_DRY_RUN = False  # set by `dry_run()`: `Run` raises DryRunComplete instead of starting
+
+
+@contextlib.contextmanager
+def dry_run(enabled: bool = True):
+  """Within it, creating a `Run` raises `DryRunComplete` before the workdir is touched: a
+  method's run then stops after every check it makes before writing (config, data, model
+  shapes, LoRA targets, batch sizes against the devices, a workdir's config record)."""
+  global _DRY_RUN
+  before, _DRY_RUN = _DRY_RUN, enabled
+  try:
+    yield
+  finally:
+    _DRY_RUN = before
 
 Tree = Any
 # loss_fn(trainable, frozen, batch, rng) -> (scalar loss, {name: scalar}). Optional extras:
@@ -540,6 +555,12 @@ class Run:
     self.workdir = os.path.abspath(workdir)
     self.config = config
     self.is_main = jax.process_index() == 0
+    if _DRY_RUN:  # everything before the first write has passed: stop here
+      check_workdir(self.workdir)
+      resumes = os.path.isfile(os.path.join(self.workdir, "config.json"))
+      if resumes:
+        self._check_config()  # a workdir of another config is refused as a run refuses it
+      raise DryRunComplete(self.workdir, resumes)
     prepare_workdir(self.workdir)
     self._check_config()
     tcfg = config.train

@@ -23,11 +23,14 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import logging
 import os
 
 import ml_collections
 
-from kswap_jax.errors import ConfigError, NonFiniteLossError, require_int
+from kswap_jax.errors import ConfigError, DryRunComplete, NonFiniteLossError, require_int
+
+log = logging.getLogger("kswap_jax")
 
 METHODS = {
     "pretrain": "kswap_jax.methods.pretrain",
@@ -192,7 +195,7 @@ def check_counts(config: ml_collections.ConfigDict, path: str = "") -> None:
       check_counts(value, f"{path}{key}.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) -> dict | None:
   """Runs `config.method` in `workdir` and returns its results envelope.
 
   The config is checked first (its method's sections, seeds, step counts, the files `init`
@@ -200,6 +203,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   attempt created and left empty are removed. The run works on a copy: `config` is left as
   given (a default it fills in, such as `init.pretrain_workdir`, is not carried into the
   caller's next run).
+
+  With `dry_run` the method stops where it would first write to `workdir`, after every
+  check it makes before that (also the data it reads, the model's shapes, the LoRA
+  targets, the batch sizes against the devices and a workdir's config record); nothing is
+  written or trained, and None is returned. A ConfigError is raised as in a run.
   """
   config = (ml_collections.ConfigDict(config) if isinstance(config, dict)
             else copy.deepcopy(config))
@@ -214,7 +222,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   while not os.path.exists(above) and os.path.dirname(above) != above:
     above = os.path.dirname(above)
   try:
-    return get(str(config.method)).run(config, workdir)
+    with train.dry_run(dry_run):
+      return get(str(config.method)).run(config, workdir)
+  except DryRunComplete as done:
+    import jax  # pylint: disable=import-outside-toplevel
+    log.info("dry run: %s passed every check a run makes before it writes (config, data, "
+             "model shapes, batch sizes for %d device(s)); %s; nothing written",
+             config.method, jax.device_count(),
+             f"{done.workdir} holds a run of this config, which the command resumes"
+             if done.resumes else f"the run would start afresh in {done.workdir}")
+    return None
   except (ConfigError, NonFiniteLossError):  # nothing to resume: no empty folders left
     train.close_runs_under(workdir)  # orbax's background clean-up would list removed folders
     _remove_new_empty_folders(workdir, existing)

@@ -474,8 +474,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lora.groups(jax.eval_shape(lambda: lora.init(abstract, spec, jax.random.key(0))), grouping)
   proximal = config.group_lasso.mode == "proximal"
 
-  run_ = train.Run(workdir, config)
   log_tasks(task_list, subsets)
+  run_ = train.Run(workdir, config)
 
   pretrain.ensure_pretrained(config, workdir)
   k_head, k_lora = jax.random.split(jax.random.key(seed))

@@ -244,9 +244,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lora.groups(jax.eval_shape(lambda: lora.init(abstract_base, spec, jax.random.key(0))),
               grouping)
 
-  run_ = train.Run(workdir, config)
   for name, subset in subsets.items():
     log.info("split %-12s %6d images", name, len(subset))
+  run_ = train.Run(workdir, config)
 
   # Frozen base (backbone + extended head) and the trainable LoRA tree.
   pretrain.ensure_pretrained(config, workdir)

@@ -119,6 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.build(model_cfg)
   variables = models.init_variables(model, model_cfg, jax.random.key(int(config.seed)))
   params = variables.pop("params")
+  log.info("pretrain: classes 0..%d, %d training and %d test images", n - 1, len(train_set),
+           len(test_set))
   run_ = train.Run(workdir, config)
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   tx = common.adamw(pcfg.optim, mask=decay_mask)

@@ -1196,11 +1196,16 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       raise ConfigError(f"{_field(p.request.index)}: {p.request.text!r}: no retained data "
                         f"for the slow steps (D_R is empty)")
 
-  run_ = train.Run(workdir, config)
   for p in plans:
     replay = f"  replay {buffers[p.index].size:6d}" if int(c.buffer_size) > 0 else ""
     log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d%s", p.name, p.request.text,
              p.retain.size, p.forget.size, p.learn.size, replay)
+  oracle_dir = (config.oracle.workdir or os.path.join(os.path.abspath(workdir), "oracle")) \
+      if use_oracle else None
+  if oracle_dir:
+    train.check_workdir(oracle_dir, "oracle.workdir")
+    _check_oracle_record(config, oracle_dir)  # an oracle of another config: refused now
+  run_ = train.Run(workdir, config)
 
   # Model, trainable/frozen split, optimizer state (two fast-slow slots), train state.
   pretrain.ensure_pretrained(config, workdir)
@@ -1343,8 +1348,6 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       out = outputs(state._replace(params=train.replicate(p, mesh),
                                    model_state=train.replicate(ms, mesh)), f, plans[:1])
       results["random_init"] = {"task_acc": [_acc(*out.test(t)) for t in tasks]}
-  oracle_dir = (config.oracle.workdir or os.path.join(run_.workdir, "oracle")) if use_oracle \
-      else None
   oracle_results = None
   if oracle_dir and os.path.exists(os.path.join(oracle_dir, "results.json")):
     oracle_results = _oracle(config, oracle_dir)  # another run's: checked before training

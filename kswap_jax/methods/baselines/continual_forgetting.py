@@ -513,8 +513,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model_cfg = common.model_config(config)
   model = models.build(model_cfg)
-  run_ = train.Run(workdir, config)
   gs_lora.log_tasks(task_list, subsets)
+  run_ = train.Run(workdir, config)
 
   pretrain.ensure_pretrained(config, workdir)
   k_head, k_init = jax.random.split(jax.random.key(seed))

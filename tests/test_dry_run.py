@@ -1,0 +1,79 @@
+"""Dry runs (`methods.run(..., dry_run=True)`, `run.py --dry_run`): every check a run makes
+before it writes, then nothing written; one method of each module, on its shipped config."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from conftest import load_config, method_run
+from kswap_jax import methods
+from kswap_jax.errors import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# One per method module: (config file, config arg).
+MODULES = {
+    "pretrain": ("demo", "runlocal,method=pretrain"),
+    "knowledge_swap": ("demo", "runlocal"),
+    "gs_lora": ("gs_lora_casia100", "runlocal"),
+    "continual_forgetting": ("gs_lora_casia100", "runlocal,method=cf_ewc"),
+    "ug_clu": ("ug_clu_digits", "runlocal"),
+    "unlearning": ("ug_clu_digits", "runlocal,method=clu_salun"),
+}
+
+
+def _tree(root):
+  return sorted((p, os.path.getsize(os.path.join(p, f))) for p, _, files in os.walk(root)
+                for f in files)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_a_dry_run_writes_nothing_and_says_whether_the_workdir_resumes(module, tmp_path,
+                                                                        caplog):
+  caplog.set_level(logging.INFO, logger="kswap_jax")
+  config = load_config(*MODULES[module])
+  fresh = tmp_path / "new" / "run"
+  assert methods.run(config, str(fresh), dry_run=True) is None
+  assert not (tmp_path / "new").exists()
+  said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dry run:")]
+  assert len(said) == 1 and f"would start afresh in {fresh}" in said[0], said
+
+
+@pytest.mark.slow
+def test_a_dry_run_on_a_finished_workdir_reads_its_record(tmp_path_factory, caplog):
+  caplog.set_level(logging.INFO, logger="kswap_jax")
+  workdir, _ = method_run(tmp_path_factory, "ug_clu_digits", "runlocal")
+  before = _tree(workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    recorded = json.load(f)
+  assert methods.run(ml_collections.ConfigDict(recorded), workdir, dry_run=True) is None
+  assert any("holds a run of this config, which the command resumes" in r.getMessage()
+             for r in caplog.records)
+  other = ml_collections.ConfigDict(recorded)
+  other.unlearn.gamma = 2.0
+  with pytest.raises(ConfigError, match=r"holds a run with a different config \(unlearn\.gamma"):
+    methods.run(other, workdir, dry_run=True)
+  assert _tree(workdir) == before
+
+
+def test_a_dry_run_reads_the_data_the_config_printer_does_not(tmp_path):
+  """A class the data does not have passes the printer's checks (no data read) and is
+  refused by the dry run, from the command line, with one line and exit 2."""
+  args = ["--config=demo:runlocal", "--config.swap.forget_classes=(1,2,99)"]
+  printer = subprocess.run([sys.executable, "-m", "kswap_jax.config", *args],
+                           capture_output=True, text=True, cwd=ROOT)
+  assert printer.returncode == 0, printer.stderr
+  workdir = tmp_path / "w"
+  dry = subprocess.run([sys.executable, "run.py", "--dry_run", f"--workdir={workdir}", *args],
+                       capture_output=True, text=True, cwd=ROOT)
+  assert dry.returncode == 2 and dry.stderr.startswith("error: swap.forget_classes"), dry.stderr
+  assert dry.stderr.count("\n") == 1 and not workdir.exists()
+  ok = subprocess.run([sys.executable, "run.py", "--dry_run", f"--workdir={workdir}",
+                       "--config=demo:runlocal"], capture_output=True, text=True, cwd=ROOT)
+  assert ok.returncode == 0 and "dry run: lbf passed" in ok.stdout and not workdir.exists()
