@@ -13,7 +13,8 @@ and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png`
 workdir (default `./workdir/<config name>[_<arg>]_compare`); `python -m kswap_jax.report
 WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
 The first run of a seed also does the work its family shares (pretraining, the Retrain
-oracle), which its seconds include.
+oracle), which its seconds include. `--dry_run` makes every run's checks (`run.py
+--dry_run`) and writes nothing.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ def _summary(values: list[float | None]) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str] | None = None,
-        seeds: list[int] | None = None) -> dict:
-  """Runs every method of the comparison and returns the leaderboard dict."""
+        seeds: list[int] | None = None, dry_run: bool = False) -> dict | None:
+  """Runs every method of the comparison and returns the leaderboard dict; with `dry_run`,
+  a dry run of every (method, seed) not finished yet (`methods.run`), nothing written, and
+  None."""
   family = _family(str(config.method))
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
   # The config file must set up its method's family: the sections every member reads (the
@@ -116,7 +119,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
       raise ConfigError(f"{flag}: {', '.join(repeated)} given twice (each entry is one run)")
-  train.prepare_workdir(workdir)
+  if dry_run:
+    train.check_workdir(workdir)
+  else:
+    train.prepare_workdir(workdir)
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
   # A finished run is reused only if it is this config's run; all are checked before anything
   # trains (an unfinished one is checked by its own workdir record when it resumes).
@@ -131,6 +137,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
       sub = os.path.join(workdir, name, f"seed_{seed}")
       results_path = os.path.join(sub, "results.json")
       timing_path = os.path.join(sub, "compare_seconds.json")
+      if dry_run:
+        if os.path.exists(results_path):
+          log.info("[compare] %d/%d %s, seed %d: finished earlier", count, total, name, seed)
+        else:
+          methods.run(_config_for(config, name, seed, workdir), sub, dry_run=True)
+        continue
       if not os.path.exists(results_path):
         ckpts = os.path.join(sub, "checkpoints")
         resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
@@ -157,6 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         with open(timing_path) as f:
           timing = json.load(f)
       per_seed.append((results, timing))
+    if dry_run:
+      continue
     headline = methods.HEADLINES[family]
     rows[name] = {
         **{k: _summary([r["final"].get(k, float("nan")) for r, _ in per_seed])
@@ -165,6 +179,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         "seconds": _summary([t["seconds"] for _, t in per_seed]),
         "seconds_resumed": any(t.get("resumed") for _, t in per_seed),
     }
+  if dry_run:
+    log.info("[compare] dry run: %d run(s) checked, nothing written", total)
+    return None
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows}
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
@@ -256,20 +273,26 @@ def main(argv=None) -> int:
       "python -m kswap_jax.compare", "[--methods=a,b,...] [--seeds=0,1,...]", more=(
           "  --methods=a,b,...     the methods to run (default: the config's method and the\n"
           "                        rest of its family)\n"
-          "  --seeds=0,1,...       a run per seed (default: the config's seed)\n"),
+          "  --seeds=0,1,...       a run per seed (default: the config's seed)\n"
+          + cli.DRY_RUN_HELP),
       workdir_suffix="_compare")):
     return 0
+
+  dry_run = "--dry_run" in argv[1:]
+  argv = [a for a in argv if a != "--dry_run"]
 
   def command():
     rest, names = _split_list(argv, "methods")
     rest, seeds = _split_list(rest, "seeds", int)
     config, workdir = cli.load_config(rest)
-    log.info(hostmem.describe())  # the first line of the log, as run.py's
+    if not dry_run:
+      log.info(hostmem.describe())  # the first line of the log, as run.py's
     if not cli.workdir_given(rest):
       workdir = workdir + "_compare"
     train.initialize_distributed(config)
-    train.stop_on_signals()
-    run(config, workdir, names, seeds)
+    if not dry_run:
+      train.stop_on_signals()
+    run(config, workdir, names, seeds, dry_run=dry_run)
   return cli.guarded(command)
 
 

@@ -77,3 +77,14 @@ def test_a_dry_run_reads_the_data_the_config_printer_does_not(tmp_path):
   ok = subprocess.run([sys.executable, "run.py", "--dry_run", f"--workdir={workdir}",
                        "--config=demo:runlocal"], capture_output=True, text=True, cwd=ROOT)
   assert ok.returncode == 0 and "dry run: lbf passed" in ok.stdout and not workdir.exists()
+
+
+def test_a_comparison_dry_runs_every_method_and_seed(tmp_path, caplog):
+  from kswap_jax import compare  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.INFO, logger="kswap_jax")
+  workdir = tmp_path / "cmp"
+  assert compare.run(load_config("demo", "runlocal"), str(workdir), ["lbf", "laf"], [0, 1],
+                     dry_run=True) is None
+  said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dry run:")]
+  assert [s.split()[2] for s in said] == ["lbf", "lbf", "laf", "laf"]
+  assert not workdir.exists()
