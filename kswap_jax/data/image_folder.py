@@ -49,6 +49,7 @@ from kswap_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0  # a progress line per split this often while images are read
+MAX_LISTED = 5  # unreadable files named in the error (the warnings name every one)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                             ".tiff", ".ppm", ".pgm"})
@@ -267,6 +268,12 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
       raise ConfigError(f"--test_fraction: {test_fraction} holds out no image (classes "
                         f"too small); use a larger fraction")
   labels = class_labels([c for classes in layout.values() for c in classes], label_rule)
+  for split, classes in layout.items():
+    missing = sorted(set(labels) - set(classes))
+    if missing and len(layout) > 1:  # a class no test (or train) image represents
+      log.warning("warning: split %r lacks %s the other splits have: %s%s", split,
+                  _count(len(missing), "class folder"), ", ".join(missing[:MAX_LISTED]),
+                  ", ..." if len(missing) > MAX_LISTED else "")
   needed = max(labels.values()) + 1
   if num_classes is None:
     num_classes = needed
@@ -303,19 +310,33 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
       "label": tfds.features.ClassLabel(names=names),
   })
 
+  unreadable: list[str] = []  # every split's, reported together once all are read
+  pending = set(layout)
+
   def examples(split: str, classes: dict[str, list[pathlib.Path]]
                ) -> Iterator[tuple[str, dict]]:
     total, done = sum(len(files) for files in classes.values()), 0
     start = last = time.monotonic()
     for folder, files in classes.items():
       for path in files:
-        yield f"{folder}/{path.name}", {
-            "image": _load(path, mode, image_size, encoding, resize_shorter),
-            "label": labels[folder]}
+        try:
+          image = _load(path, mode, image_size, encoding, resize_shorter)
+        except ConfigError as e:  # read the rest: the error lists every unreadable file
+          log.warning("warning: %s", e)
+          unreadable.append(str(path))
+        else:
+          yield f"{folder}/{path.name}", {"image": image, "label": labels[folder]}
         done += 1
         if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
           last = time.monotonic()
           log.info("%s: %d/%s (%.0f s)", split, done, _count(total, "image"), last - start)
+    pending.discard(split)
+    if unreadable and not pending:
+      shown = ", ".join(repr(p) for p in unreadable[:MAX_LISTED])
+      more = f" and {len(unreadable) - MAX_LISTED} more" if len(unreadable) > MAX_LISTED else ""
+      raise ConfigError(f"--root: {_count(len(unreadable), 'image')} cannot be read: "
+                        f"{shown}{more} (each with its reason in the warnings above); "
+                        f"fix or remove them, nothing was written")
 
   description = (f"Image folders {[os.fspath(r) for r in roots]} converted by "
                  f"kswap_jax.data.image_folder (label_rule={label_rule}, "

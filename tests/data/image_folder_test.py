@@ -170,8 +170,14 @@ def test_cli_and_bad_inputs(split_root, tmp_path, capsys):
     image_folder.build([tmp_path / "plain"], "toy_plain", out, label_rule="imagenet_prefix")
   bad = root / "test" / CLASSES[0] / "broken.png"
   bad.write_bytes(b"not an image")
-  with pytest.raises(ConfigError, match=re.escape(f"cannot read image '{bad}'")):
+  also = root / "train" / CLASSES[1] / "truncated.png"
+  good = sorted((root / "train" / CLASSES[1]).iterdir())[0]
+  also.write_bytes(good.read_bytes()[:60])  # a PNG cut short
+  # Every unreadable file of every split is named (the error once all are read; each with
+  # its reason in a warning), and nothing is written.
+  with pytest.raises(ConfigError, match=r"^--root: 2 images cannot be read: ") as e:
     image_folder.build([root], "toy_broken", out)
+  assert f"'{bad}'" in str(e.value) and f"'{also}'" in str(e.value), e.value
   assert not (pathlib.Path(out) / "toy_broken").exists()
 
 
@@ -194,3 +200,15 @@ def test_resize_shorter_then_centre_crop_as_torchvision(tmp_path):
   with pytest.raises(ConfigError, match=r"^--resize_shorter: 4 needs --image_size N with "
                                         r"N <= 4 \(the centre crop\), got 6$"):
     image_folder.build([root], "toy_crop_bad", out, image_size=6, resize_shorter=4)
+
+
+def test_a_class_missing_from_one_split_is_named(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  root = tmp_path / "root"
+  for split, classes in (("train", ("ant", "bee", "cat")), ("test", ("ant",))):
+    for cls in classes:
+      _write(root / split / cls, rng, count=1)
+  with caplog.at_level("WARNING", logger=image_folder.log.name):
+    image_folder.build([root], "toy_partial", tmp_path / "tfds")
+  said = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+  assert said == ["warning: split 'test' lacks 2 class folders the other splits have: bee, cat"]
