@@ -778,10 +778,18 @@ class Run:
             f"(lower the learning rate or check the data)")
 
   def finish_stage(self, state: TrainState, name: str, results: dict) -> None:
-    """Records a finished stage's evaluation and checkpoints it (the resume point)."""
+    """Records a finished stage's evaluation and checkpoints it (the resume point). A stop
+    request that arrived since the stage's last training step (during its evaluation) is
+    honoured here, once that checkpoint is written: the next stage's set-up (compilation,
+    a saliency pass) would delay it. Every process asks once per finished stage."""
     self.meta["results"][name] = results
     self.save(state)
     self.checkpointer.wait()
+    if self.checkpointer.stop_requested():
+      together = ", all processes together" if jax.process_count() > 1 else ""
+      ckpt_lib.STOP.clear()
+      raise StopRequested(f"[{name}] stopped after the stage on a stop request{together}; "
+                          f"its checkpoint is written (rerun the command to continue)")
 
   def write_results(self, results: dict) -> str:
     """Writes the results envelope atomically as `results.json` (a finished run only)."""

@@ -224,6 +224,27 @@ def test_a_stop_request_is_honoured_before_or_right_after_an_evaluation(tmp_path
   assert lines("cut") == lines("whole")
 
 
+def test_a_stop_request_during_a_stage_end_evaluation_is_honoured_at_its_checkpoint(tmp_path):
+  """A request that arrives after a stage's last step (while the method evaluates the
+  stage) stops the run once the stage's checkpoint is written, not after the next stage's
+  set-up; the rerun finds the stage finished."""
+  run, stage, state, mesh = _run(tmp_path, 1.0)
+  state, _ = run.run_stage(0, stage, state, {}, mesh)
+  checkpoint.STOP.set()  # as during the stage-end evaluation
+  try:
+    with pytest.raises(StopRequested, match=r"^\[toy\] stopped after the stage on a stop "
+                       r"request; its checkpoint is written"):
+      run.finish_stage(state, "toy", {"acc": 1.0})
+    assert not checkpoint.STOP.is_set()  # honoured: a later run in this process goes on
+  finally:
+    run.close()
+    checkpoint.STOP.clear()
+  again, _, restored, _ = _run(tmp_path, 1.0)
+  again.close()
+  assert again.meta["stage_index"] == 1 and again.meta["results"] == {"toy": {"acc": 1.0}}
+  np.testing.assert_array_equal(restored.params["w"], state.params["w"])
+
+
 def _toy_run(tmp_path, **train_cfg):
   config = ml_collections.ConfigDict(dict(
       train=dict(dict(log_every_steps=1, checkpoint_every_steps=0, max_checkpoints_to_keep=2),
