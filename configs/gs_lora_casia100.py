@@ -15,7 +15,7 @@ task, accuracy = arg-max of the margin logits (the reference's rule).
     python run.py --config=configs/gs_lora_casia100.py:setting=continual,method=gs_lora_pp ...
 
 Arg keys: method (gs_lora | gs_lora_pp, or a continual-forgetting baseline cf_retrain, cf_ft,
-cf_l2, cf_ewc, cf_mas, cf_lwf, cf_der, cf_der_pp, cf_fdr, cf_scrub with the reference's
+cf_l2, cf_ewc, cf_mas, cf_lwf, cf_der, cf_der_pp, cf_fdr, cf_scrub, cf_scrub_s with the reference's
 CASIA-100 hyper-parameters: docs/continual_forgetting_baselines.md); setting:
   single            100-Y single-step, full data (ratio 0.1), b 48, BND 110, β 0.05,
                     α 0 until epoch 20, then big_alpha 0.01 (group_lasso.alpha is not
@@ -143,6 +143,7 @@ def get_config(arg=None):
   if a.setting.startswith("single"):  # the baselines' one-task commands
     c.cf_l2.weight = 0.05
     c.cf_der_pp.weight = 0.05
+    c.cf_scrub_s.smoothing = 0.05
     if a.setting == "single_fewshot":
       c.cf_mas.weight = 5.0
 
@@ -178,6 +179,7 @@ def get_config(arg=None):
     # task 2).
     c.cf.update(dict(epochs=1, batch_size=24))
     c.cf_scrub.update(dict(max_epochs=1, min_epochs=0))
+    c.cf_scrub_s.update(dict(max_epochs=1, min_epochs=0))
     if a.method in continual_forgetting.METHODS:
       # The test suite's smoke runs of the baselines: 2 tasks from a random model (no
       # pretraining; `compare` runs them from the config's method and its shared

@@ -2,6 +2,7 @@
 cases, the relabelling rules, SCRUB's schedule, bad input, and what a tiny run records (the
 end-to-end runs, kills and resumptions are in tests/test_conformance.py)."""
 
+import json
 import math
 import os
 
@@ -203,3 +204,64 @@ def test_a_baseline_run_trains_all_but_the_head_and_records_the_tasks(tmp_path_f
   assert [s["name"] for s in results["stages"]] == ["pretrained", "task_1", "task_2"]
   assert "acc_o" in results["stages"][2] and set(results["final"]) >= {
       "acc_r", "acc_f", "acc_o", "h_mean"}
+
+
+def _restored_leaf(workdir, key):
+  """A leaf of the newest checkpoint's train state, found by its field name."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  item_names=("state", "meta"))
+  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  found = []
+
+  def walk(t):
+    if isinstance(t, dict):
+      for k, v in t.items():
+        found.extend([v] if k == key else [])
+        walk(v)
+    elif isinstance(t, (list, tuple)):
+      for v in t:
+        walk(v)
+  walk(state)
+  return found
+
+
+def _scrub_run(tmp_path, method, name=None, **section):
+  """The training rows of metrics.jsonl (periodic evaluations left out)."""
+  config = load_config("gs_lora_casia100", f"runlocal,method={method}")
+  config.cf.epochs = 3  # 3 super-epochs of one max + min inner epoch per task
+  config.train.log_every_steps = 1
+  config[method].update(section)
+  workdir = tmp_path / (name or method)
+  methods.run(config, str(workdir))
+  with open(workdir / "metrics.jsonl") as f:
+    return [x for x in map(json.loads, f) if "learning_rate" in x]
+
+
+@pytest.mark.slow
+def test_scrub_s_refreshes_its_average_after_every_super_epoch_across_tasks(tmp_path):
+  lines = _scrub_run(tmp_path, "cf_scrub_s")
+  # Per task 3 inner epochs of 1 max + 2 min steps; θ̄ is refreshed at the first step of
+  # every super-epoch but the run's first (the reference: after each one, tasks included).
+  refresh = [(x["stage"], x["average_refresh"]) for x in lines]
+  assert refresh == [("task_1", float(i in (3, 6))) for i in range(9)] + \
+      [("task_2", float(i in (0, 3, 6))) for i in range(9)]
+  # The average lives across tasks: 2 refreshes in task 1 and 3 in task 2.
+  assert [int(n) for n in _restored_leaf(tmp_path / "cf_scrub_s", "num_averaged")] == [5]
+
+
+@pytest.mark.slow
+def test_scrub_s_without_smoothing_is_scrub_and_with_it_moves_after_the_first_step(tmp_path):
+  scrub = _scrub_run(tmp_path, "cf_scrub")
+  plain = _scrub_run(tmp_path, "cf_scrub_s", "plain", smoothing=0.0)
+  smooth = _scrub_run(tmp_path, "cf_scrub_s", "smooth", smoothing=0.5)
+  losses_of = lambda lines: np.array([x.get("max/loss", x.get("min/loss")) for x in lines])
+  # The added gradient is exactly 0 (the two programs may round differently).
+  np.testing.assert_allclose(losses_of(plain), losses_of(scrub), rtol=1e-5)
+  # θ = θ̄ at the first step (no term), then the smoothing pulls the weights back.
+  assert losses_of(smooth)[0] == losses_of(scrub)[0]
+  gap = np.abs(losses_of(smooth) - losses_of(scrub)) / np.abs(losses_of(scrub))
+  print("relative loss gaps, smoothing 0.5 vs SCRUB:", np.round(gap, 4).tolist())
+  assert gap[2:].max() > 5e-3

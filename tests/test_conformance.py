@@ -66,7 +66,8 @@ CASES = {
            ("retrain", 3, r".*"), ("ft", 3, r"(?!head/).*"), ("l2", 5, r"(?!head/).*"),
            ("ewc", 5, r"(?!head/).*"), ("mas", 5, r"(?!head/).*"), ("lwf", 2, r"(?!head/).*"),
            ("der", 2, r"(?!head/).*"), ("der_pp", 2, r"(?!head/).*"),
-           ("fdr", 2, r"(?!head/).*"), ("scrub", 5, r"(?!head/).*"))},
+           ("fdr", 2, r"(?!head/).*"), ("scrub", 5, r"(?!head/).*"),
+           ("scrub_s", 5, r"(?!head/).*"))},
 }
 
 

@@ -18,6 +18,8 @@ sample at every access (`relabel`), B_r, B_f retain and forget batches, θ the t
     cf_fdr      CE(B_f, y') + λ mean_i ‖z(x_i) − z_teacher(x_i)‖₂  on B_r
     cf_scrub    max steps on D_f: −T²·KD(student ‖ teacher); min steps on D_r:
                 γ CE + α T²·KD, in SCRUB's own schedule (`scrub_schedule`)
+    cf_scrub_s  SCRUB + p Σ_k ‖θ_k − θ̄_k‖_F in every step, θ̄ an exponential average of
+                the weights refreshed once per super-epoch (`kswap_jax.optim.sgda`)
 
 θ*_s is the model at the start of task s and F_s / Ω_s its importance (`ewc_importance`,
 `mas_importance`); both live in the checkpointed cross-stage state
@@ -52,17 +54,18 @@ from kswap_jax.data import streams
 from kswap_jax.data import tasks as tasks_lib
 from kswap_jax.errors import ConfigError, require_int
 from kswap_jax.methods import common, continual, gs_lora, pretrain
-from kswap_jax.optim import schedules
+from kswap_jax.optim import schedules, sgda
 
 log = logging.getLogger("kswap_jax")
 
 Tree = Any
 
 METHODS = ("cf_retrain", "cf_ft", "cf_l2", "cf_ewc", "cf_mas", "cf_lwf", "cf_der",
-           "cf_der_pp", "cf_fdr", "cf_scrub")
+           "cf_der_pp", "cf_fdr", "cf_scrub", "cf_scrub_s")
 ANCHORED = ("cf_l2", "cf_ewc", "cf_mas")             # replay ∪ + a quadratic anchor penalty
 PAIRED = ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr")  # forget epoch, cycled retain, a teacher
-TEACHER_METHODS = PAIRED + ("cf_scrub",)
+SCRUB = ("cf_scrub", "cf_scrub_s")                    # max/min steps in SCRUB's schedule
+TEACHER_METHODS = PAIRED + SCRUB
 RELABEL_RULES = ("reference", "other")
 TEACHERS = ("pretrained", "task_start")
 IMPORTANCE_DATA = ("full", "subset")
@@ -96,6 +99,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
     cf_scrub    --SCRUB --opt adam --sgda_smoothing 0 --lr 1e-4; args defaults sgda_gamma
                 0.99, sgda_alpha 0.001, sgda_weight_decay 5e-4, kd_T 2, SCRUB_superepoch 10,
                 scrub_decay_epoch 100, lr_decay_rate 0.1 (config.py)
+    cf_scrub_s  as cf_scrub with --sgda_smoothing 0.1 (4 tasks; 0.05 in one-task and
+                ImageNet runs); the average's β 0.1 (the training script's avg_fn)
   """
   tasks = gs_lora.sections()["tasks"]
   cd = ml_collections.ConfigDict
@@ -132,6 +137,14 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           max_epochs=5, min_epochs=5,  # per super-epoch: max+min inner epochs, then min only
           lr_decay_at=0.7,             # LR × lr_decay_rate from this share of the inner epochs
           lr_decay_rate=0.1)),
+      "cf_scrub_s": cd(dict(
+          epochs=0, lr=1e-4, weight_decay=5e-4, gamma=0.99, alpha=0.001, temperature=2.0,
+          max_epochs=5, min_epochs=5, lr_decay_at=0.7, lr_decay_rate=0.1,
+          smoothing=0.1,    # p of p Σ_k ‖θ_k − θ̄_k‖_F (--sgda_smoothing)
+          average_beta=0.1,  # θ̄ ← (1 − β) θ̄ + β θ once per super-epoch; the first copies θ
+          fused_qkv=True,   # [R] q, k, v kernels (and biases) as one tensor, as torch stores
+                            # them; False: one norm per leaf
+      )),
   }
 
 
@@ -365,16 +378,29 @@ def decay_mask(params: Tree) -> Tree:
 
 
 def make_optimizer(lr: float, cfg: ml_collections.ConfigDict, mask: Tree, *,
-                   scrub_weight_decay: float | None = None) -> optax.GradientTransformation:
+                   scrub_weight_decay: float | None = None,
+                   smoothing: ml_collections.ConfigDict | None = None
+                   ) -> optax.GradientTransformation:
   """AdamW (timm's, decay masked by `decay_mask`) with an injectable learning rate; with
-  `scrub_weight_decay` torch's Adam with an L2 term added to the gradient (SCRUB)."""
-  def make(learning_rate):
+  `scrub_weight_decay` torch's Adam with an L2 term added to the gradient (SCRUB); with
+  `smoothing` (the `cf_scrub_s` section) SCRUB-S's smoothing gradient added first, its
+  average refreshed at the steps where the injected `average_refresh` is 1
+  (`sgda.smoothing`)."""
+  def make(learning_rate, average_refresh=0.0):
     if scrub_weight_decay is not None:
-      return optax.chain(optax.add_decayed_weights(scrub_weight_decay),
-                         optax.adam(learning_rate, b1=float(cfg.b1), b2=float(cfg.b2),
-                                    eps=float(cfg.eps)))
+      parts = [optax.add_decayed_weights(scrub_weight_decay),
+               optax.adam(learning_rate, b1=float(cfg.b1), b2=float(cfg.b2),
+                          eps=float(cfg.eps))]
+      if smoothing is not None:
+        parts.insert(0, sgda.smoothing(
+            float(smoothing.smoothing), beta=float(smoothing.average_beta),
+            refresh=average_refresh,
+            group_of=sgda.fused_qkv if bool(smoothing.fused_qkv) else None))
+      return optax.chain(*parts)
     return optax.adamw(learning_rate, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                        weight_decay=float(cfg.weight_decay), mask=mask)
+  if smoothing is not None:
+    return optax.inject_hyperparams(make)(learning_rate=float(lr), average_refresh=0.0)
   return optax.inject_hyperparams(make)(learning_rate=float(lr))
 
 
@@ -427,13 +453,18 @@ def validate(config) -> None:
   if m == "cf_retrain":
     _int(s, "warmup_epochs", m, 0)
     _number(s, "warmup_lr", m)
-  if m == "cf_scrub":
+  if m in SCRUB:
     _int(s, "max_epochs", m, 0)
     _int(s, "min_epochs", m, 0)
     if int(s.max_epochs) + int(s.min_epochs) < 1:
       raise ConfigError("cf_scrub.max_epochs: max_epochs + min_epochs must be >= 1")
     _number(s, "lr_decay_at", m, high=1.0)
     _number(s, "lr_decay_rate", m)
+  if m == "cf_scrub_s":
+    _number(s, "smoothing", m)
+    _number(s, "average_beta", m, strict=True, high=1.0)
+    if not isinstance(s.fused_qkv, bool):
+      raise ConfigError(f"{m}.fused_qkv: expected true or false, got {s.fused_qkv!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +524,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   task_list, subsets = gs_lora.task_data(config)
   num_tasks = len(task_list)
   num_classes = int(config.model.num_classes)
-  if c.relabel == "reference" and method not in ("cf_retrain", "cf_ft", "cf_scrub"):
+  if c.relabel == "reference" and method not in ("cf_retrain", "cf_ft") + SCRUB:
     for task in task_list:
       if len(task.forget) < 2:
         raise ConfigError(f"cf.relabel: the reference rule needs >= 2 forget classes per task "
@@ -571,7 +602,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if "importance" in carry:
           carry["importance"] = continual.stack_set(carry["importance"], t,
                                                     importance(params, t))
-        state = state._replace(opt_state=train.replicate(tx.init(params), mesh),
+        opt_state = tx.init(params)
+        if method == "cf_scrub_s" and t > 0:  # SCRUB-S's average lives across tasks
+          opt_state = optax.tree_utils.tree_set(opt_state, **{
+              k: optax.tree_utils.tree_get(state.opt_state, k)
+              for k in ("average", "num_averaged")})
+        state = state._replace(opt_state=train.replicate(opt_state, mesh),
                                carry=train.replicate(carry, mesh))
       frozen = {"head": head0, "is_forget": forget_mask,
                 "num_forget": np.asarray(len(task.forget), np.int32)}
@@ -592,7 +628,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[f"{task.name}_before"] = evaluate(before_state, frozen, sub)
       return state, frozen
 
-    if method == "cf_scrub":
+    if method in SCRUB:
       kinds, inner = scrub_schedule(
           epochs=epochs, max_epochs=int(s.max_epochs), min_epochs=int(s.min_epochs),
           forget_steps=st["forget"].steps_per_epoch, retain_steps=st["retain"].steps_per_epoch)
@@ -600,9 +636,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lr_of = lambda e: float(s.lr) * (float(s.lr_decay_rate) if e >= decay_from else 1.0)
       plan = lambda i: [(kinds[i], steps[kinds[i]], ("forget",) if kinds[i] == "max"
                          else ("retain",))]
+
+      def hparams(e, i, t=t, inner=inner, lr_of=lr_of):
+        del e
+        out = {"learning_rate": lr_of(inner[i])}
+        if method == "cf_scrub_s":  # the reference refreshes θ̄ after every super-epoch
+          period = int(s.max_epochs) + int(s.min_epochs)
+          starts = inner[i] % period == 0 and (i == 0 or inner[i - 1] != inner[i])
+          out["average_refresh"] = float(starts and (t > 0 or inner[i] > 0))
+        return out
       stage = train.Stage(name=task.name, step_fn=None, streams=st, iterations=len(kinds),
-                          plan=plan, hparams_fn=lambda e, i: {"learning_rate": lr_of(inner[i])},
-                          on_start=on_start)
+                          plan=plan, hparams_fn=hparams, on_start=on_start)
     else:
       if retrain:
         lr = retrain_lr(base=float(s.lr), minimum=float(c.min_lr), epochs=epochs,
@@ -664,8 +708,9 @@ def _compiled(config, model, trainable0: Tree, mesh):
   if key in _COMPILED:
     return _COMPILED[key]
   mask = decay_mask(trainable0)
-  if method == "cf_scrub":
-    tx = make_optimizer(float(s.lr), c, mask, scrub_weight_decay=float(s.weight_decay))
+  if method in SCRUB:
+    tx = make_optimizer(float(s.lr), c, mask, scrub_weight_decay=float(s.weight_decay),
+                        smoothing=s if method == "cf_scrub_s" else None)
   else:
     tx = make_optimizer(float(s.lr), c, mask)
 
@@ -784,4 +829,4 @@ def _make_losses(method: str, config, forward, num_classes: int) -> dict[str, Ca
     kd = temp ** 2 * losses.distillation_kl(z, zt, temp, r["mask"])
     ce = losses.cross_entropy(z, r["label"], r["mask"])
     return float(s.gamma) * ce + float(s.alpha) * kd, {"kd_retain": kd, "ce_retain": ce}
-  return {"max": max_loss, "min": min_loss}
+  return {"max": max_loss, "min": min_loss}  # SCRUB-S: its smoothing is in the optimizer
