@@ -101,7 +101,8 @@ class Checkpointer:
     a stop request is honoured: after a preemption notice (SIGTERM) or `request_stop`
     reached any process, jax's preemption sync picks the same step on all of them (one past
     the furthest any had reached). Every process must call this the same number of times:
-    the stage loop asks once per training step and once after each due evaluation. A single
+    the stage loop asks once per training step and once after each due evaluation, and
+    `Run.finish_stage` once per finished stage. A single
     process stops at the first step after `STOP` is set (SIGTERM, Ctrl-C).
 
     The steps are counted per process from its first call, not by the train state's step:

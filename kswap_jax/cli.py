@@ -414,9 +414,10 @@ def console_main() -> None:
 
 DRY_RUN_HELP = """\
   --dry_run             make every check a run makes before it writes (the config, the data
-                        it reads, the model's shapes, LoRA targets, batch sizes against the
-                        devices, the workdir's record), print the plan, then stop: nothing
-                        is written or trained
+                        it reads, the model's shapes, LoRA targets, batch sizes against this
+                        machine's devices, the workdir's record, a pretraining it would run
+                        first), print the plan, then stop: nothing is written or trained;
+                        one process (distributed.* is not used)
 """
 
 
@@ -429,10 +430,9 @@ def main(argv=None) -> int:
 
   def command():
     config, workdir = load_config(argv)
-    if not dry_run:
+    if not dry_run:  # a dry run is one process: it joins no distributed run
       log.info(hostmem.describe())
-    train.initialize_distributed(config)
-    if not dry_run:
+      train.initialize_distributed(config)
       train.stop_on_signals()
     dispatch(config, workdir, dry_run=dry_run)
   return guarded(command)

@@ -120,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     if repeated:
       raise ConfigError(f"{flag}: {', '.join(repeated)} given twice (each entry is one run)")
   if dry_run:
-    train.check_workdir(workdir)
+    train.check_writable(workdir)
   else:
     train.prepare_workdir(workdir)
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
@@ -129,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   for name in names:
     for seed in seeds:
       _check_finished(workdir, name, seed, _config_for(config, name, seed, workdir))
-  rows, total, count = {}, len(names) * len(seeds), 0
+  rows, total, count, checked = {}, len(names) * len(seeds), 0, 0
   for name in names:
     per_seed = []
     for seed in seeds:
@@ -142,6 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           log.info("[compare] %d/%d %s, seed %d: finished earlier", count, total, name, seed)
         else:
           methods.run(_config_for(config, name, seed, workdir), sub, dry_run=True)
+          checked += 1
         continue
       if not os.path.exists(results_path):
         ckpts = os.path.join(sub, "checkpoints")
@@ -180,7 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         "seconds_resumed": any(t.get("resumed") for _, t in per_seed),
     }
   if dry_run:
-    log.info("[compare] dry run: %d run(s) checked, nothing written", total)
+    log.info("[compare] dry run: %d run(s) checked, %d finished earlier, nothing written",
+             checked, total - checked)
     return None
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows}
@@ -289,8 +291,8 @@ def main(argv=None) -> int:
       log.info(hostmem.describe())  # the first line of the log, as run.py's
     if not cli.workdir_given(rest):
       workdir = workdir + "_compare"
-    train.initialize_distributed(config)
-    if not dry_run:
+    if not dry_run:  # a dry run is one process
+      train.initialize_distributed(config)
       train.stop_on_signals()
     run(config, workdir, names, seeds, dry_run=dry_run)
   return cli.guarded(command)

@@ -556,7 +556,7 @@ class Run:
     self.config = config
     self.is_main = jax.process_index() == 0
     if _DRY_RUN:  # everything before the first write has passed: stop here
-      check_workdir(self.workdir)
+      check_writable(self.workdir)
       resumes = os.path.isfile(os.path.join(self.workdir, "config.json"))
       if resumes:
         self._check_config()  # a workdir of another config is refused as a run refuses it
@@ -840,6 +840,20 @@ def check_workdir(workdir: str, field: str = "--workdir") -> None:
   if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(workdir)):
     raise ConfigError(f"{field} {workdir}: a URL; expected a filesystem path (mount a bucket "
                       f"with Cloud Storage FUSE and give the mounted path)")
+
+
+def check_writable(workdir: str, field: str = "--workdir") -> None:
+  """What `prepare_workdir` checks without creating anything (a dry run's check): a
+  filesystem path, not a file, and its nearest existing folder writable."""
+  check_workdir(workdir, field)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"{field} {workdir}: a file; expected a folder (or a path to create one)")
+  above = os.path.abspath(workdir)
+  while not os.path.exists(above) and os.path.dirname(above) != above:
+    above = os.path.dirname(above)
+  if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
+    raise ConfigError(f"{field} {workdir}: not a writable folder ({above} cannot be "
+                      f"written into)")
 
 
 def prepare_workdir(workdir: str, field: str = "--workdir") -> None:

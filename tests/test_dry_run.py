@@ -17,14 +17,14 @@ from kswap_jax.errors import ConfigError
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# One per method module: (config file, config arg).
+# One per method module: (config file, config arg, the start of a plan line its data gives).
 MODULES = {
-    "pretrain": ("demo", "runlocal,method=pretrain"),
-    "knowledge_swap": ("demo", "runlocal"),
-    "gs_lora": ("gs_lora_casia100", "runlocal"),
-    "continual_forgetting": ("gs_lora_casia100", "runlocal,method=cf_ewc"),
-    "ug_clu": ("ug_clu_digits", "runlocal"),
-    "unlearning": ("ug_clu_digits", "runlocal,method=clu_salun"),
+    "pretrain": ("demo", "runlocal,method=pretrain", "pretrain: classes 0..7, "),
+    "knowledge_swap": ("demo", "runlocal", "split retain_train "),
+    "gs_lora": ("gs_lora_casia100", "runlocal", "task 1: forget "),
+    "continual_forgetting": ("gs_lora_casia100", "runlocal,method=cf_ewc", "task 2: forget "),
+    "ug_clu": ("ug_clu_digits", "runlocal", "stage 3_forget "),
+    "unlearning": ("ug_clu_digits", "runlocal,method=clu_salun", "stage 1_learn "),
 }
 
 
@@ -37,12 +37,44 @@ def _tree(root):
 def test_a_dry_run_writes_nothing_and_says_whether_the_workdir_resumes(module, tmp_path,
                                                                         caplog):
   caplog.set_level(logging.INFO, logger="kswap_jax")
-  config = load_config(*MODULES[module])
+  config_file, arg, plan = MODULES[module]
+  config = load_config(config_file, arg)
   fresh = tmp_path / "new" / "run"
   assert methods.run(config, str(fresh), dry_run=True) is None
   assert not (tmp_path / "new").exists()
+  said = [r.getMessage() for r in caplog.records]
+  done = [m for m in said if m.startswith("dry run:")]
+  assert len(done) == 1 and f"would start afresh in {fresh}" in done[0], done
+  assert any(m.startswith(plan) for m in said), said  # the method read its data
+  # A workdir that is a file, refused as the run refuses it.
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ConfigError, match=r"^--workdir .*a_file: a file; expected a folder"):
+    methods.run(config, str(tmp_path / "a_file"), dry_run=True)
+
+
+def test_a_dry_run_checks_the_pretraining_it_would_run_first(tmp_path, caplog):
+  caplog.set_level(logging.INFO, logger="kswap_jax")
+  workdir = tmp_path / "run"
+  assert methods.run(load_config("demo", "runlocal"), str(workdir), dry_run=True) is None
   said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dry run:")]
-  assert len(said) == 1 and f"would start afresh in {fresh}" in said[0], said
+  assert said[-1].endswith(f"it would first pretrain in {workdir / 'pretrain'}, whose checks "
+                           f"passed too; nothing written"), said
+  assert not workdir.exists()
+  # An unfinished pretraining of another config there: refused now, not after the swap's
+  # own set-up.
+  other = load_config("demo", "runlocal")
+  other.pretrain.epochs = 9
+  other.init.pretrain_workdir = str(workdir / "pretrain")  # as the run fills it in
+  (workdir / "pretrain").mkdir(parents=True)
+  (workdir / "pretrain" / "config.json").write_text(other.to_json_best_effort())
+  with pytest.raises(ConfigError, match=r"pretrain: holds a run with a different config "
+                     r"\(pretrain\.epochs"):
+    methods.run(load_config("demo", "runlocal"), str(workdir), dry_run=True)
+  # A pretrained head the run could not load is refused before pretraining (both runs).
+  bad = load_config("ug_clu_digits", "runlocal")
+  bad.init.kind, bad.pretrain.num_classes = "pretrain", 12
+  with pytest.raises(ConfigError, match=r"^pretrain\.num_classes: 12, but the run's model"):
+    methods.run(bad, str(tmp_path / "w"), dry_run=True)
 
 
 @pytest.mark.slow

@@ -398,3 +398,36 @@ def test_an_oracle_trained_in_the_run_s_process_trains_as_one_trained_alone(tmp_
   inside, alone = losses_of(tmp_path / "run" / "oracle"), losses_of(tmp_path / "alone")
   assert len(alone) == learn_epoch * oracle_epoch
   np.testing.assert_array_equal(inside, alone)
+
+
+@pytest.mark.slow
+def test_a_stop_while_the_oracle_trains_inside_the_run_keeps_the_stage(tmp_path, monkeypatch,
+                                                                         tmp_path_factory):
+  """The oracle trains lazily, between an unlearning stage's training and its checkpoint:
+  a stop request honoured in the oracle's run must not lose that stage. The rerun ends
+  with the uninterrupted run's results."""
+  from kswap_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from kswap_jax.errors import StopRequested  # pylint: disable=import-outside-toplevel
+  _, whole = method_run(tmp_path_factory, "ug_clu_digits", "runlocal")
+  inner = ug_clu._oracle
+
+  def oracle_stopped(config, oracle_dir):
+    checkpoint.STOP.set()  # as if it arrived while the oracle was starting
+    return inner(config, oracle_dir)
+  monkeypatch.setattr(ug_clu, "_oracle", oracle_stopped)
+  config = load_config("ug_clu_digits", "runlocal")
+  try:
+    with pytest.raises(StopRequested, match=r"^the Retrain oracle \(.*\): \[3_forget\] stopped "
+                       r"at step 1 .*; 3_forget's training is checkpointed too$"):
+      methods.run(config, str(tmp_path))
+  finally:
+    checkpoint.STOP.clear()
+  monkeypatch.setattr(ug_clu, "_oracle", inner)
+  with open(tmp_path / "metrics.jsonl") as f:
+    trained = [json.loads(x)["step"] for x in f if '"3_forget"' in x]
+  # The stage's last step is checkpointed (before the fix: only the periodic ones).
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert max(saved) == trained[-1], (saved, trained)
+  resumed = methods.run(load_config("ug_clu_digits", "runlocal"), str(tmp_path))
+  drop = lambda stages: [{k: v for k, v in s.items() if k != "seconds"} for s in stages]
+  assert drop(resumed["stages"]) == drop(whole["stages"])

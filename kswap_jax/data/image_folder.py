@@ -70,7 +70,7 @@ def _images(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _count(n: int, noun: str) -> str:
-  return f"{n} {noun}" + ("" if n == 1 else "s")
+  return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
 
 
 def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pathlib.Path]]]:
@@ -271,8 +271,8 @@ def build(roots: Sequence[str | os.PathLike[str]], name: str,
   for split, classes in layout.items():
     missing = sorted(set(labels) - set(classes))
     if missing and len(layout) > 1:  # a class no test (or train) image represents
-      log.warning("warning: split %r lacks %s the other splits have: %s%s", split,
-                  _count(len(missing), "class folder"), ", ".join(missing[:MAX_LISTED]),
+      log.warning("warning: split %r has no image of %s the other splits have: %s%s",
+                  split, _count(len(missing), "class"), ", ".join(missing[:MAX_LISTED]),
                   ", ..." if len(missing) > MAX_LISTED else "")
   needed = max(labels.values()) + 1
   if num_classes is None:

@@ -213,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) 
   config = (ml_collections.ConfigDict(config) if isinstance(config, dict)
             else copy.deepcopy(config))
   from kswap_jax import train  # pylint: disable=import-outside-toplevel
-  train.check_workdir(workdir)
+  train.check_writable(workdir)
   _check_recorded_method(config, workdir)
   check(config)
   from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
@@ -227,11 +227,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) 
       return get(str(config.method)).run(config, workdir)
   except DryRunComplete as done:
     import jax  # pylint: disable=import-outside-toplevel
+    note = pretrain.dry_run_note(config, workdir)
     log.info("dry run: %s passed every check a run makes before it writes (config, data, "
-             "model shapes, batch sizes for %d device(s)); %s; nothing written",
+             "model shapes, batch sizes for %d device(s)); %s%s; nothing written",
              config.method, jax.device_count(),
              f"{done.workdir} holds a run of this config, which the command resumes"
-             if done.resumes else f"the run would start afresh in {done.workdir}")
+             if done.resumes else f"the run would start afresh in {done.workdir}", note)
     return None
   except (ConfigError, NonFiniteLossError):  # nothing to resume: no empty folders left
     train.close_runs_under(workdir)  # orbax's background clean-up would list removed folders
@@ -260,6 +261,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   check_seeds(config)
   check_counts(config)
   common.check_init_files(config)
+  from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
+  pretrain.check_head(config)
   module = get(str(config.method))
   if hasattr(module, "validate"):
     module.validate(config)

@@ -416,6 +416,7 @@ def validate(config) -> None:
     raise ConfigError(f"gs_lora.ema_decay: expected a value in [0, 1], got {g.ema_decay!r}")
   if float(g.prototype.bound) < 0 or float(g.prototype.retain_weight) < 0:
     raise ConfigError("gs_lora.prototype: bound and retain_weight must be >= 0")
+  lora.LoraSpec.from_config(config.lora)  # rank, alpha, targets' syntax
 
 
 def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) -> list:

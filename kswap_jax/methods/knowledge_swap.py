@@ -201,6 +201,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.group_lasso.mode not in ("penalty", "proximal"):
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
                       f"proximal)")
+  lora.LoraSpec.from_config(config.lora)  # rank, alpha, targets' syntax
   if (config.init.kind == "pretrain"
       and pretrain.num_classes(config) != int(config.swap.num_old_classes)):
     raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)} but the swap "
@@ -340,8 +341,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if run_.is_main:  # before the stage checkpoint, so a resumed run always has it
         ckpt_lib.save_npz(jax.device_get(lora.join({}, state.params)),
                           os.path.join(run_.workdir, f"lora_{name}.npz"))
+      log.info("[%s] %s", name, _fmt(accs))  # before a stop request honoured at the save
       run_.finish_stage(state, name, {**accs, "block_norms": norms})
-      log.info("[%s] %s", name, _fmt(accs))
 
   last = results[STAGE_ORDER[method][-1]]
   final = {k: last[k] for k in TEST_SPLITS}

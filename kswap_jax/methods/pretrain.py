@@ -24,7 +24,7 @@ import ml_collections
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import losses, models, report, train
 from kswap_jax.data import splits
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, DryRunComplete
 from kswap_jax.methods import common
 from kswap_jax.optim import schedules
 
@@ -72,6 +72,49 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
     run(config, config.init.pretrain_workdir)
     return
   check_pretrained(config, workdir)
+
+
+def check_head(config: ml_collections.ConfigDict) -> None:
+  """With `init.kind = "pretrain"`, the pretrained head must fit the run's model under
+  `init.head` (checked before pretraining, which would otherwise run first and then fail to
+  load): "keep" needs pretrain.num_classes = model.num_classes, "extend" at most as many
+  (ViT heads; other models' heads are not extended), "replace" any.
+
+  Raises:
+    ConfigError: naming pretrain.num_classes.
+  """
+  if config.init.kind != "pretrain" or config.method == "pretrain":
+    return
+  n, m, mode = num_classes(config), int(config.model.num_classes), str(config.init.head)
+  extendable = mode == "extend" and str(config.model.get("name", "vit")).startswith("vit")
+  if (mode == "keep" or (mode == "extend" and not extendable)) and n != m:
+    how = ("loads the pretrained head as it is" if mode == "keep" else
+           f"extends ViT heads only, not {config.model.get('name')}'s")
+    raise ConfigError(f"pretrain.num_classes: {n}, but the run's model has "
+                      f"model.num_classes = {m} and init.head = {mode!r} {how}; set them equal")
+  if extendable and n > m:
+    raise ConfigError(f"pretrain.num_classes: {n}, more than model.num_classes = {m}: the "
+                      f"pretrained head could not be extended to the run's (init.head = "
+                      f"'extend')")
+
+
+def dry_run_note(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """For a method's dry run: what its start from a pretrained model would do, with a dry
+  run of the pretraining when it would run first ("" when `init.kind` is not "pretrain")."""
+  if config.init.kind != "pretrain" or config.method == "pretrain":
+    return ""
+  fill_pretrain_workdir(config, workdir)
+  folder = str(config.init.pretrain_workdir)
+  if os.path.exists(os.path.join(folder, "params.npz")):
+    return f"; it starts from the model pretrained in {folder}"
+  try:
+    with train.dry_run():
+      run(config, folder)
+  except DryRunComplete as done:
+    return (f"; it would first pretrain in {folder}" +
+            (" (resuming the pretraining there)" if done.resumes else "") +
+            ", whose checks passed too")
+  return ""
 
 
 def check_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -66,7 +66,7 @@ import optax
 from kswap_jax import losses, metrics, models, report, train
 from kswap_jax.config import lora_section
 from kswap_jax.data import splits, streams
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, StopRequested
 from kswap_jax.methods import common, pretrain
 from kswap_jax.methods import trainable as trainable_lib
 from kswap_jax.optim import fast_slow, saliency
@@ -387,7 +387,8 @@ def replay_buffers(labels: np.ndarray, plans: Sequence[StagePlan], size: int, se
   `size` 0 gives every stage all of its D_R. Otherwise:
   - "resample": `replay_buffer` of the stage's D_R with seed `seed + stage index`, drawn
     afresh every stage (over a run, every kept sample can be seen);
-  - "persistent": one memory of at most `size` samples kept across the stream. It starts
+  - "persistent": one memory of at most `size` samples (one per class held when `size`
+    is smaller than the number of classes) kept across the stream. It starts
     with the data known before the first stage (`clu.initial_tasks`); a class enters it
     when it is learned, as the first entries of `default_rng([seed, class]).permutation` of
     its D_L indices, and every class then holds at most max(1, ⌊size / classes held⌋)
@@ -1123,6 +1124,12 @@ def validate(config: ml_collections.ConfigDict, unlearner: Unlearner | None = No
   field. `unlearner` defaults to `config.method`'s own."""
   _validate(config)
   (unlearner or _fast_slow_unlearner(_method(config))).validate(config)
+  try:
+    num_tasks = len(tuple(config.clu.tasks))
+  except TypeError:
+    num_tasks = 0  # refused with the data's checks (`_tasks`)
+  if num_tasks:
+    parse_requests(tuple(config.clu.requests), num_tasks)  # the syntax of every request
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -1193,8 +1200,11 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     separate = p.learns and (c.variant == "B" or c.slow_batches == "substeps")
     slow_size = buffers[p.index].size + (0 if separate else p.learn.size)
     if p.unlearns and not retrain and slow_size == 0:
+      why = ("D_R is empty" if p.retain.size == 0 else
+             f"the replay buffer holds none of D_R's {p.retain.size} samples: "
+             f"clu.buffer_size = {int(c.buffer_size)}, clu.buffer_kind = {c.buffer_kind!r}")
       raise ConfigError(f"{_field(p.request.index)}: {p.request.text!r}: no retained data "
-                        f"for the slow steps (D_R is empty)")
+                        f"for the slow steps ({why})")
 
   for p in plans:
     replay = f"  replay {buffers[p.index].size:6d}" if int(c.buffer_size) > 0 else ""
@@ -1203,7 +1213,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   oracle_dir = (config.oracle.workdir or os.path.join(os.path.abspath(workdir), "oracle")) \
       if use_oracle else None
   if oracle_dir:
-    train.check_workdir(oracle_dir, "oracle.workdir")
+    train.check_writable(oracle_dir, "oracle.workdir")
     _check_oracle_record(config, oracle_dir)  # an oracle of another config: refused now
   run_ = train.Run(workdir, config)
 
@@ -1383,7 +1393,17 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     m, probs_u = stage_metrics(outputs(state, frozen, [plan]), plan, tasks)
     if use_oracle and (plan.unlearns or config.oracle.stages == "all"):
       if oracle_results is None:
-        oracle_results = _oracle(config, oracle_dir)
+        if not os.path.exists(os.path.join(oracle_dir, "results.json")):
+          # The oracle trains now, inside this run: checkpoint the stage's training first,
+          # so a stop request honoured in the oracle's run loses none of it (the rerun
+          # evaluates the restored state again, then resumes the oracle).
+          run_.save(state)
+          run_.checkpointer.wait()
+        try:
+          oracle_results = _oracle(config, oracle_dir)
+        except StopRequested as e:
+          raise StopRequested(f"the Retrain oracle ({oracle_dir}): {e}; {plan.name}'s "
+                              f"training is checkpointed too") from None
       o = oracle_results["by_name"][plan.name]
       o_probs = (np.load(os.path.join(oracle_dir, "oracle_probs", f"{plan.name}.npy"))
                  if plan.unlearns else None)
@@ -1394,9 +1414,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     if plan.unlearns and not retrain:
       m.update(unlearner.measures(state))
     m["seconds"] = round(seconds, 3)
-    run_.finish_stage(state, plan.name, m)
-    log.info("[%s] %s", plan.name, " ".join(
+    log.info("[%s] %s", plan.name, " ".join(  # before a stop request honoured at its save
         f"{k} {v:.2f}" for k, v in m.items() if isinstance(v, float)))
+    run_.finish_stage(state, plan.name, m)
 
   test_labels = np.asarray(test_src.labels)
   test_sizes = [int(np.isin(test_labels, t).sum()) for t in tasks]
