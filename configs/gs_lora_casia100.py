@@ -15,7 +15,7 @@ task, accuracy = arg-max of the margin logits (the reference's rule).
     python run.py --config=configs/gs_lora_casia100.py:setting=continual,method=gs_lora_pp ...
 
 Arg keys: method (gs_lora | gs_lora_pp, or a continual-forgetting baseline cf_retrain, cf_ft,
-cf_l2, cf_ewc, cf_mas, cf_lwf, cf_der, cf_der_pp, cf_fdr, cf_scrub, cf_scrub_s with the reference's
+cf_l2, cf_ewc, cf_mas, cf_lwf, cf_der, cf_der_pp, cf_fdr, cf_scrub, cf_scrub_s, cf_lirf with the reference's
 CASIA-100 hyper-parameters: docs/continual_forgetting_baselines.md); setting:
   single            100-Y single-step, full data (ratio 0.1), b 48, BND 110, β 0.05,
                     α 0 until epoch 20, then big_alpha 0.01 (group_lasso.alpha is not

@@ -12,7 +12,7 @@ the backbone.
     python run.py --config=configs/gs_lora_digits.py:proximal     # exact zero groups
     python run.py --config=configs/gs_lora_digits.py:runlocal     # smoke run, ~40 s on 2 CPU cores
     python run.py --config=configs/gs_lora_digits.py:method=cf_ewc  # a baseline (cf_*)
-    # GS-LoRA, GS-LoRA++ and the 11 continual-forgetting baselines on identical data:
+    # GS-LoRA, GS-LoRA++ and the 12 continual-forgetting baselines on identical data:
     python -m kswap_jax.compare --config=configs/gs_lora_digits.py:compare
 
 The loss, BND = 105, the A-init slopes, AdamW 1e-2 / wd 0.05 and the per-epoch cosine are
@@ -29,9 +29,9 @@ pretrained Acc_r 89.8 / Acc_f 90.7; after each of the 3 tasks Acc_f = 0 on the t
 digits, Acc_o = 0 on the digits forgotten before, Acc_r 87-97 (the retain CE with the
 margin even raises it); with `proximal` block 0's group is exactly zero after tasks 1 and 2.
 
-The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR 12) ran
-the family's first 12 methods in 683 s (11.4 min) on 2 busy CPU cores (cf_scrub_s, added
-later, takes about as long as cf_scrub); its measured
+The `compare` variant (GS-LoRA 4 epochs per task, the baselines 3, LwF/DER/DER++/FDR/LIRF 12) ran
+the family's first 12 methods in 683 s (11.4 min) on 2 busy CPU cores (cf_scrub_s and
+cf_lirf, added later, take about as long as cf_scrub); its measured
 leaderboard and what the baselines do are in docs/continual_forgetting_baselines.md.
 """
 
@@ -84,14 +84,15 @@ def get_config(arg=None):
   # forget).
   def baselines(epochs):
     c.cf.epochs = epochs
-    for name in ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr"):
+    for name in ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr", "cf_lirf"):
       c[name].epochs = 4 * epochs
 
   c.cf.batch_size = 32
   baselines(4)
   for name, lr in (("cf_retrain", 1e-3), ("cf_ft", 3e-4), ("cf_l2", 3e-4), ("cf_ewc", 3e-4),
                    ("cf_mas", 3e-4), ("cf_lwf", 3e-4), ("cf_der", 3e-4), ("cf_der_pp", 3e-4),
-                   ("cf_fdr", 1e-3), ("cf_scrub", 3e-4), ("cf_scrub_s", 3e-4)):
+                   ("cf_fdr", 1e-3), ("cf_scrub", 3e-4), ("cf_scrub_s", 3e-4),
+                   ("cf_lirf", 3e-4)):
     c[name].lr = lr
   c.cf_retrain.warmup_epochs = 1
   c.cf_scrub.update(dict(max_epochs=1, min_epochs=1))

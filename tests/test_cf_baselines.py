@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, method_run
-from kswap_jax import losses, methods, train
+from kswap_jax import losses, methods, models, train
 from kswap_jax.errors import ConfigError
 from kswap_jax.methods import gs_lora
 from kswap_jax.methods.baselines import continual_forgetting as cf
@@ -265,3 +265,54 @@ def test_scrub_s_without_smoothing_is_scrub_and_with_it_moves_after_the_first_st
   gap = np.abs(losses_of(smooth) - losses_of(scrub)) / np.abs(losses_of(scrub))
   print("relative loss gaps, smoothing 0.5 vs SCRUB:", np.round(gap, 4).tolist())
   assert gap[2:].max() > 5e-3
+
+
+def test_lirf_splits_the_lower_half_off_and_merges_it_back():
+  params = {"embedding": {"kernel": 1}, "cls": 2, "head": {"kernel": 3},
+            "Transformer": {"posembed_input": {"pos_embedding": 4},
+                            **{f"encoderblock_{i}": {"w": 10 + i} for i in range(6)},
+                            "encoder_norm": {"scale": 5}}}
+  lower, rest = cf.split_lower(params, 3)
+  assert sorted(lower["Transformer"]) == ["encoderblock_0", "encoderblock_1",
+                                          "encoderblock_2", "posembed_input"]
+  assert set(lower) == {"embedding", "cls", "Transformer"}
+  assert sorted(rest["Transformer"]) == ["encoder_norm", "encoderblock_3", "encoderblock_4",
+                                         "encoderblock_5"] and rest["head"] == {"kernel": 3}
+  assert cf.merge_trees(lower, rest) == params
+
+
+def test_lirf_attention_transfer_is_the_references_at_loss():
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  t = rng.normal(size=(3, 5, 4)).astype(np.float32)
+
+  def att(x):  # the reference: F.normalize(x.pow(2).mean(1)); att[att < 0.005] = 0
+    a = (x ** 2).mean(1)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    return np.where(a < 0.005, 0.0, a)
+  want = ((att(s) - att(t)) ** 2).mean()
+  got = cf.lirf_attention(jnp.asarray(s), jnp.asarray(t), jnp.ones(3))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(cf.lirf_attention(jnp.asarray(s), jnp.asarray(s), jnp.ones(3))) == 0.0
+  # A padded slot counts for nothing; the teacher gets no gradient.
+  padded = cf.lirf_attention(jnp.asarray(s), jnp.asarray(t), jnp.array([1.0, 1.0, 0.0]))
+  np.testing.assert_allclose(padded, ((att(s) - att(t)) ** 2)[:2].mean(), rtol=1e-5)
+  g = jax.grad(lambda y: cf.lirf_attention(jnp.asarray(s), y, jnp.ones(3)))(jnp.asarray(t))
+  assert not np.any(np.asarray(g))
+
+
+@pytest.mark.slow
+def test_lirf_trains_the_lower_half_only_and_refuses_a_split_outside_the_model(tmp_path):
+  config = load_config("gs_lora_casia100", "runlocal,method=cf_lirf")
+  config.cf_lirf.split_blocks = 2  # the test ViT has 2 blocks
+  with pytest.raises(ConfigError, match=r"^cf_lirf\.split_blocks: 2 \(expected 1 \.\. 1"):
+    methods.run(config, str(tmp_path / "bad"))
+  config.cf_lirf.split_blocks = 0
+  config.train.log_every_steps = 1
+  results = methods.run(config, str(tmp_path / "ok"))
+  whole = models.init_variables(models.build(config.model), config.model, jax.random.key(0))
+  total = sum(np.size(x) for x in jax.tree_util.tree_leaves(whole["params"]))
+  assert 0.3 * total < results["num_trainable"] < 0.6 * total  # the lower half
+  with open(tmp_path / "ok" / "metrics.jsonl") as f:
+    rows = [json.loads(x) for x in f if '"at"' in x]
+  assert rows and all(r["at"] >= 0 and r["kd"] >= 0 for r in rows)

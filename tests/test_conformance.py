@@ -67,7 +67,9 @@ CASES = {
            ("ewc", 5, r"(?!head/).*"), ("mas", 5, r"(?!head/).*"), ("lwf", 2, r"(?!head/).*"),
            ("der", 2, r"(?!head/).*"), ("der_pp", 2, r"(?!head/).*"),
            ("fdr", 2, r"(?!head/).*"), ("scrub", 5, r"(?!head/).*"),
-           ("scrub_s", 5, r"(?!head/).*"))},
+           ("scrub_s", 5, r"(?!head/).*"),
+           # LIRF: the lower half of the 2-block test ViT only.
+           ("lirf", 2, r"embedding/.*|cls|Transformer/(posembed_input|encoderblock_0)/.*"))},
 }
 
 

@@ -392,6 +392,20 @@ def test_a_record_written_before_a_field_was_added_still_matches_its_old_behavio
   assert train.config_difference(record, config) == ""
 
 
+def test_a_record_is_compared_on_the_sections_its_method_reads():
+  """A config file sets up its whole family; a section added for a new method of it, or one
+  another method reads, does not stop a run from resuming; its own sections still do."""
+  config = methods.default_config("cf_scrub")
+  for name in ("cf_lirf", "cf_ewc"):
+    config[name] = methods.default_config(name)[name]
+  record = json.loads(config.to_json_best_effort())
+  del record["cf_lirf"]  # recorded before cf_lirf existed
+  record["cf_ewc"]["weight"] = 99.0  # changed for another method
+  assert train.config_difference(record, config) == ""
+  record["cf_scrub"]["gamma"] = 2.0
+  assert train.config_difference(record, config) == "cf_scrub.gamma: was 2.0, now 0.99"
+
+
 def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys):
   """A second Ctrl-C (or one outside a run's stage loop) raises KeyboardInterrupt: the
   command waits for pending checkpoint saves, prints one line and returns 130."""

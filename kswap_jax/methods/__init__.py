@@ -46,7 +46,7 @@ METHODS = {
         "clu_ft", "clu_ga", "clu_rl", "clu_salun", "clu_l1_sparse")},
     **{name: "kswap_jax.methods.baselines.continual_forgetting" for name in (
         "cf_retrain", "cf_ft", "cf_l2", "cf_ewc", "cf_mas", "cf_lwf", "cf_der", "cf_der_pp",
-        "cf_fdr", "cf_scrub", "cf_scrub_s")},
+        "cf_fdr", "cf_scrub", "cf_scrub_s", "cf_lirf")},
 }
 
 # Methods measured against each other (`python -m kswap_jax.compare`), and the headline
@@ -55,7 +55,7 @@ FAMILIES = {
     "knowledge_swap": ("lbf", "laf"),
     "continual_forgetting": ("gs_lora", "gs_lora_pp", "cf_retrain", "cf_ft", "cf_l2", "cf_ewc",
                              "cf_mas", "cf_lwf", "cf_der", "cf_der_pp", "cf_fdr", "cf_scrub",
-                             "cf_scrub_s"),
+                             "cf_scrub_s", "cf_lirf"),
     "unlearning": ("sfr_on", "ug_clu", "clu_joint", "clu_retrain", "clu_ft", "clu_ga",
                    "clu_rl", "clu_salun", "clu_l1_sparse"),
 }

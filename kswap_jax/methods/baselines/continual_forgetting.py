@@ -20,6 +20,9 @@ sample at every access (`relabel`), B_r, B_f retain and forget batches, θ the t
                 γ CE + α T²·KD, in SCRUB's own schedule (`scrub_schedule`)
     cf_scrub_s  SCRUB + p Σ_k ‖θ_k − θ̄_k‖_F in every step, θ̄ an exponential average of
                 the weights refreshed once per super-epoch (`kswap_jax.optim.sgda`)
+    cf_lirf     LIRF*: only the lower half of the blocks trains, under the frozen upper
+                half: (1−α) CE(B_f, y') − λ_at AT(mid, mid_teacher) + λ_kd α T² KD on the
+                retained logits + λ_r CE(B_r)  (`lirf_attention`)
 
 θ*_s is the model at the start of task s and F_s / Ω_s its importance (`ewc_importance`,
 `mas_importance`); both live in the checkpointed cross-stage state
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Callable, Iterable
 
 import jax
@@ -61,9 +65,11 @@ log = logging.getLogger("kswap_jax")
 Tree = Any
 
 METHODS = ("cf_retrain", "cf_ft", "cf_l2", "cf_ewc", "cf_mas", "cf_lwf", "cf_der",
-           "cf_der_pp", "cf_fdr", "cf_scrub", "cf_scrub_s")
+           "cf_der_pp", "cf_fdr", "cf_scrub", "cf_scrub_s", "cf_lirf")
 ANCHORED = ("cf_l2", "cf_ewc", "cf_mas")             # replay ∪ + a quadratic anchor penalty
-PAIRED = ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr")  # forget epoch, cycled retain, a teacher
+# Forget epoch, cycled retain, a teacher:
+PAIRED = ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr", "cf_lirf")
+KD_ROWS = ("reference", "retained")  # LIRF's distilled logits
 SCRUB = ("cf_scrub", "cf_scrub_s")                    # max/min steps in SCRUB's schedule
 TEACHER_METHODS = PAIRED + SCRUB
 RELABEL_RULES = ("reference", "other")
@@ -101,6 +107,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
                 scrub_decay_epoch 100, lr_decay_rate 0.1 (config.py)
     cf_scrub_s  as cf_scrub with --sgda_smoothing 0.1 (4 tasks; 0.05 in one-task and
                 ImageNet runs); the average's β 0.1 (the training script's avg_fn)
+    cf_lirf     --LIRF --lr 1e-4; args defaults LIRF_alpha 0.1, LIRF_T 10; the weights 300,
+                10, 0.05, 5 and the 3 + 3 split of the 6-block face ViT are in the code
   """
   tasks = gs_lora.sections()["tasks"]
   cd = ml_collections.ConfigDict
@@ -137,6 +145,14 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           max_epochs=5, min_epochs=5,  # per super-epoch: max+min inner epochs, then min only
           lr_decay_at=0.7,             # LR × lr_decay_rate from this share of the inner epochs
           lr_decay_rate=0.1)),
+      "cf_lirf": cd(dict(
+          epochs=0, lr=1e-4, alpha=0.1, temperature=10.0,
+          at_weight=300.0, kd_weight=10.0, retain_weight=5.0,
+          split_blocks=0,       # blocks of the trained lower half; 0: depth // 2 (3 of 6)
+          kd_rows="reference",  # reference: logits[:, n_forget:] (the forget classes taken
+                                # to be the first ids, a quirk); retained: the classes this
+                                # task does not forget
+      )),
       "cf_scrub_s": cd(dict(
           epochs=0, lr=1e-4, weight_decay=5e-4, gamma=0.99, alpha=0.001, temperature=2.0,
           max_epochs=5, min_epochs=5, lr_decay_at=0.7, lr_decay_rate=0.1,
@@ -358,6 +374,53 @@ def scrub_schedule(*, epochs: int, max_epochs: int, min_epochs: int, forget_step
   return kinds, where
 
 
+def split_lower(params: Tree, blocks: int) -> tuple[Tree, Tree]:
+  """(lower, rest) of a ViT's parameters: LIRF's trained lower half (patch embedding, class
+  token, position embedding, `encoderblock_0` .. `encoderblock_{blocks-1}`) and the rest
+  (the upper blocks, the final norm, the head), which `merge_trees` joins again."""
+  lower = {k: v for k, v in params.items() if k not in ("Transformer", "head", "pre_logits")}
+  rest = {k: v for k, v in params.items() if k in ("head", "pre_logits")}
+  low_t, rest_t = {}, {}
+  for name, sub in params.get("Transformer", {}).items():
+    block = re.fullmatch(r"encoderblock_(\d+)", name)
+    if name == "posembed_input" or (block and int(block.group(1)) < blocks):
+      low_t[name] = sub
+    else:
+      rest_t[name] = sub
+  lower["Transformer"], rest["Transformer"] = low_t, rest_t
+  return lower, rest
+
+
+def merge_trees(a: Tree, b: Tree) -> Tree:
+  """The union of two nested dicts with disjoint leaves (`split_lower`'s inverse)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_trees(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
+
+
+def lirf_attention(mid: jax.Array, mid_teacher: jax.Array, mask: jax.Array,
+                   threshold: float = 0.005) -> jax.Array:
+  """LIRF's attention-transfer term on the lower half's output, as the reference's `at_loss`:
+
+      a(x) = normalize(mean_tokens x²)  (L2 over the width),  entries < 0.005 set to 0
+      AT   = mean over valid samples and width of (a(x_student) − a(x_teacher))²
+
+  The run subtracts it (λ_at 300): the student's lower half is pushed away from the
+  teacher's on the forget images. The zeroed entries pass no gradient, as torch's masked
+  assignment.
+
+  References: Zagoruyko & Komodakis, arXiv 1612.03928 (attention transfer); Ye et al.,
+  ECCV 2022 (LIRF, "Learning with Recoverable Forgetting").
+  """
+  def att(x):
+    a = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=1)
+    a = a / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(a), axis=-1, keepdims=True)), 1e-12)
+    return jnp.where(a < threshold, 0.0, a)
+  diff = jnp.square(att(mid) - jax.lax.stop_gradient(att(mid_teacher)))
+  return jnp.sum(jnp.mean(diff, axis=-1) * mask) / jnp.maximum(1.0, jnp.sum(mask))
+
+
 def retrain_lr(*, base: float, minimum: float, epochs: int, warmup_epochs: int,
                warmup_lr: float) -> Callable[[int], float]:
   """timm's per-epoch cosine with a linear warm-up (the reference's Retrain schedule).
@@ -460,6 +523,16 @@ def validate(config) -> None:
       raise ConfigError("cf_scrub.max_epochs: max_epochs + min_epochs must be >= 1")
     _number(s, "lr_decay_at", m, high=1.0)
     _number(s, "lr_decay_rate", m)
+  if m == "cf_lirf":
+    for field in ("alpha", "at_weight", "kd_weight", "retain_weight"):
+      _number(s, field, m)
+    _number(s, "alpha", m, high=1.0)
+    _int(s, "split_blocks", m, 0)
+    if s.kd_rows not in KD_ROWS:
+      raise ConfigError(f"cf_lirf.kd_rows: {s.kd_rows!r} (expected one of {', '.join(KD_ROWS)})")
+    if bool(config.model.get("scan", False)):
+      raise ConfigError("model.scan: cf_lirf reads the lower half's output block by block; "
+                        "set model.scan=False")
   if m == "cf_scrub_s":
     _number(s, "smoothing", m)
     _number(s, "average_beta", m, strict=True, high=1.0)
@@ -544,6 +617,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model_cfg = common.model_config(config)
   model = models.build(model_cfg)
+  if method == "cf_lirf":
+    lirf_blocks(config, model)  # the split fits the model
   gs_lora.log_tasks(task_list, subsets)
   run_ = train.Run(workdir, config)
 
@@ -554,6 +629,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Trainable: every parameter but the head (the reference freezes the CosFace head);
   # Retrain trains a fresh model, head included.
   trainable0 = base0 if retrain else {k: v for k, v in base0.items() if k != "head"}
+  rest0 = None
+  if method == "cf_lirf":  # the lower half trains under the pretrained upper half
+    trainable0, rest0 = split_lower(base0, lirf_blocks(config, model))
   head0 = base0["head"]
   num_trainable = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable0)))
   log.info("%s: %d trainable parameters (of %d)", method, num_trainable,
@@ -611,6 +689,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                carry=train.replicate(carry, mesh))
       frozen = {"head": head0, "is_forget": forget_mask,
                 "num_forget": np.asarray(len(task.forget), np.int32)}
+      if rest0 is not None:
+        frozen["rest"] = rest0
       if method in ANCHORED:
         frozen["anchor"] = state.carry["anchor"]
         frozen["active"] = (np.arange(num_tasks) <= t).astype(np.float32)
@@ -698,6 +778,16 @@ def present(results: dict, workdir: str | None) -> str:
   return report.stage_table(results)
 
 
+def lirf_blocks(config, model) -> int:
+  """The blocks of LIRF's trained lower half: `cf_lirf.split_blocks`, or half the depth."""
+  depth = int(model.cfg.depth)
+  blocks = int(config.cf_lirf.split_blocks) or depth // 2
+  if not 1 <= blocks < depth:
+    raise ConfigError(f"cf_lirf.split_blocks: {blocks} (expected 1 .. {depth - 1} of the "
+                      f"model's {depth} blocks)")
+  return blocks
+
+
 def _compiled(config, model, trainable0: Tree, mesh):
   """(tx, {name: jitted step}, predict_step, importance grad or None) of this configuration,
   built once per process (reruns and resumptions in one process, e.g. the tests and
@@ -715,14 +805,24 @@ def _compiled(config, model, trainable0: Tree, mesh):
     tx = make_optimizer(float(s.lr), c, mask)
 
   def full(params, frozen):
+    if "rest" in frozen:  # LIRF: the trained lower half under the frozen rest
+      return merge_trees(params, frozen["rest"])
     return params if "head" in params else {**params, "head": frozen["head"]}
 
-  def forward(params, frozen, images, labels, *, rng=None):
-    """(margin logits, embedding); dropout on when `rng` is given."""
+  mid = f"encoderblock_{lirf_blocks(config, model) - 1}" if method == "cf_lirf" else None
+
+  def forward(params, frozen, images, labels, *, rng=None, with_mid=False):
+    """(margin logits, embedding[, LIRF's lower-half output]); dropout on when `rng` is
+    given."""
     p = full(params, frozen)
     kw = dict(train=True, rngs={"dropout": rng}) if rng is not None else {}
-    e = model.apply({"params": p}, images, features=True, **kw)
-    return gs_lora.head_logits(model, p, e, labels), e
+    if not with_mid:
+      e = model.apply({"params": p}, images, features=True, **kw)
+      return gs_lora.head_logits(model, p, e, labels), e
+    e, captured = model.apply({"params": p}, images, features=True, mutable=["intermediates"],
+                              capture_intermediates=lambda mdl, _: mdl.name == mid, **kw)
+    x = captured["intermediates"]["Transformer"][mid]["__call__"][0]
+    return gs_lora.head_logits(model, p, e, labels), e, x
 
   steps = {k: train.make_train_step(fn, tx, mesh)
            for k, fn in _make_losses(method, config, forward,
@@ -775,6 +875,30 @@ def _make_losses(method: str, config, forward, num_classes: int) -> dict[str, Ca
       reg = losses.anchor_penalty(params, frozen["anchor"], frozen.get("importance"),
                                   frozen["active"])
       return ce + weight * reg, {"ce": ce, "penalty": reg}
+    return {"train": loss_fn}
+
+  if method == "cf_lirf":
+    alpha, temp = float(s.alpha), float(s.temperature)
+
+    def loss_fn(params, frozen, batch, rng):
+      f, r = batch["forget"], batch["retain"]
+      k_f, k_r, k_label = jax.random.split(rng, 3)
+      y = relabelled(k_label, f, frozen)
+      z_f, _, mid_f = forward(params, frozen, f["image"], y, rng=k_f, with_mid=True)
+      zt, _, mid_t = forward(frozen["teacher"], frozen, f["image"], y, with_mid=True)
+      zt, mid_t = jax.lax.stop_gradient(zt), jax.lax.stop_gradient(mid_t)
+      ce_f = (1.0 - alpha) * losses.cross_entropy(z_f, y, f["mask"])
+      at = lirf_attention(mid_f, mid_t, f["mask"])
+      # The distilled logits: the reference's slice [:, n_forget:] or the retained classes.
+      keep = (jnp.arange(z_f.shape[-1]) >= frozen["num_forget"] if s.kd_rows == "reference"
+              else jnp.asarray(frozen["is_forget"]) == 0)
+      hide = lambda z: jnp.where(keep, z, -1e9)
+      kd = alpha * temp ** 2 * losses.distillation_kl(hide(z_f), hide(zt), temp, f["mask"])
+      z_r, _ = forward(params, frozen, r["image"], r["label"], rng=k_r)
+      ce_r = losses.cross_entropy(z_r, r["label"], r["mask"])
+      loss = ce_f - float(s.at_weight) * at + float(s.kd_weight) * kd + \
+          float(s.retain_weight) * ce_r
+      return loss, {"ce_forget": ce_f, "at": at, "kd": kd, "ce_retain": ce_r}
     return {"train": loss_fn}
 
   if method in PAIRED:
