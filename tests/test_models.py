@@ -59,18 +59,45 @@ def test_mlp_block_uses_exact_erf_gelu():
   assert float(jnp.abs(got - tanh_gelu).max()) > 1e-5  # the test can tell the two apart
 
 
-def test_dropout_active_only_in_training():
+def _dropout_model():
+  """(config, model, params, images) of the tiny ViT with dropout 0.5."""
   cfg = tiny_model_config()
   cfg.dropout = 0.5
   model = vit.build(cfg)
-  params = vit.init_params(model, cfg, jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  return (cfg, model, vit.init_params(model, cfg, jax.random.key(0)),
+          jax.random.normal(jax.random.key(1), (2, 16, 16, 3)))
+
+
+def test_dropout_active_only_in_training():
+  _, model, params, x = _dropout_model()
   f_eval = model.apply({"params": params}, x, features=True)
   f_eval2 = model.apply({"params": params}, x, features=True)
   f_train = model.apply({"params": params}, x, features=True, train=True,
                         rngs={"dropout": jax.random.key(2)})
   np.testing.assert_array_equal(f_eval, f_eval2)
   assert float(jnp.abs(f_train - f_eval).max()) > 1e-3
+
+
+def test_train_blocks_keeps_dropout_to_the_lower_blocks():
+  """LIRF's student: dropout in the blocks below `train_blocks`, the rest as in evaluation."""
+  cfg, model, params, x = _dropout_model()
+  kw = dict(features=True, train=True, rngs={"dropout": jax.random.key(2)})
+  np.testing.assert_array_equal(model.apply({"params": params}, x, **kw),
+                                model.apply({"params": params}, x, train_blocks=2, **kw))
+  _, state = model.apply({"params": params}, x, train_blocks=1, mutable=["intermediates"],
+                         capture_intermediates=lambda m, _: m.name in ("encoderblock_0",
+                                                                      "Transformer"), **kw)
+  inter = state["intermediates"]["Transformer"]
+  mid, out = inter["encoderblock_0"]["__call__"][0], inter["__call__"][0]
+  block_cfg = vit.vit_config(cfg)
+  top = params["Transformer"]
+  upper = vit.Encoder1DBlock(block_cfg).apply({"params": top["encoderblock_1"]}, mid, True)
+  normed = nn.LayerNorm(epsilon=block_cfg.layer_norm_eps).apply(
+      {"params": top["encoder_norm"]}, upper)
+  np.testing.assert_allclose(out, normed, rtol=1e-5, atol=1e-6)  # block 1 in eval mode
+  full = model.apply({"params": params}, x, mutable=["intermediates"],
+                     capture_intermediates=lambda m, _: m.name == "Transformer", **kw)[1]
+  assert float(jnp.abs(full["intermediates"]["Transformer"]["__call__"][0] - out).max()) > 1e-3
 
 
 @pytest.mark.parametrize("field,value", [("variant", "Q/16"), ("variant", "B"),

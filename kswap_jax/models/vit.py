@@ -618,8 +618,11 @@ class Transformer(nn.Module):
   cfg: ViTConfig
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, train_blocks: int | None = None):
+    """`train_blocks`: only blocks below this index use dropout (None: all of them)."""
     cfg = self.cfg
+    if train_blocks is not None and cfg.scan:
+      raise ValueError("train_blocks: needs the unscanned encoder (model.scan = False)")
     x = AddPositionEmbs(name="posembed_input")(x)
     x = Dropout(cfg.dropout, mask=cfg.dropout_mask, rng=cfg.dropout_rng,
                 bits=cfg.dropout_bits)(x, deterministic=deterministic)
@@ -635,7 +638,8 @@ class Transformer(nn.Module):
       x, _ = block(cfg, scanned=True, name="encoderblock")(x, deterministic)
     else:
       for i in range(cfg.depth):
-        x = block(cfg, name=f"encoderblock_{i}")(x, deterministic)
+        frozen = train_blocks is not None and i >= train_blocks
+        x = block(cfg, name=f"encoderblock_{i}")(x, deterministic or frozen)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                         name="encoder_norm")(x)
 
@@ -766,11 +770,13 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, features: bool = False,
-               labels: jax.Array | None = None):
+               labels: jax.Array | None = None, train_blocks: int | None = None):
     """Logits (batch, num_classes); with `features=True`, the representation the head sees.
 
     `labels` matter only for the CosFace head, which subtracts its margin from the
     true-class cosine when they are given (training, and GS-LoRA's evaluation).
+    `train_blocks`: with `train`, only the blocks below this index use dropout; the ones
+    above run as in evaluation (LIRF's frozen upper half). Unscanned encoders only.
     """
     if images.ndim != 4:
       raise ValueError(f"images: expected a batch (batch, height, width, channels), got shape "
@@ -782,9 +788,11 @@ class VisionTransformer(nn.Module):
     if self.cfg.pool == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
       x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
-      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train)[:, 0]
+      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train,
+                                                    train_blocks=train_blocks)[:, 0]
     else:  # "gap": big_vision's global average pool over the normed patch tokens
-      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train).mean(axis=1)
+      x = Transformer(self.cfg, name="Transformer")(x, deterministic=not train,
+                                                    train_blocks=train_blocks).mean(axis=1)
     x = x.astype(jnp.float32)  # the representation, head and logits stay float32
     if self.cfg.representation_size:
       x = jnp.tanh(nn.Dense(self.cfg.representation_size, name="pre_logits")(x))

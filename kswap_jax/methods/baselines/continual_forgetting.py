@@ -21,8 +21,9 @@ sample at every access (`relabel`), B_r, B_f retain and forget batches, θ the t
     cf_scrub_s  SCRUB + p Σ_k ‖θ_k − θ̄_k‖_F in every step, θ̄ an exponential average of
                 the weights refreshed once per super-epoch (`kswap_jax.optim.sgda`)
     cf_lirf     LIRF*: only the lower half of the blocks trains, under the frozen upper
-                half: (1−α) CE(B_f, y') − λ_at AT(mid, mid_teacher) + λ_kd α T² KD on the
-                retained logits + λ_r CE(B_r)  (`lirf_attention`)
+                half (in eval mode): (1−α) CE(B_f, y') − λ_at AT(mid, mid_teacher)
+                + λ_kd α T² KD on the logits [:, n_forget:] + λ_r CE(B_r)
+                (`lirf_attention`, `cf_lirf.kd_rows`)
 
 θ*_s is the model at the start of task s and F_s / Ω_s its importance (`ewc_importance`,
 `mas_importance`); both live in the checkpointed cross-stage state
@@ -816,6 +817,8 @@ def _compiled(config, model, trainable0: Tree, mesh):
     given."""
     p = full(params, frozen)
     kw = dict(train=True, rngs={"dropout": rng}) if rng is not None else {}
+    if rng is not None and mid is not None:  # LIRF: the frozen upper half in eval mode
+      kw["train_blocks"] = lirf_blocks(config, model)
     if not with_mid:
       e = model.apply({"params": p}, images, features=True, **kw)
       return gs_lora.head_logits(model, p, e, labels), e
