@@ -421,15 +421,36 @@ DRY_RUN_HELP = """\
 """
 
 
+def pop_dry_run(argv) -> tuple[bool, list[str]]:
+  """(whether argv asks for a dry run, argv without that flag): `--dry_run`, `-dry_run`,
+  `--dry_run=true|false` or `--nodry_run`, as absl writes booleans.
+
+  Raises:
+    ConfigError: another value.
+  """
+  dry_run, rest = False, []
+  for a in argv:
+    name, eq, value = a.lstrip("-").partition("=")
+    if a.startswith("-") and name in ("dry_run", "nodry_run"):
+      if not eq:
+        dry_run = name == "dry_run"
+        continue
+      if name == "dry_run" and value.lower() in ("true", "1", "false", "0"):
+        dry_run = value.lower() in ("true", "1")
+        continue
+      raise ConfigError(f"--{name}: {value!r} (expected --dry_run, --dry_run=true or false)")
+    rest.append(a)
+  return dry_run, rest
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if wants_help(argv, usage(more=DRY_RUN_HELP)):
     return 0
-  dry_run = "--dry_run" in argv[1:]
-  argv = [a for a in argv if a != "--dry_run"]
 
   def command():
-    config, workdir = load_config(argv)
+    dry_run, rest = pop_dry_run(argv)
+    config, workdir = load_config(rest)
     if not dry_run:  # a dry run is one process: it joins no distributed run
       log.info(hostmem.describe())
       train.initialize_distributed(config)

@@ -280,11 +280,9 @@ def main(argv=None) -> int:
       workdir_suffix="_compare")):
     return 0
 
-  dry_run = "--dry_run" in argv[1:]
-  argv = [a for a in argv if a != "--dry_run"]
-
   def command():
-    rest, names = _split_list(argv, "methods")
+    dry_run, rest = cli.pop_dry_run(argv)
+    rest, names = _split_list(rest, "methods")
     rest, seeds = _split_list(rest, "seeds", int)
     config, workdir = cli.load_config(rest)
     if not dry_run:

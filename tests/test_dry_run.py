@@ -120,3 +120,14 @@ def test_a_comparison_dry_runs_every_method_and_seed(tmp_path, caplog):
   said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dry run:")]
   assert [s.split()[2] for s in said] == ["lbf", "lbf", "laf", "laf"]
   assert not workdir.exists()
+
+
+def test_the_dry_run_flag_takes_absls_boolean_forms():
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  base = ["run.py", "--config=demo"]
+  for flag, want in (("--dry_run", True), ("-dry_run", True), ("--dry_run=true", True),
+                     ("--dry_run=False", False), ("--nodry_run", False)):
+    assert cli.pop_dry_run([*base, flag]) == (want, base), flag
+  assert cli.pop_dry_run(base) == (False, base)
+  with pytest.raises(ConfigError, match=r"^--dry_run: 'maybe' \(expected"):
+    cli.pop_dry_run([*base, "--dry_run=maybe"])
