@@ -58,6 +58,10 @@ def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
   assert any(m["acc_r"] > p["acc_r"] for p, m in zip(on_disk["stages"], masked["stages"]))
   first = [x for x in lines if x["stage"] == "learn"][0]
   assert max(first["block_delta_w"]) < max(last["block_delta_w"])  # ΔW grows from 0
+  # The learning side's harmonic mean (an extra): the gain in Acc_n against Acc_r.
+  gain = on_disk["final"]["acc_n"] - on_disk["stages"][0]["acc_n"]
+  r = on_disk["final"]["acc_r"]
+  assert on_disk["h_mean_learn"] == pytest.approx(2 * gain * r / (gain + r + 1e-8))
   for name in ("lora_norms.png", "block_profiles.png", "lora_learn.npz", "lora_forget.npz", "merged_params.npz",
                "config.json", "pretrain/params.npz", "pretrain/results.json"):
     assert os.path.exists(os.path.join(workdir, name)), name

@@ -363,6 +363,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     if f"{k}_masked" in results[n]}}
                      for n in ("before",) + STAGE_ORDER[method]],
           "final": {k: last[f"{k}_masked"] for k in TEST_SPLITS if f"{k}_masked" in last}},
+      # An extra of our own, not the paper's: the learning side's harmonic mean, with the
+      # gain in Acc_n in place of the forget drop (`metrics.h_mean_learn`).
+      "h_mean_learn": metrics.h_mean_learn(results["before"]["acc_n"], final["acc_n"],
+                                           final["acc_r"]),
       "block_norms": {n: results[n]["block_norms"] for n in STAGE_ORDER[method]},
       "num_trainable": lora.count(lora_tree),
   }
