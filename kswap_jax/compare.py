@@ -128,7 +128,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   # trains (an unfinished one is checked by its own workdir record when it resumes).
   for name in names:
     for seed in seeds:
-      _check_finished(workdir, name, seed, _config_for(config, name, seed, workdir))
+      sub_config = _config_for(config, name, seed, workdir)
+      methods.check(sub_config)  # each method's own values, before the first one trains
+      _check_finished(workdir, name, seed, sub_config)
   rows, total, count, checked = {}, len(names) * len(seeds), 0, 0
   for name in names:
     per_seed = []
@@ -287,8 +289,8 @@ def main(argv=None) -> int:
     config, workdir = cli.load_config(rest)
     if not dry_run:
       log.info(hostmem.describe())  # the first line of the log, as run.py's
-    if not cli.workdir_given(rest):
-      workdir = workdir + "_compare"
+    if not cli.workdir_given(rest) and not workdir.endswith("_compare"):
+      workdir = workdir + "_compare"  # (a config arg named `compare` has it already)
     if not dry_run:  # a dry run is one process
       train.initialize_distributed(config)
       train.stop_on_signals()

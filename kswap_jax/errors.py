@@ -30,11 +30,12 @@ class DryRunComplete(Exception):
     workdir: the run's workdir.
     resumes: whether the workdir already holds a run of this config (which the same
       command without the dry run continues).
+    finished: whether that run has finished (a rerun only rewrites its results).
   """
 
-  def __init__(self, workdir: str, resumes: bool):
+  def __init__(self, workdir: str, resumes: bool, finished: bool = False):
     super().__init__(workdir)
-    self.workdir, self.resumes = workdir, resumes
+    self.workdir, self.resumes, self.finished = workdir, resumes, finished
 
 
 def require_int(value, field: str, least: int = 0) -> int:

@@ -560,7 +560,8 @@ class Run:
       resumes = os.path.isfile(os.path.join(self.workdir, "config.json"))
       if resumes:
         self._check_config()  # a workdir of another config is refused as a run refuses it
-      raise DryRunComplete(self.workdir, resumes)
+      raise DryRunComplete(self.workdir, resumes,
+                           os.path.isfile(os.path.join(self.workdir, "results.json")))
     prepare_workdir(self.workdir)
     self._check_config()
     tcfg = config.train

@@ -85,8 +85,8 @@ def test_a_dry_run_on_a_finished_workdir_reads_its_record(tmp_path_factory, capl
   with open(os.path.join(workdir, "config.json")) as f:
     recorded = json.load(f)
   assert methods.run(ml_collections.ConfigDict(recorded), workdir, dry_run=True) is None
-  assert any("holds a run of this config, which the command resumes" in r.getMessage()
-             for r in caplog.records)
+  assert any("holds a finished run of this config (the command rewrites its results)"
+             in r.getMessage() for r in caplog.records)
   other = ml_collections.ConfigDict(recorded)
   other.unlearn.gamma = 2.0
   with pytest.raises(ConfigError, match=r"holds a run with a different config \(unlearn\.gamma"):
@@ -131,3 +131,14 @@ def test_the_dry_run_flag_takes_absls_boolean_forms():
   assert cli.pop_dry_run(base) == (False, base)
   with pytest.raises(ConfigError, match=r"^--dry_run: 'maybe' \(expected"):
     cli.pop_dry_run([*base, "--dry_run=maybe"])
+
+
+def test_a_comparison_checks_every_methods_values_before_the_first_trains(tmp_path):
+  """A bad value of the last method's section stops `compare` before anything trains
+  (it surfaced after the first methods had trained)."""
+  from kswap_jax import compare  # pylint: disable=import-outside-toplevel
+  config = load_config("gs_lora_digits", "runlocal")
+  config.cf_lirf.kd_rows = "x"
+  with pytest.raises(ConfigError, match=r"^cf_lirf\.kd_rows: 'x'"):
+    compare.run(config, str(tmp_path / "cmp"), ["cf_ft", "cf_lirf"], [0])
+  assert not any((tmp_path / "cmp").rglob("*.npz")) and not (tmp_path / "cmp" / "cf_ft").exists()

@@ -231,6 +231,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) 
     log.info("dry run: %s passed every check a run makes before it writes (config, data, "
              "model shapes, batch sizes for %d device(s)); %s%s; nothing written",
              config.method, jax.device_count(),
+             f"{done.workdir} holds a finished run of this config (the command rewrites "
+             f"its results)" if done.finished else
              f"{done.workdir} holds a run of this config, which the command resumes"
              if done.resumes else f"the run would start afresh in {done.workdir}", note)
     return None

@@ -104,7 +104,7 @@ def dry_run_note(config: ml_collections.ConfigDict, workdir: str) -> str:
   if config.init.kind != "pretrain" or config.method == "pretrain":
     return ""
   fill_pretrain_workdir(config, workdir)
-  folder = str(config.init.pretrain_workdir)
+  folder = os.path.abspath(str(config.init.pretrain_workdir))
   if os.path.exists(os.path.join(folder, "params.npz")):
     return f"; it starts from the model pretrained in {folder}"
   try:

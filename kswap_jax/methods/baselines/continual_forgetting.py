@@ -521,7 +521,7 @@ def validate(config) -> None:
     _int(s, "max_epochs", m, 0)
     _int(s, "min_epochs", m, 0)
     if int(s.max_epochs) + int(s.min_epochs) < 1:
-      raise ConfigError("cf_scrub.max_epochs: max_epochs + min_epochs must be >= 1")
+      raise ConfigError(f"{m}.max_epochs: max_epochs + min_epochs must be >= 1")
     _number(s, "lr_decay_at", m, high=1.0)
     _number(s, "lr_decay_rate", m)
   if m == "cf_lirf":
@@ -529,6 +529,7 @@ def validate(config) -> None:
       _number(s, field, m)
     _number(s, "alpha", m, high=1.0)
     _int(s, "split_blocks", m, 0)
+    lirf_blocks(config, models.build(common.model_config(config)))
     if s.kd_rows not in KD_ROWS:
       raise ConfigError(f"cf_lirf.kd_rows: {s.kd_rows!r} (expected one of {', '.join(KD_ROWS)})")
     if bool(config.model.get("scan", False)):
@@ -785,7 +786,7 @@ def lirf_blocks(config, model) -> int:
   blocks = int(config.cf_lirf.split_blocks) or depth // 2
   if not 1 <= blocks < depth:
     raise ConfigError(f"cf_lirf.split_blocks: {blocks} (expected 1 .. {depth - 1} of the "
-                      f"model's {depth} blocks)")
+                      f"model's {depth} blocks, or 0: half the depth)")
   return blocks
 
 
@@ -890,17 +891,18 @@ def _make_losses(method: str, config, forward, num_classes: int) -> dict[str, Ca
       z_f, _, mid_f = forward(params, frozen, f["image"], y, rng=k_f, with_mid=True)
       zt, _, mid_t = forward(frozen["teacher"], frozen, f["image"], y, with_mid=True)
       zt, mid_t = jax.lax.stop_gradient(zt), jax.lax.stop_gradient(mid_t)
-      ce_f = (1.0 - alpha) * losses.cross_entropy(z_f, y, f["mask"])
+      ce_f = losses.cross_entropy(z_f, y, f["mask"])
       at = lirf_attention(mid_f, mid_t, f["mask"])
       # The distilled logits: the reference's slice [:, n_forget:] or the retained classes.
       keep = (jnp.arange(z_f.shape[-1]) >= frozen["num_forget"] if s.kd_rows == "reference"
               else jnp.asarray(frozen["is_forget"]) == 0)
       hide = lambda z: jnp.where(keep, z, -1e9)
-      kd = alpha * temp ** 2 * losses.distillation_kl(hide(z_f), hide(zt), temp, f["mask"])
+      kd = losses.distillation_kl(hide(z_f), hide(zt), temp, f["mask"])
       z_r, _ = forward(params, frozen, r["image"], r["label"], rng=k_r)
       ce_r = losses.cross_entropy(z_r, r["label"], r["mask"])
-      loss = ce_f - float(s.at_weight) * at + float(s.kd_weight) * kd + \
-          float(s.retain_weight) * ce_r
+      loss = (1.0 - alpha) * ce_f - float(s.at_weight) * at + \
+          float(s.kd_weight) * alpha * temp ** 2 * kd + float(s.retain_weight) * ce_r
+      # Logged unweighted, as the other baselines' terms.
       return loss, {"ce_forget": ce_f, "at": at, "kd": kd, "ce_retain": ce_r}
     return {"train": loss_fn}
 
