@@ -719,7 +719,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       plan = lambda i: [(kinds[i], steps[kinds[i]], ("forget",) if kinds[i] == "max"
                          else ("retain",))]
 
-      def hparams(e, i, t=t, inner=inner, lr_of=lr_of):
+      def hparams(e, i):
         del e
         out = {"learning_rate": lr_of(inner[i])}
         if method == "cf_scrub_s":  # the reference refreshes θ̄ after every super-epoch
