@@ -858,11 +858,9 @@ def check_writable(workdir: str, field: str = "--workdir") -> None:
 
 
 def prepare_workdir(workdir: str, field: str = "--workdir") -> None:
-  """Creates `workdir` (a filesystem path, `check_workdir`) and checks that this process can
-  write into it."""
-  check_workdir(workdir, field)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"{field} {workdir}: a file; expected a folder (or a path to create one)")
+  """Creates `workdir` (after `check_writable`) and checks that this process can write into
+  it."""
+  check_writable(workdir, field)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")

@@ -14,7 +14,7 @@ import pytest
 from conftest import load_config, method_run
 from kswap_jax import losses, methods, models, train
 from kswap_jax.errors import ConfigError
-from kswap_jax.methods import gs_lora
+from kswap_jax.methods import gs_lora, trainable
 from kswap_jax.methods.baselines import continual_forgetting as cf
 
 
@@ -278,7 +278,7 @@ def test_lirf_splits_the_lower_half_off_and_merges_it_back():
   assert set(lower) == {"embedding", "cls", "Transformer"}
   assert sorted(rest["Transformer"]) == ["encoder_norm", "encoderblock_3", "encoderblock_4",
                                          "encoderblock_5"] and rest["head"] == {"kernel": 3}
-  assert cf.merge_trees(lower, rest) == params
+  assert trainable.join(lower, rest) == params
 
 
 def test_lirf_attention_transfer_is_the_references_at_loss():

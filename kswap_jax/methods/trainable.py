@@ -39,7 +39,7 @@ Tree = Any
 KINDS = ("full", "lora")
 
 
-def _join(a: Tree, b: Tree) -> Tree:
+def join(a: Tree, b: Tree) -> Tree:
   """One tree with the leaves of both (disjoint) trees."""
   out: Tree = jax.tree_util.tree_map(lambda x: x, a)  # a structural copy; leaves are shared
   for name, x in lora.named_leaves(b):
@@ -96,14 +96,14 @@ class Trainable:
     `rngs`, `mask`, `mutable`: then the result is (output, updated collections))."""
     if self.kind == "full":
       return self.model.apply({"params": params, **model_state}, images, **kwargs)
-    return lora.apply(self.model, _join(frozen["base"], params["base"]), params["lora"],
+    return lora.apply(self.model, join(frozen["base"], params["base"]), params["lora"],
                       images, scale=self.spec.scale, model_state=model_state, **kwargs)
 
   def full(self, params: Tree, frozen: Tree) -> Tree:
     """The model's parameters in its own names, LoRA merged in (for export and checks)."""
     if self.kind == "full":
       return params
-    return lora.merge(_join(frozen["base"], params["base"]), params["lora"], self.spec.scale)
+    return lora.merge(join(frozen["base"], params["base"]), params["lora"], self.spec.scale)
 
 
 def from_config(model, kind: str, lora_cfg: ml_collections.ConfigDict, train: str,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kswap_jax import lora
 from kswap_jax.optim.group_lasso import safe_norm
 
 Tree = Any
@@ -43,12 +44,16 @@ class SmoothingState(NamedTuple):
   num_averaged: jax.Array
 
 
-def path_name(path) -> str:
-  """A key path as "a/b/c" (dict keys, attribute names or indices)."""
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
+def _squares(params: Tree, average: Tree, group_of: Callable[[str], str]
+             ) -> tuple[list[str], list[jax.Array], dict[str, jax.Array]]:
+  """Per leaf its tensor key and θ − θ̄ (float32), and per key Σ (θ − θ̄)²."""
+  keys = [group_of(name) for name, _ in lora.named_leaves(params)]
+  diffs = [p.astype(jnp.float32) - a.astype(jnp.float32) for p, a in
+           zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(average))]
+  squares: dict[str, jax.Array] = {}
+  for k, d in zip(keys, diffs):
+    squares[k] = squares.get(k, 0.0) + jnp.sum(jnp.square(d))
+  return keys, diffs, squares
 
 
 def fused_qkv(name: str) -> str:
@@ -94,20 +99,14 @@ def smoothing(weight: float, beta: float = 0.1, refresh: float | jax.Array = 0.0
     average = jax.tree_util.tree_map(refreshed, state.average, params)
     num_averaged = state.num_averaged + now.astype(jnp.int32)
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = [group_of(path_name(path)) for path, _ in flat]
-    diffs = [p.astype(jnp.float32) - a.astype(jnp.float32)
-             for (_, p), a in zip(flat, jax.tree_util.tree_leaves(average))]
-    squares: dict[str, jax.Array] = {}
-    for k, d in zip(keys, diffs):
-      squares[k] = squares.get(k, 0.0) + jnp.sum(jnp.square(d))
+    keys, diffs, squares = _squares(params, average, group_of)
     scale = {}
     for k, sq in squares.items():
       norm = safe_norm(sq)
       scale[k] = jnp.where(norm > 0, weight / jnp.where(norm > 0, norm, 1.0), 0.0)
     new = [(u + scale[k] * d).astype(u.dtype)
            for u, k, d in zip(jax.tree_util.tree_leaves(updates), keys, diffs)]
-    return (jax.tree_util.tree_unflatten(treedef, new),
+    return (jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), new),
             SmoothingState(average=average, num_averaged=num_averaged))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -117,11 +116,5 @@ def smoothing_value(params: Tree, average: Tree, weight: float,
                     group_of: Callable[[str], str] | None = None) -> jax.Array:
   """weight · Σ_k ‖θ_k − θ̄_k‖_F: the term whose gradient `smoothing` adds (for logs and
   tests)."""
-  group_of = group_of or (lambda name: name)
-  squares: dict[str, jax.Array] = {}
-  for (path, p), a in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                          jax.tree_util.tree_leaves(average)):
-    k = group_of(path_name(path))
-    squares[k] = squares.get(k, 0.0) + jnp.sum(jnp.square(p.astype(jnp.float32)
-                                                           - a.astype(jnp.float32)))
+  _, _, squares = _squares(params, average, group_of or (lambda name: name))
   return weight * sum(safe_norm(sq) for sq in squares.values())

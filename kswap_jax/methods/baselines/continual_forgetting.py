@@ -58,7 +58,7 @@ from kswap_jax import losses, models, report, train
 from kswap_jax.data import streams
 from kswap_jax.data import tasks as tasks_lib
 from kswap_jax.errors import ConfigError, require_int
-from kswap_jax.methods import common, continual, gs_lora, pretrain
+from kswap_jax.methods import common, continual, gs_lora, pretrain, trainable
 from kswap_jax.optim import schedules, sgda
 
 log = logging.getLogger("kswap_jax")
@@ -113,6 +113,12 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
   """
   tasks = gs_lora.sections()["tasks"]
   cd = ml_collections.ConfigDict
+  scrub = dict(
+      epochs=0, lr=1e-4, weight_decay=5e-4,  # torch Adam (L2 added to the gradient), no cosine
+      gamma=0.99, alpha=0.001, temperature=2.0,
+      max_epochs=5, min_epochs=5,  # per super-epoch: max+min inner epochs, then min only
+      lr_decay_at=0.7,             # LR × lr_decay_rate from this share of the inner epochs
+      lr_decay_rate=0.1)
   return {
       "tasks": tasks,
       "cf": cd(dict(
@@ -140,12 +146,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
       "cf_der": cd(dict(epochs=0, lr=1e-3, weight=0.01)),
       "cf_der_pp": cd(dict(epochs=0, lr=1e-3, weight=0.005, retain_weight=0.005)),
       "cf_fdr": cd(dict(epochs=0, lr=1e-3, weight=50.0)),
-      "cf_scrub": cd(dict(
-          epochs=0, lr=1e-4, weight_decay=5e-4,  # torch Adam (L2 added to the gradient), no cosine
-          gamma=0.99, alpha=0.001, temperature=2.0,
-          max_epochs=5, min_epochs=5,  # per super-epoch: max+min inner epochs, then min only
-          lr_decay_at=0.7,             # LR × lr_decay_rate from this share of the inner epochs
-          lr_decay_rate=0.1)),
+      "cf_scrub": cd(scrub),
       "cf_lirf": cd(dict(
           epochs=0, lr=1e-4, alpha=0.1, temperature=10.0,
           at_weight=300.0, kd_weight=10.0, retain_weight=5.0,
@@ -155,8 +156,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
                                 # task does not forget
       )),
       "cf_scrub_s": cd(dict(
-          epochs=0, lr=1e-4, weight_decay=5e-4, gamma=0.99, alpha=0.001, temperature=2.0,
-          max_epochs=5, min_epochs=5, lr_decay_at=0.7, lr_decay_rate=0.1,
+          scrub,            # SCRUB's fields, plus:
           smoothing=0.1,    # p of p Σ_k ‖θ_k − θ̄_k‖_F (--sgda_smoothing)
           average_beta=0.1,  # θ̄ ← (1 − β) θ̄ + β θ once per super-epoch; the first copies θ
           fused_qkv=True,   # [R] q, k, v kernels (and biases) as one tensor, as torch stores
@@ -378,7 +378,7 @@ def scrub_schedule(*, epochs: int, max_epochs: int, min_epochs: int, forget_step
 def split_lower(params: Tree, blocks: int) -> tuple[Tree, Tree]:
   """(lower, rest) of a ViT's parameters: LIRF's trained lower half (patch embedding, class
   token, position embedding, `encoderblock_0` .. `encoderblock_{blocks-1}`) and the rest
-  (the upper blocks, the final norm, the head), which `merge_trees` joins again."""
+  (the upper blocks, the final norm, the head), which `trainable.join` joins again."""
   lower = {k: v for k, v in params.items() if k not in ("Transformer", "head", "pre_logits")}
   rest = {k: v for k, v in params.items() if k in ("head", "pre_logits")}
   low_t, rest_t = {}, {}
@@ -390,14 +390,6 @@ def split_lower(params: Tree, blocks: int) -> tuple[Tree, Tree]:
       rest_t[name] = sub
   lower["Transformer"], rest["Transformer"] = low_t, rest_t
   return lower, rest
-
-
-def merge_trees(a: Tree, b: Tree) -> Tree:
-  """The union of two nested dicts with disjoint leaves (`split_lower`'s inverse)."""
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = merge_trees(out[k], v) if isinstance(v, dict) and k in out else v
-  return out
 
 
 def lirf_attention(mid: jax.Array, mid_teacher: jax.Array, mask: jax.Array,
@@ -619,8 +611,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model_cfg = common.model_config(config)
   model = models.build(model_cfg)
-  if method == "cf_lirf":
-    lirf_blocks(config, model)  # the split fits the model
   gs_lora.log_tasks(task_list, subsets)
   run_ = train.Run(workdir, config)
 
@@ -808,7 +798,7 @@ def _compiled(config, model, trainable0: Tree, mesh):
 
   def full(params, frozen):
     if "rest" in frozen:  # LIRF: the trained lower half under the frozen rest
-      return merge_trees(params, frozen["rest"])
+      return trainable.join(params, frozen["rest"])
     return params if "head" in params else {**params, "head": frozen["head"]}
 
   mid = f"encoderblock_{lirf_blocks(config, model) - 1}" if method == "cf_lirf" else None
