@@ -13,12 +13,15 @@ and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png`
 workdir (default `./workdir/<config name>[_<arg>]_compare`); `python -m kswap_jax.report
 WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
 The first run of a seed also does the work its family shares (pretraining, the Retrain
-oracle), which its seconds include. `--dry_run` makes every run's checks (`run.py
+oracle), which its seconds include. A run's seconds add up all its attempts
+(`compare_seconds.json`); an attempt killed outright (SIGKILL) cannot record its time, and
+the table marks such runs. `--dry_run` makes every run's checks (`run.py
 --dry_run`) and writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -27,6 +30,7 @@ import os
 import sys
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -77,6 +81,74 @@ def _check_finished(workdir: str, name: str, seed: int, sub_config) -> None:
         f"--workdir {workdir}: {name}/seed_{seed} finished with a different config ({diff}); "
         f"use a new --workdir or delete {os.path.dirname(path)} (and {workdir}/pretrain when "
         f"the change concerns pretraining, the data or the model)")
+
+
+_TIMING = "compare_seconds.json"  # in the compare workdir: {"<method>/seed_<s>": entry}
+
+
+def _read_timings(workdir: str) -> dict:
+  path = os.path.join(workdir, _TIMING)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_timing(workdir: str, key: str, entry: dict | None) -> None:
+  if jax.process_index() != 0:
+    return
+  timings, path = _read_timings(workdir), os.path.join(workdir, _TIMING)
+  if entry is None:
+    timings.pop(key, None)
+  else:
+    timings[key] = entry
+  if timings:
+    train.write_json(path, timings)
+  elif os.path.exists(path):
+    os.remove(path)  # a refused first attempt leaves nothing behind
+
+
+@contextlib.contextmanager
+def _attempt_timed(workdir: str, name: str, seed: int):
+  """Adds this attempt's wall time to the (method, seed)'s entry in `compare_seconds.json`
+  when it ends, finished or not (a stop request, Ctrl-C, an error). The entry is marked
+  "running" meanwhile: an attempt killed outright leaves that mark, and its time is lost,
+  which the next attempt records as "incomplete". A refused attempt (ConfigError) ran
+  nothing and leaves the entry as it was."""
+  key = f"{name}/seed_{seed}"
+  before = _read_timings(workdir).get(key)
+  entry = dict(before or {"seconds": 0.0, "attempts": 0, "incomplete": False})
+  entry["incomplete"] = bool(entry["incomplete"] or entry.pop("running", False))
+  entry["attempts"] += 1
+  _write_timing(workdir, key, {**entry, "running": True})
+  start = time.time()
+
+  def record():
+    entry["seconds"] = round(entry["seconds"] + time.time() - start, 3)
+    _write_timing(workdir, key, entry)
+  try:
+    yield
+  except ConfigError:
+    _write_timing(workdir, key, before)
+    raise
+  except BaseException:
+    record()
+    raise
+  record()
+
+
+def _timing(workdir: str, name: str, seed: int) -> dict:
+  """A finished (method, seed)'s seconds, attempts and whether an attempt's time is lost."""
+  entry = _read_timings(workdir).get(f"{name}/seed_{seed}")
+  if entry is not None:  # "running": killed outright after its results were written
+    return {**entry, "incomplete": bool(entry["incomplete"] or entry.get("running"))}
+  legacy = os.path.join(workdir, name, f"seed_{seed}", _TIMING)  # one file per run, earlier
+  if os.path.exists(legacy):
+    with open(legacy) as f:
+      old = json.load(f)
+    return {"seconds": old["seconds"], "attempts": 1 + bool(old.get("resumed")),
+            "incomplete": bool(old.get("resumed"))}
+  return {"seconds": float("nan"), "attempts": 0, "incomplete": True}
 
 
 def _summary(values: list[float | None]) -> dict:
@@ -138,7 +210,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
       count += 1
       sub = os.path.join(workdir, name, f"seed_{seed}")
       results_path = os.path.join(sub, "results.json")
-      timing_path = os.path.join(sub, "compare_seconds.json")
       if dry_run:
         if os.path.exists(results_path):
           log.info("[compare] %d/%d %s, seed %d: finished earlier", count, total, name, seed)
@@ -151,27 +222,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
         log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, name, seed, sub,
                  " (resuming an earlier attempt)" if resumed else "")
-        start = time.time()
         try:
-          methods.run(_config_for(config, name, seed, workdir), sub)
+          with _attempt_timed(workdir, name, seed):
+            methods.run(_config_for(config, name, seed, workdir), sub)
         except ConfigError:
           try:  # the method's folder, when the refused run's was its only content
             os.rmdir(os.path.join(workdir, name))
           except OSError:
             pass
           raise
-        # A resumed run's seconds are this attempt's only: the killed ones left no time.
-        train.write_json(timing_path, {"seconds": time.time() - start, "resumed": resumed})
       else:
         log.info("[compare] %d/%d %s, seed %d: finished earlier, results read from %s", count,
                  total, name, seed, results_path)
       with open(results_path) as f:
         results = json.load(f)
-      timing = {"seconds": float("nan")}
-      if os.path.exists(timing_path):
-        with open(timing_path) as f:
-          timing = json.load(f)
-      per_seed.append((results, timing))
+      per_seed.append((results, _timing(workdir, name, seed)))
     if dry_run:
       continue
     headline = methods.HEADLINES[family]
@@ -180,7 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
            for k in headline},
         "num_trainable": per_seed[0][0].get("num_trainable"),
         "seconds": _summary([t["seconds"] for _, t in per_seed]),
-        "seconds_resumed": any(t.get("resumed") for _, t in per_seed),
+        "attempts": max(t["attempts"] for _, t in per_seed),
+        "seconds_incomplete": any(t["incomplete"] for _, t in per_seed),
     }
   if dry_run:
     log.info("[compare] dry run: %d run(s) checked, %d finished earlier, nothing written",
@@ -213,15 +279,22 @@ def markdown(board: dict) -> str:
   for name, row in board["methods"].items():
     cells = [_cell(row[k]) for k in head]
     trainable = f"{row['num_trainable']:,}" if row.get("num_trainable") else "–"
-    mark = "*" if row.get("seconds_resumed") else ""
+    mark = "*" if _incomplete(row) else ""
     lines.append(f"| {name} | {' | '.join(cells)} | {trainable} | "
                  f"{_cell(row['seconds'])}{mark} |")
   seeds = ", ".join(map(str, board["seeds"]))
-  note = ("\n*: resumed after an interruption; seconds of the last attempt only."
-          if any(r.get("seconds_resumed") for r in board["methods"].values()) else "")
+  note = ("\n*: an attempt of this run ended without recording its time (killed outright); "
+          "seconds of the recorded attempts only."
+          if any(_incomplete(r) for r in board["methods"].values()) else "")
   return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}. Seconds: wall time of "
-                             f"each run; a seed's first run includes the work shared by all "
-                             f"(pretraining, the Retrain oracle).{note}")
+                             f"each run, all its attempts together; a seed's first run "
+                             f"includes the work shared by all (pretraining, the Retrain "
+                             f"oracle).{note}")
+
+
+def _incomplete(row: dict) -> bool:
+  # "seconds_resumed": leaderboards written before attempts were added up.
+  return bool(row.get("seconds_incomplete", row.get("seconds_resumed")))
 
 
 def plot(board: dict, path: str) -> None:

@@ -540,9 +540,11 @@ class Run:
 
   Resuming: `restore(state)` returns the newest checkpoint's state and meta; `meta` holds
   "stage_index" (stages finished), "stage_step" (steps done in the current stage),
-  "streams" (batches consumed per stream), "results" (per-stage evaluations) and "evals"
-  (periodic in-stage evaluations per stage). A rerun of the same command therefore
-  continues where the previous one stopped and ends with the same final metrics.
+  "streams" (batches consumed per stream), "results" (per-stage evaluations), "evals"
+  (periodic in-stage evaluations per stage), "seconds" (the run's wall time up to the
+  checkpoint, across attempts) and "clocks" (each `stage_seconds` name's start on that
+  clock). A rerun of the same command therefore continues where the previous one stopped
+  and ends with the same final metrics.
 
   Guarantees of the stage loop (`run_stage`): the host never waits for the device between
   steps, except at log steps and checkpoints (and on CPU in `hostmem`'s `retain` mode,
@@ -572,7 +574,8 @@ class Run:
         every_steps=int(tcfg.checkpoint_every_steps))
     _OPEN_RUNS.add(self)
     self.meta: dict = {"stage_index": 0, "stage_step": 0, "streams": {}, "results": {},
-                       "evals": {}}
+                       "evals": {}, "seconds": 0.0, "clocks": {}}
+    self._clock, self._seconds_before = time.time(), 0.0
     results = os.path.join(self.workdir, "results.json")
     if self.is_main and os.path.exists(results):
       os.remove(results)  # only a finished run (re)writes it
@@ -603,7 +606,8 @@ class Run:
       self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
       return state
     state, meta = restored
-    self.meta = {"evals": {}, **meta}
+    self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, **meta}
+    self._seconds_before = float(self.meta["seconds"])
     step = int(state.step)
     log.info("resumed from %s at step %d (%d stage(s) finished, %d steps into the next)",
              self.checkpointer.directory, step, self.meta["stage_index"],
@@ -618,7 +622,22 @@ class Run:
       write_json(*self._pending_config)
       self._pending_config = None
     step = int(jax.device_get(state.step)) if step is None else step
+    self.meta["seconds"] = round(self.wall_seconds(), 3)
     self.checkpointer.save(step, state, json.loads(json.dumps(_jsonable(self.meta))))
+
+  # -- wall time ------------------------------------------------------------------------------
+  def wall_seconds(self) -> float:
+    """The run's wall time across attempts: this attempt's since the `Run` was made, plus
+    the previous attempts' up to the checkpoint this one resumed from. Time an interrupted
+    attempt spent after its last checkpoint is not counted; the steps it redoes are."""
+    return self._seconds_before + time.time() - self._clock
+
+  def stage_seconds(self, name: str) -> float:
+    """Wall seconds since the first call with `name`, on `wall_seconds`'s clock: the first
+    call starts it (0.0), and a resumed run continues it when a checkpoint was written in
+    between (e.g. a task's training and evaluation across an interruption)."""
+    start = self.meta["clocks"].setdefault(name, round(self.wall_seconds(), 3))
+    return self.wall_seconds() - start
 
   def _truncate_metrics(self, step: int) -> None:
     """Drops metric lines logged after the checkpoint we resume from (they will be redone)."""
@@ -793,10 +812,12 @@ class Run:
                           f"its checkpoint is written (rerun the command to continue)")
 
   def write_results(self, results: dict) -> str:
-    """Writes the results envelope atomically as `results.json` (a finished run only)."""
+    """Writes the results envelope atomically as `results.json` (a finished run only), with
+    the run's `wall_seconds` added."""
     missing = [k for k in ("method", "config", "stages", "final") if k not in results]
     if missing or not all("name" in s for s in results["stages"]):
       raise ValueError(f"results envelope lacks {missing or 'a stage name'}")
+    results["wall_seconds"] = round(self.wall_seconds(), 3)  # also in what the method returns
     path = os.path.join(self.workdir, "results.json")
     self.checkpointer.wait()
     if self.is_main:

@@ -31,6 +31,9 @@ def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_facto
   with pytest.raises(SystemExit):
     compare.run(config, str(workdir), ["lbf", "laf"], [0])
   monkeypatch.setattr(methods, "run", real_run)
+  first = json.load(open(workdir / "compare_seconds.json"))
+  assert first["laf/seed_0"]["attempts"] == 1 and first["laf/seed_0"]["seconds"] > 0
+  assert not first["laf/seed_0"].get("running")  # the stopped attempt recorded its time
   lbf_results = workdir / "lbf" / "seed_0" / "results.json"
   stamp = os.path.getmtime(lbf_results)
   board = compare.run(load_config("demo", "runlocal"), str(workdir), ["lbf", "laf"], [0])
@@ -39,16 +42,20 @@ def test_compare_writes_a_leaderboard_and_resumes_without_redoing(tmp_path_facto
   for row in board["methods"].values():
     assert all(row[k]["n"] == 1 for k in board["headline"])
     assert row["num_trainable"] > 0 and row["seconds"]["mean"] > 0
-  # laf resumed from its checkpoint: its seconds are that attempt's, and the table says so.
-  assert board["methods"]["laf"]["seconds_resumed"]
-  assert not board["methods"]["lbf"]["seconds_resumed"]
+  # laf resumed from its checkpoint: its seconds are both attempts' together.
+  timings = json.load(open(workdir / "compare_seconds.json"))
+  laf = board["methods"]["laf"]
+  assert laf["attempts"] == 2 and board["methods"]["lbf"]["attempts"] == 1
+  assert laf["seconds"]["mean"] == timings["laf/seed_0"]["seconds"]
+  assert timings["laf/seed_0"]["seconds"] > first["laf/seed_0"]["seconds"]
+  assert not any(row["seconds_incomplete"] for row in board["methods"].values())
   def strict(constant):
     raise AssertionError(f"leaderboard.json holds {constant}, which is not JSON")
   on_disk = json.load(open(workdir / "leaderboard.json"), parse_constant=strict)
   assert on_disk["methods"]["laf"]["acc_f"]["mean"] == board["methods"]["laf"]["acc_f"]["mean"]
   table = open(workdir / "leaderboard.md").read()
   assert "| lbf |" in table and "| laf |" in table and "Acc_f" in table
-  assert "*: resumed after an interruption" in table
+  assert "all its attempts together" in table and "killed outright" not in table
   assert os.path.getsize(workdir / "leaderboard.png") > 0
 
 
@@ -195,3 +202,27 @@ def test_a_refused_run_leaves_no_empty_method_folder(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="^oracle.workdir"):
     compare.run(load_config("demo", "runlocal"), str(tmp_path / "cmp"), ["lbf", "laf"])
   assert os.listdir(tmp_path / "cmp") == []
+
+
+def test_an_attempt_killed_outright_marks_the_seconds_incomplete(tmp_path):
+  """Attempts that end in Python add their time; one that never returns (a SIGKILL) leaves
+  its "running" mark, so the next attempt records the seconds as incomplete."""
+  with pytest.raises(KeyboardInterrupt):
+    with compare._attempt_timed(str(tmp_path), "lbf", 0):
+      raise KeyboardInterrupt  # Ctrl-C: recorded
+  entry = compare._timing(str(tmp_path), "lbf", 0)
+  assert entry["attempts"] == 1 and entry["seconds"] >= 0 and not entry["incomplete"]
+  killed = compare._attempt_timed(str(tmp_path), "lbf", 0)
+  killed.__enter__()  # and the process dies inside the block
+  assert compare._timing(str(tmp_path), "lbf", 0)["incomplete"]
+  with compare._attempt_timed(str(tmp_path), "lbf", 0):
+    pass
+  entry = compare._timing(str(tmp_path), "lbf", 0)
+  assert entry["attempts"] == 3 and entry["incomplete"]
+  row = {"ua": compare._summary([1.0]), "num_trainable": 10,
+         "seconds": compare._summary([entry["seconds"]]), "attempts": 3,
+         "seconds_incomplete": True}
+  table = compare.markdown({"family": "unlearning", "seeds": [0], "headline": ["ua"],
+                            "methods": {"lbf": row}})
+  assert "| 1.00 | 10 | " in table and table.splitlines()[2].endswith("* |")
+  assert "killed outright" in table

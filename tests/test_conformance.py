@@ -100,6 +100,7 @@ def test_results_envelope_is_complete(name, tmp_path_factory):
   assert results["config"]["method"] == name
   assert results["stages"] and all(s.get("name") for s in results["stages"])
   assert results["final"] and all(math.isfinite(v) for v in _numbers(results["final"]))
+  assert results["wall_seconds"] > 0
   assert os.path.exists(os.path.join(workdir, "results.json"))
 
 

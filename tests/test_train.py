@@ -419,3 +419,27 @@ def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys)
     cli._CUT_SHORT[0] = False  # pylint: disable=protected-access
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
       "interrupted: every finished checkpoint is kept; rerun the same command")
+
+
+def test_wall_time_and_stage_clocks_continue_across_attempts(tmp_path, monkeypatch):
+  """A resumed run's `wall_seconds` and `stage_seconds` add the time up to the checkpoint it
+  resumes from; the killed attempt's time after that checkpoint is not counted."""
+  now = [100.0]
+  monkeypatch.setattr(train, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+  mesh = train.make_mesh(jax.devices()[:1])
+  state = train.replicate(train.create_state({"w": jnp.ones(3)}, optax.sgd(0.1), 0), mesh)
+  run = _toy_run(tmp_path)
+  now[0] = 105.0
+  assert run.stage_seconds("task") == 0.0  # started at 5 s into the run
+  now[0] = 112.0
+  run.save(state, step=1)  # 12 s recorded
+  run.close()
+  now[0] = 130.0  # the attempt goes on and is killed: these 18 s are lost
+  now[0] = 1000.0
+  again = _toy_run(tmp_path)
+  again.restore(state)
+  now[0] = 1003.0
+  assert again.wall_seconds() == pytest.approx(15.0)
+  assert again.stage_seconds("task") == pytest.approx(10.0)  # 15 - 5
+  assert again.stage_seconds("other") == 0.0
+  again.close()

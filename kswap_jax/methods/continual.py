@@ -18,7 +18,6 @@ checkpoint metadata; `best_eval` reads it back, e.g. for GS-LoRA's best-H record
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -67,20 +66,20 @@ def run_tasks(run_: train.Run, tasks: Sequence[Task], state: train.TrainState, f
 
   Returns:
     (state, frozen) after the last task. `run_.meta["results"][task.name]` holds each
-    task's evaluation plus "seconds" (training + evaluation wall time of the attempt that
-    finished it).
+    task's evaluation plus "seconds" (training + evaluation wall time, across attempts:
+    `train.Run.stage_seconds`).
   """
   results = run_.meta["results"]
   for index, task in enumerate(tasks, first_index):
     if task.name in results:
       continue
-    start = time.time()
+    run_.stage_seconds(task.name)  # starts the task's clock, or continues a resumed one
     state, frozen = run_.run_stage(index, task.stage, state, frozen, mesh, extra_log=extra_log,
                                    eval_fn=task.eval_fn, eval_every=eval_every)
     record = dict(task.evaluate(state, frozen))
     if task.finish is not None:
       state = task.finish(state, frozen)
-    record["seconds"] = round(time.time() - start, 3)
+    record["seconds"] = round(run_.stage_seconds(task.name), 3)
     run_.finish_stage(state, task.name, record)
   return state, frozen
 

@@ -1383,13 +1383,13 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     return extra
 
   for plan in run_plans:
-    start = time.time()
+    run_.stage_seconds(plan.name)  # starts the stage's clock, or continues a resumed one
     stage = build_stage(plan)
     state, frozen = run_.run_stage(run_plans.index(plan), stage, state, frozen, mesh,
                                    extra_log=schedule_log(plan, stage))
     if plan.name in results:
       continue
-    seconds = time.time() - start
+    seconds = run_.stage_seconds(plan.name)
     m, probs_u = stage_metrics(outputs(state, frozen, [plan]), plan, tasks)
     if use_oracle and (plan.unlearns or config.oracle.stages == "all"):
       if oracle_results is None:
