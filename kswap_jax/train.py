@@ -516,6 +516,16 @@ class Stage:
     return [("", self.step_fn, tuple(self.streams))]
 
 
+def _duration(seconds: float) -> str:
+  """'45s', '12m05s' or '3h07m' (a progress line's estimate of the time left)."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def _jsonable(x):
   if isinstance(x, dict):
     return {k: _jsonable(v) for k, v in x.items()}
@@ -704,7 +714,7 @@ class Run:
              {k: st.batch_size for k, st in stage.streams.items()},
              f", resuming at iteration {start}" if start else "")
     iters = {k: st.iterate(positions[k]) for k, st in stage.streams.items()}
-    t0, done_since = time.time(), 0
+    t0, done_since, first_log = time.time(), 0, True
     step = int(jax.device_get(state.step))  # from here on counted on the host
     eval_due = lambda s: bool(eval_fn is not None and eval_every and (s + 1) % eval_every == 0)
     if resuming and eval_due(start - 1) and not any(
@@ -746,10 +756,14 @@ class Run:
         # The injected learning rate, or the schedule's next η that a method logs itself
         # (fast-slow stages); nothing when neither is known.
         lr = hparams.get("learning_rate", record.get("eta_next"))
-        log.info("[%s] epoch %d/%d iteration %d/%d %s%s (%.1f it/s)", stage.name,
+        rate = done_since / max(1e-9, time.time() - t0)
+        # No estimate from the first interval of an attempt: it holds the compilation.
+        left = (f", stage done in ~{_duration((total - s - 1) / rate)}"
+                if s + 1 < total and not first_log else "")
+        first_log = False
+        log.info("[%s] epoch %d/%d iteration %d/%d %s%s (%.1f it/s%s)", stage.name,
                  epoch + 1, epochs, s + 1, total, losses,
-                 "" if lr is None else f" lr {float(lr):.3g}",
-                 done_since / max(1e-9, time.time() - t0))
+                 "" if lr is None else f" lr {float(lr):.3g}", rate, left)
         t0, done_since = time.time(), 0
       # A stop request is honoured before an evaluation (the resumed run evaluates first),
       # and one that arrives during an evaluation right after it: every process evaluates

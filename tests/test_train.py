@@ -443,3 +443,16 @@ def test_wall_time_and_stage_clocks_continue_across_attempts(tmp_path, monkeypat
   assert again.stage_seconds("task") == pytest.approx(10.0)  # 15 - 5
   assert again.stage_seconds("other") == 0.0
   again.close()
+
+
+def test_progress_lines_estimate_the_stage_s_time_left(tmp_path, caplog):
+  assert [train._duration(x) for x in (0.4, 45, 725, 11220)] == ["0s", "45s", "12m05s",
+                                                                 "3h07m"]
+  run, stage, state, mesh = _run(tmp_path, 1.0)
+  with caplog.at_level("INFO", logger="kswap_jax"):
+    run.run_stage(0, stage, state, {}, mesh)
+  run.close()
+  lines = [r.getMessage() for r in caplog.records if "it/s" in r.getMessage()]
+  assert len(lines) == 6, lines
+  # Not from the first interval (compilation), and not on the stage's last line.
+  assert [("stage done in ~" in x) for x in lines] == [False] + [True] * 4 + [False]
