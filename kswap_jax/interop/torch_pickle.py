@@ -171,10 +171,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
   return func(*args)
 
 
-def _ordered_dict(*args):
-  return collections.OrderedDict(*args)
-
-
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
