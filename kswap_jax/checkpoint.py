@@ -265,7 +265,7 @@ def head_rows(path: str) -> int | None:
 
 
 def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
-             rng: jax.Array | None = None, field: str = "init.checkpoint") -> dict:
+             rng: jax.Array | None = None, field: str | None = None) -> dict:
   """Loads base parameters from a vit_jax `.npz`, adapting head and resolution.
 
   Args:
@@ -277,7 +277,8 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
         (Knowledge Swapping); "replace": a zero head (vit_jax fine-tuning);
       "keep": the head must match exactly.
     rng: PRNG key for the "extend" rows.
-    field: config field named in error messages.
+    field: config field that errors name before the path (e.g. "init.checkpoint"); by
+      default they start with the path.
 
   Returns:
     A params tree with the structure and shapes of `abstract_params`.
@@ -285,22 +286,26 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
   Raises:
     ConfigError: missing file, missing parameters, or shapes that do not fit.
   """
+  where = f"{field}: " if field else ""
   if not os.path.isfile(path):
     what = "is a folder" if os.path.isdir(path) else "does not exist"
-    raise ConfigError(f"{field}: {path!r} {what} (expected a vit_jax .npz file)")
+    raise ConfigError(f"{where}{path!r} {what} (expected a vit_jax .npz file)")
   problem = npz_problem(path)
   if problem:
-    raise ConfigError(f"{field}: {path!r} {problem}")
+    raise ConfigError(f"{where}{path!r} {problem}")
   try:
     with np.load(path, allow_pickle=False) as f:
       flat = {k: f[k] for k in f.files}
   except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-    raise ConfigError(f"{field}: cannot read {path!r} as .npz ({e})") from None
+    raise ConfigError(f"{where}cannot read {path!r} as .npz ({e})") from None
   shapes = {n: tuple(x.shape) for n, x in lora_lib.named_leaves(abstract_params)}
   missing = [n for n in shapes if n not in flat]
   if missing:
-    raise ConfigError(f"{field}: {path} lacks {len(missing)} parameter(s) of the model, e.g. "
-                      f"{missing[0]!r} (is it a checkpoint of this architecture?)")
+    hint = ("pass the model's variables['params'], not the variables dict"
+            if all(n.startswith("params/") for n in shapes)
+            else "is it a checkpoint of this architecture?")
+    raise ConfigError(f"{where}{path} lacks {len(missing)} parameter(s) of the model, e.g. "
+                      f"{missing[0]!r} ({hint})")
   extra = sorted(set(flat) - set(shapes))
   if extra:
     log.warning("%s: ignoring %d checkpoint parameter(s) the model does not have, e.g. %s",
@@ -316,7 +321,7 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
     if name.startswith("head/") and x.shape != shape and head != "keep":
       x = _adapt_head(name, x, shape, head, flat["head/kernel"].shape, rng)
     if tuple(x.shape) != shape:
-      raise ConfigError(f"{field}: {path}: {name} has shape {tuple(x.shape)} but the model "
+      raise ConfigError(f"{where}{path}: {name} has shape {tuple(x.shape)} but the model "
                         f"expects {shape}")
     out[name] = x.astype(np.float32)
   return unflatten(out)

@@ -92,6 +92,20 @@ def true_class_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return p[np.arange(len(p)), np.asarray(labels, np.int64)]
 
 
+def _check_probs(**arrays: np.ndarray) -> None:
+  """ValueError naming the argument that is not a (n, K) array of softmax rows."""
+  for name, probs in arrays.items():
+    p = np.asarray(probs)
+    if p.ndim != 2 or p.size == 0:
+      raise ValueError(f"{name}: expected softmax outputs of shape (n, K), got shape {p.shape}")
+    low, high = float(p.min()), float(p.max())
+    sums = p.sum(axis=-1, dtype=np.float64)
+    if low < 0 or high > 1 + 1e-6 or np.abs(sums - 1).max() > 1e-3:
+      raise ValueError(f"{name}: expected softmax probabilities (rows in [0, 1] summing to "
+                       f"1), got values in [{low:.3g}, {high:.3g}] and row sums in "
+                       f"[{sums.min():.3g}, {sums.max():.3g}] (pass metrics.softmax(logits))")
+
+
 def mia_efficacy_svc_confidence(probs_remain: np.ndarray, labels_remain: np.ndarray,
                                 probs_test: np.ndarray, labels_test: np.ndarray,
                                 probs_forget: np.ndarray, labels_forget: np.ndarray,
@@ -115,9 +129,14 @@ def mia_efficacy_svc_confidence(probs_remain: np.ndarray, labels_remain: np.ndar
   Returns:
     A value in [0, 100]; judged by its gap to the Retrain model's value.
 
+  Raises:
+    ValueError: an input that is not softmax rows (e.g. logits), or |D_r| < |D_t|. For
+      such a small D_r, UG-CLU passes the first |D_r| test samples as D_t.
+
   References: Fan et al., arXiv 2310.12508 (SalUn, `SVC_MIA`); Jia et al., arXiv 2304.04934.
   """
   from sklearn.svm import SVC
+  _check_probs(probs_remain=probs_remain, probs_test=probs_test, probs_forget=probs_forget)
   n_t = len(labels_test)
   if len(labels_remain) < n_t:
     raise ValueError(f"probs_remain: the shadow members are the first |D_t| = {n_t} remain "
@@ -163,6 +182,7 @@ def mia_member_rate_entropy_logreg(probs_remain: np.ndarray, probs_test: np.ndar
   References: Huang et al., arXiv 2409.19732 (SFR-on, `get_membership_attack_prob`).
   """
   from sklearn.linear_model import LogisticRegression
+  _check_probs(probs_remain=probs_remain, probs_test=probs_test, probs_forget=probs_forget)
   h_r, h_t = prediction_entropy(probs_remain), prediction_entropy(probs_test)
   x = np.concatenate([h_r, h_t]).reshape(-1, 1)
   y = np.concatenate([np.ones(len(h_r)), np.zeros(len(h_t))])
@@ -182,6 +202,7 @@ def kl_to_retrain(probs_retrain: np.ndarray, probs_unlearned: np.ndarray) -> flo
 
   Example: p = (1, 0), q = (0.5, 0.5) gives ln 2.
   """
+  _check_probs(probs_retrain=probs_retrain, probs_unlearned=probs_unlearned)
   p = np.asarray(probs_retrain, np.float64)
   q = np.asarray(probs_unlearned, np.float64)
   return float(np.mean(_kl_rows(p, q)))
@@ -192,6 +213,7 @@ def js_to_retrain(probs_retrain: np.ndarray, probs_unlearned: np.ndarray) -> flo
 
   Example: p = (0.7, 0.2, 0.1), q = (0.2, 0.5, 0.3) gives 0.132918.
   """
+  _check_probs(probs_retrain=probs_retrain, probs_unlearned=probs_unlearned)
   p = np.asarray(probs_retrain, np.float64)
   q = np.asarray(probs_unlearned, np.float64)
   m = 0.5 * (p + q)

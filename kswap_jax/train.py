@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -91,6 +92,10 @@ class TrainState(NamedTuple):
 
 def create_state(params: Tree, tx: optax.GradientTransformation, seed: int,
                  model_state: Tree | None = None, carry: Tree | None = None) -> TrainState:
+  """A step-0 train state: `params` (the trainable tree), `tx.init(params)`, a key from
+  `seed`, and the optional model state (e.g. BatchNorm statistics) and carry. For
+  evaluating plain parameters with `predict`, `create_state(params, optax.identity(), 0)`.
+  """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.key(seed)),
                     model_state={} if model_state is None else model_state,
@@ -349,10 +354,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
                     grad_measurements: Callable[[Tree], dict] | None = None) -> Callable:
   """The pure train step, jitted with explicit shardings.
 
-  `step(state, frozen, batch, hparams) -> (state, measurements)`: state and frozen tree are
-  replicated, every batch leaf is split along axis 0 over the "data" mesh axis. `hparams`
-  are host scalars: those the optimizer was `optax.inject_hyperparams`-ed with (e.g.
-  {"learning_rate": 1e-2}) go into its state, the others to `loss_fn(..., hparams=...)`.
+  `step(state, frozen, batch, hparams=None) -> (state, measurements)`: state and frozen
+  tree are replicated; `batch` is {stream: {"image", "label", ...}} (what the loss reads,
+  e.g. `batch["retain"]["image"]`), and every batch leaf is split along axis 0 over the
+  "data" mesh axis. `hparams` are host scalars: those the optimizer was
+  `optax.inject_hyperparams`-ed with (e.g. {"learning_rate": 1e-2}) go into its state, the
+  others to `loss_fn(..., hparams=...)`; a key that fits neither is a ValueError.
 
   Args:
     loss_fn: (trainable, frozen, batch, rng) -> (loss, aux measurements); see `LossFn`.
@@ -372,6 +379,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
   def step(state: TrainState, frozen: Tree, batch: dict, hparams: dict):
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
     opt_state, loss_hparams = _split_hparams(state.opt_state, hparams)
+    if loss_hparams and not _takes_hparams(loss_fn):
+      raise ValueError(
+          f"hparams {sorted(loss_hparams)}: no optax.inject_hyperparams state of the "
+          f"optimizer holds them, and the loss takes no `hparams` argument to read them")
+    if "learning_rate" in loss_hparams:
+      log.warning("hparams 'learning_rate' goes to the loss: the optimizer has no injected "
+                  "learning rate (build it with optax.inject_hyperparams to set it per step)")
     kwargs = {"hparams": loss_hparams} if loss_hparams else {}
     if mutable:
       (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -390,9 +404,25 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
                        state.carry), measurements)
 
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(step, in_shardings=(replicated, replicated, data, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else (),
-                 compiler_options=compiler_options(mesh))
+  jitted = jax.jit(step, in_shardings=(replicated, replicated, data, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options(mesh))
+
+  def train_step(state: TrainState, frozen: Tree, batch: dict, hparams: dict | None = None):
+    return jitted(state, frozen, batch, {} if hparams is None else hparams)
+  # The jitted function's ahead-of-time API (cost and memory analysis in `bench`).
+  train_step.lower = lambda state, frozen, batch, hparams=None: jitted.lower(
+      state, frozen, batch, {} if hparams is None else hparams)
+  return train_step
+
+
+def _takes_hparams(loss_fn: Callable) -> bool:
+  """Whether `loss_fn` accepts an `hparams` keyword (True when its signature is unknown)."""
+  try:
+    params = inspect.signature(loss_fn).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.name == "hparams" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def make_predict_step(logits_fn: LogitsFn, mesh: Mesh) -> Callable:

@@ -571,6 +571,8 @@ def test_config_prints_what_a_command_line_runs(capsys):
 @pytest.mark.parametrize("argv, said", [
     (["--config=demo", "--config.group_lasso.mode=lasso"], "group_lasso.mode: 'lasso'"),
     (["--config=demo", "--config.ks.forget_epochs=0"], "ks.forget_epochs: "),
+    (["--config=demo", "--config.group_lasso.alpha=-1"],  # ran to the end before
+     "group_lasso.alpha: expected a value >= 0, got -1.0"),
     (["--config=gs_lora_digits", "--config.gs_lora.ema_decay=2"], "gs_lora.ema_decay: "),
     (["--config=gs_lora_digits:method=cf_scrub", "--config.cf.teacher=self"], "cf.teacher: "),
     (["--config=gs_lora_digits:method=cf_lirf", "--config.cf_lirf.split_blocks=99"],

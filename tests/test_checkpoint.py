@@ -81,8 +81,13 @@ def test_mismatched_and_missing_checkpoints_raise_config_errors(tiny, tmp_path):
   deep.depth = 3
   with pytest.raises(ConfigError, match="encoderblock_2"):
     checkpoint.load_npz(path, _abstract(deep)[1], head="keep")
-  with pytest.raises(ConfigError, match="does not exist"):
+  with pytest.raises(ConfigError, match="^'.*missing.npz' does not exist"):  # no field
     checkpoint.load_npz(str(tmp_path / "missing.npz"), _abstract(cfg)[1])
+  with pytest.raises(ConfigError, match="^init.checkpoint: '.*missing.npz' does not exist"):
+    checkpoint.load_npz(str(tmp_path / "missing.npz"), _abstract(cfg)[1],
+                        field="init.checkpoint")
+  with pytest.raises(ConfigError, match=r"pass the model's variables\['params'\]"):
+    checkpoint.load_npz(path, {"params": _abstract(cfg)[1]}, head="keep")
   # A .safetensors file (or any non-zip) is named as such, not as numpy's "pickled data".
   (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + bytes(8))
   with pytest.raises(ConfigError, match=r"model\.safetensors' is not an \.npz file .*"

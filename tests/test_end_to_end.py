@@ -11,6 +11,7 @@ import pytest
 from conftest import load_config as _config
 from conftest import method_run
 from kswap_jax import cli, methods
+from kswap_jax.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +90,11 @@ def test_a_run_s_lora_over_its_rebuilt_base_is_its_merged_model(lbf_run):
                                                  model_cfg["image_size"], model_cfg["channels"]))
   np.testing.assert_allclose(lora.apply(model, base, tree, images, scale=spec.scale),
                              model.apply({"params": saved}, images), atol=1e-4)
+  # The pretraining run's workdir records the swap's config it served: still refused.
+  pretrained = os.path.join(workdir, "pretrain")  # init.pretrain_workdir's default
+  assert json.load(open(os.path.join(pretrained, "config.json")))["method"] == "lbf"
+  with pytest.raises(ConfigError, match="the pretraining run of a Knowledge Swapping run"):
+    knowledge_swap.run_base(pretrained)
 
 
 def test_kill_in_pretraining_then_in_the_swap_resumes_to_identical_results(lbf_run, tmp_path):

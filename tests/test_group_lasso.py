@@ -81,3 +81,11 @@ def test_an_empty_tree_is_named():
   from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   with pytest.raises(ConfigError, match=r"^group_lasso: the LoRA tree has no leaves"):
     group_lasso.group_lasso_penalty({})
+
+
+def test_prox_refuses_a_negative_strength_and_an_unknown_grouping_when_built():
+  with pytest.raises(ValueError, match="^strength: expected λ >= 0, got -1.0"):
+    group_lasso.group_lasso_prox(-1.0, 1e-2)
+  with pytest.raises(ValueError, match="^grouping: unknown grouping 'blocks'"):
+    group_lasso.group_lasso_prox(0.1, 1e-2, grouping="blocks")
+  group_lasso.group_lasso_prox(jnp.asarray(0.1), 1e-2)  # a traced-style value is not checked

@@ -456,3 +456,28 @@ def test_progress_lines_estimate_the_stage_s_time_left(tmp_path, caplog):
   assert len(lines) == 6, lines
   # Not from the first interval (compilation), and not on the stage's last line.
   assert [("stage done in ~" in x) for x in lines] == [False] + [True] * 4 + [False]
+
+
+def test_hparams_are_optional_and_a_key_nothing_reads_is_refused(caplog):
+  mesh = train.make_mesh(jax.devices()[:1])
+  batch = train.to_global({"d": {"x": np.ones((2,), np.float32)}}, mesh)
+
+  def loss_fn(params, frozen, batch, rng):
+    return jnp.sum(params["w"]) * jnp.mean(batch["d"]["x"]), {}
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+  fresh = lambda t: train.replicate(train.create_state({"w": jnp.ones(3)}, t, 0), mesh)
+  step = train.make_train_step(loss_fn, tx, mesh, donate=False)
+  state, _ = step(fresh(tx), {}, batch)  # no hparams: the optimizer's own 0.5
+  np.testing.assert_allclose(state.params["w"], 0.5)
+  state, _ = step(fresh(tx), {}, batch, {"learning_rate": 0.25})
+  np.testing.assert_allclose(state.params["w"], 0.75)
+  with pytest.raises(ValueError, match=r"hparams \['lr'\]: no optax.inject_hyperparams"):
+    step(fresh(tx), {}, batch, {"lr": 0.0})  # a misspelling used to be dropped silently
+
+  def loss_with_hparams(params, frozen, batch, rng, hparams):
+    return jnp.sum(params["w"]) * jnp.mean(batch["d"]["x"]), {}
+  plain = optax.sgd(0.5)
+  step = train.make_train_step(loss_with_hparams, plain, mesh, donate=False)
+  with caplog.at_level("WARNING", logger="kswap_jax"):
+    step(fresh(plain), {}, batch, {"learning_rate": 0.0})
+  assert "no injected learning rate" in caplog.text

@@ -150,3 +150,17 @@ def test_binary_fit_with_doubled_C_is_the_two_row_multinomial_fit():
                            max_iter=1000).fit(x, y)
   assert float(clf.coef_[0, 0]) == pytest.approx(w_multi, rel=1e-4)
   assert float(clf.intercept_[0]) == pytest.approx(b_multi, rel=1e-4)
+
+
+def test_probability_inputs_are_checked_by_name():
+  probs = metrics.softmax(np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+  labels = np.array([0, 1, 0])
+  logits = np.log(probs) * 3  # negative values: logits, not probabilities
+  with pytest.raises(ValueError, match=r"^probs_forget: expected softmax probabilities .*"
+                                       r"metrics\.softmax\(logits\)"):
+    metrics.mia_efficacy_svc_confidence(probs, labels, probs, labels, logits, labels)
+  with pytest.raises(ValueError, match="^probs_test: expected softmax outputs of shape"):
+    metrics.mia_member_rate_entropy_logreg(probs, probs[:, 0], probs)
+  with pytest.raises(ValueError, match="^probs_unlearned: .* row sums in"):
+    metrics.kl_to_retrain(probs, probs * 2)
+  assert metrics.js_to_retrain(probs, probs) == pytest.approx(0.0, abs=1e-12)

@@ -76,8 +76,8 @@ def map_labels(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
   return mapped
 
 
-def select(source: Any, classes: Iterable[int], *, name: str, label_map: Mapping[int, int],
-           ratio: float = 1.0, n_per_class: int = 0, seed: int = 0,
+def select(source: Any, classes: Iterable[int], *, name: str,
+           label_map: Mapping[int, int] | None = None, ratio: float = 1.0, n_per_class: int = 0, seed: int = 0,
            field: str = "") -> Subset:
   """Records of `source` whose label is in `classes`, optionally sub-sampled.
 
@@ -92,7 +92,7 @@ def select(source: Any, classes: Iterable[int], *, name: str, label_map: Mapping
     source: random-access source with a `labels` array.
     classes: source labels to keep.
     name: split name stored on the subset.
-    label_map: source label -> model label; must cover `classes`.
+    label_map: source label -> model label; must cover `classes` (default: the identity).
     ratio: kept share of the candidates, in (0, 1]; ignored when n_per_class > 0.
     n_per_class: exact number of records per class (0 = off).
     seed: sub-sampling seed.
@@ -102,11 +102,12 @@ def select(source: Any, classes: Iterable[int], *, name: str, label_map: Mapping
     A `Subset` with sorted int64 indices.
 
   Example:
-    >>> forget = select(old_train, (3, 7), name="forget_train", label_map={3: 3, 7: 7},
-    ...                 ratio=0.1, seed=0, field="swap.forget_classes")
+    >>> forget = select(old_train, (3, 7), name="forget_train", ratio=0.1, seed=0,
+    ...                 field="swap.forget_classes")
   """
   field = field or name
   classes = sorted({int(c) for c in classes})
+  label_map = {c: c for c in classes} if label_map is None else label_map
   missing = [c for c in classes if c not in label_map]
   if missing:
     raise ValueError(f"{name}: label_map lacks classes {missing}")

@@ -179,11 +179,22 @@ def run_base(workdir: str):
   if config.get("method") not in STAGE_ORDER:
     raise ConfigError(f"{path}: a {config.get('method')!r} run, not Knowledge Swapping's "
                       f"(lbf, laf)")
+  if _results_method(workdir) == "pretrain":  # its record is the swap's config it served
+    raise ConfigError(f"{workdir}: the pretraining run of a Knowledge Swapping run, not the "
+                      f"swap's own workdir (the folder above it)")
   if config.init.kind == "pretrain":
     pretrain.fill_pretrain_workdir(config, workdir)
   model_cfg = common.model_config(config)
   model = models.build(model_cfg)
   return model, _frozen_base(config, model_cfg, model)[0], lora.LoraSpec.from_config(config.lora)
+
+
+def _results_method(workdir: str) -> str | None:
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      return json.load(f).get("method")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -201,6 +212,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.group_lasso.mode not in ("penalty", "proximal"):
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
                       f"proximal)")
+  # A negative weight would reward what the term penalises (e.g. large LoRA groups).
+  for field, value in (("ks.beta", config.ks.beta), ("ks.bound", config.ks.bound),
+                       ("group_lasso.alpha", config.group_lasso.alpha)):
+    if not float(value) >= 0:
+      raise ConfigError(f"{field}: expected a value >= 0, got {value!r}")
   lora.LoraSpec.from_config(config.lora)  # rank, alpha, targets' syntax
   if (config.init.kind == "pretrain"
       and pretrain.num_classes(config) != int(config.swap.num_old_classes)):

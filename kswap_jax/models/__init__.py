@@ -72,7 +72,9 @@ def _section(model_cfg: Any) -> ml_collections.ConfigDict:
 
 
 def init_variables(model: Any, model_cfg: Any, rng) -> dict[str, Any]:
-  """Random variables {"params", ...} for the configured input shape."""
+  """Random variables {"params", ...} for the configured input shape. The ViT's linear head
+  starts at zero, as vit_jax's: with a frozen head, gradients of everything below it are 0
+  until trained or loaded weights replace it."""
   model_cfg = _section(model_cfg)
   return module(model_cfg).init_variables(model, model_cfg, rng)
 

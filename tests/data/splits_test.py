@@ -51,6 +51,9 @@ def test_select_few_shot_and_label_map():
   np.testing.assert_array_equal(np.bincount(source.labels[sub.indices], minlength=10)[[2, 7]],
                                 [3, 3])
   np.testing.assert_array_equal(sub.labels, np.where(source.labels[sub.indices] == 2, 10, 11))
+  plain = splits.select(source, (7, 2), name="x", n_per_class=3, seed=1)  # identity map
+  np.testing.assert_array_equal(plain.indices, sub.indices)
+  np.testing.assert_array_equal(plain.labels, source.labels[sub.indices])
   with pytest.raises(ConfigError, match=r"^swap\.learn_shots: class 2 has 20 records"):
     splits.select(source, (2,), name="x", label_map={2: 2}, n_per_class=21,
                   field="swap.learn_shots")
