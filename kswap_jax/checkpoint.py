@@ -302,7 +302,7 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
   missing = [n for n in shapes if n not in flat]
   if missing:
     hint = ("pass the model's variables['params'], not the variables dict"
-            if all(n.startswith("params/") for n in shapes)
+            if "params" in abstract_params
             else "is it a checkpoint of this architecture?")
     raise ConfigError(f"{where}{path} lacks {len(missing)} parameter(s) of the model, e.g. "
                       f"{missing[0]!r} ({hint})")

@@ -109,15 +109,20 @@ def _write_timing(workdir: str, key: str, entry: dict | None) -> None:
 
 
 @contextlib.contextmanager
-def _attempt_timed(workdir: str, name: str, seed: int):
+def _attempt_timed(workdir: str, name: str, seed: int, resumes: bool):
   """Adds this attempt's wall time to the (method, seed)'s entry in `compare_seconds.json`
   when it ends, finished or not (a stop request, Ctrl-C, an error). The entry is marked
   "running" meanwhile: an attempt killed outright leaves that mark, and its time is lost,
-  which the next attempt records as "incomplete". A refused attempt (ConfigError) ran
-  nothing and leaves the entry as it was."""
+  which the next attempt records as "incomplete". An attempt that does not resume its
+  run's checkpoints (`resumes`: a new run, or one whose folder was deleted) starts a new
+  entry. A refused attempt (ConfigError) that left no checkpoint of the run leaves the
+  entry as it was."""
   key = f"{name}/seed_{seed}"
   before = _read_timings(workdir).get(key)
-  entry = dict(before or {"seconds": 0.0, "attempts": 0, "incomplete": False})
+  if before and resumes:
+    entry = dict(before)
+  else:  # a "running" mark here: an attempt killed before the run's first checkpoint
+    entry = {"seconds": 0.0, "attempts": 0, "incomplete": bool(before and before.get("running"))}
   entry["incomplete"] = bool(entry["incomplete"] or entry.pop("running", False))
   entry["attempts"] += 1
   _write_timing(workdir, key, {**entry, "running": True})
@@ -129,12 +134,20 @@ def _attempt_timed(workdir: str, name: str, seed: int):
   try:
     yield
   except ConfigError:
-    _write_timing(workdir, key, before)
+    if _has_checkpoints(os.path.join(workdir, name, f"seed_{seed}")):
+      record()  # refused after its run had trained and checkpointed
+    else:
+      _write_timing(workdir, key, before)
     raise
   except BaseException:
     record()
     raise
   record()
+
+
+def _has_checkpoints(sub: str) -> bool:
+  ckpts = os.path.join(sub, "checkpoints")
+  return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
 
 
 def _timing(workdir: str, name: str, seed: int) -> dict:
@@ -166,7 +179,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         seeds: list[int] | None = None, dry_run: bool = False) -> dict | None:
   """Runs every method of the comparison and returns the leaderboard dict; with `dry_run`,
   a dry run of every (method, seed) not finished yet (`methods.run`), nothing written, and
-  None."""
+  None. In a multi-process run, the first process writes the timings and the leaderboard
+  (the others' dicts may miss the last attempt's seconds)."""
   family = _family(str(config.method))
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
   # The config file must set up its method's family: the sections every member reads (the
@@ -218,12 +232,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           checked += 1
         continue
       if not os.path.exists(results_path):
-        ckpts = os.path.join(sub, "checkpoints")
-        resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+        resumed = _has_checkpoints(sub)
         log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, name, seed, sub,
                  " (resuming an earlier attempt)" if resumed else "")
         try:
-          with _attempt_timed(workdir, name, seed):
+          with _attempt_timed(workdir, name, seed, resumed):
             methods.run(_config_for(config, name, seed, workdir), sub)
         except ConfigError:
           try:  # the method's folder, when the refused run's was its only content
@@ -254,6 +267,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     return None
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows}
+  if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
+    return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
   table = markdown(board)
   with open(os.path.join(workdir, "leaderboard.md"), "w") as f:

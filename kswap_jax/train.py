@@ -359,7 +359,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
   e.g. `batch["retain"]["image"]`), and every batch leaf is split along axis 0 over the
   "data" mesh axis. `hparams` are host scalars: those the optimizer was
   `optax.inject_hyperparams`-ed with (e.g. {"learning_rate": 1e-2}) go into its state, the
-  others to `loss_fn(..., hparams=...)`; a key that fits neither is a ValueError.
+  others to `loss_fn(..., hparams=...)`, or, for a loss without an `hparams` argument, a
+  ValueError naming them.
 
   Args:
     loss_fn: (trainable, frozen, batch, rng) -> (loss, aux measurements); see `LossFn`.
@@ -787,7 +788,7 @@ class Run:
         # (fast-slow stages); nothing when neither is known.
         lr = hparams.get("learning_rate", record.get("eta_next"))
         rate = done_since / max(1e-9, time.time() - t0)
-        # No estimate from the first interval of an attempt: it holds the compilation.
+        # No estimate from a stage's first interval in an attempt: it holds the compilation.
         left = (f", stage done in ~{_duration((total - s - 1) / rate)}"
                 if s + 1 < total and not first_log else "")
         first_log = False

@@ -206,16 +206,17 @@ def test_a_refused_run_leaves_no_empty_method_folder(tmp_path, monkeypatch):
 
 def test_an_attempt_killed_outright_marks_the_seconds_incomplete(tmp_path):
   """Attempts that end in Python add their time; one that never returns (a SIGKILL) leaves
-  its "running" mark, so the next attempt records the seconds as incomplete."""
+  its "running" mark, so the next attempt records the seconds as incomplete. An attempt
+  that resumes nothing (its run's folder was deleted) starts a new entry."""
   with pytest.raises(KeyboardInterrupt):
-    with compare._attempt_timed(str(tmp_path), "lbf", 0):
+    with compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=False):
       raise KeyboardInterrupt  # Ctrl-C: recorded
   entry = compare._timing(str(tmp_path), "lbf", 0)
   assert entry["attempts"] == 1 and entry["seconds"] >= 0 and not entry["incomplete"]
-  killed = compare._attempt_timed(str(tmp_path), "lbf", 0)
+  killed = compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=True)
   killed.__enter__()  # and the process dies inside the block
   assert compare._timing(str(tmp_path), "lbf", 0)["incomplete"]
-  with compare._attempt_timed(str(tmp_path), "lbf", 0):
+  with compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=True):
     pass
   entry = compare._timing(str(tmp_path), "lbf", 0)
   assert entry["attempts"] == 3 and entry["incomplete"]
@@ -226,3 +227,7 @@ def test_an_attempt_killed_outright_marks_the_seconds_incomplete(tmp_path):
                             "methods": {"lbf": row}})
   assert "| 1.00 | 10 | " in table and table.splitlines()[2].endswith("* |")
   assert "killed outright" in table
+  with compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=False):  # a new run
+    pass
+  assert compare._timing(str(tmp_path), "lbf", 0)["attempts"] == 1
+  assert not compare._timing(str(tmp_path), "lbf", 0)["incomplete"]

@@ -73,7 +73,7 @@ def test_lbf_writes_results_metrics_plot_and_checkpoints(lbf_run):
   assert all(v > 0 for v in norms["forget"]["delta_w"].values())
 
 
-def test_a_run_s_lora_over_its_rebuilt_base_is_its_merged_model(lbf_run):
+def test_a_run_s_lora_over_its_rebuilt_base_is_its_merged_model(lbf_run, tmp_path):
   """`knowledge_swap.run_base` rebuilds the frozen base (with the head's random new rows)
   from the workdir: merged with the run's final LoRA it is `merged_params.npz`, bitwise."""
   from kswap_jax import checkpoint, interop, lora  # pylint: disable=import-outside-toplevel
@@ -93,8 +93,11 @@ def test_a_run_s_lora_over_its_rebuilt_base_is_its_merged_model(lbf_run):
   # The pretraining run's workdir records the swap's config it served: still refused.
   pretrained = os.path.join(workdir, "pretrain")  # init.pretrain_workdir's default
   assert json.load(open(os.path.join(pretrained, "config.json")))["method"] == "lbf"
-  with pytest.raises(ConfigError, match="the pretraining run of a Knowledge Swapping run"):
-    knowledge_swap.run_base(pretrained)
+  unfinished = tmp_path / "unfinished"  # no results.json yet: its metrics say so
+  shutil.copytree(pretrained, unfinished, ignore=shutil.ignore_patterns("results.json"))
+  for folder in (pretrained, unfinished):
+    with pytest.raises(ConfigError, match="the pretraining run of a Knowledge Swapping run"):
+      knowledge_swap.run_base(str(folder))
 
 
 def test_kill_in_pretraining_then_in_the_swap_resumes_to_identical_results(lbf_run, tmp_path):

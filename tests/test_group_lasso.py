@@ -88,4 +88,7 @@ def test_prox_refuses_a_negative_strength_and_an_unknown_grouping_when_built():
     group_lasso.group_lasso_prox(-1.0, 1e-2)
   with pytest.raises(ValueError, match="^grouping: unknown grouping 'blocks'"):
     group_lasso.group_lasso_prox(0.1, 1e-2, grouping="blocks")
-  group_lasso.group_lasso_prox(jnp.asarray(0.1), 1e-2)  # a traced-style value is not checked
+  with pytest.raises(ValueError, match="^strength: expected λ >= 0, got -0.1"):
+    group_lasso.group_lasso_prox(jnp.asarray(-0.1, jnp.float32), 1e-2)
+  # A traced strength (e.g. injected into the optimizer state) cannot be checked when built.
+  jax.jit(lambda a: group_lasso.group_lasso_prox(a, 1e-2).init({}))(jnp.asarray(-0.1))

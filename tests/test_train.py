@@ -472,7 +472,7 @@ def test_hparams_are_optional_and_a_key_nothing_reads_is_refused(caplog):
   state, _ = step(fresh(tx), {}, batch, {"learning_rate": 0.25})
   np.testing.assert_allclose(state.params["w"], 0.75)
   with pytest.raises(ValueError, match=r"hparams \['lr'\]: no optax.inject_hyperparams"):
-    step(fresh(tx), {}, batch, {"lr": 0.0})  # a misspelling used to be dropped silently
+    step(fresh(tx), {}, batch, {"lr": 0.0})  # was a TypeError about an `hparams` argument
 
   def loss_with_hparams(params, frozen, batch, rng, hparams):
     return jnp.sum(params["w"]) * jnp.mean(batch["d"]["x"]), {}

@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -164,3 +166,13 @@ def test_probability_inputs_are_checked_by_name():
   with pytest.raises(ValueError, match="^probs_unlearned: .* row sums in"):
     metrics.kl_to_retrain(probs, probs * 2)
   assert metrics.js_to_retrain(probs, probs) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match=r"^probs_retrain: .*\[nan, nan\]"):
+    metrics.kl_to_retrain(np.full_like(probs, np.nan), probs)
+  # bfloat16 rows of a softmax computed in bfloat16 sum to 1 only to ~0.5 %: accepted.
+  rows = np.asarray(jax.nn.softmax(jnp.asarray(np.arange(-20.0, 20.0).reshape(4, 10) / 3,
+                                               jnp.bfloat16), axis=-1))
+  assert np.abs(rows.astype(np.float64).sum(-1) - 1).max() > 1e-3
+  assert metrics.kl_to_retrain(rows, rows) == pytest.approx(0.0, abs=1e-6)
+  empty = np.zeros((0, 2))  # an empty set: NaN, as a mean over nothing
+  with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+    assert math.isnan(metrics.kl_to_retrain(empty, empty))

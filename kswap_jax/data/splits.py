@@ -77,7 +77,8 @@ def map_labels(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
 
 
 def select(source: Any, classes: Iterable[int], *, name: str,
-           label_map: Mapping[int, int] | None = None, ratio: float = 1.0, n_per_class: int = 0, seed: int = 0,
+           label_map: Mapping[int, int] | None = None, ratio: float = 1.0,
+           n_per_class: int = 0, seed: int = 0,
            field: str = "") -> Subset:
   """Records of `source` whose label is in `classes`, optionally sub-sampled.
 

@@ -163,7 +163,8 @@ def run_base(workdir: str):
     (model, base, spec): the linen model, its frozen parameters and the run's LoRA spec.
 
   Raises:
-    ConfigError: no readable `config.json` in `workdir`, or not a Knowledge Swapping run's.
+    ConfigError: no readable `config.json` in `workdir`, not a Knowledge Swapping run's, or
+      the pretraining run of one (its `pretrain/` folder, which records the swap's config).
 
   Example:
     >>> model, base, spec = knowledge_swap.run_base(workdir)
@@ -179,7 +180,7 @@ def run_base(workdir: str):
   if config.get("method") not in STAGE_ORDER:
     raise ConfigError(f"{path}: a {config.get('method')!r} run, not Knowledge Swapping's "
                       f"(lbf, laf)")
-  if _results_method(workdir) == "pretrain":  # its record is the swap's config it served
+  if _is_pretraining(workdir):  # its record is the swap's config it served
     raise ConfigError(f"{workdir}: the pretraining run of a Knowledge Swapping run, not the "
                       f"swap's own workdir (the folder above it)")
   if config.init.kind == "pretrain":
@@ -189,12 +190,19 @@ def run_base(workdir: str):
   return model, _frozen_base(config, model_cfg, model)[0], lora.LoraSpec.from_config(config.lora)
 
 
-def _results_method(workdir: str) -> str | None:
+def _is_pretraining(workdir: str) -> bool:
+  """Whether `workdir` holds a pretraining run: its results' method, or, unfinished, the
+  stage of its first logged step."""
   try:
     with open(os.path.join(workdir, "results.json")) as f:
-      return json.load(f).get("method")
+      return json.load(f).get("method") == "pretrain"
   except (OSError, ValueError, AttributeError):
-    return None
+    pass
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return json.loads(f.readline()).get("stage") == "pretrain"
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -80,13 +80,17 @@ def group_lasso_prox(strength: float, learning_rate: float | jax.Array,
     ...                  group_lasso_prox(0.005, 1e-2))
 
   Raises:
-    ValueError: a negative `strength` (a Python number; a traced one is not checked) or an
-      unknown `grouping`, when the transform is built.
+    ValueError: a negative `strength` (a number or concrete array; a traced one is not
+      checked) or an unknown `grouping`, when the transform is built.
 
   References: Parikh & Boyd, "Proximal Algorithms" §6.5.4.
   """
-  if isinstance(strength, (int, float)) and not strength >= 0:
-    raise ValueError(f"strength: expected λ >= 0, got {strength}")
+  try:
+    concrete = float(strength)
+  except (TypeError, jax.errors.ConcretizationTypeError):  # traced: checked by its caller
+    concrete = None
+  if concrete is not None and not concrete >= 0:
+    raise ValueError(f"strength: expected λ >= 0, got {concrete}")
   if grouping not in lora_lib.GROUPINGS:
     raise ValueError(f"grouping: unknown grouping {grouping!r} (expected one of "
                      f"{', '.join(lora_lib.GROUPINGS)})")
