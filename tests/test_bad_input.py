@@ -574,6 +574,8 @@ def test_config_prints_what_a_command_line_runs(capsys):
     (["--config=demo", "--config.group_lasso.alpha=-1"],  # ran to the end before
      "group_lasso.alpha: expected a value >= 0, got -1.0"),
     (["--config=gs_lora_digits", "--config.gs_lora.ema_decay=2"], "gs_lora.ema_decay: "),
+    (["--config=gs_lora_digits", "--config.gs_lora.beta=(0.1,0.2)"],  # 3 tasks: needed data
+     "gs_lora.beta: expected one value for every task or one per task (3 tasks), got 2"),
     (["--config=gs_lora_digits:method=cf_scrub", "--config.cf.teacher=self"], "cf.teacher: "),
     (["--config=gs_lora_digits:method=cf_lirf", "--config.cf_lirf.split_blocks=99"],
      "cf_lirf.split_blocks: 99 (expected 1 .. "),
