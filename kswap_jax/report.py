@@ -49,6 +49,9 @@ def figure(**kwargs):
   return Figure(**kwargs)
 
 
+MAX_FIELD_COLUMNS = 6  # config fields shown as columns of `runs_table`; the rest listed
+
+
 def label(name: str) -> str:
   """A metric's column label with its better-direction arrow ("Acc_f ↓"); unknown names
   are returned as they are."""
@@ -212,13 +215,92 @@ def present(results: dict, workdir: str | None) -> str:
   return stage_table(results)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def runs_table(runs: list[tuple[str, dict]]) -> str:
+  """Several finished runs side by side: a markdown table with one row per run, the config
+  fields whose values differ between the runs, the final metrics any of them reports and
+  the wall time (e.g. a sweep over one field, run as separate workdirs).
+
+  Args:
+    runs: (workdir, results envelope) per run, in row order. A path field inside the run's
+      own workdir (its default pretraining, `<workdir>/pretrain`) is compared as
+      `WORKDIR/...`, so runs that each pretrained the same way do not differ by it.
+
+  Returns:
+    The table; below it, the fields that differ when there are more than fit as columns.
+  """
+  def relative(value, workdir):
+    root = os.path.join(os.path.abspath(workdir), "")
+    if isinstance(value, str) and (value + os.sep).startswith(root):
+      return os.path.join("WORKDIR", os.path.relpath(value, root))
+    return value
+  configs = [{k: relative(v, w) for k, v in _flat(r.get("config") or {}).items()}
+             for w, r in runs]
+  fields = sorted(k for k in set().union(*configs)
+                  if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+  shown, more = fields[:MAX_FIELD_COLUMNS], fields[MAX_FIELD_COLUMNS:]
+  metrics = [m for m in METRICS if any(m in (r.get("final") or {}) for _, r in runs)]
+  head = ["run", "method", *shown, *(label(m) for m in metrics), "seconds"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for (name, r), config in zip(runs, configs):
+    final = r.get("final") or {}
+    cells = [name, str(r.get("method", "–")),
+             *(json.dumps(config[k]) if k in config else "–" for k in shown),
+             *(_fmt(final[m]) if m in final else "–" for m in metrics),
+             _fmt(r["wall_seconds"]) if "wall_seconds" in r else "–"]
+    lines.append("| " + " | ".join(cells) + " |")
+  if more:
+    lines.append(f"\nalso differ: {', '.join(more)}")
+  elif not fields:
+    lines.append("\nthe runs' configs are the same")
+  return "\n".join(lines)
+
+
+def _runs(workdirs: list[str]) -> int:
+  """Several workdirs: `runs_table` of their results (each must be a finished run's)."""
+  runs = []
+  for workdir in workdirs:
+    path = os.path.join(workdir, "results.json")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      print(f"error: {workdir}: a file; expected a finished run's workdir", file=sys.stderr)
+      return 2
+    try:
+      with open(path) as f:
+        results = json.load(f)
+      if not isinstance(results, dict) or not isinstance(results.get("final"), dict):
+        raise ValueError("no final metrics")
+    except FileNotFoundError:
+      print(f"error: {workdir}: no results.json (expected a finished run's workdir; "
+            f"`python -m kswap_jax.report {workdir}` says more)", file=sys.stderr)
+      return 2
+    except (OSError, ValueError) as e:
+      print(f"error: {path}: not a finished run's results envelope ({e})", file=sys.stderr)
+      return 2
+    runs.append((workdir, results))
+  print(runs_table(runs))
+  return 0
+
+
 def main(argv=None) -> int:
   """`python -m kswap_jax.report WORKDIR`: prints a finished run's tables and writes its
   plots into WORKDIR, as the run did (for a `python -m kswap_jax.compare` workdir: the
-  leaderboard and its plot)."""
+  leaderboard and its plot). With several workdirs: one table of their final metrics, with
+  the config fields that differ between them."""
   parser = argparse.ArgumentParser(prog="python -m kswap_jax.report", description=main.__doc__)
-  parser.add_argument("workdir")
+  parser.add_argument("workdir", nargs="+")
   args = parser.parse_args(argv)
+  if len(args.workdir) > 1:
+    return _runs(args.workdir)
+  args.workdir = args.workdir[0]
   path = os.path.join(args.workdir, "results.json")
   board = os.path.join(args.workdir, "leaderboard.json")
   if not os.path.isdir(args.workdir):

@@ -1,0 +1,53 @@
+"""`python -m kswap_jax.report RUN1 RUN2 ...`: finished runs side by side, with the config
+fields that differ (a run's own tables are tested with its method)."""
+
+import json
+
+from kswap_jax import report
+
+
+def _finished(folder, beta, seed, acc_r, method="lbf"):
+  """A finished run's results envelope (as written by `train.Run.write_results`)."""
+  folder.mkdir()
+  config = {"method": method, "seed": seed, "ks": {"beta": beta, "bound": 105.0},
+            "init": {"pretrain_workdir": str(folder / "pretrain")}}  # each run's own
+  results = {"method": method, "config": config, "stages": [{"name": "forget"}],
+             "final": {"acc_r": acc_r, "acc_f": 0.0, "h_mean": 90.0}, "wall_seconds": 12.5}
+  (folder / "results.json").write_text(json.dumps(results))
+  return str(folder)
+
+
+def test_several_runs_are_one_table_with_the_fields_that_differ(tmp_path, capsys):
+  a = _finished(tmp_path / "beta_0.2", 0.2, 0, 95.5)
+  b = _finished(tmp_path / "beta_0.3", 0.3, 0, 91.25)
+  assert report.main([a, b]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  # ks.beta differs; seed, ks.bound and the runs' own pretraining folders do not.
+  assert lines[0] == "| run | method | ks.beta | Acc_r ↑ | Acc_f ↓ | H-Mean ↑ | seconds |"
+  assert lines[2] == f"| {a} | lbf | 0.2 | 95.50 | 0.00 | 90.00 | 12.50 |"
+  assert lines[3] == f"| {b} | lbf | 0.3 | 91.25 | 0.00 | 90.00 | 12.50 |"
+  assert len(lines) == 4
+  assert report.main([a, a]) == 0
+  assert capsys.readouterr().out.endswith("the runs' configs are the same\n")
+
+
+def test_many_differing_fields_are_listed_below_the_table():
+  runs = [(f"r{i}", {"method": "lbf", "final": {"acc_r": 1.0},
+                     "config": {f"f{j}": i * j for j in range(9)}}) for i in range(2)]
+  text = report.runs_table(runs)
+  assert text.splitlines()[0].count("| f") == report.MAX_FIELD_COLUMNS
+  assert text.endswith("also differ: f7, f8")  # f0 is 0 in both runs
+
+
+def test_an_unfinished_run_among_several_is_one_line_and_exit_2(tmp_path, capsys):
+  a = _finished(tmp_path / "a", 0.2, 0, 95.5)
+  (tmp_path / "running").mkdir()
+  assert report.main([a, str(tmp_path / "running")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path / 'running'}: no results.json") and err.count("\n") == 1
+  (tmp_path / "a.log").write_text("")  # what a glob over run folders may also match
+  assert report.main([a, str(tmp_path / "a.log")]) == 2
+  assert capsys.readouterr().err == f"error: {tmp_path / 'a.log'}: a file; expected a finished run's workdir\n"
+  (tmp_path / "running" / "results.json").write_text("[1, 2]")
+  assert report.main([a, str(tmp_path / "running")]) == 2
+  assert "not a finished run's results envelope" in capsys.readouterr().err
