@@ -617,8 +617,14 @@ class Run:
     self.meta: dict = {"stage_index": 0, "stage_step": 0, "streams": {}, "results": {},
                        "evals": {}, "seconds": 0.0, "clocks": {}}
     self._clock, self._seconds_before = time.time(), 0.0
+    self._steps_this_attempt, self._finished_seconds = 0, None
     results = os.path.join(self.workdir, "results.json")
     if self.is_main and os.path.exists(results):
+      try:  # a rerun of a finished run keeps its wall time (`write_results`)
+        with open(results) as f:
+          self._finished_seconds = json.load(f).get("wall_seconds")
+      except (OSError, ValueError, AttributeError):
+        pass
       os.remove(results)  # only a finished run (re)writes it
 
   # -- config record --------------------------------------------------------------------------
@@ -764,6 +770,7 @@ class Run:
           positions[k] += 1
         state, m = step_fn(state, frozen, batch, hparams)
         step += 1
+        self._steps_this_attempt += 1
         unchecked.append((step, epoch, s, label, m["loss"]))
         measurements[label] = m
       done_since += 1
@@ -862,7 +869,10 @@ class Run:
     missing = [k for k in ("method", "config", "stages", "final") if k not in results]
     if missing or not all("name" in s for s in results["stages"]):
       raise ValueError(f"results envelope lacks {missing or 'a stage name'}")
-    results["wall_seconds"] = round(self.wall_seconds(), 3)  # also in what the method returns
+    # A rerun of a finished run that trained nothing re-presents it: its time stays the run's.
+    rerun = self._finished_seconds is not None and not self._steps_this_attempt
+    results["wall_seconds"] = (self._finished_seconds if rerun  # also in what the method returns
+                               else round(self.wall_seconds(), 3))
     path = os.path.join(self.workdir, "results.json")
     self.checkpointer.wait()
     if self.is_main:

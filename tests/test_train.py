@@ -481,3 +481,25 @@ def test_hparams_are_optional_and_a_key_nothing_reads_is_refused(caplog):
   with caplog.at_level("WARNING", logger="kswap_jax"):
     step(fresh(plain), {}, batch, {"learning_rate": 0.0})
   assert "no injected learning rate" in caplog.text
+
+
+def test_a_rerun_of_a_finished_run_keeps_its_wall_time(tmp_path, monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(train, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+  envelope = lambda: {"method": "toy", "config": {}, "stages": [{"name": "toy"}], "final": {}}
+  run, stage, state, mesh = _run(tmp_path, 1.0)
+  state, _ = run.run_stage(0, stage, state, {}, mesh)
+  now[0] = 120.0
+  run.finish_stage(state, "toy", {})  # the final checkpoint records 20 s
+  now[0] = 140.0
+  run.write_results(envelope())
+  run.close()
+  assert json.load(open(tmp_path / "results.json"))["wall_seconds"] == 40.0
+  now[0] = 500.0  # the same command again: it trains nothing and rewrites the results
+  again, stage, state, mesh = _run(tmp_path, 1.0)
+  again.run_stage(0, stage, state, {}, mesh)
+  now[0] = 530.0
+  assert again.wall_seconds() == 50.0  # 20 s recorded + this attempt's 30 s
+  again.write_results(envelope())
+  again.close()
+  assert json.load(open(tmp_path / "results.json"))["wall_seconds"] == 40.0
