@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shlex
 import sys
 
 import ml_collections
 
 from kswap_jax import models
-from kswap_jax.errors import ConfigError
+from kswap_jax.errors import ConfigError, exit_with
 from kswap_jax.lora import FFN_TARGETS
 
 
@@ -229,18 +228,11 @@ def _print_command_line(flags: list[str]) -> int:
 
 
 def _write(text: str) -> int:
-  """Prints `text`; a reader that stops early (`| head`) ends the command quietly."""
-  if sys.stdout is None:  # no standard output at all
-    return 0
-  try:
+  """Prints `text` (a reader that stops early, `| head`, is `errors.exit_with`'s case)."""
+  if sys.stdout is not None:  # None: no standard output at all
     sys.stdout.write(text)
-    sys.stdout.flush()
-  except BrokenPipeError:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # the flush at exit then fails no second time
-    os.close(devnull)
   return 0
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  exit_with(main)

@@ -6,6 +6,9 @@ traceback; everything else is a bug or a runtime failure and keeps its traceback
 
 import argparse
 import numbers
+import os
+import sys
+from typing import Callable
 
 
 class ConfigError(ValueError):
@@ -51,3 +54,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message):
     self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
+
+
+def exit_with(main: Callable[[], int]) -> None:
+  """`sys.exit(main())` for the commands whose output is read through a pipe
+  (`python -m kswap_jax.config | head`, `... .report RUN1 RUN2 | head`): when the reader
+  has gone, the rest of the output is dropped without a traceback and the command ends
+  with status 0 (the reader chose to stop)."""
+  try:
+    code = main()
+    if sys.stdout is not None:
+      sys.stdout.flush()
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's flush at exit fails no more
+    os.close(devnull)
+    code = 0
+  sys.exit(code)

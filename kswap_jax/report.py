@@ -354,4 +354,5 @@ def _leaderboard(workdir: str, path: str) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from kswap_jax.errors import exit_with  # pylint: disable=ungrouped-imports
+  exit_with(main)

@@ -2,6 +2,9 @@
 fields that differ (a run's own tables are tested with its method)."""
 
 import json
+import os
+import subprocess
+import sys
 
 from kswap_jax import report
 
@@ -51,3 +54,14 @@ def test_an_unfinished_run_among_several_is_one_line_and_exit_2(tmp_path, capsys
   (tmp_path / "running" / "results.json").write_text("[1, 2]")
   assert report.main([a, str(tmp_path / "running")]) == 2
   assert "not a finished run's results envelope" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+  """`python -m kswap_jax.report RUN1 RUN2 | head`: no BrokenPipeError traceback."""
+  runs = [_finished(tmp_path / f"r{i}", 0.1 * i, 0, 90.0) for i in range(2)]
+  for args in (["kswap_jax.report", *runs], ["kswap_jax.config", "lbf"]):
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
