@@ -312,8 +312,9 @@ def _incomplete(row: dict) -> bool:
   return bool(row.get("seconds_incomplete", row.get("seconds_resumed")))
 
 
-def plot(board: dict, path: str) -> None:
-  """Grouped bars: one group per headline metric, one bar per method, std as error bars."""
+def plot(board: dict, path: str, title: str | None = None) -> None:
+  """Grouped bars: one group per headline metric, one bar per method (or run), std as
+  error bars; `title` defaults to the family and seeds."""
   head, names = board["headline"], list(board["methods"])
   # ~0.3 in per bar, at most 16 in wide (12 methods x 4 metrics used to take 36 in).
   fig = report.figure(figsize=(min(16, max(6, 0.3 * len(head) * max(1, len(names)) + 2)), 4))
@@ -331,7 +332,7 @@ def plot(board: dict, path: str) -> None:
   ax.set_ylabel("%")
   ax.legend(fontsize=7, ncol=2 if len(names) > 6 else 1)
   ax.grid(alpha=0.3, axis="y")
-  ax.set_title(f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}")
+  ax.set_title(title or f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 

@@ -22,6 +22,8 @@ import os
 import re
 import sys
 
+from kswap_jax.errors import ArgumentParser
+
 # name -> (column label, better: "up" | "down" | "" when judged by the gap to an oracle)
 METRICS = {
     "acc": ("Acc", "up"),
@@ -225,6 +227,38 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def _differing(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
+  """Each run's flattened config (paths inside its own workdir as `WORKDIR/...`) and the
+  fields whose values differ between the runs."""
+  def relative(value, workdir):
+    root = os.path.join(os.path.abspath(workdir), "")
+    if isinstance(value, str) and (value + os.sep).startswith(root):
+      return os.path.join("WORKDIR", os.path.relpath(value, root))
+    return value
+  configs = [{k: relative(v, w) for k, v in _flat(r.get("config") or {}).items()}
+             for w, r in runs]
+  fields = sorted(k for k in set().union(*configs)
+                  if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+  return configs, fields
+
+
+def plot_runs(runs: list[tuple[str, dict]], path: str) -> None:
+  """`runs_table`'s final metrics as grouped bars, one bar per run, labelled by the values
+  of the fields that differ (by the workdir when none does)."""
+  from kswap_jax import compare  # pylint: disable=import-outside-toplevel
+  configs, fields = _differing(runs)
+  metrics = [m for m in METRICS if any(m in (r.get("final") or {}) for _, r in runs)]
+  rows = {}
+  for (workdir, r), config in zip(runs, configs):
+    name = ", ".join(f"{k}={json.dumps(config.get(k))}" for k in fields[:3]) or workdir
+    final = r.get("final") or {}
+    rows[name if name not in rows else f"{name} ({workdir})"] = {
+        m: {"mean": final.get(m), "std": None} for m in metrics}
+  compare.plot({"headline": metrics, "methods": rows}, path,
+               title=f"{len(runs)} runs" + (f", differing in {', '.join(fields)}"
+                                             if fields else ""))
+
+
 def runs_table(runs: list[tuple[str, dict]]) -> str:
   """Several finished runs side by side: a markdown table with one row per run, the config
   fields whose values differ between the runs, the final metrics any of them reports and
@@ -238,15 +272,7 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
   Returns:
     The table; below it, the fields that differ when there are more than fit as columns.
   """
-  def relative(value, workdir):
-    root = os.path.join(os.path.abspath(workdir), "")
-    if isinstance(value, str) and (value + os.sep).startswith(root):
-      return os.path.join("WORKDIR", os.path.relpath(value, root))
-    return value
-  configs = [{k: relative(v, w) for k, v in _flat(r.get("config") or {}).items()}
-             for w, r in runs]
-  fields = sorted(k for k in set().union(*configs)
-                  if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+  configs, fields = _differing(runs)
   shown, more = fields[:MAX_FIELD_COLUMNS], fields[MAX_FIELD_COLUMNS:]
   metrics = [m for m in METRICS if any(m in (r.get("final") or {}) for _, r in runs)]
   head = ["run", "method", *shown, *(label(m) for m in metrics), "seconds"]
@@ -265,8 +291,9 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def _runs(workdirs: list[str]) -> int:
-  """Several workdirs: `runs_table` of their results (each must be a finished run's)."""
+def _runs(workdirs: list[str], plot_path: str | None = None) -> int:
+  """Several workdirs: `runs_table` of their results (each must be a finished run's), and
+  with `plot_path` their `plot_runs`."""
   runs = []
   for workdir in workdirs:
     path = os.path.join(workdir, "results.json")
@@ -287,6 +314,9 @@ def _runs(workdirs: list[str]) -> int:
       return 2
     runs.append((workdir, results))
   print(runs_table(runs))
+  if plot_path:
+    plot_runs(runs, plot_path)
+    print(f"plot written to {plot_path}")
   return 0
 
 
@@ -294,12 +324,17 @@ def main(argv=None) -> int:
   """`python -m kswap_jax.report WORKDIR`: prints a finished run's tables and writes its
   plots into WORKDIR, as the run did (for a `python -m kswap_jax.compare` workdir: the
   leaderboard and its plot). With several workdirs: one table of their final metrics, with
-  the config fields that differ between them."""
-  parser = argparse.ArgumentParser(prog="python -m kswap_jax.report", description=main.__doc__)
+  the config fields that differ between them (and with --plot PNG, those as bars)."""
+  parser = ArgumentParser(prog="python -m kswap_jax.report", description=main.__doc__)
   parser.add_argument("workdir", nargs="+")
+  parser.add_argument("--plot", metavar="PNG", help="with several workdirs: their final "
+                      "metrics as grouped bars, written to this file")
   args = parser.parse_args(argv)
+  if args.plot and len(args.workdir) == 1:
+    parser.error("--plot: needs two or more workdirs (a single run's plots are redrawn in "
+                 "its workdir)")
   if len(args.workdir) > 1:
-    return _runs(args.workdir)
+    return _runs(args.workdir, args.plot)
   args.workdir = args.workdir[0]
   path = os.path.join(args.workdir, "results.json")
   board = os.path.join(args.workdir, "leaderboard.json")

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from kswap_jax import report
 
 
@@ -32,6 +34,12 @@ def test_several_runs_are_one_table_with_the_fields_that_differ(tmp_path, capsys
   assert len(lines) == 4
   assert report.main([a, a]) == 0
   assert capsys.readouterr().out.endswith("the runs' configs are the same\n")
+  png = tmp_path / "runs.png"
+  assert report.main([a, b, "--plot", str(png)]) == 0
+  assert png.stat().st_size > 0 and capsys.readouterr().out.endswith(f"plot written to {png}\n")
+  with pytest.raises(SystemExit) as stop:  # a single run's plots are in its workdir
+    report.main([a, "--plot", str(png)])
+  assert stop.value.code == 2 and "--plot: needs two or more workdirs" in capsys.readouterr().err
 
 
 def test_many_differing_fields_are_listed_below_the_table():
