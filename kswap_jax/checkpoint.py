@@ -258,6 +258,80 @@ def npz_problem(path: str) -> str | None:
   return None
 
 
+def npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """{name: shape} of the arrays in an `.npz`, read from their headers only (a B/16 file's
+  hundreds of MB are not loaded)."""
+  out = {}
+  with zipfile.ZipFile(path) as z:
+    for info in z.infolist():
+      if not info.filename.endswith(".npy"):
+        continue
+      with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        out[info.filename[:-len(".npy")]] = tuple(int(d) for d in read(f)[0])
+  return out
+
+
+def _check_shapes(where: str, path: str, found: dict, wanted: dict, head: str) -> None:
+  """The shape rules of `load_npz` (ConfigError on the first violation): every parameter
+  of the model present; the position embedding of another grid resized (same width, square
+  grids); the head of another class count adapted unless `head = "keep"`; every other shape
+  equal."""
+  missing = [n for n in wanted if n not in found]
+  if missing:
+    hint = ("pass the model's variables['params'], not the variables dict"
+            if any(n.startswith("params/") for n in wanted)
+            else "is it a checkpoint of this architecture?")
+    raise ConfigError(f"{where}{path} lacks {len(missing)} parameter(s) of the model, e.g. "
+                      f"{missing[0]!r} ({hint})")
+  for name, shape in wanted.items():
+    got = found[name]
+    if got == shape:
+      continue
+    if name == "Transformer/posembed_input/pos_embedding" and got[-1:] == shape[-1:]:
+      n_cls = int("cls" in wanted)
+      if all(math.isqrt(n - n_cls) ** 2 == n - n_cls for n in (got[1], shape[1])):
+        continue  # resized
+    if name.startswith("head/") and head != "keep" and got[:-1] == shape[:-1]:
+      if head == "extend" and got[-1] > shape[-1]:
+        raise ConfigError(f"init.head: the checkpoint head has {got[-1]} classes, more than "
+                          f"model.num_classes = {shape[-1]}; use init.head='replace'")
+      continue  # adapted
+    raise ConfigError(f"{where}{path}: {name} has shape {got} but the model expects {shape}"
+                      + _width_hint(name, got, shape))
+
+
+def _width_hint(name: str, got: tuple, shape: tuple) -> str:
+  """What the model fields would have to be when the checkpoint is of another size."""
+  if name.endswith("encoder_norm/bias") and got != shape:
+    return (f" (a checkpoint of width {got[0]}: set model.variant, or model.width, to the "
+            f"model it was trained as; python -m kswap_jax.convert prints them)")
+  return ""
+
+
+def check_npz(path: str, abstract_params: dict, *, head: str = "extend",
+              field: str | None = None) -> None:
+  """The structure and shape checks of `load_npz`, from the file's array headers only:
+  what a dry run can know of a checkpoint without loading it.
+
+  Raises:
+    ConfigError: as `load_npz` would, naming `field` (when given), the path and the first
+      parameter that does not fit.
+  """
+  where = f"{field}: " if field else ""
+  problem = npz_problem(path)
+  if problem:
+    raise ConfigError(f"{where}{path!r} {problem}")
+  try:
+    found = npz_shapes(path)
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise ConfigError(f"{where}cannot read {path!r} as .npz ({e})") from None
+  _check_shapes(where, path, found, {n: tuple(x.shape) for n, x in
+                                     lora_lib.named_leaves(abstract_params)}, head)
+
+
 def head_rows(path: str) -> int | None:
   """The number of classes of the `head/kernel` in a vit_jax `.npz` (None without one)."""
   with np.load(path, allow_pickle=False) as f:
@@ -299,13 +373,7 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
   except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
     raise ConfigError(f"{where}cannot read {path!r} as .npz ({e})") from None
   shapes = {n: tuple(x.shape) for n, x in lora_lib.named_leaves(abstract_params)}
-  missing = [n for n in shapes if n not in flat]
-  if missing:
-    hint = ("pass the model's variables['params'], not the variables dict"
-            if "params" in abstract_params
-            else "is it a checkpoint of this architecture?")
-    raise ConfigError(f"{where}{path} lacks {len(missing)} parameter(s) of the model, e.g. "
-                      f"{missing[0]!r} ({hint})")
+  _check_shapes(where, path, {n: tuple(x.shape) for n, x in flat.items()}, shapes, head)
   extra = sorted(set(flat) - set(shapes))
   if extra:
     log.warning("%s: ignoring %d checkpoint parameter(s) the model does not have, e.g. %s",

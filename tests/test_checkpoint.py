@@ -100,6 +100,34 @@ def test_mismatched_and_missing_checkpoints_raise_config_errors(tiny, tmp_path):
     checkpoint.load_npz(str(tmp_path / "junk.npz"), _abstract(cfg)[1])
 
 
+def test_the_header_only_check_agrees_with_loading(tiny, tmp_path):
+  """`check_npz` (a dry run's check, array headers only) accepts and refuses what
+  `load_npz` does: other widths and depths, a head of more classes, a resizable grid."""
+  cfg, model, params = tiny
+  path = str(tmp_path / "p.npz")
+  checkpoint.save_npz(params, path)
+  assert checkpoint.npz_shapes(path)["head/kernel"] == tuple(params["head"]["kernel"].shape)
+  wide, deep, bigger, fewer = (tiny_model_config() for _ in range(4))
+  wide.width, wide.num_heads = 96, 2
+  deep.depth = 3
+  bigger.image_size = 32  # the position-embedding grid is resized
+  fewer.num_classes = 4   # a head of more classes than the model has
+  for model_cfg, head, error in ((cfg, "keep", None), (bigger, "keep", None),
+                                 (wide, "keep", r"encoder_norm/bias has shape \(64,\) .*"
+                                                r"\(a checkpoint of width 64"),
+                                 (deep, "keep", "lacks 16 parameter.*encoderblock_2"),
+                                 (fewer, "extend", "init.head: the checkpoint head has"),
+                                 (fewer, "keep", "head/(kernel|bias) has shape")):
+    abstract = _abstract(model_cfg)[1]
+    if error is None:
+      checkpoint.check_npz(path, abstract, head=head)
+      checkpoint.load_npz(path, abstract, head=head)
+      continue
+    for check in (checkpoint.check_npz, checkpoint.load_npz):
+      with pytest.raises(ConfigError, match=error):
+        check(path, abstract, head=head)
+
+
 def test_export_merged_folds_lora_into_kernels(tiny, tmp_path):
   cfg, model, params = tiny
   spec = lora.LoraSpec(rank=2)

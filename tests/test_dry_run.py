@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 
@@ -142,3 +143,21 @@ def test_a_comparison_checks_every_methods_values_before_the_first_trains(tmp_pa
   with pytest.raises(ConfigError, match=r"^cf_lirf\.kd_rows: 'x'"):
     compare.run(config, str(tmp_path / "cmp"), ["cf_ft", "cf_lirf"], [0])
   assert not any((tmp_path / "cmp").rglob("*.npz")) and not (tmp_path / "cmp" / "cf_ft").exists()
+
+
+def test_a_dry_run_refuses_a_checkpoint_of_another_width(tmp_path):
+  """Its shapes are read from the file's array headers before anything is written (the run
+  found it only when it loaded the checkpoint)."""
+  from kswap_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
+  cfg = load_config("demo", "runlocal").model
+  cfg.width, cfg.num_heads, cfg.num_classes = 96, 2, 8
+  model = models.build(cfg)
+  params = jax.device_get(models.init_variables(model, cfg, jax.random.key(0))["params"])
+  checkpoint.save_npz(params, str(tmp_path / "wide.npz"))
+  config = load_config("demo", "runlocal")
+  config.init.kind, config.init.checkpoint = "npz", str(tmp_path / "wide.npz")
+  with pytest.raises(ConfigError, match=r"^init.checkpoint: .*wide.npz: .* has shape \(96,\) "
+                                        r"but the model expects \(64,\) \(a checkpoint of "
+                                        r"width 96"):
+    methods.run(config, str(tmp_path / "w"), dry_run=True)
+  assert not (tmp_path / "w").exists()

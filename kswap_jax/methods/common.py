@@ -123,8 +123,10 @@ def abstract_variables(model, model_cfg) -> dict:
 
 def check_init_files(config) -> None:
   """`init.kind` and the files `init` names, before a run touches its workdir or pretrains:
-  a missing checkpoint should cost seconds, not a pretraining run. (Their contents are
-  checked when they are loaded.)"""
+  a missing checkpoint should cost seconds, not a pretraining run. An `.npz` checkpoint's
+  parameter names and shapes are checked against the configured model from the file's
+  array headers (`checkpoint.check_npz`), so a dry run finds a checkpoint of another size;
+  its values are read when it is loaded."""
   init = config.get("init")
   if init is None:
     return
@@ -134,9 +136,15 @@ def check_init_files(config) -> None:
       raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
                         "checkpoint (python -m kswap_jax.convert writes one)")
     _require_file("init.checkpoint", str(init.checkpoint), "a .npz checkpoint in our layout")
-    problem = ckpt_lib.npz_problem(str(init.checkpoint))
-    if problem:
-      raise ConfigError(f"init.checkpoint: {str(init.checkpoint)!r} {problem}")
+    if "model" in config:
+      model_cfg = model_config(config)
+      abstract = abstract_variables(models.build(model_cfg), model_cfg)
+      ckpt_lib.check_npz(str(init.checkpoint), abstract["params"],
+                         head=str(init.get("head", "extend")), field="init.checkpoint")
+    else:
+      problem = ckpt_lib.npz_problem(str(init.checkpoint))
+      if problem:
+        raise ConfigError(f"init.checkpoint: {str(init.checkpoint)!r} {problem}")
   elif init.get("checkpoint"):  # would be ignored: the run would not start from it
     raise ConfigError(f"init.checkpoint: {init.checkpoint} is set, but init.kind="
                       f"{init.get('kind')} does not read it; add --config.init.kind=npz to "
