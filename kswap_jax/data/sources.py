@@ -18,6 +18,7 @@ and `streams.py` turns the selections into batches.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 from typing import Any
@@ -223,6 +224,38 @@ class SyntheticSource:
     return f"SyntheticSource({self.name}, split={self.split!r}, n={len(self)})"
 
 
+def _datasets_in(data_dir: str) -> list[str]:
+  """The prepared datasets under a tfds data_dir: `NAME` (or `NAME/CONFIG`) folders that
+  hold a version folder with a `dataset_info.json`."""
+  found = []
+  for info in sorted(glob.glob(os.path.join(data_dir, "*", "*", "dataset_info.json"))
+                     + glob.glob(os.path.join(data_dir, "*", "*", "*", "dataset_info.json"))):
+    rel = os.path.relpath(os.path.dirname(os.path.dirname(info)), data_dir)
+    if rel not in found:
+      found.append(rel)
+  return found
+
+
+def _check_data_dir(data_dir: str | None, field: str) -> None:
+  """ConfigError for a data_dir that does not exist or is a file."""
+  if data_dir is not None and not os.path.isdir(data_dir):
+    what = "is a file" if os.path.exists(data_dir) else "does not exist"
+    raise ConfigError(f"{field}.data_dir: {data_dir!r} {what} (expected the folder that "
+                      f"holds <dataset name>/<version>/, e.g. the --data_dir given to "
+                      f"python -m kswap_jax.data.image_folder)")
+
+
+def _own_folder_hint(data_dir: str, name: str) -> str:
+  """For a dataset not found: a data_dir that is the dataset's own folder or one of its
+  version folders, and the folder above it to give instead."""
+  parts = os.path.normpath(data_dir).split(os.sep)
+  for depth in (1, 2):  # <root>/<name> or <root>/<name>/<version>
+    if len(parts) > depth and parts[-depth] == name:
+      return (f"; data_dir is the folder of {name!r} itself or of one of its versions: give "
+              f"the folder above it, {os.sep.join(parts[:-depth]) or os.sep}")
+  return ""
+
+
 def _split_names(split: str) -> list[str]:
   """Base split names of a tfds split expression ("train[:80%]+test" -> train, test)."""
   return [re.split(r"[\[(]", part, maxsplit=1)[0].strip() for part in split.split("+")]
@@ -257,8 +290,12 @@ class TfdsSource:
     data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
     shown_dir = data_dir or tfds.core.constants.DATA_DIR
     base_name = name.split(":")[0].split("/")[0]
+    _check_data_dir(data_dir, field)
+    present = _datasets_in(shown_dir)
     not_found = ConfigError(
-        f"{field}.name: tfds dataset {name!r} not found in data_dir {shown_dir!r} (prepare it "
+        f"{field}.name: tfds dataset {name!r} not found in data_dir {shown_dir!r} "
+        f"(it holds {', '.join(present) if present else 'no prepared dataset'}"
+        f"{_own_folder_hint(shown_dir, base_name)}; prepare it "
         f"once with: pip install -e '.[tf]' && tfds build {base_name} --data_dir {shown_dir} "
         "--file_format array_record; a dataset tfds does not ship, e.g. ImageNet-100 or "
         "CASIA-100, from a folder of images: python -m kswap_jax.data.image_folder --help)")

@@ -104,10 +104,28 @@ def test_tfds_source_missing_dataset(tmp_path, name):
   with pytest.raises(ConfigError) as e:
     sources.load_source(cfg, "train", field="data.old")
   assert str(e.value) == (
-      f"data.old.name: tfds dataset '{name}' not found in data_dir '{tmp_path}' (prepare it "
+      f"data.old.name: tfds dataset '{name}' not found in data_dir '{tmp_path}' (it holds no "
+      f"prepared dataset; prepare it "
       f"once with: pip install -e '.[tf]' && tfds build {name} --data_dir {tmp_path} "
       "--file_format array_record; a dataset tfds does not ship, e.g. ImageNet-100 or "
       "CASIA-100, from a folder of images: python -m kswap_jax.data.image_folder --help)")
+
+
+def test_a_missing_or_misplaced_data_dir_is_named(tmp_path):
+  load = lambda data_dir: sources.load_source(
+      dict(kind="tfds", name="mnist", data_dir=str(data_dir), train_split="train"), "train",
+      field="data.old")
+  with pytest.raises(ConfigError, match=r"^data\.old\.data_dir: '.*/nowhere' does not exist"):
+    load(tmp_path / "nowhere")  # used to suggest `tfds build`
+  (tmp_path / "myfolder" / "1.0.0").mkdir(parents=True)
+  (tmp_path / "myfolder" / "1.0.0" / "dataset_info.json").write_text("{}")
+  with pytest.raises(ConfigError, match=r"not found in data_dir .* \(it holds myfolder; "):
+    load(tmp_path)
+  (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)  # a version folder given as data_dir
+  with pytest.raises(ConfigError, match=(rf"data_dir is the folder of 'mnist' itself or of one "
+                                         rf"of its versions: give the folder above it, "
+                                         rf"{tmp_path}; ")):
+    load(tmp_path / "mnist" / "3.0.1")
 
 
 def test_tfds_source_half_built_dataset(tmp_path):
