@@ -84,6 +84,17 @@ def _summary(conv: interop.Converted, args, written: list[str]) -> str:
     lines.append(f"  note: {note}")
   fields = " ".join(f"{k}={v}" for k, v in conv.model.items())
   lines.append(f"  model: {fields}")
+  if args.to == "ours" and conv.model:
+    # Ready to paste; a size given by the variant (0: "from the variant") is left out, and
+    # the head rows are the run's choice (Knowledge Swapping extends the head).
+    flags = [f"--config.model.{k}={v}" for k, v in conv.model.items()
+             if k != "num_classes"
+             and not (k in ("width", "depth", "mlp_dim", "num_heads") and v == 0)]
+    rows = conv.model.get("num_classes")
+    lines.append(f"  start a run from it: --config.init.kind=npz "
+                 f"--config.init.checkpoint={written[0]} {' '.join(flags)}"
+                 + (f" (and model.num_classes: the run's head rows, at least the "
+                    f"checkpoint's {rows})" if rows else ""))
   lines.append(f"  used {len(conv.used)} source key(s); ignored {len(conv.ignored)}"
                + (":" if conv.ignored else ""))
   for k, why in list(conv.ignored.items())[:MAX_LISTED]:

@@ -14,6 +14,7 @@ import _sources as S
 import _torch_writer as tw
 from conftest import REPO
 from kswap_jax import convert, interop
+from kswap_jax.errors import ConfigError
 from kswap_jax.interop import safetensors_file
 
 
@@ -238,3 +239,23 @@ def test_head_rows_keep_the_named_rows_in_order(tmp_path, capsys):
     err = _bad(tmp_path, capsys, src, "--layout", "timm", "--num_heads", S.HEADS,
                "--head_rows", rows)
     assert match in err or re.search(match, err), err
+
+
+def test_the_printed_flags_start_a_run_from_the_converted_checkpoint(tmp_path, capsys):
+  """The summary's "start a run from it" line, pasted after a config, gives a model whose
+  names and shapes the checkpoint fits (`checkpoint.check_npz`, as the run checks it)."""
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  src, out = _timm_file(tmp_path), tmp_path / "vit.npz"
+  code, stdout, err = _cli(capsys, src, "--layout", "timm", "--out", out, "--num_heads", 2)
+  assert code == 0, err
+  line = next(x for x in stdout.splitlines() if "start a run from it:" in x)
+  flags = line.split("start a run from it: ")[1].split(" (and model.num_classes")[0].split()
+  assert f"--config.init.checkpoint={out}" in flags
+  assert not any(f.startswith("--config.model.num_classes=") for f in flags)
+  config, _ = cli.load_config(["run.py", "--config=configs/demo.py:runlocal", *flags,
+                               "--config.model.num_classes=16", "--config.init.head=extend"])
+  common.check_init_files(config)  # raises on a mismatch
+  config.model.depth = 3  # without the printed flags' depth: another architecture
+  with pytest.raises(ConfigError, match="^init.checkpoint: .* lacks .*encoderblock_2"):
+    common.check_init_files(config)
