@@ -161,3 +161,14 @@ def test_a_dry_run_refuses_a_checkpoint_of_another_width(tmp_path):
                                         r"width 96"):
     methods.run(config, str(tmp_path / "w"), dry_run=True)
   assert not (tmp_path / "w").exists()
+
+
+def test_a_split_smaller_than_one_batch_is_named_once(tmp_path, caplog):
+  config = load_config("demo", "runlocal")
+  config.ks.batch_size = 400  # learn_train has 248 records, forget_train 254
+  with caplog.at_level(logging.WARNING, logger="kswap_jax"):
+    methods.run(config, str(tmp_path / "w"), dry_run=True)
+  said = [r.getMessage() for r in caplog.records if "fewer than one batch" in r.getMessage()]
+  assert [s.split(" has ")[0] for s in said] == ["warning: learn_train", "warning: forget_train"]
+  assert said[0].endswith("(ks.batch_size): every step pads it, masked, to the full batch; "
+                          "a smaller ks.batch_size computes less")

@@ -118,6 +118,12 @@ def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pa
         if not files:
           raise ConfigError(f"--root: class folder {str(class_dir)!r} holds no images "
                             f"(suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        skipped = sorted(p.name for p in class_dir.iterdir() if p.is_file()
+                         and not p.name.startswith(".") and p not in set(files))
+        if skipped:  # e.g. a .txt label file, or an image format not in IMAGE_SUFFIXES
+          log.warning("%s: skipping %s without an image suffix: %s%s", class_dir,
+                      _count(len(skipped), "file"), ", ".join(skipped[:MAX_LISTED]),
+                      ", ..." if len(skipped) > MAX_LISTED else "")
         classes[class_dir.name] = files
   return {split: dict(sorted(merged[split].items())) for split in sorted(merged)}
 

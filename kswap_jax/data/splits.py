@@ -176,8 +176,10 @@ def _check_present(ids: tuple[int, ...], key: str, sources: Iterable[Any]) -> No
   for source in sources:
     absent = sorted(set(ids) - set(np.unique(source.labels).tolist()))
     if absent:
+      split = getattr(source, "split", None)  # the one that lacks them (train or test)
       raise ConfigError(f"swap.{key}: class ids {absent} have no records in source "
-                        f"{source.name!r} ({len(source)} records)")
+                        f"{source.name!r}{f' split {split!r}' if split else ''} "
+                        f"({len(source)} records)")
 
 
 def _ratio(cfg: Any, key: str) -> float:

@@ -66,8 +66,24 @@ def aux_restart(mode: str, field: str, epoch_stream) -> int:
   return epoch_stream.steps_per_epoch if mode == "per_epoch" else 0
 
 
+_WARNED: set[str] = set()
+
+
 def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycle: bool, mesh,
                 restart_every: int = 0):
+  """A training stream over `subsets` (`streams.make_stream`), with the batch size checked
+  against the mesh and a warning when an epoch-defining or restarted stream holds fewer
+  records than one batch (the batch is then padded, masked, to its full size at every
+  step; a cycled stream repeats records instead)."""
+  count = sum(len(s) for s in subsets)
+  if count < int(batch_size) and (not cycle or restart_every):
+    message = (f"warning: {'+'.join(str(getattr(s, 'name', '?')) for s in subsets)} has "
+               f"{count} record(s), fewer than one batch of {int(batch_size)} ({field}): "
+               f"every step pads it, masked, to the full batch; a smaller {field} computes "
+               f"less")
+    if message not in _WARNED:  # a method may build a stream of one subset twice
+      _WARNED.add(message)
+      log.warning("%s", message)
   return streams.make_stream(
       subsets, batch_size=check_batch_size(batch_size, field, mesh), seed=seed, cycle=cycle,
       num_threads=int(config.data.num_threads), augment=str(config.data.augment),

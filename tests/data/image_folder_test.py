@@ -213,3 +213,16 @@ def test_a_class_missing_from_one_split_is_named(tmp_path, caplog):
   said = [r.getMessage() for r in caplog.records if "has no image" in r.getMessage()]
   assert said == ["warning: split 'test' has no image of 2 classes the other splits have: "
                   "bee, cat"]
+
+
+def test_files_that_are_not_images_are_named_when_skipped(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  _write(tmp_path / "root" / "ant", rng, count=1)
+  (tmp_path / "root" / "ant" / "labels.txt").write_text("ant\n")
+  (tmp_path / "root" / "ant" / ".DS_Store").write_text("")  # hidden: not named
+  with caplog.at_level("WARNING", logger=image_folder.log.name):
+    layout = image_folder.scan([tmp_path / "root"])
+  assert [p.name for p in layout["train"]["ant"]] != [] and "labels.txt" not in str(layout)
+  said = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+  assert said == [f"{tmp_path / 'root' / 'ant'}: skipping 1 file without an image suffix: "
+                  f"labels.txt"]

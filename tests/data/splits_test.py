@@ -125,3 +125,12 @@ def test_empty_split_message():
     splits.select(source, (2,), name="forget_train", label_map={2: 2}, ratio=0.01,
                   field="swap.forget_classes")
   assert str(e.value).startswith("swap.forget_classes: split 'forget_train' is empty (")
+
+
+def test_a_class_missing_from_one_split_names_that_split():
+  old_train, old_test = _source(10, 20, "old"), _source(10, 5, "old")
+  new_train, new_test = _source(6, 8, "new"), _source(6, 4, "new", present=[0, 1, 2, 3])
+  new_train.split, new_test.split = "train", "test"  # as the tfds sources carry them
+  with pytest.raises(ConfigError, match=r"^swap\.learn_classes: class ids \[4\] have no "
+                                        r"records in source 'new' split 'test' \(16 records\)"):
+    splits.knowledge_swap_splits(old_train, old_test, new_train, new_test, _swap_cfg())
