@@ -85,7 +85,8 @@ _CASES = {
     "unknown_augmentation": (["--config.data.augment=rotate"], ["data.augment", "rotate"],
                              False),
     "tfds_dataset_not_prepared": (
-        ["--config={tmp}/tfds_config.py:runlocal"], ["data.old.name", "tfds build"], False),
+        ["--config={tmp}/tfds_config.py:runlocal"], ["data.old.data_dir", "does not exist",
+                                                      "tfds build"], False),
     "unknown_model_variant": (["--config.model.variant=Q/16"], ["model.variant", "Q/16"], False),
     "unknown_method_override": (["--config.method=nope"], ["method", "nope"], False),
     "unknown_method_config_arg": (

@@ -236,15 +236,6 @@ def _datasets_in(data_dir: str) -> list[str]:
   return found
 
 
-def _check_data_dir(data_dir: str | None, field: str) -> None:
-  """ConfigError for a data_dir that does not exist or is a file."""
-  if data_dir is not None and not os.path.isdir(data_dir):
-    what = "is a file" if os.path.exists(data_dir) else "does not exist"
-    raise ConfigError(f"{field}.data_dir: {data_dir!r} {what} (expected the folder that "
-                      f"holds <dataset name>/<version>/, e.g. the --data_dir given to "
-                      f"python -m kswap_jax.data.image_folder)")
-
-
 def _own_folder_hint(data_dir: str, name: str) -> str:
   """For a dataset not found: a data_dir that is the dataset's own folder or one of its
   version folders, and the folder above it to give instead."""
@@ -290,15 +281,20 @@ class TfdsSource:
     data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
     shown_dir = data_dir or tfds.core.constants.DATA_DIR
     base_name = name.split(":")[0].split("/")[0]
-    _check_data_dir(data_dir, field)
+    prepare = (f"prepare it once with: pip install -e '.[tf]' && tfds build {base_name} "
+               f"--data_dir {shown_dir} --file_format array_record; a dataset tfds does not "
+               f"ship, e.g. ImageNet-100 or CASIA-100, from a folder of images: python -m "
+               f"kswap_jax.data.image_folder --help")
+    if data_dir is not None and not os.path.isdir(data_dir):
+      what = "is a file" if os.path.exists(data_dir) else "does not exist"
+      raise ConfigError(f"{field}.data_dir: {data_dir!r} {what}, so tfds dataset {name!r} "
+                        f"is not there (a typo? the folder that holds <dataset name>/"
+                        f"<version>/; or {prepare})")
     present = _datasets_in(shown_dir)
     not_found = ConfigError(
         f"{field}.name: tfds dataset {name!r} not found in data_dir {shown_dir!r} "
         f"(it holds {', '.join(present) if present else 'no prepared dataset'}"
-        f"{_own_folder_hint(shown_dir, base_name)}; prepare it "
-        f"once with: pip install -e '.[tf]' && tfds build {base_name} --data_dir {shown_dir} "
-        "--file_format array_record; a dataset tfds does not ship, e.g. ImageNet-100 or "
-        "CASIA-100, from a folder of images: python -m kswap_jax.data.image_folder --help)")
+        f"{_own_folder_hint(shown_dir, base_name)}; {prepare})")
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:

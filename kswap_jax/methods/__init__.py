@@ -251,9 +251,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """The checks `run` makes of a config before it looks at a workdir: its method's sections,
-  every seed, the shared sections' counts, the files `init` names and the method's own
-  `validate` (`python -m kswap_jax.config --config=...` makes them too). Data, model and
-  LoRA are checked when the method starts.
+  every seed, the shared sections' counts, the files `init` names, the method's own
+  `validate`, and an `.npz` checkpoint's shapes against the model (`python -m
+  kswap_jax.config --config=...` makes them too). Data, the model's own fields and LoRA
+  are checked when the method starts.
 
   Raises:
     ConfigError: naming the first field that fails.
@@ -268,6 +269,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   module = get(str(config.method))
   if hasattr(module, "validate"):
     module.validate(config)
+  common.check_init_checkpoint(config)  # after the config-only checks: reads the file
 
 
 def _check_recorded_method(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -139,10 +139,8 @@ def abstract_variables(model, model_cfg) -> dict:
 
 def check_init_files(config) -> None:
   """`init.kind` and the files `init` names, before a run touches its workdir or pretrains:
-  a missing checkpoint should cost seconds, not a pretraining run. An `.npz` checkpoint's
-  parameter names and shapes are checked against the configured model from the file's
-  array headers (`checkpoint.check_npz`), so a dry run finds a checkpoint of another size;
-  its values are read when it is loaded."""
+  a missing checkpoint should cost seconds, not a pretraining run. (Its shapes:
+  `check_init_checkpoint`; its values are read when it is loaded.)"""
   init = config.get("init")
   if init is None:
     return
@@ -152,21 +150,28 @@ def check_init_files(config) -> None:
       raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
                         "checkpoint (python -m kswap_jax.convert writes one)")
     _require_file("init.checkpoint", str(init.checkpoint), "a .npz checkpoint in our layout")
-    if "model" in config:
-      model_cfg = model_config(config)
-      abstract = abstract_variables(models.build(model_cfg), model_cfg)
-      ckpt_lib.check_npz(str(init.checkpoint), abstract["params"],
-                         head=str(init.get("head", "extend")), field="init.checkpoint")
-    else:
-      problem = ckpt_lib.npz_problem(str(init.checkpoint))
-      if problem:
-        raise ConfigError(f"init.checkpoint: {str(init.checkpoint)!r} {problem}")
+    problem = ckpt_lib.npz_problem(str(init.checkpoint))
+    if problem:
+      raise ConfigError(f"init.checkpoint: {str(init.checkpoint)!r} {problem}")
   elif init.get("checkpoint"):  # would be ignored: the run would not start from it
     raise ConfigError(f"init.checkpoint: {init.checkpoint} is set, but init.kind="
                       f"{init.get('kind')} does not read it; add --config.init.kind=npz to "
                       f"start from it, or leave init.checkpoint empty")
   if init.get("lora_checkpoint"):
     _require_file("init.lora_checkpoint", str(init.lora_checkpoint), _LORA_FILE)
+
+
+def check_init_checkpoint(config) -> None:
+  """An `.npz` `init.checkpoint`'s parameter names and shapes against the configured model,
+  from the file's array headers (`checkpoint.check_npz`): the printer and a dry run find a
+  checkpoint of another size, which the run would find only when it loads it."""
+  init = config.get("init")
+  if init is None or init.get("kind") != "npz" or "model" not in config:
+    return
+  model_cfg = model_config(config)
+  abstract = abstract_variables(models.build(model_cfg), model_cfg)
+  ckpt_lib.check_npz(str(init.checkpoint), abstract["params"],
+                     head=str(init.get("head", "extend")), field="init.checkpoint")
 
 
 _INIT_KINDS = ("npz", "pretrain", "random")

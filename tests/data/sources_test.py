@@ -115,8 +115,10 @@ def test_a_missing_or_misplaced_data_dir_is_named(tmp_path):
   load = lambda data_dir: sources.load_source(
       dict(kind="tfds", name="mnist", data_dir=str(data_dir), train_split="train"), "train",
       field="data.old")
-  with pytest.raises(ConfigError, match=r"^data\.old\.data_dir: '.*/nowhere' does not exist"):
-    load(tmp_path / "nowhere")  # used to suggest `tfds build`
+  with pytest.raises(ConfigError, match=r"^data\.old\.data_dir: '.*/nowhere' does not exist, "
+                                        r"so tfds dataset 'mnist' is not there \(a typo\? .*"
+                                        r"tfds build mnist"):
+    load(tmp_path / "nowhere")  # a typo, or a dataset still to be built there
   (tmp_path / "myfolder" / "1.0.0").mkdir(parents=True)
   (tmp_path / "myfolder" / "1.0.0" / "dataset_info.json").write_text("{}")
   with pytest.raises(ConfigError, match=r"not found in data_dir .* \(it holds myfolder; "):

@@ -255,7 +255,7 @@ def test_the_printed_flags_start_a_run_from_the_converted_checkpoint(tmp_path, c
   assert not any(f.startswith("--config.model.num_classes=") for f in flags)
   config, _ = cli.load_config(["run.py", "--config=configs/demo.py:runlocal", *flags,
                                "--config.model.num_classes=16", "--config.init.head=extend"])
-  common.check_init_files(config)  # raises on a mismatch
+  common.check_init_checkpoint(config)  # raises on a mismatch
   config.model.depth = 3  # without the printed flags' depth: another architecture
   with pytest.raises(ConfigError, match="^init.checkpoint: .* lacks .*encoderblock_2"):
-    common.check_init_files(config)
+    common.check_init_checkpoint(config)
