@@ -274,11 +274,16 @@ def npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
   return out
 
 
+HEAD_MODES = ("extend", "replace", "keep")
+
+
 def _check_shapes(where: str, path: str, found: dict, wanted: dict, head: str) -> None:
   """The shape rules of `load_npz` (ConfigError on the first violation): every parameter
   of the model present; the position embedding of another grid resized (same width, square
   grids); the head of another class count adapted unless `head = "keep"`; every other shape
   equal."""
+  if head not in HEAD_MODES:
+    raise ConfigError(f"init.head: unknown mode {head!r} (expected {', '.join(HEAD_MODES)})")
   missing = [n for n in wanted if n not in found]
   if missing:
     hint = ("pass the model's variables['params'], not the variables dict"
@@ -402,7 +407,7 @@ def _adapt_head(name, x, shape, mode, ckpt_kernel_shape, rng):
   if mode == "replace":
     return np.zeros(shape, np.float32)
   if mode != "extend":
-    raise ConfigError(f"init.head: unknown mode {mode!r} (expected extend, replace or keep)")
+    raise ConfigError(f"init.head: unknown mode {mode!r} (expected {', '.join(HEAD_MODES)})")
   if k > shape[-1]:
     raise ConfigError(f"init.head: the checkpoint head has {k} classes, more than "
                       f"model.num_classes = {shape[-1]}; use init.head='replace'")

@@ -172,3 +172,24 @@ def test_a_split_smaller_than_one_batch_is_named_once(tmp_path, caplog):
   assert [s.split(" has ")[0] for s in said] == ["warning: learn_train", "warning: forget_train"]
   assert said[0].endswith("(ks.batch_size): every step pads it, masked, to the full batch; "
                           "a smaller ks.batch_size computes less")
+
+
+def test_a_dry_run_checks_a_batchnorm_models_saved_state_too(tmp_path):
+  """A ResNet's checkpoint is two files (`load_base` reads `<name>.model_state.npz`
+  beside it); the dry run checks both, and the head mode, from the files' headers."""
+  from kswap_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
+  config = load_config("ug_clu_digits", "runlocal")
+  variables = jax.device_get(models.init_variables(models.build(config.model), config.model,
+                                                   jax.random.key(0)))
+  checkpoint.save_npz(variables.pop("params"), str(tmp_path / "base.npz"))
+  config.init.kind, config.init.checkpoint = "npz", str(tmp_path / "base.npz")
+  with pytest.raises(ConfigError, match=r"^init.checkpoint: '.*base.model_state.npz' does "
+                                        r"not exist \(expected the model state"):
+    methods.run(config, str(tmp_path / "w"), dry_run=True)
+  checkpoint.save_npz(variables, str(tmp_path / "base.model_state.npz"))
+  methods.run(config, str(tmp_path / "w"), dry_run=True)
+  config.init.head = "Extend"  # a typo the loader alone used to find
+  with pytest.raises(ConfigError, match=r"^init.head: unknown mode 'Extend' \(expected "
+                                        r"extend, replace, keep\)"):
+    methods.run(config, str(tmp_path / "w"), dry_run=True)
+  assert not (tmp_path / "w").exists()

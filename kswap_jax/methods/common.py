@@ -161,6 +161,11 @@ def check_init_files(config) -> None:
     _require_file("init.lora_checkpoint", str(init.lora_checkpoint), _LORA_FILE)
 
 
+def model_state_path(path: str) -> str:
+  """Where the model state (e.g. BatchNorm statistics) of the checkpoint `path` is saved."""
+  return path[:-len(".npz")] + ".model_state.npz" if path.endswith(".npz") else path
+
+
 def check_init_checkpoint(config) -> None:
   """An `.npz` `init.checkpoint`'s parameter names and shapes against the configured model,
   from the file's array headers (`checkpoint.check_npz`): the printer and a dry run find a
@@ -170,8 +175,15 @@ def check_init_checkpoint(config) -> None:
     return
   model_cfg = model_config(config)
   abstract = abstract_variables(models.build(model_cfg), model_cfg)
-  ckpt_lib.check_npz(str(init.checkpoint), abstract["params"],
-                     head=str(init.get("head", "extend")), field="init.checkpoint")
+  path = str(init.checkpoint)
+  ckpt_lib.check_npz(path, abstract["params"], head=str(init.get("head", "extend")),
+                     field="init.checkpoint")
+  rest = {k: v for k, v in abstract.items() if k != "params"}
+  if rest:  # e.g. BatchNorm statistics, in the file `load_base` reads beside it
+    state_path = model_state_path(path)
+    _require_file("init.checkpoint", state_path,
+                  "the model state saved beside the checkpoint (e.g. BatchNorm statistics)")
+    ckpt_lib.check_npz(state_path, rest, head="keep", field="init.checkpoint")
 
 
 _INIT_KINDS = ("npz", "pretrain", "random")
@@ -212,8 +224,7 @@ def load_base(config, model_cfg, model, rng) -> tuple[dict, dict]:
                              field=field)
   model_state = {}
   if rest:  # e.g. BatchNorm statistics, saved beside the parameters
-    state_path = path[:-len(".npz")] + ".model_state.npz" if path.endswith(".npz") else path
-    model_state = ckpt_lib.load_npz(state_path, rest, head="keep", field=field)
+    model_state = ckpt_lib.load_npz(model_state_path(path), rest, head="keep", field=field)
   return params, model_state
 
 
