@@ -338,9 +338,10 @@ def check_npz(path: str, abstract_params: dict, *, head: str = "extend",
 
 
 def head_rows(path: str) -> int | None:
-  """The number of classes of the `head/kernel` in a vit_jax `.npz` (None without one)."""
-  with np.load(path, allow_pickle=False) as f:
-    return int(f["head/kernel"].shape[-1]) if "head/kernel" in f.files else None
+  """The number of classes of the `head/kernel` in a vit_jax `.npz` (None without one),
+  from its array header."""
+  shape = npz_shapes(path).get("head/kernel")
+  return None if shape is None else int(shape[-1])
 
 
 def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
@@ -384,33 +385,21 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
     log.warning("%s: ignoring %d checkpoint parameter(s) the model does not have, e.g. %s",
                 path, len(extra), extra[0])
   out = {}
-  for name, shape in shapes.items():
+  for name, shape in shapes.items():  # every difference left is one `_check_shapes` allows
     x = flat[name]
     if name == "Transformer/posembed_input/pos_embedding" and x.shape != shape:
-      try:
-        x = _resize_posemb(x, shape, has_cls="cls" in shapes)
-      except ValueError:
-        pass
-    if name.startswith("head/") and x.shape != shape and head != "keep":
+      x = _resize_posemb(x, shape, has_cls="cls" in shapes)
+    elif name.startswith("head/") and x.shape != shape:
       x = _adapt_head(name, x, shape, head, flat["head/kernel"].shape, rng)
-    if tuple(x.shape) != shape:
-      raise ConfigError(f"{where}{path}: {name} has shape {tuple(x.shape)} but the model "
-                        f"expects {shape}")
     out[name] = x.astype(np.float32)
   return unflatten(out)
 
 
 def _adapt_head(name, x, shape, mode, ckpt_kernel_shape, rng):
-  if x.shape[:-1] != shape[:-1] and name.endswith("kernel"):
-    return x  # width mismatch: reported by the caller's shape check
+  """A head of another class count under `mode` "replace" or "extend" (k <= rows)."""
   k = x.shape[-1]
   if mode == "replace":
     return np.zeros(shape, np.float32)
-  if mode != "extend":
-    raise ConfigError(f"init.head: unknown mode {mode!r} (expected {', '.join(HEAD_MODES)})")
-  if k > shape[-1]:
-    raise ConfigError(f"init.head: the checkpoint head has {k} classes, more than "
-                      f"model.num_classes = {shape[-1]}; use init.head='replace'")
   new = np.zeros(shape, np.float32)
   new[..., :k] = x
   if name.endswith("kernel"):

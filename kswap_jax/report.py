@@ -15,14 +15,13 @@ imported only when a plot is drawn (it is ~0.5 s of every run's start-up otherwi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 
-from kswap_jax.errors import ArgumentParser
+from kswap_jax.errors import ArgumentParser, exit_with
 
 # name -> (column label, better: "up" | "down" | "" when judged by the gap to an oracle)
 METRICS = {
@@ -218,6 +217,8 @@ def present(results: dict, workdir: str | None) -> str:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
+  """A results envelope's config as {"ks.beta": 0.2, ...} (`config.flatten` takes a
+  ConfigDict and imports the models, which this module's command does not need)."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
@@ -389,5 +390,4 @@ def _leaderboard(workdir: str, path: str) -> int:
 
 
 if __name__ == "__main__":
-  from kswap_jax.errors import exit_with  # pylint: disable=ungrouped-imports
   exit_with(main)
