@@ -290,15 +290,17 @@ class TfdsSource:
       raise ConfigError(f"{field}.data_dir: {data_dir!r} {what}, so tfds dataset {name!r} "
                         f"is not there (a typo? the folder that holds <dataset name>/"
                         f"<version>/; or {prepare})")
-    present = _datasets_in(shown_dir)
-    not_found = ConfigError(
-        f"{field}.name: tfds dataset {name!r} not found in data_dir {shown_dir!r} "
-        f"(it holds {', '.join(present) if present else 'no prepared dataset'}"
-        f"{_own_folder_hint(shown_dir, base_name)}; {prepare})")
+
+    def not_found() -> ConfigError:  # the data_dir is listed only when it is needed
+      present = _datasets_in(shown_dir)
+      return ConfigError(
+          f"{field}.name: tfds dataset {name!r} not found in data_dir {shown_dir!r} "
+          f"(it holds {', '.join(present) if present else 'no prepared dataset'}"
+          f"{_own_folder_hint(shown_dir, base_name)}; {prepare})")
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-      raise not_found from None
+      raise not_found() from None
     except Exception as e:  # noqa: BLE001 - a folder tfds cannot open is the user's data
       reason = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
       raise ConfigError(
@@ -310,7 +312,7 @@ class TfdsSource:
     except (NotImplementedError, ValueError, FileNotFoundError) as e:
       # tfds reports a missing dataset as a format or file problem; diagnose it here.
       if not builder.is_prepared():
-        raise not_found from None
+        raise not_found() from None
       available = sorted(builder.info.splits)
       if any(s not in available for s in _split_names(split)):
         raise ConfigError(f"{field}.{split_field}: unknown split {split!r} of tfds dataset "
