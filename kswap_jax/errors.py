@@ -5,6 +5,7 @@ traceback; everything else is a bug or a runtime failure and keeps its traceback
 """
 
 import argparse
+import math
 import numbers
 import os
 import sys
@@ -39,6 +40,18 @@ class DryRunComplete(Exception):
   def __init__(self, workdir: str, resumes: bool, finished: bool = False):
     super().__init__(workdir)
     self.workdir, self.resumes, self.finished = workdir, resumes, finished
+
+
+def require_nonnegative(value, field: str) -> float:
+  """`value` as a float if it is a number >= 0 (not NaN); else a ConfigError naming
+  `field` (a negative loss weight or bound rewards what its term penalises)."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = math.nan
+  if isinstance(value, bool) or not number >= 0:
+    raise ConfigError(f"{field}: expected a value >= 0, got {value!r}")
+  return number
 
 
 def require_int(value, field: str, least: int = 0) -> int:

@@ -641,3 +641,11 @@ def test_config_listing_help_and_unknown_method(capsys):
   assert out == "" and err.startswith("error: method: unknown method 'bogus'")
   assert config.main(["gs_lora", "--foo"]) == 2
   assert capsys.readouterr().err.startswith("error: unknown option --foo")
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "x", True])
+def test_a_loss_weight_must_be_a_number_at_least_zero(value):
+  from kswap_jax.errors import ConfigError, require_nonnegative  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=r"^ks\.beta: expected a value >= 0, got "):
+    require_nonnegative(value, "ks.beta")
+  assert require_nonnegative(0, "ks.beta") == 0.0 and require_nonnegative(2.5, "x") == 2.5

@@ -118,8 +118,9 @@ def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pa
         if not files:
           raise ConfigError(f"--root: class folder {str(class_dir)!r} holds no images "
                             f"(suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        kept = set(files)
         skipped = sorted(p.name for p in class_dir.iterdir() if p.is_file()
-                         and not p.name.startswith(".") and p not in set(files))
+                         and not p.name.startswith(".") and p not in kept)
         if skipped:  # e.g. a .txt label file, or an image format not in IMAGE_SUFFIXES
           log.warning("%s: skipping %s without an image suffix: %s%s", class_dir,
                       _count(len(skipped), "file"), ", ".join(skipped[:MAX_LISTED]),

@@ -40,7 +40,7 @@ from kswap_jax import config as config_lib
 from kswap_jax import lora, losses, metrics, models, report, train
 from kswap_jax.data import streams
 from kswap_jax.data import tasks as tasks_lib
-from kswap_jax.errors import ConfigError, require_int
+from kswap_jax.errors import ConfigError, require_int, require_nonnegative
 from kswap_jax.methods import common, continual, pretrain
 from kswap_jax.models import vit
 from kswap_jax.optim import group_lasso, schedules
@@ -408,21 +408,18 @@ def validate(config) -> None:
   if int(g.epochs) < 1:
     raise ConfigError(f"gs_lora.epochs: expected an int >= 1, got {g.epochs!r}")
   for field in ("bound", "reinit_slope", "alpha_epoch", "big_alpha"):
-    if float(g[field]) < 0:
-      raise ConfigError(f"gs_lora.{field}: expected a value >= 0, got {g[field]!r}")
-  if float(config.group_lasso.alpha) < 0:
-    raise ConfigError(f"group_lasso.alpha: expected a value >= 0, got {config.group_lasso.alpha}")
+    require_nonnegative(g[field], f"gs_lora.{field}")
+  require_nonnegative(config.group_lasso.alpha, "group_lasso.alpha")
   if not 0.0 <= float(g.ema_decay) <= 1.0:
     raise ConfigError(f"gs_lora.ema_decay: expected a value in [0, 1], got {g.ema_decay!r}")
-  if float(g.prototype.bound) < 0 or float(g.prototype.retain_weight) < 0:
-    raise ConfigError("gs_lora.prototype: bound and retain_weight must be >= 0")
+  for field in ("bound", "retain_weight"):
+    require_nonnegative(g.prototype[field], f"gs_lora.prototype.{field}")
   # The per-task lists against tasks.num_tasks (explicit forget_classes must match it too).
   num_tasks = require_int(config.tasks.num_tasks, "tasks.num_tasks", 1)
   for field, values in (("gs_lora.beta", g.beta),
                         ("gs_lora.prototype.forget_weight", g.prototype.forget_weight)):
-    negative = [v for v in tasks_lib.per_task(values, num_tasks, field) if not v >= 0]
-    if negative:
-      raise ConfigError(f"{field}: expected values >= 0, got {negative[0]}")
+    for value in tasks_lib.per_task(values, num_tasks, field):
+      require_nonnegative(value, field)
   lora.LoraSpec.from_config(config.lora)  # rank, alpha, targets' syntax
 
 

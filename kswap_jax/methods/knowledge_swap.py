@@ -30,7 +30,7 @@ from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import config as config_lib
 from kswap_jax import lora, losses, metrics, models, report, train
 from kswap_jax.data import splits
-from kswap_jax.errors import ConfigError, require_int
+from kswap_jax.errors import ConfigError, require_int, require_nonnegative
 from kswap_jax.methods import common, pretrain
 from kswap_jax.optim import group_lasso, schedules
 
@@ -220,11 +220,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.group_lasso.mode not in ("penalty", "proximal"):
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
                       f"proximal)")
-  # A negative weight would reward what the term penalises (e.g. large LoRA groups).
-  for field, value in (("ks.beta", config.ks.beta), ("ks.bound", config.ks.bound),
-                       ("group_lasso.alpha", config.group_lasso.alpha)):
-    if not float(value) >= 0:
-      raise ConfigError(f"{field}: expected a value >= 0, got {value!r}")
+  for field in ("ks.beta", "ks.bound", "group_lasso.alpha"):
+    section, key = field.split(".")
+    require_nonnegative(config[section][key], field)
   lora.LoraSpec.from_config(config.lora)  # rank, alpha, targets' syntax
   if (config.init.kind == "pretrain"
       and pretrain.num_classes(config) != int(config.swap.num_old_classes)):
