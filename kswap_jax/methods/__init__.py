@@ -14,8 +14,9 @@ Variants of one method share a module (`lbf`/`laf`). A new method is a new modul
 one entry in `METHODS`; nothing in shared code branches on the method's name.
 
 Example:
-  >>> config = methods.default_config("lbf")      # shared base + Knowledge Swapping's sections
+  >>> config, _ = cli.load_config(["run.py", "--config=demo.py:runlocal"])  # a shipped config
   >>> results = methods.run(config, "/tmp/run")
+  >>> methods.default_config("lbf")  # the defaults alone: no data or checkpoint set yet
 """
 
 from __future__ import annotations
