@@ -10,23 +10,33 @@ the same config, refuses ones that finished with another (before anything trains
 resumes an interrupted one from its checkpoints. It then writes a leaderboard: per method,
 the family's headline metrics (mean ± std over seeds), the number of trainable parameters
 and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png` in the
-workdir (default `./workdir/<config name>[_<arg>]_compare`); `python -m kswap_jax.report
+workdir (default `./workdir/<config name>[_<arg>]_compare`, with one `_compare` for the
+`:compare` arg); `python -m kswap_jax.report
 WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
 The first run of a seed also does the work its family shares (pretraining, the Retrain
 oracle), which its seconds include. A run's seconds add up all its attempts
 (`compare_seconds.json`); an attempt killed outright (SIGKILL) cannot record its time, and
 the table marks such runs. `--dry_run` makes every run's checks (`run.py
 --dry_run`) and writes nothing.
+
+`--sweep=FIELD=V1,V2,...` (repeatable: a grid) runs every method at each value, each in
+`<workdir>/<method>/<FIELD>=<V>/seed_<s>`, one leaderboard row per (method, value). A method
+that does not read the field's section runs once. The shared work is shared across values
+unless the field changes it (a pretraining field: one pretraining per value).
+
+    python -m kswap_jax.compare --config=configs/demo.py --sweep=ks.beta=0.1,0.2,0.4
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -34,6 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from kswap_jax import config as config_lib
 from kswap_jax import hostmem, methods, report, train
 from kswap_jax.errors import ConfigError
 
@@ -48,24 +59,139 @@ def _family(method: str) -> str:
                     f"{', '.join(methods.FAMILIES)})")
 
 
-def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workdir: str
+def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workdir: str,
+                values: dict | None = None, shared: tuple[str, str] = ("", "")
                 ) -> ml_collections.ConfigDict:
-  """`config` with method and seed replaced; sections the method owns but the config file
-  did not build are added with the method's defaults. Methods that start from this repo's
-  pretraining share one pretrained model per seed (`<workdir>/pretrain/seed_<s>`), and
-  methods measured against a Retrain oracle (an `oracle` section with an empty
-  `oracle.workdir`) share one oracle per seed (`<workdir>/oracle/seed_<s>`)."""
+  """`config` with method, seed and the swept fields' `values` replaced; sections the
+  method owns but the config file did not build are added with the method's defaults.
+  Methods that start from this repo's pretraining share one pretrained model per seed
+  (`<workdir>/pretrain/[<tag>/]seed_<s>`), and methods measured against a Retrain oracle
+  (an `oracle` section with an empty `oracle.workdir`) share one oracle per seed
+  (`<workdir>/oracle/[<tag>/]seed_<s>`); `shared` holds the two tags (the swept values
+  that change that work, `_Sweep.shared_tags`)."""
   out = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
-  if out.init.kind == "pretrain" and not out.init.pretrain_workdir:
-    out.init.pretrain_workdir = os.path.join(workdir, "pretrain", f"seed_{seed}")
-  if "oracle" in out and not out.oracle.get("workdir", True):
-    out.oracle.workdir = os.path.join(workdir, "oracle", f"seed_{seed}")
   defaults = methods.default_config(method)
   for section in defaults.keys():
     if section not in out:
       out[section] = defaults[section]
   out.method = method
   out.seed = seed
+  for field, value in (values or {}).items():
+    _set(out, field, value)
+  if out.init.kind == "pretrain" and not out.init.pretrain_workdir:
+    out.init.pretrain_workdir = os.path.join(workdir, "pretrain", shared[0], f"seed_{seed}")
+  if "oracle" in out and not out.oracle.get("workdir", True):
+    out.oracle.workdir = os.path.join(workdir, "oracle", shared[1], f"seed_{seed}")
+  return out
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+  node = config
+  for key in field.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      raise KeyError(field)
+    node = node[key]
+  return node
+
+
+def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
+  *parents, leaf = field.split(".")
+  node = _get(config, ".".join(parents)) if parents else config
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:  # ml_collections' type check
+    raise ConfigError(f"--sweep: {field}={value!r}: {e}") from None
+
+
+def _show(value) -> str:
+  """A swept value as written on the command line (tuples as `(0,1)`)."""
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_show(v) for v in value) + ")"
+  return str(value)
+
+
+def _slug(values: dict) -> str:
+  """The folder name of one point of a sweep: `ks.beta=0.1`, `a=1,b=(0-1)` -> `a=1,b=0-1`."""
+  def part(value):
+    text = "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+  return ",".join(f"{field}={part(value)}" for field, value in values.items())
+
+
+class _Sweep:
+  """The points of `--sweep` (a grid over its fields) and what each method runs of them."""
+
+  def __init__(self, config: ml_collections.ConfigDict, sweep: dict[str, list] | None,
+               names: list[str], workdir: str):
+    self.fields = dict(sweep or {})
+    for field, values in self.fields.items():
+      if field in ("method", "seed"):
+        raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
+      if not values:
+        raise ConfigError(f"--sweep: {field}: expected at least one value")
+      shown = [_show(v) for v in values]
+      repeated = sorted({v for v in shown if shown.count(v) > 1})
+      if repeated:
+        raise ConfigError(f"--sweep: {field}: {', '.join(repeated)} given twice (each value "
+                          f"is one run)")
+    base = _config_for(config, names[0], int(config.seed), workdir)
+    self.read = {}  # method -> the swept fields it reads
+    for field in self.fields:
+      if not any(_has(_config_for(config, m, 0, workdir), field) for m in names):
+        raise ConfigError(f"--sweep: {field}: no such config field in the compared methods' "
+                          f"configs")
+    for name in names:
+      read = set(config_lib.base_config()) | set(methods.sections_used(name))
+      self.read[name] = [f for f in self.fields if f.split(".")[0] in read]
+    for field in self.fields:
+      if not any(field in read for read in self.read.values()):
+        raise ConfigError(f"--sweep: {field}: read by none of the compared methods "
+                          f"({', '.join(names)})")
+    self.changes = {"pretraining": set(), "oracle": set()}  # the fields that change it
+    for field, values in self.fields.items():
+      for value in values:
+        point = _config_for(config, names[0], int(config.seed), workdir, {field: value})
+        for work, diff in _shared_differences(base, point).items():
+          if diff:
+            self.changes[work].add(field)
+    for work, given in (("pretraining", "init.pretrain_workdir"), ("oracle", "oracle.workdir")):
+      if self.changes[work] and _has(config, given) and _get(config, given):
+        raise ConfigError(
+            f"--sweep: {', '.join(sorted(self.changes[work]))} changes the {work}, but "
+            f"{given} names one folder for every value; leave {given} empty (one {work} "
+            f"per value, in the compare workdir)")
+
+  def points(self, name: str) -> list[dict]:
+    """The values method `name` runs at: the grid over the fields it reads ([{}]: once)."""
+    fields = self.read.get(name, [])
+    return [dict(zip(fields, combo))
+            for combo in itertools.product(*(self.fields[f] for f in fields))]
+
+  def shared_tags(self, values: dict) -> tuple[str, str]:
+    """The sub-folders of the pretraining and the oracle a point uses."""
+    return tuple(_slug({f: v for f, v in values.items() if f in self.changes[work]})
+                 for work in ("pretraining", "oracle"))
+
+
+def _has(config: ml_collections.ConfigDict, field: str) -> bool:
+  try:
+    _get(config, field)
+  except KeyError:
+    return False
+  return True
+
+
+def _shared_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> dict:
+  """How `b` changes the work compare shares between runs: {"pretraining": diff, "oracle":
+  diff} ("" where it does not)."""
+  from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
+  record = lambda c: json.loads(c.to_json_best_effort())
+  out = {"pretraining": train.config_difference(record(a), b, pretrain.PRETRAIN_FIELDS,
+                                                 pretrain.PRETRAIN_LAYOUT), "oracle": ""}
+  if "oracle" in a:
+    from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
+    out["oracle"] = train.config_difference(record(ug_clu.oracle_config(a)),
+                                            ug_clu.oracle_config(b))
   return out
 
 
@@ -176,11 +302,13 @@ def _summary(values: list[float | None]) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str] | None = None,
-        seeds: list[int] | None = None, dry_run: bool = False) -> dict | None:
+        seeds: list[int] | None = None, dry_run: bool = False,
+        sweep: dict[str, list] | None = None) -> dict | None:
   """Runs every method of the comparison and returns the leaderboard dict; with `dry_run`,
   a dry run of every (method, seed) not finished yet (`methods.run`), nothing written, and
-  None. In a multi-process run, the first process writes the timings and the leaderboard
-  (the others' dicts may miss the last attempt's seconds)."""
+  None. `sweep` ({field: [values]}, a grid over its fields) runs each method at every point
+  it reads, one row per (method, point). In a multi-process run, the first process writes
+  the timings and the leaderboard (the others' dicts may miss the last attempt's seconds)."""
   family = _family(str(config.method))
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
   # The config file must set up its method's family: the sections every member reads (the
@@ -205,68 +333,81 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
       raise ConfigError(f"{flag}: {', '.join(repeated)} given twice (each entry is one run)")
-  if dry_run:
-    train.check_writable(workdir)
-  else:
-    train.prepare_workdir(workdir)
+  given_workdir = workdir
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
+  grid = _Sweep(config, sweep, names, workdir)
+  # (method, point, run name: its folder under the workdir, leaderboard row)
+  plan = [(name, point, os.path.join(name, _slug(point)) if point else name,
+           f"{name} {' '.join(f'{f}={_show(v)}' for f, v in point.items())}" if point else name)
+          for name in names for point in grid.points(name)]
+  folders = [run_name for _, _, run_name, _ in plan]
+  clash = sorted({f for f in folders if folders.count(f) > 1})
+  if clash:
+    raise ConfigError(f"--sweep: two values would share the folder {clash[0]}; give values "
+                      f"that differ in their letters or digits")
+  if dry_run:
+    train.check_writable(given_workdir)
+  else:
+    train.prepare_workdir(given_workdir)
+  sub_config = lambda name, seed, point: _config_for(config, name, seed, workdir, point,
+                                                     grid.shared_tags(point))
   # A finished run is reused only if it is this config's run; all are checked before anything
   # trains (an unfinished one is checked by its own workdir record when it resumes).
-  for name in names:
+  for name, point, run_name, _ in plan:
     for seed in seeds:
-      sub_config = _config_for(config, name, seed, workdir)
-      methods.check(sub_config)  # each method's own values, before the first one trains
-      _check_finished(workdir, name, seed, sub_config)
-  rows, total, count, checked = {}, len(names) * len(seeds), 0, 0
-  for name in names:
+      sub = sub_config(name, seed, point)
+      methods.check(sub)  # each method's own values, before the first one trains
+      _check_finished(workdir, run_name, seed, sub)
+  rows, total, count, checked = {}, len(plan) * len(seeds), 0, 0
+  for name, point, run_name, row_name in plan:
     per_seed = []
     for seed in seeds:
       count += 1
-      sub = os.path.join(workdir, name, f"seed_{seed}")
+      sub = os.path.join(workdir, run_name, f"seed_{seed}")
       results_path = os.path.join(sub, "results.json")
       if dry_run:
         if os.path.exists(results_path):
-          log.info("[compare] %d/%d %s, seed %d: finished earlier", count, total, name, seed)
+          log.info("[compare] %d/%d %s, seed %d: finished earlier", count, total, row_name,
+                   seed)
         else:
-          methods.run(_config_for(config, name, seed, workdir), sub, dry_run=True)
+          methods.run(sub_config(name, seed, point), sub, dry_run=True)
           checked += 1
         continue
       if not os.path.exists(results_path):
         resumed = _has_checkpoints(sub)
-        log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, name, seed, sub,
+        log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, row_name, seed, sub,
                  " (resuming an earlier attempt)" if resumed else "")
         try:
-          with _attempt_timed(workdir, name, seed, resumed):
-            methods.run(_config_for(config, name, seed, workdir), sub)
+          with _attempt_timed(workdir, run_name, seed, resumed):
+            methods.run(sub_config(name, seed, point), sub)
         except ConfigError:
-          try:  # the method's folder, when the refused run's was its only content
-            os.rmdir(os.path.join(workdir, name))
-          except OSError:
-            pass
+          _remove_empty(workdir, run_name)  # the folders the refused run's was alone in
           raise
       else:
         log.info("[compare] %d/%d %s, seed %d: finished earlier, results read from %s", count,
-                 total, name, seed, results_path)
+                 total, row_name, seed, results_path)
       with open(results_path) as f:
         results = json.load(f)
-      per_seed.append((results, _timing(workdir, name, seed)))
+      per_seed.append((results, _timing(workdir, run_name, seed)))
     if dry_run:
       continue
     headline = methods.HEADLINES[family]
-    rows[name] = {
+    rows[row_name] = {
         **{k: _summary([r["final"].get(k, float("nan")) for r, _ in per_seed])
            for k in headline},
         "num_trainable": per_seed[0][0].get("num_trainable"),
         "seconds": _summary([t["seconds"] for _, t in per_seed]),
         "attempts": max(t["attempts"] for _, t in per_seed),
         "seconds_incomplete": any(t["incomplete"] for _, t in per_seed),
+        **({"method": name, "values": _jsonable(point)} if grid.fields else {}),
     }
   if dry_run:
     log.info("[compare] dry run: %d run(s) checked, %d finished earlier, nothing written",
              checked, total - checked)
     return None
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
-           "headline": list(methods.HEADLINES[family]), "methods": rows}
+           "headline": list(methods.HEADLINES[family]), "methods": rows,
+           **({"sweep": _jsonable(grid.fields)} if grid.fields else {})}
   if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
     return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
@@ -276,7 +417,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   plot(board, os.path.join(workdir, "leaderboard.png"))
   print(table, flush=True)
   log.info("leaderboard written to %s.{md,json,png}", os.path.join(workdir, "leaderboard"))
+  if plot_sweep(board, os.path.join(workdir, "sweep.png")):
+    log.info("the metrics against %s: %s", next(iter(grid.fields)),
+             os.path.join(workdir, "sweep.png"))
   return board
+
+
+def _remove_empty(workdir: str, run_name: str) -> None:
+  """Removes `<workdir>/<run_name>` and its parents below `workdir` while they are empty."""
+  parts = run_name.split(os.sep)
+  for i in range(len(parts), 0, -1):
+    try:
+      os.rmdir(os.path.join(workdir, *parts[:i]))
+    except OSError:
+      return
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  return value
 
 
 def _cell(s: dict) -> str:
@@ -287,15 +449,17 @@ def _cell(s: dict) -> str:
 
 def markdown(board: dict) -> str:
   """The leaderboard as a markdown table (mean ± std over seeds)."""
-  head = board["headline"]
+  head, swept = board["headline"], list(board.get("sweep", {}))
   labels = [report.label(k) for k in head]
-  lines = [f"| method | {' | '.join(labels)} | trainable | seconds |",
-           "|---" * (len(head) + 3) + "|"]
+  lines = [f"| method | {''.join(f + ' | ' for f in swept)}{' | '.join(labels)} | trainable | "
+           f"seconds |", "|---" * (len(swept) + len(head) + 3) + "|"]
   for name, row in board["methods"].items():
     cells = [_cell(row[k]) for k in head]
     trainable = f"{row['num_trainable']:,}" if row.get("num_trainable") else "–"
     mark = "*" if _incomplete(row) else ""
-    lines.append(f"| {name} | {' | '.join(cells)} | {trainable} | "
+    values = "".join(_show(row["values"][f]) + " | " if f in row.get("values", {}) else "– | "
+                     for f in swept)
+    lines.append(f"| {row.get('method', name)} | {values}{' | '.join(cells)} | {trainable} | "
                  f"{_cell(row['seconds'])}{mark} |")
   seeds = ", ".join(map(str, board["seeds"]))
   note = ("\n*: an attempt of this run ended without recording its time (killed outright); "
@@ -337,6 +501,54 @@ def plot(board: dict, path: str, title: str | None = None) -> None:
   fig.savefig(path, dpi=100)
 
 
+def _numeric(values) -> bool:
+  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def plot_sweep(board: dict, path: str) -> bool:
+  """For a sweep whose first field has numbers for values: each headline metric against
+  that field, one line per method (and value of the other swept fields), std as error
+  bars, a method that does not read the field as a dashed level. Returns whether it drew
+  (False: no sweep, or values that are not numbers)."""
+  sweep = board.get("sweep") or {}
+  if not sweep:
+    return False
+  field, xs = next(iter(sweep.items()))
+  if not _numeric(xs):
+    return False
+  head = board["headline"]
+  lines: dict[str, list] = {}  # legend label -> [(x, row)]
+  for name, row in board["methods"].items():
+    values = dict(row.get("values", {}))
+    x = values.pop(field, None)
+    rest = " ".join(f"{f}={_show(v)}" for f, v in values.items())
+    lines.setdefault(f"{row.get('method', name)} {rest}".strip(), []).append((x, row))
+  fig = report.figure(figsize=(min(16, 3.2 * len(head) + 1), 3.4))
+  for i, key in enumerate(head):
+    ax = fig.add_subplot(1, len(head), i + 1)
+    mean = lambda r: float("nan") if r[key]["mean"] is None else r[key]["mean"]
+    std = lambda r: float("nan") if r[key]["std"] is None else r[key]["std"]
+    for j, (label, points) in enumerate(lines.items()):
+      color = f"C{j % 10}"
+      if points[0][0] is None:  # does not read the field: one run for every value
+        ax.axhline(mean(points[0][1]), linestyle="--", linewidth=1, label=label, color=color)
+        continue
+      points = sorted(points, key=lambda p: p[0])
+      ax.errorbar([p[0] for p in points], [mean(r) for _, r in points],
+                  yerr=[std(r) for _, r in points], marker="o", capsize=3, label=label,
+                  color=color)
+    ax.set_title(report.label(key), fontsize=9)
+    ax.set_xlabel(field, fontsize=8)
+    ax.grid(alpha=0.3)
+    if i == 0:
+      ax.set_ylabel("%")
+  fig.axes[-1].legend(fontsize=7)
+  fig.suptitle(f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return True
+
+
 def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list | None]:
   """(argv without `--flag=a,b` / `--flag a,b`, [kind(a), kind(b)] or None)."""
   rest, value, args = [], None, iter(argv)
@@ -359,14 +571,79 @@ def _split_list(argv: list[str], flag: str, kind=str) -> tuple[list[str], list |
   return rest, value
 
 
+def _top_level_split(text: str) -> list[str]:
+  """`text` split at the commas outside brackets and quotes: "(0,1),(2,3)" -> 2 parts."""
+  parts, depth, quote, start = [], 0, "", 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = "" if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return [p.strip() for p in parts + [text[start:]]]
+
+
+def _pop_sweeps(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+  """(argv without its `--sweep=FIELD=V1,V2,...` flags, [(FIELD, [V1, V2, ...])])."""
+  rest, sweeps, args = [], [], iter(argv)
+  for a in args:
+    if a == "--sweep":
+      a = f"--sweep={next(args, '')}"
+    if not a.startswith("--sweep="):
+      rest.append(a)
+      continue
+    field, eq, raw = a[len("--sweep="):].partition("=")
+    field = field.strip().removeprefix("config.")
+    values = [v for v in _top_level_split(raw) if v]
+    if not (field and eq and values):
+      raise ConfigError(f"{a}: expected --sweep=FIELD=V1,V2,... (e.g. --sweep=ks.beta=0.1,0.2; "
+                        f"tuples in brackets: --sweep=swap.forget_classes=(0,1),(2,3))")
+    if any(field == f for f, _ in sweeps):
+      raise ConfigError(f"--sweep: {field} given twice (give all its values in one flag)")
+    sweeps.append((field, values))
+  return rest, sweeps
+
+
+def _typed_sweep(rest: list[str], sweeps: list[tuple[str, list[str]]], config) -> dict:
+  """{field: [value, ...]}, each value read as `--config.FIELD=VALUE` would be."""
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  out = {}
+  for field, raw_values in sweeps:
+    if field in ("method", "seed"):
+      raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
+    overridden = any(a.startswith(f"--config.{field}=") for a in rest)
+    if overridden:
+      log.warning("--config.%s is replaced by each value of --sweep=%s=...", field, field)
+    out[field] = []
+    for raw in raw_values:
+      try:
+        point, _ = cli.load_config(rest + [f"--config.{field}={raw}"])
+        out[field].append(_get(point, field))
+      except ConfigError as e:
+        if not _has(config, field):  # the override's message names the field and its section
+          message = str(e).removeprefix(f"--config.{field}: ")
+          raise ConfigError(f"--sweep={field}: {message}") from None
+        raise ConfigError(f"--sweep={field}=...: value {raw!r}: {e}") from None
+  return out
+
+
 def main(argv=None) -> int:
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
   if cli.wants_help(argv, __doc__.strip() + "\n\n" + cli.usage(
-      "python -m kswap_jax.compare", "[--methods=a,b,...] [--seeds=0,1,...]", more=(
+      "python -m kswap_jax.compare",
+      "[--methods=a,b,...] [--seeds=0,1,...] [--sweep=FIELD=V1,V2,...]", more=(
           "  --methods=a,b,...     the methods to run (default: the config's method and the\n"
           "                        rest of its family)\n"
           "  --seeds=0,1,...       a run per seed (default: the config's seed)\n"
+          "  --sweep=FIELD=V1,V2   a run per value of a config field, for every method that\n"
+          "                        reads it (repeat the flag for a grid; tuples in brackets)\n"
           + cli.DRY_RUN_HELP),
       workdir_suffix="_compare")):
     return 0
@@ -375,7 +652,9 @@ def main(argv=None) -> int:
     dry_run, rest = cli.pop_dry_run(argv)
     rest, names = _split_list(rest, "methods")
     rest, seeds = _split_list(rest, "seeds", int)
+    rest, sweeps = _pop_sweeps(rest)
     config, workdir = cli.load_config(rest)
+    sweep = _typed_sweep(rest, sweeps, config)
     if not dry_run:
       log.info(hostmem.describe())  # the first line of the log, as run.py's
     if not cli.workdir_given(rest) and not workdir.endswith("_compare"):
@@ -383,7 +662,7 @@ def main(argv=None) -> int:
     if not dry_run:  # a dry run is one process
       train.initialize_distributed(config)
       train.stop_on_signals()
-    run(config, workdir, names, seeds, dry_run=dry_run)
+    run(config, workdir, names, seeds, dry_run=dry_run, sweep=sweep)
   return cli.guarded(command)
 
 

@@ -373,7 +373,7 @@ def main(argv=None) -> int:
 
 
 def _leaderboard(workdir: str, path: str) -> int:
-  """A `python -m kswap_jax.compare` workdir: its table printed, its plot redrawn."""
+  """A `python -m kswap_jax.compare` workdir: its table printed, its plots redrawn."""
   from kswap_jax import compare  # pylint: disable=import-outside-toplevel
   try:
     with open(path) as f:
@@ -385,7 +385,9 @@ def _leaderboard(workdir: str, path: str) -> int:
     return 2
   print(table)
   compare.plot(board, os.path.join(workdir, "leaderboard.png"))
-  print(f"each run's own tables: python -m kswap_jax.report {workdir}/<method>/seed_<s>")
+  compare.plot_sweep(board, os.path.join(workdir, "sweep.png"))
+  run = "<method>/<field>=<value>" if board.get("sweep") else "<method>"
+  print(f"each run's own tables: python -m kswap_jax.report {workdir}/{run}/seed_<s>")
   return 0
 
 

@@ -1,0 +1,148 @@
+"""`python -m kswap_jax.compare --sweep=FIELD=V1,V2`: the runs, folders, shared work and
+leaderboard rows of a sweep. The methods themselves are replaced by a recorder (their runs
+are tested elsewhere): these tests are about what compare runs, where, and what it reports."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, load_config
+from kswap_jax import compare, methods
+from kswap_jax.errors import ConfigError
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+  """Replaces `methods.run` by one that records (method, workdir, config) and writes a
+  results envelope whose acc_r is 100·ks.beta (or 50), as a finished run would."""
+  calls = []
+
+  def fake_run(cfg, wd, dry_run=False):
+    calls.append((str(cfg.method), wd, cfg))
+    if dry_run:
+      return None
+    os.makedirs(wd, exist_ok=True)
+    beta = float(cfg.ks.beta) if "ks" in cfg else 0.5
+    final = {k: 100.0 * beta for k in ("acc_r", "h_mean", "ua", "ra", "ta")}
+    with open(os.path.join(wd, "results.json"), "w") as f:
+      json.dump({"final": final, "num_trainable": 7,
+                 "config": json.loads(cfg.to_json_best_effort())}, f)
+    return {}
+  monkeypatch.setattr(methods, "run", fake_run)
+  return calls
+
+
+def test_a_sweep_runs_every_method_at_every_value_and_shares_the_pretraining(tmp_path,
+                                                                              recorded):
+  config = load_config("demo", "runlocal")
+  board = compare.run(config, str(tmp_path), ["lbf", "laf"], [0, 1],
+                      sweep={"ks.beta": [0.1, 0.4]})
+  assert [(m, os.path.relpath(wd, tmp_path)) for m, wd, _ in recorded] == [
+      ("lbf", "lbf/ks.beta=0.1/seed_0"), ("lbf", "lbf/ks.beta=0.1/seed_1"),
+      ("lbf", "lbf/ks.beta=0.4/seed_0"), ("lbf", "lbf/ks.beta=0.4/seed_1"),
+      ("laf", "laf/ks.beta=0.1/seed_0"), ("laf", "laf/ks.beta=0.1/seed_1"),
+      ("laf", "laf/ks.beta=0.4/seed_0"), ("laf", "laf/ks.beta=0.4/seed_1")]
+  for _, wd, cfg in recorded:
+    assert f"ks.beta={cfg.ks.beta}" in wd
+    # ks.beta does not change the pretraining: one per seed, shared by every value.
+    assert cfg.init.pretrain_workdir == str(tmp_path / "pretrain" / f"seed_{cfg.seed}")
+  assert list(board["methods"]) == ["lbf ks.beta=0.1", "lbf ks.beta=0.4", "laf ks.beta=0.1",
+                                    "laf ks.beta=0.4"]
+  assert board["sweep"] == {"ks.beta": [0.1, 0.4]}
+  row = board["methods"]["laf ks.beta=0.4"]
+  assert row["method"] == "laf" and row["values"] == {"ks.beta": 0.4}
+  assert row["acc_r"]["mean"] == pytest.approx(40.0) and row["acc_r"]["n"] == 2
+  table = open(tmp_path / "leaderboard.md").read()
+  assert "| method | ks.beta | Acc_r" in table and "| laf | 0.4 | 40.00 ± 0.00 |" in table
+  assert json.load(open(tmp_path / "leaderboard.json"))["sweep"] == {"ks.beta": [0.1, 0.4]}
+  timings = json.load(open(tmp_path / "compare_seconds.json"))
+  assert "lbf/ks.beta=0.1/seed_1" in timings
+  assert os.path.getsize(tmp_path / "sweep.png") > 0  # the metrics against ks.beta
+
+  recorded.clear()  # a rerun reads every finished run and trains nothing
+  again = compare.run(config, str(tmp_path), ["lbf", "laf"], [0, 1],
+                      sweep={"ks.beta": [0.1, 0.4]})
+  assert recorded == [] and again["methods"] == board["methods"]
+
+
+def test_a_field_that_changes_the_pretraining_gets_one_pretraining_per_value(tmp_path,
+                                                                            recorded):
+  config = load_config("demo", "runlocal")
+  compare.run(config, str(tmp_path), ["lbf"], [0], sweep={"pretrain.epochs": [1, 2]})
+  assert [cfg.init.pretrain_workdir for _, _, cfg in recorded] == [
+      str(tmp_path / "pretrain" / f"pretrain.epochs={e}" / "seed_0") for e in (1, 2)]
+  # With one folder named for every value, the sweep is refused before anything runs.
+  recorded.clear()
+  config.init.pretrain_workdir = str(tmp_path / "mine")
+  with pytest.raises(ConfigError, match=r"^--sweep: pretrain\.epochs changes the pretraining, "
+                                        r"but init\.pretrain_workdir names one folder"):
+    compare.run(config, str(tmp_path / "other"), ["lbf"], [0],
+                sweep={"pretrain.epochs": [1, 2]})
+  assert recorded == [] and not (tmp_path / "other").exists()
+
+
+def test_a_sweep_shares_the_oracle_unless_the_field_changes_it(tmp_path, recorded):
+  config = load_config("ug_clu_digits", "runlocal")
+  # unlearn.* and ft.* do not change the Retrain oracle; ug_clu does not read ft.*.
+  compare.run(config, str(tmp_path / "a"), ["ug_clu", "clu_ft"], [0],
+              sweep={"unlearn.forget_alpha": [25.0, 10.0], "ft.lr": [0.01, 0.1]})
+  runs = [(m, os.path.relpath(wd, tmp_path / "a")) for m, wd, _ in recorded]
+  assert runs == [
+      ("ug_clu", "ug_clu/unlearn.forget_alpha=25.0/seed_0"),
+      ("ug_clu", "ug_clu/unlearn.forget_alpha=10.0/seed_0"),
+      ("clu_ft", "clu_ft/unlearn.forget_alpha=25.0,ft.lr=0.01/seed_0"),
+      ("clu_ft", "clu_ft/unlearn.forget_alpha=25.0,ft.lr=0.1/seed_0"),
+      ("clu_ft", "clu_ft/unlearn.forget_alpha=10.0,ft.lr=0.01/seed_0"),
+      ("clu_ft", "clu_ft/unlearn.forget_alpha=10.0,ft.lr=0.1/seed_0")]
+  assert {cfg.oracle.workdir for _, _, cfg in recorded} == {
+      str(tmp_path / "a" / "oracle" / "seed_0")}
+  table = open(tmp_path / "a" / "leaderboard.md").read()
+  assert "| method | unlearn.forget_alpha | ft.lr |" in table
+  assert "| ug_clu | 25.0 | – |" in table and "| clu_ft | 10.0 | 0.1 |" in table
+  assert os.path.getsize(tmp_path / "a" / "sweep.png") > 0
+
+  recorded.clear()  # the stream's requests change what the oracle trains: one per value
+  compare.run(config, str(tmp_path / "b"), ["clu_ft"], [0],
+              sweep={"clu.requests": [("learn:1", "forget:class:1"), ("learn:1",)]})
+  assert [os.path.relpath(cfg.oracle.workdir, tmp_path / "b") for _, _, cfg in recorded] == [
+      "oracle/clu.requests=learn_1-forget_class_1/seed_0", "oracle/clu.requests=learn_1/seed_0"]
+  assert not (tmp_path / "b" / "sweep.png").exists()  # values that are not numbers: no axis
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"seed": [0, 1]}, r"--sweep: seed: use --seeds=a,b,\.\.\. to run several"),
+    ({"ks.betta": [0.1]}, r"--sweep: ks\.betta: no such config field"),
+    ({"ks.beta": [0.1, 0.1]}, r"--sweep: ks\.beta: 0\.1 given twice"),
+    ({"ks.beta": ["high"]}, r"--sweep: ks\.beta='high': "),
+    ({"gs_lora.beta": [0.1]}, r"--sweep: gs_lora\.beta: no such config field"),
+    ({"model.variant": ["test/4", "test_4"]}, r"two values would share the folder"),
+])
+def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, recorded, sweep, message):
+  with pytest.raises(ConfigError, match=message):
+    compare.run(load_config("demo", "runlocal"), str(tmp_path / "w"), ["lbf"], [0],
+                sweep=sweep)
+  assert recorded == [] and not (tmp_path / "w").exists()
+
+
+def test_the_command_line_reads_sweep_values_as_overrides_are_read(tmp_path, recorded, capsys):
+  common = ["compare", f"--config={REPO}/configs/demo.py:runlocal", f"--workdir={tmp_path}",
+            "--methods=lbf"]
+  assert compare.main(common + ["--sweep=ks.beta=0.1,0.4",
+                                "--sweep", "swap.forget_classes=(0,1),(2,3)"]) == 0
+  got = [(cfg.ks.beta, tuple(cfg.swap.forget_classes)) for _, _, cfg in recorded]
+  assert got == [(0.1, (0, 1)), (0.1, (2, 3)), (0.4, (0, 1)), (0.4, (2, 3))]
+  assert os.path.isdir(tmp_path / "lbf" / "ks.beta=0.4,swap.forget_classes=2-3" / "seed_0")
+  recorded.clear()
+  for bad, message in (
+      (["--sweep=ks.beta"], "error: --sweep=ks.beta: expected --sweep=FIELD=V1,V2,..."),
+      (["--sweep=ks.beta=0.1", "--sweep=ks.beta=0.2"], "error: --sweep: ks.beta given twice"),
+      (["--sweep=ks.beta=high"], "error: --sweep=ks.beta=...: value 'high': "),
+      (["--sweep=ks.betta=1"], "error: --sweep=ks.betta: this config's ks has no field "
+                               "'betta'; did you mean \"beta\""),
+      (["--sweep=seed=1,2"], "error: --sweep: seed: use --seeds=a,b,... to run several")):
+    capsys.readouterr()
+    assert compare.main(common[:2] + [f"--workdir={tmp_path / 'bad'}"] + common[3:] + bad) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, (bad, err)
+  assert recorded == [] and not (tmp_path / "bad").exists()
