@@ -140,6 +140,12 @@ def _joined(argv) -> list[str]:
   return out
 
 
+def normalised(argv) -> list[str]:
+  """A command line with absl's space forms joined (`--config.FIELD VALUE` as
+  `--config.FIELD=VALUE`, `--workdir DIR`, ...), as `load_config` reads it."""
+  return _joined(list(argv))
+
+
 def _is_flag(arg: str) -> bool:
   """Whether `arg` is a flag rather than a value (a negative number is a value)."""
   if not arg.startswith("-"):
@@ -153,7 +159,7 @@ def _is_flag(arg: str) -> bool:
 
 def workdir_given(argv) -> bool:
   """Whether the command line names a workdir (in any of absl's forms)."""
-  return any(a.startswith("--workdir=") for a in _joined(list(argv)))
+  return any(a.startswith("--workdir=") for a in normalised(argv))
 
 
 def _in_order(argv) -> list[str]:

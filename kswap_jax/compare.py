@@ -20,9 +20,12 @@ the table marks such runs. `--dry_run` makes every run's checks (`run.py
 --dry_run`) and writes nothing.
 
 `--sweep=FIELD=V1,V2,...` (repeatable: a grid) runs every method at each value, each in
-`<workdir>/<method>/<FIELD>=<V>/seed_<s>`, one leaderboard row per (method, value). A method
-that does not read the field's section runs once. The shared work is shared across values
-unless the field changes it (a pretraining field: one pretraining per value).
+`<workdir>/<method>/<FIELD>=<V>[,<FIELD2>=<V2>...]/seed_<s>` (fields sorted; tuples joined
+by `-`, other characters than letters, digits and `._+-` as `_`), one leaderboard row per
+(method, value). A method that does not read the field's section runs once. Pretraining
+and the oracle are shared across values unless a value changes them: then each value that
+does gets its own, in `pretrain/<FIELD>=<V>/seed_<s>` (`oracle/...`), named by the values
+that change it alone, so a rerun with more values finds the runs it made.
 
     python -m kswap_jax.compare --config=configs/demo.py --sweep=ks.beta=0.1,0.2,0.4
 """
@@ -39,6 +42,7 @@ import os
 import re
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -59,16 +63,22 @@ def _family(method: str) -> str:
                     f"{', '.join(methods.FAMILIES)})")
 
 
+# The work the runs of one seed share: its folder under the compare workdir and the config
+# field that points a run to it (a folder the user names there is not compare's to tag).
+SHARED_WORK = {"pretraining": ("pretrain", "init.pretrain_workdir"),
+               "oracle": ("oracle", "oracle.workdir")}
+
+
 def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workdir: str,
-                values: dict | None = None, shared: tuple[str, str] = ("", "")
+                point: dict | None = None, tags: dict | None = None
                 ) -> ml_collections.ConfigDict:
-  """`config` with method, seed and the swept fields' `values` replaced; sections the
-  method owns but the config file did not build are added with the method's defaults.
-  Methods that start from this repo's pretraining share one pretrained model per seed
-  (`<workdir>/pretrain/[<tag>/]seed_<s>`), and methods measured against a Retrain oracle
-  (an `oracle` section with an empty `oracle.workdir`) share one oracle per seed
-  (`<workdir>/oracle/[<tag>/]seed_<s>`); `shared` holds the two tags (the swept values
-  that change that work, `_Sweep.shared_tags`)."""
+  """`config` with method, seed and a sweep `point`'s fields ({field: value}) replaced;
+  sections the method owns but the config file did not build are added with the method's
+  defaults. Methods that start from this repo's pretraining share one pretrained model per
+  seed (`<workdir>/pretrain/[<tag>/]seed_<s>`), and methods measured against a Retrain
+  oracle (an `oracle` section with an empty `oracle.workdir`) share one oracle per seed
+  (`<workdir>/oracle/[<tag>/]seed_<s>`); `tags` ({"pretraining": tag, "oracle": tag},
+  `_Sweep.tags`) names the sub-folder of a point whose values change that work."""
   out = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
   defaults = methods.default_config(method)
   for section in defaults.keys():
@@ -76,101 +86,25 @@ def _config_for(config: ml_collections.ConfigDict, method: str, seed: int, workd
       out[section] = defaults[section]
   out.method = method
   out.seed = seed
-  for field, value in (values or {}).items():
+  for field, value in (point or {}).items():
     _set(out, field, value)
+  tags = tags or {}
   if out.init.kind == "pretrain" and not out.init.pretrain_workdir:
-    out.init.pretrain_workdir = os.path.join(workdir, "pretrain", shared[0], f"seed_{seed}")
+    out.init.pretrain_workdir = os.path.join(workdir, "pretrain", tags.get("pretraining", ""),
+                                             f"seed_{seed}")
   if "oracle" in out and not out.oracle.get("workdir", True):
-    out.oracle.workdir = os.path.join(workdir, "oracle", shared[1], f"seed_{seed}")
+    out.oracle.workdir = os.path.join(workdir, "oracle", tags.get("oracle", ""), f"seed_{seed}")
   return out
 
 
 def _get(config: ml_collections.ConfigDict, field: str):
+  """The value at a dotted `field` of `config`; KeyError when it has no such field."""
   node = config
   for key in field.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or key not in node:
       raise KeyError(field)
     node = node[key]
   return node
-
-
-def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
-  *parents, leaf = field.split(".")
-  node = _get(config, ".".join(parents)) if parents else config
-  try:
-    node[leaf] = value
-  except (TypeError, ValueError) as e:  # ml_collections' type check
-    raise ConfigError(f"--sweep: {field}={value!r}: {e}") from None
-
-
-def _show(value) -> str:
-  """A swept value as written on the command line (tuples as `(0,1)`)."""
-  if isinstance(value, (tuple, list)):
-    return "(" + ",".join(_show(v) for v in value) + ")"
-  return str(value)
-
-
-def _slug(values: dict) -> str:
-  """The folder name of one point of a sweep: `ks.beta=0.1`, `a=1,b=(0-1)` -> `a=1,b=0-1`."""
-  def part(value):
-    text = "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
-  return ",".join(f"{field}={part(value)}" for field, value in values.items())
-
-
-class _Sweep:
-  """The points of `--sweep` (a grid over its fields) and what each method runs of them."""
-
-  def __init__(self, config: ml_collections.ConfigDict, sweep: dict[str, list] | None,
-               names: list[str], workdir: str):
-    self.fields = dict(sweep or {})
-    for field, values in self.fields.items():
-      if field in ("method", "seed"):
-        raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
-      if not values:
-        raise ConfigError(f"--sweep: {field}: expected at least one value")
-      shown = [_show(v) for v in values]
-      repeated = sorted({v for v in shown if shown.count(v) > 1})
-      if repeated:
-        raise ConfigError(f"--sweep: {field}: {', '.join(repeated)} given twice (each value "
-                          f"is one run)")
-    base = _config_for(config, names[0], int(config.seed), workdir)
-    self.read = {}  # method -> the swept fields it reads
-    for field in self.fields:
-      if not any(_has(_config_for(config, m, 0, workdir), field) for m in names):
-        raise ConfigError(f"--sweep: {field}: no such config field in the compared methods' "
-                          f"configs")
-    for name in names:
-      read = set(config_lib.base_config()) | set(methods.sections_used(name))
-      self.read[name] = [f for f in self.fields if f.split(".")[0] in read]
-    for field in self.fields:
-      if not any(field in read for read in self.read.values()):
-        raise ConfigError(f"--sweep: {field}: read by none of the compared methods "
-                          f"({', '.join(names)})")
-    self.changes = {"pretraining": set(), "oracle": set()}  # the fields that change it
-    for field, values in self.fields.items():
-      for value in values:
-        point = _config_for(config, names[0], int(config.seed), workdir, {field: value})
-        for work, diff in _shared_differences(base, point).items():
-          if diff:
-            self.changes[work].add(field)
-    for work, given in (("pretraining", "init.pretrain_workdir"), ("oracle", "oracle.workdir")):
-      if self.changes[work] and _has(config, given) and _get(config, given):
-        raise ConfigError(
-            f"--sweep: {', '.join(sorted(self.changes[work]))} changes the {work}, but "
-            f"{given} names one folder for every value; leave {given} empty (one {work} "
-            f"per value, in the compare workdir)")
-
-  def points(self, name: str) -> list[dict]:
-    """The values method `name` runs at: the grid over the fields it reads ([{}]: once)."""
-    fields = self.read.get(name, [])
-    return [dict(zip(fields, combo))
-            for combo in itertools.product(*(self.fields[f] for f in fields))]
-
-  def shared_tags(self, values: dict) -> tuple[str, str]:
-    """The sub-folders of the pretraining and the oracle a point uses."""
-    return tuple(_slug({f: v for f, v in values.items() if f in self.changes[work]})
-                 for work in ("pretraining", "oracle"))
 
 
 def _has(config: ml_collections.ConfigDict, field: str) -> bool:
@@ -181,18 +115,123 @@ def _has(config: ml_collections.ConfigDict, field: str) -> bool:
   return True
 
 
-def _shared_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> dict:
-  """How `b` changes the work compare shares between runs: {"pretraining": diff, "oracle":
-  diff} ("" where it does not)."""
+def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
+  """Sets a dotted `field` of `config`, type-checked as ml_collections does (ConfigError)."""
+  *parents, leaf = field.split(".")
+  node = _get(config, ".".join(parents)) if parents else config
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"--sweep: {field}={value!r}: {e}") from None
+
+
+def _show(value) -> str:
+  """A swept value as written on the command line (tuples as `(0,1)`)."""
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_show(v) for v in value) + ")"
+  return str(value)
+
+
+def _label(point: dict) -> str:
+  """A point as the table and the log show it: `ks.beta=0.1 lora.rank=4`."""
+  return " ".join(f"{field}={_show(value)}" for field, value in point.items())
+
+
+def _slug(point: dict) -> str:
+  """A point as a folder name, its fields sorted (the flags' order changes no folder):
+  `ks.beta=0.1`, {"b": (0, 1), "a": "x/y"} -> `a=x_y,b=0-1`."""
+  def part(value):
+    text = "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+  return ",".join(f"{field}={part(point[field])}" for field in sorted(point))
+
+
+def _shared_difference(work: str, a: ml_collections.ConfigDict,
+                       b: ml_collections.ConfigDict) -> str:
+  """The first field in which config `b` does `work` ("pretraining", "oracle") otherwise
+  than config `a` ("" when the two would share it)."""
   from kswap_jax.methods import pretrain  # pylint: disable=import-outside-toplevel
   record = lambda c: json.loads(c.to_json_best_effort())
-  out = {"pretraining": train.config_difference(record(a), b, pretrain.PRETRAIN_FIELDS,
-                                                 pretrain.PRETRAIN_LAYOUT), "oracle": ""}
-  if "oracle" in a:
-    from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
-    out["oracle"] = train.config_difference(record(ug_clu.oracle_config(a)),
-                                            ug_clu.oracle_config(b))
-  return out
+  if work == "pretraining":
+    return train.config_difference(record(a), b, pretrain.PRETRAIN_FIELDS,
+                                   pretrain.PRETRAIN_LAYOUT)
+  if "oracle" not in a:
+    return ""
+  from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
+  return train.config_difference(record(ug_clu.oracle_config(a)), ug_clu.oracle_config(b))
+
+
+class _Sweep:
+  """`--sweep` as a grid over config fields: the points each method runs, and the
+  pretraining and oracle folders each point uses.
+
+  A point's folders depend on the point and the config alone, not on the other values
+  swept, so a rerun with more or fewer values finds the same folders."""
+
+  def __init__(self, config: ml_collections.ConfigDict, sweep: dict[str, list] | None,
+               names: list[str], workdir: str):
+    self.config, self.workdir = config, workdir
+    self.sweep = dict(sweep or {})
+    for field, values in self.sweep.items():
+      if field in ("method", "seed"):
+        raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
+      if not values:
+        raise ConfigError(f"--sweep: {field}: expected at least one value")
+      shown = [_show(v) for v in values]
+      repeated = sorted({v for v in shown if shown.count(v) > 1})
+      if repeated:
+        raise ConfigError(f"--sweep: {field}: {', '.join(repeated)} given twice (each value "
+                          f"is one run)")
+    self.read = {}  # method -> the swept fields it reads
+    for name in names:
+      read = set(config_lib.base_config()) | set(methods.sections_used(name))
+      own = _config_for(config, name, 0, workdir)
+      self.read[name] = [f for f in self.sweep if f.split(".")[0] in read and _has(own, f)]
+    for field in self.sweep:
+      if not any(_has(_config_for(config, m, 0, workdir), field) for m in names):
+        raise ConfigError(f"--sweep: {field}: no such config field in the compared methods' "
+                          f"configs")
+      if not any(field in read for read in self.read.values()):
+        raise ConfigError(f"--sweep: {field}: read by none of the compared methods "
+                          f"({', '.join(names)})")
+    for name in names:
+      for point in self.points(name):
+        if len(_slug(point)) > 255:
+          raise ConfigError(f"--sweep: the folder name of {_label(point)} is longer than 255 "
+                            f"characters; sweep fewer fields at once")
+        for work, tag in self.tags(name, point).items():
+          given = SHARED_WORK[work][1]
+          if tag and _has(config, given) and _get(config, given):
+            raise ConfigError(
+                f"--sweep: {tag.replace(',', ', ')} changes the {work}, but {given} names "
+                f"one folder for every value; leave {given} empty (one {work} per value "
+                f"that changes it, in the compare workdir)")
+
+  def points(self, name: str) -> list[dict]:
+    """The points method `name` runs: the grid over the fields it reads ([{}]: once)."""
+    fields = self.read.get(name, [])
+    return [dict(zip(fields, combo))
+            for combo in itertools.product(*(self.sweep[f] for f in fields))]
+
+  def tags(self, name: str, point: dict) -> dict[str, str]:
+    """{work: the sub-folder of the pretraining and of the oracle that `point` of method
+    `name` uses}: "" (the config's own) when the point leaves that work as the config
+    does it; else the point's values of the fields that change it, each found by putting
+    back the config's value. When those alone do not give the point's work (fields that
+    act only together), all the point's values that differ from the config's."""
+    config_for = lambda p: _config_for(self.config, name, 0, self.workdir, p)
+    base, at = config_for({}), config_for(point)
+    out = {}
+    for work in SHARED_WORK:
+      if not _shared_difference(work, base, at):
+        out[work] = ""
+        continue
+      changing = {f: v for f, v in point.items()
+                  if _shared_difference(work, config_for({**point, f: _get(base, f)}), at)}
+      if _shared_difference(work, config_for(changing), at):
+        changing = {f: v for f, v in point.items() if _show(v) != _show(_get(base, f))}
+      out[work] = _slug(changing)
+    return out
 
 
 def _check_finished(workdir: str, name: str, seed: int, sub_config) -> None:
@@ -205,8 +244,8 @@ def _check_finished(workdir: str, name: str, seed: int, sub_config) -> None:
   if diff:
     raise ConfigError(
         f"--workdir {workdir}: {name}/seed_{seed} finished with a different config ({diff}); "
-        f"use a new --workdir or delete {os.path.dirname(path)} (and {workdir}/pretrain when "
-        f"the change concerns pretraining, the data or the model)")
+        f"use a new --workdir or delete {os.path.dirname(path)} (and the pretraining it used, "
+        f"in {workdir}/pretrain, when the change concerns pretraining, the data or the model)")
 
 
 _TIMING = "compare_seconds.json"  # in the compare workdir: {"<method>/seed_<s>": entry}
@@ -301,6 +340,15 @@ def _summary(values: list[float | None]) -> dict:
           "n": int(arr.size)}
 
 
+class _Planned(NamedTuple):
+  """One row of a compare: a method at a sweep point ({} without a sweep)."""
+  method: str
+  point: dict
+  folder: str  # under the compare workdir; runs in <folder>/seed_<s>
+  row: str  # its leaderboard row
+  tags: dict  # `_Sweep.tags`
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str] | None = None,
         seeds: list[int] | None = None, dry_run: bool = False,
         sweep: dict[str, list] | None = None) -> dict | None:
@@ -313,8 +361,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
   # The config file must set up its method's family: the sections every member reads (the
   # rest `_config_for` adds with their defaults).
-  shared = set.intersection(*(set(methods.sections_used(m)) for m in methods.FAMILIES[family]))
-  methods.check_sections(config, only=tuple(sorted(shared)))
+  common = set.intersection(*(set(methods.sections_used(m)) for m in methods.FAMILIES[family]))
+  methods.check_sections(config, only=tuple(sorted(common)))
   for name in names:
     if name not in methods.METHODS:  # unknown names fail before anything runs
       raise ConfigError(f"--methods: unknown method {name!r} (this config's family: "
@@ -336,30 +384,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   given_workdir = workdir
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
   grid = _Sweep(config, sweep, names, workdir)
-  # (method, point, run name: its folder under the workdir, leaderboard row)
-  plan = [(name, point, os.path.join(name, _slug(point)) if point else name,
-           f"{name} {' '.join(f'{f}={_show(v)}' for f, v in point.items())}" if point else name)
+  plan = [_Planned(name, point, os.path.join(name, _slug(point)) if point else name,
+                   f"{name} {_label(point)}" if point else name, grid.tags(name, point))
           for name in names for point in grid.points(name)]
-  folders = [run_name for _, _, run_name, _ in plan]
+  folders = [p.folder for p in plan]
   clash = sorted({f for f in folders if folders.count(f) > 1})
   if clash:
     raise ConfigError(f"--sweep: two values would share the folder {clash[0]}; give values "
                       f"that differ in their letters or digits")
+  sub_config = lambda p, seed: _config_for(config, p.method, seed, workdir, p.point, p.tags)
+  # A finished run is reused only if it is this config's run; all are checked before anything
+  # is written (an unfinished one is checked by its own workdir record when it resumes).
+  for p in plan:
+    for seed in seeds:
+      sub = sub_config(p, seed)
+      try:
+        methods.check(sub)  # each method's own values, before the first one trains
+      except ConfigError as e:
+        raise ConfigError(f"--sweep {_label(p.point)}: {e}" if p.point else str(e)) from None
+      _check_finished(workdir, p.folder, seed, sub)
   if dry_run:
     train.check_writable(given_workdir)
   else:
     train.prepare_workdir(given_workdir)
-  sub_config = lambda name, seed, point: _config_for(config, name, seed, workdir, point,
-                                                     grid.shared_tags(point))
-  # A finished run is reused only if it is this config's run; all are checked before anything
-  # trains (an unfinished one is checked by its own workdir record when it resumes).
-  for name, point, run_name, _ in plan:
-    for seed in seeds:
-      sub = sub_config(name, seed, point)
-      methods.check(sub)  # each method's own values, before the first one trains
-      _check_finished(workdir, run_name, seed, sub)
   rows, total, count, checked = {}, len(plan) * len(seeds), 0, 0
-  for name, point, run_name, row_name in plan:
+  for p in plan:
+    name, run_name, row_name = p.method, p.folder, p.row
     per_seed = []
     for seed in seeds:
       count += 1
@@ -370,7 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           log.info("[compare] %d/%d %s, seed %d: finished earlier", count, total, row_name,
                    seed)
         else:
-          methods.run(sub_config(name, seed, point), sub, dry_run=True)
+          methods.run(sub_config(p, seed), sub, dry_run=True)
           checked += 1
         continue
       if not os.path.exists(results_path):
@@ -379,7 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
                  " (resuming an earlier attempt)" if resumed else "")
         try:
           with _attempt_timed(workdir, run_name, seed, resumed):
-            methods.run(sub_config(name, seed, point), sub)
+            methods.run(sub_config(p, seed), sub)
         except ConfigError:
           _remove_empty(workdir, run_name)  # the folders the refused run's was alone in
           raise
@@ -399,7 +449,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         "seconds": _summary([t["seconds"] for _, t in per_seed]),
         "attempts": max(t["attempts"] for _, t in per_seed),
         "seconds_incomplete": any(t["incomplete"] for _, t in per_seed),
-        **({"method": name, "values": _jsonable(point)} if grid.fields else {}),
+        # As JSON has it, so that the returned board equals leaderboard.json read back.
+        **({"method": name, "values": _jsonable(p.point)} if grid.sweep else {}),
     }
   if dry_run:
     log.info("[compare] dry run: %d run(s) checked, %d finished earlier, nothing written",
@@ -407,7 +458,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     return None
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows,
-           **({"sweep": _jsonable(grid.fields)} if grid.fields else {})}
+           **({"sweep": _jsonable(grid.sweep)} if grid.sweep else {})}
   if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
     return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
@@ -418,8 +469,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   print(table, flush=True)
   log.info("leaderboard written to %s.{md,json,png}", os.path.join(workdir, "leaderboard"))
   if plot_sweep(board, os.path.join(workdir, "sweep.png")):
-    log.info("the metrics against %s: %s", next(iter(grid.fields)),
-             os.path.join(workdir, "sweep.png"))
+    log.info("the metrics against the swept values: %s", os.path.join(workdir, "sweep.png"))
   return board
 
 
@@ -434,6 +484,7 @@ def _remove_empty(workdir: str, run_name: str) -> None:
 
 
 def _jsonable(value):
+  """`value` with tuples as lists, as it reads back from JSON."""
   if isinstance(value, dict):
     return {k: _jsonable(v) for k, v in value.items()}
   if isinstance(value, (tuple, list)):
@@ -465,10 +516,11 @@ def markdown(board: dict) -> str:
   note = ("\n*: an attempt of this run ended without recording its time (killed outright); "
           "seconds of the recorded attempts only."
           if any(_incomplete(r) for r in board["methods"].values()) else "")
+  first = ("a seed's first run (and the first at each value that changes the shared "
+           "work) includes" if swept else "a seed's first run includes")
   return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}. Seconds: wall time of "
-                             f"each run, all its attempts together; a seed's first run "
-                             f"includes the work shared by all (pretraining, the Retrain "
-                             f"oracle).{note}")
+                             f"each run, all its attempts together; {first} the work shared "
+                             f"by all (pretraining, the Retrain oracle).{note}")
 
 
 def _incomplete(row: dict) -> bool:
@@ -502,27 +554,28 @@ def plot(board: dict, path: str, title: str | None = None) -> None:
 
 
 def _numeric(values) -> bool:
+  """Whether every value is an int or a float (bools are not)."""
   return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def plot_sweep(board: dict, path: str) -> bool:
-  """For a sweep whose first field has numbers for values: each headline metric against
-  that field, one line per method (and value of the other swept fields), std as error
-  bars, a method that does not read the field as a dashed level. Returns whether it drew
-  (False: no sweep, or values that are not numbers)."""
+  """For a sweep with a field whose values are numbers (the first such field): each
+  headline metric against that field, one line per method (and values of the other swept
+  fields), std as error bars, a method that does not read the field as a dashed level.
+  Returns whether it drew; when it did not (no sweep, no field of numbers), a plot left at
+  `path` by an earlier compare is removed, as it no longer matches the leaderboard."""
   sweep = board.get("sweep") or {}
-  if not sweep:
-    return False
-  field, xs = next(iter(sweep.items()))
-  if not _numeric(xs):
+  field = next((f for f, values in sweep.items() if _numeric(values)), None)
+  if field is None:
+    if os.path.exists(path):
+      os.remove(path)
     return False
   head = board["headline"]
   lines: dict[str, list] = {}  # legend label -> [(x, row)]
   for name, row in board["methods"].items():
-    values = dict(row.get("values", {}))
-    x = values.pop(field, None)
-    rest = " ".join(f"{f}={_show(v)}" for f, v in values.items())
-    lines.setdefault(f"{row.get('method', name)} {rest}".strip(), []).append((x, row))
+    point = dict(row.get("values", {}))
+    x = point.pop(field, None)
+    lines.setdefault(f"{row.get('method', name)} {_label(point)}".strip(), []).append((x, row))
   fig = report.figure(figsize=(min(16, 3.2 * len(head) + 1), 3.4))
   for i, key in enumerate(head):
     ax = fig.add_subplot(1, len(head), i + 1)
@@ -537,6 +590,8 @@ def plot_sweep(board: dict, path: str) -> bool:
       ax.errorbar([p[0] for p in points], [mean(r) for _, r in points],
                   yerr=[std(r) for _, r in points], marker="o", capsize=3, label=label,
                   color=color)
+    if all(isinstance(v, int) for v in sweep[field]):
+      ax.set_xticks(sorted(sweep[field]))
     ax.set_title(report.label(key), fontsize=9)
     ax.set_xlabel(field, fontsize=8)
     ax.grid(alpha=0.3)
@@ -610,20 +665,33 @@ def _pop_sweeps(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]
   return rest, sweeps
 
 
-def _typed_sweep(rest: list[str], sweeps: list[tuple[str, list[str]]], config) -> dict:
-  """{field: [value, ...]}, each value read as `--config.FIELD=VALUE` would be."""
+def _typed_sweep(argv: list[str], sweeps: list[tuple[str, list[str]]], config) -> dict:
+  """{field: [value, ...]}, each value read as `--config.FIELD=VALUE` would be (an
+  override of a swept field in `argv` is dropped: each value replaces it).
+
+  Args:
+    argv: the command line without its `--sweep` flags, the program name first.
+    sweeps: `_pop_sweeps`'s (FIELD, [raw value, ...]).
+    config: the command line's config (to tell a missing field from a bad value).
+  """
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  argv = cli.normalised(argv)
   out = {}
   for field, raw_values in sweeps:
-    if field in ("method", "seed"):
-      raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
-    overridden = any(a.startswith(f"--config.{field}=") for a in rest)
-    if overridden:
-      log.warning("--config.%s is replaced by each value of --sweep=%s=...", field, field)
+    override = f"--config.{field}="
+    if any(a.startswith(override) for a in argv):
+      log.warning("%s... is replaced by each value of --sweep=%s=...", override, field)
+      argv = [a for a in argv if not a.startswith(override)]
+    if _has(config, field) and isinstance(_get(config, field), tuple) and not any(
+        raw.startswith(("(", "[")) for raw in raw_values):
+      log.warning("--sweep=%s=...: a run per value, each a tuple of one item; write a tuple "
+                  "of several in brackets, e.g. --sweep=%s=(0,1),(2,3)", field, field)
     out[field] = []
     for raw in raw_values:
+      if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"":
+        raw = raw[1:-1]  # quoted to keep its commas together
       try:
-        point, _ = cli.load_config(rest + [f"--config.{field}={raw}"])
+        point, _ = cli.load_config(argv + [f"--config.{field}={raw}"])
         out[field].append(_get(point, field))
       except ConfigError as e:
         if not _has(config, field):  # the override's message names the field and its section

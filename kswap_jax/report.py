@@ -274,6 +274,8 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
     The table; below it, the fields that differ when there are more than fit as columns.
   """
   configs, fields = _differing(runs)
+  methods_differ = "method" in fields
+  fields = [f for f in fields if f != "method"]  # a column of its own
   shown, more = fields[:MAX_FIELD_COLUMNS], fields[MAX_FIELD_COLUMNS:]
   metrics = [m for m in METRICS if any(m in (r.get("final") or {}) for _, r in runs)]
   head = ["run", "method", *shown, *(label(m) for m in metrics), "seconds"]
@@ -288,7 +290,8 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
   if more:
     lines.append(f"\nalso differ: {', '.join(more)}")
   elif not fields:
-    lines.append("\nthe runs' configs are the same")
+    lines.append("\nthe runs' configs differ in their method only" if methods_differ else
+                 "\nthe runs' configs are the same")
   return "\n".join(lines)
 
 
@@ -386,7 +389,7 @@ def _leaderboard(workdir: str, path: str) -> int:
   print(table)
   compare.plot(board, os.path.join(workdir, "leaderboard.png"))
   compare.plot_sweep(board, os.path.join(workdir, "sweep.png"))
-  run = "<method>/<field>=<value>" if board.get("sweep") else "<method>"
+  run = "<method>/<field>=<value>[,...]" if board.get("sweep") else "<method>"
   print(f"each run's own tables: python -m kswap_jax.report {workdir}/{run}/seed_<s>")
   return 0
 

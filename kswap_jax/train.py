@@ -984,8 +984,10 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
   """
   new = json.loads(config.to_json_best_effort())
   recorded = _with_added_fields(recorded)
-  unread = _unread_sections(new)
-  if unread:  # another method's sections (a config file sets up its whole family)
+  # Another method's sections (a config file sets up its whole family), in either config:
+  # a record written when the file set up one more method's section compares as well.
+  unread = _unread_sections(new) | _unread_sections(recorded)
+  if unread:
     recorded = {k: v for k, v in recorded.items() if k not in unread}
     new = {k: v for k, v in new.items() if k not in unread}
   if fields is not None:

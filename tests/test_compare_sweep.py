@@ -53,10 +53,11 @@ def test_a_sweep_runs_every_method_at_every_value_and_shares_the_pretraining(tmp
   row = board["methods"]["laf ks.beta=0.4"]
   assert row["method"] == "laf" and row["values"] == {"ks.beta": 0.4}
   assert row["acc_r"]["mean"] == pytest.approx(40.0) and row["acc_r"]["n"] == 2
-  table = open(tmp_path / "leaderboard.md").read()
+  table = (tmp_path / "leaderboard.md").read_text()
   assert "| method | ks.beta | Acc_r" in table and "| laf | 0.4 | 40.00 ± 0.00 |" in table
-  assert json.load(open(tmp_path / "leaderboard.json"))["sweep"] == {"ks.beta": [0.1, 0.4]}
-  timings = json.load(open(tmp_path / "compare_seconds.json"))
+  assert json.loads((tmp_path / "leaderboard.json").read_text())["sweep"] == {
+      "ks.beta": [0.1, 0.4]}
+  timings = json.loads((tmp_path / "compare_seconds.json").read_text())
   assert "lbf/ks.beta=0.1/seed_1" in timings
   assert os.path.getsize(tmp_path / "sweep.png") > 0  # the metrics against ks.beta
 
@@ -69,13 +70,34 @@ def test_a_sweep_runs_every_method_at_every_value_and_shares_the_pretraining(tmp
 def test_a_field_that_changes_the_pretraining_gets_one_pretraining_per_value(tmp_path,
                                                                             recorded):
   config = load_config("demo", "runlocal")
+  assert config.pretrain.epochs == 2
   compare.run(config, str(tmp_path), ["lbf"], [0], sweep={"pretrain.epochs": [1, 2]})
-  assert [cfg.init.pretrain_workdir for _, _, cfg in recorded] == [
-      str(tmp_path / "pretrain" / f"pretrain.epochs={e}" / "seed_0") for e in (1, 2)]
+  # The config's own value uses the config's pretraining folder; another value its own.
+  assert [os.path.relpath(cfg.init.pretrain_workdir, tmp_path) for _, _, cfg in recorded] == [
+      "pretrain/pretrain.epochs=1/seed_0", "pretrain/seed_0"]
+  # A folder depends on its value alone: a rerun with one more value runs only that one, and
+  # a grid given in the other flag order finds the same runs.
+  recorded.clear()
+  compare.run(config, str(tmp_path), ["lbf"], [0], sweep={"pretrain.epochs": [1, 2, 3]})
+  assert [os.path.relpath(wd, tmp_path) for _, wd, _ in recorded] == [
+      "lbf/pretrain.epochs=3/seed_0"]
+  recorded.clear()
+  grid = {"ks.beta": [0.1], "pretrain.epochs": [1, 3]}
+  compare.run(config, str(tmp_path / "g"), ["lbf"], [0], sweep=grid)
+  assert [os.path.relpath(wd, tmp_path / "g") for _, wd, _ in recorded] == [
+      "lbf/ks.beta=0.1,pretrain.epochs=1/seed_0", "lbf/ks.beta=0.1,pretrain.epochs=3/seed_0"]
+  assert [os.path.relpath(cfg.init.pretrain_workdir, tmp_path / "g")
+          for _, _, cfg in recorded] == [  # ks.beta does not change the pretraining
+      "pretrain/pretrain.epochs=1/seed_0", "pretrain/pretrain.epochs=3/seed_0"]
+  recorded.clear()
+  board = compare.run(config, str(tmp_path / "g"), ["lbf"], [0],
+                      sweep=dict(reversed(grid.items())))
+  assert recorded == [] and list(board["methods"]) == [
+      "lbf pretrain.epochs=1 ks.beta=0.1", "lbf pretrain.epochs=3 ks.beta=0.1"]
   # With one folder named for every value, the sweep is refused before anything runs.
   recorded.clear()
   config.init.pretrain_workdir = str(tmp_path / "mine")
-  with pytest.raises(ConfigError, match=r"^--sweep: pretrain\.epochs changes the pretraining, "
+  with pytest.raises(ConfigError, match=r"^--sweep: pretrain\.epochs=1 changes the pretraining, "
                                         r"but init\.pretrain_workdir names one folder"):
     compare.run(config, str(tmp_path / "other"), ["lbf"], [0],
                 sweep={"pretrain.epochs": [1, 2]})
@@ -91,13 +113,13 @@ def test_a_sweep_shares_the_oracle_unless_the_field_changes_it(tmp_path, recorde
   assert runs == [
       ("ug_clu", "ug_clu/unlearn.forget_alpha=25.0/seed_0"),
       ("ug_clu", "ug_clu/unlearn.forget_alpha=10.0/seed_0"),
-      ("clu_ft", "clu_ft/unlearn.forget_alpha=25.0,ft.lr=0.01/seed_0"),
-      ("clu_ft", "clu_ft/unlearn.forget_alpha=25.0,ft.lr=0.1/seed_0"),
-      ("clu_ft", "clu_ft/unlearn.forget_alpha=10.0,ft.lr=0.01/seed_0"),
-      ("clu_ft", "clu_ft/unlearn.forget_alpha=10.0,ft.lr=0.1/seed_0")]
+      ("clu_ft", "clu_ft/ft.lr=0.01,unlearn.forget_alpha=25.0/seed_0"),  # fields sorted
+      ("clu_ft", "clu_ft/ft.lr=0.1,unlearn.forget_alpha=25.0/seed_0"),
+      ("clu_ft", "clu_ft/ft.lr=0.01,unlearn.forget_alpha=10.0/seed_0"),
+      ("clu_ft", "clu_ft/ft.lr=0.1,unlearn.forget_alpha=10.0/seed_0")]
   assert {cfg.oracle.workdir for _, _, cfg in recorded} == {
       str(tmp_path / "a" / "oracle" / "seed_0")}
-  table = open(tmp_path / "a" / "leaderboard.md").read()
+  table = (tmp_path / "a" / "leaderboard.md").read_text()
   assert "| method | unlearn.forget_alpha | ft.lr |" in table
   assert "| ug_clu | 25.0 | – |" in table and "| clu_ft | 10.0 | 0.1 |" in table
   assert os.path.getsize(tmp_path / "a" / "sweep.png") > 0
@@ -110,6 +132,36 @@ def test_a_sweep_shares_the_oracle_unless_the_field_changes_it(tmp_path, recorde
   assert not (tmp_path / "b" / "sweep.png").exists()  # values that are not numbers: no axis
 
 
+def test_fields_that_change_the_oracle_only_together_get_their_own_oracles(tmp_path, recorded):
+  """lora.rank changes the Retrain oracle only when the oracle trains LoRA (clu.params):
+  every point of the grid gets an oracle folder that no point with another oracle config
+  shares, and points with the same oracle config share one."""
+  from kswap_jax.methods import ug_clu  # pylint: disable=import-outside-toplevel
+  config = load_config("ug_clu_digits", "runlocal")
+  assert config.clu.params == "full" and config.lora.rank == 8
+  compare.run(config, str(tmp_path), ["ug_clu"], [0],
+              sweep={"clu.params": ["full", "lora"], "lora.rank": [4, 8]})
+  folders = {}
+  for _, _, cfg in recorded:
+    oracle = json.loads(ug_clu.oracle_config(cfg).to_json_best_effort())
+    folders.setdefault(os.path.relpath(cfg.oracle.workdir, tmp_path), []).append(oracle)
+  assert sorted(folders) == ["oracle/clu.params=lora,lora.rank=4/seed_0",
+                             "oracle/clu.params=lora/seed_0", "oracle/seed_0"]
+  assert len(folders["oracle/seed_0"]) == 2  # full parameters: the LoRA rank is not read
+  assert all(configs.count(configs[0]) == len(configs) for configs in folders.values())
+  oracles = [configs[0] for configs in folders.values()]
+  assert all(oracles.count(o) == 1 for o in oracles)
+
+
+def test_a_plot_of_an_earlier_sweep_is_removed_when_the_new_board_has_none(tmp_path,
+                                                                          recorded):
+  config = load_config("demo", "runlocal")
+  compare.run(config, str(tmp_path), ["lbf"], [0], sweep={"ks.beta": [0.1, 0.4]})
+  assert (tmp_path / "sweep.png").exists()
+  compare.run(config, str(tmp_path), ["lbf"], [0])
+  assert not (tmp_path / "sweep.png").exists()
+
+
 @pytest.mark.parametrize("sweep, message", [
     ({"seed": [0, 1]}, r"--sweep: seed: use --seeds=a,b,\.\.\. to run several"),
     ({"ks.betta": [0.1]}, r"--sweep: ks\.betta: no such config field"),
@@ -117,6 +169,7 @@ def test_a_sweep_shares_the_oracle_unless_the_field_changes_it(tmp_path, recorde
     ({"ks.beta": ["high"]}, r"--sweep: ks\.beta='high': "),
     ({"gs_lora.beta": [0.1]}, r"--sweep: gs_lora\.beta: no such config field"),
     ({"model.variant": ["test/4", "test_4"]}, r"two values would share the folder"),
+    ({"ks.bound": [-1.0]}, r"^--sweep ks\.bound=-1\.0: ks\.bound: "),  # the method's own check
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, recorded, sweep, message):
   with pytest.raises(ConfigError, match=message):
@@ -128,11 +181,25 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, recorded, sweep, 
 def test_the_command_line_reads_sweep_values_as_overrides_are_read(tmp_path, recorded, capsys):
   common = ["compare", f"--config={REPO}/configs/demo.py:runlocal", f"--workdir={tmp_path}",
             "--methods=lbf"]
-  assert compare.main(common + ["--sweep=ks.beta=0.1,0.4",
-                                "--sweep", "swap.forget_classes=(0,1),(2,3)"]) == 0
-  got = [(cfg.ks.beta, tuple(cfg.swap.forget_classes)) for _, _, cfg in recorded]
-  assert got == [(0.1, (0, 1)), (0.1, (2, 3)), (0.4, (0, 1)), (0.4, (2, 3))]
-  assert os.path.isdir(tmp_path / "lbf" / "ks.beta=0.4,swap.forget_classes=2-3" / "seed_0")
+  # An override of a swept field is replaced by each value (one warning, whatever its form).
+  assert compare.main(common + ["--config.ks.beta", "0.3", "--sweep=ks.beta=0.1,0.4",
+                                "--sweep", "swap.forget_classes=(0,1),(2,3)",
+                                "--sweep=ks.aux_batches='per_epoch',continuous"]) == 0
+  log = capsys.readouterr().out  # the command's log
+  assert log.count("--config.ks.beta=... is replaced by each value of --sweep=ks.beta") == 1
+  assert "given 2 times" not in log
+  got = [(cfg.ks.beta, tuple(cfg.swap.forget_classes), cfg.ks.aux_batches)
+         for _, _, cfg in recorded]
+  assert got == [(b, c, a) for b in (0.1, 0.4) for c in ((0, 1), (2, 3))
+                 for a in ("per_epoch", "continuous")]
+  assert os.path.isdir(tmp_path / "lbf" / "ks.aux_batches=continuous,ks.beta=0.4,"
+                                          "swap.forget_classes=2-3" / "seed_0")
+  recorded.clear()  # scalars for a tuple field: a run each, as one-item tuples, and a warning
+  assert compare.main(common[:2] + [f"--workdir={tmp_path / 't'}", "--methods=lbf",
+                                    "--sweep=swap.forget_classes=0,1"]) == 0
+  assert [tuple(cfg.swap.forget_classes) for _, _, cfg in recorded] == [(0,), (1,)]
+  assert "each a tuple of one item; write a tuple of several in brackets" in \
+      capsys.readouterr().out
   recorded.clear()
   for bad, message in (
       (["--sweep=ks.beta"], "error: --sweep=ks.beta: expected --sweep=FIELD=V1,V2,..."),

@@ -34,6 +34,12 @@ def test_several_runs_are_one_table_with_the_fields_that_differ(tmp_path, capsys
   assert len(lines) == 4
   assert report.main([a, a]) == 0
   assert capsys.readouterr().out.endswith("the runs' configs are the same\n")
+  c = _finished(tmp_path / "laf", 0.2, 0, 90.0, method="laf")  # the method: one column
+  assert report.main([a, c]) == 0
+  out = capsys.readouterr().out
+  assert out.splitlines()[0] == "| run | method | Acc_r ↑ | Acc_f ↓ | H-Mean ↑ | seconds |"
+  assert f"| {c} | laf | 90.00 |" in out
+  assert out.endswith("the runs' configs differ in their method only\n")
   png = tmp_path / "runs.png"
   assert report.main([a, b, "--plot", str(png)]) == 0
   assert png.stat().st_size > 0 and capsys.readouterr().out.endswith(f"plot written to {png}\n")

@@ -404,6 +404,12 @@ def test_a_record_is_compared_on_the_sections_its_method_reads():
   assert train.config_difference(record, config) == ""
   record["cf_scrub"]["gamma"] = 2.0
   assert train.config_difference(record, config) == "cf_scrub.gamma: was 2.0, now 0.99"
+  # A record whose file set up a section this config lacks (another method's, added to the
+  # family's config file by a newer checkout) compares as well.
+  record["cf_scrub"]["gamma"] = config.cf_scrub.gamma
+  record["cf_newer"] = {"weight": 1.0}
+  del config["cf_ewc"]
+  assert train.config_difference(record, config) == ""
 
 
 def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys):
