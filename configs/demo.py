@@ -32,7 +32,9 @@ from kswap_jax.config import parse_arg, require_method
 def get_config(arg=None):
   a = parse_arg(arg, method="lbf", runlocal=False)
   require_method(a.method, ("pretrain",) + methods.FAMILIES["knowledge_swap"])
-  c = methods.default_config("lbf")  # Knowledge Swapping's sections; pretrain shares them
+  # Knowledge Swapping's sections (pretrain shares them), and those of any method
+  # registered into the family (methods.register, docs/adding_a_method.md).
+  c = methods.family_config("lbf")
   c.method = a.method
   c.seed = 0
 

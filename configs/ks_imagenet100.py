@@ -43,7 +43,9 @@ LEARN_SETS = {
 def get_config(arg=None):
   a = parse_arg(arg, method="lbf", learn="cub", n_learn=5, runlocal=False)
   require_method(a.method, ("pretrain",) + methods.FAMILIES["knowledge_swap"])
-  c = methods.default_config("lbf")  # Knowledge Swapping's sections; pretrain shares them
+  # Knowledge Swapping's sections (pretrain shares them), and those of any method
+  # registered into the family (methods.register, docs/adding_a_method.md).
+  c = methods.family_config("lbf")
   c.method = a.method
   if a.learn not in LEARN_SETS:
     from kswap_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel

@@ -14,22 +14,13 @@ from ml_collections import config_flags
 
 from kswap_jax.errors import ConfigError, NonFiniteLossError, StopRequested
 
+from kswap_jax import config as config_lib
 from kswap_jax import hostmem, methods, train
 
 log = logging.getLogger(__name__)
 
 
-def _packaged_configs() -> str:
-  """The folder of the shipped configs: `configs/` of a checkout, or the copy installed as
-  `kswap_jax/configs` by `pip install .` (pyproject maps one onto the other)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  installed = os.path.join(here, "configs")
-  if os.path.isfile(os.path.join(installed, "demo.py")):
-    return installed
-  return os.path.join(os.path.dirname(here), "configs")
-
-
-DEFAULT_CONFIG = os.path.join(_packaged_configs(), "demo.py")
+DEFAULT_CONFIG = os.path.join(config_lib.configs_folder(), "demo.py")
 
 
 def _define_flags() -> flags.FlagValues:
@@ -105,7 +96,7 @@ def _resolve_shipped(argv) -> list[str]:
       path, sep, arg = a[len("--config="):].partition(":")
       if not os.path.exists(path):
         name = path if path.endswith(".py") else path + ".py"
-        shipped = os.path.join(_packaged_configs(), os.path.basename(name))
+        shipped = os.path.join(config_lib.configs_folder(), os.path.basename(name))
         if os.path.isfile(shipped) and os.path.dirname(path) in ("", "configs"):
           a = f"--config={shipped}{sep}{arg}"
     out.append(a)
@@ -230,10 +221,7 @@ def _check_config_file(argv) -> None:
   path = _config_spec(argv).split(":")[0]
   if os.path.isfile(path):
     return
-  folder = _packaged_configs()
-  shipped = sorted(os.path.splitext(f)[0] for f in (os.listdir(folder) if os.path.isdir(folder)
-                                                    else []) if f.endswith(".py")
-                   and not f.startswith("_"))
+  shipped = config_lib.shipped_configs()
   close = difflib.get_close_matches(os.path.splitext(os.path.basename(path))[0], shipped, 1)
   hint = f"; did you mean --config={close[0]}?" if close else ""
   what = "is a folder" if os.path.isdir(path) else "does not exist"

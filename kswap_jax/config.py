@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
 import sys
 
@@ -18,6 +19,24 @@ import ml_collections
 from kswap_jax import models
 from kswap_jax.errors import ConfigError, exit_with
 from kswap_jax.lora import FFN_TARGETS
+
+
+def configs_folder() -> str:
+  """The folder of the shipped configs: `configs/` of a checkout, or the copy installed as
+  `kswap_jax/configs` by `pip install .` (pyproject maps one onto the other)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(here, "configs")
+  if os.path.isfile(os.path.join(installed, "demo.py")):
+    return installed
+  return os.path.join(os.path.dirname(here), "configs")
+
+
+def shipped_configs() -> list[str]:
+  """The names of the shipped config files ("demo", "gs_lora_digits", ...)."""
+  folder = configs_folder()
+  return sorted(os.path.splitext(f)[0] for f in (os.listdir(folder) if os.path.isdir(folder)
+                                                 else []) if f.endswith(".py")
+                and not f.startswith("_"))
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -11,10 +11,13 @@ A method module provides
                                             # is read (`check` and the config printer)
 
 Variants of one method share a module (`lbf`/`laf`). A new method is a new module plus
-one entry in `METHODS`; nothing in shared code branches on the method's name.
+one entry in `METHODS` (and its family's in `FAMILIES`), or, in the user's own files, a
+`register(name, module, family)` call; nothing in shared code branches on the method's
+name (docs/adding_a_method.md).
 
 Example:
-  >>> config, _ = cli.load_config(["run.py", "--config=demo.py:runlocal"])  # a shipped config
+  >>> from kswap_jax.configs import demo  # a shipped config file
+  >>> config = demo.get_config("runlocal")
   >>> results = methods.run(config, "/tmp/run")
   >>> methods.default_config("lbf")  # the defaults alone: no data or checkpoint set yet
 """
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import logging
 import os
+import sys
 
 import ml_collections
 
@@ -73,7 +78,70 @@ def get(name: str):
   if name not in METHODS:
     raise ConfigError(f"method: unknown method {name!r} (expected one of "
                       f"{', '.join(sorted(METHODS))})")
-  return importlib.import_module(METHODS[name])
+  module = METHODS[name]
+  return importlib.import_module(module) if isinstance(module, str) else module
+
+
+def register(name: str, module, family: str | None = None) -> None:
+  """Adds method `name`, implemented by `module`, to `METHODS` (and to comparison `family`,
+  a key of `FAMILIES`, so that `compare` runs it with the family's methods and the family's
+  config files set up its sections). For methods outside this package: a config file (or
+  any code) calls it before the run, e.g. `methods.register("lbf_ga",
+  os.path.join(os.path.dirname(__file__), "lbf_ga.py"), family="knowledge_swap")`.
+  Registering the same module again (a config file is read once per use) changes nothing.
+
+  Args:
+    name: the method's name, as `config.method` gives it.
+    module: an imported module, an import path ("my_package.lbf_ga"), or the path of a
+      `.py` file (imported once per process, as module `kswap_jax_methods_<name>`).
+    family: None, or the comparison family it joins.
+
+  Raises:
+    ConfigError: a name taken by another module, an unknown family, a module that cannot
+      be imported or lacks `run` and `sections` (docs/adding_a_method.md).
+  """
+  if family is not None and family not in FAMILIES:
+    raise ConfigError(f"methods.register({name!r}): unknown family {family!r} (expected one "
+                      f"of {', '.join(FAMILIES)})")
+  if isinstance(module, (str, os.PathLike)) and str(module).endswith(".py"):
+    module = _import_file(name, os.fspath(module))
+  elif isinstance(module, str):
+    try:
+      module = importlib.import_module(module)
+    except ImportError as e:
+      raise ConfigError(f"methods.register({name!r}): cannot import {module!r} ({e}); put "
+                        f"its folder on PYTHONPATH or pass the .py file's path") from None
+  missing = [f for f in ("run", "sections") if not callable(getattr(module, f, None))]
+  if missing:
+    raise ConfigError(f"methods.register({name!r}): {module.__name__} has no "
+                      f"{' and no '.join(missing)} function (a method module provides "
+                      f"run(config, workdir) and sections())")
+  if name in METHODS and get(name) is not module:
+    raise ConfigError(f"methods.register({name!r}): the name is taken by "
+                      f"{get(name).__name__}; choose another")
+  METHODS[name] = module
+  if family is not None and name not in FAMILIES[family]:
+    FAMILIES[family] = FAMILIES[family] + (name,)
+
+
+def _import_file(name: str, path: str):
+  """The module of the `.py` file at `path`, imported once per process and path."""
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"methods.register({name!r}): {path}: no such file")
+  key = f"kswap_jax_methods_{name}"
+  loaded = sys.modules.get(key)
+  if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == path:
+    return loaded
+  spec = importlib.util.spec_from_file_location(key, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[key] = module
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - the user's file
+    del sys.modules[key]
+    raise ConfigError(f"methods.register({name!r}): {path}: {type(e).__name__}: {e}") from None
+  return module
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
@@ -153,7 +221,8 @@ def check_sections(config: ml_collections.ConfigDict, only: tuple[str, ...] | No
     where = f" (e.g. --config={example}:method={name})" if example else ""
     raise ConfigError(f"method: {name!r} needs config fields this config does not set up "
                       f"({shown}); choose the method with the `method=` arg of a config file "
-                      f"that sets it up{where}, or start from methods.default_config({name!r})")
+                      f"that sets it up{where}, build the config file on "
+                      f"methods.family_config, or start from methods.default_config({name!r})")
 
 
 def check_seeds(config: ml_collections.ConfigDict, path: str = "") -> None:

@@ -80,9 +80,10 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
   )
 
 
-def _passes(model, scale, grouping, aux: str):
-  """The three passes both stages combine: CE on the `aux` batch, CE on the retain batch
-  (each with its own dropout key), and Ω (`train.in_passes` runs them one at a time)."""
+def passes(model, scale: float, grouping: str, aux: str) -> list:
+  """The three passes both stages combine: CE on the `aux` batch ("learn" or "forget"),
+  CE on the retain batch (each with its own dropout key), and Ω (`train.in_passes` runs
+  them one at a time and hands their values to a `combine`, as `forget_loss` does)."""
   def ce(name, index):
     return lambda params, base, batch, rng: _ce(
         model, base, params, batch[name], scale, jax.random.split(rng)[index])
@@ -90,22 +91,30 @@ def _passes(model, scale, grouping, aux: str):
           lambda params, base, batch, rng: group_lasso.group_lasso_penalty(params, grouping)]
 
 
-def learn_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
-               grouping: str):
+def learn_loss(model, scale: float, config: ml_collections.ConfigDict,
+               alpha_penalty: float) -> train.LossFn:
   """L_learn = CE(b_n) + β·CE(b_r) + α·Ω over batches {"learn", "retain"}."""
+  beta = config.ks.beta
   def combine(ce_n, ce_r, omega):
-    loss = ce_n + ks.beta * ce_r + alpha_penalty * omega
+    loss = ce_n + beta * ce_r + alpha_penalty * omega
     return loss, {"ce_learn": ce_n, "ce_retain": ce_r, "omega": omega}
-  return train.in_passes(_passes(model, scale, grouping, "learn"), combine)
+  return train.in_passes(passes(model, scale, config.group_lasso.grouping, "learn"), combine)
 
 
-def forget_loss(model, scale: float, ks: ml_collections.ConfigDict, alpha_penalty: float,
-                grouping: str):
+def forget_loss(model, scale: float, config: ml_collections.ConfigDict,
+                alpha_penalty: float) -> train.LossFn:
   """L_forget = CE(b_r) + β·ReLU(BND − CE(b_f)) + α·Ω over batches {"forget", "retain"}."""
+  beta, bound = config.ks.beta, config.ks.bound
   def combine(ce_f, ce_r, omega):
-    loss = ce_r + ks.beta * losses.bounded_forgetting(ce_f, ks.bound) + alpha_penalty * omega
+    loss = ce_r + beta * losses.bounded_forgetting(ce_f, bound) + alpha_penalty * omega
     return loss, {"ce_forget": ce_f, "ce_retain": ce_r, "omega": omega}
-  return train.in_passes(_passes(model, scale, grouping, "forget"), combine)
+  return train.in_passes(passes(model, scale, config.group_lasso.grouping, "forget"), combine)
+
+
+# The loss of each stage: make_loss(model, lora scale, config, α of the penalty term; 0 in
+# the proximal mode) -> a `train.LossFn`. A method built on this module's `run` may replace
+# either (`run(..., stage_losses=...)`).
+LOSSES = {"learn": learn_loss, "forget": forget_loss}
 
 
 def _ce(model, base, params, b, scale, rng):
@@ -114,11 +123,14 @@ def _ce(model, base, params, b, scale, rng):
   return losses.cross_entropy(logits, b["label"], b["mask"])
 
 
-def make_streams(config: ml_collections.ConfigDict, subsets: dict, mesh) -> dict:
-  """{stage: {"retain": stream, aux: stream}} for the "learn" and "forget" stages.
+def make_streams(config: ml_collections.ConfigDict, subsets: dict, mesh,
+                 order: tuple[str, str] | None = None) -> dict:
+  """{stage: {"retain": stream, aux: stream}} for the "learn" and "forget" stages, run in
+  `order` (default the method's, `STAGE_ORDER`).
 
   The retain stream defines each stage's epoch: D_r^sub in the first stage, and in the
-  second D_r^sub ∪ D_n^train (LBF) or D_r^sub alone (LAF), reshuffled with its own seed
+  second D_r^sub ∪ D_n^train (learning first, LBF) or D_r^sub alone (forgetting first,
+  LAF), reshuffled with its own seed
   either way (the reference builds new loaders). The auxiliary stream (D_n^train, D_f^sub)
   cycles; with `ks.aux_batches = "per_epoch"` (the reference's loader) it restarts with a
   fresh shuffle at every epoch of its stage's retain stream and ends each pass with a
@@ -129,10 +141,10 @@ def make_streams(config: ml_collections.ConfigDict, subsets: dict, mesh) -> dict
   mk = lambda subs, s, **kw: common.make_stream(
       config, subs, batch_size=int(ks.batch_size), field="ks.batch_size", seed=s, mesh=mesh,
       **kw)
-  first, second = STAGE_ORDER[config.method]
+  first, second = order or STAGE_ORDER[config.method]
   retain = {first: [subsets["retain_train"]],
             second: [subsets["retain_train"]] + ([subsets["learn_train"]]
-                                                 if config.method == "lbf" else [])}
+                                                 if first == "learn" else [])}
   out = {}
   for stage, key in ((first, "retain_stage1"), (second, "retain_stage2")):
     epoch = mk(retain[stage], seed + STREAM_SEEDS[key], cycle=False)
@@ -177,9 +189,9 @@ def run_base(workdir: str):
       config = ml_collections.ConfigDict(json.load(f))
   except (OSError, ValueError, TypeError, AttributeError) as e:
     raise ConfigError(f"{path}: not a run's config record ({e})") from None
-  if config.get("method") not in STAGE_ORDER:
-    raise ConfigError(f"{path}: a {config.get('method')!r} run, not Knowledge Swapping's "
-                      f"(lbf, laf)")
+  if not all(section in config for section in ("ks", "swap", "lora")):
+    raise ConfigError(f"{path}: a {config.get('method')!r} run, not one of Knowledge "
+                      f"Swapping's (lbf, laf, or a method built on them)")
   if _is_pretraining(workdir):  # its record is the swap's config it served
     raise ConfigError(f"{workdir}: the pretraining run of a Knowledge Swapping run, not the "
                       f"swap's own workdir (the folder above it)")
@@ -205,11 +217,15 @@ def _is_pretraining(workdir: str) -> bool:
     return False
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, order: tuple[str, str] | None = None) -> None:
   """The swap's fields' values, and the head an `.npz` start brings (no data read);
-  ConfigError names the field."""
-  if config.method not in STAGE_ORDER:
+  ConfigError names the field. `order`: the stages' order of a method built on this
+  module (`run`); without it, `config.method` must be lbf or laf."""
+  if order is None and config.method not in STAGE_ORDER:
     raise ConfigError(f"method: {config.method!r} is not a Knowledge Swapping order (lbf, laf)")
+  if order is not None and tuple(order) not in STAGE_ORDER.values():
+    raise ConfigError(f"order: {order!r} (expected ('learn', 'forget') or "
+                      f"('forget', 'learn'))")
   for field in ("learn_epochs", "forget_epochs"):
     require_int(config.ks[field], f"ks.{field}", 1)
   num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
@@ -241,10 +257,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
           + f"; set swap.num_old_classes = {rows}")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs `config.method` ("lbf" or "laf") end to end; returns the results dict."""
-  validate(config)
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        order: tuple[str, str] | None = None, stage_losses: dict | None = None) -> dict:
+  """Runs `config.method` ("lbf" or "laf") end to end; returns the results dict.
+
+  A method built on Knowledge Swapping (its own module, docs/adding_a_method.md) calls
+  this with its stages' `order` (("learn", "forget") as LBF, or ("forget", "learn")) and
+  `stage_losses`, {stage: make_loss} replacing `LOSSES` for the stages it changes;
+  everything else (data, streams, LoRA, optimizer, resumption, evaluation, outputs) is
+  this run's.
+  """
+  unknown = sorted(set(stage_losses or {}) - set(LOSSES))
+  if unknown:
+    raise ValueError(f"stage_losses: unknown stage(s) {', '.join(unknown)} (expected learn, "
+                     f"forget)")
+  validate(config, order)
   method = config.method
+  order = tuple(order or STAGE_ORDER[method])
+  make_loss = {**LOSSES, **(stage_losses or {})}
   ks, ocfg = config.ks, config.optim
   num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
   mesh = train.mesh_for(config)
@@ -254,7 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   src = common.load_sources(config.data)
   subsets = splits.knowledge_swap_splits(src["old_train"], src["old_test"], src["new_train"],
                                          src["new_test"], config.swap)
-  stage_streams = make_streams(config, subsets, mesh)
+  stage_streams = make_streams(config, subsets, mesh, order)
   seed = int(config.seed)
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
 
@@ -298,22 +328,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   grad_profile = lambda grads: {"block_grad_abs": lora.block_mean_abs(grads)}
   stages = {
-      "learn": train.Stage(
-          name="learn", step_fn=train.make_train_step(
-              learn_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh,
+      name: train.Stage(
+          name=name, step_fn=train.make_train_step(
+              make_loss[name](model, spec.scale, config, alpha_penalty), tx, mesh,
               grad_measurements=grad_profile),
-          streams=stage_streams["learn"],
-          epoch_stream="retain", epochs=int(ks.learn_epochs),
-          hparams_fn=lr_fn(int(ks.learn_epochs)),
-          on_start=reset_optimizer if method == "laf" else None),
-      "forget": train.Stage(
-          name="forget", step_fn=train.make_train_step(
-              forget_loss(model, spec.scale, ks, alpha_penalty, grouping), tx, mesh,
-              grad_measurements=grad_profile),
-          streams=stage_streams["forget"],
-          epoch_stream="retain", epochs=int(ks.forget_epochs),
-          hparams_fn=lr_fn(int(ks.forget_epochs)),
-          on_start=reset_optimizer if method == "lbf" else None),
+          streams=stage_streams[name],
+          epoch_stream="retain", epochs=int(ks[f"{name}_epochs"]),
+          hparams_fn=lr_fn(int(ks[f"{name}_epochs"])),
+          on_start=reset_optimizer if name == order[1] else None)
+      for name in order
   }
 
   frozen = train.replicate(base, mesh)
@@ -353,7 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "the all-rows results (the reference's rule) count those as errors; "
           "results.json's masked_argmax does not", before["acc_r"],
           int(config.model.num_classes), before["acc_r_masked"], num_valid)
-  for i, name in enumerate(STAGE_ORDER[method]):
+  for i, name in enumerate(order):
     state, frozen = run_.run_stage(i, stages[name], state, frozen, mesh,
                                    extra_log=block_log, eval_fn=evaluate,
                                    eval_every=int(config.eval.every_steps))
@@ -366,7 +389,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log.info("[%s] %s", name, _fmt(accs))  # before a stop request honoured at the save
       run_.finish_stage(state, name, {**accs, "block_norms": norms})
 
-  last = results[STAGE_ORDER[method][-1]]
+  last = results[order[-1]]
   final = {k: last[k] for k in TEST_SPLITS}
   final["h_mean"] = metrics.h_mean(results["before"]["acc_f"], final["acc_f"], final["acc_r"])
   out = {
@@ -374,7 +397,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "config": config.to_dict(),
       "prediction_rule": f"argmax over all {config.model.num_classes} head rows",
       "stages": [{"name": n, **{k: results[n][k] for k in TEST_SPLITS}}
-                 for n in ("before",) + STAGE_ORDER[method]],
+                 for n in ("before",) + order],
       "before_train_subsets": {k: results["before"][k] for k in TRAIN_SPLITS},
       "final": final,
       # An extra, clearly apart from the reference's 200-way rule: the arg-max over the
@@ -383,13 +406,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "rows": num_valid,
           "stages": [{"name": n, **{k: results[n][f"{k}_masked"] for k in TEST_SPLITS
                                     if f"{k}_masked" in results[n]}}
-                     for n in ("before",) + STAGE_ORDER[method]],
+                     for n in ("before",) + order],
           "final": {k: last[f"{k}_masked"] for k in TEST_SPLITS if f"{k}_masked" in last}},
       # An extra of our own, not the paper's: the learning side's harmonic mean, with the
       # gain in Acc_n in place of the forget drop (`metrics.h_mean_learn`).
       "h_mean_learn": metrics.h_mean_learn(results["before"]["acc_n"], final["acc_n"],
                                            final["acc_r"]),
-      "block_norms": {n: results[n]["block_norms"] for n in STAGE_ORDER[method]},
+      "block_norms": {n: results[n]["block_norms"] for n in order},
       "num_trainable": lora.count(lora_tree),
   }
   text = report.present(out, run_.workdir if run_.is_main else None)

@@ -1,0 +1,83 @@
+"""docs/adding_a_method.md: its example method and config file, run exactly as the page
+shows them, and `methods.register`."""
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import REPO, method_run
+from kswap_jax import cli, methods
+from kswap_jax.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def example(tmp_path, monkeypatch):
+  """The page's two files, written into tmp_path; registrations stay inside the test."""
+  monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+  monkeypatch.setattr(methods, "FAMILIES", dict(methods.FAMILIES))
+  with open(os.path.join(REPO, "docs", "adding_a_method.md")) as f:
+    page = f.read()
+  blocks = re.findall(r"^`([\w.]+\.py)`[^\n]*\n(?:[^\n]+\n)*?\n?```python\n(.*?)^```", page,
+                      re.M | re.S)
+  assert [name for name, _ in blocks] == ["lbf_rl.py", "my_lbf_rl.py"]
+  for name, code in blocks:
+    (tmp_path / name).write_text(code)
+  return tmp_path / "my_lbf_rl.py"
+
+
+def _stage_losses(workdir, stage):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in r.items() if "loss" in k or k.startswith("ce_")}
+            for r in map(json.loads, f) if r.get("stage") == stage]
+
+
+def test_the_example_method_runs_as_lbf_except_in_its_own_forgetting_stage(
+    example, tmp_path, tmp_path_factory, capsys):
+  lbf_dir, lbf = method_run(tmp_path_factory, "demo", "runlocal")
+  config, _ = cli.load_config(["run.py", f"--config={example}:runlocal",
+                               "--config.train.log_every_steps=1"])
+  assert config.method == "lbf_rl" and config.rl.weight == 1.0
+  assert "lbf_rl" in methods.FAMILIES["knowledge_swap"]
+  results = methods.run(config, str(tmp_path / "run"))
+  assert results["method"] == "lbf_rl"
+  assert [s["name"] for s in results["stages"]] == ["before", "learn", "forget"]
+  # The learning stage is lbf's, step for step; the forgetting stage is the example's own.
+  assert results["stages"][:2] == lbf["stages"][:2]
+  assert _stage_losses(tmp_path / "run", "learn") == _stage_losses(lbf_dir, "learn")
+  forget = _stage_losses(tmp_path / "run", "forget")
+  assert forget and all("ce_forget_rl" in r and "ce_forget" not in r for r in forget)
+  assert results["final"] != lbf["final"] and results["num_trainable"] == lbf["num_trainable"]
+
+  # The command line: its own field's check, and compare running it beside lbf.
+  assert cli.main(["run.py", f"--config={example}:runlocal", "--config.rl.weight=-1",
+                   f"--workdir={tmp_path / 'bad'}"]) == 2
+  assert "error: rl.weight: expected a value >= 0, got -1.0" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
+  from kswap_jax import compare  # pylint: disable=import-outside-toplevel
+  assert compare.main(["compare", f"--config={example}:runlocal", "--methods=lbf,lbf_rl",
+                       f"--workdir={tmp_path / 'cmp'}", "--dry_run"]) == 0
+
+
+def test_register_refuses_what_would_not_work(example, tmp_path):
+  here = os.path.dirname(example)
+  methods.register("lbf_rl", os.path.join(here, "lbf_rl.py"), family="knowledge_swap")
+  methods.register("lbf_rl", os.path.join(here, "lbf_rl.py"), family="knowledge_swap")
+  assert methods.FAMILIES["knowledge_swap"].count("lbf_rl") == 1  # again: nothing changes
+  with pytest.raises(ConfigError, match=r"register\('lbf'\): the name is taken by "
+                                        r"kswap_jax\.methods\.knowledge_swap"):
+    methods.register("lbf", os.path.join(here, "lbf_rl.py"))
+  with pytest.raises(ConfigError, match=r"unknown family 'swap' \(expected one of "):
+    methods.register("x", os.path.join(here, "lbf_rl.py"), family="swap")
+  (tmp_path / "half.py").write_text("def run(config, workdir):\n  return {}\n")
+  with pytest.raises(ConfigError, match=r"has no sections function"):
+    methods.register("half", str(tmp_path / "half.py"))
+  (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+  with pytest.raises(ConfigError, match=r"broken\.py: ModuleNotFoundError"):
+    methods.register("broken", str(tmp_path / "broken.py"))
+  with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg\.m'"):
+    methods.register("m", "no_such_pkg.m")
+  assert "half" not in methods.METHODS and "broken" not in methods.METHODS
