@@ -9,6 +9,7 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import load_config, method_run
@@ -193,3 +194,34 @@ def test_a_dry_run_checks_a_batchnorm_models_saved_state_too(tmp_path):
                                         r"extend, replace, keep\)"):
     methods.run(config, str(tmp_path / "w"), dry_run=True)
   assert not (tmp_path / "w").exists()
+
+
+def test_images_of_another_shape_than_the_model_s_are_reported_once(caplog):
+  """Stored 32x32 RGB images for a 16x16 grayscale model are resized and turned grey on the
+  fly: a warning says so (once per dataset), as an upsampled grayscale set gets a note."""
+  from kswap_jax.data import sources, splits  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  config = load_config("demo", "runlocal")
+  config.model.channels, config.model.image_size = 1, 16
+  rgb = sources.ArraySource(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2, 2, "mine")
+  subset = splits.select(rgb, (0, 1), name="retain_train")
+  with caplog.at_level("INFO", logger="kswap_jax"):
+    for _ in range(2):
+      common._note_conversion(config, [subset])  # pylint: disable=protected-access
+  notes = [r for r in caplog.records if "the model takes" in r.getMessage()]
+  assert len(notes) == 1 and notes[0].levelname == "WARNING"
+  assert notes[0].getMessage() == (
+      "data: the images of mine are 32x32x3, the model takes 16x16x1 (model.image_size, "
+      "model.channels): resized (bilinear), turned to grayscale (the colours are lost)")
+
+
+def test_gs_lora_from_a_random_model_is_warned_about_in_the_dry_run(tmp_path, caplog):
+  """GS-LoRA trains LoRA only under a frozen head, which an untrained ViT has at zero: every
+  LoRA gradient is 0, so such a run learns and forgets nothing (a trial ran one)."""
+  config = load_config("gs_lora_casia100", "runlocal")
+  config.init.kind = "random"
+  with caplog.at_level("WARNING", logger="kswap_jax"):
+    methods.run(config, str(tmp_path / "run"), dry_run=True)
+  assert any("init.kind=random: GS-LoRA trains LoRA only" in r.getMessage()
+             for r in caplog.records)
+  assert not (tmp_path / "run").exists()

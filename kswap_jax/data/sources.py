@@ -315,8 +315,11 @@ class TfdsSource:
         raise not_found() from None
       available = sorted(builder.info.splits)
       if any(s not in available for s in _split_names(split)):
+        hint = ("; a dataset written by python -m kswap_jax.data.image_folder gets a test "
+                "split with --test_fraction F, or a split expression such as train[80%:] "
+                "holds some out" if available == ["train"] else "")
         raise ConfigError(f"{field}.{split_field}: unknown split {split!r} of tfds dataset "
-                          f"{name!r} (available: {', '.join(available)})") from None
+                          f"{name!r} (available: {', '.join(available)}){hint}") from None
       if isinstance(e, NotImplementedError):
         raise ConfigError(
             f"{field}.name: tfds dataset {name!r} in {shown_dir!r} is stored as "

@@ -111,7 +111,8 @@ def select(source: Any, classes: Iterable[int], *, name: str,
   label_map = {c: c for c in classes} if label_map is None else label_map
   missing = [c for c in classes if c not in label_map]
   if missing:
-    raise ValueError(f"{name}: label_map lacks classes {missing}")
+    raise ConfigError(f"{field}: classes {missing} have no model label in split {name!r} "
+                      f"(its label map covers {len(label_map)} classes)")
   if not 0.0 < ratio <= 1.0:
     raise ConfigError(f"{field}: ratio for split {name!r} must be in (0, 1], got {ratio}")
   if n_per_class < 0:

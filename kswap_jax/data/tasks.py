@@ -280,6 +280,12 @@ def per_task(values: Any, num_tasks: int, field: str) -> tuple[float, ...]:
 TEST_SPLITS = ("retain_test", "forget_test", "old_test", "missing_test")
 
 
+def _shown(classes: list[int]) -> str:
+  """Class ids for a message: all of a few, the first and last of many."""
+  return (", ".join(map(str, classes)) if len(classes) <= 6 else
+          f"{', '.join(map(str, classes[:3]))}, ..., {classes[-1]} ({len(classes)})")
+
+
 def task_splits(train: Any, test: Any, task: ForgetTask, *, data_ratio: float = 1.0,
                 shots: int = 0, seed: int = 0, field: str = "tasks"
                 ) -> dict[str, splits_lib.Subset]:
@@ -307,7 +313,13 @@ def task_splits(train: Any, test: Any, task: ForgetTask, *, data_ratio: float = 
     dict name -> `Subset` with keys retain_train, forget_train, retain_test, forget_test
     and, when defined, old_test, missing_test.
   """
-  label_map = {c: c for c in range(max(train.num_classes, test.num_classes))}
+  have = max(train.num_classes, test.num_classes)
+  beyond = sorted({c for c in (*task.retain, *task.forget) if c >= have})
+  if beyond:
+    raise ConfigError(f"{field}.num_classes: the tasks use classes {_shown(beyond)}, but the "
+                      f"data has {have} classes (labels 0..{have - 1}); set {field}.num_classes "
+                      f"(and model.num_classes) to at most {have}")
+  label_map = {c: c for c in range(have)}
   task_seed = int(seed) * 1000 + task.index
   sub = dict(ratio=float(data_ratio), n_per_class=int(shots), seed=task_seed,
              field=f"{field}.shots" if shots else f"{field}.data_ratio")

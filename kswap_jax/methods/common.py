@@ -84,11 +84,39 @@ def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycl
     if message not in _WARNED:  # a method may build a stream of one subset twice
       _WARNED.add(message)
       log.warning("%s", message)
+  _note_conversion(config, subsets)
   return streams.make_stream(
       subsets, batch_size=check_batch_size(batch_size, field, mesh), seed=seed, cycle=cycle,
       num_threads=int(config.data.num_threads), augment=str(config.data.augment),
       crop_padding=int(config.data.crop_padding), restart_every=restart_every,
       **stream_kwargs(config))
+
+
+def _note_conversion(config, subsets) -> None:
+  """Logs, once per source, how its stored images become the model's input when they
+  differ in size or channels (a dry run shows it too): resized with `data.resample`, and
+  RGB turned to grayscale (a warning: the colours are lost) or grayscale repeated."""
+  size, channels = int(config.model.image_size), int(config.model.channels)
+  for subset in subsets:
+    source = getattr(subset, "source", None)
+    if source is None or not len(subset):
+      continue
+    shape = tuple(np.shape(source[int(subset.indices[0])]["image"]))
+    shape = shape + (1,) if len(shape) == 2 else shape
+    if shape == (size, size, channels):
+      continue
+    name = getattr(source, "name", subset.name)
+    message = (f"data: the images of {name} are {shape[0]}x{shape[1]}x{shape[2]}, the model "
+               f"takes {size}x{size}x{channels} (model.image_size, model.channels): "
+               + ", ".join(
+                   ([f"resized ({config.data.resample})"] if shape[:2] != (size, size) else [])
+                   + (["turned to grayscale (the colours are lost)"]
+                      if shape[2] > channels else
+                      ["grayscale repeated into 3 channels"] if shape[2] < channels else [])))
+    if message in _WARNED:
+      continue
+    _WARNED.add(message)
+    (log.warning if shape[2] > channels else log.info)("%s", message)
 
 
 def predict_splits(config, predict_step, state, frozen, subsets: dict, mesh
@@ -148,7 +176,8 @@ def check_init_files(config) -> None:
   if init.get("kind") == "npz":
     if not init.get("checkpoint"):
       raise ConfigError("init.checkpoint: empty; init.kind=npz needs the path of a .npz "
-                        "checkpoint (python -m kswap_jax.convert writes one)")
+                        "checkpoint (python -m kswap_jax.convert writes one); without one, "
+                        "init.kind=pretrain pretrains a model here first")
     _require_file("init.checkpoint", str(init.checkpoint), "a .npz checkpoint in our layout")
     problem = ckpt_lib.npz_problem(str(init.checkpoint))
     if problem:

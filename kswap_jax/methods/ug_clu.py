@@ -792,7 +792,8 @@ def plot_accuracy_matrix(stage_names, tasks, raw, path: str, title: str) -> None
 
 
 def plot_against_oracle(stages: Sequence[dict], path: str, title: str) -> None:
-  """UA, RA, TA per stage (solid) against the Retrain oracle's (dashed) as a PNG."""
+  """UA, RA, TA per stage (circles, solid) against the Retrain oracle's (crosses, dashed
+  where it was measured at consecutive stages) as a PNG."""
   fig = report.figure(figsize=(max(5, 1.2 * len(stages) + 3), 4))
   ax = fig.add_subplot(1, 1, 1)
   x = list(range(len(stages)))
@@ -839,7 +840,7 @@ def present(results: dict, workdir: str | None) -> str:
                          os.path.join(workdir, "acc_matrix.png"),
                          f"{method}: test accuracy per task after each stage")
     plot_against_oracle(stages, os.path.join(workdir, "stages_vs_oracle.png"),
-                        f"{method}: UA/RA/TA per stage vs the Retrain oracle (dashed)")
+                        f"{method}: UA/RA/TA per stage (o) vs the Retrain oracle (x)")
   oracle = oracle_table(results)
   return report.stage_table(results) + ("\n\n" + oracle if oracle else "")
 

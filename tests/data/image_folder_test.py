@@ -67,6 +67,11 @@ def test_flat_layout_sorted_rank_grayscale_resized(tmp_path):
   image_folder.build([root], "toy_flat", out, channels=1, image_size=4)
   source = sources.TfdsSource("toy_flat", "train", str(out))
   assert source.num_classes == 3 and len(source) == 6
+  # A train split only: a config reading "test" is told how to get one.
+  with pytest.raises(ConfigError, match=r"^data\.old\.test_split: unknown split 'test' .*"
+                                        r"\(available: train\); .* --test_fraction F"):
+    sources.load_source(dict(kind="tfds", name="toy_flat", data_dir=str(out)), "test",
+                        field="data.old")
   np.testing.assert_array_equal(source.labels, [0, 0, 1, 1, 2, 2])  # ant, moose, zebra
   for i, cls in enumerate(["ant", "ant", "moose", "moose", "zebra", "zebra"]):
     with Image.open(root / cls / f"img{i % 2}.jpg") as original:
