@@ -87,9 +87,8 @@ class Bench:
 
 def _ks_step(kind: str):
   def build(model, scale):
-    ks = ml_collections.ConfigDict(KS)
-    make = knowledge_swap.forget_loss if kind == "forget" else knowledge_swap.learn_loss
-    return make(model, scale, ks, ALPHA, "block")
+    config = ml_collections.ConfigDict({"ks": KS, "group_lasso": {"grouping": "block"}})
+    return knowledge_swap.LOSSES[kind](model, scale, config, ALPHA)
   return build
 
 

@@ -229,14 +229,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _differing(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
-  """Each run's flattened config (paths inside its own workdir as `WORKDIR/...`) and the
-  fields whose values differ between the runs."""
+  """Each run's flattened config (paths inside its own workdir as `WORKDIR/...`, without
+  the sections its method does not read) and the fields whose values differ between the
+  runs."""
   def relative(value, workdir):
     root = os.path.join(os.path.abspath(workdir), "")
     if isinstance(value, str) and (value + os.sep).startswith(root):
       return os.path.join("WORKDIR", os.path.relpath(value, root))
     return value
-  configs = [{k: relative(v, w) for k, v in _flat(r.get("config") or {}).items()}
+  from kswap_jax import train  # pylint: disable=import-outside-toplevel
+  def read(config: dict) -> dict:  # another method's sections are no difference
+    return {k: v for k, v in config.items() if k not in train.unread_sections(config)}
+  configs = [{k: relative(v, w) for k, v in _flat(read(r.get("config") or {})).items()}
              for w, r in runs]
   fields = sorted(k for k in set().union(*configs)
                   if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)

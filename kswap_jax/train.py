@@ -986,7 +986,7 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
   recorded = _with_added_fields(recorded)
   # Another method's sections (a config file sets up its whole family), in either config:
   # a record written when the file set up one more method's section compares as well.
-  unread = _unread_sections(new) | _unread_sections(recorded)
+  unread = unread_sections(new) | unread_sections(recorded)
   if unread:
     recorded = {k: v for k, v in recorded.items() if k not in unread}
     new = {k: v for k, v in new.items() if k not in unread}
@@ -1004,7 +1004,7 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
                            {k: v for k, v in new.items() if k not in RESUMABLE_SECTIONS})
 
 
-def _unread_sections(record: dict) -> set[str]:
+def unread_sections(record: dict) -> set[str]:
   """The top-level sections of a config record that its method does not read: neither the
   shared base's nor the method's own (`methods.sections_used`). A workdir's record is
   compared without them, so a section added for a new method of the family, or changed

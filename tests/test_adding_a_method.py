@@ -68,8 +68,21 @@ def test_register_refuses_what_would_not_work(example, tmp_path):
   methods.register("lbf_rl", os.path.join(here, "lbf_rl.py"), family="knowledge_swap")
   assert methods.FAMILIES["knowledge_swap"].count("lbf_rl") == 1  # again: nothing changes
   with pytest.raises(ConfigError, match=r"register\('lbf'\): the name is taken by "
-                                        r"kswap_jax\.methods\.knowledge_swap"):
+                                        r".*kswap_jax/methods/knowledge_swap\.py; "):
     methods.register("lbf", os.path.join(here, "lbf_rl.py"))
+  # A refused file is not even run: the name stays its first module's.
+  (tmp_path / "other.py").write_text("raise SystemExit('ran')\n")
+  with pytest.raises(ConfigError, match=r"register\('lbf_rl'\): the name is taken by "
+                                        r".*lbf_rl\.py"):
+    methods.register("lbf_rl", str(tmp_path / "other.py"))
+  methods.register("lbf_rl", os.path.join(here, "lbf_rl.py"))
+  for bad in ("a/b", "p,q", "", "lbf.rl", "Lbf"):
+    with pytest.raises(ConfigError, match=r"expected a name of lower-case letters"):
+      methods.register(bad, os.path.join(here, "lbf_rl.py"))
+  with pytest.raises(ConfigError, match=r"already a member of the knowledge_swap family"):
+    methods.register("lbf_rl", os.path.join(here, "lbf_rl.py"), family="unlearning")
+  with pytest.raises(ConfigError, match=r"expected a module, an import path or a \.py"):
+    methods.register("y", None)
   with pytest.raises(ConfigError, match=r"unknown family 'swap' \(expected one of "):
     methods.register("x", os.path.join(here, "lbf_rl.py"), family="swap")
   (tmp_path / "half.py").write_text("def run(config, workdir):\n  return {}\n")

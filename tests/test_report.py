@@ -34,6 +34,13 @@ def test_several_runs_are_one_table_with_the_fields_that_differ(tmp_path, capsys
   assert len(lines) == 4
   assert report.main([a, a]) == 0
   assert capsys.readouterr().out.endswith("the runs' configs are the same\n")
+  # A section lbf does not read (another family member's, which a config file built on
+  # methods.family_config records) is no difference between two lbf runs.
+  record = json.loads((tmp_path / "beta_0.3" / "results.json").read_text())
+  record["config"]["gs_lora"] = {"beta": 0.5}
+  (tmp_path / "beta_0.3" / "results.json").write_text(json.dumps(record))
+  assert report.main([a, b]) == 0
+  assert "gs_lora" not in capsys.readouterr().out
   c = _finished(tmp_path / "laf", 0.2, 0, 90.0, method="laf")  # the method: one column
   assert report.main([a, c]) == 0
   out = capsys.readouterr().out

@@ -30,7 +30,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
+import types
 
 import ml_collections
 
@@ -91,56 +93,72 @@ def register(name: str, module, family: str | None = None) -> None:
   Registering the same module again (a config file is read once per use) changes nothing.
 
   Args:
-    name: the method's name, as `config.method` gives it.
+    name: the method's name, as `config.method` gives it: lower-case letters, digits and
+      underscores, starting with a letter.
     module: an imported module, an import path ("my_package.lbf_ga"), or the path of a
       `.py` file (imported once per process, as module `kswap_jax_methods_<name>`).
-    family: None, or the comparison family it joins.
+    family: None, or the comparison family it joins (one at most).
 
   Raises:
-    ConfigError: a name taken by another module, an unknown family, a module that cannot
-      be imported or lacks `run` and `sections` (docs/adding_a_method.md).
+    ConfigError: a malformed name, a name taken by another module, an unknown family or
+      another family than the method's, a module that cannot be imported or lacks `run`
+      and `sections` (docs/adding_a_method.md).
   """
+  where = f"methods.register({name!r})"
+  if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ConfigError(f"{where}: expected a name of lower-case letters, digits and "
+                      f"underscores, starting with a letter")
   if family is not None and family not in FAMILIES:
-    raise ConfigError(f"methods.register({name!r}): unknown family {family!r} (expected one "
-                      f"of {', '.join(FAMILIES)})")
-  if isinstance(module, (str, os.PathLike)) and str(module).endswith(".py"):
+    raise ConfigError(f"{where}: unknown family {family!r} (expected one of "
+                      f"{', '.join(FAMILIES)})")
+  joined = family_of(name)
+  if family is not None and joined not in (None, family):
+    raise ConfigError(f"{where}: already a member of the {joined} family, not {family}")
+  is_file = isinstance(module, (str, os.PathLike)) and os.fspath(module).endswith(".py")
+  if name in METHODS:  # the same module again is fine; another one takes a taken name
+    registered = get(name)
+    same = (os.path.abspath(os.fspath(module)) == os.path.abspath(registered.__file__ or "")
+            if is_file else
+            module == registered.__name__ if isinstance(module, str) else module is registered)
+    if not same:
+      raise ConfigError(f"{where}: the name is taken by "
+                        f"{getattr(registered, '__file__', None) or registered.__name__}; "
+                        f"choose another")
+    module = registered
+  elif is_file:
     module = _import_file(name, os.fspath(module))
   elif isinstance(module, str):
     try:
       module = importlib.import_module(module)
     except ImportError as e:
-      raise ConfigError(f"methods.register({name!r}): cannot import {module!r} ({e}); put "
-                        f"its folder on PYTHONPATH or pass the .py file's path") from None
+      raise ConfigError(f"{where}: cannot import {module!r} ({e}); put its folder on "
+                        f"PYTHONPATH or pass the .py file's path") from None
+  elif not isinstance(module, types.ModuleType):
+    raise ConfigError(f"{where}: expected a module, an import path or a .py file's path, "
+                      f"got {module!r}")
   missing = [f for f in ("run", "sections") if not callable(getattr(module, f, None))]
   if missing:
-    raise ConfigError(f"methods.register({name!r}): {module.__name__} has no "
-                      f"{' and no '.join(missing)} function (a method module provides "
-                      f"run(config, workdir) and sections())")
-  if name in METHODS and get(name) is not module:
-    raise ConfigError(f"methods.register({name!r}): the name is taken by "
-                      f"{get(name).__name__}; choose another")
+    raise ConfigError(f"{where}: {module.__name__} has no {' and no '.join(missing)} "
+                      f"function (a method module provides run(config, workdir) and "
+                      f"sections())")
   METHODS[name] = module
   if family is not None and name not in FAMILIES[family]:
     FAMILIES[family] = FAMILIES[family] + (name,)
 
 
 def _import_file(name: str, path: str):
-  """The module of the `.py` file at `path`, imported once per process and path."""
+  """The module of the `.py` file at `path`, imported as `kswap_jax_methods_<name>`."""
   path = os.path.abspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"methods.register({name!r}): {path}: no such file")
   key = f"kswap_jax_methods_{name}"
-  loaded = sys.modules.get(key)
-  if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == path:
-    return loaded
   spec = importlib.util.spec_from_file_location(key, path)
   module = importlib.util.module_from_spec(spec)
-  sys.modules[key] = module
   try:
     spec.loader.exec_module(module)
   except Exception as e:  # noqa: BLE001 - the user's file
-    del sys.modules[key]
     raise ConfigError(f"methods.register({name!r}): {path}: {type(e).__name__}: {e}") from None
+  sys.modules[key] = module  # for pickling and tracebacks, once it imported
   return module
 
 

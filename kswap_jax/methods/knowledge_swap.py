@@ -189,7 +189,8 @@ def run_base(workdir: str):
       config = ml_collections.ConfigDict(json.load(f))
   except (OSError, ValueError, TypeError, AttributeError) as e:
     raise ConfigError(f"{path}: not a run's config record ({e})") from None
-  if not all(section in config for section in ("ks", "swap", "lora")):
+  if config.get("method") == "pretrain" or not all(section in config
+                                                   for section in ("ks", "swap", "lora")):
     raise ConfigError(f"{path}: a {config.get('method')!r} run, not one of Knowledge "
                       f"Swapping's (lbf, laf, or a method built on them)")
   if _is_pretraining(workdir):  # its record is the swap's config it served
@@ -224,8 +225,8 @@ def validate(config: ml_collections.ConfigDict, order: tuple[str, str] | None = 
   if order is None and config.method not in STAGE_ORDER:
     raise ConfigError(f"method: {config.method!r} is not a Knowledge Swapping order (lbf, laf)")
   if order is not None and tuple(order) not in STAGE_ORDER.values():
-    raise ConfigError(f"order: {order!r} (expected ('learn', 'forget') or "
-                      f"('forget', 'learn'))")
+    raise ValueError(f"order: {order!r} (expected ('learn', 'forget') or ('forget', "
+                     f"'learn'))")
   for field in ("learn_epochs", "forget_epochs"):
     require_int(config.ks[field], f"ks.{field}", 1)
   num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
