@@ -237,9 +237,10 @@ def _differing(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
     if isinstance(value, str) and (value + os.sep).startswith(root):
       return os.path.join("WORKDIR", os.path.relpath(value, root))
     return value
-  from kswap_jax import train  # pylint: disable=import-outside-toplevel
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   def read(config: dict) -> dict:  # another method's sections are no difference
-    return {k: v for k, v in config.items() if k not in train.unread_sections(config)}
+    unread = methods.unread_sections(config)
+    return {k: v for k, v in config.items() if k not in unread}
   configs = [{k: relative(v, w) for k, v in _flat(read(r.get("config") or {})).items()}
              for w, r in runs]
   fields = sorted(k for k in set().union(*configs)

@@ -986,7 +986,8 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
   recorded = _with_added_fields(recorded)
   # Another method's sections (a config file sets up its whole family), in either config:
   # a record written when the file set up one more method's section compares as well.
-  unread = unread_sections(new) | unread_sections(recorded)
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  unread = methods.unread_sections(new) | methods.unread_sections(recorded)
   if unread:
     recorded = {k: v for k, v in recorded.items() if k not in unread}
     new = {k: v for k, v in new.items() if k not in unread}
@@ -1002,20 +1003,6 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
     return _first_difference(a, b)
   return _first_difference({k: v for k, v in recorded.items() if k not in RESUMABLE_SECTIONS},
                            {k: v for k, v in new.items() if k not in RESUMABLE_SECTIONS})
-
-
-def unread_sections(record: dict) -> set[str]:
-  """The top-level sections of a config record that its method does not read: neither the
-  shared base's nor the method's own (`methods.sections_used`). A workdir's record is
-  compared without them, so a section added for a new method of the family, or changed
-  for another method, does not make an existing run of this one refuse to resume."""
-  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
-  from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
-  try:
-    read = set(base_config()) | set(methods.sections_used(str(record.get("method"))))
-  except ConfigError:  # an unknown method: compare everything
-    return set()
-  return {k for k in record if k not in read}
 
 
 def _pick(record: dict, fields: Sequence[str]) -> dict:

@@ -83,6 +83,16 @@ def test_register_refuses_what_would_not_work(example, tmp_path):
     methods.register("lbf_rl", os.path.join(here, "lbf_rl.py"), family="unlearning")
   with pytest.raises(ConfigError, match=r"expected a module, an import path or a \.py"):
     methods.register("y", None)
+  with pytest.raises(ConfigError, match=r"a method of the library joins no other family"):
+    methods.register("pretrain", "kswap_jax.methods.pretrain", family="knowledge_swap")
+  # A file with a dataclass under postponed annotations (the house style), which looks its
+  # module up in sys.modules while it runs.
+  (tmp_path / "typed.py").write_text(
+      "from __future__ import annotations\nimport dataclasses\n\n\n@dataclasses.dataclass\n"
+      "class Options:\n  weight: float = 1.0\n\n\ndef sections():\n  return {}\n\n\n"
+      "def run(config, workdir):\n  return {}\n")
+  methods.register("typed", str(tmp_path / "typed.py"))
+  assert methods.get("typed").Options().weight == 1.0
   with pytest.raises(ConfigError, match=r"unknown family 'swap' \(expected one of "):
     methods.register("x", os.path.join(here, "lbf_rl.py"), family="swap")
   (tmp_path / "half.py").write_text("def run(config, workdir):\n  return {}\n")

@@ -197,22 +197,39 @@ def test_a_dry_run_checks_a_batchnorm_models_saved_state_too(tmp_path):
 
 
 def test_images_of_another_shape_than_the_model_s_are_reported_once(caplog):
-  """Stored 32x32 RGB images for a 16x16 grayscale model are resized and turned grey on the
-  fly: a warning says so (once per dataset), as an upsampled grayscale set gets a note."""
-  from kswap_jax.data import sources, splits  # pylint: disable=import-outside-toplevel
+  """Stored images the model takes in another size or channel count are converted on the
+  fly: one line per dataset says how, a warning when colour is lost."""
+  from kswap_jax.data import sources  # pylint: disable=import-outside-toplevel
   from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   config = load_config("demo", "runlocal")
   config.model.channels, config.model.image_size = 1, 16
-  rgb = sources.ArraySource(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2, 2, "mine")
-  subset = splits.select(rgb, (0, 1), name="retain_train")
+  array = lambda name, c: sources.ArraySource(np.zeros((2, 32, 32, c), np.uint8), [0, 1], 2,
+                                              name)
+
+  class Folder:  # a tfds image folder kept at its images' sizes
+    name, image_shape = "folder", (None, None, 3)
+
   with caplog.at_level("INFO", logger="kswap_jax"):
-    for _ in range(2):
-      common._note_conversion(config, [subset])  # pylint: disable=protected-access
-  notes = [r for r in caplog.records if "the model takes" in r.getMessage()]
-  assert len(notes) == 1 and notes[0].levelname == "WARNING"
-  assert notes[0].getMessage() == (
-      "data: the images of mine are 32x32x3, the model takes 16x16x1 (model.image_size, "
-      "model.channels): resized (bilinear), turned to grayscale (the colours are lost)")
+    for _ in range(2):  # once per dataset
+      common.note_conversion(config, [array("rgb", 3), Folder()])
+    config.model.channels = 3
+    common.note_conversion(config, [array("rgba", 4), array("gray", 1),
+                                    sources.ArraySource(np.zeros((2, 16, 16, 3), np.uint8),
+                                                        [0, 1], 2, "same")])
+  assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+      ("WARNING", "warning: data: the images of rgb are 32x32x3, the model takes 16x16x1 "
+                  "(model.image_size, model.channels): resized (bilinear), turned to "
+                  "grayscale (colour, if any, is lost)"),
+      ("WARNING", "warning: data: the images of folder are ?x?x3 (sizes vary), the model "
+                  "takes 16x16x1 (model.image_size, model.channels): resized where they "
+                  "differ (bilinear), turned to grayscale (colour, if any, is lost)"),
+      ("INFO", "data: the images of rgba are 32x32x4, the model takes 16x16x3 "
+               "(model.image_size, model.channels): resized (bilinear), alpha dropped"),
+      ("INFO", "data: the images of gray are 32x32x1, the model takes 16x16x3 "
+               "(model.image_size, model.channels): resized (bilinear), grayscale "
+               "repeated into 3 channels")]
+  with pytest.raises(ConfigError, match=r"^model\.channels: 3, but the images of two have 2 "):
+    common.note_conversion(config, [array("two", 2)])
 
 
 def test_gs_lora_from_a_random_model_is_warned_about_in_the_dry_run(tmp_path, caplog):

@@ -5,11 +5,13 @@ A source follows grain's `RandomAccessDataSource` protocol:
     len(source)        number of records
     source[i]          {"image": uint8 (H, W, C), "label": int}
 
-plus three attributes that splits and streams rely on:
+plus the attributes that splits and streams rely on:
 
     source.labels      int64 (len(source),), every label in record order, held in memory
     source.num_classes size of the source's own label space
     source.name        identifies the underlying dataset (same name + same labels = same data)
+    source.image_shape (H, W, C) as stored, None where it varies (optional: what
+                       `methods.common.note_conversion` reports)
 
 Sources know nothing about forget / retain / learn; `splits.py` selects records from them
 and `streams.py` turns the selections into batches.
@@ -62,6 +64,7 @@ class ArraySource:
     self.labels = labels
     self.num_classes = int(num_classes)
     self.name = name
+    self.image_shape = tuple(images.shape[1:])
 
   def __len__(self) -> int:
     return self.labels.shape[0]
@@ -190,6 +193,7 @@ class SyntheticSource:
     self.num_classes = int(num_classes)
     self.image_size = int(image_size)
     self.channels = int(channels)
+    self.image_shape = (self.image_size, self.image_size, self.channels)
     self.seed = int(seed)
     self.split = split
     self.name = (f"synthetic(seed={seed},classes={num_classes},size={image_size},"
@@ -315,9 +319,8 @@ class TfdsSource:
         raise not_found() from None
       available = sorted(builder.info.splits)
       if any(s not in available for s in _split_names(split)):
-        hint = ("; a dataset written by python -m kswap_jax.data.image_folder gets a test "
-                "split with --test_fraction F, or a split expression such as train[80%:] "
-                "holds some out" if available == ["train"] else "")
+        hint = ("; python -m kswap_jax.data.image_folder writes a test split of each "
+                "class's images with --test_fraction F" if available == ["train"] else "")
         raise ConfigError(f"{field}.{split_field}: unknown split {split!r} of tfds dataset "
                           f"{name!r} (available: {', '.join(available)}){hint}") from None
       if isinstance(e, NotImplementedError):
@@ -334,6 +337,9 @@ class TfdsSource:
       raise ConfigError(f"{field}.label_key: {label_key!r} is not a ClassLabel feature of "
                         f"tfds dataset {name!r} (features: {', '.join(features.keys())})")
     self.num_classes = int(features[label_key].num_classes)
+    # (H, W, C) as stored; None where it varies (e.g. an image folder kept at full size).
+    shape = tuple(getattr(features[image_key], "shape", ()) or ())
+    self.image_shape = shape + (1,) if len(shape) == 2 else shape
     self.labels = self._read_labels(builder, tfds)
 
   def _read_labels(self, builder: Any, tfds: Any) -> np.ndarray:

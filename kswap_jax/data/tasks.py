@@ -317,8 +317,8 @@ def task_splits(train: Any, test: Any, task: ForgetTask, *, data_ratio: float = 
   beyond = sorted({c for c in (*task.retain, *task.forget) if c >= have})
   if beyond:
     raise ConfigError(f"{field}.num_classes: the tasks use classes {_shown(beyond)}, but the "
-                      f"data has {have} classes (labels 0..{have - 1}); set {field}.num_classes "
-                      f"(and model.num_classes) to at most {have}")
+                      f"data has {have} classes (labels 0..{have - 1}); set "
+                      f"{field}.num_classes to {have}")
   label_map = {c: c for c in range(have)}
   task_seed = int(seed) * 1000 + task.index
   sub = dict(ratio=float(data_ratio), n_per_class=int(shots), seed=task_seed,

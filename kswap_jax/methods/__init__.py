@@ -117,13 +117,15 @@ def register(name: str, module, family: str | None = None) -> None:
   is_file = isinstance(module, (str, os.PathLike)) and os.fspath(module).endswith(".py")
   if name in METHODS:  # the same module again is fine; another one takes a taken name
     registered = get(name)
-    same = (os.path.abspath(os.fspath(module)) == os.path.abspath(registered.__file__ or "")
-            if is_file else
+    where_from = getattr(registered, "__file__", None)
+    same = (bool(where_from) and os.path.realpath(os.fspath(module)) == os.path.realpath(
+        where_from) if is_file else
             module == registered.__name__ if isinstance(module, str) else module is registered)
     if not same:
-      raise ConfigError(f"{where}: the name is taken by "
-                        f"{getattr(registered, '__file__', None) or registered.__name__}; "
+      raise ConfigError(f"{where}: the name is taken by {where_from or registered.__name__}; "
                         f"choose another")
+    if family is not None and registered.__name__.startswith("kswap_jax."):
+      raise ConfigError(f"{where}: a method of the library joins no other family")
     module = registered
   elif is_file:
     module = _import_file(name, os.fspath(module))
@@ -133,6 +135,8 @@ def register(name: str, module, family: str | None = None) -> None:
     except ImportError as e:
       raise ConfigError(f"{where}: cannot import {module!r} ({e}); put its folder on "
                         f"PYTHONPATH or pass the .py file's path") from None
+    except Exception as e:  # noqa: BLE001 - the user's package
+      raise ConfigError(f"{where}: importing {module!r}: {type(e).__name__}: {e}") from None
   elif not isinstance(module, types.ModuleType):
     raise ConfigError(f"{where}: expected a module, an import path or a .py file's path, "
                       f"got {module!r}")
@@ -154,11 +158,12 @@ def _import_file(name: str, path: str):
   key = f"kswap_jax_methods_{name}"
   spec = importlib.util.spec_from_file_location(key, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[key] = module  # while it runs too: dataclasses look their module up there
   try:
     spec.loader.exec_module(module)
   except Exception as e:  # noqa: BLE001 - the user's file
+    sys.modules.pop(key, None)
     raise ConfigError(f"methods.register({name!r}): {path}: {type(e).__name__}: {e}") from None
-  sys.modules[key] = module  # for pickling and tracebacks, once it imported
   return module
 
 
@@ -205,6 +210,20 @@ def sections_used(name: str) -> dict[str, ml_collections.ConfigDict]:
   if hasattr(module, "sections_used"):
     return {s: own[s] for s in module.sections_used(name)}
   return own
+
+
+def unread_sections(record: dict) -> set[str]:
+  """The top-level sections of a config record (a config as JSON) that its method does not
+  read: neither the shared base's nor the method's own (`sections_used`); none for a
+  method not registered in this process. Records are compared without them, so a section
+  added for a new method of the family, or changed for another method, does not make an
+  existing run of this one refuse to resume, nor two runs differ in `report`."""
+  from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  try:
+    read = set(base_config()) | set(sections_used(str(record.get("method"))))
+  except ConfigError:  # an unknown method: compare everything
+    return set()
+  return {k for k in record if k not in read}
 
 
 def check_sections(config: ml_collections.ConfigDict, only: tuple[str, ...] | None = None

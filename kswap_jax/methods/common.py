@@ -84,7 +84,7 @@ def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycl
     if message not in _WARNED:  # a method may build a stream of one subset twice
       _WARNED.add(message)
       log.warning("%s", message)
-  _note_conversion(config, subsets)
+  note_conversion(config, [s.source for s in subsets if hasattr(s, "source")])
   return streams.make_stream(
       subsets, batch_size=check_batch_size(batch_size, field, mesh), seed=seed, cycle=cycle,
       num_threads=int(config.data.num_threads), augment=str(config.data.augment),
@@ -92,31 +92,43 @@ def make_stream(config, subsets, *, batch_size: int, field: str, seed: int, cycl
       **stream_kwargs(config))
 
 
-def _note_conversion(config, subsets) -> None:
+def note_conversion(config, sources) -> None:
   """Logs, once per source, how its stored images become the model's input when they
-  differ in size or channels (a dry run shows it too): resized with `data.resample`, and
-  RGB turned to grayscale (a warning: the colours are lost) or grayscale repeated."""
+  differ in size or channels: resized with `data.resample`; RGB(A) turned to grayscale (a
+  warning: colour, if any, is lost), RGBA's alpha dropped, or grayscale repeated into
+  three channels. Methods call it before `train.Run`, so that a dry run shows it too.
+
+  Raises:
+    ConfigError: a channel count the conversion does not take (1, 3 or 4 to 1 or 3).
+  """
   size, channels = int(config.model.image_size), int(config.model.channels)
-  for subset in subsets:
-    source = getattr(subset, "source", None)
-    if source is None or not len(subset):
+  for source in sources:
+    shape = tuple(getattr(source, "image_shape", ()) or ())
+    if len(shape) != 3:
       continue
-    shape = tuple(np.shape(source[int(subset.indices[0])]["image"]))
-    shape = shape + (1,) if len(shape) == 2 else shape
-    if shape == (size, size, channels):
+    height, width, have = shape
+    if have is not None and (have not in (1, 3, 4) or channels not in (1, 3)):
+      raise ConfigError(f"model.channels: {channels}, but the images of {source.name} have "
+                        f"{have} channel(s); the data layer turns 1, 3 or 4 channels into 1 "
+                        f"or 3")
+    parts = []
+    if (height, width) != (size, size):
+      parts.append(f"resized ({config.data.resample})" if None not in (height, width) else
+                   f"resized where they differ ({config.data.resample})")
+    if have is not None and have != channels:
+      parts.append("turned to grayscale (colour, if any, is lost)" if channels == 1 else
+                   "grayscale repeated into 3 channels" if have == 1 else "alpha dropped")
+    if not parts:
       continue
-    name = getattr(source, "name", subset.name)
-    message = (f"data: the images of {name} are {shape[0]}x{shape[1]}x{shape[2]}, the model "
+    stored = "x".join("?" if d is None else str(d) for d in shape)
+    lost = channels == 1 and have in (3, 4)
+    message = (f"{'warning: ' if lost else ''}data: the images of {source.name} are "
+               f"{stored}{' (sizes vary)' if None in (height, width) else ''}, the model "
                f"takes {size}x{size}x{channels} (model.image_size, model.channels): "
-               + ", ".join(
-                   ([f"resized ({config.data.resample})"] if shape[:2] != (size, size) else [])
-                   + (["turned to grayscale (the colours are lost)"]
-                      if shape[2] > channels else
-                      ["grayscale repeated into 3 channels"] if shape[2] < channels else [])))
-    if message in _WARNED:
-      continue
-    _WARNED.add(message)
-    (log.warning if shape[2] > channels else log.info)("%s", message)
+               + ", ".join(parts))
+    if message not in _WARNED:
+      _WARNED.add(message)
+      (log.warning if lost else log.info)("%s", message)
 
 
 def predict_splits(config, predict_step, state, frozen, subsets: dict, mesh

@@ -482,8 +482,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log_tasks(task_list, subsets)
   if config.init.kind == "random":  # before train.Run, so that a dry run says it too
     log.warning("warning: init.kind=random: GS-LoRA trains LoRA only, over an untrained "
-                "model whose head is frozen (a ViT's starts at zero, so every LoRA gradient "
-                "is 0): nothing is learned or forgotten; start from a trained model "
+                "model whose head stays frozen (a ViT's at zero: every prediction is the "
+                "same, and the accuracies cannot change); start from a trained model "
                 "(init.kind=pretrain pretrains one first, or npz)")
   run_ = train.Run(workdir, config)
 

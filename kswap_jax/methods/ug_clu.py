@@ -1216,6 +1216,7 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   if oracle_dir:
     train.check_writable(oracle_dir, "oracle.workdir")
     _check_oracle_record(config, oracle_dir)  # an oracle of another config: refused now
+  common.note_conversion(config, [train_src, test_src])  # before Run: a dry run says it too
   run_ = train.Run(workdir, config)
 
   # Model, trainable/frozen split, optimizer state (two fast-slow slots), train state.

@@ -136,5 +136,5 @@ def test_task_splits_ratio_shots_and_test_sets():
   # names the field, not a traceback from the label map.
   wide = tasks.make_tasks(num_classes=12, num_tasks=2, per_task=2, order=tuple(range(12)))
   with pytest.raises(ConfigError, match=r"^tasks\.num_classes: the tasks use classes 10, 11, "
-                                        r"but the data has 10 classes .*at most 10$"):
+                                        r"but the data has 10 classes \(labels 0\.\.9\); set tasks\.num_classes to 10$"):
     tasks.task_splits(train, test, wide[0])
