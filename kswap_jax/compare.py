@@ -48,7 +48,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from kswap_jax import config as config_lib
 from kswap_jax import hostmem, methods, report, train
 from kswap_jax.errors import ConfigError
 
@@ -182,13 +181,14 @@ class _Sweep:
       if repeated:
         raise ConfigError(f"--sweep: {field}: {', '.join(repeated)} given twice (each value "
                           f"is one run)")
+    own = {name: _config_for(config, name, 0, workdir) for name in names}
     self.read = {}  # method -> the swept fields it reads
-    for name in names:
-      read = set(config_lib.base_config()) | set(methods.sections_used(name))
-      own = _config_for(config, name, 0, workdir)
-      self.read[name] = [f for f in self.sweep if f.split(".")[0] in read and _has(own, f)]
+    for name, sub in own.items():
+      unread = methods.unread_sections(sub.to_dict())
+      self.read[name] = [f for f in self.sweep
+                         if _has(sub, f) and f.split(".")[0] not in unread]
     for field in self.sweep:
-      if not any(_has(_config_for(config, m, 0, workdir), field) for m in names):
+      if not any(_has(sub, field) for sub in own.values()):
         raise ConfigError(f"--sweep: {field}: no such config field in the compared methods' "
                           f"configs")
       if not any(field in read for read in self.read.values()):
@@ -280,10 +280,11 @@ def _attempt_timed(workdir: str, name: str, seed: int, resumes: bool):
   "running" meanwhile: an attempt killed outright leaves that mark, and its time is lost,
   which the next attempt records as "incomplete". An attempt that does not resume its
   run's checkpoints (`resumes`: a new run, or one whose folder was deleted) starts a new
-  entry. A refused attempt (ConfigError) that left no checkpoint of the run leaves the
-  entry as it was."""
-  key = f"{name}/seed_{seed}"
-  before = _read_timings(workdir).get(key)
+  entry. A refused attempt (ConfigError) that wrote no checkpoint of its own (a resumed
+  run refused at once, or a new one refused before its first) leaves the entry as it
+  was."""
+  key, sub = f"{name}/seed_{seed}", os.path.join(workdir, name, f"seed_{seed}")
+  before, newest = _read_timings(workdir).get(key), _newest_checkpoint(sub)
   if before and resumes:
     entry = dict(before)
   else:  # a "running" mark here: an attempt killed before the run's first checkpoint
@@ -299,8 +300,8 @@ def _attempt_timed(workdir: str, name: str, seed: int, resumes: bool):
   try:
     yield
   except ConfigError:
-    if _has_checkpoints(os.path.join(workdir, name, f"seed_{seed}")):
-      record()  # refused after its run had trained and checkpointed
+    if _newest_checkpoint(sub) != newest:
+      record()  # refused after this attempt had trained and checkpointed
     else:
       _write_timing(workdir, key, before)
     raise
@@ -310,9 +311,11 @@ def _attempt_timed(workdir: str, name: str, seed: int, resumes: bool):
   record()
 
 
-def _has_checkpoints(sub: str) -> bool:
+def _newest_checkpoint(sub: str) -> int | None:
+  """The step of the newest checkpoint in run folder `sub` (None: none yet)."""
   ckpts = os.path.join(sub, "checkpoints")
-  return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  return max(steps, default=None)
 
 
 def _timing(workdir: str, name: str, seed: int) -> dict:
@@ -424,7 +427,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           checked += 1
         continue
       if not os.path.exists(results_path):
-        resumed = _has_checkpoints(sub)
+        resumed = _newest_checkpoint(sub) is not None
         log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, row_name, seed, sub,
                  " (resuming an earlier attempt)" if resumed else "")
         try:
@@ -484,12 +487,8 @@ def _remove_empty(workdir: str, run_name: str) -> None:
 
 
 def _jsonable(value):
-  """`value` with tuples as lists, as it reads back from JSON."""
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (tuple, list)):
-    return [_jsonable(v) for v in value]
-  return value
+  """`value` as it reads back from JSON (tuples as lists)."""
+  return json.loads(json.dumps(value))
 
 
 def _cell(s: dict) -> str:
@@ -538,11 +537,8 @@ def plot(board: dict, path: str, title: str | None = None) -> None:
   width = 0.8 / max(1, len(names))
   for j, name in enumerate(names):
     row = board["methods"][name]
-    nan = float("nan")
-    ax.bar([i + j * width for i in range(len(head))],
-           [nan if row[k]["mean"] is None else row[k]["mean"] for k in head], width,
-           yerr=[nan if row[k]["std"] is None else row[k]["std"] for k in head], label=name,
-           capsize=3)
+    ax.bar([i + j * width for i in range(len(head))], [_drawn(row, k, "mean") for k in head],
+           width, yerr=[_drawn(row, k, "std") for k in head], label=name, capsize=3)
   ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(head))],
                 [report.METRICS.get(k, (k,))[0] for k in head])
   ax.set_ylabel("%")
@@ -551,6 +547,12 @@ def plot(board: dict, path: str, title: str | None = None) -> None:
   ax.set_title(title or f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+def _drawn(row: dict, key: str, stat: str) -> float:
+  """A leaderboard row's mean or std of metric `key` for a plot (NaN: not reported)."""
+  value = row[key][stat]
+  return float("nan") if value is None else value
 
 
 def _numeric(values) -> bool:
@@ -579,8 +581,7 @@ def plot_sweep(board: dict, path: str) -> bool:
   fig = report.figure(figsize=(min(16, 3.2 * len(head) + 1), 3.4))
   for i, key in enumerate(head):
     ax = fig.add_subplot(1, len(head), i + 1)
-    mean = lambda r: float("nan") if r[key]["mean"] is None else r[key]["mean"]
-    std = lambda r: float("nan") if r[key]["std"] is None else r[key]["std"]
+    mean, std = (lambda r: _drawn(r, key, "mean")), (lambda r: _drawn(r, key, "std"))
     for j, (label, points) in enumerate(lines.items()):
       color = f"C{j % 10}"
       if points[0][0] is None:  # does not read the field: one run for every value

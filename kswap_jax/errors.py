@@ -42,16 +42,22 @@ class DryRunComplete(Exception):
     self.workdir, self.resumes, self.finished = workdir, resumes, finished
 
 
-def require_nonnegative(value, field: str) -> float:
-  """`value` as a float if it is a number >= 0 (not NaN); else a ConfigError naming
-  `field` (a negative loss weight or bound rewards what its term penalises)."""
+def require_number(value, field: str, kind=float, strict: bool = False):
+  """`kind(value)` if `value` is a number (not a bool, not NaN) > 0 (`strict`) or >= 0;
+  else a ConfigError naming `field`."""
   try:
-    number = float(value)
+    number = math.nan if isinstance(value, bool) else kind(value)
   except (TypeError, ValueError):
-    number = math.nan
-  if isinstance(value, bool) or not number >= 0:
-    raise ConfigError(f"{field}: expected a value >= 0, got {value!r}")
+    raise ConfigError(f"{field}: expected a number, got {value!r}") from None
+  if not (number > 0 if strict else number >= 0):  # NaN fails both
+    raise ConfigError(f"{field}: expected a value {'>' if strict else '>='} 0, got {value!r}")
   return number
+
+
+def require_nonnegative(value, field: str) -> float:
+  """`value` as a float if it is a number >= 0 (a negative loss weight or bound rewards
+  what its term penalises); else a ConfigError naming `field`."""
+  return require_number(value, field)
 
 
 def require_int(value, field: str, least: int = 0) -> int:

@@ -646,6 +646,7 @@ def test_config_listing_help_and_unknown_method(capsys):
 @pytest.mark.parametrize("value", [-1.0, float("nan"), "x", True])
 def test_a_loss_weight_must_be_a_number_at_least_zero(value):
   from kswap_jax.errors import ConfigError, require_nonnegative  # pylint: disable=import-outside-toplevel
-  with pytest.raises(ConfigError, match=r"^ks\.beta: expected a value >= 0, got "):
+  expected = "a number" if value == "x" else "a value >= 0"
+  with pytest.raises(ConfigError, match=rf"^ks\.beta: expected {expected}, got "):
     require_nonnegative(value, "ks.beta")
   assert require_nonnegative(0, "ks.beta") == 0.0 and require_nonnegative(2.5, "x") == 2.5

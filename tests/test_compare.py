@@ -231,3 +231,23 @@ def test_an_attempt_killed_outright_marks_the_seconds_incomplete(tmp_path):
     pass
   assert compare._timing(str(tmp_path), "lbf", 0)["attempts"] == 1
   assert not compare._timing(str(tmp_path), "lbf", 0)["incomplete"]
+
+
+def test_a_resumed_attempt_refused_before_it_checkpoints_leaves_the_entry_as_it_was(tmp_path):
+  """An attempt that resumes a run's checkpoint and is refused at once (e.g. its config
+  changed) adds no attempt and no seconds; one refused after a checkpoint of its own does."""
+  ckpts = tmp_path / "lbf" / "seed_0" / "checkpoints"
+  (ckpts / "4").mkdir(parents=True)  # an earlier attempt's checkpoint
+  with compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=True):
+    pass
+  before = json.loads((tmp_path / "compare_seconds.json").read_text())
+  with pytest.raises(ConfigError):
+    with compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=True):
+      raise ConfigError("--workdir: holds a run with a different config")
+  assert json.loads((tmp_path / "compare_seconds.json").read_text()) == before
+  with pytest.raises(ConfigError):
+    with compare._attempt_timed(str(tmp_path), "lbf", 0, resumes=True):
+      (ckpts / "8").mkdir()  # it trained on and saved, then was refused
+      raise ConfigError("oracle.workdir: holds the oracle of another stream")
+  after = json.loads((tmp_path / "compare_seconds.json").read_text())["lbf/seed_0"]
+  assert after["attempts"] == before["lbf/seed_0"]["attempts"] + 1

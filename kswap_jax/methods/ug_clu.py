@@ -66,7 +66,7 @@ import optax
 from kswap_jax import losses, metrics, models, report, train
 from kswap_jax.config import lora_section
 from kswap_jax.data import splits, streams
-from kswap_jax.errors import ConfigError, StopRequested
+from kswap_jax.errors import ConfigError, StopRequested, require_number
 from kswap_jax.methods import common, pretrain
 from kswap_jax.methods import trainable as trainable_lib
 from kswap_jax.optim import fast_slow, saliency
@@ -432,13 +432,7 @@ def _choice(value, field: str, allowed: Sequence[str]) -> str:
 
 
 def _positive(value, field: str, kind=float, strict=True):
-  try:
-    v = kind(value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"{field}: expected a number, got {value!r}") from None
-  if v < 0 or (strict and v == 0) or (isinstance(v, float) and math.isnan(v)):
-    raise ConfigError(f"{field}: expected a value {'>' if strict else '>='} 0, got {value!r}")
-  return v
+  return require_number(value, field, kind, strict)
 
 
 def _validate(config) -> None:
