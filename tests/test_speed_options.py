@@ -68,6 +68,7 @@ def _max_rel(a, b):
 
 # -- GELU -------------------------------------------------------------------------------------
 
+@pytest.mark.users_xla_flags
 def test_custom_gelu_forward_is_bitwise_the_erf_gelu():
   x = jnp.concatenate([jnp.linspace(-10.0, 10.0, 2001),
                        jax.random.normal(jax.random.key(0), (4096,)) * 3])
@@ -107,6 +108,7 @@ class _TwoDropouts(nn.Module):
     return self.cls(self.rate)(jnp.sin(x), deterministic=False)
 
 
+@pytest.mark.users_xla_flags
 def test_compact_dropout_is_bitwise_flax_dropout_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (4, 37, 64))
   rngs = {"dropout": jax.random.key(1)}
@@ -120,6 +122,7 @@ def test_compact_dropout_is_bitwise_flax_dropout_values_and_gradients():
   assert 0.2 < float(jnp.mean(y == 0)) < 0.6  # it does drop (0.3 then 0.3 of sin)
 
 
+@pytest.mark.users_xla_flags
 @pytest.mark.parametrize("shape", [(3, 37, 64), (1001,), (2, 5, 3072)])
 def test_unrolled_threefry_bits_and_mask_are_jax_bitwise(shape):
   key = jax.random.key(7)
@@ -167,6 +170,7 @@ def _grads_beside_reference(monkeypatch, **cfg):
   return grads, rgrads
 
 
+@pytest.mark.users_xla_flags
 def test_defaults_give_the_reference_logits_bitwise_and_its_grads_to_rounding(monkeypatch):
   grads, rgrads = _grads_beside_reference(monkeypatch)
   # The default GELU recomputes jax's own derivative in the backward pass; XLA fuses it
@@ -174,12 +178,14 @@ def test_defaults_give_the_reference_logits_bitwise_and_its_grads_to_rounding(mo
   assert _max_rel(grads, rgrads) < 1e-6
 
 
+@pytest.mark.users_xla_flags
 def test_autodiff_gelu_gives_the_reference_grads_bitwise(monkeypatch):
   grads, rgrads = _grads_beside_reference(monkeypatch, gelu="erf_autodiff")
   same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), grads, rgrads)
   assert all(jax.tree_util.tree_leaves(same))
 
 
+@pytest.mark.users_xla_flags
 def test_default_gelu_backward_is_jax_derivative_and_keeps_only_its_input():
   x = jnp.concatenate([jnp.linspace(-10.0, 10.0, 2001),
                        jax.random.normal(jax.random.key(0), (4096,)) * 3])
