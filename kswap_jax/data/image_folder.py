@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 import types
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -59,14 +59,28 @@ VERSION = "1.0.0"
 _PASSTHROUGH = {"JPEG", "PNG"}
 
 
-def _subdirs(path: pathlib.Path) -> list[pathlib.Path]:
-  return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+class _Listing(NamedTuple):
+  """One folder's entries, read once (an ImageNet class folder holds ~1,300 files): its
+  sub-folders, its image files and its other files, each sorted; hidden entries left out."""
+  dirs: list[pathlib.Path]
+  images: list[pathlib.Path]
+  others: list[str]
 
 
-def _images(path: pathlib.Path) -> list[pathlib.Path]:
-  return sorted(p for p in path.iterdir()
-                if p.is_file() and not p.name.startswith(".")
-                and p.suffix.lower() in IMAGE_SUFFIXES)
+def _list(path: pathlib.Path) -> _Listing:
+  dirs, images, others = [], [], []
+  with os.scandir(path) as entries:
+    for entry in entries:
+      if entry.name.startswith("."):
+        continue
+      if entry.is_dir():
+        dirs.append(pathlib.Path(entry.path))
+      elif entry.is_file():
+        if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+          images.append(pathlib.Path(entry.path))
+        else:
+          others.append(entry.name)
+  return _Listing(sorted(dirs), sorted(images), sorted(others))
 
 
 def _count(n: int, noun: str) -> str:
@@ -84,16 +98,19 @@ def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pa
   """
   layout = {}
   split_layouts = set()
+  listings: dict[pathlib.Path, _Listing] = {}
   for root in roots:
     root = pathlib.Path(root)
     if not root.is_dir():
       raise ConfigError(f"--root: {str(root)!r} is not a directory")
-    top = _subdirs(root)
+    listings[root] = _list(root)
+    top = listings[root].dirs
     if not top:
       raise ConfigError(f"--root: no class folders in {str(root)!r} (expected "
                         "root/<class>/<image> or root/<split>/<class>/<image>)")
     # A split folder holds only class folders; a class folder holds the images.
-    nested = [bool(_subdirs(d)) and not _images(d) for d in top]
+    listings.update((d, _list(d)) for d in top)
+    nested = [bool(listings[d].dirs) and not listings[d].images for d in top]
     if all(nested):
       layout[root] = {d.name: d for d in top}
     elif not any(nested):
@@ -110,22 +127,20 @@ def scan(roots: Sequence[str | os.PathLike[str]]) -> dict[str, dict[str, list[pa
   for splits in layout.values():
     for split, split_dir in splits.items():
       classes = merged.setdefault(split, {})
-      for class_dir in _subdirs(split_dir):
+      for class_dir in listings[split_dir].dirs:
         if class_dir.name in classes:
           raise ConfigError(f"--root: class folder {class_dir.name!r} of split {split!r} "
                             f"appears in more than one root ({str(class_dir)!r})")
-        files = _images(class_dir)
-        if not files:
+        listing = listings.get(class_dir) or _list(class_dir)
+        if not listing.images:
           raise ConfigError(f"--root: class folder {str(class_dir)!r} holds no images "
                             f"(suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
-        kept = set(files)
-        skipped = sorted(p.name for p in class_dir.iterdir() if p.is_file()
-                         and not p.name.startswith(".") and p not in kept)
-        if skipped:  # e.g. a .txt label file, or an image format not in IMAGE_SUFFIXES
+        if listing.others:  # e.g. a .txt label file, or an image format not in IMAGE_SUFFIXES
           log.warning("%s: skipping %s without an image suffix: %s%s", class_dir,
-                      _count(len(skipped), "file"), ", ".join(skipped[:MAX_LISTED]),
-                      ", ..." if len(skipped) > MAX_LISTED else "")
-        classes[class_dir.name] = files
+                      _count(len(listing.others), "file"),
+                      ", ".join(listing.others[:MAX_LISTED]),
+                      ", ..." if len(listing.others) > MAX_LISTED else "")
+        classes[class_dir.name] = listing.images
   return {split: dict(sorted(merged[split].items())) for split in sorted(merged)}
 
 
