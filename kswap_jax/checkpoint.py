@@ -326,6 +326,9 @@ def check_npz(path: str, abstract_params: dict, *, head: str = "extend",
       parameter that does not fit.
   """
   where = f"{field}: " if field else ""
+  if not os.path.isfile(path):
+    what = "is a folder" if os.path.isdir(path) else "does not exist"
+    raise ConfigError(f"{where}{path!r} {what} (expected a vit_jax .npz file)")
   problem = npz_problem(path)
   if problem:
     raise ConfigError(f"{where}{path!r} {problem}")
@@ -366,20 +369,14 @@ def load_npz(path: str, abstract_params: dict, *, head: str = "extend",
   Raises:
     ConfigError: missing file, missing parameters, or shapes that do not fit.
   """
+  check_npz(path, abstract_params, head=head, field=field)  # the arrays' headers
   where = f"{field}: " if field else ""
-  if not os.path.isfile(path):
-    what = "is a folder" if os.path.isdir(path) else "does not exist"
-    raise ConfigError(f"{where}{path!r} {what} (expected a vit_jax .npz file)")
-  problem = npz_problem(path)
-  if problem:
-    raise ConfigError(f"{where}{path!r} {problem}")
   try:
     with np.load(path, allow_pickle=False) as f:
       flat = {k: f[k] for k in f.files}
   except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
     raise ConfigError(f"{where}cannot read {path!r} as .npz ({e})") from None
   shapes = {n: tuple(x.shape) for n, x in lora_lib.named_leaves(abstract_params)}
-  _check_shapes(where, path, {n: tuple(x.shape) for n, x in flat.items()}, shapes, head)
   extra = sorted(set(flat) - set(shapes))
   if extra:
     log.warning("%s: ignoring %d checkpoint parameter(s) the model does not have, e.g. %s",
