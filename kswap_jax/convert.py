@@ -29,6 +29,7 @@ import numpy as np
 
 from kswap_jax import errors, interop
 from kswap_jax.interop import layouts
+from kswap_jax.models import vit
 
 MAX_LISTED = 20
 
@@ -89,7 +90,7 @@ def _summary(conv: interop.Converted, args, written: list[str]) -> str:
     # the head rows are the run's choice (Knowledge Swapping extends the head).
     flags = [f"--config.model.{k}={v}" for k, v in conv.model.items()
              if k != "num_classes"
-             and not (k in ("width", "depth", "mlp_dim", "num_heads") and v == 0)]
+             and not (k in vit.VARIANT_FIELDS and v == 0)]
     rows = conv.model.get("num_classes")
     lines.append(f"  start a run from it: --config.init.kind=npz "
                  f"--config.init.checkpoint={written[0]} {' '.join(flags)}"

@@ -150,15 +150,15 @@ def model_fields(name: str, *, width: int, depth: int, mlp_dim: int, num_heads: 
                  patch: int, num_classes: int, image_size: int, channels: int = 3,
                  **extra) -> dict[str, Any]:
   """`model` config fields for these sizes: a named variant when one fits, else overrides."""
+  sizes = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
   fields = dict(name=name, num_classes=num_classes, image_size=image_size, channels=channels,
-                width=0, depth=0, mlp_dim=0, num_heads=0)
-  for variant, sizes in vit_lib.VARIANTS.items():
-    if sizes == (width, depth, mlp_dim, num_heads):
+                **dict.fromkeys(vit_lib.VARIANT_FIELDS, 0))
+  for variant, known in vit_lib.VARIANTS.items():
+    if known == tuple(sizes[f] for f in vit_lib.VARIANT_FIELDS):
       fields["variant"] = f"{variant}/{patch}"
       break
   else:
-    fields.update(variant=f"B/{patch}", width=width, depth=depth, mlp_dim=mlp_dim,
-                  num_heads=num_heads)
+    fields.update(variant=f"B/{patch}", **sizes)
   fields.update(extra)
   return fields
 

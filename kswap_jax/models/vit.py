@@ -37,7 +37,9 @@ from jax import lax
 
 from kswap_jax.errors import ConfigError
 
-# name -> (width, depth, mlp_dim, num_heads); the patch size comes from "<name>/<patch>".
+# The sizes a variant names; a `model` field of the same name overrides it when > 0.
+VARIANT_FIELDS = ("width", "depth", "mlp_dim", "num_heads")
+# name -> the VARIANT_FIELDS; the patch size comes from "<name>/<patch>".
 VARIANTS = {
     "test": (64, 2, 128, 2),     # tests and CI: depth 2, width 64
     "demo": (64, 4, 256, 4),     # the bundled-digits default run
@@ -165,11 +167,10 @@ def vit_config(model_cfg: ml_collections.ConfigDict) -> ViTConfig:
     raise ConfigError(
         f"model.variant: unknown variant {variant!r} (expected '<name>/<patch>' with name "
         f"one of {', '.join(VARIANTS)}, e.g. 'B/16')")
-  width, depth, mlp_dim, num_heads = VARIANTS[name]
-  get = lambda field, default: int(model_cfg.get(field, 0) or 0) or default
+  sizes = {field: int(model_cfg.get(field, 0) or 0) or default
+           for field, default in zip(VARIANT_FIELDS, VARIANTS[name])}
   cfg = ViTConfig(
-      width=get("width", width), depth=get("depth", depth), mlp_dim=get("mlp_dim", mlp_dim),
-      num_heads=get("num_heads", num_heads), patch_size=int(patch),
+      **sizes, patch_size=int(patch),
       num_classes=int(model_cfg.num_classes), dropout=float(model_cfg.get("dropout", 0.0)),
       attention_dropout=float(model_cfg.get("attention_dropout", 0.0)),
       attention_output_dropout=float(model_cfg.get("attention_output_dropout", 0.0)),
