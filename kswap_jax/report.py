@@ -300,28 +300,55 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
+class _NotARun(Exception):
+  """Why a workdir's results cannot be shown: the one line the command prints."""
+
+
+def _results(workdir: str) -> dict:
+  """The results envelope of the finished run in `workdir`.
+
+  Raises:
+    _NotARun: not a folder, a `compare` method folder, a run that has not finished, or a
+      `results.json` without stages and final metrics.
+  """
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isdir(workdir):
+    what = "a file" if os.path.exists(workdir) else "no such folder"
+    raise _NotARun(f"{workdir}: {what}; expected a run's workdir (it holds results.json)")
+  if not os.path.exists(path):
+    seeds = sorted(d for d in os.listdir(workdir) if re.fullmatch(r"seed_\d+", d))
+    if seeds:
+      raise _NotARun(f"{workdir}: one method of a `python -m kswap_jax.compare` workdir; "
+                     f"its runs are {', '.join(seeds)} (pass one of them)")
+    if os.path.exists(os.path.join(workdir, "leaderboard.json")):
+      raise _NotARun(f"{workdir}: a `python -m kswap_jax.compare` workdir (`python -m "
+                     f"kswap_jax.report {workdir}` prints its leaderboard)")
+    started = any(os.path.exists(os.path.join(workdir, f))
+                  for f in ("config.json", "metrics.jsonl"))
+    what = ("the run has not finished: it is running, was stopped (rerun its command to "
+            "resume it) or failed; metrics.jsonl holds what it logged"
+            if started else "no run's results here")
+    raise _NotARun(f"{workdir}: no results.json: {what}")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    if not isinstance(results, dict) or not results.get("stages"):
+      raise ValueError("no stages")
+    if not isinstance(results.get("final"), dict):
+      raise ValueError("no final metrics")
+  except (OSError, ValueError) as e:
+    raise _NotARun(f"{path}: not a finished run's results envelope ({e})") from None
+  return results
+
+
 def _runs(workdirs: list[str], plot_path: str | None = None) -> int:
   """Several workdirs: `runs_table` of their results (each must be a finished run's), and
   with `plot_path` their `plot_runs`."""
-  runs = []
-  for workdir in workdirs:
-    path = os.path.join(workdir, "results.json")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      print(f"error: {workdir}: a file; expected a finished run's workdir", file=sys.stderr)
-      return 2
-    try:
-      with open(path) as f:
-        results = json.load(f)
-      if not isinstance(results, dict) or not isinstance(results.get("final"), dict):
-        raise ValueError("no final metrics")
-    except FileNotFoundError:
-      print(f"error: {workdir}: no results.json (expected a finished run's workdir; "
-            f"`python -m kswap_jax.report {workdir}` says more)", file=sys.stderr)
-      return 2
-    except (OSError, ValueError) as e:
-      print(f"error: {path}: not a finished run's results envelope ({e})", file=sys.stderr)
-      return 2
-    runs.append((workdir, results))
+  try:
+    runs = [(workdir, _results(workdir)) for workdir in workdirs]
+  except _NotARun as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(runs_table(runs))
   if plot_path:
     plot_runs(runs, plot_path)
@@ -344,37 +371,19 @@ def main(argv=None) -> int:
                  "its workdir)")
   if len(args.workdir) > 1:
     return _runs(args.workdir, args.plot)
-  args.workdir = args.workdir[0]
-  path = os.path.join(args.workdir, "results.json")
-  board = os.path.join(args.workdir, "leaderboard.json")
-  if not os.path.isdir(args.workdir):
-    what = "a file" if os.path.exists(args.workdir) else "no such folder"
-    print(f"error: {args.workdir}: {what}; expected a run's workdir (it holds results.json)",
-          file=sys.stderr)
-    return 2
-  if not os.path.exists(path) and os.path.exists(board):
-    return _leaderboard(args.workdir, board)
-  seeds = sorted(d for d in os.listdir(args.workdir) if re.fullmatch(r"seed_\d+", d))
-  if not os.path.exists(path) and seeds:
-    print(f"error: {args.workdir}: one method of a `python -m kswap_jax.compare` workdir; "
-          f"its runs are {', '.join(seeds)} (pass one of them)", file=sys.stderr)
-    return 2
-  if not os.path.exists(path):
-    started = any(os.path.exists(os.path.join(args.workdir, f))
-                  for f in ("config.json", "metrics.jsonl"))
-    what = ("the run has not finished: it is running, was stopped (rerun its command to "
-            "resume it) or failed; metrics.jsonl holds what it logged"
-            if started else "no run's results here")
-    print(f"error: {args.workdir}: no results.json: {what}", file=sys.stderr)
-    return 2
+  workdir = args.workdir[0]
+  board = os.path.join(workdir, "leaderboard.json")
+  if not os.path.exists(os.path.join(workdir, "results.json")) and os.path.isfile(board):
+    return _leaderboard(workdir, board)
   try:
-    with open(path) as f:
-      results = json.load(f)
-    if not isinstance(results, dict) or not results.get("stages"):
-      raise ValueError("no stages")
-    text = present(results, args.workdir)
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    print(f"error: {path}: not a finished run's results envelope ({e})", file=sys.stderr)
+    results = _results(workdir)
+    try:
+      text = present(results, workdir)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise _NotARun(f"{os.path.join(workdir, 'results.json')}: not a finished run's "
+                     f"results envelope ({e})") from None
+  except _NotARun as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   print(text)
   return 0

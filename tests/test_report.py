@@ -71,7 +71,12 @@ def test_an_unfinished_run_among_several_is_one_line_and_exit_2(tmp_path, capsys
   assert err.startswith(f"error: {tmp_path / 'running'}: no results.json") and err.count("\n") == 1
   (tmp_path / "a.log").write_text("")  # what a glob over run folders may also match
   assert report.main([a, str(tmp_path / "a.log")]) == 2
-  assert capsys.readouterr().err == f"error: {tmp_path / 'a.log'}: a file; expected a finished run's workdir\n"
+  assert capsys.readouterr().err == (f"error: {tmp_path / 'a.log'}: a file; expected a run's "
+                                     f"workdir (it holds results.json)\n")
+  (tmp_path / "board").mkdir()  # a compare workdir: a leaderboard, no results
+  (tmp_path / "board" / "leaderboard.json").write_text("{}")
+  assert report.main([a, str(tmp_path / "board")]) == 2
+  assert "a `python -m kswap_jax.compare` workdir" in capsys.readouterr().err
   (tmp_path / "running" / "results.json").write_text("[1, 2]")
   assert report.main([a, str(tmp_path / "running")]) == 2
   assert "not a finished run's results envelope" in capsys.readouterr().err
