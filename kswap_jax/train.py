@@ -583,9 +583,10 @@ class Run:
   "stage_index" (stages finished), "stage_step" (steps done in the current stage),
   "streams" (batches consumed per stream), "results" (per-stage evaluations), "evals"
   (periodic in-stage evaluations per stage), "seconds" (the run's wall time up to the
-  checkpoint, across attempts) and "clocks" (each `stage_seconds` name's start on that
-  clock). A rerun of the same command therefore continues where the previous one stopped
-  and ends with the same final metrics.
+  checkpoint, across attempts), "clocks" (each `stage_seconds` name's start on that
+  clock) and "stopped_clocks" (the seconds of those stopped). A rerun of the same command
+  therefore continues where the previous one stopped and ends with the same final
+  metrics.
 
   Guarantees of the stage loop (`run_stage`): the host never waits for the device between
   steps, except at log steps and checkpoints (and on CPU in `hostmem`'s `retain` mode,
@@ -615,7 +616,7 @@ class Run:
         every_steps=int(tcfg.checkpoint_every_steps))
     _OPEN_RUNS.add(self)
     self.meta: dict = {"stage_index": 0, "stage_step": 0, "streams": {}, "results": {},
-                       "evals": {}, "seconds": 0.0, "clocks": {}}
+                       "evals": {}, "seconds": 0.0, "clocks": {}, "stopped_clocks": {}}
     self._clock, self._seconds_before = time.time(), 0.0
     self._steps_this_attempt, self._finished_seconds = 0, None
     results = os.path.join(self.workdir, "results.json")
@@ -653,7 +654,7 @@ class Run:
       self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
       return state
     state, meta = restored
-    self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, **meta}
+    self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, "stopped_clocks": {}, **meta}
     self._seconds_before = float(self.meta["seconds"])
     step = int(state.step)
     log.info("resumed from %s at step %d (%d stage(s) finished, %d steps into the next)",
@@ -679,12 +680,20 @@ class Run:
     attempt spent after its last checkpoint is not counted; the steps it redoes are."""
     return self._seconds_before + time.time() - self._clock
 
-  def stage_seconds(self, name: str) -> float:
+  def stage_seconds(self, name: str, stop: bool = False) -> float:
     """Wall seconds since the first call with `name`, on `wall_seconds`'s clock: the first
     call starts it (0.0), and a resumed run continues it when a checkpoint was written in
-    between (e.g. a task's training and evaluation across an interruption)."""
+    between (e.g. a task's training and evaluation across an interruption). With `stop`
+    the clock stops: every later call, in this attempt or a resumed one, returns the same
+    seconds (e.g. a stage's training time, read again after a Retrain oracle trained)."""
+    stopped = self.meta["stopped_clocks"]
+    if name in stopped:
+      return stopped[name]
     start = self.meta["clocks"].setdefault(name, round(self.wall_seconds(), 3))
-    return self.wall_seconds() - start
+    seconds = self.wall_seconds() - start
+    if stop:
+      stopped[name] = round(seconds, 3)
+    return seconds
 
   def _truncate_metrics(self, step: int) -> None:
     """Drops metric lines logged after the checkpoint we resume from (they will be redone)."""

@@ -429,7 +429,7 @@ def test_a_stop_while_the_oracle_trains_inside_the_run_keeps_the_stage(tmp_path,
   saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert max(saved) == trained[-1], (saved, trained)
   with open(tmp_path / "checkpoints" / str(max(saved)) / "meta" / "metadata") as f:
-    trained_seconds = json.load(f)["trained_seconds"]["3_forget"]
+    trained_seconds = json.load(f)["stopped_clocks"]["3_forget"]
   resumed = methods.run(load_config("ug_clu_digits", "runlocal"), str(tmp_path))
   drop = lambda stages: [{k: v for k, v in s.items() if k != "seconds"} for s in stages]
   assert drop(resumed["stages"]) == drop(whole["stages"])

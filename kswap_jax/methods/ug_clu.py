@@ -1385,10 +1385,9 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
                                    extra_log=schedule_log(plan, stage))
     if plan.name in results:
       continue
-    # Kept in the checkpoint meta: a rerun after a stop in the oracle's training (the stage
-    # is saved before it) reads the stage's training time, not a clock that ran on.
-    seconds = run_.meta.setdefault("trained_seconds", {}).setdefault(
-        plan.name, round(run_.stage_seconds(plan.name), 3))
+    # Stopped, in the checkpoint meta: a rerun after a stop in the oracle's training (the
+    # stage is saved before it) reads the stage's training time, not a clock that ran on.
+    seconds = run_.stage_seconds(plan.name, stop=True)
     m, probs_u = stage_metrics(outputs(state, frozen, [plan]), plan, tasks)
     if use_oracle and (plan.unlearns or config.oracle.stages == "all"):
       if oracle_results is None:
