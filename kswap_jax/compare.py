@@ -9,10 +9,11 @@ sub-workdir `<workdir>/<method>/seed_<s>`. A rerun skips finished (method, seed)
 the same config, refuses ones that finished with another (before anything trains) and
 resumes an interrupted one from its checkpoints. It then writes a leaderboard: per method,
 the family's headline metrics (mean ± std over seeds), the number of trainable parameters
-and the wall time, as `leaderboard.json`, `leaderboard.md` and `leaderboard.png` in the
-workdir (default `./workdir/<config name>[_<arg>]_compare`, with one `_compare` for the
-`:compare` arg); `python -m kswap_jax.report
-WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
+and the wall time, as `leaderboard.json`, `leaderboard.md`, `leaderboard.tex` (LaTeX,
+booktabs; the best mean of each metric with a better direction in bold) and
+`leaderboard.png` in the workdir (default `./workdir/<config name>[_<arg>]_compare`, with
+one `_compare` for the `:compare` arg); `python -m kswap_jax.report WORKDIR` prints the
+table again. `--config.<field>=<value>` overrides apply to every method.
 The first run of a seed also does the work its family shares (pretraining, the Retrain
 oracle), which its seconds include. A run's seconds add up all its attempts
 (`compare_seconds.json`); an attempt killed outright (SIGKILL) cannot record its time, and
@@ -468,9 +469,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   table = markdown(board)
   with open(os.path.join(workdir, "leaderboard.md"), "w") as f:
     f.write(table + "\n")
+  with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
+    f.write(latex(board) + "\n")
   plot(board, os.path.join(workdir, "leaderboard.png"))
   print(table, flush=True)
-  log.info("leaderboard written to %s.{md,json,png}", os.path.join(workdir, "leaderboard"))
+  log.info("leaderboard written to %s.{md,tex,json,png}", os.path.join(workdir, "leaderboard"))
   if plot_sweep(board, os.path.join(workdir, "sweep.png")):
     log.info("the metrics against the swept values: %s", os.path.join(workdir, "sweep.png"))
   return board
@@ -520,6 +523,58 @@ def markdown(board: dict) -> str:
   return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}. Seconds: wall time of "
                              f"each run, all its attempts together; {first} the work shared "
                              f"by all (pretraining, the Retrain oracle).{note}")
+
+
+_TEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"}
+
+
+def _tex(text: str) -> str:
+  """`text` with LaTeX's special characters escaped (`~`, `^`, `\\` spelled out)."""
+  text = str(text).replace("\\", r"\textbackslash{}")
+  text = "".join(_TEX_SPECIAL.get(c, c) for c in text)
+  return (text.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}")
+          .replace("±", r"$\pm$").replace("–", "--"))
+
+
+def _best(rows: list[dict], key: str) -> float | None:
+  """The best mean of metric `key` over `rows` by its direction (None: it has none, or no
+  row reports it)."""
+  better = report.METRICS.get(key, (key, ""))[1]
+  means = [r[key]["mean"] for r in rows if r[key]["n"] and r[key]["mean"] is not None
+           and not math.isnan(r[key]["mean"])]
+  if not better or not means:
+    return None
+  return max(means) if better == "up" else min(means)
+
+
+def latex(board: dict) -> str:
+  """The leaderboard as a LaTeX `tabular` (booktabs rules), mean $\\pm$ std over seeds; in
+  each metric with a better direction (↑/↓), the best mean at two decimals in bold."""
+  head, swept = board["headline"], list(board.get("sweep", {}))
+  rows = list(board["methods"].values())
+  best = {k: _best(rows, k) for k in head}
+  arrows = {"up": r" $\uparrow$", "down": r" $\downarrow$", "": ""}
+  labels = [_tex(report.METRICS.get(k, (k, ""))[0]) + arrows[report.METRICS.get(k, (k, ""))[1]]
+            for k in head]
+  lines = [r"\begin{tabular}{l" + "l" * len(swept) + "r" * (len(head) + 2) + "}", r"\toprule",
+           " & ".join(["Method", *map(_tex, swept), *labels, "Trainable", "Seconds"])
+           + r" \\", r"\midrule"]
+  for name, row in board["methods"].items():
+    cells = []
+    for k in head:
+      cell = _tex(_cell(row[k]))
+      mean = row[k]["mean"]
+      if best[k] is not None and mean is not None and f"{mean:.2f}" == f"{best[k]:.2f}":
+        cell = r"\textbf{" + cell + "}"
+      cells.append(cell)
+    values = [_tex(_show(row["values"][f])) if f in row.get("values", {}) else "--"
+              for f in swept]
+    trainable = f"{row['num_trainable']:,}".replace(",", "{,}") if row.get("num_trainable") \
+        else "--"
+    lines.append(" & ".join([_tex(row.get("method", name)), *values, *cells, trainable,
+                             _tex(_cell(row["seconds"]))]) + r" \\")
+  lines += [r"\bottomrule", r"\end{tabular}"]
+  return "\n".join(lines)
 
 
 def _incomplete(row: dict) -> bool:

@@ -401,6 +401,8 @@ def _leaderboard(workdir: str, path: str) -> int:
           file=sys.stderr)
     return 2
   print(table)
+  with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
+    f.write(compare.latex(board) + "\n")
   compare.plot(board, os.path.join(workdir, "leaderboard.png"))
   compare.plot_sweep(board, os.path.join(workdir, "sweep.png"))
   run = "<method>/<field>=<value>[,...]" if board.get("sweep") else "<method>"

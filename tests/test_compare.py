@@ -189,6 +189,33 @@ def test_report_on_a_compare_workdir_prints_the_leaderboard(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   assert out[2] == "| clu_retrain | 2.00 ± 1.41 | – | 10 | 2.00 |", out
   assert os.path.getsize(tmp_path / "leaderboard.png") > 0
+  # The LaTeX table is written again too (a board of before it existed gets one).
+  assert (r"clu\_retrain & 2.00 $\pm$ 1.41 & -- & 10 & 2.00 \\"
+          in (tmp_path / "leaderboard.tex").read_text())
+
+
+def test_the_latex_leaderboard_bolds_the_best_mean_by_each_metric_s_direction():
+  s = compare._summary
+  def row(acc_r, acc_f, gap, method):
+    return {"acc_r": s(acc_r), "acc_f": s(acc_f), "ua": s([50.0]), "avg_gap": s(gap),
+            "num_trainable": 1234567, "seconds": s([3.0]), "method": method,
+            "values": {"ks.beta": 0.1}}
+  board = {"family": "knowledge_swap", "seeds": [0, 1], "headline": ["acc_r", "acc_f", "ua",
+                                                                     "avg_gap"],
+           "sweep": {"ks.beta": [0.1]}, "methods": {
+               "a": row([90.0, 92.0], [5.0, 3.0], [float("nan")], "cf_der_pp"),
+               "b": row([91.0, 91.0], [1.0, 1.0], [2.0], "x&y")}}
+  lines = compare.latex(board).splitlines()
+  assert lines[0] == r"\begin{tabular}{llrrrrrr}" and lines[1] == r"\toprule"
+  assert lines[2] == (r"Method & ks.beta & Acc\_r $\uparrow$ & Acc\_f $\downarrow$ & UA & "
+                      r"Avg.Gap $\downarrow$ & Trainable & Seconds \\")
+  # Acc_r: a tie at two decimals, both bold; Acc_f: the lower; UA has no direction; a
+  # metric a row does not report is "--".
+  assert lines[4] == (r"cf\_der\_pp & 0.1 & \textbf{91.00 $\pm$ 1.41} & 4.00 $\pm$ 1.41 & "
+                      r"50.00 & -- & 1{,}234{,}567 & 3.00 \\")
+  assert lines[5] == (r"x\&y & 0.1 & \textbf{91.00 $\pm$ 0.00} & \textbf{1.00 $\pm$ 0.00} & "
+                      r"50.00 & \textbf{2.00} & 1{,}234{,}567 & 3.00 \\")
+  assert lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
 
 
 def test_a_refused_run_leaves_no_empty_method_folder(tmp_path, monkeypatch):

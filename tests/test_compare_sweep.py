@@ -55,6 +55,9 @@ def test_a_sweep_runs_every_method_at_every_value_and_shares_the_pretraining(tmp
   assert row["acc_r"]["mean"] == pytest.approx(40.0) and row["acc_r"]["n"] == 2
   table = (tmp_path / "leaderboard.md").read_text()
   assert "| method | ks.beta | Acc_r" in table and "| laf | 0.4 | 40.00 ± 0.00 |" in table
+  tex = (tmp_path / "leaderboard.tex").read_text().splitlines()
+  assert tex[2].startswith(r"Method & ks.beta & Acc\_r $\uparrow$ & ")
+  assert any(line.startswith(r"laf & 0.4 & ") for line in tex)
   assert json.loads((tmp_path / "leaderboard.json").read_text())["sweep"] == {
       "ks.beta": [0.1, 0.4]}
   timings = json.loads((tmp_path / "compare_seconds.json").read_text())
