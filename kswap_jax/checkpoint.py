@@ -334,7 +334,7 @@ def check_npz(path: str, abstract_params: dict, *, head: str = "extend",
     raise ConfigError(f"{where}{path!r} {problem}")
   try:
     found = npz_shapes(path)
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
+  except Exception as e:  # noqa: BLE001 - any unreadable file (zlib.error...) is a user error
     raise ConfigError(f"{where}cannot read {path!r} as .npz ({e})") from None
   _check_shapes(where, path, found, {n: tuple(x.shape) for n, x in
                                      lora_lib.named_leaves(abstract_params)}, head)

@@ -373,12 +373,14 @@ def main(argv=None) -> int:
     return _runs(args.workdir, args.plot)
   workdir = args.workdir[0]
   board = os.path.join(workdir, "leaderboard.json")
-  if not os.path.exists(os.path.join(workdir, "results.json")) and os.path.isfile(board):
+  if not os.path.exists(os.path.join(workdir, "results.json")) and os.path.exists(board):
     return _leaderboard(workdir, board)
   try:
     results = _results(workdir)
     try:
       text = present(results, workdir)
+    except OSError as e:  # its plots
+      raise _NotARun(f"{workdir}: cannot write the run's plots there ({e})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise _NotARun(f"{os.path.join(workdir, 'results.json')}: not a finished run's "
                      f"results envelope ({e})") from None
@@ -401,10 +403,15 @@ def _leaderboard(workdir: str, path: str) -> int:
           file=sys.stderr)
     return 2
   print(table)
-  with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
-    f.write(compare.latex(board) + "\n")
-  compare.plot(board, os.path.join(workdir, "leaderboard.png"))
-  compare.plot_sweep(board, os.path.join(workdir, "sweep.png"))
+  try:
+    with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
+      f.write(compare.latex(board) + "\n")
+    compare.plot(board, os.path.join(workdir, "leaderboard.png"))
+    compare.plot_sweep(board, os.path.join(workdir, "sweep.png"))
+  except OSError as e:
+    print(f"error: {workdir}: cannot write the leaderboard's LaTeX table and plots there "
+          f"({e})", file=sys.stderr)
+    return 2
   run = "<method>/<field>=<value>[,...]" if board.get("sweep") else "<method>"
   print(f"each run's own tables: python -m kswap_jax.report {workdir}/{run}/seed_<s>")
   return 0

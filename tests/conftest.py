@@ -5,7 +5,7 @@ import os
 import atexit
 import contextlib
 import fcntl
-import re
+import json
 import shutil
 import subprocess
 import sys
@@ -41,15 +41,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # compiled its 259 programs in 49 s instead of 74 s, that test (its 14 one-device runs
 # included) took 152 s instead of 209 s, and the full suite 613-678 s instead of 784 s. The
 # tiny models' time is in compilation, not in the code LLVM would optimise. Results then
-# round differently from a user's process (losses in the 7th digit): the tests compare
-# runs of the suite with each other, never with a number from outside it, and a claim of
-# bitwise equality with a reference program is tested under the user's flags
-# (`users_xla_flags`). An XLA_FLAGS that names a flag wins.
+# round differently from a user's process (losses in the 7th digit): bitwise comparisons
+# are between programs the suite compiles alike, and a claim of bitwise equality with a
+# reference program is tested under the user's flags (`users_xla_flags`). On CPU only (the
+# device checks of `.ci/device` run the option tests on the GPU as users compile them). An
+# XLA_FLAGS that names a flag wins.
 # The flags before the suite's, kept in the environment for the xdist workers (they start
 # with the controller's XLA_FLAGS, the suite's flags added).
 os.environ.setdefault("KSWAP_TEST_USERS_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 _USERS_XLA_FLAGS = os.environ["KSWAP_TEST_USERS_XLA_FLAGS"]
-if not os.environ.get("KSWAP_TEST_UNDER_USERS_XLA_FLAGS"):
+_SUITE_XLA_FLAGS = (os.environ["JAX_PLATFORMS"] == "cpu"
+                    and not os.environ.get("KSWAP_TEST_UNDER_USERS_XLA_FLAGS"))
+if _SUITE_XLA_FLAGS:
   for _flag in ("--xla_llvm_disable_expensive_passes=true",
                 "--xla_backend_optimization_level=0"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -163,34 +166,61 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
 
 
-_USERS_FLAGS_OUTCOMES: dict[str, str] = {}  # nodeid -> "PASSED", "FAILED", ... (-rA's words)
+_USERS_FLAGS_OUTCOMES: dict[str, tuple[str, str]] = {}  # nodeid -> (outcome, skip reason)
 
 
 def pytest_pyfunc_call(pyfuncitem):
   """A test marked `users_xla_flags` runs in a subprocess with the XLA flags a user's
   process has, not the suite's faster-compiling ones: all such tests of the session in one
-  subprocess, at the first of them; each then reports its own outcome there."""
-  if (not pyfuncitem.get_closest_marker("users_xla_flags")
-      or os.environ.get("KSWAP_TEST_UNDER_USERS_XLA_FLAGS")):
+  subprocess, at the first of them; each then reports its own outcome there (a skip as a
+  skip, a test the subprocess never ran, or a subprocess that timed out, as a failure)."""
+  if not pyfuncitem.get_closest_marker("users_xla_flags") or not _SUITE_XLA_FLAGS:
     return None
   if pyfuncitem.nodeid not in _USERS_FLAGS_OUTCOMES:
     ids = [item.nodeid for item in pyfuncitem.session.items
            if item.get_closest_marker("users_xla_flags")]
-    env = dict(os.environ, KSWAP_TEST_UNDER_USERS_XLA_FLAGS="1", XLA_FLAGS=_USERS_XLA_FLAGS)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-n0", "-p",
-                           "no:cacheprovider", *ids], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    for outcome, nodeid in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) (\S+)", proc.stdout,
-                                      re.MULTILINE):
-      _USERS_FLAGS_OUTCOMES[nodeid] = outcome
+    with tempfile.TemporaryDirectory() as tmp:
+      outcomes = os.path.join(tmp, "outcomes.jsonl")
+      env = dict(os.environ, KSWAP_TEST_UNDER_USERS_XLA_FLAGS="1",
+                 KSWAP_TEST_OUTCOMES=outcomes, XLA_FLAGS=_USERS_XLA_FLAGS)
+      try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n0", "-p",
+                               "no:cacheprovider", *ids], cwd=pyfuncitem.config.rootpath,
+                              env=env, capture_output=True, text=True,
+                              timeout=float(os.environ.get("KSWAP_TEST_USERS_XLA_TIMEOUT",
+                                                           600)))
+        output = (f"exit code {proc.returncode}\n" + proc.stdout[-6000:]
+                  + proc.stderr[-2000:])
+      except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+        output = f"timed out after {e.timeout:g} s\n" + (stdout or "")[-6000:]
+      if os.path.exists(outcomes):
+        with open(outcomes) as f:
+          for record in map(json.loads, f):
+            if _USERS_FLAGS_OUTCOMES.get(record["nodeid"], ("passed",))[0] == "passed":
+              _USERS_FLAGS_OUTCOMES[record["nodeid"]] = (record["outcome"], record["reason"])
+    _USERS_FLAGS_OUTCOMES["output"] = ("", output)
     for nodeid in ids:
-      _USERS_FLAGS_OUTCOMES.setdefault(nodeid, "NOT RUN")
-    _USERS_FLAGS_OUTCOMES["output"] = proc.stdout[-6000:] + proc.stderr[-2000:]
-  outcome = _USERS_FLAGS_OUTCOMES[pyfuncitem.nodeid]
-  assert outcome == "PASSED", (f"{outcome} under the user's XLA flags "
+      _USERS_FLAGS_OUTCOMES.setdefault(nodeid, ("not run", ""))
+  outcome, reason = _USERS_FLAGS_OUTCOMES[pyfuncitem.nodeid]
+  if outcome == "skipped":
+    pytest.skip(f"under the user's XLA flags: {reason}")
+  assert outcome == "passed", (f"{outcome} under the user's XLA flags "
                                f"({_USERS_XLA_FLAGS or 'none'}):\n"
-                               + _USERS_FLAGS_OUTCOMES["output"])
+                               + _USERS_FLAGS_OUTCOMES["output"][1])
   return True
+
+
+def pytest_runtest_logreport(report):
+  """In the `users_xla_flags` subprocess: each test's outcome, for the suite's process."""
+  path = os.environ.get("KSWAP_TEST_OUTCOMES")
+  if not path or (report.when != "call" and report.passed):
+    return
+  reason = (report.longrepr[2].removeprefix("Skipped: ")
+            if report.skipped and isinstance(report.longrepr, tuple) else "")
+  with open(path, "a") as f:
+    f.write(json.dumps({"nodeid": report.nodeid, "outcome": report.outcome,
+                        "reason": reason}) + "\n")
 
 
 # Units handed out before xdist's order (most tests first), one to each worker at the start.

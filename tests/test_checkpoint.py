@@ -98,6 +98,13 @@ def test_mismatched_and_missing_checkpoints_raise_config_errors(tiny, tmp_path):
     z.writestr("cls.npy", b"\x93NUMPY\x01\x00garbage")
   with pytest.raises(ConfigError, match="cannot read"):
     checkpoint.load_npz(str(tmp_path / "junk.npz"), _abstract(cfg)[1])
+  # Compressed, with its deflate stream damaged (zlib.error inside the header read).
+  np.savez_compressed(tmp_path / "bad.npz", cls=np.arange(20000.0))
+  data = bytearray((tmp_path / "bad.npz").read_bytes())
+  data[60:90] = bytes(30)
+  (tmp_path / "bad.npz").write_bytes(bytes(data))
+  with pytest.raises(ConfigError, match="cannot read .*bad.npz' as .npz"):
+    checkpoint.load_npz(str(tmp_path / "bad.npz"), _abstract(cfg)[1])
 
 
 def test_the_header_only_check_agrees_with_loading(tiny, tmp_path):

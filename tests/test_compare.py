@@ -192,6 +192,11 @@ def test_report_on_a_compare_workdir_prints_the_leaderboard(tmp_path, capsys):
   # The LaTeX table is written again too (a board of before it existed gets one).
   assert (r"clu\_retrain & 2.00 $\pm$ 1.41 & -- & 10 & 2.00 \\"
           in (tmp_path / "leaderboard.tex").read_text())
+  (tmp_path / "leaderboard.tex").unlink()
+  (tmp_path / "leaderboard.tex").mkdir()  # cannot be written: the table, then one line
+  assert report.main([str(tmp_path)]) == 2
+  assert capsys.readouterr().err.startswith(
+      f"error: {tmp_path}: cannot write the leaderboard's LaTeX table and plots there (")
 
 
 def test_the_latex_leaderboard_bolds_the_best_mean_by_each_metric_s_direction():

@@ -229,6 +229,12 @@ def test_report_shows_the_sparsity_table_and_plot_as_the_run(tmp_path_factory, t
                            str(stage["num_groups"]), f"{stage['nonzero_lora_fraction']:.4f}",
                            f"{stage['seconds']:.1f}"]
   assert [p.name for p in tmp_path.glob("*.png")] == ["gs_lora.png"]
+  os.remove(tmp_path / "gs_lora.png")
+  os.mkdir(tmp_path / "gs_lora.png")  # where the plot cannot be written: one line, exit 2
+  assert report.main([str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path}: cannot write the run's plots there (") and \
+      err.count("\n") == 1, err
 
 
 @pytest.mark.slow

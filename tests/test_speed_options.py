@@ -266,6 +266,7 @@ def test_bfloat16_compute_matches_float32_within_tolerance():
   assert float(jnp.max(jnp.abs(l16 - l32))) > 0  # bf16 really ran
 
 
+@pytest.mark.users_xla_flags
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
 def test_remat_matches_no_remat(policy):
   _, base, tree = _setup(_cfg())

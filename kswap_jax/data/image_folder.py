@@ -67,15 +67,24 @@ class _Listing(NamedTuple):
   others: list[str]
 
 
+def _is(test) -> bool:
+  """`DirEntry.is_dir`/`is_file`, False where the entry cannot be followed (a symbolic link
+  loop), as `pathlib`'s."""
+  try:
+    return test()
+  except OSError:
+    return False
+
+
 def _list(path: pathlib.Path) -> _Listing:
   dirs, images, others = [], [], []
   with os.scandir(path) as entries:
     for entry in entries:
       if entry.name.startswith("."):
         continue
-      if entry.is_dir():
+      if _is(entry.is_dir):
         dirs.append(pathlib.Path(entry.path))
-      elif entry.is_file():
+      elif _is(entry.is_file):
         if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
           images.append(pathlib.Path(entry.path))
         else:

@@ -1,5 +1,6 @@
 """Tests for kswap_jax.data.image_folder: folders -> tfds array_record -> TfdsSource."""
 
+import os
 import pathlib
 import re
 
@@ -231,3 +232,12 @@ def test_files_that_are_not_images_are_named_when_skipped(tmp_path, caplog):
   said = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
   assert said == [f"{tmp_path / 'root' / 'ant'}: skipping 1 file without an image suffix: "
                   f"labels.txt"]
+
+
+def test_a_symbolic_link_loop_is_passed_over(tmp_path):
+  rng = np.random.default_rng(0)
+  _write(tmp_path / "root" / "ant", rng, count=1)
+  os.symlink("loop", tmp_path / "root" / "loop")  # a link to itself: not a folder
+  os.symlink("loop2", tmp_path / "root" / "ant" / "loop2.png")
+  layout = image_folder.scan([tmp_path / "root"])
+  assert list(layout["train"]) == ["ant"] and len(layout["train"]["ant"]) == 1
