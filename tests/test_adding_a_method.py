@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import REPO, method_run
+from conftest import REPO, method_config, method_run
 from kswap_jax import cli, methods
 from kswap_jax.errors import ConfigError
 
@@ -104,3 +104,51 @@ def test_register_refuses_what_would_not_work(example, tmp_path):
   with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg\.m'"):
     methods.register("m", "no_such_pkg.m")
   assert "half" not in methods.METHODS and "broken" not in methods.METHODS
+
+
+_GS_LORA_VARIANT = '''
+from kswap_jax.methods import gs_lora
+
+sections = gs_lora.sections
+present = gs_lora.present
+
+
+def loss(model, scale, grouping, **kwargs):
+  inner = gs_lora.make_loss(model, scale, grouping, **kwargs)
+
+  def loss_fn(params, frozen, batch, rng, hparams):
+    value, aux = inner(params, frozen, batch, rng, hparams)
+    return value, {**aux, "ce_forget_logged_twice": aux["ce_forget"]}
+  return loss_fn
+
+
+def run(config, workdir):
+  return gs_lora.run(config, workdir, prototypes=False, loss=loss)
+'''
+
+
+def test_a_gs_lora_variant_through_run_s_hooks_is_gs_lora_with_its_own_loss(
+    tmp_path, tmp_path_factory, monkeypatch):
+  """`gs_lora.run(config, workdir, prototypes=..., loss=...)`: a variant that logs one more
+  term and changes nothing else trains as GS-LoRA, step for step, under its own name."""
+  monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+  monkeypatch.setattr(methods, "FAMILIES", dict(methods.FAMILIES))
+  (tmp_path / "gs_lora_x.py").write_text(_GS_LORA_VARIANT)
+  methods.register("gs_lora_x", str(tmp_path / "gs_lora_x.py"), family="continual_forgetting")
+  reference_dir, reference = method_run(tmp_path_factory, "gs_lora_casia100", "runlocal")
+  config = method_config("gs_lora_casia100", "runlocal", str(tmp_path_factory.getbasetemp()))
+  config.method = "gs_lora_x"
+  results = methods.run(config, str(tmp_path / "run"))
+  assert results["method"] == "gs_lora_x" and results["final"] == reference["final"]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
+    want = [json.loads(line) for line in f]
+  logged = [r for r in records if "ce_forget_logged_twice" in r]
+  assert logged and all(r["ce_forget_logged_twice"] == r["ce_forget"] for r in logged)
+  strip = lambda rs: [{k: v for k, v in r.items() if "loss" in k or (
+      k.startswith("ce_") and k != "ce_forget_logged_twice")} for r in rs if "ce_forget" in r]
+  assert strip(want) and strip(records) == strip(want)
+  config.gs_lora.bound = -1.0  # the GS-LoRA fields are checked for a variant too
+  with pytest.raises(ConfigError, match=r"gs_lora\.bound"):
+    methods.run(config, str(tmp_path / "bad"))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -394,10 +394,11 @@ def task_record(acc: dict, before: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The run: one continual task per stage, on the shared task loop.
 
-def validate(config) -> None:
-  """The GS-LoRA fields' values (no data or file read); ConfigError names the field."""
+def validate(config, variant: bool = False) -> None:
+  """The GS-LoRA fields' values (no data or file read); ConfigError names the field.
+  `variant`: for a method built on GS-LoRA (`run`'s hooks), whose name is its own."""
   g = config.gs_lora
-  if config.method not in METHODS:
+  if not variant and config.method not in METHODS:
     raise ConfigError(f"method: {config.method!r} is not a GS-LoRA method ({', '.join(METHODS)})")
   if config.group_lasso.mode not in ("penalty", "proximal"):
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
@@ -450,12 +451,21 @@ def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) ->
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | None = None,
+        loss: Callable | None = None) -> dict:
   """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns the
-  results envelope (stages "pretrained", "task_1", ...)."""
-  validate(config)
+  results envelope (stages "pretrained", "task_1", ...).
+
+  A method built on GS-LoRA (`methods.register`; docs/adding_a_method.md) calls this with
+  `prototypes` (whether GS-LoRA++'s prototype term and its `frozen["prototypes"]` are
+  used) and `loss`, a builder with `make_loss`'s signature whose loss_fn(lora, frozen,
+  batch, rng, hparams) returns (loss, {name: value}); everything else is GS-LoRA's. The
+  logged terms are the builder's `aux`.
+  """
+  variant = prototypes is not None or loss is not None
+  validate(config, variant)
   g, ocfg = config.gs_lora, config.optim
-  use_prototypes = config.method == "gs_lora_pp"
+  use_prototypes = (config.method == "gs_lora_pp") if prototypes is None else bool(prototypes)
   use_margin = bool(g.eval_margin)
   mesh = train.mesh_for(config)
   seed = int(config.seed)
@@ -496,8 +506,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   use_ema = int(g.ema_epoch) >= 0
   tx = make_optimizer(ocfg, proximal=proximal, grouping=grouping,
                       ema_scale=spec.scale if use_ema else None)
-  loss_fn = make_loss(model, spec.scale, grouping, bound=float(g.bound), penalty=not proximal,
-                      prototype=g.prototype if use_prototypes else None)
+  loss_fn = (loss or make_loss)(model, spec.scale, grouping, bound=float(g.bound),
+                                penalty=not proximal,
+                                prototype=g.prototype if use_prototypes else None)
   step_fn = train.make_train_step(loss_fn, tx, mesh)
   # Plain logits (no margin); the margin rule is applied on the host (`accuracies`).
   predict_step = train.make_predict_step(
