@@ -27,6 +27,8 @@ by `-`, other characters than letters, digits and `._+-` as `_`), one leaderboar
 and the oracle are shared across values unless a value changes them: then each value that
 does gets its own, in `pretrain/<FIELD>=<V>/seed_<s>` (`oracle/...`), named by the values
 that change it alone, so a rerun with more values finds the runs it made.
+`--sweep=FIELD1,FIELD2=(V1,W1),(V2,W2)` sweeps fields together: one point per pair, not
+a grid.
 
     python -m kswap_jax.compare --config=configs/demo.py --sweep=ks.beta=0.1,0.2,0.4
 """
@@ -170,17 +172,26 @@ class _Sweep:
 
   def __init__(self, config: ml_collections.ConfigDict, sweep: dict[str, list] | None,
                names: list[str], workdir: str):
+    """`sweep`: {FIELD: [value, ...]}, and {"FIELD1,FIELD2": [(value1, value2), ...]} for
+    fields swept together (`_typed_sweep`)."""
     self.config, self.workdir = config, workdir
-    self.sweep = dict(sweep or {})
-    for field, values in self.sweep.items():
-      if field in ("method", "seed"):
-        raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
+    # The grid's axes: the fields of one flag and their values, a tuple per point.
+    self.axes = [(tuple(key.split(",")), [v if "," in key else (v,) for v in values])
+                 for key, values in (sweep or {}).items()]
+    self.sweep = {f: [v[i] for v in values] for fields, values in self.axes
+                  for i, f in enumerate(fields)}  # the board's: each field's values
+    self.zipped = [list(fields) for fields, _ in self.axes if len(fields) > 1]
+    for fields, values in self.axes:
+      key = ",".join(fields)
+      for field in fields:
+        if field in ("method", "seed"):
+          raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
       if not values:
-        raise ConfigError(f"--sweep: {field}: expected at least one value")
-      shown = [_show(v) for v in values]
+        raise ConfigError(f"--sweep: {key}: expected at least one value")
+      shown = [_show(v if len(fields) > 1 else v[0]) for v in values]
       repeated = sorted({v for v in shown if shown.count(v) > 1})
       if repeated:
-        raise ConfigError(f"--sweep: {field}: {', '.join(repeated)} given twice (each value "
+        raise ConfigError(f"--sweep: {key}: {', '.join(repeated)} given twice (each value "
                           f"is one run)")
     own = {name: _config_for(config, name, 0, workdir) for name in names}
     self.read = {}  # method -> the swept fields it reads
@@ -209,10 +220,18 @@ class _Sweep:
                 f"that changes it, in the compare workdir)")
 
   def points(self, name: str) -> list[dict]:
-    """The points method `name` runs: the grid over the fields it reads ([{}]: once)."""
-    fields = self.read.get(name, [])
-    return [dict(zip(fields, combo))
-            for combo in itertools.product(*(self.sweep[f] for f in fields))]
+    """The points method `name` runs: the grid over the fields it reads ([{}]: once); of
+    fields swept together, the values of those it reads, each combination once."""
+    read = self.read.get(name, [])
+    axes = []
+    for fields, values in self.axes:
+      kept = [i for i, f in enumerate(fields) if f in read]
+      if kept:
+        parts = [tuple((fields[i], v[i]) for i in kept) for v in values]
+        axes.append([p for j, p in enumerate(parts) if
+                     _show([x for _, x in p]) not in {_show([x for _, x in q])
+                                                      for q in parts[:j]}])
+    return [dict(item for part in combo for item in part) for combo in itertools.product(*axes)]
 
   def tags(self, name: str, point: dict) -> dict[str, str]:
     """{work: the sub-folder of the pretraining and of the oracle that `point` of method
@@ -462,7 +481,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     return None
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows,
-           **({"sweep": _jsonable(grid.sweep)} if grid.sweep else {})}
+           **({"sweep": _jsonable(grid.sweep)} if grid.sweep else {}),
+           **({"zipped": grid.zipped} if grid.zipped else {})}
   if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
     return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
@@ -628,10 +648,14 @@ def plot_sweep(board: dict, path: str) -> bool:
       os.remove(path)
     return False
   head = board["headline"]
+  partners = next((f for f in board.get("zipped", []) if field in f), [field])
+  others = [f for f in partners if f != field]
   lines: dict[str, list] = {}  # legend label -> [(x, row)]
   for name, row in board["methods"].items():
     point = dict(row.get("values", {}))
     x = point.pop(field, None)
+    for partner in partners if x is not None else ():  # swept with x: along the line
+      point.pop(partner, None)
     lines.setdefault(f"{row.get('method', name)} {_label(point)}".strip(), []).append((x, row))
   fig = report.figure(figsize=(min(16, 3.2 * len(head) + 1), 3.4))
   for i, key in enumerate(head):
@@ -647,9 +671,9 @@ def plot_sweep(board: dict, path: str) -> bool:
                   yerr=[std(r) for _, r in points], marker="o", capsize=3, label=label,
                   color=color)
     if all(isinstance(v, int) for v in sweep[field]):
-      ax.set_xticks(sorted(sweep[field]))
+      ax.set_xticks(sorted(set(sweep[field])))
     ax.set_title(report.label(key), fontsize=9)
-    ax.set_xlabel(field, fontsize=8)
+    ax.set_xlabel(field + (f" (swept with {', '.join(others)})" if others else ""), fontsize=8)
     ax.grid(alpha=0.3)
     if i == 0:
       ax.set_ylabel("%")
@@ -709,15 +733,17 @@ def _pop_sweeps(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]
     if not a.startswith("--sweep="):
       rest.append(a)
       continue
-    field, eq, raw = a[len("--sweep="):].partition("=")
-    field = field.strip().removeprefix("config.")
+    key, eq, raw = a[len("--sweep="):].partition("=")
+    fields = [f.strip().removeprefix("config.") for f in key.split(",")]
     values = [v for v in _top_level_split(raw) if v]
-    if not (field and eq and values):
+    if not (all(fields) and eq and values):
       raise ConfigError(f"{a}: expected --sweep=FIELD=V1,V2,... (e.g. --sweep=ks.beta=0.1,0.2; "
-                        f"tuples in brackets: --sweep=swap.forget_classes=(0,1),(2,3))")
-    if any(field == f for f, _ in sweeps):
-      raise ConfigError(f"--sweep: {field} given twice (give all its values in one flag)")
-    sweeps.append((field, values))
+                        f"tuples in brackets: --sweep=swap.forget_classes=(0,1),(2,3); fields "
+                        f"together: --sweep=ks.alpha,ks.beta=(0.1,0.2),(0.2,0.4))")
+    for field in fields:
+      if fields.count(field) > 1 or any(field in f.split(",") for f, _ in sweeps):
+        raise ConfigError(f"--sweep: {field} given twice (give all its values in one flag)")
+    sweeps.append((",".join(fields), values))
   return rest, sweeps
 
 
@@ -733,28 +759,45 @@ def _typed_sweep(argv: list[str], sweeps: list[tuple[str, list[str]]], config) -
   from kswap_jax import cli  # pylint: disable=import-outside-toplevel
   argv = cli.normalised(argv)
   out = {}
-  for field, raw_values in sweeps:
-    override = f"--config.{field}="
-    if any(a.startswith(override) for a in argv):
-      log.warning("%s... is replaced by each value of --sweep=%s=...", override, field)
-      argv = [a for a in argv if not a.startswith(override)]
-    if _has(config, field) and isinstance(_get(config, field), tuple) and not any(
-        raw.startswith(("(", "[")) for raw in raw_values):
-      log.warning("--sweep=%s=...: a run per value, each a tuple of one item; write a tuple "
-                  "of several in brackets, e.g. --sweep=%s=(0,1),(2,3)", field, field)
-    out[field] = []
+  for key, raw_values in sweeps:
+    fields = key.split(",")
+    for field in fields:
+      override = f"--config.{field}="
+      if any(a.startswith(override) for a in argv):
+        log.warning("%s... is replaced by each value of --sweep=%s=...", override, key)
+        argv = [a for a in argv if not a.startswith(override)]
+    if len(fields) == 1:
+      field = fields[0]
+      if _has(config, field) and isinstance(_get(config, field), tuple) and not any(
+          raw.startswith(("(", "[")) for raw in raw_values):
+        log.warning("--sweep=%s=...: a run per value, each a tuple of one item; write a "
+                    "tuple of several in brackets, e.g. --sweep=%s=(0,1),(2,3)", field, field)
+      out[key] = [_typed(argv, config, field, raw) for raw in raw_values]
+      continue
+    out[key] = []
     for raw in raw_values:
-      if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"":
-        raw = raw[1:-1]  # quoted to keep its commas together
-      try:
-        point, _ = cli.load_config(argv + [f"--config.{field}={raw}"])
-        out[field].append(_get(point, field))
-      except ConfigError as e:
-        if not _has(config, field):  # the override's message names the field and its section
-          message = str(e).removeprefix(f"--config.{field}: ")
-          raise ConfigError(f"--sweep={field}: {message}") from None
-        raise ConfigError(f"--sweep={field}=...: value {raw!r}: {e}") from None
+      parts = _top_level_split(raw[1:-1]) if raw[:1] + raw[-1:] in ("()", "[]") else []
+      if len(parts) != len(fields):
+        raise ConfigError(f"--sweep={key}=...: value {raw!r}: expected ({len(fields)} values "
+                          f"in brackets, one per field, e.g. "
+                          f"({','.join(['...'] * len(fields))}))")
+      out[key].append(tuple(_typed(argv, config, f, part) for f, part in zip(fields, parts)))
   return out
+
+
+def _typed(argv: list[str], config, field: str, raw: str):
+  """`raw` read as `--config.FIELD=RAW` would be, after `argv`'s overrides."""
+  from kswap_jax import cli  # pylint: disable=import-outside-toplevel
+  if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"":
+    raw = raw[1:-1]  # quoted to keep its commas together
+  try:
+    point, _ = cli.load_config(argv + [f"--config.{field}={raw}"])
+    return _get(point, field)
+  except ConfigError as e:
+    if not _has(config, field):  # the override's message names the field and its section
+      message = str(e).removeprefix(f"--config.{field}: ")
+      raise ConfigError(f"--sweep={field}: {message}") from None
+    raise ConfigError(f"--sweep={field}=...: value {raw!r}: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -767,7 +810,8 @@ def main(argv=None) -> int:
           "                        rest of its family)\n"
           "  --seeds=0,1,...       a run per seed (default: the config's seed)\n"
           "  --sweep=FIELD=V1,V2   a run per value of a config field, for every method that\n"
-          "                        reads it (repeat the flag for a grid; tuples in brackets)\n"
+          "                        reads it (repeat the flag for a grid; tuples in brackets;\n"
+          "                        --sweep=F1,F2=(V1,W1),(V2,W2): fields in pairs)\n"
           + cli.DRY_RUN_HELP),
       workdir_suffix="_compare")):
     return 0

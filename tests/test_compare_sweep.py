@@ -216,3 +216,54 @@ def test_the_command_line_reads_sweep_values_as_overrides_are_read(tmp_path, rec
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, (bad, err)
   assert recorded == [] and not (tmp_path / "bad").exists()
+
+
+def test_fields_swept_together_run_their_pairs_not_the_grid(tmp_path, recorded, capsys):
+  common = ["compare", f"--config={REPO}/configs/demo.py:runlocal", f"--workdir={tmp_path}",
+            "--methods=lbf,laf"]
+  assert compare.main(common + ["--sweep=ks.beta,swap.forget_classes=(0.1,(0,1)),(0.4,(2,3))",
+                                "--sweep=ks.aux_batches=per_epoch,continuous"]) == 0
+  got = [(m, cfg.ks.beta, tuple(cfg.swap.forget_classes), cfg.ks.aux_batches)
+         for m, _, cfg in recorded]
+  assert got == [(m, b, c, a) for m in ("lbf", "laf") for b, c in ((0.1, (0, 1)), (0.4, (2, 3)))
+                 for a in ("per_epoch", "continuous")]
+  board = json.loads((tmp_path / "leaderboard.json").read_text())
+  assert board["sweep"] == {"ks.beta": [0.1, 0.4], "swap.forget_classes": [[0, 1], [2, 3]],
+                            "ks.aux_batches": ["per_epoch", "continuous"]}
+  assert board["zipped"] == [["ks.beta", "swap.forget_classes"]]
+  assert "| lbf | 0.4 | (2,3) | continuous | 40.00 |" in (tmp_path / "leaderboard.md").read_text()
+  assert os.path.getsize(tmp_path / "sweep.png") > 0  # x: ks.beta, its partner along the line
+  # A value in one field may repeat across pairs; a pair may not.
+  recorded.clear()
+  assert compare.main(common[:2] + [f"--workdir={tmp_path / 'r'}", "--methods=lbf",
+                                    "--sweep=ks.beta,ks.bound=(0.1,1.0),(0.1,2.0)"]) == 0
+  assert [(cfg.ks.beta, cfg.ks.bound) for _, _, cfg in recorded] == [(0.1, 1.0), (0.1, 2.0)]
+  recorded.clear()
+  for bad, message in (
+      (["--sweep=ks.beta,ks.bound=(0.1,1.0),(0.1,1.0)"],
+       "error: --sweep: ks.beta,ks.bound: (0.1,1.0) given twice"),
+      (["--sweep=ks.beta,ks.bound=0.1,0.2"],
+       "error: --sweep=ks.beta,ks.bound=...: value '0.1': expected (2 values in brackets"),
+      (["--sweep=ks.beta,ks.bound=(0.1,1.0,3)"], "value '(0.1,1.0,3)': expected (2 values"),
+      (["--sweep=ks.beta,ks.beta=(0.1,0.2)"], "error: --sweep: ks.beta given twice"),
+      (["--sweep=ks.beta,ks.bound=(0.1,1.0)", "--sweep=ks.bound=2.0"],
+       "error: --sweep: ks.bound given twice"),
+      (["--sweep=ks.beta,=(0.1,1.0)"], "expected --sweep=FIELD=V1,V2,...")):
+    capsys.readouterr()
+    assert compare.main(common[:2] + [f"--workdir={tmp_path / 'bad'}", "--methods=lbf"]
+                        + bad) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, (bad, err)
+  assert recorded == [] and not (tmp_path / "bad").exists()
+
+
+def test_a_method_that_reads_one_field_of_a_pair_runs_each_of_its_values_once(tmp_path,
+                                                                               recorded):
+  """gs_lora.bound is GS-LoRA's, cf_ft.lr the fine-tuning baseline's: swept together over
+  both, each runs once per value of its own field, not once per pair."""
+  config = load_config("gs_lora_casia100", "runlocal")
+  compare.run(config, str(tmp_path), ["gs_lora", "cf_ft"], [0],
+              sweep={"gs_lora.bound,cf_ft.lr": [(1.0, 1e-4), (2.0, 1e-4), (3.0, 2e-4)]})
+  runs = [(m, os.path.relpath(wd, tmp_path)) for m, wd, _ in recorded]
+  assert runs == [("gs_lora", f"gs_lora/gs_lora.bound={b}/seed_0") for b in (1.0, 2.0, 3.0)] + [
+      ("cf_ft", "cf_ft/cf_ft.lr=0.0001/seed_0"), ("cf_ft", "cf_ft/cf_ft.lr=0.0002/seed_0")]
