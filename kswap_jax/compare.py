@@ -377,8 +377,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
         sweep: dict[str, list] | None = None) -> dict | None:
   """Runs every method of the comparison and returns the leaderboard dict; with `dry_run`,
   a dry run of every (method, seed) not finished yet (`methods.run`), nothing written, and
-  None. `sweep` ({field: [values]}, a grid over its fields) runs each method at every point
-  it reads, one row per (method, point). In a multi-process run, the first process writes
+  None. `sweep` ({field: [values]}, a grid over its fields; a key "field1,field2" with
+  [(value1, value2), ...] sweeps those fields in pairs) runs each method at every point it
+  reads, one row per (method, point). In a multi-process run, the first process writes
   the timings and the leaderboard (the others' dicts may miss the last attempt's seconds)."""
   family = _family(str(config.method))
   names = method_names or [m for m in methods.FAMILIES[family] if m in methods.METHODS]
