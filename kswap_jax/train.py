@@ -18,6 +18,7 @@ import math
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import weakref
@@ -929,8 +930,10 @@ def check_workdir(workdir: str, field: str = "--workdir") -> None:
 
 
 def check_writable(workdir: str, field: str = "--workdir") -> None:
-  """What `prepare_workdir` checks without creating anything (a dry run's check): a
-  filesystem path, not a file, and its nearest existing folder writable."""
+  """What `prepare_workdir` checks, leaving nothing behind (a dry run's check): a
+  filesystem path, not a file, and its nearest existing folder writable: an empty
+  temporary folder is made there and removed at once (`os.access` alone says yes to root
+  on a read-only mount or in /proc)."""
   check_workdir(workdir, field)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"{field} {workdir}: a file; expected a folder (or a path to create one)")
@@ -940,6 +943,11 @@ def check_writable(workdir: str, field: str = "--workdir") -> None:
   if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
     raise ConfigError(f"{field} {workdir}: not a writable folder ({above} cannot be "
                       f"written into)")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".kswap_jax_probe_", dir=above))
+  except OSError as e:
+    raise ConfigError(f"{field} {workdir}: not a writable folder ({above}: "
+                      f"{e.strerror or e})") from None
 
 
 def prepare_workdir(workdir: str, field: str = "--workdir") -> None:

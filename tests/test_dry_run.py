@@ -52,6 +52,10 @@ def test_a_dry_run_writes_nothing_and_says_whether_the_workdir_resumes(module, t
   (tmp_path / "a_file").write_text("")
   with pytest.raises(ConfigError, match=r"^--workdir .*a_file: a file; expected a folder"):
     methods.run(config, str(tmp_path / "a_file"), dry_run=True)
+  assert os.listdir(tmp_path) == ["a_file"]  # the writability probe left nothing
+  if os.path.isdir("/proc/self"):  # where no folder can be made, even by root
+    with pytest.raises(ConfigError, match=r"^--workdir /proc/x: not a writable folder"):
+      methods.run(config, "/proc/x", dry_run=True)
 
 
 def test_a_dry_run_checks_the_pretraining_it_would_run_first(tmp_path, caplog):
