@@ -616,9 +616,11 @@ def plot(board: dict, path: str, title: str | None = None) -> None:
     ax.bar([i + j * width for i in range(len(head))], [_drawn(row, k, "mean") for k in head],
            width, yerr=[_drawn(row, k, "std") for k in head], label=name, capsize=3)
   ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(head))],
-                [report.METRICS.get(k, (k,))[0] for k in head])
+                [report.label(k) for k in head])
   ax.set_ylabel("%")
-  ax.legend(fontsize=7, ncol=2 if len(names) > 6 else 1)
+  # Beside the axes: inside, it covered bars (and long labels ran off the figure).
+  ax.legend(fontsize=7, ncol=2 if len(names) > 12 else 1, loc="upper left",
+            bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
   ax.grid(alpha=0.3, axis="y")
   ax.set_title(title or f"{board['family']}: seeds {', '.join(map(str, board['seeds']))}")
   fig.tight_layout()

@@ -254,15 +254,29 @@ def plot_runs(runs: list[tuple[str, dict]], path: str) -> None:
   from kswap_jax import compare  # pylint: disable=import-outside-toplevel
   configs, fields = _differing(runs)
   metrics = [m for m in METRICS if any(m in (r.get("final") or {}) for _, r in runs)]
+  names = [", ".join(f"{k}={json.dumps(config.get(k))}" for k in fields) for config in configs]
+  if not fields or len(fields) > 2 or max(map(len, names)) > 40:
+    names = _short_names([workdir for workdir, _ in runs])  # the table says what differs
   rows = {}
-  for (workdir, r), config in zip(runs, configs):
-    name = ", ".join(f"{k}={json.dumps(config.get(k))}" for k in fields[:3]) or workdir
+  for (workdir, r), name in zip(runs, names):
     final = r.get("final") or {}
     rows[name if name not in rows else f"{name} ({workdir})"] = {
         m: {"mean": final.get(m), "std": None} for m in metrics}
-  compare.plot({"headline": metrics, "methods": rows}, path,
-               title=f"{len(runs)} runs" + (f", differing in {', '.join(fields)}"
-                                             if fields else ""))
+  differ = (f", differing in {', '.join(fields)}" if 0 < len(fields) <= 2 else
+            f", differing in {len(fields)} config fields (the table lists them)" if fields
+            else "")
+  compare.plot({"headline": metrics, "methods": rows}, path, title=f"{len(runs)} runs{differ}")
+
+
+def _short_names(paths: list[str]) -> list[str]:
+  """The shortest trailing parts of `paths` that tell them apart (`a/x/run`, `b/x/run` ->
+  `a/x/run`, `b/x/run`; `w/beta_0.2`, `w/beta_0.3` -> `beta_0.2`, `beta_0.3`)."""
+  parts = [os.path.normpath(p).split(os.sep) for p in paths]
+  for n in range(1, max(map(len, parts)) + 1):
+    names = [os.sep.join(p[-n:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  return list(paths)
 
 
 def runs_table(runs: list[tuple[str, dict]]) -> str:

@@ -91,3 +91,9 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before the command writes
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_runs_in_a_plot_are_named_by_the_shortest_path_ends_that_tell_them_apart():
+  assert report._short_names(["w/beta_0.2", "w/beta_0.3"]) == ["beta_0.2", "beta_0.3"]
+  assert report._short_names(["a/x/run", "b/x/run/"]) == ["a/x/run", "b/x/run"]
+  assert report._short_names(["run", "run"]) == ["run", "run"]  # the same path twice
