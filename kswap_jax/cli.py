@@ -187,12 +187,13 @@ def _bare_overrides(argv, config) -> None:
 _CONFIG_MODULE = "config_config"
 
 
-def load_config(argv):
+def load_config(argv, own_flags: tuple[str, ...] = ()):
   """Parses flags and returns (config, workdir); every failure becomes a one-line ConfigError.
 
-  `argv` is a command line (the program name first). ml_collections' config flag reads
-  overrides from `sys.argv`, which is set to the normalised `argv` while it parses and
-  restored afterwards."""
+  `argv` is a command line (the program name first), without the command's own flags
+  (`own_flags`, e.g. "--dry_run", "--seeds=0,1,...": an unknown flag's error lists them
+  and suggests the nearest). ml_collections' config flag reads overrides from `sys.argv`,
+  which is set to the normalised `argv` while it parses and restored afterwards."""
   argv = _resolve_shipped(_joined(argv))
   _check_config_file(argv)
   sys.modules.pop(_CONFIG_MODULE, None)
@@ -204,7 +205,7 @@ def load_config(argv):
     config = values.config
     config.method  # pylint: disable=pointless-statement  # forces the lazy file load
   except Exception as e:  # noqa: BLE001 - config files and overrides are user input
-    raise _as_config_error(e, ordered) from None
+    raise _as_config_error(e, ordered, own_flags) from None
   finally:
     sys.argv = saved
   _bare_overrides(argv, config)
@@ -244,7 +245,8 @@ def _warn_repeated(argv) -> None:
                   len(values), ", ".join(values), values[-1])
 
 
-def _as_config_error(error: BaseException, argv) -> ConfigError:
+def _as_config_error(error: BaseException, argv, own_flags: tuple[str, ...] = ()
+                     ) -> ConfigError:
   chain, e, hint = [], error, ""
   while e is not None and len(chain) < 20:
     chain.append(e)
@@ -274,10 +276,14 @@ def _as_config_error(error: BaseException, argv) -> ConfigError:
                       (a.split("=", 1)[0] + ".")), None) if key else None
   if bad_field and bad_field != "config" and not bad_field.startswith("config."):
     said = str(error)
-    hint = (f"; did you mean --{said.split('Did you mean:', 1)[1].strip(' ?')}?"
+    names = [f.split("=")[0] for f in own_flags]
+    close = difflib.get_close_matches(f"--{bad_field}", names, n=1, cutoff=0.7)
+    hint = (f"; did you mean {close[0]}?" if close else
+            f"; did you mean --{said.split('Did you mean:', 1)[1].strip(' ?')}?"
             if "Did you mean:" in said else "")
-    return ConfigError(f"--{bad_field}: unknown flag (expected --config=FILE[:ARG], "
-                       f"--workdir=DIR or --config.FIELD=VALUE){hint}")
+    expected = ["--config=FILE[:ARG]", "--workdir=DIR", "--config.FIELD=VALUE", *own_flags]
+    return ConfigError(f"--{bad_field}: unknown flag (expected {', '.join(expected[:-1])} "
+                       f"or {expected[-1]}){hint}")
   if bad_field and bad_field.startswith("config."):
     value = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{bad_field}=")), None)
     what, fields = _missing_in_file(argv, bad_field.split(".")[1:])
@@ -444,7 +450,7 @@ def main(argv=None) -> int:
 
   def command():
     dry_run, rest = pop_dry_run(argv)
-    config, workdir = load_config(rest)
+    config, workdir = load_config(rest, own_flags=("--dry_run",))
     if not dry_run:  # a dry run is one process: it joins no distributed run
       log.info(hostmem.describe())
       train.initialize_distributed(config)

@@ -824,7 +824,8 @@ def main(argv=None) -> int:
     rest, names = _split_list(rest, "methods")
     rest, seeds = _split_list(rest, "seeds", int)
     rest, sweeps = _pop_sweeps(rest)
-    config, workdir = cli.load_config(rest)
+    config, workdir = cli.load_config(rest, own_flags=(
+        "--methods=a,b,...", "--seeds=0,1,...", "--sweep=FIELD=V1,V2,...", "--dry_run"))
     sweep = _typed_sweep(rest, sweeps, config)
     if not dry_run:
       log.info(hostmem.describe())  # the first line of the log, as run.py's

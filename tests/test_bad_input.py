@@ -147,6 +147,8 @@ _CASES = {
                                     ["unexpected argument", "--config=configs/gs_lora_digits.py"],
                                     False),
     "misspelled_flag": (["--workdr={tmp}/x"], ["--workdr", "did you mean --workdir"], False),
+    "misspelled_dry_run": (["--dryrun"], ["--dryrun", "or --dry_run); did you mean --dry_run?"],
+                           False),
     "config_file_raises": (["--config={tmp}/raising_config.py"],
                            ["raising_config.py, line 3", "ZeroDivisionError"], False),
     # After other files in the same process (ml_collections reloads into one module name).

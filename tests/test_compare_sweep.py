@@ -210,7 +210,10 @@ def test_the_command_line_reads_sweep_values_as_overrides_are_read(tmp_path, rec
       (["--sweep=ks.beta=high"], "error: --sweep=ks.beta=...: value 'high': "),
       (["--sweep=ks.betta=1"], "error: --sweep=ks.betta: this config's ks has no field "
                                "'betta'; did you mean \"beta\""),
-      (["--sweep=seed=1,2"], "error: --sweep: seed: use --seeds=a,b,... to run several")):
+      (["--sweep=seed=1,2"], "error: --sweep: seed: use --seeds=a,b,... to run several"),
+      (["--seed=1"], "error: --seed: unknown flag (expected --config=FILE[:ARG], "
+                     "--workdir=DIR, --config.FIELD=VALUE, --methods=a,b,..., --seeds=0,1,..., "
+                     "--sweep=FIELD=V1,V2,... or --dry_run); did you mean --seeds?")):
     capsys.readouterr()
     assert compare.main(common[:2] + [f"--workdir={tmp_path / 'bad'}"] + common[3:] + bad) == 2
     err = capsys.readouterr().err
