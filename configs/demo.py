@@ -19,7 +19,7 @@ docs/knowledge_swapping.md for the measurements behind them):
     python run.py                                    # = --config=configs/demo.py
     python run.py --config=configs/demo.py:method=laf --workdir=workdir/demo_laf
     python run.py --config=configs/demo.py:method=pretrain
-    python run.py --config=configs/demo.py:runlocal  # smoke run, ~35 s on 2 CPU cores
+    python run.py --config=configs/demo.py:runlocal  # smoke run, 20-50 s on 2 CPU cores
 
 Expect (2 CPU cores, 1-1.5 minutes in total): before the swap Acc_n = 0; after it
 Acc_f = 0 %, Acc_n 85-91 %, Acc_r within ~3 points of its value before.

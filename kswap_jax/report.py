@@ -402,6 +402,9 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(text)
+  plots = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+  if plots:
+    print(f"plots: {', '.join(plots)} (in {workdir})")
   return 0
 
 

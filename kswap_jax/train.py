@@ -658,9 +658,13 @@ class Run:
     self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, "stopped_clocks": {}, **meta}
     self._seconds_before = float(self.meta["seconds"])
     step = int(state.step)
-    log.info("resumed from %s at step %d (%d stage(s) finished, %d steps into the next)",
-             self.checkpointer.directory, step, self.meta["stage_index"],
-             self.meta["stage_step"])
+    if self._finished_seconds is not None:  # its results.json is there
+      log.info("resumed from %s at step %d: the run had finished; its results are presented "
+               "again", self.checkpointer.directory, step)
+    else:
+      log.info("resumed from %s at step %d (%d stage(s) finished, %d steps into the next)",
+               self.checkpointer.directory, step, self.meta["stage_index"],
+               self.meta["stage_step"])
     self._truncate_metrics(step)
     return state
 
@@ -894,7 +898,9 @@ class Run:
     the others wrote nothing and would repeat it)."""
     if self.is_main:
       print(text, flush=True)
-      log.info("results written to %s", path)
+      plots = sorted(f for f in os.listdir(self.workdir) if f.endswith(".png"))
+      log.info("results written to %s%s", path,
+               f"; plots: {', '.join(plots)}" if plots else "")
 
   def close(self) -> None:
     self.checkpointer.wait()

@@ -221,7 +221,8 @@ def test_report_shows_the_sparsity_table_and_plot_as_the_run(tmp_path_factory, t
   shutil.copy(os.path.join(workdir, "results.json"), tmp_path)
   capsys.readouterr()  # the run's own output, when it ran in this test
   assert report.main([str(tmp_path)]) == 0
-  rows = capsys.readouterr().out.splitlines()
+  *rows, plots = capsys.readouterr().out.splitlines()
+  assert plots == f"plots: gs_lora.png (in {tmp_path})"
   start = rows.index(f"{'task':<10}{'zero groups':>13}{'non-zero LoRA':>15}{'seconds':>10}")
   assert rows[start - 1].startswith("final: Acc_r ")
   for row, stage in zip(rows[start + 1:], results["stages"][1:], strict=True):

@@ -489,7 +489,8 @@ def test_hparams_are_optional_and_a_key_nothing_reads_is_refused(caplog):
   assert "no injected learning rate" in caplog.text
 
 
-def test_a_rerun_of_a_finished_run_keeps_its_wall_time(tmp_path, monkeypatch):
+def test_a_rerun_of_a_finished_run_keeps_its_wall_time(tmp_path, monkeypatch, caplog):
+  caplog.set_level("INFO", logger="kswap_jax")
   now = [100.0]
   monkeypatch.setattr(train, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
   envelope = lambda: {"method": "toy", "config": {}, "stages": [{"name": "toy"}], "final": {}}
@@ -503,6 +504,10 @@ def test_a_rerun_of_a_finished_run_keeps_its_wall_time(tmp_path, monkeypatch):
   assert json.load(open(tmp_path / "results.json"))["wall_seconds"] == 40.0
   now[0] = 500.0  # the same command again: it trains nothing and rewrites the results
   again, stage, state, mesh = _run(tmp_path, 1.0)
+  assert "the run had finished; its results are presented again" in caplog.text
+  (tmp_path / "toy.png").write_bytes(b"")
+  again.announce("table", str(tmp_path / "results.json"))
+  assert caplog.records[-1].getMessage().endswith("results.json; plots: toy.png")
   again.run_stage(0, stage, state, {}, mesh)
   now[0] = 530.0
   assert again.wall_seconds() == 50.0  # 20 s recorded + this attempt's 30 s

@@ -220,7 +220,8 @@ def test_report_shows_the_oracle_table_and_plots_as_the_run(tmp_path_factory, tm
   shutil.copy(os.path.join(workdir, "results.json"), tmp_path)
   capsys.readouterr()  # the run's own output, when it ran in this test
   assert report.main([str(tmp_path)]) == 0
-  out = capsys.readouterr().out
+  out, plots = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+  assert plots.startswith("plots: ") and plots.endswith(f" (in {tmp_path})")
   head, oracle = out.split("\n\nRetrain oracle (")
   finals = [line for line in head.splitlines() if line.startswith("final: ")]
   assert len(finals) == 1 and finals[0].startswith("final: UA ")

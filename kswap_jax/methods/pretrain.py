@@ -68,7 +68,8 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
   fill_pretrain_workdir(config, workdir)
   path = os.path.join(config.init.pretrain_workdir, "params.npz")
   if not os.path.exists(path):
-    log.info("no pretrained model at %s: running the pretrain method first", path)
+    log.info("no pretrained model at %s: running the pretrain method first",
+             os.path.abspath(path))
     run(config, config.init.pretrain_workdir)
     return
   check_pretrained(config, workdir)
