@@ -134,6 +134,12 @@ def _show(value) -> str:
   return str(value)
 
 
+def _key(value) -> str:
+  """A swept value (or tuple of them) as a comparable string: ("a,b", "c") and ("a", "b,c")
+  differ, as `_show`'s text would not tell."""
+  return json.dumps(value, sort_keys=True, default=str)
+
+
 def _label(point: dict) -> str:
   """A point as the table and the log show it: `ks.beta=0.1 lora.rank=4`."""
   return " ".join(f"{field}={_show(value)}" for field, value in point.items())
@@ -188,8 +194,9 @@ class _Sweep:
           raise ConfigError(f"--sweep: {field}: use --{field}s=a,b,... to run several")
       if not values:
         raise ConfigError(f"--sweep: {key}: expected at least one value")
-      shown = [_show(v if len(fields) > 1 else v[0]) for v in values]
-      repeated = sorted({v for v in shown if shown.count(v) > 1})
+      keys = [_key(v) for v in values]
+      repeated = sorted({_show(v if len(fields) > 1 else v[0]) for v, k in zip(values, keys)
+                         if keys.count(k) > 1})
       if repeated:
         raise ConfigError(f"--sweep: {key}: {', '.join(repeated)} given twice (each value "
                           f"is one run)")
@@ -228,9 +235,8 @@ class _Sweep:
       kept = [i for i, f in enumerate(fields) if f in read]
       if kept:
         parts = [tuple((fields[i], v[i]) for i in kept) for v in values]
-        axes.append([p for j, p in enumerate(parts) if
-                     _show([x for _, x in p]) not in {_show([x for _, x in q])
-                                                      for q in parts[:j]}])
+        axes.append([p for j, p in enumerate(parts)
+                     if _key(p) not in {_key(q) for q in parts[:j]}])
     return [dict(item for part in combo for item in part) for combo in itertools.product(*axes)]
 
   def tags(self, name: str, point: dict) -> dict[str, str]:
@@ -546,15 +552,13 @@ def markdown(board: dict) -> str:
                              f"by all (pretraining, the Retrain oracle).{note}")
 
 
-_TEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"}
+_TEX = {**{c: "\\" + c for c in "&%$#_{}"}, "\\": r"\textbackslash{}",
+        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--"}
 
 
 def _tex(text: str) -> str:
-  """`text` with LaTeX's special characters escaped (`~`, `^`, `\\` spelled out)."""
-  text = str(text).replace("\\", r"\textbackslash{}")
-  text = "".join(_TEX_SPECIAL.get(c, c) for c in text)
-  return (text.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}")
-          .replace("±", r"$\pm$").replace("–", "--"))
+  """`text` with LaTeX's special characters escaped, in one pass."""
+  return "".join(_TEX.get(c, c) for c in str(text))
 
 
 def _best(rows: list[dict], key: str) -> float | None:
@@ -592,9 +596,13 @@ def latex(board: dict) -> str:
               for f in swept]
     trainable = f"{row['num_trainable']:,}".replace(",", "{,}") if row.get("num_trainable") \
         else "--"
+    mark = "*" if _incomplete(row) else ""
     lines.append(" & ".join([_tex(row.get("method", name)), *values, *cells, trainable,
-                             _tex(_cell(row["seconds"]))]) + r" \\")
+                             _tex(_cell(row["seconds"])) + mark]) + r" \\")
   lines += [r"\bottomrule", r"\end{tabular}"]
+  if any(_incomplete(r) for r in rows):  # after the tabular: LaTeX ignores it as a comment
+    lines.append("% *: an attempt of this run ended without recording its time; seconds of "
+                 "the recorded attempts only")
   return "\n".join(lines)
 
 
@@ -607,8 +615,11 @@ def plot(board: dict, path: str, title: str | None = None) -> None:
   """Grouped bars: one group per headline metric, one bar per method (or run), std as
   error bars; `title` defaults to the family and seeds."""
   head, names = board["headline"], list(board["methods"])
-  # ~0.3 in per bar, at most 16 in wide (12 methods x 4 metrics used to take 36 in).
-  fig = report.figure(figsize=(min(16, max(6, 0.3 * len(head) * max(1, len(names)) + 2)), 4))
+  # ~0.3 in per bar, at most 16 in wide (12 methods x 4 metrics used to take 36 in), and
+  # room for the legend beside the axes (~0.06 in per character of its longest name).
+  legend = 0.06 * max(map(len, names), default=0) + 0.6
+  fig = report.figure(figsize=(min(16 + legend, max(6, 0.3 * len(head) * max(1, len(names))
+                                                    + 2) + legend), 4))
   ax = fig.add_subplot(1, 1, 1)
   width = 0.8 / max(1, len(names))
   for j, name in enumerate(names):
@@ -638,6 +649,18 @@ def _numeric(values) -> bool:
   return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+def _x_field(board: dict) -> tuple[str | None, list[str]]:
+  """The swept field `plot_sweep` draws along (the first whose values are numbers, one
+  whose values do not repeat when there is one) and the fields swept in pairs with it that
+  change along its lines (none when its values repeat: then they tell lines apart)."""
+  sweep = board.get("sweep") or {}
+  numeric = [f for f, values in sweep.items() if _numeric(values)]
+  unique = lambda f: len({_key(v) for v in sweep[f]}) == len(sweep[f])
+  field = next((f for f in numeric if unique(f)), numeric[0] if numeric else None)
+  pair = next((p for p in board.get("zipped", []) if field in p), [field])
+  return field, [f for f in pair if f != field] if field and unique(field) else []
+
+
 def plot_sweep(board: dict, path: str) -> bool:
   """For a sweep with a field whose values are numbers (the first such field): each
   headline metric against that field, one line per method (and values of the other swept
@@ -645,14 +668,13 @@ def plot_sweep(board: dict, path: str) -> bool:
   Returns whether it drew; when it did not (no sweep, no field of numbers), a plot left at
   `path` by an earlier compare is removed, as it no longer matches the leaderboard."""
   sweep = board.get("sweep") or {}
-  field = next((f for f, values in sweep.items() if _numeric(values)), None)
+  field, others = _x_field(board)
   if field is None:
     if os.path.exists(path):
       os.remove(path)
     return False
   head = board["headline"]
-  partners = next((f for f in board.get("zipped", []) if field in f), [field])
-  others = [f for f in partners if f != field]
+  partners = [field, *others]
   lines: dict[str, list] = {}  # legend label -> [(x, row)]
   for name, row in board["methods"].items():
     point = dict(row.get("values", {}))

@@ -621,7 +621,8 @@ class Run:
     self._clock, self._seconds_before = time.time(), 0.0
     self._steps_this_attempt, self._finished_seconds = 0, None
     results = os.path.join(self.workdir, "results.json")
-    if self.is_main and os.path.exists(results):
+    self._was_finished = os.path.exists(results)  # (the first process removes it below)
+    if self.is_main and self._was_finished:
       try:  # a rerun of a finished run keeps its wall time (`write_results`)
         with open(results) as f:
           self._finished_seconds = json.load(f).get("wall_seconds")
@@ -658,7 +659,7 @@ class Run:
     self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, "stopped_clocks": {}, **meta}
     self._seconds_before = float(self.meta["seconds"])
     step = int(state.step)
-    if self._finished_seconds is not None:  # its results.json is there
+    if self._was_finished:
       log.info("resumed from %s at step %d: the run had finished; its results are presented "
                "again", self.checkpointer.directory, step)
     else:

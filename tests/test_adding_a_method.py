@@ -113,6 +113,10 @@ sections = gs_lora.sections
 present = gs_lora.present
 
 
+def validate(config):
+  gs_lora.validate(config, variant=True)
+
+
 def loss(model, scale, grouping, **kwargs):
   inner = gs_lora.make_loss(model, scale, grouping, **kwargs)
 
@@ -149,6 +153,6 @@ def test_a_gs_lora_variant_through_run_s_hooks_is_gs_lora_with_its_own_loss(
   strip = lambda rs: [{k: v for k, v in r.items() if "loss" in k or (
       k.startswith("ce_") and k != "ce_forget_logged_twice")} for r in rs if "ce_forget" in r]
   assert strip(want) and strip(records) == strip(want)
-  config.gs_lora.bound = -1.0  # the GS-LoRA fields are checked for a variant too
+  config.gs_lora.bound = -1.0  # the GS-LoRA fields are checked for a variant too, up front
   with pytest.raises(ConfigError, match=r"gs_lora\.bound"):
-    methods.run(config, str(tmp_path / "bad"))
+    methods.check(config)

@@ -221,6 +221,8 @@ def test_the_latex_leaderboard_bolds_the_best_mean_by_each_metric_s_direction():
   assert lines[5] == (r"x\&y & 0.1 & \textbf{91.00 $\pm$ 0.00} & \textbf{1.00 $\pm$ 0.00} & "
                       r"50.00 & \textbf{2.00} & 1{,}234{,}567 & 3.00 \\")
   assert lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
+  assert compare._tex("a\\b_{c} ~^") == (r"a\textbackslash{}b\_\{c\} \textasciitilde{}"
+                                           r"\textasciicircum{}")
 
 
 def test_a_refused_run_leaves_no_empty_method_folder(tmp_path, monkeypatch):

@@ -270,3 +270,23 @@ def test_a_method_that_reads_one_field_of_a_pair_runs_each_of_its_values_once(tm
   runs = [(m, os.path.relpath(wd, tmp_path)) for m, wd, _ in recorded]
   assert runs == [("gs_lora", f"gs_lora/gs_lora.bound={b}/seed_0") for b in (1.0, 2.0, 3.0)] + [
       ("cf_ft", "cf_ft/cf_ft.lr=0.0001/seed_0"), ("cf_ft", "cf_ft/cf_ft.lr=0.0002/seed_0")]
+
+
+def test_the_sweep_plot_runs_along_a_field_whose_paired_values_do_not_repeat():
+  board = lambda sweep, zipped: {"sweep": sweep, "zipped": zipped}
+  # ks.beta repeats within the pairs: the lines run along ks.bound, ks.beta changing on them.
+  assert compare._x_field(board({"ks.beta": [0.1, 0.1], "ks.bound": [1.0, 2.0]},
+                                [["ks.beta", "ks.bound"]])) == ("ks.bound", ["ks.beta"])
+  # No numeric field is free of repeats: the first, its partner telling the lines apart.
+  assert compare._x_field(board({"ks.beta": [0.1, 0.1], "x": ["a", "b"]},
+                                [["ks.beta", "x"]])) == ("ks.beta", [])
+  assert compare._x_field(board({"x": ["a"]}, [])) == (None, [])
+
+
+def test_string_values_with_commas_are_told_apart(tmp_path, recorded):
+  """("a,b", "c") and ("a", "b,c") print alike but are two pairs."""
+  config = load_config("demo", "runlocal")
+  sweep = {"ks.aux_batches,data.resample": [("a,b", "c"), ("a", "b,c")]}
+  grid = compare._Sweep(config, sweep, ["lbf"], str(tmp_path))  # not "given twice"
+  assert grid.points("lbf") == [{"ks.aux_batches": "a,b", "data.resample": "c"},
+                                {"ks.aux_batches": "a", "data.resample": "b,c"}]

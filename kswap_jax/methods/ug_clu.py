@@ -1208,7 +1208,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   oracle_dir = (config.oracle.workdir or os.path.join(os.path.abspath(workdir), "oracle")) \
       if use_oracle else None
   if oracle_dir:
-    train.check_writable(oracle_dir, "oracle.workdir")
+    if not os.path.exists(os.path.join(oracle_dir, "results.json")):  # else only read
+      train.check_writable(oracle_dir, "oracle.workdir")
     _check_oracle_record(config, oracle_dir)  # an oracle of another config: refused now
   common.note_conversion(config, [train_src, test_src])  # before Run: a dry run says it too
   run_ = train.Run(workdir, config)
@@ -1387,7 +1388,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       continue
     # Stopped, in the checkpoint meta: a rerun after a stop in the oracle's training (the
     # stage is saved before it) reads the stage's training time, not a clock that ran on.
-    seconds = run_.stage_seconds(plan.name, stop=True)
+    seconds = run_.meta.get("trained_seconds", {}).get(plan.name)  # an older checkpoint's
+    seconds = run_.stage_seconds(plan.name, stop=True) if seconds is None else seconds
     m, probs_u = stage_metrics(outputs(state, frozen, [plan]), plan, tasks)
     if use_oracle and (plan.unlearns or config.oracle.stages == "all"):
       if oracle_results is None:
