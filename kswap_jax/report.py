@@ -91,6 +91,10 @@ def stage_table(results: dict) -> str:
         line = " " * len("final:")
       line += " " + entry
     rows.append(line)
+  if any(isinstance(s.get("h_mean"), (int, float)) and s["h_mean"] < 0
+         for s in [*stages, final]):
+    rows.append("H-Mean < 0: the forget accuracy rose (D = Acc_f before - Acc_f < 0); read "
+                "H-Mean with D (docs/metrics.md)")
   return "\n".join(rows)
 
 

@@ -97,3 +97,12 @@ def test_runs_in_a_plot_are_named_by_the_shortest_path_ends_that_tell_them_apart
   assert report._short_names(["w/beta_0.2", "w/beta_0.3"]) == ["beta_0.2", "beta_0.3"]
   assert report._short_names(["a/x/run", "b/x/run/"]) == ["a/x/run", "b/x/run"]
   assert report._short_names(["run", "run"]) == ["run", "run"]  # the same path twice
+
+
+def test_a_negative_h_mean_is_explained_below_the_stage_table():
+  results = {"method": "lbf", "stages": [{"name": "forget", "acc_f": 30.0, "h_mean": -9.0}],
+             "final": {"acc_f": 30.0, "h_mean": -9.0}}
+  lines = report.stage_table(results).splitlines()
+  assert lines[-1].startswith("H-Mean < 0: the forget accuracy rose")
+  results["final"]["h_mean"] = results["stages"][0]["h_mean"] = 9.0
+  assert "H-Mean < 0" not in report.stage_table(results)
