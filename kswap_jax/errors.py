@@ -43,14 +43,17 @@ class DryRunComplete(Exception):
 
 
 def require_number(value, field: str, kind=float, strict: bool = False):
-  """`kind(value)` if `value` is a number (not a bool, not NaN) > 0 (`strict`) or >= 0;
-  else a ConfigError naming `field`."""
+  """`kind(value)` if `value` is a finite number (not a bool, not NaN or infinite) > 0
+  (`strict`) or >= 0; else a ConfigError naming `field` (an infinite weight or bound would
+  stop the run at its first step with an infinite loss)."""
   try:
     number = math.nan if isinstance(value, bool) else kind(value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"{field}: expected a number, got {value!r}") from None
-  if not (number > 0 if strict else number >= 0):  # NaN fails both
-    raise ConfigError(f"{field}: expected a value {'>' if strict else '>='} 0, got {value!r}")
+  except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
+    what = "a finite number" if isinstance(e, OverflowError) else "a number"
+    raise ConfigError(f"{field}: expected {what}, got {value!r}") from None
+  if not (number > 0 if strict else number >= 0) or math.isinf(number):  # NaN fails both
+    raise ConfigError(f"{field}: expected a {'finite ' if math.isinf(number) else ''}value "
+                      f"{'>' if strict else '>='} 0, got {value!r}")
   return number
 
 

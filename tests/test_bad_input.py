@@ -645,10 +645,14 @@ def test_config_listing_help_and_unknown_method(capsys):
   assert capsys.readouterr().err.startswith("error: unknown option --foo")
 
 
-@pytest.mark.parametrize("value", [-1.0, float("nan"), "x", True])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "x", True, float("inf")])
 def test_a_loss_weight_must_be_a_number_at_least_zero(value):
   from kswap_jax.errors import ConfigError, require_nonnegative  # pylint: disable=import-outside-toplevel
-  expected = "a number" if value == "x" else "a value >= 0"
+  expected = ("a number" if value == "x" else "a finite value >= 0" if value == float("inf")
+              else "a value >= 0")
   with pytest.raises(ConfigError, match=rf"^ks\.beta: expected {expected}, got "):
     require_nonnegative(value, "ks.beta")
   assert require_nonnegative(0, "ks.beta") == 0.0 and require_nonnegative(2.5, "x") == 2.5
+  from kswap_jax.errors import require_number  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=r"^n: expected a finite number, got inf$"):
+    require_number(float("inf"), "n", int)  # int(inf) overflows: one line, not a traceback
