@@ -129,8 +129,8 @@ def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
 
 def _show(value) -> str:
   """A swept value as written on the command line (tuples as `(0,1)`)."""
-  if isinstance(value, (tuple, list)):
-    return "(" + ",".join(_show(v) for v in value) + ")"
+  if isinstance(value, (tuple, list)):  # a one-item tuple as Python writes it: (0.2,)
+    return "(" + ",".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
   return str(value)
 
 
@@ -503,6 +503,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   log.info("leaderboard written to %s.{md,tex,json,png}", os.path.join(workdir, "leaderboard"))
   if plot_sweep(board, os.path.join(workdir, "sweep.png")):
     log.info("the metrics against the swept values: %s", os.path.join(workdir, "sweep.png"))
+  elif grid.sweep:
+    log.info("no sweep.png: no swept field has two or more numbers for values (a tuple, "
+             "e.g. a per-task list, or a string is not an axis); the leaderboard has them")
   return board
 
 
@@ -650,11 +653,14 @@ def _numeric(values) -> bool:
 
 
 def _x_field(board: dict) -> tuple[str | None, list[str]]:
-  """The swept field `plot_sweep` draws along (the first whose values are numbers, one
-  whose values do not repeat when there is one) and the fields swept in pairs with it that
-  change along its lines (none when its values repeat: then they tell lines apart)."""
+  """The swept field `plot_sweep` draws along (None: no field has two or more numbers for
+  values; else the first such, one whose values do not repeat when there is one) and the
+  fields swept in pairs with it that change along its lines (none when its values repeat:
+  then they tell lines apart)."""
   sweep = board.get("sweep") or {}
-  numeric = [f for f, values in sweep.items() if _numeric(values)]
+  # A line needs two values at least (a paired field may repeat one throughout).
+  numeric = [f for f, values in sweep.items()
+             if _numeric(values) and len({_key(v) for v in values}) > 1]
   unique = lambda f: len({_key(v) for v in sweep[f]}) == len(sweep[f])
   field = next((f for f in numeric if unique(f)), numeric[0] if numeric else None)
   pair = next((p for p in board.get("zipped", []) if field in p), [field])

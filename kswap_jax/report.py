@@ -395,6 +395,7 @@ def main(argv=None) -> int:
     return _leaderboard(workdir, board)
   try:
     results = _results(workdir)
+    before = _plots(workdir)
     try:
       text = present(results, workdir)
     except OSError as e:  # its plots
@@ -406,10 +407,16 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(text)
-  plots = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
-  if plots:
-    print(f"plots: {', '.join(plots)} (in {workdir})")
+  written = sorted(f for f, stamp in _plots(workdir).items() if before.get(f) != stamp)
+  if written:
+    print(f"plots: {', '.join(written)} (in {workdir})")
   return 0
+
+
+def _plots(workdir: str) -> dict[str, int]:
+  """{file name: modification time in ns} of the PNG files in `workdir`."""
+  return {f: os.stat(os.path.join(workdir, f)).st_mtime_ns for f in os.listdir(workdir)
+          if f.endswith(".png")}
 
 
 def _leaderboard(workdir: str, path: str) -> int:

@@ -278,9 +278,14 @@ def test_the_sweep_plot_runs_along_a_field_whose_paired_values_do_not_repeat():
   assert compare._x_field(board({"ks.beta": [0.1, 0.1], "ks.bound": [1.0, 2.0]},
                                 [["ks.beta", "ks.bound"]])) == ("ks.bound", ["ks.beta"])
   # No numeric field is free of repeats: the first, its partner telling the lines apart.
-  assert compare._x_field(board({"ks.beta": [0.1, 0.1], "x": ["a", "b"]},
+  assert compare._x_field(board({"ks.beta": [0.1, 0.1, 0.2], "x": ["a", "b", "c"]},
                                 [["ks.beta", "x"]])) == ("ks.beta", [])
+  # One number throughout, tuples (per-task lists), strings: no axis, no plot.
+  assert compare._x_field(board({"ks.beta": [0.1, 0.1], "x": ["a", "b"]},
+                                [["ks.beta", "x"]])) == (None, [])
+  assert compare._x_field(board({"gs_lora.beta": [[0.2], [0.5]]}, [])) == (None, [])
   assert compare._x_field(board({"x": ["a"]}, [])) == (None, [])
+  assert compare._show((0.2,)) == "(0.2,)" and compare._show((0, 1)) == "(0,1)"
 
 
 def test_string_values_with_commas_are_told_apart(tmp_path, recorded):
