@@ -255,7 +255,7 @@ class _Sweep:
       changing = {f: v for f, v in point.items()
                   if _shared_difference(work, config_for({**point, f: _get(base, f)}), at)}
       if _shared_difference(work, config_for(changing), at):
-        changing = {f: v for f, v in point.items() if _show(v) != _show(_get(base, f))}
+        changing = {f: v for f, v in point.items() if _key(v) != _key(_get(base, f))}
       out[work] = _slug(changing)
     return out
 
@@ -493,20 +493,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
     return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
-  table = markdown(board)
-  with open(os.path.join(workdir, "leaderboard.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
-    f.write(latex(board) + "\n")
-  plot(board, os.path.join(workdir, "leaderboard.png"))
-  print(table, flush=True)
+  drawn = write_views(board, workdir)
+  print(markdown(board), flush=True)
   log.info("leaderboard written to %s.{md,tex,json,png}", os.path.join(workdir, "leaderboard"))
-  if plot_sweep(board, os.path.join(workdir, "sweep.png")):
+  if drawn:
     log.info("the metrics against the swept values: %s", os.path.join(workdir, "sweep.png"))
   elif grid.sweep:
     log.info("no sweep.png: no swept field has two or more numbers for values (a tuple, "
              "e.g. a per-task list, or a string is not an axis); the leaderboard has them")
   return board
+
+
+def write_views(board: dict, workdir: str) -> bool:
+  """A leaderboard's views in `workdir`: `leaderboard.md`, `leaderboard.tex`,
+  `leaderboard.png` and `sweep.png` (`plot_sweep`); returns whether `sweep.png` was drawn.
+
+  Raises:
+    OSError: a file cannot be written.
+  """
+  with open(os.path.join(workdir, "leaderboard.md"), "w") as f:
+    f.write(markdown(board) + "\n")
+  with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
+    f.write(latex(board) + "\n")
+  plot(board, os.path.join(workdir, "leaderboard.png"))
+  return plot_sweep(board, os.path.join(workdir, "sweep.png"))
 
 
 def _remove_empty(workdir: str, run_name: str) -> None:
@@ -770,7 +780,7 @@ def _pop_sweeps(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]
     if not (all(fields) and eq and values):
       raise ConfigError(f"{a}: expected --sweep=FIELD=V1,V2,... (e.g. --sweep=ks.beta=0.1,0.2; "
                         f"tuples in brackets: --sweep=swap.forget_classes=(0,1),(2,3); fields "
-                        f"together: --sweep=ks.alpha,ks.beta=(0.1,0.2),(0.2,0.4))")
+                        f"in pairs: --sweep=ks.beta,group_lasso.alpha=(0.1,0.01),(0.2,0.02))")
     for field in fields:
       if fields.count(field) > 1 or any(field in f.split(",") for f, _ in sweeps):
         raise ConfigError(f"--sweep: {field} given twice (give all its values in one flag)")

@@ -432,13 +432,10 @@ def _leaderboard(workdir: str, path: str) -> int:
     return 2
   print(table)
   try:
-    with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
-      f.write(compare.latex(board) + "\n")
-    compare.plot(board, os.path.join(workdir, "leaderboard.png"))
-    compare.plot_sweep(board, os.path.join(workdir, "sweep.png"))
+    compare.write_views(board, workdir)
   except OSError as e:
-    print(f"error: {workdir}: cannot write the leaderboard's LaTeX table and plots there "
-          f"({e})", file=sys.stderr)
+    print(f"error: {workdir}: cannot write the leaderboard's tables and plots there ({e})",
+          file=sys.stderr)
     return 2
   run = "<method>/<field>=<value>[,...]" if board.get("sweep") else "<method>"
   print(f"each run's own tables: python -m kswap_jax.report {workdir}/{run}/seed_<s>")

@@ -947,12 +947,9 @@ def check_writable(workdir: str, field: str = "--workdir") -> None:
   above = os.path.abspath(workdir)
   while not os.path.exists(above) and os.path.dirname(above) != above:
     above = os.path.dirname(above)
-  if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
-    raise ConfigError(f"{field} {workdir}: not a writable folder ({above} cannot be "
-                      f"written into)")
   try:
     os.rmdir(tempfile.mkdtemp(prefix=".kswap_jax_probe_", dir=above))
-  except OSError as e:
+  except OSError as e:  # not a folder, not writable, or no folder can be made there
     raise ConfigError(f"{field} {workdir}: not a writable folder ({above}: "
                       f"{e.strerror or e})") from None
 

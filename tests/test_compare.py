@@ -196,7 +196,7 @@ def test_report_on_a_compare_workdir_prints_the_leaderboard(tmp_path, capsys):
   (tmp_path / "leaderboard.tex").mkdir()  # cannot be written: the table, then one line
   assert report.main([str(tmp_path)]) == 2
   assert capsys.readouterr().err.startswith(
-      f"error: {tmp_path}: cannot write the leaderboard's LaTeX table and plots there (")
+      f"error: {tmp_path}: cannot write the leaderboard's tables and plots there (")
 
 
 def test_the_latex_leaderboard_bolds_the_best_mean_by_each_metric_s_direction():
