@@ -242,7 +242,15 @@ def _print_command_line(flags: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   lines = [f"# python run.py {shlex.join(flags)}  (method={config.method})"]
-  lines += [f"{field} = {value!r}" for field, value in flatten(config)]
+  unread = methods.unread_sections(config.to_dict())
+  fields = flatten(config)
+  lines += [f"{field} = {value!r}" for field, value in fields
+            if field.split(".")[0] not in unread]
+  if unread:  # the family's other sections, for `compare`: listed last, apart
+    lines += ["", f"# read by other methods of the family ({config.method} does not read "
+              f"them; python -m kswap_jax.compare does): {', '.join(sorted(unread))}"]
+    lines += [f"{field} = {value!r}" for field, value in fields
+              if field.split(".")[0] in unread]
   return _write("\n".join(lines) + "\n")
 
 

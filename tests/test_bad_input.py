@@ -563,6 +563,17 @@ def test_config_prints_what_a_command_line_runs(capsys):
       "(method=ug_clu)" in lines[0]
   assert "seed = 4" in lines and "model.name = 'resnet18_cifar'" in lines
   assert "learn.iterations = 6" in lines  # the file's runlocal value, not the default
+  header = next(i for i, line in enumerate(lines) if line.startswith("# read by other"))
+  assert any(line.startswith("clu.") for line in lines[:header]) and \
+      any(line.startswith("salun.") for line in lines[header:])  # the baselines' sections
+  assert config.main(["--config=gs_lora_digits"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("# read by other"))
+  sections = lambda part: {line.split(".")[0] for line in part if " = " in line}
+  assert {"gs_lora", "tasks", "lora", "data"} <= sections(lines[:header])
+  assert not any(s.startswith("cf") for s in sections(lines[:header]))
+  assert sections(lines[header:]) == set(lines[header].split(": ")[-1].split(", ")) and \
+      {"cf", "cf_ft", "cf_scrub_s"} <= sections(lines[header:])
   for argv, said in ((["--config=demo", "--config.seed=-1"], "error: seed: expected an int"),
                      (["--config=demo", "--config.sed=1"], "error: --config.sed: "),
                      (["--config=demo", "--config.init.kind=npz"], "error: init.checkpoint: ")):
