@@ -156,3 +156,29 @@ def test_a_gs_lora_variant_through_run_s_hooks_is_gs_lora_with_its_own_loss(
   config.gs_lora.bound = -1.0  # the GS-LoRA fields are checked for a variant too, up front
   with pytest.raises(ConfigError, match=r"gs_lora\.bound"):
     methods.check(config)
+
+
+def test_a_gs_lora_forget_term_replaces_the_bounded_term_under_beta(tmp_path, tmp_path_factory):
+  """`gs_lora.run(..., forget_term=f)`: the loss is CE_r + beta·f(logits_f, forget batch)
+  + the rest. Twice the bounded term at beta trains as GS-LoRA at 2·beta (both products
+  are exact), and the term is logged; a term the run ignored would train at beta."""
+  from kswap_jax import losses  # pylint: disable=import-outside-toplevel
+  from kswap_jax.methods import gs_lora  # pylint: disable=import-outside-toplevel
+  config = method_config("gs_lora_casia100", "runlocal", str(tmp_path_factory.getbasetemp()))
+  bound = float(config.gs_lora.bound)
+  twice = lambda logits, b: 2.0 * losses.bounded_forgetting(
+      losses.cross_entropy(logits, b["label"], b["mask"]), bound)
+  results = gs_lora.run(config, str(tmp_path / "term"), forget_term=twice)
+  config.gs_lora.beta = tuple(2.0 * b for b in config.gs_lora.beta)
+  reference = methods.run(config, str(tmp_path / "beta"))
+  assert results["final"] == reference["final"]
+  read = lambda run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+  records, want = read("term"), read("beta")
+  logged = [r for r in records if "forget_term" in r]
+  assert logged and all(r["forget_term"] == pytest.approx(2.0 * max(bound - r["ce_forget"], 0.0),
+                                                          rel=1e-5, abs=1e-6) for r in logged)
+  strip = lambda rs: [{k: v for k, v in r.items() if "loss" in k or k.startswith("ce_")}
+                      for r in rs if "ce_forget" in r]
+  assert strip(want) and strip(records) == strip(want)
+  with pytest.raises(TypeError, match="loss or forget_term"):
+    gs_lora.run(config, str(tmp_path / "both"), loss=gs_lora.make_loss, forget_term=twice)

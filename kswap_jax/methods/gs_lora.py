@@ -24,6 +24,7 @@ References: Zhao et al., arXiv 2403.11530 (GS-LoRA); arXiv 2501.09705 (GS-LoRA++
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -127,12 +128,16 @@ def head_logits(model: vit.VisionTransformer, base: lora.Tree, embedding: jax.Ar
 
 
 def make_loss(model, scale: float, grouping: str, *, bound: float, penalty: bool,
-              prototype: ml_collections.ConfigDict | None):
+              prototype: ml_collections.ConfigDict | None,
+              forget_term: Callable[[jax.Array, dict], jax.Array] | None = None):
   """loss_fn(lora, frozen, batch, rng, hparams) over batches {"retain", "forget"}.
 
   `frozen` = {"base": this task's merged base, "prototypes": (classes, dim)}; `hparams`
   carries the per-task and per-epoch weights "beta", "alpha" (penalty mode) and
   "pro_forget_weight" (GS-LoRA++), so one compiled step serves every task.
+  `forget_term(logits, batch)` (a variant's; the forget batch's logits and its "label" and
+  "mask") replaces the bounded forgetting term ReLU(bound − CE_f): the loss is then CE_r +
+  beta·forget_term + the Ω and prototype terms, and it is logged as "forget_term".
   """
   def loss_fn(params, frozen, batch, rng, hparams):
     base = frozen["base"]
@@ -142,12 +147,17 @@ def make_loss(model, scale: float, grouping: str, *, bound: float, penalty: bool
                                     rngs={"dropout": k}, features=True)
     e_r, e_f = embed(r, k_r), embed(f, k_f)
     ce_r = losses.cross_entropy(head_logits(model, base, e_r, r["label"]), r["label"], r["mask"])
-    ce_f = losses.cross_entropy(head_logits(model, base, e_f, f["label"]), f["label"], f["mask"])
+    logits_f = head_logits(model, base, e_f, f["label"])
+    ce_f = losses.cross_entropy(logits_f, f["label"], f["mask"])
     omega = group_lasso.group_lasso_penalty(params, grouping)
-    loss = ce_r + hparams["beta"] * losses.bounded_forgetting(ce_f, bound)
+    aux = {"ce_retain": ce_r, "ce_forget": ce_f, "omega": omega}
+    if forget_term is None:
+      loss = ce_r + hparams["beta"] * losses.bounded_forgetting(ce_f, bound)
+    else:
+      aux["forget_term"] = forget_term(logits_f, f)
+      loss = ce_r + hparams["beta"] * aux["forget_term"]
     if penalty:
       loss = loss + hparams["alpha"] * omega
-    aux = {"ce_retain": ce_r, "ce_forget": ce_f, "omega": omega}
     if prototype is not None:
       protos = frozen["prototypes"]
       kl_f = losses.prototype_kl(e_f, protos[f["label"]], f["mask"])
@@ -452,7 +462,8 @@ def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) ->
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | None = None,
-        loss: Callable | None = None) -> dict:
+        loss: Callable | None = None,
+        forget_term: Callable[[jax.Array, dict], jax.Array] | None = None) -> dict:
   """Runs `config.method` (gs_lora or gs_lora_pp) over the configured tasks; returns the
   results envelope (stages "pretrained", "task_1", ...).
 
@@ -460,9 +471,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | N
   `prototypes` (whether GS-LoRA++'s prototype term and its `frozen["prototypes"]` are
   used) and `loss`, a builder with `make_loss`'s signature whose loss_fn(lora, frozen,
   batch, rng, hparams) returns (loss, {name: value}); everything else is GS-LoRA's. The
-  logged terms are the builder's `aux`.
+  logged terms are the builder's `aux`. A variant that changes only the forgetting term
+  passes `forget_term(logits, batch)` instead (`make_loss`'s argument), weighted by beta.
   """
-  variant = prototypes is not None or loss is not None
+  variant = prototypes is not None or loss is not None or forget_term is not None
+  if loss is not None and forget_term is not None:
+    raise TypeError("gs_lora.run: pass loss or forget_term, not both (a loss of your own "
+                    "holds its forgetting term)")
+  if forget_term is not None:
+    loss = functools.partial(make_loss, forget_term=forget_term)
   validate(config, variant)
   g, ocfg = config.gs_lora, config.optim
   use_prototypes = (config.method == "gs_lora_pp") if prototypes is None else bool(prototypes)
