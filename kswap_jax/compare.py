@@ -369,6 +369,21 @@ def _summary(values: list[float | None]) -> dict:
           "n": int(arr.size)}
 
 
+def _folder(config: ml_collections.ConfigDict, workdir: str, name: str, point: dict) -> str:
+  """The folder (under the compare workdir) of method `name` at sweep `point`:
+  `<name>/<point's slug>`, or the plain run's `<name>` when the point's values are the
+  config's own (the same run: a plain compare's finished run is reused, and the other way
+  round), unless an earlier sweep already ran it in its own folder."""
+  own = os.path.join(name, _slug(point)) if point else name
+  base = _config_for(config, name, 0, workdir)
+  if not point or os.path.isdir(os.path.join(workdir, own)) or any(
+      _key(v) != _key(_get(base, f)) for f, v in point.items()):
+    return own
+  log.info("[compare] %s %s is the config's own run: it runs in (or is read from) %s",
+           name, _label(point), os.path.join(workdir, name))
+  return name
+
+
 class _Planned(NamedTuple):
   """One row of a compare: a method at a sweep point ({} without a sweep)."""
   method: str
@@ -414,7 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   given_workdir = workdir
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
   grid = _Sweep(config, sweep, names, workdir)
-  plan = [_Planned(name, point, os.path.join(name, _slug(point)) if point else name,
+  plan = [_Planned(name, point, _folder(config, workdir, name, point),
                    f"{name} {_label(point)}" if point else name, grid.tags(name, point))
           for name in names for point in grid.points(name)]
   folders = [p.folder for p in plan]

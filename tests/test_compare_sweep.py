@@ -114,9 +114,9 @@ def test_a_sweep_shares_the_oracle_unless_the_field_changes_it(tmp_path, recorde
               sweep={"unlearn.forget_alpha": [25.0, 10.0], "ft.lr": [0.01, 0.1]})
   runs = [(m, os.path.relpath(wd, tmp_path / "a")) for m, wd, _ in recorded]
   assert runs == [
-      ("ug_clu", "ug_clu/unlearn.forget_alpha=25.0/seed_0"),
+      ("ug_clu", "ug_clu/seed_0"),  # the config's own forget_alpha: the plain run's folder
       ("ug_clu", "ug_clu/unlearn.forget_alpha=10.0/seed_0"),
-      ("clu_ft", "clu_ft/ft.lr=0.01,unlearn.forget_alpha=25.0/seed_0"),  # fields sorted
+      ("clu_ft", "clu_ft/seed_0"),  # the config's own ft.lr and forget_alpha
       ("clu_ft", "clu_ft/ft.lr=0.1,unlearn.forget_alpha=25.0/seed_0"),
       ("clu_ft", "clu_ft/ft.lr=0.01,unlearn.forget_alpha=10.0/seed_0"),
       ("clu_ft", "clu_ft/ft.lr=0.1,unlearn.forget_alpha=10.0/seed_0")]
@@ -171,7 +171,7 @@ def test_a_plot_of_an_earlier_sweep_is_removed_when_the_new_board_has_none(tmp_p
     ({"ks.beta": [0.1, 0.1]}, r"--sweep: ks\.beta: 0\.1 given twice"),
     ({"ks.beta": ["high"]}, r"--sweep: ks\.beta='high': "),
     ({"gs_lora.beta": [0.1]}, r"--sweep: gs_lora\.beta: no such config field"),
-    ({"model.variant": ["test/4", "test_4"]}, r"two values would share the folder"),
+    ({"model.variant": ["x/4", "x_4"]}, r"two values would share the folder"),
     ({"ks.bound": [-1.0]}, r"^--sweep ks\.bound=-1\.0: ks\.bound: "),  # the method's own check
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, recorded, sweep, message):
@@ -269,7 +269,8 @@ def test_a_method_that_reads_one_field_of_a_pair_runs_each_of_its_values_once(tm
               sweep={"gs_lora.bound,cf_ft.lr": [(1.0, 1e-4), (2.0, 1e-4), (3.0, 2e-4)]})
   runs = [(m, os.path.relpath(wd, tmp_path)) for m, wd, _ in recorded]
   assert runs == [("gs_lora", f"gs_lora/gs_lora.bound={b}/seed_0") for b in (1.0, 2.0, 3.0)] + [
-      ("cf_ft", "cf_ft/cf_ft.lr=0.0001/seed_0"), ("cf_ft", "cf_ft/cf_ft.lr=0.0002/seed_0")]
+      ("cf_ft", "cf_ft/seed_0"),  # the config's own cf_ft.lr: the plain run's folder
+      ("cf_ft", "cf_ft/cf_ft.lr=0.0002/seed_0")]
 
 
 def test_the_sweep_plot_runs_along_a_field_whose_paired_values_do_not_repeat():
@@ -295,3 +296,26 @@ def test_string_values_with_commas_are_told_apart(tmp_path, recorded):
   grid = compare._Sweep(config, sweep, ["lbf"], str(tmp_path))  # not "given twice"
   assert grid.points("lbf") == [{"ks.aux_batches": "a,b", "data.resample": "c"},
                                 {"ks.aux_batches": "a", "data.resample": "b,c"}]
+
+
+def test_a_point_at_the_config_s_own_values_is_the_plain_run(tmp_path, recorded, caplog):
+  """A sweep value equal to the config's runs in (or is read from) the plain compare's
+  folder: the same run is not trained twice. A point that an earlier sweep ran in its own
+  folder keeps it."""
+  config = load_config("demo", "runlocal")
+  compare.run(config, str(tmp_path), ["lbf"], [0])
+  recorded.clear()
+  with caplog.at_level("INFO"):
+    board = compare.run(config, str(tmp_path), ["lbf"], [0],
+                        sweep={"ks.beta": [0.1, float(config.ks.beta)]})
+  assert [os.path.relpath(wd, tmp_path) for _, wd, _ in recorded] == ["lbf/ks.beta=0.1/seed_0"]
+  assert "is the config's own run" in caplog.text
+  own = f"lbf ks.beta={config.ks.beta}"
+  assert board["methods"][own]["acc_r"]["mean"] == pytest.approx(100.0 * config.ks.beta)
+  assert not (tmp_path / "lbf" / f"ks.beta={config.ks.beta}").exists()
+  earlier = tmp_path / "earlier"
+  (earlier / "lbf" / f"ks.beta={config.ks.beta}").mkdir(parents=True)
+  recorded.clear()
+  compare.run(config, str(earlier), ["lbf"], [0], sweep={"ks.beta": [float(config.ks.beta)]})
+  assert [os.path.relpath(wd, earlier) for _, wd, _ in recorded] == [
+      f"lbf/ks.beta={config.ks.beta}/seed_0"]
