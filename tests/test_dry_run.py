@@ -246,3 +246,70 @@ def test_gs_lora_from_a_random_model_is_warned_about_in_the_dry_run(tmp_path, ca
   assert any("init.kind=random: GS-LoRA trains LoRA only" in r.getMessage()
              for r in caplog.records)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module", name="zoo")
+def fixture_zoo(tmp_path_factory):
+  """A tfds dataset built from an image folder of ten named classes (ant .. jay), three
+  train and three test images each: the `data.old` of a config that names classes."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from kswap_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+  root, rng = tmp_path_factory.mktemp("zoo"), np.random.default_rng(0)
+  for name in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"):
+    (root / "images" / name).mkdir(parents=True)
+    for k in range(6):
+      Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+          root / "images" / name / f"{k}.png")
+  image_folder.build([root / "images"], "zoo", root / "tfds", test_fraction=0.5)
+  return dict(kind="tfds", name="zoo", data_dir=str(root / "tfds"))
+
+
+def _named_config(family: str, data: dict) -> ml_collections.ConfigDict:
+  if family == "knowledge_swap":
+    config = load_config("demo", "runlocal")
+    config.data.old = config.data.new = data
+    config.swap.num_old_classes = config.pretrain.num_classes = 6
+    config.swap.forget_classes = ("bee", "dog")
+    config.swap.learn_classes = ("hen,ibis",)  # as --config.swap.learn_classes=hen,ibis reads
+  elif family == "gs_lora":
+    config = load_config("gs_lora_casia100", "runlocal")
+    config.data.old = data
+    config.tasks.forget_classes = (("bee",), ("cat", 4), ("gnu",), ("jay",))
+  else:
+    config = load_config("ug_clu_digits", "runlocal")
+    config.data.old = data
+    config.clu.tasks = (("ant", "bee", "cat"), ("dog", "eel", 5))
+    config.clu.requests = ("learn:1", "learn:2", "forget:class:bee,3")
+  return config
+
+
+@pytest.mark.parametrize("family, said", [
+    ("knowledge_swap", ["split forget_train      6 images, classes 1 (bee), 3 (dog)",
+                        "split learn_train       6 images, classes 7 (hen), 8 (ibis)"]),
+    ("gs_lora", ["task 1: forget 1 (bee); ", "task 2: forget 2 (cat), 4 (eel); "]),
+    ("ug_clu", ["stage 3_forget         forget:class:bee,3           D_R     12  D_U      6"]),
+])
+def test_a_config_names_classes_by_the_data_s_class_names(zoo, family, said, tmp_path, caplog):
+  """Each family reads class names where it reads class ids (swap.*_classes,
+  tasks.forget_classes, clu.tasks and forget:class: requests), resolved against the data
+  (here an image folder's class folders); a name the data lacks is one line naming the
+  field and the nearest names."""
+  caplog.set_level(logging.INFO, logger="kswap_jax")
+  config = _named_config(family, zoo)
+  assert methods.run(config, str(tmp_path / "run"), dry_run=True) is None
+  lines = [r.getMessage() for r in caplog.records]
+  for line in said:
+    assert any(m.startswith(line) for m in lines), (line, lines)
+  assert not (tmp_path / "run").exists()
+  if family == "knowledge_swap":
+    config.swap.forget_classes = ("bee", "dgo")
+    field = r"swap\.forget_classes"
+  elif family == "gs_lora":
+    config.tasks.forget_classes = (("bee",), ("cat", 4), ("gnu",), ("jya",))
+    field = r"tasks\.forget_classes"
+  else:
+    config.clu.requests = ("learn:1", "learn:2", "forget:class:bee,dgo")
+    field = r"clu\.requests\[2\]: 'forget:class:bee,dgo'"
+  with pytest.raises(ConfigError, match=rf"^{field}: no class named '(dgo|jya)' in source "
+                                        rf"'zoo' \(10 classes; nearest: '(dog|jay)'"):
+    methods.run(config, str(tmp_path / "run"), dry_run=True)

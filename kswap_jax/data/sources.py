@@ -12,6 +12,8 @@ plus the attributes that splits and streams rely on:
     source.name        identifies the underlying dataset (same name + same labels = same data)
     source.image_shape (H, W, C) as stored, None where it varies (optional: what
                        `methods.common.note_conversion` reports)
+    source.class_names the name of each label (optional; tfds ClassLabel names, an image
+                       folder's class folders): configs may name classes by them
 
 Sources know nothing about forget / retain / learn; `splits.py` selects records from them
 and `streams.py` turns the selections into batches.
@@ -40,6 +42,7 @@ class ArraySource:
     labels: integer array (N,) with values in [0, num_classes).
     num_classes: size of the label space.
     name: dataset name; two sources with the same name and labels are the same data.
+    class_names: the name of each label (optional).
 
   Example:
     >>> source = ArraySource(np.zeros((4, 8, 8, 1), np.uint8), [0, 1, 0, 1], 2, "toy")
@@ -47,7 +50,8 @@ class ArraySource:
     1
   """
 
-  def __init__(self, images: np.ndarray, labels: Any, num_classes: int, name: str):
+  def __init__(self, images: np.ndarray, labels: Any, num_classes: int, name: str,
+               class_names: Any = None):
     images = np.asarray(images)
     if images.ndim == 3:
       images = images[..., None]
@@ -65,6 +69,10 @@ class ArraySource:
     self.num_classes = int(num_classes)
     self.name = name
     self.image_shape = tuple(images.shape[1:])
+    self.class_names = None if class_names is None else tuple(str(n) for n in class_names)
+    if self.class_names is not None and len(self.class_names) != self.num_classes:
+      raise ValueError(f"ArraySource '{name}': {len(self.class_names)} class names for "
+                       f"{num_classes} classes")
 
   def __len__(self) -> int:
     return self.labels.shape[0]
@@ -199,6 +207,7 @@ class SyntheticSource:
     self.name = (f"synthetic(seed={seed},classes={num_classes},size={image_size},"
                  f"channels={channels})")
     self.labels = np.arange(num_examples, dtype=np.int64) % num_classes
+    self.class_names = None
     up = _linear_upsample_matrix(self._GRID, image_size)
     coarse = np.stack([
         np.random.default_rng([self.seed, c]).uniform(size=(self._GRID, self._GRID,
@@ -337,6 +346,8 @@ class TfdsSource:
       raise ConfigError(f"{field}.label_key: {label_key!r} is not a ClassLabel feature of "
                         f"tfds dataset {name!r} (features: {', '.join(features.keys())})")
     self.num_classes = int(features[label_key].num_classes)
+    self.class_names = tuple(str(n) for n in getattr(features[label_key], "names", ()) or ()
+                             ) or None
     # (H, W, C) as stored; None where it varies (e.g. an image folder kept at full size).
     shape = tuple(getattr(features[image_key], "shape", ()) or ())
     self.image_shape = shape + (1,) if len(shape) == 2 else shape

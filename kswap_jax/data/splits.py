@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import functools
 from typing import Any, Iterable, Mapping
 
@@ -148,18 +149,98 @@ def same_data(a: Any, b: Any) -> bool:
                      and np.array_equal(np.asarray(a.labels), np.asarray(b.labels))))
 
 
-def _class_ids(cfg: Any, key: str) -> tuple[int, ...]:
-  """A tuple of ints from cfg.swap.<key> (None or missing -> empty)."""
-  value = cfg[key] if key in cfg else None
+def _as_id(text: str) -> int | None:
+  try:
+    return int(text)
+  except ValueError:
+    return None
+
+
+def class_ids(value: Any, field: str, source: Any = None) -> tuple[int, ...]:
+  """Class ids from a config value: an int, a name, or a tuple of them (None -> ()).
+
+  An int, or a string that reads as one ("3"), is a class id. Any other string names a
+  class of `source` (its `class_names`: a tfds dataset's ClassLabel names, an image
+  folder's class folders); a string that is no name but whose comma-separated parts all
+  are, "cat,dog" (as `--config.swap.forget_classes=cat,dog` arrives), names each part.
+  Ranges and duplicates are the caller's checks.
+
+  Args:
+    value: the config value.
+    field: the config field, named in errors.
+    source: the source whose label space the ids index (None: names are refused).
+
+  Raises:
+    ConfigError: naming the field, for a value that is neither ids nor names, a name where
+      the source has none, or a name the source does not have (with the nearest names).
+
+  Example:
+    >>> class_ids(("cat", 5), "swap.forget_classes", cifar10_train)
+    (3, 5)
+  """
   if value is None:
     return ()
-  if isinstance(value, (int, np.integer)):
+  if isinstance(value, (int, np.integer, str)):
     value = (value,)
-  try:
-    ids = tuple(int(v) for v in value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"swap.{key}: expected a tuple of int class ids, got {value!r}"
-                      ) from None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, Iterable):
+    raise ConfigError(f"{field}: expected class ids (ints) or class names, got {value!r}")
+  names = getattr(source, "class_names", None)
+  lookup = {n: i for i, n in enumerate(names or ())}
+  ids = []
+  for v in value:
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+      ids.append(int(v))
+      continue
+    if not isinstance(v, str):
+      raise ConfigError(f"{field}: expected class ids (ints) or class names, got {value!r}")
+    if _as_id(v.strip()) is not None:
+      ids.append(_as_id(v.strip()))
+      continue
+    if not names:
+      raise ConfigError(f"{field}: {v!r} names a class, but source "
+                        f"{getattr(source, 'name', '?')!r} has no class names; give class "
+                        f"ids (ints)")
+    parts = [v] if v in lookup else [p.strip() for p in v.split(",") if p.strip()]
+    for part in parts:
+      if part in lookup:
+        ids.append(lookup[part])
+      elif _as_id(part) is not None and len(parts) > 1:
+        ids.append(_as_id(part))
+      else:
+        near = difflib.get_close_matches(part, list(lookup), n=3)
+        shown = ", ".join(map(repr, near)) if near else ", ".join(map(repr, names[:5])) + (
+            ", ..." if len(names) > 5 else "")
+        raise ConfigError(f"{field}: no class named {part!r} in source {source.name!r} "
+                          f"({len(names)} classes; {'nearest' if near else 'e.g.'}: {shown})")
+  return tuple(ids)
+
+
+def names_classes(value: Any) -> bool:
+  """Whether a class field's value names a class (a string that is not an int): its ids
+  are known only once the source is read."""
+  items = value if isinstance(value, (tuple, list)) else (value,)
+  return any(isinstance(v, str) and _as_id(v.strip()) is None for v in items)
+
+
+def class_label(source: Any, class_id: int) -> str:
+  """`class_id`, with its name when the source has names: "3 (cat)"."""
+  names = getattr(source, "class_names", None)
+  return f"{class_id} ({names[class_id]})" if names and 0 <= class_id < len(names) else (
+      str(class_id))
+
+
+def classes_text(source: Any, ids: Iterable[int], limit: int = 8) -> str:
+  """`ids` as a log shows them, with names where the source has them, the first `limit`
+  of a longer list: "3 (cat), 5 (dog)", "0, 1, 2, ... (95 classes)"."""
+  ids = list(ids)
+  shown = ", ".join(class_label(source, c) for c in ids[:limit])
+  return shown + (f", ... ({len(ids)} classes)" if len(ids) > limit else "")
+
+
+def _class_ids(cfg: Any, key: str, source: Any) -> tuple[int, ...]:
+  """The class ids of cfg.swap.<key> (None or missing -> empty), names resolved against
+  `source`."""
+  ids = class_ids(cfg[key] if key in cfg else None, f"swap.{key}", source)
   duplicates = sorted(c for c, n in collections.Counter(ids).items() if n > 1)
   if duplicates:
     raise ConfigError(f"swap.{key}: duplicate class ids {duplicates}")
@@ -229,9 +310,9 @@ def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_tes
   if isinstance(num_old, bool) or not isinstance(num_old, (int, np.integer)) or num_old < 1:
     raise ConfigError(f"swap.num_old_classes: expected a positive int, got {num_old!r}")
   num_old = int(num_old)
-  forget = _class_ids(cfg, "forget_classes")
-  retain = _class_ids(cfg, "retain_classes")
-  learn = _class_ids(cfg, "learn_classes")
+  forget = _class_ids(cfg, "forget_classes", old_train)
+  retain = _class_ids(cfg, "retain_classes", old_train)
+  learn = _class_ids(cfg, "learn_classes", new_train)
   for key, ids in (("forget_classes", forget), ("learn_classes", learn)):
     if not ids:
       raise ConfigError(f"swap.{key}: expected at least one class id")

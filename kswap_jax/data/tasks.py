@@ -109,19 +109,12 @@ class ForgetTask:
     return tuple(sorted(self.forget + self.retain_with_data))
 
 
-def _ids(value: Any, field: str) -> tuple[int, ...]:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    value = (value,)
-  try:
-    return tuple(int(v) for v in value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"{field}: expected a tuple of int class ids, got {value!r}") from None
 
 
 def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
                order: Sequence[int] | None = None, forget_classes: Sequence[Any] = (),
                num_missing: int = 0, missing_classes: Sequence[int] = (),
-               field: str = "tasks") -> list[ForgetTask]:
+               field: str = "tasks", source: Any = None) -> list[ForgetTask]:
   """The validated task sequence.
 
   Either `per_task` > 0 (forget K classes per task from the end of `order`) or
@@ -137,6 +130,8 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
     num_missing: M, missing classes taken from the front of `order`.
     missing_classes: explicit missing class ids, overriding `num_missing`.
     field: config section named in errors (fields `<field>.<name>`).
+    source: the source the ids index; class names in `order`, `forget_classes` and
+      `missing_classes` are its `class_names` (`splits.class_ids`).
 
   Returns:
     T `ForgetTask`s.
@@ -158,7 +153,8 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
   num_classes, num_tasks = int(num_classes), int(num_tasks)
   if order is None or len(order) == 0:
     order = class_order(num_classes)
-  order = _ids(order, f"{field}.order")
+  read = lambda value, name: splits_lib.class_ids(value, f"{field}.{name}", source)
+  order = read(order, "order")
   if sorted(order) != list(range(num_classes)):
     twice = sorted({c for c in order if order.count(c) > 1})
     absent = sorted(set(range(num_classes)) - set(order))
@@ -168,7 +164,7 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
     raise ConfigError(f"{field}.order: expected a permutation of 0..{num_classes - 1}, got "
                       f"{len(order)} ids ({what})")
   if forget_classes:
-    lists = [_ids(v, f"{field}.forget_classes") for v in forget_classes]
+    lists = [read(v, "forget_classes") for v in forget_classes]
     if len(lists) != num_tasks:
       raise ConfigError(f"{field}.forget_classes: expected {num_tasks} tuples (one per task, "
                         f"{field}.num_tasks), got {len(lists)}")
@@ -197,7 +193,7 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
                           f"{t + 1}")
       seen[c] = t
   if missing_classes:
-    missing = _ids(missing_classes, f"{field}.missing_classes")
+    missing = read(missing_classes, "missing_classes")
     missing_field = f"{field}.missing_classes"
   else:
     if isinstance(num_missing, bool) or int(num_missing) != num_missing or num_missing < 0:
@@ -229,10 +225,10 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
   return tasks
 
 
-def tasks_from_config(cfg: Any, field: str = "tasks") -> list[ForgetTask]:
+def tasks_from_config(cfg: Any, field: str = "tasks", source: Any = None) -> list[ForgetTask]:
   """`make_tasks` from a config section with fields num_classes, num_tasks, per_task,
   order_seed (None = identity order), order (explicit, overrides the seed),
-  forget_classes, num_missing, missing_classes."""
+  forget_classes, num_missing, missing_classes; class names are `source`'s."""
   get = lambda k, d=None: cfg[k] if k in cfg and cfg[k] is not None else d
   num_classes = get("num_classes")
   if num_classes is None:
@@ -245,7 +241,7 @@ def tasks_from_config(cfg: Any, field: str = "tasks") -> list[ForgetTask]:
                     per_task=get("per_task", 0), order=order,
                     forget_classes=get("forget_classes", ()),
                     num_missing=get("num_missing", 0),
-                    missing_classes=get("missing_classes", ()), field=field)
+                    missing_classes=get("missing_classes", ()), field=field, source=source)
 
 
 def per_task(values: Any, num_tasks: int, field: str) -> tuple[float, ...]:

@@ -39,7 +39,7 @@ import optax
 from kswap_jax import checkpoint as ckpt_lib
 from kswap_jax import config as config_lib
 from kswap_jax import lora, losses, metrics, models, report, train
-from kswap_jax.data import streams
+from kswap_jax.data import splits, streams
 from kswap_jax.data import tasks as tasks_lib
 from kswap_jax.errors import ConfigError, require_int, require_nonnegative
 from kswap_jax.methods import common, continual, pretrain
@@ -337,7 +337,9 @@ def task_data(config: ml_collections.ConfigDict
   Raises:
     ConfigError: naming the field.
   """
-  task_list = tasks_lib.tasks_from_config(config.tasks)
+  src = common.load_sources(config.data, roles=("old",))
+  train_src, test_src = src["old_train"], src["old_test"]
+  task_list = tasks_lib.tasks_from_config(config.tasks, source=train_src)
   num_classes = int(config.tasks.num_classes)
   if num_classes > int(config.model.num_classes):
     raise ConfigError(f"tasks.num_classes: {num_classes} classes do not fit the "
@@ -345,8 +347,6 @@ def task_data(config: ml_collections.ConfigDict
   if config.init.kind == "pretrain" and pretrain.num_classes(config) != num_classes:
     raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)}, but the tasks "
                       f"start from a model of tasks.num_classes = {num_classes} classes")
-  src = common.load_sources(config.data, roles=("old",))
-  train_src, test_src = src["old_train"], src["old_test"]
   for source in (train_src, test_src):
     if source.num_classes > num_classes:
       raise ConfigError(f"tasks.num_classes: {num_classes}, but source {source.name!r} has "
@@ -360,7 +360,9 @@ def task_data(config: ml_collections.ConfigDict
 
 def log_tasks(task_list, subsets) -> None:
   for t, sub in enumerate(subsets):
-    log.info("task %d: forget %s; %s", t + 1, list(task_list[t].forget),
+    source = sub["forget_train"].source
+    log.info("task %d: forget %s; %s", t + 1,
+             splits.classes_text(source, task_list[t].forget),
              ", ".join(f"{k} {len(v)}" for k, v in sub.items()))
 
 

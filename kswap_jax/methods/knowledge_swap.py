@@ -218,6 +218,16 @@ def _is_pretraining(workdir: str) -> bool:
     return False
 
 
+def _check_head(config: ml_collections.ConfigDict, num_learn: int) -> int:
+  """The number of valid head rows, num_old + num_learn; ConfigError when the head is
+  smaller."""
+  num_valid = int(config.swap.num_old_classes) + num_learn
+  if num_valid > int(config.model.num_classes):
+    raise ConfigError(f"model.num_classes: head size {config.model.num_classes} cannot hold "
+                      f"{config.swap.num_old_classes} old + {num_learn} new classes")
+  return num_valid
+
+
 def validate(config: ml_collections.ConfigDict, order: tuple[str, str] | None = None) -> None:
   """The swap's fields' values, and the head an `.npz` start brings (no data read);
   ConfigError names the field. `order`: the stages' order of a method built on this
@@ -229,11 +239,8 @@ def validate(config: ml_collections.ConfigDict, order: tuple[str, str] | None = 
                      f"'learn'))")
   for field in ("learn_epochs", "forget_epochs"):
     require_int(config.ks[field], f"ks.{field}", 1)
-  num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
-  if num_valid > int(config.model.num_classes):
-    raise ConfigError(f"model.num_classes: head size {config.model.num_classes} cannot hold "
-                      f"{config.swap.num_old_classes} old + {len(config.swap.learn_classes)} "
-                      f"new classes")
+  if not splits.names_classes(config.swap.learn_classes):  # else counted once data is read
+    _check_head(config, len(splits.class_ids(config.swap.learn_classes, "swap.learn_classes")))
   if config.group_lasso.mode not in ("penalty", "proximal"):
     raise ConfigError(f"group_lasso.mode: {config.group_lasso.mode!r} (expected penalty or "
                       f"proximal)")
@@ -277,7 +284,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   order = tuple(order or STAGE_ORDER[method])
   make_loss = {**LOSSES, **(stage_losses or {})}
   ks, ocfg = config.ks, config.optim
-  num_valid = int(config.swap.num_old_classes) + len(config.swap.learn_classes)
   mesh = train.mesh_for(config)
 
   # Everything is validated before the workdir is touched or a pretraining run starts.
@@ -285,6 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   src = common.load_sources(config.data)
   subsets = splits.knowledge_swap_splits(src["old_train"], src["old_test"], src["new_train"],
                                          src["new_test"], config.swap)
+  num_valid = _check_head(config, len(subsets["learn_train"].label_map))
   stage_streams = make_streams(config, subsets, mesh, order)
   seed = int(config.seed)
   common.check_batch_size(int(config.eval.batch_size), "eval.batch_size", mesh)
@@ -299,7 +306,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               grouping)
 
   for name, subset in subsets.items():
-    log.info("split %-12s %6d images", name, len(subset))
+    log.info("split %-12s %6d images, classes %s", name, len(subset),
+             splits.classes_text(subset.source, subset.label_map))
   run_ = train.Run(workdir, config)
 
   # Frozen base (backbone + extended head) and the trainable LoRA tree.

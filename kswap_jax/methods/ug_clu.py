@@ -5,7 +5,8 @@ A run is a stream of requests over a class-incremental split of one dataset
 
     learn:T                 learn task T (replay fine-tuning on D_R ∪ D_L)
     forget:task:T           task-aware unlearning of a whole earlier task
-    forget:class:C1,C2      cross-task category unlearning (classes of any learned tasks)
+    forget:class:C1,C2      cross-task category unlearning (classes of any learned tasks;
+                            ids, or names of the data's classes: forget:class:cat,dog)
     forget:random:P         random-sample unlearning: the next chunk of a saved permutation
     learn:T+forget:...      a fused stage (UG-CLU only): learn and unlearn at once
 
@@ -174,8 +175,11 @@ def _field(i: int) -> str:
   return f"clu.requests[{i}]"
 
 
-def parse_requests(requests: Sequence[str], num_tasks: int) -> list[Request]:
-  """Parses `clu.requests` (syntax in the module docstring); ConfigError names the entry."""
+def parse_requests(requests: Sequence[str], num_tasks: int, source: Any = None
+                   ) -> list[Request]:
+  """Parses `clu.requests` (syntax in the module docstring); ConfigError names the entry.
+  Classes of `forget:class:` are ids or names of `source`'s classes; without a source
+  (the syntax check before the data is read) names are left as they are."""
   if isinstance(requests, str):
     requests = (requests,)
   out = []
@@ -190,14 +194,16 @@ def parse_requests(requests: Sequence[str], num_tasks: int) -> list[Request]:
         if kind == "task":
           arg = _task_id(bits[2], num_tasks, i, text)
         elif kind == "class":
-          try:
-            ids = [int(c) for c in bits[2].split(",") if c.strip()]
-          except ValueError:
-            raise ConfigError(f"{_field(i)}: {text!r}: class ids must be ints") from None
-          twice = sorted({c for c in ids if ids.count(c) > 1})
+          ids = []
+          for c in (c.strip() for c in bits[2].split(",") if c.strip()):
+            if source is None and splits.names_classes(c):
+              ids.append(c)  # a name: resolved with the data
+            else:
+              ids += splits.class_ids(c, f"{_field(i)}: {text!r}", source)
+          twice = sorted({c for c in ids if ids.count(c) > 1}, key=str)
           if twice:
             raise ConfigError(f"{_field(i)}: {text!r}: class {twice[0]} is listed twice")
-          arg = tuple(sorted(ids))
+          arg = tuple(sorted(ids, key=lambda c: (isinstance(c, str), c)))
           if not arg:
             raise ConfigError(f"{_field(i)}: {text!r}: the forget set is empty (no class)")
         else:
@@ -493,12 +499,15 @@ def _validate(config) -> None:
                       "substeps or clu.variant=B)")
 
 
-def _tasks(config, num_classes: int, train_labels: np.ndarray) -> tuple[tuple[int, ...], ...]:
+def _tasks(config, num_classes: int, train_src) -> tuple[tuple[int, ...], ...]:
+  """`clu.tasks` as class ids (names are `train_src`'s), checked against the head and the
+  training labels."""
   try:
-    tasks = tuple(tuple(int(x) for x in t) for t in config.clu.tasks)
-  except (TypeError, ValueError):
+    tasks = tuple(splits.class_ids(t, "clu.tasks", train_src) for t in config.clu.tasks)
+  except TypeError:
     raise ConfigError(f"clu.tasks: expected a tuple of tuples of class ids, got "
                       f"{config.clu.tasks!r}") from None
+  train_labels = np.asarray(train_src.labels)
   flat = [x for t in tasks for x in t]
   if not tasks or any(not t for t in tasks):
     raise ConfigError("clu.tasks: expected non-empty tasks")
@@ -1159,8 +1168,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   src = common.load_sources(config.data, roles=("old",))
   train_src, test_src = src["old_train"], src["old_test"]
   num_classes = int(config.model.num_classes)
-  tasks = _tasks(config, num_classes, np.asarray(train_src.labels))
-  requests = parse_requests(tuple(c.requests), len(tasks))
+  tasks = _tasks(config, num_classes, train_src)
+  requests = parse_requests(tuple(c.requests), len(tasks), train_src)
   initial_tasks = _initial_tasks(c.initial_tasks, len(tasks))
   if initial_tasks and config.init.kind == "random":
     raise ConfigError("clu.initial_tasks: a randomly initialised model knows no task "

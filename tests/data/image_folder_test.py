@@ -49,6 +49,7 @@ def test_split_layout_imagenet_prefix_roundtrip(split_root, tmp_path):
   for split in ("train", "test"):
     source = sources.TfdsSource("toy_swap", split, str(out))
     assert source.num_classes == 100 and len(source) == len(expected[split])
+    assert [source.class_names[int(cls.split("_")[0])] for cls in CLASSES] == list(CLASSES)
     np.testing.assert_array_equal(source.labels,
                                   [int(cls.split("_")[0]) for cls, _ in expected[split]])
     for i, (_, array) in enumerate(expected[split]):
@@ -68,6 +69,7 @@ def test_flat_layout_sorted_rank_grayscale_resized(tmp_path):
   image_folder.build([root], "toy_flat", out, channels=1, image_size=4)
   source = sources.TfdsSource("toy_flat", "train", str(out))
   assert source.num_classes == 3 and len(source) == 6
+  assert source.class_names == ("ant", "moose", "zebra")  # configs may name classes by them
   # A train split only: a config reading "test" is told how to get one.
   with pytest.raises(ConfigError, match=r"^data\.old\.test_split: unknown split 'test' .*"
                                         r"\(available: train\); .* --test_fraction F"):

@@ -134,3 +134,57 @@ def test_a_class_missing_from_one_split_names_that_split():
   with pytest.raises(ConfigError, match=r"^swap\.learn_classes: class ids \[4\] have no "
                                         r"records in source 'new' split 'test' \(16 records\)"):
     splits.knowledge_swap_splits(old_train, old_test, new_train, new_test, _swap_cfg())
+
+
+ANIMALS = ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay")
+
+
+def _named(num_classes, per_class, name, names):
+  labels = np.tile(range(num_classes), per_class)
+  return sources.ArraySource(np.zeros((labels.size, 2, 2, 1), np.uint8), labels,
+                             num_classes, name, class_names=names)
+
+
+def test_class_ids_read_ints_int_strings_and_the_source_s_class_names():
+  source = _named(10, 2, "zoo", ANIMALS)
+  ids = lambda value: splits.class_ids(value, "swap.forget_classes", source)
+  assert ids(None) == () and ids(4) == (4,) and ids("4") == (4,)
+  assert ids(("cat", 5, "7")) == (2, 5, 7)
+  assert ids("cat,dog") == (2, 3)  # how --config.swap.forget_classes=cat,dog arrives
+  assert ids(("cat,dog", "eel")) == (2, 3, 4)
+  comma = _named(3, 2, "commas", ("tench, Tinca tinca", "goldfish", "shark"))
+  assert splits.class_ids(("tench, Tinca tinca", "shark"), "f", comma) == (0, 2)  # whole name
+  assert splits.classes_text(source, (2, 3)) == "2 (cat), 3 (dog)"
+  assert splits.classes_text(source, range(10), limit=2) == "0 (ant), 1 (bee), ... (10 classes)"
+  assert splits.names_classes(("cat", 1)) and not splits.names_classes((1, "2"))
+  for value, said in (
+      ("kat", r"^swap\.forget_classes: no class named 'kat' in source 'zoo' \(10 classes; "
+              r"nearest: 'cat', 'ant'\)$"),
+      (("cat", "zebra"), r"no class named 'zebra' in source 'zoo' \(10 classes; e\.g\.: "
+                         r"'ant', 'bee', 'cat', 'dog', 'eel', \.\.\.\)$"),
+      (2.5, r"^swap\.forget_classes: expected class ids \(ints\) or class names, got 2\.5$"),
+      ((True,), r"expected class ids \(ints\) or class names")):
+    with pytest.raises(ConfigError, match=said):
+      ids(value)
+  with pytest.raises(ConfigError, match=r"^f: 'cat' names a class, but source 'old' has no "
+                                        r"class names; give class ids \(ints\)$"):
+    splits.class_ids(("cat",), "f", _source(10, 2, "old"))
+
+
+def test_knowledge_swap_splits_by_class_names_are_those_by_ids():
+  old_train, old_test = _named(10, 20, "zoo", ANIMALS), _named(10, 5, "zoo", ANIMALS)
+  new_train, new_test = _source(6, 8, "new"), _source(6, 4, "new")
+  by_ids = splits.knowledge_swap_splits(old_train, old_test, new_train, new_test, _swap_cfg())
+  by_names = splits.knowledge_swap_splits(old_train, old_test, new_train, new_test,
+                                          _swap_cfg(forget_classes=("cat", "fox")))
+  for name, subset in by_ids.items():
+    np.testing.assert_array_equal(by_names[name].indices, subset.indices)
+    assert by_names[name].label_map == subset.label_map
+  with pytest.raises(ConfigError, match=r"^swap\.learn_classes: 'cat' names a class, but "
+                                        r"source 'new' has no class names"):
+    splits.knowledge_swap_splits(old_train, old_test, new_train, new_test,
+                                 _swap_cfg(learn_classes=("cat",)))  # names of data.new
+  with pytest.raises(ConfigError, match=r"^swap\.retain_classes: class ids \[2\] are also in "
+                                        r"swap\.forget_classes"):
+    splits.knowledge_swap_splits(old_train, old_test, new_train, new_test,
+                                 _swap_cfg(retain_classes=("ant", 2)))

@@ -138,3 +138,19 @@ def test_task_splits_ratio_shots_and_test_sets():
   with pytest.raises(ConfigError, match=r"^tasks\.num_classes: the tasks use classes 10, 11, "
                                         r"but the data has 10 classes \(labels 0\.\.9\); set tasks\.num_classes to 10$"):
     tasks.task_splits(train, test, wide[0])
+
+
+def test_tasks_may_name_classes_by_the_source_s_class_names():
+  names = tuple(f"class_{c}" for c in range(10))
+  source = sources.ArraySource(np.zeros((10, 2, 2, 1), np.uint8), np.arange(10), 10, "named",
+                               class_names=names)
+  by_ids = tasks.make_tasks(num_classes=10, num_tasks=2, forget_classes=((1, 2), (3,)),
+                            missing_classes=(9,))
+  by_names = tasks.make_tasks(num_classes=10, num_tasks=2, source=source,
+                              forget_classes=(("class_1", "class_2"), "class_3"),
+                              missing_classes=("class_9",))
+  assert by_names == by_ids
+  with pytest.raises(ConfigError, match=r"^tasks\.forget_classes: no class named 'class_11' "
+                                        r"in source 'named' \(10 classes; nearest: 'class_1'"):
+    tasks.make_tasks(num_classes=10, num_tasks=1, forget_classes=(("class_11",),),
+                     source=source)
