@@ -348,3 +348,23 @@ def test_periodic_record_has_acc_m_only_with_missing_classes():
   assert set(plain) == {"acc_r", "acc_f", "h_mean"}
   with_m = gs_lora.periodic_record({"acc_r": 85.0, "acc_f": 0.0, "acc_m": 70.0}, before)
   assert with_m["acc_m"] == 70.0 and with_m["h_mean"] == plain["h_mean"]
+
+
+def test_the_ema_is_evaluated_beside_the_weights_at_every_periodic_evaluation(tmp_path):
+  """From `ema_epoch`'s end on, each periodic evaluation also evaluates the EMA of the merged
+  weights (`ema_*` keys; the reference logs it every epoch): equal to the weights when it
+  has just copied them, unchanged within an epoch (it moves at epoch ends only), absent
+  before it starts."""
+  config = load_config("gs_lora_digits", "runlocal")
+  config.tasks.num_tasks, config.gs_lora.epochs, config.gs_lora.ema_epoch = 1, 2, 0
+  config.eval.every_steps = 16
+  results = methods.run(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    evals = [(r["step"], r["eval"]) for r in map(json.loads, f) if "eval" in r]
+  assert [s for s, _ in evals] == [16, 32, 48, 64]  # 2 epochs of 32 iterations
+  first, copied, within, last = (e for _, e in evals)
+  assert not any(k.startswith("ema_") for k in first)
+  assert copied["ema_acc_r"] == pytest.approx(copied["acc_r"], abs=0.5)
+  assert {k: within[k] for k in within if k.startswith("ema_")} == {
+      k: copied[k] for k in copied if k.startswith("ema_")}
+  assert last["ema_acc_r"] != last["acc_r"] and "ema" in results["stages"][-1]

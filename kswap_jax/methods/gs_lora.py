@@ -596,9 +596,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | N
         log.info("[%s] before: %s", task.name, _fmt(results[f"{task.name}_before"]))
       return state, frozen
 
+    def ema_frozen(state, frozen):
+      """The frozen tree with the EMA of the merged weights as its base; None until the EMA
+      has copied the weights (its products are exactly 0 before `ema_epoch` ends)."""
+      products = ema_products(state.opt_state)
+      if not any(bool(jnp.any(x != 0)) for x in jax.tree_util.tree_leaves(products)):
+        return None
+      return train.replicate({"base": merge_products(frozen["base"], products)}, mesh)
+
     def periodic(state, frozen):
-      acc = evaluate(state, frozen, sub, names=("retain_test", "forget_test", "missing_test"))
+      names = ("retain_test", "forget_test", "missing_test")
+      acc = evaluate(state, frozen, sub, names=names)
       record = periodic_record(acc, results[f"{task.name}_before"])
+      ema_base = ema_frozen(state, frozen) if use_ema else None
+      if ema_base is not None:  # logged beside the current weights, as the reference does
+        ema = evaluate(state._replace(params={}), ema_base, sub, names=names)
+        record.update({f"ema_{k}": v for k, v in periodic_record(
+            ema, results[f"{task.name}_before"]).items()})
       best = continual.best_eval(run_, task.name, "h_mean")
       if (g.save_best_h and run_.is_main
           and (best is None or record["h_mean"] > best["h_mean"])):
@@ -616,9 +630,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | N
       before = results[f"{task.name}_before"]
       record = {**task_record(acc, before),
                 **sparsity(jax.device_get(state.params), grouping)}
-      if use_ema and int(g.epochs) > int(g.ema_epoch):
-        ema_base = train.replicate(
-            {"base": merge_products(frozen["base"], ema_products(state.opt_state))}, mesh)
+      ema_base = ema_frozen(state, frozen) if use_ema else None
+      if ema_base is not None:
         ema = evaluate(state._replace(params={}), ema_base, sub)
         ema["h_mean"] = metrics.h_mean(before["acc_f"], ema["acc_f"], ema["acc_r"])
         record["ema"] = {k: v for k, v in ema.items() if not k.endswith("_margin")}
