@@ -203,9 +203,7 @@ class _Sweep:
     own = {name: _config_for(config, name, 0, workdir) for name in names}
     self.read = {}  # method -> the swept fields it reads
     for name, sub in own.items():
-      unread = methods.unread_sections(sub.to_dict())
-      self.read[name] = [f for f in self.sweep
-                         if _has(sub, f) and f.split(".")[0] not in unread]
+      self.read[name] = [f for f in self.sweep if _has(sub, f) and methods.reads_field(name, f)]
     for field in self.sweep:
       if not any(_has(sub, field) for sub in own.values()):
         raise ConfigError(f"--sweep: {field}: no such config field in the compared methods' "

@@ -109,22 +109,21 @@ def test_a_field_that_changes_the_pretraining_gets_one_pretraining_per_value(tmp
 
 def test_a_sweep_shares_the_oracle_unless_the_field_changes_it(tmp_path, recorded):
   config = load_config("ug_clu_digits", "runlocal")
-  # unlearn.* and ft.* do not change the Retrain oracle; ug_clu does not read ft.*.
+  # unlearn.* and ft.* do not change the Retrain oracle; ug_clu does not read ft.*, nor
+  # clu_ft unlearn.* (`fields_unread`: it unlearns with its own section).
   compare.run(config, str(tmp_path / "a"), ["ug_clu", "clu_ft"], [0],
               sweep={"unlearn.forget_alpha": [25.0, 10.0], "ft.lr": [0.01, 0.1]})
   runs = [(m, os.path.relpath(wd, tmp_path / "a")) for m, wd, _ in recorded]
   assert runs == [
       ("ug_clu", "ug_clu/seed_0"),  # the config's own forget_alpha: the plain run's folder
       ("ug_clu", "ug_clu/unlearn.forget_alpha=10.0/seed_0"),
-      ("clu_ft", "clu_ft/seed_0"),  # the config's own ft.lr and forget_alpha
-      ("clu_ft", "clu_ft/ft.lr=0.1,unlearn.forget_alpha=25.0/seed_0"),
-      ("clu_ft", "clu_ft/ft.lr=0.01,unlearn.forget_alpha=10.0/seed_0"),
-      ("clu_ft", "clu_ft/ft.lr=0.1,unlearn.forget_alpha=10.0/seed_0")]
+      ("clu_ft", "clu_ft/seed_0"),  # the config's own ft.lr
+      ("clu_ft", "clu_ft/ft.lr=0.1/seed_0")]
   assert {cfg.oracle.workdir for _, _, cfg in recorded} == {
       str(tmp_path / "a" / "oracle" / "seed_0")}
   table = (tmp_path / "a" / "leaderboard.md").read_text()
   assert "| method | unlearn.forget_alpha | ft.lr |" in table
-  assert "| ug_clu | 25.0 | – |" in table and "| clu_ft | 10.0 | 0.1 |" in table
+  assert "| ug_clu | 25.0 | – |" in table and "| clu_ft | – | 0.1 |" in table
   assert os.path.getsize(tmp_path / "a" / "sweep.png") > 0
 
   recorded.clear()  # the stream's requests change what the oracle trains: one per value
@@ -319,3 +318,17 @@ def test_a_point_at_the_config_s_own_values_is_the_plain_run(tmp_path, recorded,
   compare.run(config, str(earlier), ["lbf"], [0], sweep={"ks.beta": [float(config.ks.beta)]})
   assert [os.path.relpath(wd, earlier) for _, wd, _ in recorded] == [
       f"lbf/ks.beta={config.ks.beta}/seed_0"]
+
+
+def test_a_method_whose_results_never_read_a_field_runs_once_over_it(tmp_path, recorded):
+  """`fields_unread`: the Retrain oracle method reads no unlearn.* field, the baselines no
+  UG-CLU mask field, sfr_on no fused-stage field; ug_clu reads them all."""
+  config = load_config("ug_clu_digits", "runlocal")
+  names = ["ug_clu", "sfr_on", "clu_retrain", "clu_salun"]
+  compare.run(config, str(tmp_path), names, [0],
+              sweep={"unlearn.gamma": [1.0, 2.0], "clu.variant": ["A", "B"]})
+  counts = {name: sum(m == name for m, _, _ in recorded) for name in names}
+  assert counts == {"ug_clu": 4, "sfr_on": 2, "clu_retrain": 1, "clu_salun": 1}
+  assert methods.reads_field("clu_joint", "unlearn.forget_alpha")  # its joint coefficient
+  assert not methods.reads_field("clu_joint", "unlearn.forget_every")
+  assert not methods.reads_field("gs_lora", "unlearn.gamma")  # not its section

@@ -6,6 +6,8 @@ A method module provides
     sections() -> {name: ConfigDict}        # its own config sections with their defaults
     sections_used(name) -> (section, ...)   # optional: the ones variant `name` reads, when
                                             # its variants do not all read every section
+    fields_unread(name) -> (field, ...)     # optional: fields of those sections its results
+                                            # never depend on ("section.*": all of one)
     present(results, workdir) -> text       # optional: its tables and plots (report.present)
     validate(config)                        # optional: its fields' values, before any data
                                             # is read (`check` and the config printer)
@@ -210,6 +212,20 @@ def sections_used(name: str) -> dict[str, ml_collections.ConfigDict]:
   if hasattr(module, "sections_used"):
     return {s: own[s] for s in module.sections_used(name)}
   return own
+
+
+def reads_field(name: str, field: str) -> bool:
+  """Whether method `name`'s results may depend on config `field` (dotted): a field of the
+  shared base or of a section it reads (`sections_used`), unless its module lists it in
+  `fields_unread(name)` (a field, or "section.*" for a whole section). `compare --sweep`
+  runs a method once over the fields it does not read."""
+  from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  section = field.split(".")[0]
+  if section not in base_config() and section not in sections_used(name):
+    return False
+  module = get(name)
+  unread = module.fields_unread(name) if hasattr(module, "fields_unread") else ()
+  return field not in unread and f"{section}.*" not in unread
 
 
 def unread_sections(record: dict) -> set[str]:

@@ -80,6 +80,32 @@ FORGET_KINDS = ("task", "class", "random")
 STREAM_SEEDS = {"retain": 0, "forget": 1, "learn": 2}
 
 
+# Fields of the stream's sections that a method's results never depend on, traced through
+# `run_stream` (`methods.fields_unread`: a `compare --sweep` over one runs the method once).
+# A value they refuse is still refused (`validate`). Fused-stage fields, where a method
+# refuses fused stages; mask fields, where it has no mask; for the Retrain oracle, which
+# trains on what should be known, the unlearning section, the replay buffer and the
+# learning-stage lengths (its own are `oracle.*`).
+FUSED_FIELDS = ("clu.variant", "clu.slow_batches", "clu.learn_alpha", "clu.learn_lambda",
+                "clu.fused_iterations")
+MASK_FIELDS = ("clu.mask_learn_in", "clu.partition_weights", "clu.mask_recompute")
+FIELDS_UNREAD = {
+    "sfr_on": (*FUSED_FIELDS, "clu.mask_learn_in", "clu.partition_weights"),
+    "ug_clu": (),
+    "clu_joint": ("unlearn.forget_every", "unlearn.gamma", "unlearn.use_mask",
+                  "unlearn.fisher_augment", "unlearn.fisher_batch_size", "clu.learn_alpha",
+                  *MASK_FIELDS),
+    "clu_retrain": ("unlearn.*", "clu.buffer_size", "clu.buffer_kind", "clu.buffer_seed",
+                    *FUSED_FIELDS, *MASK_FIELDS, "learn.epochs", "learn.iterations",
+                    "oracle.enabled", "oracle.workdir"),
+}
+
+
+def fields_unread(method: str) -> tuple[str, ...]:
+  """The fields of its sections `method`'s results never depend on (`FIELDS_UNREAD`)."""
+  return FIELDS_UNREAD[method]
+
+
 def sections() -> dict[str, ml_collections.ConfigDict]:
   """The sections of SFR-on / UG-CLU with their defaults ([R] marks reconstructions)."""
   return dict(

@@ -76,6 +76,14 @@ def sections_used(method: str) -> tuple[str, ...]:
   return (*ug_clu.sections(), SECTIONS[method])
 
 
+def fields_unread(method: str) -> tuple[str, ...]:
+  """The fields of UG-CLU's sections a baseline's results never depend on: the unlearning
+  section (a baseline unlearns with its own section; the oracle resets it), and the
+  fused-stage and mask fields (no fused stage, no mask)."""
+  del method  # the same for every baseline
+  return ("unlearn.*", *ug_clu.FUSED_FIELDS, *ug_clu.MASK_FIELDS)
+
+
 def sections() -> dict[str, ml_collections.ConfigDict]:
   """UG-CLU's sections (stream, learning, oracle) plus one section per baseline.
 
