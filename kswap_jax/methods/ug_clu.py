@@ -89,15 +89,15 @@ STREAM_SEEDS = {"retain": 0, "forget": 1, "learn": 2}
 FUSED_FIELDS = ("clu.variant", "clu.slow_batches", "clu.learn_alpha", "clu.learn_lambda",
                 "clu.fused_iterations")
 MASK_FIELDS = ("clu.mask_learn_in", "clu.partition_weights", "clu.mask_recompute")
+BUFFER_FIELDS = ("clu.buffer_size", "clu.buffer_kind", "clu.buffer_seed")
 FIELDS_UNREAD = {
     "sfr_on": (*FUSED_FIELDS, "clu.mask_learn_in", "clu.partition_weights"),
     "ug_clu": (),
     "clu_joint": ("unlearn.forget_every", "unlearn.gamma", "unlearn.use_mask",
                   "unlearn.fisher_augment", "unlearn.fisher_batch_size", "clu.learn_alpha",
                   *MASK_FIELDS),
-    "clu_retrain": ("unlearn.*", "clu.buffer_size", "clu.buffer_kind", "clu.buffer_seed",
-                    *FUSED_FIELDS, *MASK_FIELDS, "learn.epochs", "learn.iterations",
-                    "oracle.enabled", "oracle.workdir"),
+    "clu_retrain": ("unlearn.*", *BUFFER_FIELDS, *FUSED_FIELDS, *MASK_FIELDS, "learn.epochs",
+                    "learn.iterations", "oracle.enabled", "oracle.workdir"),
 }
 
 
@@ -882,7 +882,9 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   (unlearning hyper-parameters, routing, mask, buffer, debug; the LoRA fields of a
   full-parameter oracle) reset to their defaults, so every method on the same stream
   shares one oracle. Sections the oracle does not read
-  (a baseline's own) are dropped for the same reason."""
+  (a baseline's own) are dropped for the same reason. `learn.epochs`, `learn.iterations`
+  and `oracle.enabled` are kept, though the oracle trains by `oracle.*` (FIELDS_UNREAD):
+  resetting them would make every oracle written so far refuse its runs' configs."""
   from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
   defaults = sections()
   keep = set(base_config()) | set(defaults)
@@ -890,9 +892,8 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
       {k: v for k, v in copy.deepcopy(config.to_dict()).items() if k in keep})
   oc.method = "clu_retrain"
   oc.unlearn = defaults["unlearn"]
-  for key in ("variant", "slow_batches", "mask_learn_in", "partition_weights",
-              "mask_recompute", "learn_alpha", "learn_lambda", "fused_iterations",
-              "buffer_size", "buffer_kind", "buffer_seed"):
+  for field in (*FUSED_FIELDS, *MASK_FIELDS, *BUFFER_FIELDS):
+    key = field.split(".", 1)[1]
     oc.clu[key] = defaults["clu"][key]
   oc.clu.params = params_kind(oc)  # what the oracle trains; the rest of the choice reset
   oc.oracle.params = defaults["oracle"]["params"]
