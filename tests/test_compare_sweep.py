@@ -332,3 +332,22 @@ def test_a_method_whose_results_never_read_a_field_runs_once_over_it(tmp_path, r
   assert methods.reads_field("clu_joint", "unlearn.forget_alpha")  # its joint coefficient
   assert not methods.reads_field("clu_joint", "unlearn.forget_every")
   assert not methods.reads_field("gs_lora", "unlearn.gamma")  # not its section
+
+
+def test_the_continual_forgetting_family_reads_its_shared_fields_per_method(tmp_path, recorded):
+  """The `cf` fields each baseline's loss or streams use (`fields_unread`), and GS-LoRA++'s
+  prototype term, which GS-LoRA has not."""
+  config = load_config("gs_lora_casia100", "runlocal")
+  names = ["gs_lora", "gs_lora_pp", "cf_ft", "cf_ewc", "cf_lwf", "cf_scrub"]
+  compare.run(config, str(tmp_path), names, [0],
+              sweep={"cf.teacher": ["pretrained", "task_start"],
+                     "gs_lora.prototype.bound": [18.0, 20.0]})
+  counts = {name: sum(m == name for m, _, _ in recorded) for name in names}
+  assert counts == {"gs_lora": 1, "gs_lora_pp": 2, "cf_ft": 1, "cf_ewc": 1, "cf_lwf": 2,
+                    "cf_scrub": 2}
+  assert methods.reads_field("cf_ewc", "cf.importance_data")
+  assert not methods.reads_field("cf_lwf", "cf.importance_data")
+  assert not methods.reads_field("cf_scrub", "cf.min_lr") and methods.reads_field("cf_ft",
+                                                                                   "cf.min_lr")
+  assert not methods.reads_field("gs_lora", "gs_lora.prototype")  # the whole sub-section
+  assert methods.reads_field("gs_lora", "gs_lora.bound")

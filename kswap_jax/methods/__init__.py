@@ -217,15 +217,18 @@ def sections_used(name: str) -> dict[str, ml_collections.ConfigDict]:
 def reads_field(name: str, field: str) -> bool:
   """Whether method `name`'s results may depend on config `field` (dotted): a field of the
   shared base or of a section it reads (`sections_used`), unless its module lists it in
-  `fields_unread(name)` (a field, or "section.*" for a whole section). `compare --sweep`
-  runs a method once over the fields it does not read."""
+  `fields_unread(name)` (a field, or "prefix.*" for all of a section or sub-section, itself
+  included). `compare --sweep` runs a method once over the fields it does not read."""
   from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
   section = field.split(".")[0]
   if section not in base_config() and section not in sections_used(name):
     return False
   module = get(name)
-  unread = module.fields_unread(name) if hasattr(module, "fields_unread") else ()
-  return field not in unread and f"{section}.*" not in unread
+  for unread in (module.fields_unread(name) if hasattr(module, "fields_unread") else ()):
+    prefix = unread[:-2] if unread.endswith(".*") else None
+    if field == unread or (prefix and (field == prefix or field.startswith(prefix + "."))):
+      return False
+  return True
 
 
 def unread_sections(record: dict) -> set[str]:

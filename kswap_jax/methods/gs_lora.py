@@ -463,6 +463,12 @@ def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) ->
   return out
 
 
+def fields_unread(method: str) -> tuple[str, ...]:
+  """The fields `method`'s results never depend on (`methods.reads_field`): GS-LoRA has no
+  prototype term (GS-LoRA++'s)."""
+  return ("gs_lora.prototype.*",) if method == "gs_lora" else ()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | None = None,
         loss: Callable | None = None,
         forget_term: Callable[[jax.Array, dict], jax.Array] | None = None) -> dict:

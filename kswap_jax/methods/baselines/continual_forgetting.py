@@ -73,9 +73,29 @@ PAIRED = ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr", "cf_lirf")
 KD_ROWS = ("reference", "retained")  # LIRF's distilled logits
 SCRUB = ("cf_scrub", "cf_scrub_s")                    # max/min steps in SCRUB's schedule
 TEACHER_METHODS = PAIRED + SCRUB
+IMPORTANCE_METHODS = ("cf_ewc", "cf_mas")  # the anchor weighted by an importance
 RELABEL_RULES = ("reference", "other")
 TEACHERS = ("pretrained", "task_start")
 IMPORTANCE_DATA = ("full", "subset")
+
+
+def fields_unread(method: str) -> tuple[str, ...]:
+  """The `cf` fields `method`'s results never depend on (`methods.reads_field`): relabelling
+  only in the anchored and paired losses, a teacher only for the paired methods and SCRUB,
+  importance data only for EWC and MAS, the auxiliary stream's batches only in the paired
+  streams, and SCRUB's own learning rate and Adam weight decay in place of the shared ones."""
+  unread = []
+  if method not in ANCHORED + PAIRED:
+    unread.append("cf.relabel")
+  if method not in TEACHER_METHODS:
+    unread.append("cf.teacher")
+  if method not in IMPORTANCE_METHODS:
+    unread.append("cf.importance_data")
+  if method not in PAIRED:
+    unread.append("cf.aux_batches")
+  if method in SCRUB:
+    unread += ["cf.min_lr", "cf.weight_decay"]
+  return tuple(unread)
 
 
 def sections_used(method: str) -> tuple[str, ...]:
@@ -597,7 +617,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"cf.relabel: the reference rule needs >= 2 forget classes per task "
                           f"({task.name} forgets {len(task.forget)}); use cf.relabel=other")
   importance_sets = [sub["retain_train"] for sub in subsets]
-  if method in ("cf_ewc", "cf_mas") and c.importance_data == "full":
+  if method in IMPORTANCE_METHODS and c.importance_data == "full":
     src = common.load_sources(config.data, roles=("old",))
     for t in range(1, num_tasks):  # tasks >= 2: every training image of the retained classes
       importance_sets[t] = tasks_lib.task_splits(
@@ -638,7 +658,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   carry = {}
   if method in ANCHORED or (method in TEACHER_METHODS and c.teacher == "task_start"):
     carry["anchor"] = continual.stack_zeros(trainable0, num_tasks)
-  if method in ("cf_ewc", "cf_mas"):
+  if method in IMPORTANCE_METHODS:
     carry["importance"] = continual.stack_zeros(trainable0, num_tasks)
   state = train.replicate(train.create_state(trainable0, tx, seed, carry=carry), mesh)
   state = run_.restore(state)
@@ -824,7 +844,7 @@ def _compiled(config, model, trainable0: Tree, mesh):
   predict_step = train.make_predict_step(
       lambda p, _, f, b: forward(p, f, b["image"], None)[0], mesh)
   importance_grad = None
-  if method in ("cf_ewc", "cf_mas"):
+  if method in IMPORTANCE_METHODS:
     def objective(params, frozen, batch):
       z, _ = forward(params, frozen, batch["image"], batch["label"])  # eval mode, margin
       if method == "cf_ewc":
