@@ -10,6 +10,7 @@ top of these pieces (see `kswap_jax.methods.knowledge_swap`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
@@ -1012,18 +1013,32 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
   if unread:
     recorded = {k: v for k, v in recorded.items() if k not in unread}
     new = {k: v for k, v in new.items() if k not in unread}
+  # Fields of read sections that the method's results never depend on (`fields_unread`):
+  # a run is the same run whatever their values.
+  unread_fields = {f.removesuffix(".*") for d in (recorded, new)
+                   for f in methods.unread_fields(str(d.get("method")))}
+  if unread_fields:
+    recorded, new = copy.deepcopy(recorded), copy.deepcopy(new)
+    for path in unread_fields:
+      _drop(recorded, path)
+      _drop(new, path)
   if fields is not None:
     a, b = _pick(recorded, fields), _pick(new, fields)
     for path in ignore:
-      for d in (a, b):
-        *parents, leaf = path.split(".")
-        for key in parents:
-          d = d.get(key, {}) if isinstance(d, dict) else {}
-        if isinstance(d, dict):
-          d.pop(leaf, None)
+      _drop(a, path)
+      _drop(b, path)
     return _first_difference(a, b)
   return _first_difference({k: v for k, v in recorded.items() if k not in RESUMABLE_SECTIONS},
                            {k: v for k, v in new.items() if k not in RESUMABLE_SECTIONS})
+
+
+def _drop(record: dict, path: str) -> None:
+  """Removes the dotted `path` from the nested dict `record`, where it is there."""
+  *parents, leaf = path.split(".")
+  for key in parents:
+    record = record.get(key, {}) if isinstance(record, dict) else {}
+  if isinstance(record, dict):
+    record.pop(leaf, None)
 
 
 def _pick(record: dict, fields: Sequence[str]) -> dict:

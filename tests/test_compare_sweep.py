@@ -351,3 +351,12 @@ def test_the_continual_forgetting_family_reads_its_shared_fields_per_method(tmp_
                                                                                    "cf.min_lr")
   assert not methods.reads_field("gs_lora", "gs_lora.prototype")  # the whole sub-section
   assert methods.reads_field("gs_lora", "gs_lora.bound")
+
+
+def test_a_field_the_oracle_never_reads_shares_the_oracle(tmp_path, recorded):
+  """The Retrain oracle trains by oracle.*, not by the learning stages' length: a sweep of
+  learn.iterations retrains the methods, not the oracle they are measured against."""
+  config = load_config("ug_clu_digits", "runlocal")
+  compare.run(config, str(tmp_path), ["ug_clu"], [0], sweep={"learn.iterations": [6, 3]})
+  assert len(recorded) == 2 and {cfg.oracle.workdir for _, _, cfg in recorded} == {
+      str(tmp_path / "oracle" / "seed_0")}

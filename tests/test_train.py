@@ -412,6 +412,21 @@ def test_a_record_is_compared_on_the_sections_its_method_reads():
   assert train.config_difference(record, config) == ""
 
 
+def test_a_record_is_compared_without_the_fields_its_method_s_results_never_read():
+  """`fields_unread`: SCRUB trains with its own learning rate, so a finished or resumed
+  cf_scrub run is the same run whatever cf.min_lr says; a field it reads still differs,
+  and a method that reads the field (cf_ft) still sees the difference."""
+  for name, differs in (("cf_scrub", False), ("cf_ft", True)):
+    config = methods.default_config(name)
+    record = json.loads(config.to_json_best_effort())
+    record["cf"]["min_lr"] = 0.5
+    assert train.config_difference(record, config) == (
+        f"cf.min_lr: was 0.5, now {config.cf.min_lr!r}" if differs else "")
+    assert "min_lr" in record["cf"]  # the record is compared, not changed
+  record["cf"]["min_lr"], record["cf"]["b1"] = config.cf.min_lr, 0.5
+  assert train.config_difference(record, config) == f"cf.b1: was 0.5, now {config.cf.b1!r}"
+
+
 def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys):
   """A second Ctrl-C (or one outside a run's stage loop) raises KeyboardInterrupt: the
   command waits for pending checkpoint saves, prints one line and returns 130."""
