@@ -242,15 +242,18 @@ def _print_command_line(flags: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   lines = [f"# python run.py {shlex.join(flags)}  (method={config.method})"]
-  unread = methods.unread_sections(config.to_dict())
-  fields = flatten(config)
-  lines += [f"{field} = {value!r}" for field, value in fields
-            if field.split(".")[0] not in unread]
-  if unread:  # the family's other sections, for `compare`: listed last, apart
-    lines += ["", f"# read by other methods of the family ({config.method} does not read "
-              f"them; python -m kswap_jax.compare does): {', '.join(sorted(unread))}"]
-    lines += [f"{field} = {value!r}" for field, value in fields
-              if field.split(".")[0] in unread]
+  name, fields = str(config.method), flatten(config)
+  read = {field: methods.reads_field(name, field) for field, _ in fields}
+  lines += [f"{field} = {value!r}" for field, value in fields if read[field]]
+  unread = [field for field, _ in fields if not read[field]]
+  if unread:  # the family's other sections and fields, for `compare`: listed last, apart
+    section = lambda field: field.split(".")[0]
+    whole = {section(f) for f in unread} - {section(f) for f in read if read[f]}
+    named = sorted(whole) + [f for f in unread if section(f) not in whole]
+    lines += ["", f"# not read by {name} (its results do not depend on them; other methods "
+              f"of its family read them, under python -m kswap_jax.compare): "
+              f"{', '.join(named)}"]
+    lines += [f"{field} = {value!r}" for field, value in fields if not read[field]]
   return _write("\n".join(lines) + "\n")
 
 

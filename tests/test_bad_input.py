@@ -563,17 +563,21 @@ def test_config_prints_what_a_command_line_runs(capsys):
       "(method=ug_clu)" in lines[0]
   assert "seed = 4" in lines and "model.name = 'resnet18_cifar'" in lines
   assert "learn.iterations = 6" in lines  # the file's runlocal value, not the default
-  header = next(i for i, line in enumerate(lines) if line.startswith("# read by other"))
+  header = next(i for i, line in enumerate(lines) if line.startswith("# not read by ug_clu"))
   assert any(line.startswith("clu.") for line in lines[:header]) and \
       any(line.startswith("salun.") for line in lines[header:])  # the baselines' sections
   assert config.main(["--config=gs_lora_digits"]) == 0
   lines = capsys.readouterr().out.splitlines()
-  header = next(i for i, line in enumerate(lines) if line.startswith("# read by other"))
+  header = next(i for i, line in enumerate(lines) if line.startswith("# not read by gs_lora"))
   sections = lambda part: {line.split(".")[0] for line in part if " = " in line}
   assert {"gs_lora", "tasks", "lora", "data"} <= sections(lines[:header])
   assert not any(s.startswith("cf") for s in sections(lines[:header]))
-  assert sections(lines[header:]) == set(lines[header].split(": ")[-1].split(", ")) and \
-      {"cf", "cf_ft", "cf_scrub_s"} <= sections(lines[header:])
+  named = lines[header].split(": ")[-1].split(", ")  # whole sections, then single fields
+  assert {"cf", "cf_ft", "cf_scrub_s", "gs_lora.prototype.bound"} <= set(named)
+  below = [line.split(" = ")[0] for line in lines[header + 1:] if " = " in line]
+  assert below and all(f in named or f.split(".")[0] in named for f in below)
+  assert "gs_lora.bound = 105.0" in lines[:header]  # GS-LoRA's own, but not its prototypes':
+  assert not any(line.startswith("gs_lora.prototype.") for line in lines[:header])
   for argv, said in ((["--config=demo", "--config.seed=-1"], "error: seed: expected an int"),
                      (["--config=demo", "--config.sed=1"], "error: --config.sed: "),
                      (["--config=demo", "--config.init.kind=npz"], "error: init.checkpoint: ")):
