@@ -181,6 +181,41 @@ def _bare_overrides(argv, config) -> None:
         raise ConfigError(f"{a}: expected a value ({a}=VALUE)")
 
 
+# An unquoted comma list, optionally in one pair of brackets: "cat,dog", "(cat,5)".
+_UNQUOTED_LIST = re.compile(r"^\(?([^()\[\]{}'\"]*,[^()\[\]{}'\"]*)\)?$")
+
+
+def _int_or_text(item: str):
+  try:
+    return int(item)
+  except ValueError:
+    return item
+
+
+def _comma_lists(argv, config) -> None:
+  """`--config.FIELD=cat,dog` for a tuple field: ml_collections keeps a list with an item
+  that is not a Python literal (a class name) as one string, ('cat,dog',); it becomes the
+  tuple of its items, an item that reads as an int an int (`--config.FIELD=cat,5` ->
+  ('cat', 5)), as `--config.FIELD=1,2` gives (1, 2), so the config, its record and a sweep
+  see one spelling."""
+  seen = set()
+  for a in reversed(argv[1:]):  # the last of a repeated flag is the value used
+    if not a.startswith("--config.") or "=" not in a:
+      continue
+    field, value = a[len("--config."):].split("=", 1)
+    if field in seen:
+      continue
+    seen.add(field)
+    *parents, leaf = field.split(".")
+    node = config
+    for key in parents:
+      node = node.get(key) if hasattr(node, "get") else None
+    match = _UNQUOTED_LIST.match(value)
+    if match and hasattr(node, "get") and node.get(leaf) == (value,):
+      node[leaf] = tuple(_int_or_text(t.strip()) for t in match.group(1).split(",")
+                         if t.strip())
+
+
 # The module name ml_collections loads a config file under (`<flag>_config`). It loads with
 # the deprecated `load_module`, which re-executes an existing module in place: a second file
 # loaded in this process would keep the first one's names (its get_config among them).
@@ -209,6 +244,7 @@ def load_config(argv, own_flags: tuple[str, ...] = ()):
   finally:
     sys.argv = saved
   _bare_overrides(argv, config)
+  _comma_lists(argv, config)
   _warn_repeated(argv)
   if len(rest) > 1:  # absl leaves the program name and the arguments that are not flags
     hint = f"; did you mean --config={rest[1]}?" if rest[1].split(":")[0].endswith(".py") else ""
@@ -299,8 +335,12 @@ def _as_config_error(error: BaseException, argv, own_flags: tuple[str, ...] = ()
       reason = str(chain[-1]).splitlines()[0]
       if "Non-boolean argument" in reason:
         return ConfigError(f"--{flag}: cannot use {value!r} (expected true or false)")
-      hint = (" (a tuple is written as Python: --config.FIELD=\"('a','b')\", quoted for the "
-              "shell)" if "," in value and "syntax" in reason else "")
+      items = _UNQUOTED_LIST.match(value)
+      quoted = ("(" + ",".join(repr(_int_or_text(t.strip())) for t in items.group(1).split(",")
+                               if t.strip()) + ")") if items else "('a','b')"
+      hint = (f" (a tuple is written as Python, its strings quoted: --{flag}=\"{quoted}\", "
+              f"quoted for the shell)" if "," in value and (
+                  "syntax" in reason or "as tuple" in reason or "literal" in reason) else "")
       return ConfigError(f"--{flag}: cannot use {value!r} ({reason}){hint}")
   path = _config_spec(argv).split(":")[0]
   if any(isinstance(x, OSError) for x in chain):

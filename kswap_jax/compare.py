@@ -23,7 +23,10 @@ the table marks such runs. `--dry_run` makes every run's checks (`run.py
 `--sweep=FIELD=V1,V2,...` (repeatable: a grid) runs every method at each value, each in
 `<workdir>/<method>/<FIELD>=<V>[,<FIELD2>=<V2>...]/seed_<s>` (fields sorted; tuples joined
 by `-`, other characters than letters, digits and `._+-` as `_`), one leaderboard row per
-(method, value). A method that does not read the field's section runs once. Pretraining
+(method, value). A method that does not read the field (its section, or a field its module
+lists in `fields_unread`: its results never depend on it) runs once, at the config's value
+(the table shows "–" for the field). The point at the config's own values is the plain
+run, `<workdir>/<method>/seed_<s>`. Pretraining
 and the oracle are shared across values unless a value changes them: then each value that
 does gets its own, in `pretrain/<FIELD>=<V>/seed_<s>` (`oracle/...`), named by the values
 that change it alone, so a rerun with more values finds the runs it made.
@@ -211,6 +214,11 @@ class _Sweep:
       if not any(field in read for read in self.read.values()):
         raise ConfigError(f"--sweep: {field}: read by none of the compared methods "
                           f"({', '.join(names)})")
+    for name in names:
+      unread = [f for f in self.sweep if f not in self.read[name]]
+      if unread:
+        log.info("[compare] %s does not read %s: it runs once, at the config's value (– in "
+                 "the table)", name, ", ".join(unread))
     for name in names:
       for point in self.points(name):
         if len(_slug(point)) > 255:
@@ -413,7 +421,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     if name not in methods.FAMILIES[family]:
       # Another family's method needs sections, data and metrics this config does not set up.
       raise ConfigError(
-          f"--methods: {name!r} is not a {family} method; this config's method "
+          f"--methods: {name!r} is not {'an' if family[0] in 'aeiou' else 'a'} {family} "
+          f"method; this config's method "
           f"{config.method!r} compares against {', '.join(methods.FAMILIES[family])}")
   field = "--seeds" if seeds else "seed"
   seeds = seeds or [int(config.seed)]
@@ -863,8 +872,9 @@ def main(argv=None) -> int:
           "  --methods=a,b,...     the methods to run (default: the config's method and the\n"
           "                        rest of its family)\n"
           "  --seeds=0,1,...       a run per seed (default: the config's seed)\n"
-          "  --sweep=FIELD=V1,V2   a run per value of a config field, for every method that\n"
-          "                        reads it (repeat the flag for a grid; tuples in brackets;\n"
+          "  --sweep=FIELD=V1,V2   a run per value of a config field, for every method whose\n"
+          "                        results depend on it (the others run once, shown as '–';\n"
+          "                        repeat the flag for a grid; tuples in brackets;\n"
           "                        --sweep=F1,F2=(V1,W1),(V2,W2): fields in pairs)\n"
           + cli.DRY_RUN_HELP),
       workdir_suffix="_compare")):

@@ -586,6 +586,23 @@ def test_config_prints_what_a_command_line_runs(capsys):
     assert out == "" and err.startswith(said), err
 
 
+def test_an_unquoted_comma_list_of_names_is_the_tuple_of_its_items(capsys):
+  """`--config.swap.forget_classes=cat,dog` is ('cat', 'dog'), as `=1,2` is (1, 2): one
+  spelling in the config, its record and a sweep (ml_collections kept ('cat,dog',)). A
+  string field keeps its commas; a list Python cannot read names the quoted form."""
+  from kswap_jax import config  # pylint: disable=import-outside-toplevel
+  for value, want in (("cat,dog", "('cat', 'dog')"), ("(cat,5)", "('cat', 5)"),
+                      ("1,2", "(1, 2)"), ("cat", "('cat',)")):
+    assert config.main(["--config=demo", f"--config.swap.forget_classes={value}"]) == 0
+    assert f"swap.forget_classes = {want}" in capsys.readouterr().out.splitlines()
+  assert config.main(["--config=ug_clu_digits", "--config.clu.lora_train=a,b"]) == 0
+  assert "clu.lora_train = 'a,b'" in capsys.readouterr().out.splitlines()
+  assert config.main(["--config=demo", "--config.swap.forget_classes=0_n014,1_n015"]) == 2
+  assert capsys.readouterr().err.endswith(
+      "(a tuple is written as Python, its strings quoted: --config.swap.forget_classes="
+      "\"('0_n014','1_n015')\", quoted for the shell)\n")
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--config=demo", "--config.group_lasso.mode=lasso"], "group_lasso.mode: 'lasso'"),
     (["--config=demo", "--config.ks.forget_epochs=0"], "ks.forget_epochs: "),

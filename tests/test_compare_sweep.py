@@ -196,6 +196,11 @@ def test_the_command_line_reads_sweep_values_as_overrides_are_read(tmp_path, rec
                  for a in ("per_epoch", "continuous")]
   assert os.path.isdir(tmp_path / "lbf" / "ks.aux_batches=continuous,ks.beta=0.4,"
                                           "swap.forget_classes=2-3" / "seed_0")
+  recorded.clear()  # class names unquoted in brackets: each bracket one tuple of names
+  assert compare.main(common[:2] + [f"--workdir={tmp_path / 'n'}", "--methods=lbf",
+                                    "--sweep=swap.forget_classes=(cat,dog),(eel,3)"]) == 0
+  assert [tuple(cfg.swap.forget_classes) for _, _, cfg in recorded] == [("cat", "dog"),
+                                                                         ("eel", 3)]
   recorded.clear()  # scalars for a tuple field: a run each, as one-item tuples, and a warning
   assert compare.main(common[:2] + [f"--workdir={tmp_path / 't'}", "--methods=lbf",
                                     "--sweep=swap.forget_classes=0,1"]) == 0
@@ -320,13 +325,17 @@ def test_a_point_at_the_config_s_own_values_is_the_plain_run(tmp_path, recorded,
       f"lbf/ks.beta={config.ks.beta}/seed_0"]
 
 
-def test_a_method_whose_results_never_read_a_field_runs_once_over_it(tmp_path, recorded):
+def test_a_method_whose_results_never_read_a_field_runs_once_over_it(tmp_path, recorded,
+                                                                     caplog):
   """`fields_unread`: the Retrain oracle method reads no unlearn.* field, the baselines no
-  UG-CLU mask field, sfr_on no fused-stage field; ug_clu reads them all."""
+  UG-CLU mask field, sfr_on no fused-stage field; ug_clu reads them all. The log says so."""
   config = load_config("ug_clu_digits", "runlocal")
   names = ["ug_clu", "sfr_on", "clu_retrain", "clu_salun"]
-  compare.run(config, str(tmp_path), names, [0],
-              sweep={"unlearn.gamma": [1.0, 2.0], "clu.variant": ["A", "B"]})
+  with caplog.at_level("INFO", logger="kswap_jax"):
+    compare.run(config, str(tmp_path), names, [0],
+                sweep={"unlearn.gamma": [1.0, 2.0], "clu.variant": ["A", "B"]})
+  assert "[compare] clu_retrain does not read unlearn.gamma, clu.variant: it runs once, at " \
+      "the config's value (– in the table)" in caplog.text
   counts = {name: sum(m == name for m, _, _ in recorded) for name in names}
   assert counts == {"ug_clu": 4, "sfr_on": 2, "clu_retrain": 1, "clu_salun": 1}
   assert methods.reads_field("clu_joint", "unlearn.forget_alpha")  # its joint coefficient
@@ -351,6 +360,10 @@ def test_the_continual_forgetting_family_reads_its_shared_fields_per_method(tmp_
                                                                                    "cf.min_lr")
   assert not methods.reads_field("gs_lora", "gs_lora.prototype")  # the whole sub-section
   assert methods.reads_field("gs_lora", "gs_lora.bound")
+  # data.new is Knowledge Swapping's alone: the other families forget classes of data.old.
+  assert methods.reads_field("lbf", "data.new.seed")
+  for name in ("gs_lora", "cf_ft", "ug_clu", "clu_ft", "clu_retrain"):
+    assert not methods.reads_field(name, "data.new") and methods.reads_field(name, "data.old")
 
 
 def test_a_field_the_oracle_never_reads_shares_the_oracle(tmp_path, recorded):

@@ -224,8 +224,8 @@ def test_images_of_another_shape_than_the_model_s_are_reported_once(caplog):
       ("WARNING", "warning: data: the images of rgb are 32x32x3, the model takes 16x16x1 "
                   "(model.image_size, model.channels): resized (bilinear), turned to "
                   "grayscale (colour, if any, is lost)"),
-      ("WARNING", "warning: data: the images of folder are ?x?x3 (sizes vary), the model "
-                  "takes 16x16x1 (model.image_size, model.channels): resized where they "
+      ("WARNING", "warning: data: the images of folder are ?x?x3 (the size is not fixed in "
+                  "the dataset), the model takes 16x16x1 (model.image_size, model.channels): resized where they "
                   "differ (bilinear), turned to grayscale (colour, if any, is lost)"),
       ("INFO", "data: the images of rgba are 32x32x4, the model takes 16x16x3 "
                "(model.image_size, model.channels): resized (bilinear), alpha dropped"),
@@ -287,7 +287,9 @@ def _named_config(family: str, data: dict) -> ml_collections.ConfigDict:
     ("knowledge_swap", ["split forget_train      6 images, classes 1 (bee), 3 (dog)",
                         "split learn_train       6 images, classes 7 (hen), 8 (ibis)"]),
     ("gs_lora", ["task 1: forget 1 (bee); ", "task 2: forget 2 (cat), 4 (eel); "]),
-    ("ug_clu", ["stage 3_forget         forget:class:bee,3           D_R     12  D_U      6"]),
+    ("ug_clu", ["tasks: 1: 0 (ant), 1 (bee), 2 (cat); 2: 3 (dog), 4 (eel), 5 (fox)",
+                "stage 3_forget         forget:class:bee,3           D_R     12  D_U      6  "
+                "D_L      0  classes 1 (bee), 3 (dog)"]),
 ])
 def test_a_config_names_classes_by_the_data_s_class_names(zoo, family, said, tmp_path, caplog):
   """Each family reads class names where it reads class ids (swap.*_classes,

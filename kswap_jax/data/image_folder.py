@@ -181,7 +181,15 @@ def class_labels(class_names: Sequence[str], rule: str) -> dict[str, int]:
   """
   names = sorted(set(class_names))
   if rule == "sorted_rank":
-    return {name: rank for rank, name in enumerate(names)}
+    ranks = {name: rank for rank, name in enumerate(names)}
+    moved = [n for n in names if n.isdigit() and int(n) != ranks[n]]
+    if moved and all(n.isdigit() for n in names):  # a trap: "2" names class id 2, not "2"
+      label = ranks[moved[0]]
+      log.warning("warning: the class folders are numbers, but their labels follow their "
+                  "sorted names (%s): a config names them by label, so class %d is folder "
+                  "%r, not %r", ", ".join(f"{n} -> {ranks[n]}" for n in moved[:3]), label,
+                  moved[0], str(label))
+    return ranks
   if rule != "imagenet_prefix":
     raise ConfigError(f"--label_rule: unknown rule {rule!r} (expected one of: "
                       f"{', '.join(LABEL_RULES)})")

@@ -208,10 +208,13 @@ def class_ids(value: Any, field: str, source: Any = None) -> tuple[int, ...]:
         ids.append(_as_id(part))
       else:
         near = difflib.get_close_matches(part, list(lookup), n=3)
-        shown = ", ".join(map(repr, near)) if near else ", ".join(map(repr, names[:5])) + (
+        listed = ", ".join(map(repr, near)) if near else ", ".join(map(repr, names[:5])) + (
             ", ..." if len(names) > 5 else "")
+        quote = ("; names inside brackets are quoted: \"(('cat','dog'),('eel',))\""
+                 if part[:1] in "([" or part[-1:] in ")]" else "")
         raise ConfigError(f"{field}: no class named {part!r} in source {source.name!r} "
-                          f"({len(names)} classes; {'nearest' if near else 'e.g.'}: {shown})")
+                          f"({len(names)} classes; {'nearest' if near else 'e.g.'}: {listed})"
+                          f"{quote}")
   return tuple(ids)
 
 
@@ -233,8 +236,14 @@ def classes_text(source: Any, ids: Iterable[int], limit: int = 8) -> str:
   """`ids` as a log shows them, with names where the source has them, the first `limit`
   of a longer list: "3 (cat), 5 (dog)", "0, 1, 2, ... (95 classes)"."""
   ids = list(ids)
-  shown = ", ".join(class_label(source, c) for c in ids[:limit])
-  return shown + (f", ... ({len(ids)} classes)" if len(ids) > limit else "")
+  text = ", ".join(class_label(source, c) for c in ids[:limit])
+  return text + (f", ... ({len(ids)} classes)" if len(ids) > limit else "")
+
+
+def shown(source: Any, ids: Iterable[int]) -> str:
+  """Class ids as an error message shows them, with the source's names where it has them:
+  "[1 (cat), 3 (fish)]", or "[1, 3]"."""
+  return f"[{classes_text(source, ids, limit=20)}]"
 
 
 def _class_ids(cfg: Any, key: str, source: Any) -> tuple[int, ...]:
@@ -243,14 +252,15 @@ def _class_ids(cfg: Any, key: str, source: Any) -> tuple[int, ...]:
   ids = class_ids(cfg[key] if key in cfg else None, f"swap.{key}", source)
   duplicates = sorted(c for c, n in collections.Counter(ids).items() if n > 1)
   if duplicates:
-    raise ConfigError(f"swap.{key}: duplicate class ids {duplicates}")
+    raise ConfigError(f"swap.{key}: duplicate class ids {shown(source, duplicates)}")
   return ids
 
 
-def _check_range(ids: tuple[int, ...], key: str, upper: int, what: str) -> None:
+def _check_range(ids: tuple[int, ...], key: str, upper: int, what: str, source: Any) -> None:
   bad = sorted(c for c in ids if not 0 <= c < upper)
   if bad:
-    raise ConfigError(f"swap.{key}: class ids {bad} are outside [0, {upper}) ({what})")
+    raise ConfigError(f"swap.{key}: class ids {shown(source, bad)} are outside [0, {upper}) "
+                      f"({what})")
 
 
 def _check_present(ids: tuple[int, ...], key: str, sources: Iterable[Any]) -> None:
@@ -259,7 +269,8 @@ def _check_present(ids: tuple[int, ...], key: str, sources: Iterable[Any]) -> No
     absent = sorted(set(ids) - set(np.unique(source.labels).tolist()))
     if absent:
       split = getattr(source, "split", None)  # the one that lacks them (train or test)
-      raise ConfigError(f"swap.{key}: class ids {absent} have no records in source "
+      raise ConfigError(f"swap.{key}: class ids {shown(source, absent)} have no records in "
+                        f"source "
                         f"{source.name!r}{f' split {split!r}' if split else ''} "
                         f"({len(source)} records)")
 
@@ -316,13 +327,15 @@ def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_tes
   for key, ids in (("forget_classes", forget), ("learn_classes", learn)):
     if not ids:
       raise ConfigError(f"swap.{key}: expected at least one class id")
-  _check_range(forget, "forget_classes", num_old, f"swap.num_old_classes = {num_old}")
-  _check_range(retain, "retain_classes", num_old, f"swap.num_old_classes = {num_old}")
+  _check_range(forget, "forget_classes", num_old, f"swap.num_old_classes = {num_old}",
+               old_train)
+  _check_range(retain, "retain_classes", num_old, f"swap.num_old_classes = {num_old}",
+               old_train)
   _check_range(learn, "learn_classes", new_train.num_classes,
-               f"classes of the new source {new_train.name!r}")
+               f"classes of the new source {new_train.name!r}", new_train)
   overlap = sorted(set(forget) & set(retain))
   if overlap:
-    raise ConfigError(f"swap.retain_classes: class ids {overlap} are also in "
+    raise ConfigError(f"swap.retain_classes: class ids {shown(old_train, overlap)} are also in "
                       "swap.forget_classes")
   if not retain:
     retain = tuple(c for c in range(num_old) if c not in set(forget))
@@ -333,7 +346,8 @@ def knowledge_swap_splits(old_train: Any, old_test: Any, new_train: Any, new_tes
     # One dataset serves both roles (the digits demo): a class cannot be old and new.
     clash = sorted(set(learn) & (set(forget) | set(retain)))
     if clash:
-      raise ConfigError(f"swap.learn_classes: class ids {clash} are also old classes of the "
+      raise ConfigError(f"swap.learn_classes: class ids {shown(new_train, clash)} are also old "
+                        f"classes of the "
                         f"same dataset {new_train.name!r} (forget or retain)")
   _check_present(forget, "forget_classes", (old_train, old_test))
   _check_present(retain, "retain_classes", (old_train, old_test))

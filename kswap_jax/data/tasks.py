@@ -189,7 +189,8 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
     for c in ids:
       if c in seen:
         where = "twice in" if seen[c] == t else f"in task {seen[c] + 1} and"
-        raise ConfigError(f"{field}.forget_classes: class {c} is forgotten {where} task "
+        raise ConfigError(f"{field}.forget_classes: class {splits_lib.class_label(source, c)} "
+                          f"is forgotten {where} task "
                           f"{t + 1}")
       seen[c] = t
   if missing_classes:
@@ -207,8 +208,8 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
     raise ConfigError(f"{missing_field}: duplicate class ids in {list(missing)}")
   clash = sorted(set(missing) & set(seen))
   if clash:
-    raise ConfigError(f"{missing_field}: classes {clash} are missing (kept without data) "
-                      f"but also forgotten in a task")
+    raise ConfigError(f"{missing_field}: classes {splits_lib.shown(source, clash)} are missing "
+                      f"(kept without data) but also forgotten in a task")
 
   tasks = []
   gone: list[int] = []

@@ -81,7 +81,8 @@ def get(name: str):
   """The module implementing method `name`; ConfigError lists the known ones."""
   if name not in METHODS:
     raise ConfigError(f"method: unknown method {name!r} (expected one of "
-                      f"{', '.join(sorted(METHODS))})")
+                      f"{', '.join(sorted(METHODS))}; a method registered by a config file "
+                      f"of your own exists once that file is loaded: --config=FILE)")
   module = METHODS[name]
   return importlib.import_module(module) if isinstance(module, str) else module
 

@@ -121,9 +121,10 @@ def note_conversion(config, sources) -> None:
     if not parts:
       continue
     stored = "x".join("?" if d is None else str(d) for d in shape)
+    free = " (the size is not fixed in the dataset)" if None in (height, width) else ""
     lost = channels == 1 and have in (3, 4)
     message = (f"{'warning: ' if lost else ''}data: the images of {source.name} are "
-               f"{stored}{' (sizes vary)' if None in (height, width) else ''}, the model "
+               f"{stored}{free}, the model "
                f"takes {size}x{size}x{channels} (model.image_size, model.channels): "
                + ", ".join(parts))
     if message not in _WARNED:

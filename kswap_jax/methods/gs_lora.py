@@ -464,9 +464,9 @@ def make_task_streams(config: ml_collections.ConfigDict, subsets: list, mesh) ->
 
 
 def fields_unread(method: str) -> tuple[str, ...]:
-  """The fields `method`'s results never depend on (`methods.reads_field`): GS-LoRA has no
-  prototype term (GS-LoRA++'s)."""
-  return ("gs_lora.prototype.*",) if method == "gs_lora" else ()
+  """The fields `method`'s results never depend on (`methods.reads_field`): the new data
+  (the tasks forget classes of `data.old`), and for GS-LoRA the prototype term (GS-LoRA++'s)."""
+  return ("data.new.*", *(("gs_lora.prototype.*",) if method == "gs_lora" else ()))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | None = None,

@@ -90,7 +90,7 @@ FUSED_FIELDS = ("clu.variant", "clu.slow_batches", "clu.learn_alpha", "clu.learn
                 "clu.fused_iterations")
 MASK_FIELDS = ("clu.mask_learn_in", "clu.partition_weights", "clu.mask_recompute")
 BUFFER_FIELDS = ("clu.buffer_size", "clu.buffer_kind", "clu.buffer_seed")
-FIELDS_UNREAD = {
+FIELDS_UNREAD = {  # and `data.new` (the stream is one dataset, `data.old`): `fields_unread`
     "sfr_on": (*FUSED_FIELDS, "clu.mask_learn_in", "clu.partition_weights"),
     "ug_clu": (),
     "clu_joint": ("unlearn.forget_every", "unlearn.gamma", "unlearn.use_mask",
@@ -102,8 +102,8 @@ FIELDS_UNREAD = {
 
 
 def fields_unread(method: str) -> tuple[str, ...]:
-  """The fields of its sections `method`'s results never depend on (`FIELDS_UNREAD`)."""
-  return FIELDS_UNREAD[method]
+  """The fields `method`'s results never depend on (`FIELDS_UNREAD`, and `data.new`)."""
+  return ("data.new.*", *FIELDS_UNREAD[method])
 
 
 def sections() -> dict[str, ml_collections.ConfigDict]:
@@ -538,7 +538,9 @@ def _tasks(config, num_classes: int, train_src) -> tuple[tuple[int, ...], ...]:
   if not tasks or any(not t for t in tasks):
     raise ConfigError("clu.tasks: expected non-empty tasks")
   if len(set(flat)) != len(flat):
-    raise ConfigError(f"clu.tasks: a class appears in two tasks ({flat})")
+    twice = sorted({x for x in flat if flat.count(x) > 1})
+    raise ConfigError(f"clu.tasks: classes {splits.shown(train_src, twice)} appear in two "
+                      f"tasks")
   bad = [x for x in flat if not 0 <= x < num_classes]
   if bad:
     raise ConfigError(f"clu.tasks: classes {bad} are outside the head's [0, {num_classes}) "
@@ -1237,10 +1239,14 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
       raise ConfigError(f"{_field(p.request.index)}: {p.request.text!r}: no retained data "
                         f"for the slow steps ({why})")
 
+  log.info("tasks: %s", "; ".join(f"{t + 1}: {splits.classes_text(train_src, classes)}"
+                                  for t, classes in enumerate(tasks)))
   for p in plans:
     replay = f"  replay {buffers[p.index].size:6d}" if int(c.buffer_size) > 0 else ""
-    log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d%s", p.name, p.request.text,
-             p.retain.size, p.forget.size, p.learn.size, replay)
+    named = (f"  classes {splits.classes_text(train_src, p.request.forget_arg)}"
+             if p.request.forget_kind == "class" else "")
+    log.info("stage %-16s %-28s D_R %6d  D_U %6d  D_L %6d%s%s", p.name, p.request.text,
+             p.retain.size, p.forget.size, p.learn.size, replay, named)
   oracle_dir = (config.oracle.workdir or os.path.join(os.path.abspath(workdir), "oracle")) \
       if use_oracle else None
   if oracle_dir:

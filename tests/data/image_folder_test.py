@@ -243,3 +243,16 @@ def test_a_symbolic_link_loop_is_passed_over(tmp_path):
   os.symlink("loop2", tmp_path / "root" / "ant" / "loop2.png")
   layout = image_folder.scan([tmp_path / "root"])
   assert list(layout["train"]) == ["ant"] and len(layout["train"]["ant"]) == 1
+
+
+def test_class_folders_named_by_numbers_that_are_not_their_labels_are_warned_of(caplog):
+  """Labels follow the folders' sorted names ("10" before "2"), and a config's class 2 is a
+  label, not the folder "2": said once, with where the two part."""
+  with caplog.at_level("WARNING", logger=image_folder.log.name):
+    labels = image_folder.class_labels(["1", "2", "3", "10", "11"], "sorted_rank")
+    image_folder.class_labels(["0", "1", "2"], "sorted_rank")  # labels = names: no warning
+  assert labels == {"1": 0, "10": 1, "11": 2, "2": 3, "3": 4}
+  assert [r.getMessage() for r in caplog.records] == [
+      "warning: the class folders are numbers, but their labels follow their sorted names "
+      "(1 -> 0, 10 -> 1, 11 -> 2): a config names them by label, so class 0 is folder '1', "
+      "not '0'"]

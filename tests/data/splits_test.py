@@ -184,7 +184,7 @@ def test_knowledge_swap_splits_by_class_names_are_those_by_ids():
                                         r"source 'new' has no class names"):
     splits.knowledge_swap_splits(old_train, old_test, new_train, new_test,
                                  _swap_cfg(learn_classes=("cat",)))  # names of data.new
-  with pytest.raises(ConfigError, match=r"^swap\.retain_classes: class ids \[2\] are also in "
-                                        r"swap\.forget_classes"):
+  with pytest.raises(ConfigError, match=r"^swap\.retain_classes: class ids \[2 \(cat\)\] are "
+                                        r"also in swap\.forget_classes"):  # names shown too
     splits.knowledge_swap_splits(old_train, old_test, new_train, new_test,
                                  _swap_cfg(retain_classes=("ant", 2)))

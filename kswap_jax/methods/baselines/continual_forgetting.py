@@ -80,11 +80,12 @@ IMPORTANCE_DATA = ("full", "subset")
 
 
 def fields_unread(method: str) -> tuple[str, ...]:
-  """The `cf` fields `method`'s results never depend on (`methods.reads_field`): relabelling
+  """The fields `method`'s results never depend on (`methods.reads_field`): `data.new`, and
+  of the shared `cf` section: relabelling
   only in the anchored and paired losses, a teacher only for the paired methods and SCRUB,
   importance data only for EWC and MAS, the auxiliary stream's batches only in the paired
   streams, and SCRUB's own learning rate and Adam weight decay in place of the shared ones."""
-  unread = []
+  unread = ["data.new.*"]  # the tasks forget classes of data.old
   if method not in ANCHORED + PAIRED:
     unread.append("cf.relabel")
   if method not in TEACHER_METHODS:

@@ -77,11 +77,12 @@ def sections_used(method: str) -> tuple[str, ...]:
 
 
 def fields_unread(method: str) -> tuple[str, ...]:
-  """The fields of UG-CLU's sections a baseline's results never depend on: the unlearning
+  """The fields a baseline's results never depend on: `data.new` (the stream is one dataset,
+  `data.old`), and of UG-CLU's sections the unlearning
   section (a baseline unlearns with its own section; the oracle resets it), and the
   fused-stage and mask fields (no fused stage, no mask)."""
   del method  # the same for every baseline
-  return ("unlearn.*", *ug_clu.FUSED_FIELDS, *ug_clu.MASK_FIELDS)
+  return ("data.new.*", "unlearn.*", *ug_clu.FUSED_FIELDS, *ug_clu.MASK_FIELDS)
 
 
 def sections() -> dict[str, ml_collections.ConfigDict]:
