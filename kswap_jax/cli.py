@@ -186,10 +186,8 @@ _UNQUOTED_LIST = re.compile(r"^\(?([^()\[\]{}'\"]*,[^()\[\]{}'\"]*)\)?$")
 
 
 def _int_or_text(item: str):
-  try:
-    return int(item)
-  except ValueError:
-    return item
+  from kswap_jax.data import splits  # pylint: disable=import-outside-toplevel
+  return item if splits.as_id(item) is None else splits.as_id(item)
 
 
 def _comma_lists(argv, config) -> None:
@@ -336,8 +334,9 @@ def _as_config_error(error: BaseException, argv, own_flags: tuple[str, ...] = ()
       if "Non-boolean argument" in reason:
         return ConfigError(f"--{flag}: cannot use {value!r} (expected true or false)")
       items = _UNQUOTED_LIST.match(value)
-      quoted = ("(" + ",".join(repr(_int_or_text(t.strip())) for t in items.group(1).split(",")
-                               if t.strip()) + ")") if items else "('a','b')"
+      parts = [t.strip() for t in items.group(1).split(",") if t.strip()] if items else []
+      quoted = ("(" + ",".join(repr(_int_or_text(t)) for t in parts) + ")"
+                if parts and all(re.fullmatch(r"[\w.+-]+", t) for t in parts) else "('a','b')")
       hint = (f" (a tuple is written as Python, its strings quoted: --{flag}=\"{quoted}\", "
               f"quoted for the shell)" if "," in value and (
                   "syntax" in reason or "as tuple" in reason or "literal" in reason) else "")

@@ -375,16 +375,28 @@ def _summary(values: list[float | None]) -> dict:
           "n": int(arr.size)}
 
 
-def _folder(config: ml_collections.ConfigDict, workdir: str, name: str, point: dict) -> str:
+def _folder(config: ml_collections.ConfigDict, workdir: str, name: str, point: dict,
+            seeds: list[int], tags: dict) -> str:
   """The folder (under the compare workdir) of method `name` at sweep `point`:
   `<name>/<point's slug>`, or the plain run's `<name>` when the point's values are the
   config's own (the same run: a plain compare's finished run is reused, and the other way
-  round), unless an earlier sweep already ran it in its own folder."""
+  round), unless an earlier sweep already ran it in its own folder or a plain run there
+  (finished or not) has another config."""
   own = os.path.join(name, _slug(point)) if point else name
   base = _config_for(config, name, 0, workdir)
   if not point or os.path.isdir(os.path.join(workdir, own)) or any(
       _key(v) != _key(_get(base, f)) for f, v in point.items()):
     return own
+  for seed in seeds:
+    sub = os.path.join(workdir, name, f"seed_{seed}")
+    for record in ("results.json", "config.json"):
+      if os.path.exists(os.path.join(sub, record)):
+        with open(os.path.join(sub, record)) as f:
+          recorded = json.load(f)
+        recorded = recorded.get("config", {}) if record == "results.json" else recorded
+        if train.config_difference(recorded, _config_for(config, name, seed, workdir, point,
+                                                         tags)):
+          return own
   log.info("[compare] %s %s is the config's own run: it runs in (or is read from) %s",
            name, _label(point), os.path.join(workdir, name))
   return name
@@ -436,7 +448,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   given_workdir = workdir
   workdir = os.path.abspath(workdir)  # the sub-configs' shared paths do not depend on the spelling
   grid = _Sweep(config, sweep, names, workdir)
-  plan = [_Planned(name, point, _folder(config, workdir, name, point),
+  plan = [_Planned(name, point, _folder(config, workdir, name, point, seeds,
+                                         grid.tags(name, point)),
                    f"{name} {_label(point)}" if point else name, grid.tags(name, point))
           for name in names for point in grid.points(name)]
   folders = [p.folder for p in plan]

@@ -251,7 +251,7 @@ def _print_command_line(flags: list[str]) -> int:
     whole = {section(f) for f in unread} - {section(f) for f in read if read[f]}
     named = sorted(whole) + [f for f in unread if section(f) not in whole]
     lines += ["", f"# not read by {name} (its results do not depend on them; other methods "
-              f"of its family read them, under python -m kswap_jax.compare): "
+              f"of its family may, under python -m kswap_jax.compare): "
               f"{', '.join(named)}"]
     lines += [f"{field} = {value!r}" for field, value in fields if not read[field]]
   return _write("\n".join(lines) + "\n")

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 
-from kswap_jax.errors import ArgumentParser, exit_with
+from kswap_jax.errors import ArgumentParser, ConfigError, exit_with
 
 # name -> (column label, better: "up" | "down" | "" when judged by the gap to an oracle)
 METRICS = {
@@ -235,7 +235,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _differing(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
   """Each run's flattened config (paths inside its own workdir as `WORKDIR/...`, without
   the sections its method does not read) and the fields whose values differ between the
-  runs."""
+  runs, less those no run's method reads (`fields_unread`)."""
   def relative(value, workdir):
     root = os.path.join(os.path.abspath(workdir), "")
     if isinstance(value, str) and (value + os.sep).startswith(root):
@@ -247,8 +247,15 @@ def _differing(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
     return {k: v for k, v in config.items() if k not in unread}
   configs = [{k: relative(v, w) for k, v in _flat(read(r.get("config") or {})).items()}
              for w, r in runs]
-  fields = sorted(k for k in set().union(*configs)
-                  if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+  names = {str((r.get("config") or {}).get("method")) for _, r in runs}
+
+  def unread(field: str) -> bool:  # by every run's method (`fields_unread`)
+    try:
+      return all(not methods.reads_field(name, field) for name in names)
+    except ConfigError:  # a method not registered in this process: compare everything
+      return False
+  fields = sorted(k for k in set().union(*configs) if not unread(k)
+                  and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
   return configs, fields
 
 

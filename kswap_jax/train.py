@@ -1014,9 +1014,11 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
     recorded = {k: v for k, v in recorded.items() if k not in unread}
     new = {k: v for k, v in new.items() if k not in unread}
   # Fields of read sections that the method's results never depend on (`fields_unread`):
-  # a run is the same run whatever their values.
-  unread_fields = {f.removesuffix(".*") for d in (recorded, new)
-                   for f in methods.unread_fields(str(d.get("method")))}
+  # a run of that method is the same run whatever their values. Not for a comparison of
+  # chosen `fields` (a shared pretraining's, whichever method's record it holds).
+  unread_fields = (
+      {f.removesuffix(".*") for f in methods.unread_fields(str(new.get("method")))}
+      if fields is None and recorded.get("method") == new.get("method") else set())
   if unread_fields:
     recorded, new = copy.deepcopy(recorded), copy.deepcopy(new)
     for path in unread_fields:

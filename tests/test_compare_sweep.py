@@ -317,6 +317,13 @@ def test_a_point_at_the_config_s_own_values_is_the_plain_run(tmp_path, recorded,
   own = f"lbf ks.beta={config.ks.beta}"
   assert board["methods"][own]["acc_r"]["mean"] == pytest.approx(100.0 * config.ks.beta)
   assert not (tmp_path / "lbf" / f"ks.beta={config.ks.beta}").exists()
+  other = tmp_path / "other"  # a plain run of another value in the plain folder: not this point's
+  config.ks.beta = 0.77
+  compare.run(config, str(other), ["lbf"], [0])
+  config.ks.beta = 0.2
+  recorded.clear()
+  compare.run(config, str(other), ["lbf"], [0], sweep={"ks.beta": [0.2]})
+  assert [os.path.relpath(wd, other) for _, wd, _ in recorded] == ["lbf/ks.beta=0.2/seed_0"]
   earlier = tmp_path / "earlier"
   (earlier / "lbf" / f"ks.beta={config.ks.beta}").mkdir(parents=True)
   recorded.clear()

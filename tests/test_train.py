@@ -425,6 +425,15 @@ def test_a_record_is_compared_without_the_fields_its_method_s_results_never_read
     assert "min_lr" in record["cf"]  # the record is compared, not changed
   record["cf"]["min_lr"], record["cf"]["b1"] = config.cf.min_lr, 0.5
   assert train.config_difference(record, config) == f"cf.b1: was 0.5, now {config.cf.b1!r}"
+  # Only between records of one method, and not for chosen fields (a shared pretraining's
+  # record is whichever method's pretrained first).
+  scrub = methods.default_config("cf_scrub")
+  record = json.loads(scrub.to_json_best_effort())
+  record["cf"]["min_lr"] = 0.5
+  assert train.config_difference(record, scrub, fields=("cf",)) == (
+      f"cf.min_lr: was 0.5, now {scrub.cf.min_lr!r}")
+  record["method"] = "cf_ft"  # cf_ft reads cf.min_lr: the records of two methods differ there
+  assert train.config_difference(record, scrub).startswith("cf.min_lr: was 0.5")
 
 
 def test_ctrl_c_raised_in_a_command_ends_it_with_one_line_and_status_130(capsys):

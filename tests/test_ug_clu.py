@@ -436,3 +436,29 @@ def test_a_stop_while_the_oracle_trains_inside_the_run_keeps_the_stage(tmp_path,
   assert drop(resumed["stages"]) == drop(whole["stages"])
   # The stage's training time as saved before the oracle, not a clock that ran on.
   assert resumed["timing_seconds"]["3_forget"] == trained_seconds > 0
+
+
+def test_the_retrain_oracle_resumes_whatever_its_unlearn_section_says(tmp_path):
+  """clu_retrain never unlearns (`FIELDS_UNREAD`: unlearn.*), so its unused unlearning
+  optimizer slot is built from the defaults: a run stopped and resumed with another
+  unlearn.base (adamw has other state than sgd) restores, and finishes as one that ran
+  through."""
+  config = load_config("ug_clu_digits", "runlocal,method=clu_retrain")
+  config.oracle.enabled = False
+  whole = methods.run(config, str(tmp_path / "whole"))
+  config.train.checkpoint_every_steps = config.debug.interrupt_at_step = 3
+  with pytest.raises(SystemExit, match="interrupt_at_step"):
+    methods.run(config, str(tmp_path / "stopped"))
+  config.debug.interrupt_at_step, config.unlearn.base = 0, "adamw"
+  resumed = methods.run(config, str(tmp_path / "stopped"))
+  assert resumed["final"] == whole["final"]
+
+
+@pytest.mark.parametrize("tasks", [(0, 1, 2, 3, 4), ("0,1", (2, 3), (4, 5), 6, (7,))])
+def test_clu_tasks_must_be_a_tuple_of_tuples(tasks, tmp_path):
+  """A flat tuple is not read as one-class tasks (it was refused before class names)."""
+  config = load_config("ug_clu_digits", "runlocal")
+  config.clu.tasks = tasks
+  with pytest.raises(ConfigError, match=r"^clu\.tasks: expected a tuple of tuples of class "
+                                        r"ids or names \(one per task\), got "):
+    methods.run(config, str(tmp_path / "run"), dry_run=True)

@@ -18,11 +18,15 @@ import collections
 import dataclasses
 import difflib
 import functools
+import logging
+import re
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from kswap_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("retain_train", "forget_train", "learn_train",
                "retain_test", "forget_test", "learn_test")
@@ -149,11 +153,10 @@ def same_data(a: Any, b: Any) -> bool:
                      and np.array_equal(np.asarray(a.labels), np.asarray(b.labels))))
 
 
-def _as_id(text: str) -> int | None:
-  try:
-    return int(text)
-  except ValueError:
-    return None
+def as_id(text: str) -> int | None:
+  """The class id a string spells (digits, an optional sign, surrounding spaces), else
+  None: "3" -> 3, "1_0" and "cat" -> None."""
+  return int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else None
 
 
 def class_ids(value: Any, field: str, source: Any = None) -> tuple[int, ...]:
@@ -193,8 +196,12 @@ def class_ids(value: Any, field: str, source: Any = None) -> tuple[int, ...]:
       continue
     if not isinstance(v, str):
       raise ConfigError(f"{field}: expected class ids (ints) or class names, got {value!r}")
-    if _as_id(v.strip()) is not None:
-      ids.append(_as_id(v.strip()))
+    if as_id(v) is not None:
+      ids.append(as_id(v))
+      if lookup.get(v.strip(), ids[-1]) != ids[-1]:  # also another class's name
+        log.warning("warning: %s: %r is read as class id %d; the class named %r is id %d "
+                    "(a string that reads as an int is an id)", field, v, ids[-1],
+                    v.strip(), lookup[v.strip()])
       continue
     if not names:
       raise ConfigError(f"{field}: {v!r} names a class, but source "
@@ -204,8 +211,8 @@ def class_ids(value: Any, field: str, source: Any = None) -> tuple[int, ...]:
     for part in parts:
       if part in lookup:
         ids.append(lookup[part])
-      elif _as_id(part) is not None and len(parts) > 1:
-        ids.append(_as_id(part))
+      elif as_id(part) is not None and len(parts) > 1:
+        ids.append(as_id(part))
       else:
         near = difflib.get_close_matches(part, list(lookup), n=3)
         listed = ", ".join(map(repr, near)) if near else ", ".join(map(repr, names[:5])) + (
@@ -222,7 +229,7 @@ def names_classes(value: Any) -> bool:
   """Whether a class field's value names a class (a string that is not an int): its ids
   are known only once the source is read."""
   items = value if isinstance(value, (tuple, list)) else (value,)
-  return any(isinstance(v, str) and _as_id(v.strip()) is None for v in items)
+  return any(isinstance(v, str) and as_id(v.strip()) is None for v in items)
 
 
 def class_label(source: Any, class_id: int) -> str:

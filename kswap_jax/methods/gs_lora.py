@@ -337,16 +337,16 @@ def task_data(config: ml_collections.ConfigDict
   Raises:
     ConfigError: naming the field.
   """
-  src = common.load_sources(config.data, roles=("old",))
-  train_src, test_src = src["old_train"], src["old_test"]
-  task_list = tasks_lib.tasks_from_config(config.tasks, source=train_src)
-  num_classes = int(config.tasks.num_classes)
+  num_classes = require_int(config.tasks.num_classes, "tasks.num_classes", 2)
   if num_classes > int(config.model.num_classes):
     raise ConfigError(f"tasks.num_classes: {num_classes} classes do not fit the "
                       f"{config.model.num_classes}-row head (model.num_classes)")
   if config.init.kind == "pretrain" and pretrain.num_classes(config) != num_classes:
     raise ConfigError(f"pretrain.num_classes: {pretrain.num_classes(config)}, but the tasks "
                       f"start from a model of tasks.num_classes = {num_classes} classes")
+  src = common.load_sources(config.data, roles=("old",))  # class names need the data
+  train_src, test_src = src["old_train"], src["old_test"]
+  task_list = tasks_lib.tasks_from_config(config.tasks, source=train_src)
   for source in (train_src, test_src):
     if source.num_classes > num_classes:
       raise ConfigError(f"tasks.num_classes: {num_classes}, but source {source.name!r} has "
@@ -603,20 +603,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | N
       return state, frozen
 
     def ema_frozen(state, frozen):
-      """The frozen tree with the EMA of the merged weights as its base; None until the EMA
-      has copied the weights (its products are exactly 0 before `ema_epoch` ends)."""
+      """The frozen tree with the EMA of the merged weights as its base."""
       products = ema_products(state.opt_state)
-      if not any(bool(jnp.any(x != 0)) for x in jax.tree_util.tree_leaves(products)):
-        return None
       return train.replicate({"base": merge_products(frozen["base"], products)}, mesh)
+
+    # The EMA holds weights once it has copied them, at the last step of `ema_epoch`.
+    ema_from = (int(g.ema_epoch) + 1) * spe
 
     def periodic(state, frozen):
       names = ("retain_test", "forget_test", "missing_test")
       acc = evaluate(state, frozen, sub, names=names)
       record = periodic_record(acc, results[f"{task.name}_before"])
-      ema_base = ema_frozen(state, frozen) if use_ema else None
-      if ema_base is not None:  # logged beside the current weights, as the reference does
-        ema = evaluate(state._replace(params={}), ema_base, sub, names=names)
+      # Beside the weights, as the reference logs it, once the EMA has started: by the
+      # stage's iteration count at this evaluation (the Run's, restored on a resume).
+      if use_ema and int(run_.meta["stage_step"]) >= ema_from:
+        ema = evaluate(state._replace(params={}), ema_frozen(state, frozen), sub, names=names)
         record.update({f"ema_{k}": v for k, v in periodic_record(
             ema, results[f"{task.name}_before"]).items()})
       best = continual.best_eval(run_, task.name, "h_mean")
@@ -636,9 +637,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | N
       before = results[f"{task.name}_before"]
       record = {**task_record(acc, before),
                 **sparsity(jax.device_get(state.params), grouping)}
-      ema_base = ema_frozen(state, frozen) if use_ema else None
-      if ema_base is not None:
-        ema = evaluate(state._replace(params={}), ema_base, sub)
+      if use_ema and int(g.epochs) > int(g.ema_epoch):
+        ema = evaluate(state._replace(params={}), ema_frozen(state, frozen), sub)
         ema["h_mean"] = metrics.h_mean(before["acc_f"], ema["acc_f"], ema["acc_r"])
         record["ema"] = {k: v for k, v in ema.items() if not k.endswith("_margin")}
       best = continual.best_eval(run_, task.name, "h_mean")

@@ -102,8 +102,9 @@ FIELDS_UNREAD = {  # and `data.new` (the stream is one dataset, `data.old`): `fi
 
 
 def fields_unread(method: str) -> tuple[str, ...]:
-  """The fields `method`'s results never depend on (`FIELDS_UNREAD`, and `data.new`)."""
-  return ("data.new.*", *FIELDS_UNREAD[method])
+  """The fields `method`'s results never depend on (`FIELDS_UNREAD`, and `data.new`); a
+  method registered onto this module names its own."""
+  return ("data.new.*", *FIELDS_UNREAD.get(method, ()))
 
 
 def sections() -> dict[str, ml_collections.ConfigDict]:
@@ -228,7 +229,9 @@ def parse_requests(requests: Sequence[str], num_tasks: int, source: Any = None
               ids += splits.class_ids(c, f"{_field(i)}: {text!r}", source)
           twice = sorted({c for c in ids if ids.count(c) > 1}, key=str)
           if twice:
-            raise ConfigError(f"{_field(i)}: {text!r}: class {twice[0]} is listed twice")
+            shown = (splits.class_label(source, twice[0]) if isinstance(twice[0], int)
+                     else repr(twice[0]))
+            raise ConfigError(f"{_field(i)}: {text!r}: class {shown} is listed twice")
           arg = tuple(sorted(ids, key=lambda c: (isinstance(c, str), c)))
           if not arg:
             raise ConfigError(f"{_field(i)}: {text!r}: the forget set is empty (no class)")
@@ -528,11 +531,12 @@ def _validate(config) -> None:
 def _tasks(config, num_classes: int, train_src) -> tuple[tuple[int, ...], ...]:
   """`clu.tasks` as class ids (names are `train_src`'s), checked against the head and the
   training labels."""
-  try:
-    tasks = tuple(splits.class_ids(t, "clu.tasks", train_src) for t in config.clu.tasks)
-  except TypeError:
-    raise ConfigError(f"clu.tasks: expected a tuple of tuples of class ids, got "
-                      f"{config.clu.tasks!r}") from None
+  value = config.clu.tasks
+  if not isinstance(value, (tuple, list)) or not all(isinstance(t, (tuple, list))
+                                                      for t in value):
+    raise ConfigError(f"clu.tasks: expected a tuple of tuples of class ids or names (one "
+                      f"per task), got {value!r}")
+  tasks = tuple(splits.class_ids(t, "clu.tasks", train_src) for t in value)
   train_labels = np.asarray(train_src.labels)
   flat = [x for t in tasks for x in t]
   if not tasks or any(not t for t in tasks):
@@ -1271,7 +1275,10 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
     return params, train.replicate(frozen, mesh), model_state
 
   params, frozen, model_state = init_model("init")
-  learn_any, unlearn_any = _fast_slow(lc, 1), unlearner.init_tx(config)
+  # The Retrain oracle never unlearns: its (unused) unlearning slot is built from the
+  # defaults, so that no unlearn.* value shapes its checkpoint (`FIELDS_UNREAD`).
+  learn_any = _fast_slow(lc, 1)
+  unlearn_any = unlearner.init_tx(oracle_config(config) if retrain else config)
 
   def init_opt(p):
     return {"learn": learn_any.init(p), "unlearn": unlearn_any.init(p)}

@@ -166,6 +166,7 @@ def test_class_ids_read_ints_int_strings_and_the_source_s_class_names():
       ((True,), r"expected class ids \(ints\) or class names")):
     with pytest.raises(ConfigError, match=said):
       ids(value)
+  assert splits.as_id(" 7 ") == 7 and splits.as_id("1_0") is None and splits.as_id("7a") is None
   with pytest.raises(ConfigError, match=r"^f: 'cat' names a class, but source 'old' has no "
                                         r"class names; give class ids \(ints\)$"):
     splits.class_ids(("cat",), "f", _source(10, 2, "old"))
@@ -188,3 +189,14 @@ def test_knowledge_swap_splits_by_class_names_are_those_by_ids():
                                         r"also in swap\.forget_classes"):  # names shown too
     splits.knowledge_swap_splits(old_train, old_test, new_train, new_test,
                                  _swap_cfg(retain_classes=("ant", 2)))
+
+
+def test_a_string_that_reads_as_an_int_is_an_id_with_a_warning_when_it_names_another(caplog):
+  """Class folders named by numbers ("1", "10", "2": labels by sorted name): "1" is id 1,
+  and the warning says which id the class named "1" has; "2" is id 2 and its name, silently."""
+  source = _named(3, 2, "numbers", ("1", "10", "2"))
+  with caplog.at_level("WARNING", logger=splits.log.name):
+    assert splits.class_ids(("2", "1"), "f", source) == (2, 1)
+  assert [r.getMessage() for r in caplog.records] == [
+      "warning: f: '1' is read as class id 1; the class named '1' is id 0 (a string that "
+      "reads as an int is an id)"]

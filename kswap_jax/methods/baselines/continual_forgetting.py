@@ -73,6 +73,7 @@ PAIRED = ("cf_lwf", "cf_der", "cf_der_pp", "cf_fdr", "cf_lirf")
 KD_ROWS = ("reference", "retained")  # LIRF's distilled logits
 SCRUB = ("cf_scrub", "cf_scrub_s")                    # max/min steps in SCRUB's schedule
 TEACHER_METHODS = PAIRED + SCRUB
+RELABELLING = ANCHORED + PAIRED  # relabel their forget samples (cf.relabel)
 IMPORTANCE_METHODS = ("cf_ewc", "cf_mas")  # the anchor weighted by an importance
 RELABEL_RULES = ("reference", "other")
 TEACHERS = ("pretrained", "task_start")
@@ -86,7 +87,7 @@ def fields_unread(method: str) -> tuple[str, ...]:
   importance data only for EWC and MAS, the auxiliary stream's batches only in the paired
   streams, and SCRUB's own learning rate and Adam weight decay in place of the shared ones."""
   unread = ["data.new.*"]  # the tasks forget classes of data.old
-  if method not in ANCHORED + PAIRED:
+  if method not in RELABELLING:
     unread.append("cf.relabel")
   if method not in TEACHER_METHODS:
     unread.append("cf.teacher")
@@ -612,7 +613,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   task_list, subsets = gs_lora.task_data(config)
   num_tasks = len(task_list)
   num_classes = int(config.model.num_classes)
-  if c.relabel == "reference" and method not in ("cf_retrain", "cf_ft") + SCRUB:
+  if c.relabel == "reference" and method in RELABELLING:
     for task in task_list:
       if len(task.forget) < 2:
         raise ConfigError(f"cf.relabel: the reference rule needs >= 2 forget classes per task "
