@@ -222,8 +222,9 @@ def main(argv=None) -> int:
       methods.get(name)
     lines = []
     for name in names:
+      config = methods.default_config(name)
       lines.append(f"# method={name}: --config.<field>=<value> overrides any of these")
-      lines += [f"{field} = {value!r}" for field, value in flatten(methods.default_config(name))]
+      lines += _documented(flatten(config), field_docs(config))
       lines.append("")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -242,9 +243,9 @@ def _print_command_line(flags: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   lines = [f"# python run.py {shlex.join(flags)}  (method={config.method})"]
-  name, fields = str(config.method), flatten(config)
+  name, fields, docs = str(config.method), flatten(config), field_docs(config)
   read = {field: methods.reads_field(name, field) for field, _ in fields}
-  lines += [f"{field} = {value!r}" for field, value in fields if read[field]]
+  lines += _documented([(f, v) for f, v in fields if read[f]], docs)
   unread = [field for field, _ in fields if not read[field]]
   if unread:  # the family's other sections and fields, for `compare`: listed last, apart
     section = lambda field: field.split(".")[0]
@@ -253,8 +254,46 @@ def _print_command_line(flags: list[str]) -> int:
     lines += ["", f"# not read by {name} (its results do not depend on them; other methods "
               f"of its family may, under python -m kswap_jax.compare): "
               f"{', '.join(named)}"]
-    lines += [f"{field} = {value!r}" for field, value in fields if not read[field]]
+    lines += _documented([(f, v) for f, v in fields if not read[f]], docs)
   return _write("\n".join(lines) + "\n")
+
+
+def field_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{dotted field: the comment beside its default in the source}: the shared base's
+  (`base_config`), the model's (its `DEFAULTS`) and the sections' of `config.method` and
+  of its family's other methods (their modules' `sections()`; `kswap_jax.field_docs`)."""
+  from kswap_jax import field_docs as docs_lib  # pylint: disable=import-outside-toplevel
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  docs = docs_lib.comments(sys.modules[__name__], "base_config")
+  try:
+    module, defaults = models._entry(str(config.model.get("name", "vit")))  # pylint: disable=protected-access
+    docs.update(docs_lib.comments(module, defaults, "model."))
+  except ConfigError:
+    pass
+  name = str(config.method)
+  family = methods.family_of(name) if name in methods.METHODS else None
+  for method in [name, *methods.FAMILIES.get(family, ())]:
+    if method in methods.METHODS:
+      for field, text in docs_lib.comments(methods.get(method), "sections").items():
+        docs.setdefault(field, text)
+  return docs
+
+
+def _documented(fields: list[tuple[str, object]], docs: dict[str, str]) -> list[str]:
+  """`field = value`, with its comment from `docs` after `#`; a section's own comment (a
+  line above its first field) as a line of its own."""
+  lines, said = [], set()
+  for field, value in fields:
+    parts = field.split(".")
+    for depth in range(1, len(parts)):
+      section = ".".join(parts[:depth])
+      if section in docs and section not in said:
+        said.add(section)
+        if docs[section] != docs.get(field):  # not the one comment of a one-line section
+          lines.append(f"# {section}: {docs[section]}")
+    note = f"  # {docs[field]}" if field in docs else ""
+    lines.append(f"{field} = {value!r}{note}")
+  return lines
 
 
 def _write(text: str) -> int:

@@ -558,23 +558,31 @@ def test_config_prints_what_a_command_line_runs(capsys):
   checked as a run checks it; bad input is one line and exit 2."""
   from kswap_jax import config  # pylint: disable=import-outside-toplevel
   assert config.main(["--config=ug_clu_digits:runlocal", "--config.seed=4"]) == 0
-  lines = capsys.readouterr().out.splitlines()
-  assert lines[0].startswith("# python run.py --config=ug_clu_digits:runlocal") and \
-      "(method=ug_clu)" in lines[0]
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("# python run.py --config=ug_clu_digits:runlocal") and \
+      "(method=ug_clu)" in out[0]
+  # Each field with the comment beside its default in the source, after "  # ".
+  assert "clu.tasks = ((0, 1, 2), (3, 4, 5))  # [R] class-incremental " \
+      "split: tuple of tasks, each a tuple of class ids." in out
+  assert "# ga: GA: SGD lr 1e-4, 9 epochs on D_U, constant lr, raw gradient clipped at 0.1, " \
+      "eval mode." in out  # a section's comment, on a line of its own
+  lines = [line.split("  # ")[0] for line in out]
   assert "seed = 4" in lines and "model.name = 'resnet18_cifar'" in lines
   assert "learn.iterations = 6" in lines  # the file's runlocal value, not the default
   header = next(i for i, line in enumerate(lines) if line.startswith("# not read by ug_clu"))
   assert any(line.startswith("clu.") for line in lines[:header]) and \
       any(line.startswith("salun.") for line in lines[header:])  # the baselines' sections
   assert config.main(["--config=gs_lora_digits"]) == 0
-  lines = capsys.readouterr().out.splitlines()
+  lines = [line.split("  # ")[0] for line in capsys.readouterr().out.splitlines()]
   header = next(i for i, line in enumerate(lines) if line.startswith("# not read by gs_lora"))
-  sections = lambda part: {line.split(".")[0] for line in part if " = " in line}
+  sections = lambda part: {line.split(".")[0] for line in part
+                           if " = " in line and not line.startswith("#")}
   assert {"gs_lora", "tasks", "lora", "data"} <= sections(lines[:header])
   assert not any(s.startswith("cf") for s in sections(lines[:header]))
   named = lines[header].split(": ")[-1].split(", ")  # whole sections, then single fields
   assert {"cf", "cf_ft", "cf_scrub_s", "gs_lora.prototype.bound"} <= set(named)
-  below = [line.split(" = ")[0] for line in lines[header + 1:] if " = " in line]
+  below = [line.split(" = ")[0] for line in lines[header + 1:]
+           if " = " in line and not line.startswith("#")]
   assert below and all(f in named or f.split(".")[0] in named for f in below)
   assert "gs_lora.bound = 105.0" in lines[:header]  # GS-LoRA's own, but not its prototypes':
   assert not any(line.startswith("gs_lora.prototype.") for line in lines[:header])
@@ -594,9 +602,11 @@ def test_an_unquoted_comma_list_of_names_is_the_tuple_of_its_items(capsys):
   for value, want in (("cat,dog", "('cat', 'dog')"), ("(cat,5)", "('cat', 5)"),
                       ("1,2", "(1, 2)"), ("cat", "('cat',)")):
     assert config.main(["--config=demo", f"--config.swap.forget_classes={value}"]) == 0
-    assert f"swap.forget_classes = {want}" in capsys.readouterr().out.splitlines()
+    values = [line.split("  # ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert f"swap.forget_classes = {want}" in values
   assert config.main(["--config=ug_clu_digits", "--config.clu.lora_train=a,b"]) == 0
-  assert "clu.lora_train = 'a,b'" in capsys.readouterr().out.splitlines()
+  assert "clu.lora_train = 'a,b'" in [
+      line.split("  # ")[0] for line in capsys.readouterr().out.splitlines()]
   assert config.main(["--config=demo", "--config.swap.forget_classes=0_n014,1_n015"]) == 2
   assert capsys.readouterr().err.endswith(
       "(a tuple is written as Python, its strings quoted: --config.swap.forget_classes="

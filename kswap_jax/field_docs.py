@@ -1,0 +1,121 @@
+"""The comments that document config fields, read from the source that sets their defaults.
+
+A default is documented where it is set (STYLE: a reconstructed choice is a config field
+with its reason beside it), e.g. in a method's `sections()`:
+
+    swap=ml_collections.ConfigDict(dict(
+        forget_classes=(0, 1, 2, 3, 4),  # [unknown] in the paper: the authors' folders fix them
+
+`comments(module, name)` finds the function or assignment `name` in `module`'s source and
+returns {"swap.forget_classes": "[unknown] in the paper: ..."}: for every keyword of a
+`dict(...)`/`ConfigDict(...)` call (or of a helper building a section), every string key of
+a dict literal and every `c.field = ...` assignment, the comment at the end of its line
+(shared by the fields on that line), the comment lines right above it at its indentation
+and those right below it that are indented further (a continued comment). The config printer shows them
+beside the values (`python -m kswap_jax.config`). Source that cannot be read gives {}:
+the comments are documentation, never needed to run.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import tokenize
+from typing import Any
+
+
+def _comment_lines(source: str) -> tuple[dict[int, str], dict[int, tuple[int, str]]]:
+  """({line: the comment ending a line of code}, {line: (column, text) of a line that is
+  only a comment})."""
+  trailing, alone = {}, {}
+  code_lines = set()
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      line, col = tok.start
+      text = tok.string.lstrip("#").strip()
+      if line in code_lines:
+        trailing[line] = text
+      else:
+        alone[line] = (col, text)
+    elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                          tokenize.ENDMARKER):
+      for line in range(tok.start[0], tok.end[0] + 1):
+        code_lines.add(line)
+  return trailing, alone
+
+
+def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST]) -> None:
+  """Each config field's node under `node`, by dotted path."""
+  if isinstance(node, ast.Call):
+    for arg in node.args:  # ConfigDict(dict(...)), dict(dict(...), **overrides)
+      _fields(arg, prefix, out)
+    for kw in node.keywords:
+      if kw.arg is not None:
+        out.setdefault(prefix + kw.arg, kw)
+        _fields(kw.value, f"{prefix}{kw.arg}.", out)
+  elif isinstance(node, ast.Dict):
+    for key, value in zip(node.keys, node.values):
+      if isinstance(key, ast.Constant) and isinstance(key.value, str):
+        out.setdefault(prefix + key.value, key)
+        _fields(value, f"{prefix}{key.value}.", out)
+  elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+    target, path = node.targets[0], []
+    while isinstance(target, (ast.Attribute, ast.Subscript)):
+      if isinstance(target, ast.Attribute):
+        path.insert(0, target.attr)
+      elif isinstance(target.slice, ast.Constant) and isinstance(target.slice.value, str):
+        path.insert(0, target.slice.value)
+      else:
+        return
+      target = target.value
+    if path:  # c.section.field = value, out["section"] = value
+      out.setdefault(prefix + ".".join(path), node)
+      _fields(node.value, f"{prefix}{'.'.join(path)}.", out)
+    else:  # out = dict(...), later returned
+      _fields(node.value, prefix, out)
+  elif isinstance(node, (ast.Return, ast.Expr)) and node.value is not None:
+    _fields(node.value, prefix, out)
+  elif isinstance(node, (ast.FunctionDef, ast.If, ast.With, ast.For)):
+    for statement in node.body:
+      _fields(statement, prefix, out)
+
+
+def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
+  """{dotted field: its comment} for the fields that `name` (a function or a module-level
+  assignment in `module`) sets, under `prefix` ("model." for a model's DEFAULTS)."""
+  try:
+    source = inspect.getsource(module)
+    tree = ast.parse(source)
+    trailing, alone = _comment_lines(source)
+  except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+    return {}
+  nodes: dict[str, ast.AST] = {}
+  for node in tree.body:
+    if isinstance(node, ast.FunctionDef) and node.name == name:
+      _fields(node, prefix, nodes)
+    elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
+                                              for t in node.targets):
+      _fields(node.value, prefix, nodes)  # DEFAULTS = dict(...)
+  out = {}
+  for field, node in nodes.items():
+    first, last = node.lineno, getattr(node, "end_lineno", node.lineno)
+    above = []
+    line = first - 1
+    while line in alone and abs(alone[line][0] - node.col_offset) <= 1:  # its own indent
+      above.insert(0, alone[line][1])
+      line -= 1
+    below = []
+    line = last + 1
+    while line in alone and alone[line][0] > node.col_offset:
+      below.append(alone[line][1])
+      line += 1
+    # The comment ending its line; a field written over several lines has its inner
+    # fields' comments there, not its own.
+    own = trailing.get(last) if first == last else None
+    parts = above + ([own] if own else [])
+    parts = parts + below if own else parts
+    text = " ".join(p for p in parts if p)
+    if text:
+      out[field] = text
+  return out

@@ -1,0 +1,68 @@
+"""kswap_jax.field_docs: the comments beside config defaults, as the config printer shows
+them."""
+
+import importlib.util
+
+from kswap_jax import field_docs
+
+SOURCE = '''
+import ml_collections
+
+DEFAULTS = dict(
+    width=64,          # hidden size
+    depth=2,
+)
+
+
+def helper(**fields):
+  return ml_collections.ConfigDict(fields)
+
+
+def sections():
+  out = dict(
+      # The first section: a comment above it.
+      first=ml_collections.ConfigDict(dict(
+          a=1,             # one
+          b=2, c=3,        # shared by b and c
+          # above d
+          d=4,             # beside d
+                           # and continued
+          e=(1,
+             2),           # a field over two lines keeps no end comment
+          f=5,
+      )),
+      second=helper(x=1),  # helper keywords are fields too
+  )
+  out["third"] = ml_collections.ConfigDict(dict(y=2))  # set by subscript
+  return out
+'''
+
+
+def test_comments_beside_above_and_continued_are_each_fields(tmp_path):
+  path = tmp_path / "toy_sections.py"
+  path.write_text(SOURCE)
+  spec = importlib.util.spec_from_file_location("toy_sections", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  docs = field_docs.comments(module, "sections")
+  assert docs == {
+      "first": "The first section: a comment above it.",
+      "first.a": "one",
+      "first.b": "shared by b and c", "first.c": "shared by b and c",
+      "first.d": "above d beside d and continued",
+      "second": "helper keywords are fields too",  # one line: the section's and its field's
+      "second.x": "helper keywords are fields too",
+      "third": "set by subscript", "third.y": "set by subscript",
+  }
+  assert field_docs.comments(module, "DEFAULTS", "model.") == {"model.width": "hidden size"}
+  assert field_docs.comments(module, "missing") == {}
+  assert field_docs.comments(object(), "sections") == {}  # no source: no comments
+
+
+def test_the_printer_shows_a_reconstructed_choice_beside_its_value(capsys):
+  from kswap_jax import config  # pylint: disable=import-outside-toplevel
+  assert config.main(["lbf"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert "swap.forget_classes = (0, 1, 2, 3, 4)  # [unknown] in the paper: the authors' " \
+      "folders fix them" in out
+  assert "ks.learn_epochs = 5" in out  # no comment: the value alone
