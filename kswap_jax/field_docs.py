@@ -45,20 +45,24 @@ def _comment_lines(source: str) -> tuple[dict[int, str], dict[int, tuple[int, st
   return trailing, alone
 
 
-def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST]) -> None:
-  """Each config field's node under `node`, by dotted path."""
-  if isinstance(node, ast.Call):
+def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST],
+            local: dict[str, ast.AST]) -> None:
+  """Each config field's node under `node`, by dotted path; `local`: the enclosing
+  function's names bound to a value (`scrub = dict(...)` then `cf_scrub=cd(scrub)`)."""
+  if isinstance(node, ast.Name) and node.id in local:
+    _fields(local[node.id], prefix, out, {})  # once: a name is not followed twice
+  elif isinstance(node, ast.Call):
     for arg in node.args:  # ConfigDict(dict(...)), dict(dict(...), **overrides)
-      _fields(arg, prefix, out)
+      _fields(arg, prefix, out, local)
     for kw in node.keywords:
       if kw.arg is not None:
         out.setdefault(prefix + kw.arg, kw)
-        _fields(kw.value, f"{prefix}{kw.arg}.", out)
+        _fields(kw.value, f"{prefix}{kw.arg}.", out, local)
   elif isinstance(node, ast.Dict):
     for key, value in zip(node.keys, node.values):
       if isinstance(key, ast.Constant) and isinstance(key.value, str):
         out.setdefault(prefix + key.value, key)
-        _fields(value, f"{prefix}{key.value}.", out)
+        _fields(value, f"{prefix}{key.value}.", out, local)
   elif isinstance(node, ast.Assign) and len(node.targets) == 1:
     target, path = node.targets[0], []
     while isinstance(target, (ast.Attribute, ast.Subscript)):
@@ -71,14 +75,14 @@ def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST]) -> None:
       target = target.value
     if path:  # c.section.field = value, out["section"] = value
       out.setdefault(prefix + ".".join(path), node)
-      _fields(node.value, f"{prefix}{'.'.join(path)}.", out)
-    else:  # out = dict(...), later returned
-      _fields(node.value, prefix, out)
+      _fields(node.value, f"{prefix}{'.'.join(path)}.", out, local)
+    elif isinstance(target, ast.Name):  # a local: its fields where it is used
+      local[target.id] = node.value
   elif isinstance(node, (ast.Return, ast.Expr)) and node.value is not None:
-    _fields(node.value, prefix, out)
+    _fields(node.value, prefix, out, local)
   elif isinstance(node, (ast.FunctionDef, ast.If, ast.With, ast.For)):
     for statement in node.body:
-      _fields(statement, prefix, out)
+      _fields(statement, prefix, out, local)
 
 
 def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
@@ -93,10 +97,10 @@ def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
   nodes: dict[str, ast.AST] = {}
   for node in tree.body:
     if isinstance(node, ast.FunctionDef) and node.name == name:
-      _fields(node, prefix, nodes)
+      _fields(node, prefix, nodes, {})
     elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
                                               for t in node.targets):
-      _fields(node.value, prefix, nodes)  # DEFAULTS = dict(...)
+      _fields(node.value, prefix, nodes, {})  # DEFAULTS = dict(...)
   out = {}
   for field, node in nodes.items():
     first, last = node.lineno, getattr(node, "end_lineno", node.lineno)

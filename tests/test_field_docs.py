@@ -19,6 +19,7 @@ def helper(**fields):
 
 
 def sections():
+  shared = dict(z=1)       # a local dict, used below
   out = dict(
       # The first section: a comment above it.
       first=ml_collections.ConfigDict(dict(
@@ -32,6 +33,7 @@ def sections():
           f=5,
       )),
       second=helper(x=1),  # helper keywords are fields too
+      fourth=ml_collections.ConfigDict(shared),
   )
   out["third"] = ml_collections.ConfigDict(dict(y=2))  # set by subscript
   return out
@@ -53,6 +55,7 @@ def test_comments_beside_above_and_continued_are_each_fields(tmp_path):
       "second": "helper keywords are fields too",  # one line: the section's and its field's
       "second.x": "helper keywords are fields too",
       "third": "set by subscript", "third.y": "set by subscript",
+      "fourth.z": "a local dict, used below",  # where the local is used
   }
   assert field_docs.comments(module, "DEFAULTS", "model.") == {"model.width": "hidden size"}
   assert field_docs.comments(module, "missing") == {}
