@@ -50,7 +50,8 @@ def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST],
   """Each config field's node under `node`, by dotted path; `local`: the enclosing
   function's names bound to a value (`scrub = dict(...)` then `cf_scrub=cd(scrub)`)."""
   if isinstance(node, ast.Name) and node.id in local:
-    _fields(local[node.id], prefix, out, {})  # once: a name is not followed twice
+    rest = {k: v for k, v in local.items() if k != node.id}  # a name is followed once
+    _fields(local[node.id], prefix, out, rest)
   elif isinstance(node, ast.Call):
     for arg in node.args:  # ConfigDict(dict(...)), dict(dict(...), **overrides)
       _fields(arg, prefix, out, local)
