@@ -181,8 +181,11 @@ def _bare_overrides(argv, config) -> None:
         raise ConfigError(f"{a}: expected a value ({a}=VALUE)")
 
 
-# An unquoted comma list, optionally in one pair of brackets: "cat,dog", "(cat,5)".
+# An unquoted comma list, optionally in one pair of brackets: "cat,dog", "(cat,5)"; and
+# such lists in brackets, two or more or inside one more pair: "(cat,dog),(eel,)".
 _UNQUOTED_LIST = re.compile(r"^\(?([^()\[\]{}'\"]*,[^()\[\]{}'\"]*)\)?$")
+_GROUP = r"\(([^()\[\]{}'\"]*)\)"
+_UNQUOTED_GROUPS = re.compile(rf"^(?:{_GROUP}\s*,\s*)+{_GROUP}\s*,?$|^\((?:{_GROUP}\s*,?\s*)+\)$")
 
 
 def _int_or_text(item: str):
@@ -195,7 +198,9 @@ def _comma_lists(argv, config) -> None:
   that is not a Python literal (a class name) as one string, ('cat,dog',); it becomes the
   tuple of its items, an item that reads as an int an int (`--config.FIELD=cat,5` ->
   ('cat', 5)), as `--config.FIELD=1,2` gives (1, 2), so the config, its record and a sweep
-  see one spelling."""
+  see one spelling. Lists in brackets, `--config.tasks.forget_classes=(cat,dog),(eel,)`,
+  become a tuple of tuples (('cat', 'dog'), ('eel',))."""
+  items = lambda text: tuple(_int_or_text(t.strip()) for t in text.split(",") if t.strip())
   seen = set()
   for a in reversed(argv[1:]):  # the last of a repeated flag is the value used
     if not a.startswith("--config.") or "=" not in a:
@@ -208,10 +213,13 @@ def _comma_lists(argv, config) -> None:
     node = config
     for key in parents:
       node = node.get(key) if hasattr(node, "get") else None
+    if not hasattr(node, "get") or node.get(leaf) != (value,):
+      continue  # not a tuple field, or a value Python read
     match = _UNQUOTED_LIST.match(value)
-    if match and hasattr(node, "get") and node.get(leaf) == (value,):
-      node[leaf] = tuple(_int_or_text(t.strip()) for t in match.group(1).split(",")
-                         if t.strip())
+    if match:
+      node[leaf] = items(match.group(1))
+    elif _UNQUOTED_GROUPS.match(value.strip()):
+      node[leaf] = tuple(items(group) for group in re.findall(_GROUP, value))
 
 
 # The module name ml_collections loads a config file under (`<flag>_config`). It loads with

@@ -604,6 +604,13 @@ def test_an_unquoted_comma_list_of_names_is_the_tuple_of_its_items(capsys):
     assert config.main(["--config=demo", f"--config.swap.forget_classes={value}"]) == 0
     values = [line.split("  # ")[0] for line in capsys.readouterr().out.splitlines()]
     assert f"swap.forget_classes = {want}" in values
+  for value, want in (("(cat,dog),(eel,)", "(('cat', 'dog'), ('eel',))"),  # a list of lists
+                      ("((cat,dog),(eel,5))", "(('cat', 'dog'), ('eel', 5))"),
+                      ("((cat,dog))", "(('cat', 'dog'),)"), ("((1,2),(3,))", "((1, 2), (3,))")):
+    assert config.main(["--config=gs_lora_digits", f"--config.tasks.forget_classes={value}",
+                        "--config.tasks.num_tasks=2"]) == 0
+    values = [line.split("  # ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert f"tasks.forget_classes = {want}" in values, value
   assert config.main(["--config=ug_clu_digits", "--config.clu.lora_train=a,b"]) == 0
   assert "clu.lora_train = 'a,b'" in [
       line.split("  # ")[0] for line in capsys.readouterr().out.splitlines()]
