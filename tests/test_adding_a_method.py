@@ -156,6 +156,15 @@ def test_a_gs_lora_variant_through_run_s_hooks_is_gs_lora_with_its_own_loss(
   config.gs_lora.bound = -1.0  # the GS-LoRA fields are checked for a variant too, up front
   with pytest.raises(ConfigError, match=r"gs_lora\.bound"):
     methods.check(config)
+  # `report` in a process where the variant is not registered: GS-LoRA's tables, by the
+  # envelope's `presenter` (the library's code only), not the bare stage table.
+  monkeypatch.delitem(methods.METHODS, "gs_lora_x")
+  from kswap_jax import report  # pylint: disable=import-outside-toplevel
+  shown = report.present(results, None)
+  assert shown.startswith("(gs_lora_x is not registered in this process; its results are "
+                          "shown as gs_lora's)\n") and "zero groups" in shown
+  assert shown.split("\n", 1)[1].replace("gs_lora_x", "gs_lora") == report.present(
+      dict(results, method="gs_lora"), None)
 
 
 def test_a_gs_lora_forget_term_replaces_the_bounded_term_under_beta(tmp_path, tmp_path_factory):

@@ -705,7 +705,8 @@ def results_envelope(config, task_list: list[tasks_lib.ForgetTask], results: dic
   rule = ("arg-max of the CosFace logits with the margin on the true class"
           if use_margin and config.model.head == "cosface" else "arg-max over all head rows")
   return {"method": config.method, "config": config.to_dict(), "prediction_rule": rule,
-          "stages": stages, "final": final}
+          "stages": stages, "final": final,
+          "presenter": "gs_lora"}  # shows a variant's results where it is not registered
 
 
 def present(results: dict, workdir: str | None) -> str:

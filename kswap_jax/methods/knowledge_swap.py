@@ -403,6 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   final["h_mean"] = metrics.h_mean(results["before"]["acc_f"], final["acc_f"], final["acc_r"])
   out = {
       "method": method,
+      "presenter": "lbf",  # shows a variant's results where it is not registered
       "config": config.to_dict(),
       "prediction_rule": f"argmax over all {config.model.num_classes} head rows",
       "stages": [{"name": n, **{k: results[n][k] for k in TEST_SPLITS}}

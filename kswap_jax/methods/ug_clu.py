@@ -1534,7 +1534,8 @@ def _envelope(config, method, run_plans, plans, results, test_sizes, initial_tas
     final["avg_gap_mean"] = float(np.mean(gaps))
   out = {"method": method, "config": config.to_dict(),
          "prediction_rule": f"argmax over all {config.model.num_classes} head rows",
-         "stages": stages, "final": final, "timing_seconds": timing}
+         "stages": stages, "final": final, "timing_seconds": timing,
+         "presenter": "ug_clu"}  # shows a variant's results where it is not registered
   if len(run_plans) == len(plans):  # the continual-learning matrix needs every stage
     initial = results["before"]
     order, raw = accuracy_matrix(stages, plans, initial, initial_tasks)
