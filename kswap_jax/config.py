@@ -244,8 +244,9 @@ def _print_command_line(flags: list[str]) -> int:
     return 2
   lines = [f"# python run.py {shlex.join(flags)}  (method={config.method})"]
   name, fields, docs = str(config.method), flatten(config), field_docs(config)
+  defaults = _defaults(config)
   read = {field: methods.reads_field(name, field) for field, _ in fields}
-  lines += _documented([(f, v) for f, v in fields if read[f]], docs)
+  lines += _documented([(f, v) for f, v in fields if read[f]], docs, defaults)
   unread = [field for field, _ in fields if not read[field]]
   if unread:  # the family's other sections and fields, for `compare`: listed last, apart
     section = lambda field: field.split(".")[0]
@@ -254,7 +255,7 @@ def _print_command_line(flags: list[str]) -> int:
     lines += ["", f"# not read by {name} (its results do not depend on them; other methods "
               f"of its family may, under python -m kswap_jax.compare): "
               f"{', '.join(named)}"]
-    lines += _documented([(f, v) for f, v in fields if not read[f]], docs)
+    lines += _documented([(f, v) for f, v in fields if not read[f]], docs, defaults)
   return _write("\n".join(lines) + "\n")
 
 
@@ -279,9 +280,30 @@ def field_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
   return docs
 
 
-def _documented(fields: list[tuple[str, object]], docs: dict[str, str]) -> list[str]:
-  """`field = value`, with its comment from `docs` after `#`; a section's own comment (a
-  line above its first field) as a line of its own."""
+def _defaults(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """{field: default} of `config`'s method, its family's and its model's: what the source
+  comments describe."""
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
+  name = str(config.method)
+  family = methods.family_of(name) if name in methods.METHODS else None
+  out: dict[str, object] = {}
+  for method in [name, *methods.FAMILIES.get(family, ())]:
+    if method in methods.METHODS:
+      for field, value in flatten(methods.default_config(method)):
+        out.setdefault(field, value)
+  try:
+    model = models.default_config(str(config.model.get("name", "vit")))
+    out.update(flatten(model, "model."))
+  except ConfigError:
+    pass
+  return out
+
+
+def _documented(fields: list[tuple[str, object]], docs: dict[str, str],
+                defaults: dict[str, object] | None = None) -> list[str]:
+  """`field = value`, with its comment from `docs` after `#` (a comment on a default the
+  config changed starts "default X:", as it describes that default); a section's own
+  comment (a line above its first field) as a line of its own."""
   lines, said = [], set()
   for field, value in fields:
     parts = field.split(".")
@@ -291,7 +313,9 @@ def _documented(fields: list[tuple[str, object]], docs: dict[str, str]) -> list[
         said.add(section)
         if docs[section] != docs.get(field):  # not the one comment of a one-line section
           lines.append(f"# {section}: {docs[section]}")
-    note = f"  # {docs[field]}" if field in docs else ""
+    changed = defaults is not None and field in defaults and defaults[field] != value
+    note = (f"  # default {defaults[field]!r}: {docs[field]}" if field in docs and changed
+            else f"  # {docs[field]}" if field in docs else "")
     lines.append(f"{field} = {value!r}{note}")
   return lines
 

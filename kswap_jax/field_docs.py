@@ -19,6 +19,7 @@ the comments are documentation, never needed to run.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import io
 import tokenize
@@ -45,24 +46,25 @@ def _comment_lines(source: str) -> tuple[dict[int, str], dict[int, tuple[int, st
   return trailing, alone
 
 
-def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST],
+def _fields(node: ast.AST, prefix: str, out: dict[str, list[ast.AST]],
             local: dict[str, ast.AST]) -> None:
-  """Each config field's node under `node`, by dotted path; `local`: the enclosing
+  """Each config field's nodes under `node`, by dotted path, in the order they take effect
+  (`dict(BASE, field=...)`: the keyword, then BASE's); `local`: the enclosing
   function's names bound to a value (`scrub = dict(...)` then `cf_scrub=cd(scrub)`)."""
   if isinstance(node, ast.Name) and node.id in local:
     rest = {k: v for k, v in local.items() if k != node.id}  # a name is followed once
     _fields(local[node.id], prefix, out, rest)
   elif isinstance(node, ast.Call):
+    for kw in node.keywords:  # first: dict(BASE, field=...) sets `field` here
+      if kw.arg is not None:
+        out.setdefault(prefix + kw.arg, []).append(kw)
+        _fields(kw.value, f"{prefix}{kw.arg}.", out, local)
     for arg in node.args:  # ConfigDict(dict(...)), dict(dict(...), **overrides)
       _fields(arg, prefix, out, local)
-    for kw in node.keywords:
-      if kw.arg is not None:
-        out.setdefault(prefix + kw.arg, kw)
-        _fields(kw.value, f"{prefix}{kw.arg}.", out, local)
   elif isinstance(node, ast.Dict):
     for key, value in zip(node.keys, node.values):
       if isinstance(key, ast.Constant) and isinstance(key.value, str):
-        out.setdefault(prefix + key.value, key)
+        out.setdefault(prefix + key.value, []).append(key)
         _fields(value, f"{prefix}{key.value}.", out, local)
   elif isinstance(node, ast.Assign) and len(node.targets) == 1:
     target, path = node.targets[0], []
@@ -75,52 +77,75 @@ def _fields(node: ast.AST, prefix: str, out: dict[str, ast.AST],
         return
       target = target.value
     if path:  # c.section.field = value, out["section"] = value
-      out.setdefault(prefix + ".".join(path), node)
+      out.setdefault(prefix + ".".join(path), []).append(node)
       _fields(node.value, f"{prefix}{'.'.join(path)}.", out, local)
     elif isinstance(target, ast.Name):  # a local: its fields where it is used
       local[target.id] = node.value
   elif isinstance(node, (ast.Return, ast.Expr)) and node.value is not None:
     _fields(node.value, prefix, out, local)
-  elif isinstance(node, (ast.FunctionDef, ast.If, ast.With, ast.For)):
+  elif isinstance(node, (ast.If, ast.With, ast.For)):  # not a nested def: its own scope
     for statement in node.body:
       _fields(statement, prefix, out, local)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(path: str) -> tuple[ast.Module, dict, dict] | None:
+  """A source file's tree and comment lines (read once per process: the printer asks for
+  many methods of one module)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      source = f.read()
+    return (ast.parse(source), *_comment_lines(source))
+  except (OSError, SyntaxError, ValueError, tokenize.TokenError):
+    return None
 
 
 def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
   """{dotted field: its comment} for the fields that `name` (a function or a module-level
   assignment in `module`) sets, under `prefix` ("model." for a model's DEFAULTS)."""
   try:
-    source = inspect.getsource(module)
-    tree = ast.parse(source)
-    trailing, alone = _comment_lines(source)
-  except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+    parsed = _parsed(inspect.getsourcefile(module) or "")
+  except TypeError:  # no source file (a built-in or a module made in memory)
+    parsed = None
+  if parsed is None:
     return {}
-  nodes: dict[str, ast.AST] = {}
+  tree, trailing, alone = parsed
+  # Module-level names, for a default built from another (FACE_DEFAULTS = dict(DEFAULTS, ..)).
+  top = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+         for t in node.targets if isinstance(t, ast.Name)}
+  nodes: dict[str, list[ast.AST]] = {}
   for node in tree.body:
     if isinstance(node, ast.FunctionDef) and node.name == name:
-      _fields(node, prefix, nodes, {})
+      local = dict(top)
+      for statement in node.body:
+        _fields(statement, prefix, nodes, local)
     elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
                                               for t in node.targets):
-      _fields(node.value, prefix, nodes, {})  # DEFAULTS = dict(...)
+      _fields(node.value, prefix, nodes, {k: v for k, v in top.items() if k != name})
   out = {}
-  for field, node in nodes.items():
-    first, last = node.lineno, getattr(node, "end_lineno", node.lineno)
-    above = []
-    line = first - 1
-    while line in alone and abs(alone[line][0] - node.col_offset) <= 1:  # its own indent
-      above.insert(0, alone[line][1])
-      line -= 1
-    below = []
-    line = last + 1
-    while line in alone and alone[line][0] > node.col_offset:
-      below.append(alone[line][1])
-      line += 1
-    # The comment ending its line; a field written over several lines has its inner
-    # fields' comments there, not its own.
-    own = trailing.get(last) if first == last else None
-    parts = above + ([own] if own else [])
-    parts = parts + below if own else parts
-    text = " ".join(p for p in parts if p)
+  for field, candidates in nodes.items():
+    text = next(filter(None, (_comment(node, trailing, alone) for node in candidates)), "")
     if text:
       out[field] = text
   return out
+
+
+def _comment(node: ast.AST, trailing: dict, alone: dict) -> str:
+  """The comment of the field that `node` sets (the module docstring's rule)."""
+  first, last = node.lineno, getattr(node, "end_lineno", node.lineno)
+  above = []
+  line = first - 1
+  while line in alone and abs(alone[line][0] - node.col_offset) <= 1:  # its own indent
+    above.insert(0, alone[line][1])
+    line -= 1
+  below = []
+  line = last + 1
+  while line in alone and alone[line][0] > node.col_offset:
+    below.append(alone[line][1])
+    line += 1
+  # The comment ending its line; a field written over several lines has its inner
+  # fields' comments there, not its own.
+  own = trailing.get(last) if first == last else None
+  parts = above + ([own] if own else [])
+  parts = parts + below if own else parts
+  return " ".join(p for p in parts if p)

@@ -208,9 +208,10 @@ def present(results: dict, workdir: str | None) -> str:
 
   The method's module decides when it has a `present(results, workdir)` (its own tables and
   plots); otherwise `stage_table` and `stages.png`. A run and `python -m kswap_jax.report`
-  on its workdir both call this, so they show the same. A method not registered in this
-  process (one of the user's, built on a library method's run) is shown by the library
-  method its envelope names (`presenter`): only the library's own code runs.
+  on its workdir both call this, so they show the same. A method without a `present`, or
+  not registered in this process (one of the user's, built on a library method's run), is
+  shown by the library method its envelope names (`presenter`), in the run as in `report`:
+  only the library's own code runs.
   """
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   name = str(results.get("method", ""))
@@ -219,10 +220,11 @@ def present(results: dict, workdir: str | None) -> str:
     return module.present(results, workdir)
   like = str(results.get("presenter", ""))
   library = like in methods.METHODS and methods.get(like).__name__.startswith("kswap_jax.")
-  if module is None and library and hasattr(methods.get(like), "present"):
+  if library and hasattr(methods.get(like), "present"):
     text = methods.get(like).present(results, workdir)
-    return (f"({name} is not registered in this process; its results are shown as "
-            f"{like}'s)\n{text}")
+    return text if module is not None else (
+        f"({name} is not registered in this process; its results are shown as {like}'s)\n"
+        f"{text}")
   if workdir:
     plot_stages(results, os.path.join(workdir, "stages.png"))
   return stage_table(results)

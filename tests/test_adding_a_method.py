@@ -4,6 +4,7 @@ shows them, and `methods.register`."""
 import json
 import os
 import re
+import types
 
 import pytest
 
@@ -165,6 +166,10 @@ def test_a_gs_lora_variant_through_run_s_hooks_is_gs_lora_with_its_own_loss(
                           "shown as gs_lora's)\n") and "zero groups" in shown
   assert shown.split("\n", 1)[1].replace("gs_lora_x", "gs_lora") == report.present(
       dict(results, method="gs_lora"), None)
+  # A registered variant without a `present` of its own: the same tables in its run.
+  monkeypatch.setitem(methods.METHODS, "gs_lora_y", types.SimpleNamespace(run=None))
+  assert report.present(dict(results, method="gs_lora_y"), None) == \
+      shown.split("\n", 1)[1].replace("gs_lora_x", "gs_lora_y")
 
 
 def test_a_gs_lora_forget_term_replaces_the_bounded_term_under_beta(tmp_path, tmp_path_factory):

@@ -562,8 +562,9 @@ def test_config_prints_what_a_command_line_runs(capsys):
   assert out[0].startswith("# python run.py --config=ug_clu_digits:runlocal") and \
       "(method=ug_clu)" in out[0]
   # Each field with the comment beside its default in the source, after "  # ".
-  assert "clu.tasks = ((0, 1, 2), (3, 4, 5))  # [R] class-incremental " \
-      "split: tuple of tasks, each a tuple of class ids." in out
+  assert "clu.tasks = ((0, 1, 2), (3, 4, 5))  # default ((0, 1), (2, 3), (4, 5), (6, 7), " \
+      "(8, 9)): [R] class-incremental split: tuple of tasks, each a tuple of class ids." \
+      in out  # the file's value: the comment is the default's, and says so
   assert "# ga: GA: SGD lr 1e-4, 9 epochs on D_U, constant lr, raw gradient clipped at 0.1, " \
       "eval mode." in out  # a section's comment, on a line of its own
   lines = [line.split("  # ")[0] for line in out]

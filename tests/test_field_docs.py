@@ -12,6 +12,8 @@ DEFAULTS = dict(
     width=64,          # hidden size
     depth=2,
 )
+# The other model: DEFAULTS' comments where its own keywords have none.
+OTHER = dict(DEFAULTS, depth=4)
 
 
 def helper(**fields):
@@ -19,6 +21,8 @@ def helper(**fields):
 
 
 def sections():
+  def inner():
+    return dict(wrong=1)   # a nested function's dict: not these sections' field
   shared = dict(z=1)       # a local dict, used below
   out = dict(
       # The first section: a comment above it.
@@ -58,6 +62,7 @@ def test_comments_beside_above_and_continued_are_each_fields(tmp_path):
       "fourth.z": "a local dict, used below",  # where the local is used
   }
   assert field_docs.comments(module, "DEFAULTS", "model.") == {"model.width": "hidden size"}
+  assert field_docs.comments(module, "OTHER") == {"width": "hidden size"}
   assert field_docs.comments(module, "missing") == {}
   assert field_docs.comments(object(), "sections") == {}  # no source: no comments
 
@@ -69,3 +74,7 @@ def test_the_printer_shows_a_reconstructed_choice_beside_its_value(capsys):
   assert "swap.forget_classes = (0, 1, 2, 3, 4)  # [unknown] in the paper: the authors' " \
       "folders fix them" in out
   assert "ks.learn_epochs = 5" in out  # no comment: the value alone
+  # A value the command line changed: the comment describes the default, and says so.
+  assert config.main(["--config=demo", "--config.seed=4"]) == 0
+  assert "seed = 4  # default 1337: the references' torch.manual_seed(1337)" in \
+      capsys.readouterr().out.splitlines()
