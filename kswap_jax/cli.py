@@ -190,7 +190,8 @@ _UNQUOTED_GROUPS = re.compile(rf"^(?:{_GROUP}\s*,\s*)+{_GROUP}\s*,?$|^\((?:{_GRO
 
 def _int_or_text(item: str):
   from kswap_jax.data import splits  # pylint: disable=import-outside-toplevel
-  return item if splits.as_id(item) is None else splits.as_id(item)
+  number = splits.as_id(item)
+  return item if number is None else number
 
 
 def _comma_lists(argv, config) -> None:

@@ -266,13 +266,26 @@ class _Sweep:
     return out
 
 
+def _recorded(workdir: str, name: str, seed: int, started: bool = False) -> dict | None:
+  """The config `<workdir>/<name>/seed_<seed>` finished with (its results.json), or, with
+  `started`, the one an unfinished run there started with (its config.json); None when
+  there is none."""
+  sub = os.path.join(workdir, name, f"seed_{seed}")
+  for record in ("results.json", "config.json") if started else ("results.json",):
+    if os.path.exists(os.path.join(sub, record)):
+      with open(os.path.join(sub, record)) as f:
+        recorded = json.load(f)
+      return recorded.get("config", {}) if record == "results.json" else recorded
+  return None
+
+
 def _check_finished(workdir: str, name: str, seed: int, sub_config) -> None:
   """ConfigError when `<workdir>/<name>/seed_<seed>` finished with another config."""
-  path = os.path.join(workdir, name, f"seed_{seed}", "results.json")
-  if not os.path.exists(path):
+  recorded = _recorded(workdir, name, seed)
+  if recorded is None:
     return
-  with open(path) as f:
-    diff = train.config_difference(json.load(f).get("config", {}), sub_config)
+  path = os.path.join(workdir, name, f"seed_{seed}", "results.json")
+  diff = train.config_difference(recorded, sub_config)
   if diff:
     raise ConfigError(
         f"--workdir {workdir}: {name}/seed_{seed} finished with a different config ({diff}); "
@@ -388,15 +401,10 @@ def _folder(config: ml_collections.ConfigDict, workdir: str, name: str, point: d
       _key(v) != _key(_get(base, f)) for f, v in point.items()):
     return own
   for seed in seeds:
-    sub = os.path.join(workdir, name, f"seed_{seed}")
-    for record in ("results.json", "config.json"):
-      if os.path.exists(os.path.join(sub, record)):
-        with open(os.path.join(sub, record)) as f:
-          recorded = json.load(f)
-        recorded = recorded.get("config", {}) if record == "results.json" else recorded
-        if train.config_difference(recorded, _config_for(config, name, seed, workdir, point,
-                                                         tags)):
-          return own
+    recorded = _recorded(workdir, name, seed, started=True)
+    if recorded is not None and train.config_difference(
+        recorded, _config_for(config, name, seed, workdir, point, tags)):
+      return own
   log.info("[compare] %s %s is the config's own run: it runs in (or is read from) %s",
            name, _label(point), os.path.join(workdir, name))
   return name

@@ -271,26 +271,28 @@ def field_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
     docs.update(docs_lib.comments(module, defaults, "model."))
   except ConfigError:
     pass
+  for method in _with_family(config):
+    for field, text in docs_lib.comments(methods.get(method), "sections").items():
+      docs.setdefault(field, text)
+  return docs
+
+
+def _with_family(config: ml_collections.ConfigDict) -> list[str]:
+  """`config.method` and the other registered methods of its family, the method first."""
+  from kswap_jax import methods  # pylint: disable=import-outside-toplevel
   name = str(config.method)
   family = methods.family_of(name) if name in methods.METHODS else None
-  for method in [name, *methods.FAMILIES.get(family, ())]:
-    if method in methods.METHODS:
-      for field, text in docs_lib.comments(methods.get(method), "sections").items():
-        docs.setdefault(field, text)
-  return docs
+  return [m for m in (name, *methods.FAMILIES.get(family, ())) if m in methods.METHODS]
 
 
 def _defaults(config: ml_collections.ConfigDict) -> dict[str, object]:
   """{field: default} of `config`'s method, its family's and its model's: what the source
   comments describe."""
   from kswap_jax import methods  # pylint: disable=import-outside-toplevel
-  name = str(config.method)
-  family = methods.family_of(name) if name in methods.METHODS else None
   out: dict[str, object] = {}
-  for method in [name, *methods.FAMILIES.get(family, ())]:
-    if method in methods.METHODS:
-      for field, value in flatten(methods.default_config(method)):
-        out.setdefault(field, value)
+  for method in _with_family(config):
+    for field, value in flatten(methods.default_config(method)):
+      out.setdefault(field, value)
   try:
     model = models.default_config(str(config.model.get("name", "vit")))
     out.update(flatten(model, "model."))

@@ -8,11 +8,11 @@ with its reason beside it), e.g. in a method's `sections()`:
 
 `comments(module, name)` finds the function or assignment `name` in `module`'s source and
 returns {"swap.forget_classes": "[unknown] in the paper: ..."}: for every keyword of a
-`dict(...)`/`ConfigDict(...)` call (or of a helper building a section), every string key of
-a dict literal and every `c.field = ...` assignment, the comment at the end of its line
+`dict(...)`/`ConfigDict(...)` call (or of a helper building a section), every string key
+of a dict literal and every `c.field = ...` assignment, the comment at the end of its line
 (shared by the fields on that line), the comment lines right above it at its indentation
-and those right below it that are indented further (a continued comment). The config printer shows them
-beside the values (`python -m kswap_jax.config`). Source that cannot be read gives {}:
+and those right below it that are indented further (a continued comment). The config
+printer shows them beside the values (`python -m kswap_jax.config`). Source that cannot be read gives {}:
 the comments are documentation, never needed to run.
 """
 

@@ -1016,9 +1016,8 @@ def config_difference(recorded: dict, config: ml_collections.ConfigDict,
   # Fields of read sections that the method's results never depend on (`fields_unread`):
   # a run of that method is the same run whatever their values. Not for a comparison of
   # chosen `fields` (a shared pretraining's, whichever method's record it holds).
-  unread_fields = (
-      {f.removesuffix(".*") for f in methods.unread_fields(str(new.get("method")))}
-      if fields is None and recorded.get("method") == new.get("method") else set())
+  unread_fields = (methods.unread_fields(str(new.get("method")))
+                   if fields is None and recorded.get("method") == new.get("method") else ())
   if unread_fields:
     recorded, new = copy.deepcopy(recorded), copy.deepcopy(new)
     for path in unread_fields:

@@ -109,8 +109,6 @@ class ForgetTask:
     return tuple(sorted(self.forget + self.retain_with_data))
 
 
-
-
 def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
                order: Sequence[int] | None = None, forget_classes: Sequence[Any] = (),
                num_missing: int = 0, missing_classes: Sequence[int] = (),
@@ -190,8 +188,7 @@ def make_tasks(*, num_classes: int, num_tasks: int = 1, per_task: int = 0,
       if c in seen:
         where = "twice in" if seen[c] == t else f"in task {seen[c] + 1} and"
         raise ConfigError(f"{field}.forget_classes: class {splits_lib.class_label(source, c)} "
-                          f"is forgotten {where} task "
-                          f"{t + 1}")
+                          f"is forgotten {where} task {t + 1}")
       seen[c] = t
   if missing_classes:
     missing = read(missing_classes, "missing_classes")

@@ -224,21 +224,19 @@ def reads_field(name: str, field: str) -> bool:
   section = field.split(".")[0]
   if section not in base_config() and section not in sections_used(name):
     return False
-  for unread in unread_fields(name):
-    prefix = unread[:-2] if unread.endswith(".*") else None
-    if field == unread or (prefix and (field == prefix or field.startswith(prefix + "."))):
-      return False
-  return True
+  return not any(field == path or field.startswith(path + ".") for path in unread_fields(name))
 
 
 def unread_fields(name: str) -> tuple[str, ...]:
-  """The module's `fields_unread(name)` (dotted fields, "prefix.*" for a sub-tree); none for
-  a module without it or a method not registered in this process."""
+  """The dotted paths of the module's `fields_unread(name)`, each a field or a whole
+  sub-tree ("prefix.*" is the sub-tree "prefix"); none for a module without it or a method
+  not registered in this process."""
   try:
     module = get(name)
   except ConfigError:
     return ()
-  return tuple(module.fields_unread(name)) if hasattr(module, "fields_unread") else ()
+  listed = module.fields_unread(name) if hasattr(module, "fields_unread") else ()
+  return tuple(path.removesuffix(".*") for path in listed)
 
 
 def unread_sections(record: dict) -> set[str]:
