@@ -138,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
       log_every_steps=10,
       checkpoint_every_steps=100,
       max_checkpoints_to_keep=2,
+      tensorboard=True,      # also write metrics.jsonl as a TensorBoard event file in the
+                             # workdir (no TensorFlow needed): tensorboard --logdir WORKDIR
   ))
 
   c.distributed = ml_collections.ConfigDict(dict(

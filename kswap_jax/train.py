@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kswap_jax import checkpoint as ckpt_lib
+from kswap_jax import tensorboard
 from kswap_jax.errors import ConfigError, DryRunComplete, NonFiniteLossError, StopRequested
 
 log = logging.getLogger("kswap_jax")
@@ -613,6 +614,8 @@ class Run:
     tcfg = config.train
     self.log_every = int(tcfg.log_every_steps)
     self.interrupt_at_step = int(config.get("debug", {}).get("interrupt_at_step", 0) or 0)
+    self._events = None  # the TensorBoard view of metrics.jsonl, made when the run restores
+    self._tensorboard = bool(tcfg.get("tensorboard", True)) and self.is_main
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), max_to_keep=int(tcfg.max_checkpoints_to_keep),
         every_steps=int(tcfg.checkpoint_every_steps))
@@ -655,6 +658,7 @@ class Run:
     restored = self.checkpointer.restore_latest(abstract)
     if restored is None:
       self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
+      self._rebuild_events()
       return state
     state, meta = restored
     self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, "stopped_clocks": {}, **meta}
@@ -668,6 +672,7 @@ class Run:
                self.checkpointer.directory, step, self.meta["stage_index"],
                self.meta["stage_step"])
     self._truncate_metrics(step)
+    self._rebuild_events()
     return state
 
   def save(self, state: TrainState, step: int | None = None) -> None:
@@ -719,11 +724,22 @@ class Run:
       f.writelines(kept)
     os.replace(path + ".tmp", path)
 
+  def _rebuild_events(self) -> None:
+    """The event file afresh from `metrics.jsonl` as the restore left it."""
+    if self._tensorboard:
+      self._events = tensorboard.rebuild_from_metrics(self.workdir)
+
   # -- logging --------------------------------------------------------------------------------
   def log_metrics(self, record: dict) -> None:
     if self.is_main:
+      record = _jsonable(record)
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
+        f.write(json.dumps(record) + "\n")
+      if self._tensorboard:
+        if self._events is None:  # a run that logs without restoring first: the file
+          self._rebuild_events()    # afresh, this record included
+        else:
+          self._events.write(record)
 
   # -- stages ---------------------------------------------------------------------------------
   def stage_done(self, index: int) -> bool:

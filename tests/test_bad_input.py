@@ -550,7 +550,8 @@ def test_a_run_stopped_by_a_non_finite_loss_leaves_no_empty_folders(tmp_path):
   config.init.kind, config.optim.lr, config.ks.bound = "random", 1e30, 1e30
   with pytest.raises(NonFiniteLossError, match=r"stage 'learn', step \d+ .*loss is"):
     methods.run(config, str(tmp_path / "w"))
-  assert os.listdir(tmp_path / "w") == ["metrics.jsonl"]
+  left = sorted(os.listdir(tmp_path / "w"))
+  assert left[1:] == ["metrics.jsonl"] and left[0].startswith("events.out.tfevents."), left
 
 
 def test_config_prints_what_a_command_line_runs(capsys):

@@ -1,0 +1,191 @@
+"""TensorBoard event files written without TensorFlow: a live view of `metrics.jsonl`.
+
+A run writes every line it appends to `metrics.jsonl` into its workdir's event file too,
+so `tensorboard --logdir WORKDIR` (or a `compare` folder: one run per method and seed)
+shows the training curves while the run trains. The event file is a view, never a
+source: a resumed run drops the lines logged after its checkpoint from `metrics.jsonl`
+and writes the event file afresh from what is left (`rebuild`), so the curves hold no
+steps that were redone.
+
+Which scalars a record gives (`scalars`):
+- a training record: `train/<key>` for each number (`train/loss`, `train/fast/loss`,
+  `train/learning_rate`), `train/<key>/<i>` for each entry of a list (`train/block_n/03`);
+- a periodic evaluation (`{"eval": {...}}`): `eval/<key>` (`eval/acc_r`);
+- `step`, `stage` and `epoch` are the record's position, not curves: `stage` is not a
+  number and `step` is the x axis.
+
+The format (TensorFlow's `Event` protocol buffer in TFRecord framing) is written by hand:
+each record is `uint64 length, uint32 masked CRC-32C of length, data, uint32 masked
+CRC-32C of data`; the first event names the file version (`brain.Event:2`), each later one
+holds a wall time, a step and a `Summary` with one `simple_value` per scalar.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import struct
+import time
+from typing import Iterable
+
+SUFFIX = ".kswap_jax"  # our event files: events.out.tfevents.<time>.<host>.kswap_jax
+_POSITION = ("step", "stage", "epoch")
+
+
+def _crc_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # CRC-32C (Castagnoli), reflected
+    table.append(crc)
+  return table
+
+
+_TABLE = _crc_table()
+
+
+def crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  table = _TABLE
+  for byte in data:
+    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _frame(data: bytes) -> bytes:
+  """One TFRecord: length, its masked CRC, the data, its masked CRC."""
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", _masked_crc(length)) + data
+          + struct.pack("<I", _masked_crc(data)))
+
+
+# Protocol-buffer encoding, the few field kinds an Event needs.
+def _varint(value: int) -> bytes:
+  value &= (1 << 64) - 1  # a negative int64 is its two's complement, 10 bytes
+  out = bytearray()
+  while value > 0x7F:
+    out.append((value & 0x7F) | 0x80)
+    value >>= 7
+  out.append(value)
+  return bytes(out)
+
+
+def _bytes_field(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int | None = None, summary: bytes | None = None,
+           file_version: str | None = None) -> bytes:
+  """Event: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5."""
+  out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
+  if step:
+    out += _varint(2 << 3 | 0) + _varint(int(step))
+  if file_version is not None:
+    out += _bytes_field(3, file_version.encode())
+  if summary is not None:
+    out += _bytes_field(5, summary)
+  return out
+
+
+def _summary(values: dict[str, float]) -> bytes:
+  """Summary: repeated Value value = 1; Value: tag = 1 (string), simple_value = 2 (float)."""
+  out = b""
+  for tag, value in values.items():
+    body = _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
+    out += _bytes_field(1, body)
+  return out
+
+
+def scalars(record: dict) -> dict[str, float]:
+  """The scalars of one `metrics.jsonl` record, by tag (the module's docstring)."""
+  prefix, values = ("eval", record["eval"]) if isinstance(record.get("eval"), dict) else (
+      "train", {k: v for k, v in record.items() if k not in _POSITION})
+  out: dict[str, float] = {}
+
+  def add(tag: str, value) -> None:
+    if isinstance(value, bool) or value is None:
+      return
+    if isinstance(value, (int, float)):
+      out[tag] = float(value)  # a non-finite value is kept: TensorBoard shows it
+    elif isinstance(value, (list, tuple)):
+      width = len(str(max(len(value) - 1, 0)))
+      for i, item in enumerate(value):
+        add(f"{tag}/{i:0{width}d}", item)
+    elif isinstance(value, dict):
+      for key, item in value.items():
+        add(f"{tag}/{key}", item)
+
+  for key, value in values.items():
+    add(f"{prefix}/{key}", value)
+  return out
+
+
+class EventWriter:
+  """Appends `metrics.jsonl` records to the workdir's event file (the first process only)."""
+
+  def __init__(self, logdir: str):
+    self.logdir = logdir
+    self.path = None
+
+  def rebuild(self, records: Iterable[dict]) -> None:
+    """Removes the workdir's earlier event files of ours and writes `records` to a new one
+    (none while there is nothing to show: a run refused before its first log leaves no
+    file behind)."""
+    for old in glob.glob(os.path.join(self.logdir, f"events.out.tfevents.*{SUFFIX}")):
+      os.remove(old)
+    self.path = None
+    now = time.time()
+    data = b"".join(self._encoded(r, now) for r in records)
+    if data:
+      self._start(data, now)
+
+  def write(self, record: dict) -> None:
+    now = time.time()
+    data = self._encoded(record, now)
+    if not data:
+      return
+    if self.path is None:
+      self._start(data, now)
+    else:
+      with open(self.path, "ab") as f:
+        f.write(data)
+
+  def _start(self, data: bytes, now: float) -> None:
+    """A new event file: the version event, then `data`, written whole (renamed in place)."""
+    name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}{SUFFIX}"
+    path = os.path.join(self.logdir, name)
+    with open(path + ".tmp", "wb") as f:
+      f.write(_frame(_event(now, file_version="brain.Event:2")) + data)
+    os.replace(path + ".tmp", path)
+    self.path = path
+
+  @staticmethod
+  def _encoded(record: dict, wall_time: float) -> bytes:
+    values = scalars(record)
+    if not values or not isinstance(record.get("step"), int):
+      return b""
+    return _frame(_event(wall_time, record["step"], summary=_summary(values)))
+
+
+def rebuild_from_metrics(workdir: str) -> EventWriter:
+  """A writer whose event file holds `workdir/metrics.jsonl` as it is now."""
+  records = []
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass  # a line torn by a kill
+  writer = EventWriter(workdir)
+  writer.rebuild(records)
+  return writer
