@@ -100,10 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = models.default_config("vit")
 
   c.data = ml_collections.ConfigDict(dict(
-      # old: the dataset the model was pretrained on; new: a second source of classes to
-      # learn (Knowledge Swapping), may equal old.
+      # the dataset the model was pretrained on
       old=dict(kind="tfds", name="", data_dir="", train_split="train", test_split="test",
                image_key="image", label_key="label"),
+      # a second source of classes to learn (Knowledge Swapping), may equal old
       new=dict(kind="tfds", name="", data_dir="", train_split="train", test_split="test",
                image_key="image", label_key="label"),
       mean=0.5, std=0.5,     # (x/255 − 0.5)/0.5 as the Knowledge Swapping reference
@@ -184,7 +184,11 @@ def group_lasso_section(**overrides) -> ml_collections.ConfigDict:
 def adamw_section(**overrides) -> ml_collections.ConfigDict:
   """AdamW with a per-epoch cosine learning rate from `lr` down to `min_lr`."""
   return ml_collections.ConfigDict(dict(dict(
-      lr=1e-2, min_lr=1e-5, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8), **overrides))
+      lr=1e-2,               # peak learning rate
+      min_lr=1e-5,           # where the cosine ends
+      weight_decay=0.05,     # decoupled from the gradient (AdamW)
+      b1=0.9, b2=0.999, eps=1e-8,  # Adam's moment decays and ε
+  ), **overrides))
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, object]]:

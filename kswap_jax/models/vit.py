@@ -85,7 +85,8 @@ DEFAULTS = dict(
     head="linear",         # linear | cosface
     cosface_scale=64.0,    # CosFace s
     cosface_margin=0.35,   # CosFace m, subtracted from the true-class cosine when labels are given
-    # Speed options (docs/speed.md). The defaults compute the reference function exactly:
+    # Speed options (docs/speed.md: gelu, attention, dropout_mask/rng/bits, dtype, remat,
+    # remat_policy, scan); their defaults compute the reference function exactly.
     gelu="erf",            # erf: exact GELU, nn.gelu(approximate=False), whose backward
                            # recomputes jax's derivative from the saved input (`erf_gelu`:
                            # gradients equal to autodiff's up to rounding; the fastest and

@@ -67,8 +67,13 @@ EPOCH_SETS = {"ft": "retain", "l1_sparse": "retain", "ga": "forget", "rl": "reta
 
 def _sgd_section(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      dict(epochs=10, iterations=0, lr=0.01, schedule="cosine", momentum=0.9,
-           weight_decay=5e-4, batch_size=128), **fields))
+      dict(epochs=10,
+           iterations=0,       # > 0 overrides epochs (the schedules span its epochs)
+           lr=0.01,
+           schedule="cosine",  # cosine (one value per epoch) | constant
+           momentum=0.9,
+           weight_decay=5e-4,  # added to the gradient, as torch.optim.SGD's
+           batch_size=128), **fields))
 
 
 def sections_used(method: str) -> tuple[str, ...]:
