@@ -154,7 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
       cpu_collectives="gloo",  # collectives of CPU-only multi-process runs
   ))
 
-  c.export = ml_collections.ConfigDict(dict(merged_npz=True))
+  c.export = ml_collections.ConfigDict(dict(
+      merged_npz=True,       # write the final model as merged_params.npz (init.kind=npz loads it)
+  ))
   c.debug = ml_collections.ConfigDict(dict(interrupt_at_step=0))  # simulate a kill (tests)
   return c
 

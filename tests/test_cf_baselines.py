@@ -316,3 +316,15 @@ def test_lirf_trains_the_lower_half_only_and_refuses_a_split_outside_the_model(t
   with open(tmp_path / "ok" / "metrics.jsonl") as f:
     rows = [json.loads(x) for x in f if '"at"' in x]
   assert rows and all(r["at"] >= 0 and r["kd"] >= 0 for r in rows)
+  # The exported model: the trained lower half joined with the frozen rest, in the
+  # checkpoint layout the model loads (every name and shape), the rest as pretrained.
+  from kswap_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  exported = checkpoint.load_npz(str(tmp_path / "ok" / "merged_params.npz"), whole["params"],
+                                 head="keep")
+  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
+  model_cfg = common.model_config(config)  # the run's start: init.kind random, its key
+  start, _ = common.load_base(config, model_cfg, models.build(model_cfg),
+                              jax.random.split(jax.random.key(int(config.seed)))[0])
+  block = lambda p, i: p["Transformer"][f"encoderblock_{i}"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  assert not np.array_equal(block(exported, 0), block(start, 0))  # trained
+  np.testing.assert_array_equal(block(exported, 1), block(start, 1))  # frozen

@@ -462,3 +462,41 @@ def test_clu_tasks_must_be_a_tuple_of_tuples(tasks, tmp_path):
   with pytest.raises(ConfigError, match=r"^clu\.tasks: expected a tuple of tuples of class "
                                         r"ids or names \(one per task\), got "):
     methods.run(config, str(tmp_path / "run"), dry_run=True)
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_and_the_exported_model(tmp_path):
+  """`eval.every_steps` logs a stage's accuracies while it trains (the evaluation at its
+  last iteration is the stage's own ra/ta/ua: the same model) and changes no training
+  step; `merged_params.npz` is the final model: a run that starts from it measures, before
+  training, the per-task accuracies the first run ended with."""
+  config = load_config("ug_clu_digits", "runlocal,method=sfr_on")
+  config.oracle.enabled = False
+  config.eval.every_steps = 3  # stages of 6 iterations: evaluated after 3 and 6
+  first = methods.run(config, str(tmp_path / "a"))
+  lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+  evals = {}
+  for line in lines:
+    if "eval" in line:
+      evals.setdefault(line["stage"], []).append(line["eval"])
+  assert list(evals) == [s["name"] for s in first["stages"]]
+  for stage in first["stages"]:
+    assert len(evals[stage["name"]]) == 2
+    last = evals[stage["name"]][-1]
+    keys = ("ra", "ta", "ua") if "ua" in stage else ("ra", "ta")
+    assert "ua" in last if "ua" in stage else "ua" not in last
+    assert {k: last[k] for k in keys} == {k: stage[k] for k in keys}
+  config.eval.every_steps = 0
+  plain = methods.run(config, str(tmp_path / "b"))
+  losses_of = lambda d: [x["loss"] for x in map(json.loads, open(tmp_path / d / "metrics.jsonl"))
+                         if "loss" in x]
+  assert losses_of("a") == losses_of("b") and first["stages"] == plain["stages"]
+
+  export = tmp_path / "a" / "merged_params.npz"
+  assert export.exists() and (tmp_path / "a" / "merged_params.model_state.npz").exists()
+  again = load_config("ug_clu_digits", "runlocal,method=sfr_on")
+  again.oracle.enabled = False
+  again.init.kind, again.init.checkpoint, again.init.head = "npz", str(export), "keep"
+  resumed = methods.run(again, str(tmp_path / "c"))
+  assert resumed["acc_matrix"]["before"] == first["stages"][-1]["task_acc"] != \
+      first["acc_matrix"]["before"]  # the trained model, not the run's start

@@ -203,6 +203,18 @@ def check_init_files(config) -> None:
     _require_file("init.lora_checkpoint", str(init.lora_checkpoint), _LORA_FILE)
 
 
+def export_model(run_, params, model_state, name: str = "merged_params.npz") -> str:
+  """Writes a run's model into its workdir as `name` in our checkpoint layout, with the
+  model state (BatchNorm statistics) beside it (`model_state_path`), which `init.kind=npz`
+  with `init.checkpoint` loads again; the first process only. Returns the path."""
+  path = os.path.join(run_.workdir, name)
+  if run_.is_main:
+    ckpt_lib.save_npz(jax.device_get(params), path)
+    if model_state:
+      ckpt_lib.save_npz(jax.device_get(model_state), model_state_path(path))
+  return path
+
+
 def model_state_path(path: str) -> str:
   """Where the model state (e.g. BatchNorm statistics) of the checkpoint `path` is saved."""
   return path[:-len(".npz")] + ".model_state.npz" if path.endswith(".npz") else path

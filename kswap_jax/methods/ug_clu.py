@@ -711,6 +711,18 @@ def _acc(probs, labels):
   return metrics.top1(probs, labels) if len(labels) else None
 
 
+def periodic_metrics(out: _Outputs, plan: StagePlan) -> dict:
+  """A stage's accuracies while it trains (`eval.every_steps`): ra, ta, and ua on a stage
+  that unlearns, acc_learn_train on one that learns; no membership attack."""
+  m = {"ra": metrics.ra(*out.train(plan.kept_after)),
+       "ta": metrics.ta(*out.test(plan.known_classes))}
+  if plan.unlearns:
+    m["ua"] = metrics.ua(*out.train(plan.forget))
+  if plan.learns:
+    m["acc_learn_train"] = metrics.top1(*out.train(plan.learn))
+  return m
+
+
 def stage_metrics(out: _Outputs, plan: StagePlan, tasks) -> tuple[dict, np.ndarray | None]:
   """(metrics of one model after a stage, its softmax outputs on D_U or None).
 
@@ -1431,8 +1443,10 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   for plan in run_plans:
     run_.stage_seconds(plan.name)  # starts the stage's clock, or continues a resumed one
     stage = build_stage(plan)
-    state, frozen = run_.run_stage(run_plans.index(plan), stage, state, frozen, mesh,
-                                   extra_log=schedule_log(plan, stage))
+    state, frozen = run_.run_stage(
+        run_plans.index(plan), stage, state, frozen, mesh, extra_log=schedule_log(plan, stage),
+        eval_fn=lambda st, fr, plan=plan: periodic_metrics(outputs(st, fr, [plan]), plan),
+        eval_every=int(config.eval.every_steps))
     if plan.name in results:
       continue
     # Stopped, in the checkpoint meta: a rerun after a stop in the oracle's training (the
@@ -1477,6 +1491,8 @@ def run_stream(config: ml_collections.ConfigDict, workdir: str, unlearner: Unlea
   if oracle_dir:
     out["oracle_workdir"] = oracle_dir
   text = report.present(out, run_.workdir if run_.is_main else None)
+  if config.export.merged_npz:  # the model after the last request, LoRA folded in
+    common.export_model(run_, trainable.full(state.params, frozen), state.model_state)
   path = run_.write_results(out)
   run_.announce(text, path)
   run_.close()

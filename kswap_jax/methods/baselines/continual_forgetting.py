@@ -765,6 +765,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log.info("[%s] %s", task.name, " ".join(
           f"{k} {v:.2f}" for k, v in record.items()
           if isinstance(v, float) and not k.endswith("_margin")))
+      if t == len(task_list) - 1 and config.export.merged_npz:
+        # The model after the last task, written before the task's checkpoint: a rerun of
+        # the finished run (which restores no frozen tree) keeps it.
+        common.export_model(run_, _full(state.params, frozen), state.model_state)
       return record
 
     return continual.Task(name=task.name, stage=stage, evaluate=after, eval_fn=periodic)
@@ -802,6 +806,13 @@ def lirf_blocks(config, model) -> int:
   return blocks
 
 
+def _full(params: Tree, frozen: Tree) -> Tree:
+  """The model's parameters from the trained tree and the frozen one."""
+  if "rest" in frozen:  # LIRF: the trained lower half under the frozen rest
+    return trainable.join(params, frozen["rest"])
+  return params if "head" in params else {**params, "head": frozen["head"]}
+
+
 def _compiled(config, model, trainable0: Tree, mesh):
   """(tx, {name: jitted step}, predict_step, importance grad or None) of this configuration,
   built once per process (reruns and resumptions in one process, e.g. the tests and
@@ -818,17 +829,12 @@ def _compiled(config, model, trainable0: Tree, mesh):
   else:
     tx = make_optimizer(float(s.lr), c, mask)
 
-  def full(params, frozen):
-    if "rest" in frozen:  # LIRF: the trained lower half under the frozen rest
-      return trainable.join(params, frozen["rest"])
-    return params if "head" in params else {**params, "head": frozen["head"]}
-
   mid = f"encoderblock_{lirf_blocks(config, model) - 1}" if method == "cf_lirf" else None
 
   def forward(params, frozen, images, labels, *, rng=None, with_mid=False):
     """(margin logits, embedding[, LIRF's lower-half output]); dropout on when `rng` is
     given."""
-    p = full(params, frozen)
+    p = _full(params, frozen)
     kw = dict(train=True, rngs={"dropout": rng}) if rng is not None else {}
     if rng is not None and mid is not None:  # LIRF: the frozen upper half in eval mode
       kw["train_blocks"] = lirf_blocks(config, model)
