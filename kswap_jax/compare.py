@@ -603,9 +603,11 @@ def markdown(board: dict) -> str:
           if any(_incomplete(r) for r in board["methods"].values()) else "")
   first = ("a seed's first run (and the first at each value that changes the shared "
            "work) includes" if swept else "a seed's first run includes")
-  return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}. Seconds: wall time of "
-                             f"each run, all its attempts together; {first} the work shared "
-                             f"by all (pretraining, the Retrain oracle).{note}")
+  spread = (" Values: mean ± sample standard deviation over the seeds (n − 1)."
+            if len(board["seeds"]) > 1 else "")
+  return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}.{spread} Seconds: wall "
+                             f"time of each run, all its attempts together; {first} the work "
+                             f"shared by all (pretraining, the Retrain oracle).{note}")
 
 
 _TEX = {**{c: "\\" + c for c in "&%$#_{}"}, "\\": r"\textbackslash{}",

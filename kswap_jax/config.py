@@ -325,6 +325,7 @@ def _documented(fields: list[tuple[str, object]], docs: dict[str, str],
           lines.append(f"# {section}: {docs[section]}")
     changed = defaults is not None and field in defaults and defaults[field] != value
     note = (f"  # default {defaults[field]!r}: {docs[field]}" if field in docs and changed
+            else f"  # default {defaults[field]!r}" if changed
             else f"  # {docs[field]}" if field in docs else "")
     lines.append(f"{field} = {value!r}{note}")
   return lines

@@ -316,6 +316,9 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
   configs, fields = _differing(runs)
   methods_differ = "method" in fields
   fields = [f for f in fields if f != "method"]  # a column of its own
+  # The seed first, then the fields every run has (a difference in what each run read)
+  # before those of one method's section (a column of "–" in the other runs' rows).
+  fields.sort(key=lambda f: (f != "seed", sum(f not in c for c in configs), f))
   shown, more = fields[:MAX_FIELD_COLUMNS], fields[MAX_FIELD_COLUMNS:]
   metrics = [m for m in METRICS if any(m in (r.get("final") or {}) for _, r in runs)]
   head = ["run", "method", *shown, *(label(m) for m in metrics), "seconds"]

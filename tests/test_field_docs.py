@@ -99,6 +99,7 @@ def test_the_printer_shows_a_reconstructed_choice_beside_its_value(capsys):
   assert any(line.startswith("# distributed: Several processes (hosts) train one model")
              for line in out)
   # A value the command line changed: the comment describes the default, and says so.
-  assert config.main(["--config=demo", "--config.seed=4"]) == 0
-  assert "seed = 4  # default 1337: the references' torch.manual_seed(1337)" in \
-      capsys.readouterr().out.splitlines()
+  assert config.main(["--config=demo", "--config.seed=4", "--config.ks.learn_epochs=7"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert "seed = 4  # default 1337: the references' torch.manual_seed(1337)" in out
+  assert "ks.learn_epochs = 7  # default 5" in out  # changed, with no comment in the source

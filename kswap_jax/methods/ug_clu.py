@@ -1521,7 +1521,16 @@ def _oracle(config, oracle_dir: str) -> dict:
   path = os.path.join(oracle_dir, "results.json")
   if not os.path.exists(path):
     log.info("training the Retrain oracle in %s", oracle_dir)
-    run(oracle_config(config), oracle_dir)
+
+    def labelled(record: logging.LogRecord) -> bool:  # its stages share the run's names
+      record.msg = f"oracle: {record.msg}"
+      return True
+    log.addFilter(labelled)
+    try:
+      run(oracle_config(config), oracle_dir)
+    finally:
+      log.removeFilter(labelled)
+    log.info("the Retrain oracle is trained; back to %s", config.method)
   with open(path) as f:
     results = json.load(f)
   _check_oracle_record(config, oracle_dir, results.get("config", {}))
