@@ -12,8 +12,9 @@ the family's headline metrics (mean ± std over seeds), the number of trainable 
 and the wall time, as `leaderboard.json`, `leaderboard.md`, `leaderboard.tex` (LaTeX,
 booktabs; the best mean of each metric with a better direction in bold) and
 `leaderboard.png` in the workdir (default `./workdir/<config name>[_<arg>]_compare`, with
-one `_compare` for the `:compare` arg); `python -m kswap_jax.report WORKDIR` prints the
-table again. `--config.<field>=<value>` overrides apply to every method.
+one `_compare` for the `:compare` arg), and the same metrics at every stage of the runs
+(with the Retrain oracle's where a stage has one) as `leaderboard_stages.md`; `python -m
+kswap_jax.report WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
 The first run of a seed also does the work its family shares (pretraining, the Retrain
 oracle), which its seconds include. A run's seconds add up all its attempts
 (`compare_seconds.json`); an attempt killed outright (SIGKILL) cannot record its time, and
@@ -388,6 +389,57 @@ def _summary(values: list[float | None]) -> dict:
           "n": int(arr.size)}
 
 
+def _collect_stages(by_stage: dict, row: str, seeds: list[int], per_seed: list[dict],
+                    headline) -> None:
+  """Adds one leaderboard row's per-stage values (each seed's `results["stages"]`, the
+  headline metrics a stage has) to `by_stage`, keyed by (stage name, request), and the
+  Retrain oracle's values of the stage (`stage["oracle"]`), keyed by the oracle run: the
+  rows of a sweep whose points each train their own oracle have one oracle row each."""
+  for seed, results in zip(seeds, per_seed):
+    for stage in results.get("stages") or []:
+      if not isinstance(stage, dict) or "name" not in stage:
+        continue
+      values = {k: stage[k] for k in headline if k in stage}
+      if not values:
+        continue
+      entry = by_stage.setdefault((stage["name"], stage.get("request")),
+                                  {"rows": {}, "oracles": {}})
+      for k, v in values.items():
+        entry["rows"].setdefault(row, {}).setdefault(k, []).append(v)
+      oracle = stage.get("oracle")
+      if isinstance(oracle, dict):
+        # Which oracle: its folder per seed, the same for the rows that share it.
+        which = entry["oracles"].setdefault(row, {"seeds": {}})
+        which["seeds"][seed] = (results.get("oracle_workdir"),
+                                {k: oracle[k] for k in headline if k in oracle})
+
+
+def _stages(by_stage: dict) -> list[dict]:
+  """The per-stage board: for each stage (in the order the runs have them), mean ± std
+  over seeds of each row's headline metrics, and of the Retrain oracle's ("oracles": one
+  entry per oracle, with the rows it serves)."""
+  out = []
+  for (name, request), entry in by_stage.items():
+    stage = {"name": name, "methods": {row: {k: _summary(v) for k, v in values.items()}
+                                       for row, values in entry["rows"].items()}}
+    if request:
+      stage["request"] = request
+    shared: dict[str, dict] = {}  # the oracle runs (folders per seed) -> rows and values
+    for row, which in entry["oracles"].items():
+      key = json.dumps(sorted((seed, folder) for seed, (folder, _) in which["seeds"].items()))
+      slot = shared.setdefault(key, {"rows": [], "values": [v for _, v in
+                                                            which["seeds"].values()]})
+      slot["rows"].append(row)
+    if shared:
+      stage["oracles"] = [
+          {"rows": slot["rows"],
+           "metrics": {k: _summary([v.get(k) for v in slot["values"]])
+                       for k in dict.fromkeys(k for v in slot["values"] for k in v)}}
+          for slot in shared.values()]
+    out.append(stage)
+  return out
+
+
 def _folder(config: ml_collections.ConfigDict, workdir: str, name: str, point: dict,
             seeds: list[int], tags: dict) -> str:
   """The folder (under the compare workdir) of method `name` at sweep `point`:
@@ -481,6 +533,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   else:
     train.prepare_workdir(given_workdir)
   rows, total, count, checked = {}, len(plan) * len(seeds), 0, 0
+  by_stage: dict[str, dict] = {}  # stage name -> its request and per-row values (`_stages`)
   for p in plan:
     name, run_name, row_name = p.method, p.folder, p.row
     per_seed = []
@@ -515,6 +568,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     if dry_run:
       continue
     headline = methods.HEADLINES[family]
+    _collect_stages(by_stage, row_name, seeds, [r for r, _ in per_seed], headline)
     rows[row_name] = {
         **{k: _summary([r["final"].get(k, float("nan")) for r, _ in per_seed])
            for k in headline},
@@ -532,13 +586,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows,
            **({"sweep": _jsonable(grid.sweep)} if grid.sweep else {}),
-           **({"zipped": grid.zipped} if grid.zipped else {})}
+           **({"zipped": grid.zipped} if grid.zipped else {}),
+           "stages": _stages(by_stage)}
   if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
     return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)
   drawn = write_views(board, workdir)
   print(markdown(board), flush=True)
-  log.info("leaderboard written to %s.{md,tex,json,png}", os.path.join(workdir, "leaderboard"))
+  log.info("leaderboard written to %s.{md,tex,json,png}%s", os.path.join(workdir, "leaderboard"),
+           "; every stage's values: leaderboard_stages.md" if board["stages"] else "")
   if drawn:
     log.info("the metrics against the swept values: %s", os.path.join(workdir, "sweep.png"))
   elif grid.sweep:
@@ -548,14 +604,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
 
 
 def write_views(board: dict, workdir: str) -> bool:
-  """A leaderboard's views in `workdir`: `leaderboard.md`, `leaderboard.tex`,
-  `leaderboard.png` and `sweep.png` (`plot_sweep`); returns whether `sweep.png` was drawn.
+  """A leaderboard's views in `workdir`: `leaderboard.md`, `leaderboard_stages.md` (a
+  board with per-stage values), `leaderboard.tex`, `leaderboard.png` and `sweep.png`
+  (`plot_sweep`); returns whether `sweep.png` was drawn.
 
   Raises:
     OSError: a file cannot be written.
   """
   with open(os.path.join(workdir, "leaderboard.md"), "w") as f:
     f.write(markdown(board) + "\n")
+  if board.get("stages"):
+    with open(os.path.join(workdir, "leaderboard_stages.md"), "w") as f:
+      f.write(stages_markdown(board) + "\n")
   with open(os.path.join(workdir, "leaderboard.tex"), "w") as f:
     f.write(latex(board) + "\n")
   plot(board, os.path.join(workdir, "leaderboard.png"))
@@ -608,6 +668,28 @@ def markdown(board: dict) -> str:
   return "\n".join(lines) + (f"\n\n{board['family']}, seeds {seeds}.{spread} Seconds: wall "
                              f"time of each run, all its attempts together; {first} the work "
                              f"shared by all (pretraining, the Retrain oracle).{note}")
+
+
+def stages_markdown(board: dict) -> str:
+  """The per-stage board as markdown: one table per stage (a task, a request, a Knowledge
+  Swapping stage) with each row's headline metrics there, and the Retrain oracle's last
+  where the stage has one (mean ± std over seeds)."""
+  seeds = ", ".join(map(str, board["seeds"]))
+  out = [f"# {board['family']}: every stage (mean ± std over seeds {seeds})"]
+  for stage in board["stages"]:
+    rows = dict(stage["methods"])
+    oracles = stage.get("oracles") or []
+    for oracle in oracles:  # one row, or one per oracle a sweep's points trained
+      rows["Retrain oracle" + (f" ({', '.join(oracle['rows'])})" if len(oracles) > 1
+                               else "")] = oracle["metrics"]
+    head = [k for k in board["headline"] if any(k in r for r in rows.values())]
+    title = stage["name"] + (f": {stage['request']}" if stage.get("request") else "")
+    out += ["", f"## {title}", "",
+            f"| method | {' | '.join(report.label(k) for k in head)} |",
+            "|---" * (len(head) + 1) + "|"]
+    out += [f"| {row} | {' | '.join(_cell(r[k]) if k in r else '–' for k in head)} |"
+            for row, r in rows.items()]
+  return "\n".join(out)
 
 
 _TEX = {**{c: "\\" + c for c in "&%$#_{}"}, "\\": r"\textbackslash{}",

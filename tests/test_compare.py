@@ -148,6 +148,23 @@ def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch
   assert list(board["methods"]) == ["clu_ft", "clu_salun"] and board["family"] == "unlearning"
   for row in board["methods"].values():
     assert row["avg_gap"]["n"] == 1 and row["seconds"]["mean"] > 0
+  # Every stage's values, each row's and the oracle's (leaderboard_stages.md).
+  ft = json.load(open(tmp_path / "clu_ft" / "seed_0" / "results.json"))
+  oracle = json.load(open(tmp_path / "oracle" / "seed_0" / "results.json"))
+  assert [s["name"] for s in board["stages"]] == [s["name"] for s in ft["stages"]]
+  for stage, mine, its in zip(board["stages"], ft["stages"], oracle["stages"]):
+    assert stage["request"] == mine["request"]
+    assert {k: v["mean"] for k, v in stage["methods"]["clu_ft"].items()} == \
+        {k: mine[k] for k in board["headline"] if k in mine}
+    if "oracle" in mine:  # the stages that unlearn: the oracle's own values there
+      [shared] = stage["oracles"]
+      assert shared["rows"] == ["clu_ft", "clu_salun"]
+      assert {k: v["mean"] for k, v in shared["metrics"].items()} == \
+          {k: its[k] for k in board["headline"] if k in its}
+  assert any("oracles" in s for s in board["stages"])
+  text = (tmp_path / "leaderboard_stages.md").read_text()
+  assert f"## {ft['stages'][-1]['name']}: {ft['stages'][-1]['request']}" in text
+  assert "| Retrain oracle |" in text
 
   # That oracle is another stream's for a run with another seed: refused before training.
   other = load_config("ug_clu_digits", "runlocal,method=clu_ga")
@@ -285,3 +302,64 @@ def test_a_resumed_attempt_refused_before_it_checkpoints_leaves_the_entry_as_it_
       raise ConfigError("oracle.workdir: holds the oracle of another stream")
   after = json.loads((tmp_path / "compare_seconds.json").read_text())["lbf/seed_0"]
   assert after["attempts"] == before["lbf/seed_0"]["attempts"] + 1
+
+
+def test_the_stage_board_keeps_each_sweep_point_s_oracle_and_request():
+  """Two rows of a sweep whose points trained their own oracles, one row sharing the first
+  point's: one oracle row per oracle, named by the rows it serves; a stage is keyed by its
+  request too; mean ± sample std over seeds; a stage that is not a dict is skipped."""
+  def results(ua, oracle_ua, folder, request="forget:class:1"):
+    return {"oracle_workdir": folder, "stages": [
+        "not a stage",
+        {"name": "1_learn", "request": "learn:1", "ra": 99.0, "ta": 98.0},
+        {"name": "2_forget", "request": request, "ua": ua, "ra": 97.0,
+         "oracle": {"ua": oracle_ua, "ra": 100.0}}]}
+  headline = ("ua", "ra", "ta")
+  by_stage = {}
+  compare._collect_stages(by_stage, "ug_clu, x=1", [0, 1],
+                          [results(10.0, 50.0, "o/x=1/seed_0"), results(20.0, 60.0, "o/x=1/seed_1")],
+                          headline)
+  compare._collect_stages(by_stage, "clu_ft", [0, 1],
+                          [results(1.0, 50.0, "o/x=1/seed_0"), results(3.0, 60.0, "o/x=1/seed_1")],
+                          headline)
+  compare._collect_stages(by_stage, "ug_clu, x=2", [0, 1],
+                          [results(5.0, 70.0, "o/x=2/seed_0", "forget:class:2"),
+                           results(7.0, 90.0, "o/x=2/seed_1", "forget:class:2")], headline)
+  stages = compare._stages(by_stage)
+  assert [(s["name"], s.get("request")) for s in stages] == [
+      ("1_learn", "learn:1"), ("2_forget", "forget:class:1"), ("2_forget", "forget:class:2")]
+  first = stages[1]
+  assert first["methods"]["ug_clu, x=1"]["ua"] == {"mean": 15.0, "std": 50 ** 0.5, "n": 2}
+  assert [o["rows"] for o in first["oracles"]] == [["ug_clu, x=1", "clu_ft"]]
+  assert first["oracles"][0]["metrics"]["ua"]["mean"] == 55.0
+  assert stages[2]["oracles"][0]["metrics"]["ua"]["mean"] == 80.0
+  board = {"family": "unlearning", "seeds": [0, 1], "headline": list(headline),
+           "stages": stages}
+  text = compare.stages_markdown(board)
+  assert "## 2_forget: forget:class:1" in text and "## 2_forget: forget:class:2" in text
+  assert "| Retrain oracle | 55.00 ± 7.07 | 100.00 ± 0.00 |" in text
+  # Two oracles at one stage: a row each, named by the rows they serve.
+  stage = dict(first, oracles=first["oracles"] + stages[2]["oracles"])
+  stage["oracles"][1] = dict(stage["oracles"][1], rows=["ug_clu, x=2"])
+  text = compare.stages_markdown(dict(board, stages=[stage]))
+  assert "| Retrain oracle (ug_clu, x=1, clu_ft) | 55.00 ± 7.07 |" in text
+  assert "| Retrain oracle (ug_clu, x=2) | 80.00 ± 14.14 |" in text
+
+
+def test_the_markdown_board_names_its_spread_and_report_orders_the_columns(tmp_path):
+  """With several seeds the board says its ± is the sample standard deviation; `report`
+  with several runs puts the seed first, then the fields every run has."""
+  from kswap_jax import report  # pylint: disable=import-outside-toplevel
+  board = {"family": "unlearning", "seeds": [0, 1], "headline": ["ua"],
+           "methods": {"a": {"ua": compare._summary([1.0, 3.0]), "num_trainable": 1,
+                             "seconds": compare._summary([1.0, 1.0])}}}
+  assert "mean ± sample standard deviation over the seeds (n − 1)" in compare.markdown(board)
+  assert "sample standard" not in compare.markdown(dict(board, seeds=[0]))
+  runs = [(str(tmp_path / name), {"method": method, "final": {"ua": 1.0}, "config": config})
+          for name, method, config in (
+              ("r0", "clu_ft", {"method": "clu_ft", "seed": 0, "learn": {"lr": 0.1},
+                                "ft": {"lr": 0.1}}),
+              ("r1", "clu_ga", {"method": "clu_ga", "seed": 1, "learn": {"lr": 0.2},
+                                "ga": {"lr": 0.2}}))]
+  header = report.runs_table(runs).splitlines()[0]
+  assert header.split(" | ")[2:5] == ["seed", "learn.lr", "ft.lr"], header
