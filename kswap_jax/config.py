@@ -276,7 +276,9 @@ def field_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
   docs = docs_lib.comments(sys.modules[__name__], "base_config")
   try:
     module, defaults = models._entry(str(config.model.get("name", "vit")))  # pylint: disable=protected-access
-    docs.update(docs_lib.comments(module, defaults, "model."))
+    for field, text in docs_lib.comments(module, defaults, "model.").items():
+      # `model` itself has the base's comment and the model's heading of its fields: both.
+      docs[field] = f"{docs[field]} {text}" if docs.get(field, text) != text else text
   except ConfigError:
     pass
   for method in _with_family(config):
@@ -312,8 +314,8 @@ def _defaults(config: ml_collections.ConfigDict) -> dict[str, object]:
 def _documented(fields: list[tuple[str, object]], docs: dict[str, str],
                 defaults: dict[str, object] | None = None) -> list[str]:
   """`field = value`, with its comment from `docs` after `#` (a comment on a default the
-  config changed starts "default X:", as it describes that default); a section's own
-  comment (a line above its first field) as a line of its own."""
+  config changed starts "default X:", as it describes that default; a changed value
+  without a comment gets "# default X"); a section's own comment as a line of its own."""
   lines, said = [], set()
   for field, value in fields:
     parts = field.split(".")

@@ -150,6 +150,8 @@ def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
     for node in candidates:
       section = field.rpartition(".")[0]
       heading, text = _comment(node, trailing, alone, (section, node.lineno) in shared)
+      if heading and not section:  # a top-level field: no section to introduce
+        heading, text = "", " ".join(filter(None, (heading, text)))
       if heading and section and heading not in headings.setdefault(section, []):
         headings[section].append(heading)
       if text:
@@ -163,8 +165,8 @@ def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
     helper = module
     for part in called.split("."):
       helper = getattr(helper, part, None)
-    if at and inspect.isfunction(helper) and (helper, at) not in _FOLLOWING:
-      _FOLLOWING.add((helper, at))
+    if at and inspect.isfunction(helper) and helper not in _FOLLOWING:
+      _FOLLOWING.add(helper)
       try:
         helper_module = (module if helper.__globals__ is getattr(module, "__dict__", None)
                          else inspect.getmodule(helper))
@@ -172,11 +174,11 @@ def comments(module: Any, name: str, prefix: str = "") -> dict[str, str]:
           if field not in nodes:
             out.setdefault(field, text)
       finally:
-        _FOLLOWING.discard((helper, at))
+        _FOLLOWING.discard(helper)
   return out
 
 
-_FOLLOWING: set = set()  # the helpers being followed (a helper calling itself ends here)
+_FOLLOWING: set = set()  # the helpers being followed: one that calls itself is read once
 
 
 def _comment(node: ast.AST, trailing: dict, alone: dict, shared: bool) -> tuple[str, str]:

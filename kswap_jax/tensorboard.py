@@ -23,14 +23,15 @@ holds a wall time, a step and a `Summary` with one `simple_value` per scalar.
 from __future__ import annotations
 
 import glob
-import json
+import math
 import os
 import socket
 import struct
 import time
 from typing import Iterable
 
-SUFFIX = ".kswap_jax"  # our event files: events.out.tfevents.<time>.<host>.kswap_jax
+SUFFIX = ".kswap_jax"  # our event files: events.out.tfevents.<time>.<host>.<pid>.kswap_jax
+_TMP = ".kswap_jax_events.tmp"
 _POSITION = ("step", "stage", "epoch")
 
 
@@ -83,8 +84,9 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
 
 
 def _event(wall_time: float, step: int | None = None, summary: bytes | None = None,
-           file_version: str | None = None) -> bytes:
-  """Event: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5."""
+           file_version: str | None = None, start: bool = False) -> bytes:
+  """Event: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5,
+  session_log = 7 (SessionLog: status = 1, START = 1)."""
   out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
   if step:
     out += _varint(2 << 3 | 0) + _varint(int(step))
@@ -92,14 +94,25 @@ def _event(wall_time: float, step: int | None = None, summary: bytes | None = No
     out += _bytes_field(3, file_version.encode())
   if summary is not None:
     out += _bytes_field(5, summary)
+  if start:
+    out += _bytes_field(7, _varint(1 << 3 | 0) + _varint(1))
   return out
+
+
+def _float32(value: float) -> bytes:
+  """A float as 4 bytes; beyond float32's range, the signed infinity (a diverging loss
+  must not stop the run where it is logged)."""
+  try:
+    return struct.pack("<f", value)
+  except OverflowError:
+    return struct.pack("<f", math.copysign(math.inf, value))
 
 
 def _summary(values: dict[str, float]) -> bytes:
   """Summary: repeated Value value = 1; Value: tag = 1 (string), simple_value = 2 (float)."""
   out = b""
   for tag, value in values.items():
-    body = _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
+    body = _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + _float32(value)
     out += _bytes_field(1, body)
   return out
 
@@ -128,6 +141,15 @@ def scalars(record: dict) -> dict[str, float]:
   return out
 
 
+def remove_event_files(logdir: str) -> None:
+  """Removes the event files of ours in `logdir` (and a file of ours cut short while it was
+  written); another program's event files stay."""
+  folder = glob.escape(logdir)
+  for old in (glob.glob(os.path.join(folder, f"events.out.tfevents.*{SUFFIX}"))
+              + glob.glob(os.path.join(folder, _TMP))):
+    os.remove(old)
+
+
 class EventWriter:
   """Appends `metrics.jsonl` records to the workdir's event file (the first process only)."""
 
@@ -139,8 +161,7 @@ class EventWriter:
     """Removes the workdir's earlier event files of ours and writes `records` to a new one
     (none while there is nothing to show: a run refused before its first log leaves no
     file behind)."""
-    for old in glob.glob(os.path.join(self.logdir, f"events.out.tfevents.*{SUFFIX}")):
-      os.remove(old)
+    remove_event_files(self.logdir)
     self.path = None
     now = time.time()
     data = b"".join(self._encoded(r, now) for r in records)
@@ -159,12 +180,20 @@ class EventWriter:
         f.write(data)
 
   def _start(self, data: bytes, now: float) -> None:
-    """A new event file: the version event, then `data`, written whole (renamed in place)."""
-    name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}{SUFFIX}"
-    path = os.path.join(self.logdir, name)
-    with open(path + ".tmp", "wb") as f:
-      f.write(_frame(_event(now, file_version="brain.Event:2")) + data)
-    os.replace(path + ".tmp", path)
+    """A new event file: the version event, a session start at step 0 (the mark a restarted
+    TensorFlow writer leaves: a loader may drop the steps it read from there on), then
+    `data`, written whole (renamed in place). The name sorts after the earlier files' (the
+    nanosecond clock): loaders read a run's files in name order. Measured with TensorBoard
+    2.21.0: its default loader (the Rust data server) shows the rewritten file in place of
+    the removed one while it runs; the Python loader (`--load_fast=false`) keeps what it
+    read until TensorBoard restarts."""
+    name = (f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}."
+            f"{time.time_ns()}{SUFFIX}")
+    path, tmp = os.path.join(self.logdir, name), os.path.join(self.logdir, _TMP)
+    with open(tmp, "wb") as f:  # a name TensorBoard does not read while it is written
+      f.write(_frame(_event(now, file_version="brain.Event:2"))
+              + _frame(_event(now, start=True)) + data)
+    os.replace(tmp, path)
     self.path = path
 
   @staticmethod
@@ -173,19 +202,3 @@ class EventWriter:
     if not values or not isinstance(record.get("step"), int):
       return b""
     return _frame(_event(wall_time, record["step"], summary=_summary(values)))
-
-
-def rebuild_from_metrics(workdir: str) -> EventWriter:
-  """A writer whose event file holds `workdir/metrics.jsonl` as it is now."""
-  records = []
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass  # a line torn by a kill
-  writer = EventWriter(workdir)
-  writer.rebuild(records)
-  return writer

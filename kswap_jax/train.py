@@ -657,8 +657,8 @@ class Run:
                                        sharding=getattr(x, "sharding", None)), state)
     restored = self.checkpointer.restore_latest(abstract)
     if restored is None:
-      self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
-      self._rebuild_events()
+      # Lines of an attempt killed before its first checkpoint go.
+      self._rebuild_events(self._truncate_metrics(0))
       return state
     state, meta = restored
     self.meta = {"evals": {}, "seconds": 0.0, "clocks": {}, "stopped_clocks": {}, **meta}
@@ -671,8 +671,7 @@ class Run:
       log.info("resumed from %s at step %d (%d stage(s) finished, %d steps into the next)",
                self.checkpointer.directory, step, self.meta["stage_index"],
                self.meta["stage_step"])
-    self._truncate_metrics(step)
-    self._rebuild_events()
+    self._rebuild_events(self._truncate_metrics(step))
     return state
 
   def save(self, state: TrainState, step: int | None = None) -> None:
@@ -707,27 +706,37 @@ class Run:
       stopped[name] = round(seconds, 3)
     return seconds
 
-  def _truncate_metrics(self, step: int) -> None:
-    """Drops metric lines logged after the checkpoint we resume from (they will be redone)."""
+  def _truncate_metrics(self, step: float) -> list[dict]:
+    """Drops metric lines logged after the checkpoint we resume from (they will be redone);
+    returns the lines kept (none on the processes that do not write them)."""
     path = os.path.join(self.workdir, "metrics.jsonl")
     if not (self.is_main and os.path.exists(path)):
-      return
-    kept = []
+      return []
+    kept, records = [], []
     with open(path) as f:
       for line in f:
         try:
-          if json.loads(line).get("step", 0) <= step:
-            kept.append(line)
+          record = json.loads(line)
         except json.JSONDecodeError:
-          pass  # a line torn by the kill
+          continue  # a line torn by the kill
+        if record.get("step", 0) <= step:
+          kept.append(line)
+          records.append(record)
     with open(path + ".tmp", "w") as f:  # replaced at once: an interrupt loses no line
       f.writelines(kept)
     os.replace(path + ".tmp", path)
+    return records
 
-  def _rebuild_events(self) -> None:
-    """The event file afresh from `metrics.jsonl` as the restore left it."""
+  def _rebuild_events(self, records: list[dict]) -> None:
+    """The event file afresh from `records`, `metrics.jsonl` as it now is (with TensorBoard
+    off, an earlier attempt's event files are removed: they would show redone steps)."""
+    if not self.is_main:
+      return
     if self._tensorboard:
-      self._events = tensorboard.rebuild_from_metrics(self.workdir)
+      self._events = tensorboard.EventWriter(self.workdir)
+      self._events.rebuild(records)
+    else:
+      tensorboard.remove_event_files(self.workdir)
 
   # -- logging --------------------------------------------------------------------------------
   def log_metrics(self, record: dict) -> None:
@@ -737,7 +746,7 @@ class Run:
         f.write(json.dumps(record) + "\n")
       if self._tensorboard:
         if self._events is None:  # a run that logs without restoring first: the file
-          self._rebuild_events()    # afresh, this record included
+          self._rebuild_events(self._truncate_metrics(math.inf))  # afresh, this line too
         else:
           self._events.write(record)
 

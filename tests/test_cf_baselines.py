@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config, method_run
-from kswap_jax import losses, methods, models, train
+from kswap_jax import checkpoint, losses, methods, models, train
 from kswap_jax.errors import ConfigError
-from kswap_jax.methods import gs_lora, trainable
+from kswap_jax.methods import common, gs_lora, trainable
 from kswap_jax.methods.baselines import continual_forgetting as cf
 
 
@@ -318,10 +318,8 @@ def test_lirf_trains_the_lower_half_only_and_refuses_a_split_outside_the_model(t
   assert rows and all(r["at"] >= 0 and r["kd"] >= 0 for r in rows)
   # The exported model: the trained lower half joined with the frozen rest, in the
   # checkpoint layout the model loads (every name and shape), the rest as pretrained.
-  from kswap_jax import checkpoint  # pylint: disable=import-outside-toplevel
   exported = checkpoint.load_npz(str(tmp_path / "ok" / "merged_params.npz"), whole["params"],
                                  head="keep")
-  from kswap_jax.methods import common  # pylint: disable=import-outside-toplevel
   model_cfg = common.model_config(config)  # the run's start: init.kind random, its key
   start, _ = common.load_base(config, model_cfg, models.build(model_cfg),
                               jax.random.split(jax.random.key(int(config.seed)))[0])

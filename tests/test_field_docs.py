@@ -27,6 +27,18 @@ def with_defaults(**overrides):
   ), **overrides))
 
 
+def recursive(depth=2):
+  if depth:
+    return dict(x=recursive(depth - 1))  # a helper calling itself: read once
+  return dict(y=1)                       # the innermost
+
+
+TOP = dict(
+    # Above a top-level field that has its own comment: the field's (no section).
+    level=1,           # its own
+)
+
+
 def sections():
   def inner():
     return dict(wrong=1)   # a nested function's dict: not these sections' field
@@ -52,6 +64,7 @@ def sections():
       )),
       second=helper(x=1),  # helper keywords are fields too
       sixth=with_defaults(m=5),
+      seventh=recursive(),
       fourth=ml_collections.ConfigDict(shared),
   )
   out["third"] = ml_collections.ConfigDict(dict(y=2))  # set by subscript
@@ -80,9 +93,13 @@ def test_comments_beside_above_and_continued_are_each_fields_and_headings_the_se
       "third": "set by subscript", "third.y": "set by subscript",
       "fourth.z": "a local dict, used below",  # where the local is used
       "sixth.k": "the helper's k",  # followed into the helper; m is set by the call
+      "seventh.x": "a helper calling itself: read once", "seventh.y": "the innermost",
   }
   assert field_docs.comments(module, "DEFAULTS", "model.") == {"model.width": "hidden size"}
   assert field_docs.comments(module, "OTHER") == {"width": "hidden size"}
+  assert field_docs.comments(module, "TOP") == {
+      "level": "Above a top-level field that has its own comment: the field's (no section). "
+               "its own"}
   assert field_docs.comments(module, "missing") == {}
   assert field_docs.comments(object(), "sections") == {}  # no source: no comments
 
@@ -98,6 +115,9 @@ def test_the_printer_shows_a_reconstructed_choice_beside_its_value(capsys):
   assert "distributed.coordinator_address = ''  # host:port of process 0" in out
   assert any(line.startswith("# distributed: Several processes (hosts) train one model")
              for line in out)
+  # The base's comment on `model` and the model's heading of its speed options, both.
+  [model] = [line for line in out if line.startswith("# model: ")]
+  assert model.startswith("# model: Architecture fields") and "Speed options" in model
   # A value the command line changed: the comment describes the default, and says so.
   assert config.main(["--config=demo", "--config.seed=4", "--config.ks.learn_epochs=7"]) == 0
   out = capsys.readouterr().out.splitlines()

@@ -38,11 +38,15 @@ def _event_class():
   value.field.add(name="simple_value", number=2, type=2, label=1)    # float
   summary = f.message_type.add(name="Summary")
   summary.field.add(name="value", number=1, type=11, label=3, type_name=".kswaptest.Value")
+  session_log = f.message_type.add(name="SessionLog")
+  session_log.field.add(name="status", number=1, type=5, label=1)   # enum as int32: START 1
   event = f.message_type.add(name="Event")
   event.field.add(name="wall_time", number=1, type=1, label=1)       # double
   event.field.add(name="step", number=2, type=3, label=1)            # int64
   event.field.add(name="file_version", number=3, type=9, label=1)
   event.field.add(name="summary", number=5, type=11, label=1, type_name=".kswaptest.Summary")
+  event.field.add(name="session_log", number=7, type=11, label=1,
+                  type_name=".kswaptest.SessionLog")
   pool = descriptor_pool.DescriptorPool()
   pool.Add(f)
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("kswaptest.Event"))
@@ -71,7 +75,8 @@ def _read_events(path):
 def _scalars_by_step(path):
   events = _read_events(path)
   assert events[0].file_version == "brain.Event:2"
-  return [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
+  assert events[1].session_log.status == 1 and events[1].step == 0  # START: drop what was read
+  return [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[2:]]
 
 
 def _event_file(workdir):
@@ -86,6 +91,22 @@ def test_crc32c_matches_the_standard_check_value_and_a_bitwise_implementation():
   assert tensorboard.crc32c(data) == _bitwise_crc32c(data)
 
 
+def test_events_are_byte_for_byte_tensorflow_s_serialisation():
+  """The bytes TensorBoard's own protobuf classes (tensorboard.compat.proto.event_pb2,
+  2.21.0) serialise for the same events: Event(wall_time=1.5, step=7, summary=Summary(value=
+  [Value(tag="train/loss", simple_value=0.25), Value(tag="eval/x", simple_value=-3.0)])),
+  Event(wall_time=1.5, file_version="brain.Event:2"), Event(wall_time=2.0,
+  session_log=SessionLog(status=START)) and Event(wall_time=2.0, step=-1)."""
+  summary = tensorboard._summary({"train/loss": 0.25, "eval/x": -3.0})
+  assert tensorboard._event(1.5, 7, summary=summary).hex() == (
+      "09000000000000f83f10072a220a110a0a747261696e2f6c6f7373150000803e0a0d0a066576616c2f78"
+      "15000040c0")
+  assert tensorboard._event(1.5, file_version="brain.Event:2").hex() == \
+      "09000000000000f83f1a0d627261696e2e4576656e743a32"
+  assert tensorboard._event(2.0, start=True).hex() == "0900000000000000403a020801"
+  assert tensorboard._event(2.0, -1).hex() == "09000000000000004010ffffffffffffffffff01"
+
+
 def test_scalars_of_training_and_evaluation_records():
   record = {"step": 7, "stage": "forget", "epoch": 2, "loss": 1.5, "fast/loss": 0.25,
             "block_n": [0.5] * 12, "learning_rate": 1e-3, "flag": True, "note": "x"}
@@ -96,6 +117,14 @@ def test_scalars_of_training_and_evaluation_records():
   assert tensorboard.scalars({"step": 9, "stage": "t", "epoch": 1,
                               "eval": {"acc_r": 90.0, "h_mean": 80.0}}) == \
       {"eval/acc_r": 90.0, "eval/h_mean": 80.0}
+
+
+def test_a_value_beyond_float32_is_written_as_infinity(tmp_path):
+  """A diverging loss (1e39) is logged, not an OverflowError in the run's log step."""
+  writer = tensorboard.EventWriter(str(tmp_path))
+  writer.write({"step": 3, "stage": "s", "epoch": 1, "loss": 1e39, "grad_norm": -1e40})
+  [(step, values)] = _scalars_by_step(_event_file(tmp_path))
+  assert step == 3 and values == {"train/loss": np.inf, "train/grad_norm": -np.inf}
 
 
 class _Stream:
@@ -148,10 +177,30 @@ def test_the_event_file_holds_metrics_jsonl_once_after_a_resume(tmp_path):
       assert {"train/loss", "train/learning_rate", "train/grad_norm"} <= set(values)
 
 
-def test_tensorboard_off_writes_no_event_file(tmp_path):
+def test_tensorboard_off_writes_no_event_file_and_removes_an_earlier_attempt_s(tmp_path):
+  """Off: no file; one of an earlier attempt (which showed steps to be redone) goes; an
+  event file another program wrote stays."""
+  with pytest.raises(SystemExit):
+    _stage_run(tmp_path, interrupt=5)
+  (tmp_path / "events.out.tfevents.1.host.theirs").write_bytes(b"")
   _stage_run(tmp_path, interrupt=0, tensorboard=False)
   assert os.path.exists(tmp_path / "metrics.jsonl")
-  assert not glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*")) == [
+      str(tmp_path / "events.out.tfevents.1.host.theirs")]
+
+
+def test_a_run_that_logs_without_restoring_writes_metrics_jsonl_s_lines(tmp_path):
+  """`Run.log_metrics` before any `restore` (a method of the user's own): the event file
+  starts from `metrics.jsonl` as it is, the new line included."""
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+  run = train.Run(str(tmp_path), ml_collections.ConfigDict(dict(
+      train=dict(log_every_steps=1, checkpoint_every_steps=0, max_checkpoints_to_keep=1),
+      debug=dict(interrupt_at_step=0))))
+  run.log_metrics({"step": 2, "stage": "s", "epoch": 1, "loss": 1.0})
+  run.log_metrics({"step": 3, "stage": "s", "epoch": 1, "loss": 0.5})
+  run.close()
+  assert _scalars_by_step(_event_file(tmp_path)) == [
+      (1, {"train/loss": 2.0}), (2, {"train/loss": 1.0}), (3, {"train/loss": 0.5})]
 
 
 def test_tensorboard_reads_the_event_file(tmp_path):

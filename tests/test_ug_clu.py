@@ -369,7 +369,8 @@ def test_clu_joint_clips_its_summed_step_and_sfr_on_its_fast_step_only():
 
 
 @pytest.mark.slow
-def test_an_oracle_trained_in_the_run_s_process_trains_as_one_trained_alone(tmp_path):
+def test_an_oracle_trained_in_the_run_s_process_trains_as_one_trained_alone(tmp_path,
+                                                                            caplog):
   """The run and its oracle share one process's compiled steps. A learning stage and an
   oracle stage of equal length but different epoch sizes take different per-epoch cosine
   schedules, so they must not share a compiled step: the oracle trained inside the run
@@ -393,7 +394,15 @@ def test_an_oracle_trained_in_the_run_s_process_trains_as_one_trained_alone(tmp_
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       return [json.loads(line)["loss"] for line in f if '"loss"' in line]
   ug_clu._CACHE.clear()
-  methods.run(config, str(tmp_path / "run"))
+  with caplog.at_level("INFO", logger="kswap_jax"):
+    methods.run(config, str(tmp_path / "run"))
+  # The oracle's lines are labelled (its stages have the run's names), the run's are not.
+  lines = [r.getMessage() for r in caplog.records]
+  start = lines.index(f"training the Retrain oracle in {tmp_path / 'run' / 'oracle'}")
+  end = lines.index("the Retrain oracle is trained; back to ug_clu")
+  assert all(line.startswith("oracle: ") for line in lines[start + 1:end])
+  assert any(line.startswith("oracle: [2_forget] epoch") for line in lines[start + 1:end])
+  assert not any(line.startswith("oracle: ") for line in lines[:start] + lines[end:])
   ug_clu._CACHE.clear()
   methods.run(ug_clu.oracle_config(config), str(tmp_path / "alone"))
   inside, alone = losses_of(tmp_path / "run" / "oracle"), losses_of(tmp_path / "alone")

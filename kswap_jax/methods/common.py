@@ -208,10 +208,10 @@ def export_model(run_, params, model_state, name: str = "merged_params.npz") -> 
   model state (BatchNorm statistics) beside it (`model_state_path`), which `init.kind=npz`
   with `init.checkpoint` loads again; the first process only. Returns the path."""
   path = os.path.join(run_.workdir, name)
-  if run_.is_main:
-    ckpt_lib.save_npz(jax.device_get(params), path)
+  if run_.is_main:  # the parameters last: a file there has its statistics beside it
     if model_state:
       ckpt_lib.save_npz(jax.device_get(model_state), model_state_path(path))
+    ckpt_lib.save_npz(jax.device_get(params), path)
   return path
 
 

@@ -48,6 +48,7 @@ References: Huang et al., arXiv 2409.19732 (SFR-on); Huang et al., arXiv 2505.15
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -97,7 +98,10 @@ FIELDS_UNREAD = {  # and `data.new` (the stream is one dataset, `data.old`): `fi
                   "unlearn.fisher_augment", "unlearn.fisher_batch_size", "clu.learn_alpha",
                   *MASK_FIELDS),
     "clu_retrain": ("unlearn.*", *BUFFER_FIELDS, *FUSED_FIELDS, *MASK_FIELDS, "learn.epochs",
-                    "learn.iterations", "oracle.enabled", "oracle.workdir"),
+                    "learn.iterations", "oracle.enabled", "oracle.workdir",
+                    # evaluations in a stage and the exported file change no result: an
+                    # oracle is shared whatever its runs set there
+                    "eval.every_steps", "export.merged_npz"),
 }
 
 
@@ -730,16 +734,14 @@ def stage_metrics(out: _Outputs, plan: StagePlan, tasks) -> tuple[dict, np.ndarr
   classes); both membership attacks on D_U (members: D_R ∪ D_L, non-members: that test
   set); per-task test accuracies (raw, and over the known classes only).
   """
+  m = periodic_metrics(out, plan)  # ra, ta; ua, acc_learn_train where they apply
   p_r, y_r = out.train(plan.kept_after)
   p_t, y_t = out.test(plan.known_classes)
-  m = {"ra": metrics.ra(p_r, y_r), "ta": metrics.ta(p_t, y_t)}
   if plan.learns:
-    m["acc_learn_train"] = metrics.top1(*out.train(plan.learn))
     m["acc_learn_test"] = _acc(*out.test(tasks[plan.request.learn_task]))
   p_u = None
   if plan.unlearns:
     p_u, y_u = out.train(plan.forget)
-    m["ua"] = metrics.ua(p_u, y_u)
     n_t = min(len(y_t), len(y_r))  # the SVC's shadow sets need |D_r| >= |D_t|
     m["mia_efficacy"] = metrics.mia_efficacy_svc_confidence(
         p_r, y_r, p_t[:n_t], y_t[:n_t], p_u, y_u)
@@ -899,10 +901,11 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """The `clu_retrain` config of a run's oracle: the fields the oracle does not depend on
   (unlearning hyper-parameters, routing, mask, buffer, debug; the LoRA fields of a
   full-parameter oracle) reset to their defaults, so every method on the same stream
-  shares one oracle. Sections the oracle does not read
-  (a baseline's own) are dropped for the same reason. `learn.epochs`, `learn.iterations`
-  and `oracle.enabled` are kept, though the oracle trains by `oracle.*` (FIELDS_UNREAD):
-  resetting them would make every oracle written so far refuse its runs' configs."""
+  shares one oracle. Sections the oracle does not read (a baseline's own) are dropped for
+  the same reason, and it evaluates its stages at their ends only (`eval.every_steps` 0).
+  `learn.epochs`, `learn.iterations` and `oracle.enabled` are kept, though the oracle
+  trains by `oracle.*` (FIELDS_UNREAD): resetting them would make every oracle written so
+  far refuse its runs' configs."""
   from kswap_jax.config import base_config  # pylint: disable=import-outside-toplevel
   defaults = sections()
   keep = set(base_config()) | set(defaults)
@@ -920,6 +923,7 @@ def oracle_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     oc.lora = defaults["lora"]
   oc.oracle.workdir = ""
   oc.debug.interrupt_at_step = 0
+  oc.eval.every_steps = 0  # the oracle's stages are measured at their ends only
   return oc
 
 
@@ -1515,21 +1519,34 @@ def _check_oracle_record(config, oracle_dir: str, recorded: dict | None = None) 
                       f"empty")
 
 
+@contextlib.contextmanager
+def _labelled_logs(label: str):
+  """Every log line written while the block runs starts with `label`: a filter on the
+  handlers (the root logger's and the library's), so the lines of child loggers
+  (`kswap_jax.data.splits`) and of other libraries get it too, once."""
+  def add(record: logging.LogRecord) -> bool:
+    if not getattr(record, "kswap_label", None):
+      record.msg, record.kswap_label = f"{label}{record.msg}", label
+    return True
+  handlers = [*logging.getLogger().handlers,
+              *(h for h in log.handlers if h not in logging.getLogger().handlers)]
+  for handler in handlers:
+    handler.addFilter(add)
+  try:
+    yield
+  finally:
+    for handler in handlers:
+      handler.removeFilter(add)
+
+
 def _oracle(config, oracle_dir: str) -> dict:
   """The oracle's results (trained now unless `oracle_dir` holds a finished run of this
   run's oracle config; a finished run of another one is an error, not a silent reuse)."""
   path = os.path.join(oracle_dir, "results.json")
   if not os.path.exists(path):
     log.info("training the Retrain oracle in %s", oracle_dir)
-
-    def labelled(record: logging.LogRecord) -> bool:  # its stages share the run's names
-      record.msg = f"oracle: {record.msg}"
-      return True
-    log.addFilter(labelled)
-    try:
+    with _labelled_logs("oracle: "):  # its stages share the run's names
       run(oracle_config(config), oracle_dir)
-    finally:
-      log.removeFilter(labelled)
     log.info("the Retrain oracle is trained; back to %s", config.method)
   with open(path) as f:
     results = json.load(f)
