@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from typing import NamedTuple
@@ -54,6 +55,7 @@ from typing import NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kswap_jax import hostmem, methods, report, train
 from kswap_jax.errors import ConfigError
@@ -267,6 +269,54 @@ class _Sweep:
     return out
 
 
+def _shared_work(method: str) -> str | None:
+  """The `SHARED_WORK` whose run a run of `method` is, as its module says
+  (`shared_work(method)`: the Retrain oracle for clu_retrain), or None."""
+  work = getattr(methods.get(method), "shared_work", lambda _: None)(method)
+  return work if work in SHARED_WORK else None
+
+
+def _reuse_shared(workdir: str, p, seed: int, sub_config) -> bool:
+  """Whether run folder `<workdir>/<p.folder>/seed_<seed>` is now the finished shared
+  work it is (`_shared_work`): when that work's folder holds a finished run whose config is
+  this run's (`train.config_difference`), and this run has not started, its files are
+  hard-linked into the run folder (copied where links cannot be made) and its time is
+  recorded as this run's, instead of training the same model again."""
+  work = _shared_work(p.method)
+  field = SHARED_WORK[work][1] if work else None
+  if field is None or not _has(sub_config, field) or not _get(sub_config, field):
+    return False
+  source = _get(sub_config, field)
+  sub = os.path.join(workdir, p.folder, f"seed_{seed}")
+  if not os.path.exists(os.path.join(source, "results.json")) or (
+      os.path.isdir(sub) and os.listdir(sub)):
+    return False
+  with open(os.path.join(source, "results.json")) as f:
+    results = json.load(f)
+  if train.config_difference(results.get("config") or {}, sub_config):
+    return False
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(sub), exist_ok=True)
+    if os.path.isdir(sub):
+      os.rmdir(sub)
+    staged = sub + ".linking"
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+      shutil.copytree(source, staged, copy_function=os.link)
+    except OSError:  # a file system without hard links
+      shutil.rmtree(staged, ignore_errors=True)
+      shutil.copytree(source, staged)
+    os.replace(staged, sub)
+    seconds = results.get("wall_seconds")  # the shared run's own time
+    known = isinstance(seconds, (int, float)) and math.isfinite(seconds)
+    _write_timing(workdir, f"{p.folder}/seed_{seed}",
+                  {"seconds": seconds if known else 0.0, "attempts": 1,
+                   "incomplete": not known, "reused": source})
+  if jax.process_count() > 1:  # the others read the linked folder next
+    multihost_utils.sync_global_devices(f"kswap_jax compare: {sub} linked")
+  return True
+
+
 def _recorded(workdir: str, name: str, seed: int, started: bool = False) -> dict | None:
   """The config `<workdir>/<name>/seed_<seed>` finished with (its results.json), or, with
   `started`, the one an unfinished run there started with (its config.json); None when
@@ -414,14 +464,15 @@ def _collect_stages(by_stage: dict, row: str, seeds: list[int], per_seed: list[d
                                 {k: oracle[k] for k in headline if k in oracle})
 
 
-def _stages(by_stage: dict) -> list[dict]:
+def _stages(by_stage: dict, order: list[str] | None = None) -> list[dict]:
   """The per-stage board: for each stage (in the order the runs have them), mean ± std
   over seeds of each row's headline metrics, and of the Retrain oracle's ("oracles": one
   entry per oracle, with the rows it serves)."""
-  out = []
+  out, order = [], order or []  # the board's rows in the order asked for, not the order run
   for (name, request), entry in by_stage.items():
-    stage = {"name": name, "methods": {row: {k: _summary(v) for k, v in values.items()}
-                                       for row, values in entry["rows"].items()}}
+    ranked = sorted(entry["rows"], key=lambda r: order.index(r) if r in order else -1)
+    stage = {"name": name, "methods": {
+        row: {k: _summary(v) for k, v in entry["rows"][row].items()} for row in ranked}}
     if request:
       stage["request"] = request
     shared: dict[str, dict] = {}  # the oracle runs (folders per seed) -> rows and values
@@ -430,6 +481,8 @@ def _stages(by_stage: dict) -> list[dict]:
       slot = shared.setdefault(key, {"rows": [], "values": [v for _, v in
                                                             which["seeds"].values()]})
       slot["rows"].append(row)
+    for slot in shared.values():
+      slot["rows"].sort(key=lambda r: ranked.index(r))
     if shared:
       stage["oracles"] = [
           {"rows": slot["rows"],
@@ -534,7 +587,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     train.prepare_workdir(given_workdir)
   rows, total, count, checked = {}, len(plan) * len(seeds), 0, 0
   by_stage: dict[str, dict] = {}  # stage name -> its request and per-row values (`_stages`)
-  for p in plan:
+  # A method whose run is a shared work's (the Retrain oracle) runs after the others: it
+  # then finds that work done and reuses it (`_reuse_shared`); the rows keep `plan`'s order.
+  for p in sorted(plan, key=lambda p: _shared_work(p.method) is not None):
     name, run_name, row_name = p.method, p.folder, p.row
     per_seed = []
     for seed in seeds:
@@ -549,7 +604,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           methods.run(sub_config(p, seed), sub, dry_run=True)
           checked += 1
         continue
-      if not os.path.exists(results_path):
+      if not os.path.exists(results_path) and _reuse_shared(workdir, p, seed,
+                                                             sub_config(p, seed)):
+        log.info("[compare] %d/%d %s, seed %d: the %s in %s is this run; linked to %s, not "
+                 "trained again", count, total, row_name, seed, _shared_work(name),
+                 _get(sub_config(p, seed), SHARED_WORK[_shared_work(name)][1]), sub)
+      elif not os.path.exists(results_path):
         resumed = _newest_checkpoint(sub) is not None
         log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, row_name, seed, sub,
                  " (resuming an earlier attempt)" if resumed else "")
@@ -583,11 +643,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
     log.info("[compare] dry run: %d run(s) checked, %d finished earlier, nothing written",
              checked, total - checked)
     return None
+  rows = {p.row: rows[p.row] for p in plan}  # in the order asked for
   board = {"family": family, "config_method": str(config.method), "seeds": seeds,
            "headline": list(methods.HEADLINES[family]), "methods": rows,
            **({"sweep": _jsonable(grid.sweep)} if grid.sweep else {}),
            **({"zipped": grid.zipped} if grid.zipped else {}),
-           "stages": _stages(by_stage)}
+           "stages": _stages(by_stage, list(rows))}
   if jax.process_index() != 0:  # the first process writes the timings and the leaderboard
     return board
   train.write_json(os.path.join(workdir, "leaderboard.json"), board)

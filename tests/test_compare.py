@@ -166,6 +166,26 @@ def test_compared_unlearning_methods_train_the_oracle_once(tmp_path, monkeypatch
   assert f"## {ft['stages'][-1]['name']}: {ft['stages'][-1]['request']}" in text
   assert "| Retrain oracle |" in text
 
+  # clu_retrain's run is that oracle: linked, not trained again, its row first as asked.
+  board = compare.run(load_config("ug_clu_digits", "runlocal"), str(tmp_path),
+                      ["clu_retrain", "clu_ft"], [0])
+  assert trained == [str(tmp_path / "oracle" / "seed_0")]
+  assert list(board["methods"]) == ["clu_retrain", "clu_ft"]
+  rows = [list(s["methods"]) for s in board["stages"]]  # the oracle trains unlearning stages
+  assert ["clu_retrain", "clu_ft"] in rows and all(
+      r == [m for m in ("clu_retrain", "clu_ft") if m in r] for r in rows)
+  linked = tmp_path / "clu_retrain" / "seed_0"
+  assert os.path.samefile(linked / "results.json", tmp_path / "oracle" / "seed_0" /
+                          "results.json")
+  assert board["methods"]["clu_retrain"]["seconds"]["mean"] == oracle["wall_seconds"]
+  assert board["methods"]["clu_retrain"]["ta"]["mean"] == oracle["final"]["ta"]
+  # Asked first in a new comparison, it runs after the method that trains the oracle.
+  board = compare.run(load_config("ug_clu_digits", "runlocal"), str(tmp_path / "new"),
+                      ["clu_retrain", "clu_ft"], [0])
+  assert trained[1:] == [str(tmp_path / "new" / "oracle" / "seed_0")]
+  assert os.path.samefile(tmp_path / "new" / "clu_retrain" / "seed_0" / "metrics.jsonl",
+                          tmp_path / "new" / "oracle" / "seed_0" / "metrics.jsonl")
+
   # That oracle is another stream's for a run with another seed: refused before training.
   other = load_config("ug_clu_digits", "runlocal,method=clu_ga")
   other.seed = 1

@@ -105,6 +105,13 @@ FIELDS_UNREAD = {  # and `data.new` (the stream is one dataset, `data.old`): `fi
 }
 
 
+def shared_work(method: str) -> str | None:
+  """The work `compare` shares between runs that a run of `method` is: clu_retrain's run
+  is the Retrain oracle the other methods measure against (`compare` reuses one for the
+  other instead of training the same model twice)."""
+  return "oracle" if method == "clu_retrain" else None
+
+
 def fields_unread(method: str) -> tuple[str, ...]:
   """The fields `method`'s results never depend on (`FIELDS_UNREAD`, and `data.new`); a
   method registered onto this module names its own."""
