@@ -11,6 +11,9 @@ Which scalars a record gives (`scalars`):
 - a training record: `train/<key>` for each number (`train/loss`, `train/fast/loss`,
   `train/learning_rate`), `train/<key>/<i>` for each entry of a list (`train/block_n/03`);
 - a periodic evaluation (`{"eval": {...}}`): `eval/<key>` (`eval/acc_r`);
+- a finished stage's results (a task's, a request's; `train.Run.finish_stage`), at the
+  stage's last step: `stage/<key>` (`stage/acc_f`, `stage/ua`, `stage/task_acc/1`); these
+  are not lines of `metrics.jsonl`, and a rewrite takes them from the checkpoint;
 - `step`, `stage` and `epoch` are the record's position, not curves: `stage` is not a
   number and `step` is the x axis.
 
@@ -119,8 +122,12 @@ def _summary(values: dict[str, float]) -> bytes:
 
 def scalars(record: dict) -> dict[str, float]:
   """The scalars of one `metrics.jsonl` record, by tag (the module's docstring)."""
-  prefix, values = ("eval", record["eval"]) if isinstance(record.get("eval"), dict) else (
-      "train", {k: v for k, v in record.items() if k not in _POSITION})
+  if isinstance(record.get("eval"), dict):
+    prefix, values = "eval", record["eval"]
+  elif isinstance(record.get("result"), dict):
+    prefix, values = "stage", record["result"]
+  else:
+    prefix, values = "train", {k: v for k, v in record.items() if k not in _POSITION}
   out: dict[str, float] = {}
 
   def add(tag: str, value) -> None:

@@ -728,13 +728,18 @@ class Run:
     return records
 
   def _rebuild_events(self, records: list[dict]) -> None:
-    """The event file afresh from `records`, `metrics.jsonl` as it now is (with TensorBoard
-    off, an earlier attempt's event files are removed: they would show redone steps)."""
+    """The event file afresh from `records`, `metrics.jsonl` as it now is, and the stages
+    the restored checkpoint has finished, each at its last step (with TensorBoard off, an
+    earlier attempt's event files are removed: they would show redone steps)."""
     if not self.is_main:
       return
     if self._tensorboard:
+      finished = [_result_record(name, step, self.meta["results"][name])
+                  for name, step in self.meta.get("result_steps", {}).items()
+                  if name in self.meta["results"]]
       self._events = tensorboard.EventWriter(self.workdir)
-      self._events.rebuild(records)
+      # A stage's results after the lines of its last step (sorted is stable).
+      self._events.rebuild(sorted(records + finished, key=lambda r: r.get("step", 0)))
     else:
       tensorboard.remove_event_files(self.workdir)
 
@@ -896,7 +901,11 @@ class Run:
     honoured here, once that checkpoint is written: the next stage's set-up (compilation,
     a saliency pass) would delay it. Every process asks once per finished stage."""
     self.meta["results"][name] = results
-    self.save(state)
+    step = int(jax.device_get(state.step))
+    self.meta.setdefault("result_steps", {})[name] = step  # where the event file shows it
+    self.save(state, step)
+    if self._events is not None:
+      self._events.write(_result_record(name, step, _jsonable(results)))
     self.checkpointer.wait()
     if self.checkpointer.stop_requested():
       together = ", all processes together" if jax.process_count() > 1 else ""
@@ -933,6 +942,11 @@ class Run:
     self.checkpointer.wait()
     self.checkpointer.close()
     _OPEN_RUNS.discard(self)
+
+
+def _result_record(name: str, step: int, results: dict) -> dict:
+  """A finished stage's results as the event file takes them (`stage/<key>`)."""
+  return {"step": step, "stage": name, "result": results}
 
 
 def finish_pending_saves() -> None:

@@ -177,6 +177,34 @@ def test_the_event_file_holds_metrics_jsonl_once_after_a_resume(tmp_path):
       assert {"train/loss", "train/learning_rate", "train/grad_norm"} <= set(values)
 
 
+def test_a_finished_stage_s_results_follow_its_last_step_and_survive_a_rewrite(tmp_path):
+  """`Run.finish_stage` adds the stage's results (`stage/<key>`) at its last step; a rerun
+  of the finished run rewrites the file and takes them from the checkpoint, once."""
+  results = {"acc": 50.0, "task_acc": [1.0, None], "note": "x"}
+
+  def finished_run():
+    config = ml_collections.ConfigDict(dict(
+        train=dict(log_every_steps=1, checkpoint_every_steps=2, max_checkpoints_to_keep=2),
+        debug=dict(interrupt_at_step=0)))
+    mesh = train.make_mesh(jax.devices()[:1])
+    tx = optax.sgd(0.1)
+    loss_fn = lambda params, frozen, batch, rng: (jnp.sum(params["w"]), {})
+    stage = train.Stage(name="toy", step_fn=train.make_train_step(loss_fn, tx, mesh),
+                        streams={"d": _Stream()}, epoch_stream="d", epochs=1)
+    run = train.Run(str(tmp_path), config)
+    state = run.restore(train.replicate(train.create_state({"w": jnp.ones(3)}, tx, 0), mesh))
+    state, _ = run.run_stage(0, stage, state, {}, mesh)
+    if "toy" not in run.meta["results"]:
+      run.finish_stage(state, "toy", results)
+    run.close()
+
+  for attempt in range(2):  # the run, then a rerun of the finished run
+    finished_run()
+    events = _scalars_by_step(_event_file(tmp_path))
+    assert [s for s, _ in events] == [1, 2, 3, 3], attempt
+    assert events[-1][1] == {"stage/acc": 50.0, "stage/task_acc/0": 1.0}, attempt
+
+
 def test_tensorboard_off_writes_no_event_file_and_removes_an_earlier_attempt_s(tmp_path):
   """Off: no file; one of an earlier attempt (which showed steps to be redone) goes; an
   event file another program wrote stays."""
