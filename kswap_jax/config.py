@@ -169,7 +169,8 @@ def lora_section(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(dict(
       targets=FFN_TARGETS,   # regex over "/"-joined kernel names; FFN fc1/fc2 of every block
       rank=8,
-      alpha=1.0,             # scale = alpha / rank = 1/8 (loralib default alpha 1)
+      alpha=1.0,             # the LoRA scale is alpha / rank (loralib's default alpha 1:
+                             # 1/8 at rank 8)
       init_slope=math.sqrt(50.0),  # kaiming-uniform slope of A (loralib: sqrt(5))
   ), **overrides))
 

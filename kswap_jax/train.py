@@ -911,7 +911,7 @@ class Run:
       together = ", all processes together" if jax.process_count() > 1 else ""
       ckpt_lib.STOP.clear()
       raise StopRequested(f"[{name}] stopped after the stage on a stop request{together}; "
-                          f"its checkpoint is written (rerun the command to continue)")
+                          f"its checkpoint is written")
 
   def write_results(self, results: dict) -> str:
     """Writes the results envelope atomically as `results.json` (a finished run only), with

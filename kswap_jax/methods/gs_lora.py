@@ -63,7 +63,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
   Transformer with a CosFace head, its normalisation, evaluation every 100 steps).
   """
   return {
-      "lora": config_lib.lora_section(init_slope=math.sqrt(5.0)),  # task 1: loralib's slope
+      # init_slope: loralib's √5 for task 1's LoRA (later tasks: gs_lora.reinit_slope)
+      "lora": config_lib.lora_section(init_slope=math.sqrt(5.0)),
       "group_lasso": config_lib.group_lasso_section(alpha=1e-4),   # the continual scripts' α
       "optim": config_lib.adamw_section(),  # AdamW 1e-2, wd 0.05, per-epoch cosine to 1e-5
       "tasks": ml_collections.ConfigDict(dict(

@@ -106,6 +106,13 @@ def sections_used(method: str) -> tuple[str, ...]:
   return ("cf", "tasks", method)
 
 
+def _own(**fields) -> ml_collections.ConfigDict:
+  """A baseline's own section: its epochs, its learning rate and its weights."""
+  return ml_collections.ConfigDict(dict(
+      epochs=0,                    # > 0 overrides cf.epochs for this method (0: cf.epochs)
+      **fields))
+
+
 def sections() -> dict[str, ml_collections.ConfigDict]:
   """The baselines' config sections with the reference's CASIA-100 values as defaults.
 
@@ -136,7 +143,9 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
   tasks = gs_lora.sections()["tasks"]
   cd = ml_collections.ConfigDict
   scrub = dict(
-      epochs=0, lr=1e-4, weight_decay=5e-4,  # torch Adam (L2 added to the gradient), no cosine
+      epochs=0,                    # > 0 overrides cf.epochs for this method (0: cf.epochs)
+      lr=1e-4,                     # torch Adam's, constant (no cosine)
+      weight_decay=5e-4,           # L2 added to the gradient (torch Adam's weight_decay)
       gamma=0.99, alpha=0.001, temperature=2.0,
       max_epochs=5, min_epochs=5,  # per super-epoch: max+min inner epochs, then min only
       lr_decay_at=0.7,             # LR × lr_decay_rate from this share of the inner epochs
@@ -158,25 +167,25 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
           # every train_one_epoch_*); "continuous": full batches, no restart.
           aux_batches="per_epoch",
       )),
-      "cf_retrain": cd(dict(epochs=0, lr=3e-4, warmup_epochs=5, warmup_lr=1e-6)),
-      "cf_ft": cd(dict(epochs=0, lr=1e-4)),
-      "cf_l2": cd(dict(epochs=0, lr=1e-4, weight=0.1)),
-      "cf_ewc": cd(dict(epochs=0, lr=1e-4, weight=10.0)),
-      "cf_mas": cd(dict(epochs=0, lr=1e-4, weight=0.005)),
-      "cf_lwf": cd(dict(epochs=0, lr=1e-4, kd_weight=0.5, retain_weight=10.0, temperature=2.0,
-                        kd_reference_bug=False)),  # True: the reference's KD ≡ 0
-      "cf_der": cd(dict(epochs=0, lr=1e-3, weight=0.01)),
-      "cf_der_pp": cd(dict(epochs=0, lr=1e-3, weight=0.005, retain_weight=0.005)),
-      "cf_fdr": cd(dict(epochs=0, lr=1e-3, weight=50.0)),
+      "cf_retrain": _own(lr=3e-4, warmup_epochs=5, warmup_lr=1e-6),
+      "cf_ft": _own(lr=1e-4),
+      "cf_l2": _own(lr=1e-4, weight=0.1),
+      "cf_ewc": _own(lr=1e-4, weight=10.0),
+      "cf_mas": _own(lr=1e-4, weight=0.005),
+      "cf_lwf": _own(lr=1e-4, kd_weight=0.5, retain_weight=10.0, temperature=2.0,
+                     kd_reference_bug=False),  # True: the reference's KD ≡ 0
+      "cf_der": _own(lr=1e-3, weight=0.01),
+      "cf_der_pp": _own(lr=1e-3, weight=0.005, retain_weight=0.005),
+      "cf_fdr": _own(lr=1e-3, weight=50.0),
       "cf_scrub": cd(scrub),
-      "cf_lirf": cd(dict(
-          epochs=0, lr=1e-4, alpha=0.1, temperature=10.0,
+      "cf_lirf": _own(
+          lr=1e-4, alpha=0.1, temperature=10.0,
           at_weight=300.0, kd_weight=10.0, retain_weight=5.0,
           split_blocks=0,       # blocks of the trained lower half; 0: depth // 2 (3 of 6)
           kd_rows="reference",  # reference: logits[:, n_forget:] (the forget classes taken
                                 # to be the first ids, a quirk); retained: the classes this
                                 # task does not forget
-      )),
+      ),
       "cf_scrub_s": cd(dict(
           scrub,            # SCRUB's fields, plus:
           smoothing=0.1,    # p of p Σ_k ‖θ_k − θ̄_k‖_F (--sgda_smoothing)
