@@ -126,6 +126,25 @@ def test_accuracies_apply_the_margin_on_the_host():
   np.testing.assert_array_equal(preds["retain_test"]["logits"], logits)  # not modified
 
 
+def test_acc_o_split_by_the_task_that_forgot_the_classes():
+  """`acc_o_tasks`: Acc_o on each earlier task's classes (the margin rule as `acc_o`);
+  weighted by those classes' test images, they give Acc_o; None for a task without any."""
+  logits = np.array([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [9.0, 0, 0, 0], [0, 0, 9.0, 0],
+                     [0, 0, 0, 9.0]])
+  labels = np.array([0, 1, 1, 2, 3])  # task 1 forgot 0, 1 (2 of 3 right); task 2: 2 and 3
+  preds = {"retain_test": {"logits": logits, "label": labels},
+           "forget_test": {"logits": logits, "label": labels},
+           "old_test": {"logits": logits, "label": labels}}
+  acc = gs_lora.accuracies(preds, margin=0.0, use_margin=True,
+                           old_tasks=[(0, 1), (2, 3), (7,)])
+  assert acc["acc_o_tasks"][:2] == [pytest.approx(200 / 3), 100.0]
+  assert acc["acc_o_tasks"][2] is None
+  assert acc["acc_o"] == pytest.approx((3 * 200 / 3 + 2 * 100.0) / 5)
+  margin = gs_lora.accuracies(preds, margin=20.0, use_margin=True, old_tasks=[(0, 1)])
+  assert margin["acc_o_tasks"] == [0.0]  # every true logit 9 - 20 < 0: the margin rule
+  assert "acc_o_tasks" not in gs_lora.accuracies(preds, margin=0.0, use_margin=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_face():
   from kswap_jax import models  # pylint: disable=import-outside-toplevel
@@ -195,6 +214,11 @@ def test_continual_run_writes_the_results_envelope(tmp_path_factory):
               "group_norms", "best_h"):
     assert key in t2, key
   assert "acc_o" not in t1 and "acc_o" in t2 and "acc_o_nomargin" in t2
+  # Acc_o by the task that forgot the classes: one value per earlier task.
+  assert "acc_o_tasks" not in t1
+  assert [len(s["acc_o_tasks"]) for s in on_disk["stages"][2:]] == [1, 2, 3]
+  assert all(0 <= v <= 100 for s in on_disk["stages"][2:] for v in s["acc_o_tasks"])
+  assert "Acc_o ↓ by the task that forgot the classes" in gs_lora.present(on_disk, None)
   assert t1["forget_classes"] != t2["forget_classes"] and len(t2["group_norms"]) == 2
   assert 0 < t2["nonzero_lora_fraction"] <= 1
   for name in ("gs_lora.png", "metrics.jsonl", "merged_params.npz", "config.json"):
@@ -224,7 +248,13 @@ def test_report_shows_the_sparsity_table_and_plot_as_the_run(tmp_path_factory, t
   *rows, plots = capsys.readouterr().out.splitlines()
   assert plots == f"plots: gs_lora.png (in {tmp_path})"
   start = rows.index(f"{'task':<10}{'zero groups':>13}{'non-zero LoRA':>15}{'seconds':>10}")
-  assert rows[start - 1].startswith("final: Acc_r ")
+  # Between the stage table and the sparsity table: Acc_o by the task that forgot the classes.
+  title = rows.index("Acc_o ↓ by the task that forgot the classes")
+  assert rows[title - 1].startswith("final: Acc_r ")
+  later = [s for s in results["stages"] if s.get("acc_o_tasks")]
+  assert start == title + 2 + len(later)
+  for row, stage in zip(rows[title + 2:start], later, strict=True):
+    assert row.split() == [stage["name"], *(f"{v:.2f}" for v in stage["acc_o_tasks"])]
   for row, stage in zip(rows[start + 1:], results["stages"][1:], strict=True):
     assert row.split() == [stage["name"], str(stage["zero_groups"]), "/",
                            str(stage["num_groups"]), f"{stage['nonzero_lora_fraction']:.4f}",

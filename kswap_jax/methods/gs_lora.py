@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -298,13 +298,17 @@ def sparsity(tree: lora.Tree, grouping: str) -> dict[str, Any]:
 
 
 def accuracies(predictions: dict[str, dict[str, np.ndarray]], *, margin: float,
-               use_margin: bool) -> dict[str, float]:
+               use_margin: bool, old_tasks: Sequence[Sequence[int]] = ()
+               ) -> dict[str, float]:
   """Acc_r, Acc_f, Acc_o, Acc_m (those the task has) under both prediction rules.
 
   `predictions[split]` holds the plain logits (for CosFace s·cos, no margin) and labels. The
   margin rule subtracts `margin` (s·m for CosFace; 0 for a linear head) from the true
   class's logit before the arg-max, the reference's evaluation. `acc_*` follows
-  `use_margin`; `acc_*_margin` and `acc_*_nomargin` always name their rule.
+  `use_margin`; `acc_*_margin` and `acc_*_nomargin` always name their rule. With
+  `old_tasks` (the classes each earlier task forgot, in order), `acc_o_tasks` splits Acc_o
+  by the task that forgot the classes (`use_margin`'s rule; None for a task without test
+  images).
   """
   out = {}
   for name, split in TEST_SPLITS.items():
@@ -317,6 +321,11 @@ def accuracies(predictions: dict[str, dict[str, np.ndarray]], *, margin: float,
     out[name] = with_m if use_margin else plain
     out[f"{name}_margin"] = with_m
     out[f"{name}_nomargin"] = plain
+    if name == "acc_o" and old_tasks:
+      ruled = shifted if use_margin else logits
+      rows = [np.isin(labels, list(classes)) for classes in old_tasks]
+      out["acc_o_tasks"] = [metrics.top1(ruled[r], labels[r]) if r.any() else None
+                            for r in rows]
   return out
 
 
@@ -377,10 +386,10 @@ def make_evaluate(config, model: vit.VisionTransformer, predict_step, mesh, *,
   cosface = model.cfg.head == "cosface"
   margin = model.cfg.cosface_scale * model.cfg.cosface_margin if cosface else 0.0
 
-  def evaluate(state, frozen, sub, names=tuple(TEST_SPLITS.values())):
+  def evaluate(state, frozen, sub, names=tuple(TEST_SPLITS.values()), old_tasks=()):
     preds = common.predict_splits(config, predict_step, state, frozen,
                                   {v: sub[v] for v in names if v in sub}, mesh)
-    return accuracies(preds, margin=margin, use_margin=use_margin)
+    return accuracies(preds, margin=margin, use_margin=use_margin, old_tasks=old_tasks)
   return evaluate
 
 
@@ -634,7 +643,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, prototypes: bool | N
       # The task folded into the kernels, as the next task will see it.
       merged = train.replicate({"base": lora.merge(frozen["base"], state.params, spec.scale)},
                                mesh)
-      acc = evaluate(state._replace(params={}), merged, sub)
+      acc = evaluate(state._replace(params={}), merged, sub,
+                     old_tasks=[earlier.forget for earlier in task_list[:t]])
       before = results[f"{task.name}_before"]
       record = {**task_record(acc, before),
                 **sparsity(jax.device_get(state.params), grouping)}
@@ -715,7 +725,23 @@ def present(results: dict, workdir: str | None) -> str:
   `python -m kswap_jax.report`); `gs_lora.png` (`plot`) written in `workdir` unless None."""
   if workdir:
     plot(results, os.path.join(workdir, "gs_lora.png"))
-  return report.stage_table(results) + "\n" + sparsity_table(results)
+  return "\n".join(filter(None, (report.stage_table(results), old_tasks_table(results),
+                                 sparsity_table(results))))
+
+
+def old_tasks_table(results: dict) -> str:
+  """Acc_o split by the task that forgot the classes (`acc_o_tasks`): one row per task after
+  the first, one column per earlier task; "" when no stage records it (an older run)."""
+  stages = [s for s in results["stages"] if s.get("acc_o_tasks")]
+  if not stages:
+    return ""
+  width = max(len(s["acc_o_tasks"]) for s in stages)
+  rows = ["Acc_o ↓ by the task that forgot the classes",
+          f"{'after':<10}" + "".join(f"{f'task_{j + 1}':>10}" for j in range(width))]
+  for s in stages:
+    cells = ["-" if v is None else f"{v:.2f}" for v in s["acc_o_tasks"]]
+    rows.append(f"{s['name']:<10}" + "".join(f"{c:>10}" for c in cells))
+  return "\n".join(rows)
 
 
 def sparsity_table(results: dict) -> str:

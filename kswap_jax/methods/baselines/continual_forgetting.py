@@ -766,8 +766,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return gs_lora.periodic_record(acc, results[f"{task.name}_before"])
 
     def after(state, frozen):
-      record = gs_lora.task_record(evaluate(state, frozen, sub),
-                                   results[f"{task.name}_before"])
+      acc = evaluate(state, frozen, sub, old_tasks=[e.forget for e in task_list[:t]])
+      record = gs_lora.task_record(acc, results[f"{task.name}_before"])
       best = continual.best_eval(run_, task.name, "h_mean")
       if best is not None:
         record["best_h"] = best
@@ -802,7 +802,8 @@ def present(results: dict, workdir: str | None) -> str:
   `<method>.png` (GS-LoRA's accuracy panel) written in `workdir` unless None."""
   if workdir:
     gs_lora.plot(results, os.path.join(workdir, f"{results['method']}.png"))
-  return report.stage_table(results)
+  return "\n".join(filter(None, (report.stage_table(results),
+                                 gs_lora.old_tasks_table(results))))
 
 
 def lirf_blocks(config, model) -> int:
