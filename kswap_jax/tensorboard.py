@@ -17,6 +17,8 @@ Which scalars a record gives (`scalars`):
 - `step`, `stage` and `epoch` are the record's position, not curves: `stage` is not a
   number and `step` is the x axis.
 
+The run's config opens the file as the text entry `config` (TensorBoard's Text tab).
+
 The format (TensorFlow's `Event` protocol buffer in TFRecord framing) is written by hand:
 each record is `uint64 length, uint32 masked CRC-32C of length, data, uint32 masked
 CRC-32C of data`; the first event names the file version (`brain.Event:2`), each later one
@@ -120,6 +122,17 @@ def _summary(values: dict[str, float]) -> bytes:
   return out
 
 
+def _text_summary(tag: str, text: str) -> bytes:
+  """Summary of one text value, as TensorBoard's text plugin reads it: Value tag = 1,
+  tensor = 8 (TensorProto: dtype = 1 DT_STRING 7, tensor_shape = 2 a scalar's, string_val
+  = 8), metadata = 9 (SummaryMetadata: plugin_data = 1, PluginData: plugin_name = 1)."""
+  tensor = (_varint(1 << 3 | 0) + _varint(7) + _bytes_field(2, b"")
+            + _bytes_field(8, text.encode()))
+  plugin = _bytes_field(1, _bytes_field(1, b"text"))
+  return _bytes_field(1, _bytes_field(1, tag.encode()) + _bytes_field(8, tensor)
+                      + _bytes_field(9, plugin))
+
+
 def scalars(record: dict) -> dict[str, float]:
   """The scalars of one `metrics.jsonl` record, by tag (the module's docstring)."""
   if isinstance(record.get("eval"), dict):
@@ -158,11 +171,14 @@ def remove_event_files(logdir: str) -> None:
 
 
 class EventWriter:
-  """Appends `metrics.jsonl` records to the workdir's event file (the first process only)."""
+  """Appends `metrics.jsonl` records to the workdir's event file (the first process only);
+  `config_text`, when given, opens every file it writes as the text entry `config`
+  (TensorBoard's Text tab)."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, config_text: str | None = None):
     self.logdir = logdir
     self.path = None
+    self.config_text = config_text
 
   def rebuild(self, records: Iterable[dict]) -> None:
     """Removes the workdir's earlier event files of ours and writes `records` to a new one
@@ -197,9 +213,11 @@ class EventWriter:
     name = (f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}."
             f"{time.time_ns()}{SUFFIX}")
     path, tmp = os.path.join(self.logdir, name), os.path.join(self.logdir, _TMP)
+    config = (_frame(_event(now, summary=_text_summary("config", self.config_text)))
+              if self.config_text is not None else b"")
     with open(tmp, "wb") as f:  # a name TensorBoard does not read while it is written
       f.write(_frame(_event(now, file_version="brain.Event:2"))
-              + _frame(_event(now, start=True)) + data)
+              + _frame(_event(now, start=True)) + config + data)
     os.replace(tmp, path)
     self.path = path
 

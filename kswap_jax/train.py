@@ -737,7 +737,10 @@ class Run:
       finished = [_result_record(name, step, self.meta["results"][name])
                   for name, step in self.meta.get("result_steps", {}).items()
                   if name in self.meta["results"]]
-      self._events = tensorboard.EventWriter(self.workdir)
+      # The config as the Text tab shows it: an indented (code) block of its JSON.
+      text = "\n".join("    " + line for line in self.config.to_json_best_effort(
+          indent=2, sort_keys=True).splitlines())
+      self._events = tensorboard.EventWriter(self.workdir, config_text=text)
       # A stage's results after the lines of its last step (sorted is stable).
       self._events.rebuild(sorted(records + finished, key=lambda r: r.get("step", 0)))
     else:

@@ -33,9 +33,20 @@ def _event_class():
   summary.proto), the fields an event file of scalars uses."""
   f = descriptor_pb2.FileDescriptorProto(name="kswap_test_event.proto", package="kswaptest",
                                          syntax="proto3")
+  tensor = f.message_type.add(name="TensorProto")
+  tensor.field.add(name="dtype", number=1, type=5, label=1)          # enum as int32
+  tensor.field.add(name="string_val", number=8, type=12, label=3)    # repeated bytes
+  plugin = f.message_type.add(name="PluginData")
+  plugin.field.add(name="plugin_name", number=1, type=9, label=1)
+  meta = f.message_type.add(name="SummaryMetadata")
+  meta.field.add(name="plugin_data", number=1, type=11, label=1,
+                 type_name=".kswaptest.PluginData")
   value = f.message_type.add(name="Value")
   value.field.add(name="tag", number=1, type=9, label=1)             # string
   value.field.add(name="simple_value", number=2, type=2, label=1)    # float
+  value.field.add(name="tensor", number=8, type=11, label=1, type_name=".kswaptest.TensorProto")
+  value.field.add(name="metadata", number=9, type=11, label=1,
+                  type_name=".kswaptest.SummaryMetadata")
   summary = f.message_type.add(name="Summary")
   summary.field.add(name="value", number=1, type=11, label=3, type_name=".kswaptest.Value")
   session_log = f.message_type.add(name="SessionLog")
@@ -76,7 +87,10 @@ def _scalars_by_step(path):
   events = _read_events(path)
   assert events[0].file_version == "brain.Event:2"
   assert events[1].session_log.status == 1 and events[1].step == 0  # START: drop what was read
-  return [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[2:]]
+  rest = events[2:]
+  if rest and [v.tag for v in rest[0].summary.value] == ["config"]:  # a run's config text
+    rest = rest[1:]
+  return [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in rest]
 
 
 def _event_file(workdir):
@@ -104,6 +118,13 @@ def test_events_are_byte_for_byte_tensorflow_s_serialisation():
   assert tensorboard._event(1.5, file_version="brain.Event:2").hex() == \
       "09000000000000f83f1a0d627261696e2e4576656e743a32"
   assert tensorboard._event(2.0, start=True).hex() == "0900000000000000403a020801"
+  # Event(wall_time=1.5, summary=Summary(value=[Value(tag="config", tensor=TensorProto(
+  # dtype=DT_STRING, tensor_shape=TensorShapeProto(), string_val=[b"    a = 1"]),
+  # metadata=tensorboard.plugins.text.metadata.create_summary_metadata("", ""))])).
+  assert tensorboard._event(1.5, summary=tensorboard._text_summary("config", "    a = 1")
+                            ).hex() == (
+      "09000000000000f83f2a250a230a06636f6e666967420f0807120042092020202061203d20314a080a06"
+      "0a0474657874")
   assert tensorboard._event(2.0, -1).hex() == "09000000000000004010ffffffffffffffffff01"
 
 
@@ -203,6 +224,18 @@ def test_a_finished_stage_s_results_follow_its_last_step_and_survive_a_rewrite(t
     events = _scalars_by_step(_event_file(tmp_path))
     assert [s for s, _ in events] == [1, 2, 3, 3], attempt
     assert events[-1][1] == {"stage/acc": 50.0, "stage/task_acc/0": 1.0}, attempt
+
+
+def test_the_run_s_config_opens_the_event_file_as_text(tmp_path):
+  """The Text tab's `config`: the run's config as JSON, an indented (code) block."""
+  _stage_run(tmp_path, interrupt=0)
+  config = _read_events(_event_file(tmp_path))[2]
+  [value] = config.summary.value
+  assert value.tag == "config" and value.metadata.plugin_data.plugin_name == "text"
+  assert value.tensor.dtype == 7  # DT_STRING
+  text = value.tensor.string_val[0].decode()
+  assert all(line.startswith("    ") for line in text.splitlines())
+  assert json.loads(text)["train"]["checkpoint_every_steps"] == 2
 
 
 def test_tensorboard_off_writes_no_event_file_and_removes_an_earlier_attempt_s(tmp_path):
