@@ -14,7 +14,8 @@ booktabs; the best mean of each metric with a better direction in bold) and
 `leaderboard.png` in the workdir (default `./workdir/<config name>[_<arg>]_compare`, with
 one `_compare` for the `:compare` arg), and the same metrics at every stage of the runs
 (with the Retrain oracle's where a stage has one) as `leaderboard_stages.md`; `python -m
-kswap_jax.report WORKDIR` prints the table again. `--config.<field>=<value>` overrides apply to every method.
+kswap_jax.report WORKDIR` prints the table again. `--config.<field>=<value>` overrides
+apply to every method.
 The first run of a seed also does the work its family shares (pretraining, the Retrain
 oracle), which its seconds include. A run's seconds add up all its attempts
 (`compare_seconds.json`); an attempt killed outright (SIGKILL) cannot record its time, and
@@ -276,25 +277,25 @@ def _shared_work(method: str) -> str | None:
   return work if work in SHARED_WORK else None
 
 
-def _reuse_shared(workdir: str, p, seed: int, sub_config) -> bool:
-  """Whether run folder `<workdir>/<p.folder>/seed_<seed>` is now the finished shared
-  work it is (`_shared_work`): when that work's folder holds a finished run whose config is
-  this run's (`train.config_difference`), and this run has not started, its files are
-  hard-linked into the run folder (copied where links cannot be made) and its time is
-  recorded as this run's, instead of training the same model again."""
+def _reuse_shared(workdir: str, p, seed: int, sub_config) -> str | None:
+  """The shared work's folder when run folder `<workdir>/<p.folder>/seed_<seed>` is now
+  that finished work (`_shared_work`), else None: when the work's folder holds a finished
+  run whose config is this run's (`train.config_difference`), and this run has not
+  started, its files are hard-linked into the run folder (copied where links cannot be
+  made) and its time is recorded as this run's, instead of training the same model again."""
   work = _shared_work(p.method)
   field = SHARED_WORK[work][1] if work else None
   if field is None or not _has(sub_config, field) or not _get(sub_config, field):
-    return False
+    return None
   source = _get(sub_config, field)
   sub = os.path.join(workdir, p.folder, f"seed_{seed}")
   if not os.path.exists(os.path.join(source, "results.json")) or (
       os.path.isdir(sub) and os.listdir(sub)):
-    return False
+    return None
   with open(os.path.join(source, "results.json")) as f:
     results = json.load(f)
   if train.config_difference(results.get("config") or {}, sub_config):
-    return False
+    return None
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(sub), exist_ok=True)
     if os.path.isdir(sub):
@@ -314,7 +315,7 @@ def _reuse_shared(workdir: str, p, seed: int, sub_config) -> bool:
                    "incomplete": not known, "reused": source})
   if jax.process_count() > 1:  # the others read the linked folder next
     multihost_utils.sync_global_devices(f"kswap_jax compare: {sub} linked")
-  return True
+  return source
 
 
 def _recorded(workdir: str, name: str, seed: int, started: bool = False) -> dict | None:
@@ -459,9 +460,8 @@ def _collect_stages(by_stage: dict, row: str, seeds: list[int], per_seed: list[d
       oracle = stage.get("oracle")
       if isinstance(oracle, dict):
         # Which oracle: its folder per seed, the same for the rows that share it.
-        which = entry["oracles"].setdefault(row, {"seeds": {}})
-        which["seeds"][seed] = (results.get("oracle_workdir"),
-                                {k: oracle[k] for k in headline if k in oracle})
+        entry["oracles"].setdefault(row, {})[seed] = (
+            results.get("oracle_workdir"), {k: oracle[k] for k in headline if k in oracle})
 
 
 def _stages(by_stage: dict, order: list[str] | None = None) -> list[dict]:
@@ -476,10 +476,9 @@ def _stages(by_stage: dict, order: list[str] | None = None) -> list[dict]:
     if request:
       stage["request"] = request
     shared: dict[str, dict] = {}  # the oracle runs (folders per seed) -> rows and values
-    for row, which in entry["oracles"].items():
-      key = json.dumps(sorted((seed, folder) for seed, (folder, _) in which["seeds"].items()))
-      slot = shared.setdefault(key, {"rows": [], "values": [v for _, v in
-                                                            which["seeds"].values()]})
+    for row, by_seed in entry["oracles"].items():  # {seed: (folder, values)}
+      key = json.dumps(sorted((seed, folder) for seed, (folder, _) in by_seed.items()))
+      slot = shared.setdefault(key, {"rows": [], "values": [v for _, v in by_seed.values()]})
       slot["rows"].append(row)
     for slot in shared.values():
       slot["rows"].sort(key=lambda r: ranked.index(r))
@@ -586,7 +585,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
   else:
     train.prepare_workdir(given_workdir)
   rows, total, count, checked = {}, len(plan) * len(seeds), 0, 0
-  by_stage: dict[str, dict] = {}  # stage name -> its request and per-row values (`_stages`)
+  by_stage: dict[tuple, dict] = {}  # (stage name, request) -> per-row values (`_stages`)
   # A method whose run is a shared work's (the Retrain oracle) runs after the others: it
   # then finds that work done and reuses it (`_reuse_shared`); the rows keep `plan`'s order.
   for p in sorted(plan, key=lambda p: _shared_work(p.method) is not None):
@@ -604,11 +603,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method_names: list[str]
           methods.run(sub_config(p, seed), sub, dry_run=True)
           checked += 1
         continue
-      if not os.path.exists(results_path) and _reuse_shared(workdir, p, seed,
-                                                             sub_config(p, seed)):
+      shared = (None if os.path.exists(results_path)
+                else _reuse_shared(workdir, p, seed, sub_config(p, seed)))
+      if shared:
         log.info("[compare] %d/%d %s, seed %d: the %s in %s is this run; linked to %s, not "
-                 "trained again", count, total, row_name, seed, _shared_work(name),
-                 _get(sub_config(p, seed), SHARED_WORK[_shared_work(name)][1]), sub)
+                 "trained again", count, total, row_name, seed, _shared_work(name), shared, sub)
       elif not os.path.exists(results_path):
         resumed = _newest_checkpoint(sub) is not None
         log.info("[compare] %d/%d %s, seed %d -> %s%s", count, total, row_name, seed, sub,

@@ -337,8 +337,8 @@ def test_the_stage_board_keeps_each_sweep_point_s_oracle_and_request():
   headline = ("ua", "ra", "ta")
   by_stage = {}
   compare._collect_stages(by_stage, "ug_clu, x=1", [0, 1],
-                          [results(10.0, 50.0, "o/x=1/seed_0"), results(20.0, 60.0, "o/x=1/seed_1")],
-                          headline)
+                          [results(10.0, 50.0, "o/x=1/seed_0"),
+                           results(20.0, 60.0, "o/x=1/seed_1")], headline)
   compare._collect_stages(by_stage, "clu_ft", [0, 1],
                           [results(1.0, 50.0, "o/x=1/seed_0"), results(3.0, 60.0, "o/x=1/seed_1")],
                           headline)
